@@ -1,0 +1,136 @@
+//! The `Broker` trait: one interface for every transport.
+//!
+//! A broker publishes [`Message`]s to named queues and hands them to consumers as
+//! [`Delivery`]s. A delivery is settled exactly once, by [`Delivery::ack`] (done),
+//! [`Delivery::reject`] (give up, or put back with `requeue`) or [`Delivery::dead_letter`]
+//! (unprocessable, kept aside with a reason). A delivery dropped without being settled is put back
+//! by the transport. Nothing above this trait knows which transport it talks to; a capability only
+//! some transports have is a trait method with a documented default.
+
+use async_trait::async_trait;
+
+use crate::error::BrokerError;
+use crate::protocol::Message;
+
+/// Depth of one queue.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct QueueInfo {
+    /// Queue name.
+    pub name: String,
+    /// Messages ready to be delivered now.
+    pub ready: u64,
+    /// Messages waiting for their ETA (transports that hold them natively), else 0.
+    pub scheduled: u64,
+    /// Messages delivered and not yet settled.
+    pub unacked: u64,
+    /// Consumers attached, where the transport knows.
+    pub consumers: Option<u64>,
+    /// Dead-lettered messages from this queue, where the transport keeps them.
+    pub dead: u64,
+}
+
+/// A message transport.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// The broker's URL with any password removed, for messages and logs.
+    fn url(&self) -> &str;
+
+    /// Publish a message to a queue. Returns once the broker has taken responsibility for it.
+    async fn publish(&self, queue: &str, message: &Message) -> Result<(), BrokerError>;
+
+    /// Start consuming from the given queues, with at most `prefetch` deliveries unsettled.
+    async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError>;
+
+    /// Remove every message ready in the queue; returns how many were removed.
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError>;
+
+    /// Depths of the given queues, or of every queue the broker knows when `queues` is empty.
+    async fn queues(&self, queues: &[String]) -> Result<Vec<QueueInfo>, BrokerError>;
+
+    /// Whether the transport itself withholds a message until its `eta` header. When it does
+    /// (the embedded SQLite broker), a worker never holds a delivery for an ETA; when it does not
+    /// (the default), the worker keeps an early delivery unacked until its time.
+    fn delivers_eta_natively(&self) -> bool {
+        false
+    }
+}
+
+/// A stream of deliveries from one or more queues.
+#[async_trait]
+pub trait Consumer: Send {
+    /// Wait for the next delivery. Returns [`BrokerError::Closed`] once the consumer is closed.
+    async fn next(&mut self) -> Result<Delivery, BrokerError>;
+
+    /// Stop receiving. Deliveries already handed out stay valid and must still be settled;
+    /// deliveries fetched but not yet handed out are put back.
+    async fn close(&mut self);
+}
+
+/// How a transport settles one delivery.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// The message was processed: remove it.
+    async fn ack(self: Box<Self>) -> Result<(), BrokerError>;
+    /// The message was not processed: put it back (`requeue`) or drop it.
+    async fn reject(self: Box<Self>, requeue: bool) -> Result<(), BrokerError>;
+    /// The message cannot be processed: keep it aside with the reason. Transports without a
+    /// dead-letter store drop it (RabbitMQ routes it to the queue's dead-letter exchange, if any).
+    async fn dead_letter(self: Box<Self>, reason: &str) -> Result<(), BrokerError> {
+        let _ = reason;
+        self.reject(false).await
+    }
+}
+
+/// One message handed to a consumer, to be settled exactly once.
+pub struct Delivery {
+    /// The message.
+    pub message: Message,
+    /// The queue it came from.
+    pub queue: String,
+    /// How many times it has been delivered, this time included (1 on first delivery). Transports
+    /// that only know "redelivered or not" report 1 or 2.
+    pub delivery_count: u32,
+    acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("queue", &self.queue)
+            .field("task_id", &self.message.task_id())
+            .field("delivery_count", &self.delivery_count)
+            .finish()
+    }
+}
+
+impl Delivery {
+    /// Wrap a message with the transport's settlement handle.
+    pub fn new(message: Message, queue: impl Into<String>, delivery_count: u32, acker: Box<dyn Acker>) -> Self {
+        Delivery { message, queue: queue.into(), delivery_count, acker }
+    }
+
+    /// Whether this message was delivered before.
+    pub fn redelivered(&self) -> bool {
+        self.delivery_count > 1
+    }
+
+    /// Acknowledge: the message is done and removed.
+    pub async fn ack(self) -> Result<(), BrokerError> {
+        self.acker.ack().await
+    }
+
+    /// Reject: put back (`requeue`) or drop.
+    pub async fn reject(self, requeue: bool) -> Result<(), BrokerError> {
+        self.acker.reject(requeue).await
+    }
+
+    /// Move aside as unprocessable, with the reason.
+    pub async fn dead_letter(self, reason: &str) -> Result<(), BrokerError> {
+        self.acker.dead_letter(reason).await
+    }
+
+    /// Split into the message and its settlement handle (for settling from elsewhere).
+    pub fn into_parts(self) -> (Message, String, u32, Box<dyn Acker>) {
+        (self.message, self.queue, self.delivery_count, self.acker)
+    }
+}

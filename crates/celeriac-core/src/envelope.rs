@@ -1,0 +1,92 @@
+//! kombu's JSON envelope: how a message is stored by key-value transports.
+//!
+//! kombu's virtual transports (Redis among them) store each message as one JSON document:
+//! `{"body": <base64>, "content-encoding", "content-type", "headers", "properties": {...,
+//! "body_encoding": "base64", "delivery_info": {"exchange", "routing_key"}, "delivery_tag"}}`.
+//! celeriac's embedded SQLite broker stores the same document, so a message moves between
+//! transports (and to and from Python) without translation.
+
+use base64::Engine;
+use serde_json::{json, Map, Value};
+
+use crate::error::ProtocolError;
+use crate::protocol::{Message, Properties};
+
+/// Encode a message as kombu's JSON envelope.
+pub fn encode(message: &Message, exchange: &str, routing_key: &str, delivery_tag: &str) -> Vec<u8> {
+    let p = &message.properties;
+    let envelope = json!({
+        "body": base64::engine::general_purpose::STANDARD.encode(&message.body),
+        "content-encoding": p.content_encoding,
+        "content-type": p.content_type,
+        "headers": Value::Object(message.headers.clone()),
+        "properties": {
+            "correlation_id": p.correlation_id,
+            "reply_to": p.reply_to,
+            "delivery_mode": p.delivery_mode,
+            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+            "priority": p.priority.unwrap_or(0),
+            "body_encoding": "base64",
+            "delivery_tag": delivery_tag,
+        },
+    });
+    // A `Value` built from strings and numbers always serializes.
+    serde_json::to_vec(&envelope).unwrap_or_default()
+}
+
+/// Decode kombu's JSON envelope into a message.
+pub fn decode(bytes: &[u8]) -> Result<Message, ProtocolError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| ProtocolError::MalformedEnvelope(format!("not JSON: {e}")))?;
+    let Value::Object(mut env) = value else {
+        return Err(ProtocolError::MalformedEnvelope("not a JSON object".into()));
+    };
+    let props = match env.remove("properties") {
+        Some(Value::Object(p)) => p,
+        None | Some(Value::Null) => Map::new(),
+        Some(_) => return Err(ProtocolError::MalformedEnvelope("properties is not an object".into())),
+    };
+    let headers = match env.remove("headers") {
+        Some(Value::Object(h)) => h,
+        None | Some(Value::Null) => Map::new(),
+        Some(_) => return Err(ProtocolError::MalformedEnvelope("headers is not an object".into())),
+    };
+    let body_encoding = props.get("body_encoding").and_then(Value::as_str).unwrap_or("base64");
+    let body = match env.get("body") {
+        Some(Value::String(s)) if body_encoding == "base64" => base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(|e| ProtocolError::MalformedEnvelope(format!("body is not base64: {e}")))?,
+        Some(Value::String(s)) => s.clone().into_bytes(),
+        Some(other) => other.to_string().into_bytes(),
+        None => return Err(ProtocolError::MalformedEnvelope("no body".into())),
+    };
+    let str_field = |m: &Map<String, Value>, k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
+    let properties = Properties {
+        correlation_id: str_field(&props, "correlation_id"),
+        content_type: str_field(&env, "content-type").unwrap_or_else(|| crate::protocol::CONTENT_TYPE_JSON.into()),
+        content_encoding: str_field(&env, "content-encoding").unwrap_or_else(|| "utf-8".into()),
+        delivery_mode: props.get("delivery_mode").and_then(Value::as_u64).unwrap_or(2) as u8,
+        priority: props.get("priority").and_then(Value::as_u64).map(|p| p.min(255) as u8),
+        reply_to: str_field(&props, "reply_to").filter(|s| !s.is_empty()),
+    };
+    Ok(Message { headers, properties, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{TaskBody, TaskHeaders};
+
+    #[test]
+    fn envelope_round_trips() {
+        let h = TaskHeaders::new("celeriac.add", "abc");
+        let m = Message::new_task(&h, &TaskBody::default(), Some(3), None).unwrap();
+        let bytes = encode(&m, "", "celery", "tag-1");
+        assert_eq!(decode(&bytes).unwrap(), m);
+    }
+
+    #[test]
+    fn broken_envelopes_are_named() {
+        assert!(matches!(decode(b"[1]"), Err(ProtocolError::MalformedEnvelope(_))));
+        assert!(matches!(decode(br#"{"body": "%%%"}"#), Err(ProtocolError::MalformedEnvelope(_))));
+    }
+}

@@ -1,0 +1,34 @@
+//! The core of celeriac: everything that is shared by the client, the worker and the transports,
+//! and nothing that talks to a network or a disk.
+//!
+//! - [`protocol`]: Celery's message protocol v2 (headers, properties, body `[args, kwargs, embed]`)
+//!   and its JSON encoding, byte-compatible with what Python Celery publishes.
+//! - [`envelope`]: kombu's JSON envelope, the form a message takes in key-value transports
+//!   (the embedded SQLite broker, and Redis).
+//! - [`broker`] and [`backend`]: the two traits every transport implements.
+//! - [`task`]: the task registry, task options and the context a running task sees.
+//! - [`result`]: task states and the stored result layout (Celery's `celery-task-meta` JSON).
+//! - [`retry`]: backoff schedules for task retries.
+//! - [`error`]: typed errors.
+#![deny(missing_docs)]
+
+pub mod backend;
+pub mod broker;
+pub mod envelope;
+pub mod error;
+pub mod protocol;
+pub mod pyrepr;
+pub mod result;
+pub mod retry;
+pub mod task;
+
+pub use backend::ResultBackend;
+pub use broker::{Acker, Broker, Consumer, Delivery, QueueInfo};
+pub use error::{BackendError, BrokerError, ProtocolError};
+pub use protocol::{Embed, Message, Properties, TaskBody, TaskHeaders};
+pub use result::{ExceptionInfo, ResultMeta, TaskState};
+pub use retry::Backoff;
+pub use task::{Registry, Task, TaskContext, TaskError, TaskOptions};
+
+/// The default queue (and routing key) Celery uses when a task names none.
+pub const DEFAULT_QUEUE: &str = "celery";
