@@ -29,6 +29,21 @@ pub struct QueueInfo {
     pub dead: u64,
 }
 
+/// A message set aside as unprocessable.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetter {
+    /// The transport's id for it.
+    pub id: i64,
+    /// Queue it came from.
+    pub queue: String,
+    /// Its task id, if it had one.
+    pub task_id: Option<String>,
+    /// Why it was set aside.
+    pub reason: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub dead_at_ms: i64,
+}
+
 /// A message transport.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
@@ -47,6 +62,14 @@ pub trait Broker: Send + Sync + 'static {
     /// Depths of the given queues, or of every queue the broker knows when `queues` is empty.
     async fn queues(&self, queues: &[String]) -> Result<Vec<QueueInfo>, BrokerError>;
 
+    /// The most recent dead-lettered messages, newest first. Transports that keep no
+    /// dead-letter store of their own (RabbitMQ hands them to a dead-letter exchange) say so with
+    /// [`BrokerError::Rejected`].
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+        let _ = limit;
+        Err(BrokerError::Rejected { url: self.url().to_string(), reason: "this broker keeps no dead-letter store".into() })
+    }
+
     /// Whether the transport itself withholds a message until its `eta` header. When it does
     /// (the embedded SQLite broker), a worker never holds a delivery for an ETA; when it does not
     /// (the default), the worker keeps an early delivery unacked until its time.
@@ -59,6 +82,9 @@ pub trait Broker: Send + Sync + 'static {
 #[async_trait]
 pub trait Consumer: Send {
     /// Wait for the next delivery. Returns [`BrokerError::Closed`] once the consumer is closed.
+    ///
+    /// Must be cancel-safe: the worker races it against other events, and dropping a pending
+    /// call must not lose a message.
     async fn next(&mut self) -> Result<Delivery, BrokerError>;
 
     /// Stop receiving. Deliveries already handed out stay valid and must still be settled;

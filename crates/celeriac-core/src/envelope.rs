@@ -31,7 +31,7 @@ pub fn encode(message: &Message, exchange: &str, routing_key: &str, delivery_tag
         },
     });
     // A `Value` built from strings and numbers always serializes.
-    serde_json::to_vec(&envelope).unwrap_or_default()
+    crate::protocol::to_python_json(&envelope).unwrap_or_default()
 }
 
 /// Decode kombu's JSON envelope into a message.

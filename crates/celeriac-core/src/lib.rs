@@ -23,7 +23,7 @@ pub mod retry;
 pub mod task;
 
 pub use backend::ResultBackend;
-pub use broker::{Acker, Broker, Consumer, Delivery, QueueInfo};
+pub use broker::{Acker, Broker, Consumer, DeadLetter, Delivery, QueueInfo};
 pub use error::{BackendError, BrokerError, ProtocolError};
 pub use protocol::{Embed, Message, Properties, TaskBody, TaskHeaders};
 pub use result::{ExceptionInfo, ResultMeta, TaskState};

@@ -238,10 +238,14 @@ pub fn seconds_number(secs: f64) -> Option<Number> {
     }
 }
 
-/// Format a time the way Celery writes `eta`/`expires`: ISO 8601 with microseconds and a `+00:00`
-/// offset (Python's `datetime.isoformat()` of an aware UTC datetime).
+/// Format a time the way Celery writes `eta`/`expires`: Python's `datetime.isoformat()` of an
+/// aware UTC datetime, `+00:00` offset, six fractional digits unless the microseconds are zero.
 pub fn format_datetime(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, false)
+    if t.timestamp_subsec_micros() == 0 {
+        t.to_rfc3339_opts(SecondsFormat::Secs, false)
+    } else {
+        t.to_rfc3339_opts(SecondsFormat::Micros, false)
+    }
 }
 
 /// Parse an ISO 8601 time as Celery writes it. A time without an offset is taken as UTC.
@@ -455,6 +459,8 @@ mod tests {
     fn datetimes_parse_in_celery_forms() {
         let t = parse_datetime("2030-01-02T03:04:05.000006+00:00").unwrap();
         assert_eq!(format_datetime(t), "2030-01-02T03:04:05.000006+00:00");
+        let whole = parse_datetime("2030-01-02T05:04:05+02:00").unwrap();
+        assert_eq!(format_datetime(whole), "2030-01-02T03:04:05+00:00");
         assert!(parse_datetime("2030-01-02T03:04:05").is_ok());
         assert!(parse_datetime("tomorrow").is_err());
     }

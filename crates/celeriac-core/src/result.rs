@@ -119,9 +119,9 @@ pub struct ResultMeta {
     /// The formatted traceback (or error chain) for FAILURE.
     #[serde(default)]
     pub traceback: Option<String>,
-    /// Ids of subtasks (Celery stores their result tuples; kept opaque here).
+    /// Subtasks (Celery stores their result tuples, or `null`; kept opaque here).
     #[serde(default)]
-    pub children: Vec<Value>,
+    pub children: Value,
     /// When the state was stored (ISO 8601, UTC).
     #[serde(default)]
     pub date_done: Option<String>,
@@ -139,7 +139,7 @@ impl ResultMeta {
             status,
             result,
             traceback: None,
-            children: Vec::new(),
+            children: Value::Array(Vec::new()),
             date_done: Some(now_iso()),
             task_id: task_id.into(),
             extra: Map::new(),
@@ -163,9 +163,9 @@ impl ResultMeta {
         serde_json::from_value(self.result.clone()).ok()
     }
 
-    /// Encode as JSON for storage (compact, as Celery's backends write it).
+    /// Encode as JSON for storage, as Celery's backends write it (Python's `json.dumps`).
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        serde_json::to_value(self).ok().and_then(|v| crate::protocol::to_python_json(&v).ok()).unwrap_or_default()
     }
 
     /// Decode a stored result.

@@ -1,1 +1,225 @@
-//! stub
+//! The worker: takes deliveries from a broker, runs tasks, stores outcomes, acknowledges.
+//!
+//! - [`request`]: turns a delivery into a runnable request, or explains why it cannot be run
+//!   (bad headers, bad body, unknown task) so the message is failed or dead-lettered, never
+//!   dropped and never a panic.
+//! - [`execute`]: runs one request in the async pool with its time limits, then settles it:
+//!   result stored first, message acknowledged after (acks late), retries republished.
+//! - [`shutdown`]: warm and cold shutdown, driven by signals or by code.
+//! - [`stats`]: counters of what the worker did.
+//!
+//! The main loop ([`Worker::run`]) pulls from one [`Consumer`](celeriac_core::Consumer) and runs at
+//! most `concurrency` tasks at once; the broker's prefetch bounds how many more wait in reserve.
+
+pub mod execute;
+pub mod request;
+pub mod shutdown;
+pub mod stats;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use celeriac_core::{Broker, BrokerError, Registry, ResultBackend};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+pub use shutdown::{Shutdown, ShutdownLevel};
+pub use stats::{Stats, StatsSnapshot};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Queues to consume.
+    pub queues: Vec<String>,
+    /// Tasks run at once.
+    pub concurrency: usize,
+    /// Deliveries held per slot (prefetch = concurrency x multiplier).
+    pub prefetch_multiplier: usize,
+    /// How long a warm shutdown waits for running tasks before requeueing them.
+    pub shutdown_timeout: Duration,
+    /// The worker's node name (`celeriac@host`).
+    pub hostname: String,
+    /// Default hard time limit, seconds.
+    pub time_limit: Option<f64>,
+    /// Default soft time limit, seconds.
+    pub soft_time_limit: Option<f64>,
+    /// A message delivered more than this many times is failed with `WorkerLostError` and
+    /// dead-lettered (the poison-message guard).
+    pub max_deliveries: u32,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            queues: vec![celeriac_core::DEFAULT_QUEUE.to_string()],
+            concurrency: 8,
+            prefetch_multiplier: 4,
+            shutdown_timeout: Duration::from_secs(30),
+            hostname: default_hostname(),
+            time_limit: None,
+            soft_time_limit: None,
+            max_deliveries: 3,
+        }
+    }
+}
+
+/// `celeriac@<host name>`.
+pub fn default_hostname() -> String {
+    let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into());
+    format!("celeriac@{host}")
+}
+
+/// An error that stops a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The configuration is unusable.
+    #[error("invalid worker configuration: {0}")]
+    Config(String),
+    /// The broker failed in a way the worker cannot recover from.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// What the worker shares with every running task.
+pub(crate) struct Shared {
+    pub config: WorkerConfig,
+    pub registry: Arc<Registry>,
+    pub broker: Arc<dyn Broker>,
+    pub backend: Arc<dyn ResultBackend>,
+    pub stats: Arc<Stats>,
+    /// Set to true to abort running tasks (shutdown timeout passed, or cold shutdown).
+    pub abort: watch::Receiver<bool>,
+}
+
+/// Resolves once shutdown has reached `target` (or the handle is gone).
+async fn reached(level: &mut watch::Receiver<ShutdownLevel>, target: ShutdownLevel) {
+    let _ = level.wait_for(|l| *l >= target).await;
+}
+
+/// A worker bound to a broker, a result backend and a registry of tasks.
+pub struct Worker {
+    config: WorkerConfig,
+    registry: Arc<Registry>,
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+    stats: Arc<Stats>,
+}
+
+impl Worker {
+    /// A worker; nothing happens until [`Worker::run`].
+    pub fn new(config: WorkerConfig, registry: Arc<Registry>, broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>) -> Self {
+        Worker { config, registry, broker, backend, stats: Arc::new(Stats::default()) }
+    }
+
+    /// The worker's counters (live).
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Run until `shutdown` asks to stop; returns once every task is settled.
+    pub async fn run(self, shutdown: Shutdown) -> Result<StatsSnapshot, WorkerError> {
+        let cfg = &self.config;
+        if cfg.concurrency == 0 {
+            return Err(WorkerError::Config("concurrency must be at least 1".into()));
+        }
+        if cfg.queues.is_empty() {
+            return Err(WorkerError::Config("no queue to consume".into()));
+        }
+        let prefetch = cfg.concurrency.saturating_mul(cfg.prefetch_multiplier.max(1));
+        let mut consumer = self.broker.consume(&cfg.queues, prefetch).await?;
+        tracing::info!(
+            hostname = %cfg.hostname,
+            queues = %cfg.queues.join(","),
+            concurrency = cfg.concurrency,
+            prefetch,
+            broker = %self.broker.url(),
+            tasks = self.registry.len(),
+            "worker ready"
+        );
+        let (abort_tx, abort_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            config: self.config.clone(),
+            registry: self.registry.clone(),
+            broker: self.broker.clone(),
+            backend: self.backend.clone(),
+            stats: self.stats.clone(),
+            abort: abort_rx,
+        });
+        let slots = Arc::new(Semaphore::new(cfg.concurrency));
+        let mut running: JoinSet<()> = JoinSet::new();
+        let mut level = shutdown.subscribe();
+        let mut broker_errors = 0u32;
+
+        'consume: loop {
+            if *level.borrow() != ShutdownLevel::Running {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = level.changed() => continue,
+                Some(_) = running.join_next(), if !running.is_empty() => continue,
+                next = consumer.next() => match next {
+                    Ok(delivery) => {
+                        broker_errors = 0;
+                        let Some(req) = request::prepare(&shared, delivery).await else { continue };
+                        // Wait for a free slot, but give the delivery back if asked to stop.
+                        let permit = tokio::select! {
+                            biased;
+                            _ = reached(&mut level, ShutdownLevel::Warm) => {
+                                req.requeue().await;
+                                break 'consume;
+                            }
+                            p = slots.clone().acquire_owned() => match p {
+                                Ok(p) => p,
+                                Err(_) => break 'consume,
+                            },
+                        };
+                        running.spawn(execute::run(shared.clone(), req, permit));
+                    }
+                    Err(BrokerError::Closed) => break,
+                    Err(e) => {
+                        broker_errors += 1;
+                        let pause = Duration::from_millis(100 * 2u64.pow(broker_errors.min(6)));
+                        tracing::warn!(error = %e, retry_in = ?pause, "cannot fetch from the broker");
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = level.changed() => {}
+                        }
+                    }
+                },
+            }
+        }
+
+        // Stop consuming: prefetched deliveries go back to the queue.
+        consumer.close().await;
+        drop(consumer);
+        let in_flight = running.len();
+        let warm = *level.borrow() != ShutdownLevel::Cold;
+        if warm && in_flight > 0 {
+            tracing::info!(running = in_flight, timeout = ?cfg.shutdown_timeout, "warm shutdown: waiting for running tasks");
+            let deadline = tokio::time::sleep(cfg.shutdown_timeout);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = running.join_next() => if r.is_none() { break },
+                    _ = reached(&mut level, ShutdownLevel::Cold) => {
+                        tracing::warn!(running = running.len(), "cold shutdown: requeueing running tasks");
+                        break;
+                    }
+                    _ = &mut deadline => {
+                        tracing::warn!(running = running.len(), "shutdown timeout passed: requeueing running tasks");
+                        break;
+                    }
+                }
+            }
+        }
+        if !running.is_empty() {
+            let _ = abort_tx.send(true);
+            while running.join_next().await.is_some() {}
+        }
+        let snapshot = self.stats.snapshot();
+        tracing::info!(hostname = %cfg.hostname, ?snapshot, "worker stopped");
+        Ok(snapshot)
+    }
+}

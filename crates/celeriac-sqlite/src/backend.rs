@@ -1,0 +1,89 @@
+//! The SQLite result backend: one row per task, holding Celery's result JSON.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use celeriac_core::{BackendError, ResultBackend, ResultMeta};
+
+use crate::db::{Db, Op};
+use crate::url::SqliteConfig;
+
+/// A result backend on one SQLite file (usually the broker's own).
+#[derive(Clone)]
+pub struct SqliteBackend {
+    db: Arc<Db>,
+    config: SqliteConfig,
+}
+
+impl SqliteBackend {
+    /// Open the backend described by a `sqlite://` URL.
+    pub fn open(url: &str) -> Result<Self, BackendError> {
+        let config = SqliteConfig::from_url(url).map_err(|reason| BackendError::BadUrl { url: url.to_string(), reason })?;
+        let db = Db::open(&config.path).map_err(|reason| BackendError::Unreachable { url: url.to_string(), reason })?;
+        Ok(SqliteBackend { db, config })
+    }
+
+    fn io(&self, reason: String) -> BackendError {
+        BackendError::Io { url: self.config.url.clone(), reason }
+    }
+}
+
+#[async_trait]
+impl ResultBackend for SqliteBackend {
+    fn url(&self) -> &str {
+        &self.config.url
+    }
+
+    async fn store(&self, meta: &ResultMeta) -> Result<(), BackendError> {
+        let (task_id, status, json) = (meta.task_id.clone(), meta.status.as_str().to_string(), meta.to_json());
+        self.db
+            .call(|reply| Op::StoreResult { task_id, status, meta: json, reply })
+            .await
+            .map_err(|e| self.io(e))?;
+        self.db.stored.notify_waiters();
+        Ok(())
+    }
+
+    async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, BackendError> {
+        let id = task_id.to_string();
+        let raw = self.db.call(|reply| Op::GetResult { task_id: id, reply }).await.map_err(|e| self.io(e))?;
+        raw.map(|bytes| ResultMeta::from_json(&bytes).map_err(|e| BackendError::Corrupt { task_id: task_id.to_string(), reason: e.to_string() }))
+            .transpose()
+    }
+
+    async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
+        let task_id = task_id.to_string();
+        self.db.call(|reply| Op::ForgetResult { task_id, reply }).await.map_err(|e| self.io(e))
+    }
+
+    /// Wait by polling with a growing interval, woken early when this process stores a result.
+    async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<ResultMeta, BackendError> {
+        let start = Instant::now();
+        let max_idle = self.config.poll_interval;
+        let mut idle = Duration::from_millis(1).min(max_idle);
+        loop {
+            let notified = self.db.stored.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(meta) = self.get(task_id).await? {
+                if meta.status.is_ready() {
+                    return Ok(meta);
+                }
+            }
+            let mut pause = idle;
+            if let Some(limit) = timeout {
+                let waited = start.elapsed();
+                if waited >= limit {
+                    return Err(BackendError::Timeout { task_id: task_id.to_string(), waited });
+                }
+                pause = pause.min(limit - waited);
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+            idle = (idle * 2).min(max_idle);
+        }
+    }
+}

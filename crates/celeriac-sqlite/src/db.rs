@@ -1,0 +1,388 @@
+//! One SQLite file per process, behind a writer thread with group commit.
+//!
+//! rusqlite is synchronous, so each open file gets one thread owning its connection. Callers send
+//! [`Op`]s over a channel and await the reply; the thread takes every queued operation, runs them
+//! all in one `BEGIN IMMEDIATE` transaction and commits once. Under load this turns thousands of
+//! small writes (publishes, acks, results) into a few commits per millisecond; idle, it costs
+//! nothing. Opening the same path twice in a process shares the thread (see [`Db::open`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use celeriac_core::QueueInfo;
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{oneshot, Notify};
+
+/// Most operations run in one transaction.
+const MAX_BATCH: usize = 512;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// A fetched message row.
+#[derive(Debug)]
+pub struct Row {
+    pub id: i64,
+    pub queue: String,
+    pub delivery_count: u32,
+    pub payload: Vec<u8>,
+}
+
+/// A dead-lettered message.
+#[derive(Debug, Clone)]
+pub struct DeadRow {
+    pub id: i64,
+    pub queue: String,
+    pub task_id: Option<String>,
+    pub reason: String,
+    pub dead_at_ms: i64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+/// One unit of work for the writer thread.
+pub enum Op {
+    Publish { queue: String, priority: i64, visible_at: i64, payload: Vec<u8>, reply: Reply<()> },
+    Fetch { queues: Vec<String>, limit: usize, owner: String, lease_ms: i64, reply: Reply<Vec<Row>> },
+    Ack { id: i64, reply: Option<Reply<()>> },
+    Requeue { id: i64, owner: String, reply: Option<Reply<()>> },
+    DeadLetter { id: i64, reason: String, task_id: Option<String>, reply: Option<Reply<()>> },
+    Renew { owner: String, lease_ms: i64 },
+    Purge { queue: String, reply: Reply<u64> },
+    Depths { queues: Vec<String>, reply: Reply<Vec<QueueInfo>> },
+    DeadLetters { limit: usize, reply: Reply<Vec<DeadRow>> },
+    StoreResult { task_id: String, status: String, meta: Vec<u8>, reply: Reply<()> },
+    GetResult { task_id: String, reply: Reply<Option<Vec<u8>>> },
+    ForgetResult { task_id: String, reply: Reply<()> },
+}
+
+/// A shared handle on one database file.
+pub struct Db {
+    tx: Mutex<mpsc::Sender<Op>>,
+    path: PathBuf,
+    /// Woken when this process publishes, so local consumers need not wait for their next poll.
+    pub published: Notify,
+    /// Woken when this process stores a result.
+    pub stored: Notify,
+}
+
+fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<Db>>> {
+    static OPEN: OnceLock<Mutex<HashMap<PathBuf, Weak<Db>>>> = OnceLock::new();
+    OPEN.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+impl Db {
+    /// Open (or share the already open) database at `path`, creating the schema.
+    pub fn open(path: &Path) -> Result<Arc<Db>, String> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !parent.is_dir() {
+                return Err(format!("directory {} does not exist", parent.display()));
+            }
+        }
+        let key = match std::fs::canonicalize(path) {
+            Ok(p) => p,
+            Err(_) => std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf()),
+        };
+        let mut open = registry().lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(db) = open.get(&key).and_then(Weak::upgrade) {
+            return Ok(db);
+        }
+        let conn = Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        init_schema(&conn).map_err(|e| format!("cannot initialise {}: {e}", path.display()))?;
+        let (tx, rx) = mpsc::channel();
+        let name = format!("celeriac-sqlite:{}", path.display());
+        std::thread::Builder::new()
+            .name(name.chars().take(15).collect())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| format!("cannot start the SQLite thread: {e}"))?;
+        let db = Arc::new(Db { tx: Mutex::new(tx), path: path.to_path_buf(), published: Notify::new(), stored: Notify::new() });
+        open.insert(key, Arc::downgrade(&db));
+        Ok(db)
+    }
+
+    /// The file path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queue an operation without waiting for it.
+    pub fn send(&self, op: Op) {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        // The thread only stops when every sender is gone, and we hold one.
+        let _ = tx.send(op);
+    }
+
+    /// Run an operation and wait for its reply.
+    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(make(reply));
+        rx.await.map_err(|_| "the SQLite thread stopped".to_string())?
+    }
+}
+
+fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(30))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         CREATE TABLE IF NOT EXISTS messages (
+             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             queue TEXT NOT NULL,
+             priority INTEGER NOT NULL DEFAULT 0,
+             visible_at INTEGER NOT NULL,
+             owner TEXT,
+             delivery_count INTEGER NOT NULL DEFAULT 0,
+             published_at INTEGER NOT NULL,
+             payload BLOB NOT NULL);
+         CREATE INDEX IF NOT EXISTS messages_fetch ON messages(queue, priority DESC, id, visible_at);
+         CREATE INDEX IF NOT EXISTS messages_owner ON messages(owner) WHERE owner IS NOT NULL;
+         CREATE TABLE IF NOT EXISTS queues (name TEXT PRIMARY KEY);
+         CREATE TABLE IF NOT EXISTS dead_letters (
+             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             queue TEXT NOT NULL,
+             task_id TEXT,
+             reason TEXT NOT NULL,
+             dead_at INTEGER NOT NULL,
+             delivery_count INTEGER NOT NULL DEFAULT 0,
+             payload BLOB NOT NULL);
+         CREATE TABLE IF NOT EXISTS results (
+             task_id TEXT PRIMARY KEY,
+             status TEXT NOT NULL,
+             date_done INTEGER NOT NULL,
+             meta BLOB NOT NULL);
+         COMMIT;",
+    )
+}
+
+/// A reply to send once the batch's transaction has committed.
+type Pending = Box<dyn FnOnce(Option<&str>) + Send>;
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>) {
+    let mut fetch_rotation = 0usize;
+    while let Ok(first) = rx.recv() {
+        let mut ops = vec![first];
+        while ops.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => {
+                let msg = format!("cannot lock the database: {e}");
+                tracing::warn!(error = %msg, "SQLite batch failed");
+                for op in ops {
+                    fail(op, &msg);
+                }
+                continue;
+            }
+        };
+        let mut pending: Vec<Pending> = Vec::with_capacity(ops.len());
+        for op in ops {
+            fetch_rotation = fetch_rotation.wrapping_add(1);
+            pending.push(execute(&tx, op, fetch_rotation));
+        }
+        let commit_error = tx.commit().err().map(|e| format!("commit failed: {e}"));
+        if let Some(e) = &commit_error {
+            tracing::warn!(error = %e, "SQLite batch failed");
+        }
+        for p in pending {
+            p(commit_error.as_deref());
+        }
+    }
+}
+
+fn fail(op: Op, msg: &str) {
+    let m = msg.to_string();
+    match op {
+        Op::Publish { reply, .. } | Op::StoreResult { reply, .. } | Op::ForgetResult { reply, .. } => drop(reply.send(Err(m))),
+        Op::Fetch { reply, .. } => drop(reply.send(Err(m))),
+        Op::Ack { reply, .. } | Op::Requeue { reply, .. } | Op::DeadLetter { reply, .. } => {
+            if let Some(r) = reply {
+                let _ = r.send(Err(m));
+            }
+        }
+        Op::Purge { reply, .. } => drop(reply.send(Err(m))),
+        Op::Depths { reply, .. } => drop(reply.send(Err(m))),
+        Op::DeadLetters { reply, .. } => drop(reply.send(Err(m))),
+        Op::GetResult { reply, .. } => drop(reply.send(Err(m))),
+        Op::Renew { .. } => {}
+    }
+}
+
+/// Build the deferred reply: the operation's own result, unless the commit failed.
+fn deferred<T: Send + 'static>(reply: Reply<T>, result: rusqlite::Result<T>) -> Pending {
+    Box::new(move |commit_error| {
+        let out = match (result, commit_error) {
+            (_, Some(e)) => Err(e.to_string()),
+            (Ok(v), None) => Ok(v),
+            (Err(e), None) => Err(e.to_string()),
+        };
+        let _ = reply.send(out);
+    })
+}
+
+fn deferred_opt(reply: Option<Reply<()>>, result: rusqlite::Result<()>) -> Pending {
+    match reply {
+        Some(r) => deferred(r, result),
+        None => {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "SQLite operation failed");
+            }
+            Box::new(|_| {})
+        }
+    }
+}
+
+fn execute(tx: &rusqlite::Transaction<'_>, op: Op, rotation: usize) -> Pending {
+    match op {
+        Op::Publish { queue, priority, visible_at, payload, reply } => {
+            let r = (|| {
+                tx.prepare_cached("INSERT OR IGNORE INTO queues(name) VALUES (?1)")?.execute(params![queue])?;
+                tx.prepare_cached("INSERT INTO messages(queue, priority, visible_at, published_at, payload) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                    .execute(params![queue, priority, visible_at, now_ms(), payload])?;
+                Ok(())
+            })();
+            deferred(reply, r)
+        }
+        Op::Fetch { queues, limit, owner, lease_ms, reply } => deferred(reply, fetch(tx, &queues, limit, &owner, lease_ms, rotation)),
+        Op::Ack { id, reply } => {
+            let r = tx.prepare_cached("DELETE FROM messages WHERE id = ?1").and_then(|mut s| s.execute(params![id])).map(|_| ());
+            deferred_opt(reply, r)
+        }
+        Op::Requeue { id, owner, reply } => {
+            let r = tx
+                .prepare_cached(
+                    "UPDATE messages SET owner = NULL, visible_at = ?3, delivery_count = MAX(delivery_count - 1, 0)
+                     WHERE id = ?1 AND owner = ?2",
+                )
+                .and_then(|mut s| s.execute(params![id, owner, now_ms()]))
+                .map(|_| ());
+            deferred_opt(reply, r)
+        }
+        Op::DeadLetter { id, reason, task_id, reply } => {
+            let r = (|| {
+                tx.prepare_cached(
+                    "INSERT INTO dead_letters(queue, task_id, reason, dead_at, delivery_count, payload)
+                     SELECT queue, ?2, ?3, ?4, delivery_count, payload FROM messages WHERE id = ?1",
+                )?
+                .execute(params![id, task_id, reason, now_ms()])?;
+                tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?.execute(params![id])?;
+                Ok(())
+            })();
+            deferred_opt(reply, r)
+        }
+        Op::Renew { owner, lease_ms } => {
+            let r = tx
+                .prepare_cached("UPDATE messages SET visible_at = ?2 WHERE owner = ?1")
+                .and_then(|mut s| s.execute(params![owner, now_ms() + lease_ms]))
+                .map(|_| ());
+            deferred_opt(None, r)
+        }
+        Op::Purge { queue, reply } => {
+            let r = tx
+                .prepare_cached("DELETE FROM messages WHERE queue = ?1 AND owner IS NULL")
+                .and_then(|mut s| s.execute(params![queue]))
+                .map(|n| n as u64);
+            deferred(reply, r)
+        }
+        Op::Depths { queues, reply } => deferred(reply, depths(tx, &queues)),
+        Op::DeadLetters { limit, reply } => {
+            let r = (|| {
+                let mut s = tx.prepare_cached("SELECT id, queue, task_id, reason, dead_at FROM dead_letters ORDER BY id DESC LIMIT ?1")?;
+                let rows = s.query_map(params![limit as i64], |r| {
+                    Ok(DeadRow { id: r.get(0)?, queue: r.get(1)?, task_id: r.get(2)?, reason: r.get(3)?, dead_at_ms: r.get(4)? })
+                })?;
+                rows.collect()
+            })();
+            deferred(reply, r)
+        }
+        Op::StoreResult { task_id, status, meta, reply } => {
+            let r = tx
+                .prepare_cached("INSERT OR REPLACE INTO results(task_id, status, date_done, meta) VALUES (?1, ?2, ?3, ?4)")
+                .and_then(|mut s| s.execute(params![task_id, status, now_ms(), meta]))
+                .map(|_| ());
+            deferred(reply, r)
+        }
+        Op::GetResult { task_id, reply } => {
+            let r = tx
+                .prepare_cached("SELECT meta FROM results WHERE task_id = ?1")
+                .and_then(|mut s| s.query_row(params![task_id], |r| r.get::<_, Vec<u8>>(0)).optional());
+            deferred(reply, r)
+        }
+        Op::ForgetResult { task_id, reply } => {
+            let r = tx
+                .prepare_cached("DELETE FROM results WHERE task_id = ?1")
+                .and_then(|mut s| s.execute(params![task_id]))
+                .map(|_| ());
+            deferred(reply, r)
+        }
+    }
+}
+
+/// Lease up to `limit` visible messages, taking queues in turn (starting at a rotating queue so
+/// none starves), highest priority first, then oldest first.
+fn fetch(tx: &rusqlite::Transaction<'_>, queues: &[String], limit: usize, owner: &str, lease_ms: i64, rotation: usize) -> rusqlite::Result<Vec<Row>> {
+    let now = now_ms();
+    let mut out = Vec::new();
+    let n = queues.len();
+    for i in 0..n {
+        let remaining = limit.saturating_sub(out.len());
+        if remaining == 0 {
+            break;
+        }
+        let queue = &queues[(rotation + i) % n];
+        let mut stmt = tx.prepare_cached(
+            "UPDATE messages SET owner = ?1, visible_at = ?2, delivery_count = delivery_count + 1
+             WHERE id IN (SELECT id FROM messages WHERE queue = ?3 AND visible_at <= ?4
+                          ORDER BY priority DESC, id LIMIT ?5)
+             RETURNING id, queue, delivery_count, payload, priority",
+        )?;
+        let rows = stmt.query_map(params![owner, now + lease_ms, queue, now, remaining as i64], |r| {
+            Ok((r.get::<_, i64>(4)?, Row { id: r.get(0)?, queue: r.get(1)?, delivery_count: r.get::<_, i64>(2)? as u32, payload: r.get(3)? }))
+        })?;
+        let mut batch: Vec<(i64, Row)> = rows.collect::<rusqlite::Result<_>>()?;
+        // RETURNING gives no order guarantee: restore priority, then publication order.
+        batch.sort_by_key(|(priority, r)| (-priority, r.id));
+        out.extend(batch.into_iter().map(|(_, r)| r));
+    }
+    Ok(out)
+}
+
+fn depths(tx: &rusqlite::Transaction<'_>, queues: &[String]) -> rusqlite::Result<Vec<QueueInfo>> {
+    let names: Vec<String> = if queues.is_empty() {
+        let mut s = tx.prepare_cached("SELECT name FROM queues UNION SELECT DISTINCT queue FROM dead_letters ORDER BY 1")?;
+        let rows = s.query_map([], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    } else {
+        queues.to_vec()
+    };
+    let now = now_ms();
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let (ready, scheduled, unacked): (i64, i64, i64) = tx
+            .prepare_cached(
+                "SELECT COALESCE(SUM(owner IS NULL AND visible_at <= ?2), 0),
+                        COALESCE(SUM(owner IS NULL AND visible_at > ?2), 0),
+                        COALESCE(SUM(owner IS NOT NULL), 0)
+                 FROM messages WHERE queue = ?1",
+            )?
+            .query_row(params![name, now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let dead: i64 = tx.prepare_cached("SELECT COUNT(*) FROM dead_letters WHERE queue = ?1")?.query_row(params![name], |r| r.get(0))?;
+        out.push(QueueInfo {
+            name,
+            ready: ready as u64,
+            scheduled: scheduled as u64,
+            unacked: unacked as u64,
+            consumers: None,
+            dead: dead as u64,
+        });
+    }
+    Ok(out)
+}

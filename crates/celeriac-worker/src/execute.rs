@@ -1,0 +1,211 @@
+//! Running one request in the async pool and settling it.
+//!
+//! Order of events for one task: wait for its ETA if the broker delivered it early → run it
+//! under its soft and hard time limits → store the outcome → acknowledge. A retry republishes the
+//! message (same id, `retries + 1`, ETA = now + backoff) *before* the original is acknowledged, so
+//! a crash between the two duplicates a retry but never loses one. When the outcome cannot be
+//! stored, the message is requeued rather than acknowledged.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use celeriac_core::protocol::format_datetime;
+use celeriac_core::result::ExceptionInfo;
+use celeriac_core::task::TaskError;
+use celeriac_core::{ResultMeta, TaskContext, TaskState};
+use chrono::Utc;
+use futures::FutureExt;
+use serde_json::Value;
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tracing::Instrument;
+
+use crate::request::Request;
+use crate::stats::Stats;
+use crate::Shared;
+
+/// How a task run ended.
+enum Outcome {
+    Value(Value),
+    Error(TaskError),
+    TimeLimit(f64),
+    Panicked(String),
+    Aborted,
+}
+
+/// Run a request holding a pool slot, then settle its delivery.
+pub(crate) async fn run(shared: Arc<Shared>, req: Request, permit: OwnedSemaphorePermit) {
+    // An ERROR-level span is enabled whenever any event is, so every line carries the id and name.
+    let span = tracing::error_span!("task", id = %req.headers.id, name = %req.headers.task);
+    run_inner(shared, req, permit).instrument(span).await
+}
+
+async fn run_inner(shared: Arc<Shared>, req: Request, permit: OwnedSemaphorePermit) {
+    let mut abort = shared.abort.clone();
+    if let Some(eta) = req.eta_in_future() {
+        // The broker does not hold ETA messages: keep this one until its time.
+        let wait = (eta - Utc::now()).to_std().unwrap_or_default();
+        tracing::debug!(eta = %eta, "holding until ETA");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = aborted(&mut abort) => {
+                Stats::bump(&shared.stats.requeued);
+                req.requeue().await;
+                return;
+            }
+        }
+    }
+    let opts = req.task.options();
+    let hard = req.headers.hard_time_limit().or(opts.time_limit).or(shared.config.time_limit).filter(|s| *s > 0.0);
+    let soft = req.headers.soft_time_limit().or(opts.soft_time_limit).or(shared.config.soft_time_limit).filter(|s| *s > 0.0);
+    let (soft_tx, soft_rx) = watch::channel(false);
+    let mut ctx = TaskContext::detached(req.headers.id.clone(), req.headers.task.clone());
+    ctx.retries = req.headers.retries;
+    ctx.max_retries = opts.max_retries;
+    ctx.queue = req.delivery.queue.clone();
+    ctx.eta = req.headers.eta_time();
+    ctx.expires = req.headers.expires_time();
+    ctx.root_id = req.headers.root_id.clone();
+    ctx.parent_id = req.headers.parent_id.clone();
+    ctx.group = req.headers.group.clone();
+    ctx.delivery_count = req.delivery.delivery_count;
+    ctx.hostname = shared.config.hostname.clone();
+    let ctx = ctx    .with_soft_limit(soft_rx);
+
+    tracing::info!(queue = %req.delivery.queue, retries = req.headers.retries, "task received");
+    let started = std::time::Instant::now();
+    let fut = AssertUnwindSafe(req.task.call(ctx, req.body.args.clone(), req.body.kwargs.clone())).catch_unwind();
+    let soft_timer = async {
+        match soft {
+            Some(s) => {
+                tokio::time::sleep(Duration::from_secs_f64(s)).await;
+                tracing::warn!(soft_time_limit = s, "soft time limit exceeded");
+                let _ = soft_tx.send(true);
+                std::future::pending::<()>().await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let hard_timer = async {
+        match hard {
+            Some(h) => tokio::time::sleep(Duration::from_secs_f64(h)).await,
+            None => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        r = fut => match r {
+            Ok(Ok(v)) => Outcome::Value(v),
+            Ok(Err(e)) => Outcome::Error(e),
+            Err(panic) => Outcome::Panicked(panic_message(&panic)),
+        },
+        _ = hard_timer => Outcome::TimeLimit(hard.unwrap_or_default()),
+        _ = soft_timer => unreachable!("the soft timer never completes"),
+        _ = aborted(&mut abort) => Outcome::Aborted,
+    };
+    let runtime = started.elapsed();
+    // The slot is free as soon as the task is done; settling does not need it.
+    drop(permit);
+    settle(&shared, req, outcome, runtime).await;
+}
+
+/// Resolves once the worker asks running tasks to abort.
+async fn aborted(abort: &mut watch::Receiver<bool>) {
+    let _ = abort.wait_for(|a| *a).await;
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "the task panicked".to_string()
+    }
+}
+
+async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Duration) {
+    let id = req.headers.id.clone();
+    let opts = req.task.options();
+    let ignore_result = req.headers.ignore_result || opts.ignore_result;
+    let meta = match outcome {
+        Outcome::Aborted => {
+            tracing::warn!(runtime = ?runtime, "task interrupted by shutdown; requeueing");
+            Stats::bump(&shared.stats.requeued);
+            req.requeue().await;
+            return;
+        }
+        Outcome::Value(value) => {
+            tracing::info!(runtime = ?runtime, "task succeeded");
+            Stats::bump(&shared.stats.succeeded);
+            (!ignore_result).then(|| ResultMeta::success(&id, value))
+        }
+        Outcome::TimeLimit(limit) => {
+            tracing::error!(time_limit = limit, "hard time limit exceeded");
+            Stats::bump(&shared.stats.failed);
+            let exc = ExceptionInfo::new("TimeLimitExceeded", format!("task exceeded its hard time limit of {limit}s"), "billiard.exceptions");
+            Some(ResultMeta::exception(&id, TaskState::Failure, &exc, None))
+        }
+        Outcome::Panicked(msg) => {
+            tracing::error!(panic = %msg, "task panicked");
+            Stats::bump(&shared.stats.failed);
+            let exc = ExceptionInfo::new("Panic", msg, "celeriac");
+            Some(ResultMeta::exception(&id, TaskState::Failure, &exc, None))
+        }
+        Outcome::Error(err) => {
+            let wants_retry = err.retry.is_some() || opts.autoretry_for.iter().any(|t| *t == err.exc_type);
+            let retries = req.headers.retries;
+            let may_retry = opts.max_retries.is_none_or(|max| retries < max);
+            if wants_retry && may_retry {
+                let countdown = err.retry.as_ref().and_then(|r| r.countdown).unwrap_or_else(|| opts.backoff.delay(retries));
+                match republish(shared, &req, countdown).await {
+                    Ok(()) => {
+                        tracing::info!(error = %err, retry_in = ?countdown, retries = retries + 1, "task failed; retry scheduled");
+                        Stats::bump(&shared.stats.retried);
+                        Some(ResultMeta::exception(&id, TaskState::Retry, &err.to_exception(), err.traceback.clone()))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not publish the retry; requeueing the original");
+                        Stats::bump(&shared.stats.requeued);
+                        req.requeue().await;
+                        return;
+                    }
+                }
+            } else {
+                let exc = if wants_retry && err.retry.is_some() && err.exc_type == "Retry" {
+                    ExceptionInfo::new(
+                        "MaxRetriesExceededError",
+                        format!("Can't retry {}[{}] args:{:?} kwargs:{:?}", req.headers.task, id, req.body.args, req.body.kwargs),
+                        "celery.exceptions",
+                    )
+                } else {
+                    err.to_exception()
+                };
+                tracing::error!(error = %err, runtime = ?runtime, "task failed");
+                Stats::bump(&shared.stats.failed);
+                Some(ResultMeta::exception(&id, TaskState::Failure, &exc, err.traceback.clone()))
+            }
+        }
+    };
+    if let Some(meta) = meta {
+        // A RETRY state is informative; FAILURE is stored even for ignore_result tasks (as Celery
+        // does with `store_errors_even_if_ignored` off, it would not; we keep errors visible).
+        if let Err(e) = shared.backend.store(&meta).await {
+            tracing::error!(error = %e, "could not store the result; requeueing so it runs again");
+            Stats::bump(&shared.stats.requeued);
+            req.requeue().await;
+            return;
+        }
+    }
+    if let Err(e) = req.delivery.ack().await {
+        tracing::warn!(error = %e, "could not acknowledge; the broker will redeliver");
+    }
+}
+
+/// Publish the retry: the same message with `retries + 1` and a new ETA.
+async fn republish(shared: &Shared, req: &Request, countdown: Duration) -> Result<(), celeriac_core::BrokerError> {
+    let mut message = req.delivery.message.clone();
+    let eta = Utc::now() + chrono::Duration::from_std(countdown).unwrap_or_default();
+    message.headers.insert("retries".into(), Value::from(req.headers.retries + 1));
+    message.headers.insert("eta".into(), Value::from(format_datetime(eta)));
+    shared.broker.publish(&req.delivery.queue, &message).await
+}

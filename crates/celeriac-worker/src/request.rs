@@ -1,0 +1,134 @@
+//! From a delivery to a runnable request — or to a clear refusal.
+//!
+//! Every way a message can be unusable ends here, once, with one log line and a settled message:
+//! - no task id, or headers that are not protocol v2: dead-lettered with the reason;
+//! - a body that cannot be decoded (malformed, unknown content type): FAILURE stored with
+//!   `InvalidTaskError` (so a waiting client learns why) and dead-lettered;
+//! - an unknown task name: FAILURE stored with `NotRegistered`, acknowledged;
+//! - delivered more often than the poison-message limit: FAILURE `WorkerLostError`,
+//!   dead-lettered;
+//! - expired: REVOKED stored, acknowledged.
+//!
+//! Wrong argument types are found when the task decodes its arguments and end as a `TypeError`
+//! FAILURE in [`crate::execute`].
+
+use std::sync::Arc;
+
+use celeriac_core::result::ExceptionInfo;
+use celeriac_core::{Delivery, ResultMeta, Task, TaskBody, TaskHeaders, TaskState};
+use chrono::{DateTime, Utc};
+
+use crate::stats::Stats;
+use crate::Shared;
+
+/// A delivery that can be run.
+pub struct Request {
+    /// The delivery, to be settled after the outcome is stored.
+    pub delivery: Delivery,
+    /// Its typed headers.
+    pub headers: TaskHeaders,
+    /// Its decoded body.
+    pub body: TaskBody,
+    /// The task to run.
+    pub task: Arc<dyn Task>,
+}
+
+impl Request {
+    /// When it may run, if that is in the future.
+    pub fn eta_in_future(&self) -> Option<DateTime<Utc>> {
+        self.headers.eta_time().filter(|eta| *eta > Utc::now())
+    }
+
+    /// Give the delivery back to its queue.
+    pub async fn requeue(self) {
+        let id = self.headers.id.clone();
+        if let Err(e) = self.delivery.reject(true).await {
+            tracing::warn!(task_id = %id, error = %e, "could not requeue; the broker will redeliver it after its lease");
+        }
+    }
+}
+
+/// Validate a delivery. Returns `None` when the message was unusable and has been settled.
+pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Request> {
+    Stats::bump(&shared.stats.received);
+    let headers = match delivery.message.task_headers() {
+        Ok(h) => h,
+        Err(e) => {
+            let reason = format!("invalid message from queue {}: {e}", delivery.queue);
+            let task_id = delivery.message.task_id().map(str::to_string);
+            match &task_id {
+                Some(id) if !id.is_empty() => {
+                    let name = delivery.message.task_name().unwrap_or("?").to_string();
+                    tracing::error!(task_id = %id, task_name = %name, %reason, "dead-lettering message");
+                    store_failure(shared, id, &ExceptionInfo::new("InvalidTaskError", reason.clone(), "celery.exceptions")).await;
+                }
+                _ => tracing::error!(%reason, "dead-lettering message"),
+            }
+            dead_letter(shared, delivery, &reason).await;
+            return None;
+        }
+    };
+    let (id, name) = (headers.id.clone(), headers.task.clone());
+    let body = match delivery.message.task_body() {
+        Ok(b) => b,
+        Err(e) => {
+            let reason = format!("cannot decode the body of task {name}[{id}]: {e}");
+            tracing::error!(task_id = %id, task_name = %name, %reason, "dead-lettering message");
+            store_failure(shared, &id, &ExceptionInfo::new("InvalidTaskError", reason.clone(), "celery.exceptions")).await;
+            dead_letter(shared, delivery, &reason).await;
+            return None;
+        }
+    };
+    let Some(task) = shared.registry.get(&name) else {
+        tracing::error!(task_id = %id, task_name = %name, queue = %delivery.queue, "received an unregistered task; storing NotRegistered");
+        store_failure(shared, &id, &ExceptionInfo::new("NotRegistered", format!("'{name}'"), "celery.exceptions")).await;
+        Stats::bump(&shared.stats.failed);
+        ack(delivery, &id).await;
+        return None;
+    };
+    if delivery.delivery_count > shared.config.max_deliveries {
+        let reason = format!(
+            "task {name}[{id}] was delivered {} times without completing (limit {}); its worker kept dying",
+            delivery.delivery_count, shared.config.max_deliveries
+        );
+        tracing::error!(task_id = %id, task_name = %name, %reason, "poison message: failing and dead-lettering");
+        store_failure(shared, &id, &ExceptionInfo::new("WorkerLostError", reason.clone(), "billiard.exceptions")).await;
+        Stats::bump(&shared.stats.failed);
+        dead_letter(shared, delivery, &reason).await;
+        return None;
+    }
+    if let Some(expires) = headers.expires_time().filter(|t| *t <= Utc::now()) {
+        tracing::warn!(task_id = %id, task_name = %name, expires = %expires, "task expired before it ran; revoking");
+        if !headers.ignore_result {
+            let exc = ExceptionInfo::new("TaskRevokedError", "expired", "celery.exceptions");
+            store_meta(shared, &ResultMeta::exception(&id, TaskState::Revoked, &exc, None)).await;
+        }
+        Stats::bump(&shared.stats.revoked);
+        ack(delivery, &id).await;
+        return None;
+    }
+    Some(Request { delivery, headers, body, task })
+}
+
+async fn store_failure(shared: &Shared, id: &str, exc: &ExceptionInfo) {
+    store_meta(shared, &ResultMeta::exception(id, TaskState::Failure, exc, None)).await;
+}
+
+async fn store_meta(shared: &Shared, meta: &ResultMeta) {
+    if let Err(e) = shared.backend.store(meta).await {
+        tracing::warn!(task_id = %meta.task_id, error = %e, "could not store the result");
+    }
+}
+
+async fn dead_letter(shared: &Shared, delivery: Delivery, reason: &str) {
+    Stats::bump(&shared.stats.dead_lettered);
+    if let Err(e) = delivery.dead_letter(reason).await {
+        tracing::warn!(error = %e, "could not dead-letter the message");
+    }
+}
+
+async fn ack(delivery: Delivery, id: &str) {
+    if let Err(e) = delivery.ack().await {
+        tracing::warn!(task_id = %id, error = %e, "could not acknowledge");
+    }
+}

@@ -1,0 +1,105 @@
+//! Built-in diagnostic tasks, so a deployment can be smoke-tested and benchmarked without code.
+//!
+//! | name | does |
+//! |---|---|
+//! | `celeriac.ping()` | returns `"pong"` |
+//! | `celeriac.noop()` | nothing, returns `null` |
+//! | `celeriac.echo(value)` | returns `value` |
+//! | `celeriac.add(x, y)` | returns `x + y` (integers stay integers) |
+//! | `celeriac.sleep(seconds)` | sleeps, returns `seconds` |
+//! | `celeriac.fail(message)` | fails with `RuntimeError(message)` |
+//! | `celeriac.flaky(failures)` | fails `failures` times, retried with backoff, then returns its retry count |
+
+use std::time::Duration;
+
+use celeriac_core::{Registry, TaskContext, TaskError};
+use serde_json::{Number, Value};
+
+/// `"pong"`.
+#[celeriac::task(name = "celeriac.ping")]
+pub async fn ping() -> String {
+    "pong".to_string()
+}
+
+/// Does nothing.
+#[celeriac::task(name = "celeriac.noop")]
+pub async fn noop() {}
+
+/// Returns its argument.
+#[celeriac::task(name = "celeriac.echo")]
+pub async fn echo(value: Value) -> Value {
+    value
+}
+
+/// `x + y`.
+#[celeriac::task(name = "celeriac.add")]
+pub async fn add(x: Number, y: Number) -> Result<Number, TaskError> {
+    if let (Some(a), Some(b)) = (x.as_i64(), y.as_i64()) {
+        if let Some(sum) = a.checked_add(b) {
+            return Ok(Number::from(sum));
+        }
+    }
+    let sum = x.as_f64().unwrap_or(f64::NAN) + y.as_f64().unwrap_or(f64::NAN);
+    Number::from_f64(sum).ok_or_else(|| TaskError::new("OverflowError", format!("{x} + {y} is not a finite number")))
+}
+
+/// Sleeps `seconds`, returns them. Stops early (with `SoftTimeLimitExceeded`) at its soft time
+/// limit.
+#[celeriac::task(name = "celeriac.sleep")]
+pub async fn sleep(ctx: &TaskContext, seconds: f64) -> Result<f64, TaskError> {
+    if !(seconds.is_finite() && seconds >= 0.0) {
+        return Err(TaskError::new("ValueError", format!("seconds must be a non-negative number, got {seconds}")));
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs_f64(seconds)) => Ok(seconds),
+        _ = ctx.soft_time_limit() => Err(TaskError::new("SoftTimeLimitExceeded", "soft time limit exceeded").with_module("billiard.exceptions")),
+    }
+}
+
+/// Fails with `RuntimeError(message)`.
+#[celeriac::task(name = "celeriac.fail")]
+pub async fn fail(message: String) -> Result<(), TaskError> {
+    Err(TaskError::new("RuntimeError", message))
+}
+
+/// Fails with `FlakyError` until it has been retried `failures` times, then returns its retry
+/// count. Retries back off exponentially from 0.2 s with full jitter.
+#[celeriac::task(name = "celeriac.flaky", autoretry_for = ["FlakyError"], retry_backoff = 0.2, retry_backoff_max = 2, max_retries = 10)]
+pub async fn flaky(ctx: &TaskContext, failures: u32) -> Result<u32, TaskError> {
+    if ctx.retries < failures {
+        return Err(TaskError::new("FlakyError", format!("attempt {} of {} fails on purpose", ctx.retries + 1, failures + 1)).with_module("celeriac"));
+    }
+    Ok(ctx.retries)
+}
+
+/// Register every built-in task.
+pub fn register(registry: &mut Registry) {
+    registry.register(ping).register(noop).register(echo).register(add).register(sleep).register(fail).register(flaky);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use celeriac_core::Task;
+    use serde_json::json;
+
+    async fn call<T: Task>(t: T, args: Value) -> Result<Value, TaskError> {
+        let args = serde_json::from_value(args).unwrap();
+        t.call(TaskContext::detached("id", t.name()), args, Default::default()).await
+    }
+
+    #[tokio::test]
+    async fn builtins_compute() {
+        assert_eq!(call(add, json!([2, 3])).await.unwrap(), json!(5));
+        assert_eq!(call(add, json!([2.5, 1])).await.unwrap(), json!(3.5));
+        assert_eq!(call(echo, json!([{"a": [1]}])).await.unwrap(), json!({"a": [1]}));
+        assert_eq!(call(ping, json!([])).await.unwrap(), json!("pong"));
+        assert_eq!(call(noop, json!([])).await.unwrap(), Value::Null);
+        let e = call(fail, json!(["boom"])).await.unwrap_err();
+        assert_eq!((e.exc_type.as_str(), e.message.as_str()), ("RuntimeError", "boom"));
+        assert_eq!(call(add, json!(["a", 1])).await.unwrap_err().exc_type, "TypeError");
+        assert_eq!(call(sleep, json!([-1])).await.unwrap_err().exc_type, "ValueError");
+        assert_eq!(call(flaky, json!([1])).await.unwrap_err().exc_type, "FlakyError");
+        assert_eq!(call(flaky, json!([0])).await.unwrap(), json!(0));
+    }
+}

@@ -1,0 +1,480 @@
+//! The `celeriac` command line, shared by the stock binary and by user binaries
+//! ([`App::run_cli`](crate::App::run_cli)).
+//!
+//! Configuration comes from flags, then the environment (`CELERIAC_BROKER_URL`,
+//! `CELERIAC_RESULT_BACKEND`), then defaults (`sqlite://celeriac.db`). Exit codes: 0 success,
+//! 1 the work failed (a task's FAILURE with `--wait`), 2 bad usage or configuration, 3 broker
+//! unreachable.
+
+mod demo;
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use celeriac_core::{BackendError, BrokerError, ResultMeta, TaskState};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Map, Value};
+
+use crate::client::{into_value, Client, ResultError, SendOptions};
+use crate::connect::{self, ConnectError, DEFAULT_BROKER_URL};
+use crate::App;
+
+/// An error ending a command, with its exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// Exit code.
+    pub code: u8,
+    /// One line saying what went wrong.
+    pub message: String,
+}
+
+impl CliError {
+    /// Bad usage or configuration (exit 2).
+    pub fn usage(message: impl Into<String>) -> Self {
+        CliError { code: 2, message: message.into() }
+    }
+
+    /// The work failed (exit 1).
+    pub fn failed(message: impl Into<String>) -> Self {
+        CliError { code: 1, message: message.into() }
+    }
+}
+
+impl From<ConnectError> for CliError {
+    fn from(e: ConnectError) -> Self {
+        let code = if e.is_configuration() { 2 } else { 3 };
+        CliError { code, message: e.to_string() }
+    }
+}
+
+impl From<BrokerError> for CliError {
+    fn from(e: BrokerError) -> Self {
+        let code = match e {
+            BrokerError::BadUrl { .. } => 2,
+            BrokerError::Unreachable { .. } | BrokerError::Timeout { .. } => 3,
+            _ => 1,
+        };
+        CliError { code, message: e.to_string() }
+    }
+}
+
+impl From<BackendError> for CliError {
+    fn from(e: BackendError) -> Self {
+        let code = match e {
+            BackendError::BadUrl { .. } | BackendError::Disabled => 2,
+            BackendError::Unreachable { .. } => 3,
+            _ => 1,
+        };
+        CliError { code, message: e.to_string() }
+    }
+}
+
+type CliResult = Result<ExitCode, CliError>;
+
+#[derive(Debug, Parser)]
+#[command(name = "celeriac", version, about = "A task queue that speaks Celery's protocol", propagate_version = true)]
+struct Cli {
+    /// Broker URL (sqlite://path.db).
+    #[arg(long, global = true, env = "CELERIAC_BROKER_URL", default_value = DEFAULT_BROKER_URL)]
+    broker: String,
+    /// Result backend URL (default: the broker's SQLite file; none for other brokers).
+    #[arg(long = "result-backend", global = true, env = "CELERIAC_RESULT_BACKEND")]
+    result_backend: Option<String>,
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(short = 'l', long = "loglevel", global = true, default_value = "info")]
+    loglevel: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a worker.
+    Worker(WorkerArgs),
+    /// Send a task by name.
+    Send(SendArgs),
+    /// Show (or wait for) a task's result.
+    Result(ResultArgs),
+    /// Show queue depths.
+    Queues(QueuesArgs),
+    /// Remove every ready message from queues.
+    Purge(PurgeArgs),
+    /// List dead-lettered messages and why they were set aside.
+    DeadLetters(DeadLettersArgs),
+    /// Run a worker and a batch of tasks on a fresh SQLite file, and report.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct WorkerArgs {
+    /// Queues to consume, comma-separated.
+    #[arg(short = 'Q', long = "queues", value_delimiter = ',', default_value = "celery")]
+    queues: Vec<String>,
+    /// Tasks run at once (default: number of CPUs).
+    #[arg(short = 'c', long)]
+    concurrency: Option<usize>,
+    /// Pool implementation (only `async` in this build).
+    #[arg(short = 'P', long = "pool", default_value = "async")]
+    pool: String,
+    /// Node name.
+    #[arg(short = 'n', long)]
+    hostname: Option<String>,
+    /// Messages reserved per slot.
+    #[arg(long = "prefetch-multiplier", default_value_t = 4)]
+    prefetch_multiplier: usize,
+    /// Seconds a warm shutdown waits for running tasks before requeueing them.
+    #[arg(long = "shutdown-timeout", default_value_t = 30.0)]
+    shutdown_timeout: f64,
+    /// Default hard time limit, seconds.
+    #[arg(long = "time-limit")]
+    time_limit: Option<f64>,
+    /// Default soft time limit, seconds.
+    #[arg(long = "soft-time-limit")]
+    soft_time_limit: Option<f64>,
+    /// Deliveries of one message before it is failed with WorkerLostError and dead-lettered.
+    #[arg(long = "max-deliveries", default_value_t = 3)]
+    max_deliveries: u32,
+}
+
+#[derive(Debug, Args)]
+struct SendArgs {
+    /// Task name, e.g. celeriac.add.
+    name: String,
+    /// Positional arguments, a JSON list.
+    #[arg(long, default_value = "[]")]
+    args: String,
+    /// Keyword arguments, a JSON object.
+    #[arg(long, default_value = "{}")]
+    kwargs: String,
+    /// Queue to send to.
+    #[arg(short = 'Q', long)]
+    queue: Option<String>,
+    /// Run no sooner than this many seconds from now.
+    #[arg(long)]
+    countdown: Option<f64>,
+    /// Run no sooner than this time (ISO 8601).
+    #[arg(long)]
+    eta: Option<String>,
+    /// Discard if not started within this many seconds (or by this ISO 8601 time).
+    #[arg(long)]
+    expires: Option<String>,
+    /// Priority 0-255.
+    #[arg(long)]
+    priority: Option<u8>,
+    /// Use this task id.
+    #[arg(long = "task-id")]
+    task_id: Option<String>,
+    /// Wait for the result and print it.
+    #[arg(long)]
+    wait: bool,
+    /// Seconds to wait with --wait.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ResultArgs {
+    /// Task id.
+    id: String,
+    /// Wait until the task is done.
+    #[arg(long)]
+    wait: bool,
+    /// Seconds to wait with --wait.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+    /// Print the stored result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct QueuesArgs {
+    /// Queues to show (default: all known).
+    names: Vec<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct PurgeArgs {
+    /// Queues to purge, comma-separated.
+    #[arg(short = 'Q', long = "queues", value_delimiter = ',', default_value = "celery")]
+    queues: Vec<String>,
+    /// Do not ask for confirmation.
+    #[arg(short = 'f', long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+struct DeadLettersArgs {
+    /// How many to show, newest first.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parse `args` and run the command; never panics on bad input.
+pub fn main(app: App, args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    init_logging(&cli.loglevel, matches!(cli.command, Command::Worker(_)));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(app, cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+fn init_logging(level: &str, worker: bool) {
+    use tracing_subscriber::EnvFilter;
+    // Commands other than `worker` only log warnings unless asked: their output is the point.
+    let default = if worker || level != "info" { level.to_string() } else { "warn".to_string() };
+    let filter = EnvFilter::try_from_env("CELERIAC_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(app: App, cli: Cli) -> CliResult {
+    let backend_url = cli.result_backend.as_deref();
+    match cli.command {
+        Command::Worker(args) => worker(app, &cli.broker, backend_url, args).await,
+        Command::Send(args) => send(&cli.broker, backend_url, args).await,
+        Command::Result(args) => result(&cli.broker, backend_url, args).await,
+        Command::Queues(args) => queues(&cli.broker, args).await,
+        Command::Purge(args) => purge(&cli.broker, args).await,
+        Command::DeadLetters(args) => dead_letters(&cli.broker, args).await,
+        Command::Demo(args) => demo::run(app, args).await,
+    }
+}
+
+fn positive_secs(flag: &str, v: f64) -> Result<Duration, CliError> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(CliError::usage(format!("{flag} must be a non-negative number of seconds, got {v}")))
+    }
+}
+
+async fn worker(app: App, broker_url: &str, backend_url: Option<&str>, args: WorkerArgs) -> CliResult {
+    if args.pool != "async" {
+        return Err(CliError::usage(format!("--pool {:?} is not available in this build (available: async)", args.pool)));
+    }
+    let queues: Vec<String> = args.queues.iter().map(|q| q.trim().to_string()).filter(|q| !q.is_empty()).collect();
+    if queues.is_empty() {
+        return Err(CliError::usage("-Q/--queues names no queue"));
+    }
+    let concurrency = args.concurrency.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    if concurrency == 0 {
+        return Err(CliError::usage("--concurrency must be at least 1"));
+    }
+    for (flag, v) in [("--time-limit", args.time_limit), ("--soft-time-limit", args.soft_time_limit)] {
+        if let Some(v) = v {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(CliError::usage(format!("{flag} must be a positive number of seconds, got {v}")));
+            }
+        }
+    }
+    let config = crate::WorkerConfig {
+        queues,
+        concurrency,
+        prefetch_multiplier: args.prefetch_multiplier.max(1),
+        shutdown_timeout: positive_secs("--shutdown-timeout", args.shutdown_timeout)?,
+        hostname: args.hostname.unwrap_or_else(celeriac_worker::default_hostname),
+        time_limit: args.time_limit,
+        soft_time_limit: args.soft_time_limit,
+        max_deliveries: args.max_deliveries.max(1),
+    };
+    let broker = connect::broker(broker_url)?;
+    let backend = connect::backend(backend_url, broker_url)?;
+    let shutdown = crate::Shutdown::new();
+    shutdown.install_signal_handlers().map_err(|e| CliError::failed(format!("cannot install signal handlers: {e}")))?;
+    let worker = crate::Worker::new(config, app.shared_registry(), broker, backend);
+    worker.run(shutdown).await.map_err(|e| match e {
+        celeriac_worker::WorkerError::Config(m) => CliError::usage(m),
+        celeriac_worker::WorkerError::Broker(b) => CliError::from(b),
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(flag: &str, text: &str, expected: &str) -> Result<T, CliError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| CliError::usage(format!("{flag}: not valid JSON ({e}): {text}")))?;
+    serde_json::from_value(value).map_err(|_| CliError::usage(format!("{flag}: expected {expected}, got {text}")))
+}
+
+fn parse_time(flag: &str, text: &str) -> Result<chrono::DateTime<chrono::Utc>, CliError> {
+    if let Ok(secs) = text.parse::<f64>() {
+        let d = positive_secs(flag, secs)?;
+        return Ok(chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default());
+    }
+    celeriac_core::protocol::parse_datetime(text).map_err(|e| CliError::usage(format!("{flag}: {e}")))
+}
+
+async fn send(broker_url: &str, backend_url: Option<&str>, args: SendArgs) -> CliResult {
+    let positional: Vec<Value> = parse_json("--args", &args.args, "a JSON list, e.g. [2, 3]")?;
+    let kwargs: Map<String, Value> = parse_json("--kwargs", &args.kwargs, "a JSON object, e.g. {\"x\": 1}")?;
+    if let Some(c) = args.countdown {
+        positive_secs("--countdown", c)?;
+    }
+    let timeout = positive_secs("--timeout", args.timeout)?;
+    let options = SendOptions {
+        task_id: args.task_id,
+        countdown: args.countdown,
+        eta: args.eta.as_deref().map(|t| parse_time("--eta", t)).transpose()?,
+        expires: args.expires.as_deref().map(|t| parse_time("--expires", t)).transpose()?,
+        queue: args.queue,
+        priority: args.priority,
+        ..SendOptions::default()
+    };
+    let client = Client::connect(broker_url, backend_url).await?;
+    let res = client.send_task(&args.name, positional, kwargs, options).await.map_err(|e| match e {
+        crate::PublishError::Broker { source, .. } => CliError::from(source),
+        other => CliError::usage(other.to_string()),
+    })?;
+    if !args.wait {
+        if args.json {
+            println!("{}", serde_json::json!({"task_id": res.id()}));
+        } else {
+            println!("{}", res.id());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let meta = client.backend().wait(res.id(), Some(timeout)).await.map_err(|e| match e {
+        BackendError::Timeout { .. } => CliError::failed(format!("no result for task {} within {}s", res.id(), args.timeout)),
+        other => CliError::from(other),
+    })?;
+    print_outcome(meta, args.json)
+}
+
+fn print_outcome(meta: ResultMeta, json: bool) -> CliResult {
+    let status = meta.status;
+    if json {
+        println!("{}", serde_json::to_string(&meta).unwrap_or_default());
+        return Ok(if status == TaskState::Success { ExitCode::SUCCESS } else { ExitCode::from(1) });
+    }
+    match into_value(meta) {
+        Ok(v) => {
+            println!("{v}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(ResultError::Failed { exc_type, message, .. }) => Err(CliError::failed(format!("{status}: {exc_type}: {message}"))),
+        Err(e) => Err(CliError::failed(format!("{status}: {e}"))),
+    }
+}
+
+async fn result(broker_url: &str, backend_url: Option<&str>, args: ResultArgs) -> CliResult {
+    let backend = connect::backend(backend_url, broker_url)?;
+    let meta = if args.wait {
+        let timeout = positive_secs("--timeout", args.timeout)?;
+        match backend.wait(&args.id, Some(timeout)).await {
+            Ok(m) => Some(m),
+            Err(BackendError::Timeout { .. }) => return Err(CliError::failed(format!("no result for task {} within {}s", args.id, args.timeout))),
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        backend.get(&args.id).await?
+    };
+    match meta {
+        None => {
+            if args.json {
+                println!("{}", serde_json::json!({"status": "PENDING", "task_id": args.id}));
+            } else {
+                println!("PENDING");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(m) if !m.status.is_ready() && !args.json => {
+            println!("{}", m.status);
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(m) => {
+            if !args.json {
+                println!("{}", m.status);
+            }
+            print_outcome(m, args.json)
+        }
+    }
+}
+
+async fn queues(broker_url: &str, args: QueuesArgs) -> CliResult {
+    let broker = connect::broker(broker_url)?;
+    let infos = broker.queues(&args.names).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&infos).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let width = infos.iter().map(|q| q.name.len()).max().unwrap_or(5).max(5);
+    println!("{:<width$}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}", "QUEUE", "READY", "SCHEDULED", "UNACKED", "DEAD", "CONSUMERS");
+    for q in &infos {
+        let consumers = q.consumers.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
+        println!("{:<width$}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}", q.name, q.ready, q.scheduled, q.unacked, q.dead, consumers);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn purge(broker_url: &str, args: PurgeArgs) -> CliResult {
+    let broker = connect::broker(broker_url)?;
+    if !args.force {
+        if !std::io::stdin().is_terminal() {
+            return Err(CliError::usage("purge deletes messages: pass -f/--force to confirm"));
+        }
+        eprint!("Delete every ready message in {}? [y/N] ", args.queues.join(", "));
+        let mut answer = String::new();
+        let _ = std::io::stdin().read_line(&mut answer);
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            return Err(CliError::failed("not purged"));
+        }
+    }
+    for q in &args.queues {
+        let n = broker.purge(q).await?;
+        println!("purged {n} message{} from {q}", if n == 1 { "" } else { "s" });
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dead_letters(broker_url: &str, args: DeadLettersArgs) -> CliResult {
+    let broker = connect::broker(broker_url)?;
+    let dead = broker.dead_letters(args.limit).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&dead).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    for d in &dead {
+        println!("{}  {}  {}  {}", d.id, d.queue, d.task_id.as_deref().unwrap_or("-"), d.reason);
+    }
+    if dead.is_empty() {
+        println!("no dead letters");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Shared by the demo: a client bound to one broker and backend.
+pub(crate) fn client_for(broker: Arc<dyn celeriac_core::Broker>, backend: Arc<dyn celeriac_core::ResultBackend>) -> Client {
+    Client::new(broker, backend)
+}

@@ -1,0 +1,383 @@
+//! Sending tasks and reading their results.
+//!
+//! - [`Client`]: a broker and a result backend; `send_task` by name for tasks not linked into
+//!   this binary, `apply` for a [`Signature`].
+//! - [`Signature`]: a task call (name, arguments, options) not sent yet; the `s()` of a
+//!   `#[celeriac::task]` builds one.
+//! - [`AsyncResult`]: a handle on a sent task: `state`, `get`, `forget`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use celeriac_core::protocol::{format_datetime, seconds_number};
+use celeriac_core::{
+    pyrepr, BackendError, Broker, BrokerError, Message, ProtocolError, ResultBackend, ResultMeta, Task, TaskBody, TaskHeaders, TaskOptions,
+    TaskState,
+};
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::connect::{self, ConnectError};
+
+/// Why a task could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// An argument or option could not be encoded.
+    #[error("cannot encode task {task}: {source}")]
+    Encode {
+        /// The task name.
+        task: String,
+        /// What failed.
+        source: ProtocolError,
+    },
+    /// The broker did not take the message.
+    #[error("cannot publish task {task}: {source}")]
+    Broker {
+        /// The task name.
+        task: String,
+        /// The broker's error.
+        source: BrokerError,
+    },
+}
+
+/// Why a result could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ResultError {
+    /// The task failed; this is its error.
+    #[error("task {task_id} failed: {exc_type}: {message}")]
+    Failed {
+        /// The task id.
+        task_id: String,
+        /// The error type (`ValueError`, `TimeLimitExceeded`, ...).
+        exc_type: String,
+        /// The error message.
+        message: String,
+        /// The module of the error type.
+        exc_module: String,
+        /// The traceback, when there is one.
+        traceback: Option<String>,
+    },
+    /// The task was revoked (or expired) before it ran.
+    #[error("task {task_id} was revoked: {reason}")]
+    Revoked {
+        /// The task id.
+        task_id: String,
+        /// Why.
+        reason: String,
+    },
+    /// No result arrived in time.
+    #[error("no result for task {task_id} within {waited:?}")]
+    Timeout {
+        /// The task id.
+        task_id: String,
+        /// How long was waited.
+        waited: Duration,
+    },
+    /// The result could not be turned into the requested type.
+    #[error("the result of task {task_id} is not the expected type: {reason}")]
+    Decode {
+        /// The task id.
+        task_id: String,
+        /// Why.
+        reason: String,
+    },
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(BackendError),
+}
+
+/// Options for sending one task (Celery's `apply_async` options).
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    /// Use this id instead of a fresh UUID.
+    pub task_id: Option<String>,
+    /// Run no sooner than this many seconds from now.
+    pub countdown: Option<f64>,
+    /// Run no sooner than this time (wins over `countdown`).
+    pub eta: Option<DateTime<Utc>>,
+    /// Discard if not started by this time.
+    pub expires: Option<DateTime<Utc>>,
+    /// Queue to send to.
+    pub queue: Option<String>,
+    /// Priority (0-255, higher first).
+    pub priority: Option<u8>,
+    /// Retries already made (Celery's `retries`).
+    pub retries: u32,
+    /// Hard time limit, seconds.
+    pub time_limit: Option<f64>,
+    /// Soft time limit, seconds.
+    pub soft_time_limit: Option<f64>,
+    /// Do not store a result.
+    pub ignore_result: Option<bool>,
+}
+
+impl SendOptions {
+    /// Options taking a task's own defaults (queue, time limits, ignore_result).
+    pub fn from_task_options(o: &TaskOptions) -> Self {
+        SendOptions {
+            queue: o.queue.clone(),
+            time_limit: o.time_limit,
+            soft_time_limit: o.soft_time_limit,
+            ignore_result: Some(o.ignore_result),
+            ..SendOptions::default()
+        }
+    }
+}
+
+/// A task call not sent yet: name, arguments and options.
+#[derive(Debug, Clone)]
+pub struct Signature {
+    /// The task name.
+    pub name: String,
+    /// Positional arguments.
+    pub args: Vec<Value>,
+    /// Keyword arguments.
+    pub kwargs: Map<String, Value>,
+    /// Send options.
+    pub options: SendOptions,
+    encode_error: Option<String>,
+}
+
+impl Signature {
+    /// A call of the task named `name` with no arguments.
+    pub fn new(name: impl Into<String>) -> Self {
+        Signature { name: name.into(), args: Vec::new(), kwargs: Map::new(), options: SendOptions::default(), encode_error: None }
+    }
+
+    /// A call of `task`, with the task's own default options.
+    pub fn for_task<T: Task>(task: &T) -> Self {
+        let mut s = Signature::new(task.name());
+        s.options = SendOptions::from_task_options(&task.options());
+        s
+    }
+
+    fn value<T: Serialize>(&mut self, v: T) -> Value {
+        serde_json::to_value(v).unwrap_or_else(|e| {
+            self.encode_error.get_or_insert_with(|| e.to_string());
+            Value::Null
+        })
+    }
+
+    /// Add a positional argument.
+    pub fn arg<T: Serialize>(mut self, v: T) -> Self {
+        let v = self.value(v);
+        self.args.push(v);
+        self
+    }
+
+    /// Add a keyword argument.
+    pub fn kwarg<T: Serialize>(mut self, name: impl Into<String>, v: T) -> Self {
+        let v = self.value(v);
+        self.kwargs.insert(name.into(), v);
+        self
+    }
+
+    /// Run no sooner than `secs` seconds after sending.
+    pub fn countdown(mut self, secs: f64) -> Self {
+        self.options.countdown = Some(secs);
+        self
+    }
+
+    /// Run no sooner than `eta`.
+    pub fn eta(mut self, eta: DateTime<Utc>) -> Self {
+        self.options.eta = Some(eta);
+        self
+    }
+
+    /// Discard if not started by `at`.
+    pub fn expires(mut self, at: DateTime<Utc>) -> Self {
+        self.options.expires = Some(at);
+        self
+    }
+
+    /// Send to `queue`.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.options.queue = Some(queue.into());
+        self
+    }
+
+    /// Send with `priority`.
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.options.priority = Some(priority);
+        self
+    }
+
+    /// Replace all options.
+    pub fn with_options(mut self, options: SendOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Send it.
+    pub async fn apply_async(self, client: &Client) -> Result<AsyncResult, PublishError> {
+        client.apply(self).await
+    }
+}
+
+/// Sends tasks and reads results.
+#[derive(Clone)]
+pub struct Client {
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+    default_queue: String,
+    origin: String,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("broker", &self.broker.url()).field("backend", &self.backend.url()).finish()
+    }
+}
+
+impl Client {
+    /// A client on an already open broker and backend.
+    pub fn new(broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>) -> Self {
+        let host = hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into());
+        Client { broker, backend, default_queue: celeriac_core::DEFAULT_QUEUE.into(), origin: format!("gen{}@{host}", std::process::id()) }
+    }
+
+    /// Open the broker at `broker_url` and the result backend at `backend_url` (by default the
+    /// broker's own SQLite file, or none for other brokers).
+    pub async fn connect(broker_url: &str, backend_url: Option<&str>) -> Result<Self, ConnectError> {
+        let broker = connect::broker(broker_url)?;
+        let backend = connect::backend(backend_url, broker_url)?;
+        Ok(Client::new(broker, backend))
+    }
+
+    /// Send to `queue` when a task names no queue (default `celery`).
+    pub fn with_default_queue(mut self, queue: impl Into<String>) -> Self {
+        self.default_queue = queue.into();
+        self
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    /// The result backend.
+    pub fn backend(&self) -> &Arc<dyn ResultBackend> {
+        &self.backend
+    }
+
+    /// Send a task by name (Celery's `send_task`).
+    pub async fn send_task(&self, name: &str, args: Vec<Value>, kwargs: Map<String, Value>, options: SendOptions) -> Result<AsyncResult, PublishError> {
+        self.publish(name, args, kwargs, options, false).await
+    }
+
+    /// Send a signature.
+    pub async fn apply(&self, sig: Signature) -> Result<AsyncResult, PublishError> {
+        if let Some(e) = sig.encode_error {
+            return Err(PublishError::Encode { task: sig.name, source: ProtocolError::Encode(e) });
+        }
+        self.publish(&sig.name, sig.args, sig.kwargs, sig.options, true).await
+    }
+
+    /// Build the protocol v2 message for a call, as Celery's `apply_async` would.
+    pub fn build_message(&self, name: &str, args: Vec<Value>, kwargs: Map<String, Value>, options: &SendOptions, args_tuple: bool) -> Result<Message, ProtocolError> {
+        let id = options.task_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let mut h = TaskHeaders::new(name, id.clone());
+        let eta = options.eta.or_else(|| {
+            options.countdown.filter(|c| *c > 0.0).map(|c| Utc::now() + chrono::Duration::microseconds((c * 1e6) as i64))
+        });
+        h.eta = eta.map(format_datetime);
+        h.expires = options.expires.map(format_datetime);
+        h.retries = options.retries;
+        h.timelimit = (options.time_limit.and_then(seconds_number), options.soft_time_limit.and_then(seconds_number));
+        h.root_id = Some(id);
+        h.argsrepr = Some(pyrepr::args_repr(&args, args_tuple));
+        h.kwargsrepr = Some(pyrepr::kwargs_repr(&kwargs));
+        h.origin = Some(self.origin.clone());
+        h.ignore_result = options.ignore_result.unwrap_or(false);
+        let body = TaskBody { args, kwargs, embed: Default::default() };
+        Message::new_task(&h, &body, options.priority, None)
+    }
+
+    async fn publish(&self, name: &str, args: Vec<Value>, kwargs: Map<String, Value>, options: SendOptions, args_tuple: bool) -> Result<AsyncResult, PublishError> {
+        let queue = options.queue.clone().unwrap_or_else(|| self.default_queue.clone());
+        let message =
+            self.build_message(name, args, kwargs, &options, args_tuple).map_err(|source| PublishError::Encode { task: name.to_string(), source })?;
+        let id = message.task_id().unwrap_or_default().to_string();
+        self.broker.publish(&queue, &message).await.map_err(|source| PublishError::Broker { task: name.to_string(), source })?;
+        tracing::debug!(task_id = %id, task_name = %name, %queue, "task sent");
+        Ok(AsyncResult { id, backend: self.backend.clone() })
+    }
+
+    /// A handle on the result of the task with this id.
+    pub fn result(&self, id: impl Into<String>) -> AsyncResult {
+        AsyncResult { id: id.into(), backend: self.backend.clone() }
+    }
+}
+
+/// A handle on a sent task's result.
+#[derive(Clone)]
+pub struct AsyncResult {
+    id: String,
+    backend: Arc<dyn ResultBackend>,
+}
+
+impl std::fmt::Debug for AsyncResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncResult").field("id", &self.id).finish()
+    }
+}
+
+impl AsyncResult {
+    /// The task id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The stored result, if any.
+    pub async fn meta(&self) -> Result<Option<ResultMeta>, ResultError> {
+        self.backend.get(&self.id).await.map_err(ResultError::Backend)
+    }
+
+    /// The task's state (`PENDING` when nothing is stored).
+    pub async fn state(&self) -> Result<TaskState, ResultError> {
+        Ok(self.meta().await?.map(|m| m.status).unwrap_or(TaskState::Pending))
+    }
+
+    /// Wait for the task to finish and return its value, or its error.
+    pub async fn get(&self, timeout: Option<Duration>) -> Result<Value, ResultError> {
+        let meta = self.backend.wait(&self.id, timeout).await.map_err(|e| match e {
+            BackendError::Timeout { task_id, waited } => ResultError::Timeout { task_id, waited },
+            other => ResultError::Backend(other),
+        })?;
+        into_value(meta)
+    }
+
+    /// Wait for the task and decode its value as `T`.
+    pub async fn get_as<T: DeserializeOwned>(&self, timeout: Option<Duration>) -> Result<T, ResultError> {
+        let v = self.get(timeout).await?;
+        serde_json::from_value(v).map_err(|e| ResultError::Decode { task_id: self.id.clone(), reason: e.to_string() })
+    }
+
+    /// Remove the stored result.
+    pub async fn forget(&self) -> Result<(), ResultError> {
+        self.backend.forget(&self.id).await.map_err(ResultError::Backend)
+    }
+}
+
+/// Turn a ready result into the task's value or its error.
+pub fn into_value(meta: ResultMeta) -> Result<Value, ResultError> {
+    match meta.status {
+        TaskState::Success => Ok(meta.result),
+        TaskState::Revoked => {
+            let reason = meta.exception_info().map(|e| e.message()).unwrap_or_else(|| "revoked".into());
+            Err(ResultError::Revoked { task_id: meta.task_id, reason })
+        }
+        _ => {
+            let exc = meta.exception_info();
+            Err(ResultError::Failed {
+                task_id: meta.task_id.clone(),
+                exc_type: exc.as_ref().map(|e| e.exc_type.clone()).unwrap_or_else(|| "Exception".into()),
+                message: exc.as_ref().map(|e| e.message()).unwrap_or_else(|| meta.result.to_string()),
+                exc_module: exc.map(|e| e.exc_module).unwrap_or_else(|| "builtins".into()),
+                traceback: meta.traceback,
+            })
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! From URLs to transports: the one place that knows which crate serves which scheme.
+//!
+//! `sqlite://` is the embedded default. Schemes of transports that are not built yet are refused
+//! with a message naming them, never silently mapped to something else.
+
+use std::sync::Arc;
+
+use celeriac_core::backend::DisabledBackend;
+use celeriac_core::{BackendError, Broker, BrokerError, ResultBackend};
+use celeriac_sqlite::{SqliteBackend, SqliteBroker};
+
+/// The broker used when none is configured.
+pub const DEFAULT_BROKER_URL: &str = "sqlite://celeriac.db";
+
+/// Why a broker or backend could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL's scheme is not one celeriac knows.
+    #[error("unknown URL scheme in {url:?} (known: {known})")]
+    UnknownScheme {
+        /// The URL.
+        url: String,
+        /// The schemes that are known.
+        known: &'static str,
+    },
+    /// The broker could not be opened.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The result backend could not be opened.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+impl ConnectError {
+    /// Whether the problem is the URL itself (rather than the service behind it).
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::UnknownScheme { .. } | ConnectError::Broker(BrokerError::BadUrl { .. }) | ConnectError::Backend(BackendError::BadUrl { .. })
+        )
+    }
+}
+
+fn scheme(url: &str) -> &str {
+    url.split_once("://").map(|(s, _)| s).unwrap_or("")
+}
+
+/// Open the broker at `url`.
+pub fn broker(url: &str) -> Result<Arc<dyn Broker>, ConnectError> {
+    match scheme(url) {
+        "sqlite" => Ok(Arc::new(SqliteBroker::open(url)?)),
+        "amqp" | "amqps" | "redis" | "rediss" => Err(BrokerError::BadUrl {
+            url: redact(url),
+            reason: format!("the {} transport is not available in this build yet (use sqlite://)", scheme(url)),
+        }
+        .into()),
+        _ => Err(ConnectError::UnknownScheme { url: redact(url), known: "sqlite://" }),
+    }
+}
+
+/// Open the result backend at `url`; with no URL, an SQLite broker stores results in its own
+/// file and other brokers store none.
+pub fn backend(url: Option<&str>, broker_url: &str) -> Result<Arc<dyn ResultBackend>, ConnectError> {
+    let url = match url {
+        Some(u) => u,
+        None if scheme(broker_url) == "sqlite" => broker_url,
+        None => return Ok(Arc::new(DisabledBackend)),
+    };
+    match scheme(url) {
+        "sqlite" => Ok(Arc::new(SqliteBackend::open(url)?)),
+        "disabled" => Ok(Arc::new(DisabledBackend)),
+        "redis" | "rediss" | "rpc" => Err(BackendError::BadUrl {
+            url: redact(url),
+            reason: format!("the {} result backend is not available in this build yet (use sqlite://)", scheme(url)),
+        }
+        .into()),
+        _ => Err(ConnectError::UnknownScheme { url: redact(url), known: "sqlite://, disabled://" }),
+    }
+}
+
+/// The URL with any password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (authority, tail) = rest.split_once('/').map(|(a, t)| (a, Some(t))).unwrap_or((rest, None));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    match tail {
+        Some(t) => format!("{scheme}://{authority}/{t}"),
+        None => format!("{scheme}://{authority}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("amqp://guest:secret@host:5672/vh"), "amqp://guest:***@host:5672/vh");
+        assert_eq!(redact("sqlite://a.db"), "sqlite://a.db");
+    }
+
+    #[test]
+    fn unknown_schemes_are_named() {
+        let e = broker("kafka://x").err().unwrap();
+        assert!(e.is_configuration());
+        assert!(e.to_string().contains("kafka://x"), "{e}");
+        assert!(broker("nonsense").err().unwrap().is_configuration());
+    }
+}
