@@ -252,6 +252,12 @@ impl Client {
         self
     }
 
+    /// Name this client as the `origin` of its messages (default `gen<pid>@<host>`, as Celery).
+    pub fn with_origin(mut self, origin: impl Into<String>) -> Self {
+        self.origin = origin.into();
+        self
+    }
+
     /// The broker.
     pub fn broker(&self) -> &Arc<dyn Broker> {
         &self.broker
