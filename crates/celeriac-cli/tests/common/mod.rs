@@ -1,0 +1,160 @@
+//! Shared helpers for the integration tests: a fresh SQLite file per test, worker processes whose
+//! log lines can be waited on, and waiting on conditions with deadlines (never bare sleeps).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use celeriac::Client;
+
+/// The `celeriac` binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_celeriac")
+}
+
+/// A fresh SQLite database in its own temporary directory.
+pub struct TempDb {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+    pub url: String,
+}
+
+impl TempDb {
+    /// A fresh database; `params` is appended to the URL (e.g. `visibility_timeout=2`).
+    pub fn new(params: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("celeriac.db");
+        let mut url = format!("sqlite://{}", path.display());
+        if !params.is_empty() {
+            url = format!("{url}?{params}");
+        }
+        TempDb { _dir: dir, path, url }
+    }
+
+    /// A client on this database.
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.url, None).await.expect("client")
+    }
+}
+
+/// Poll `cond` until it is true or `timeout` passes; panics with `what` on timeout.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Async variant of [`wait_until`].
+pub async fn wait_until_async<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// A running `celeriac worker` process whose stderr lines are collected.
+pub struct WorkerProc {
+    pub child: Child,
+    pub lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl WorkerProc {
+    /// Start `celeriac worker --broker URL <extra>` and wait until it reports ready.
+    pub fn start(url: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(bin())
+            .args(["worker", "--broker", url])
+            .args(extra)
+            .env_remove("CELERIAC_BROKER_URL")
+            .env_remove("CELERIAC_RESULT_BACKEND")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn worker");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let w = WorkerProc { child, lines };
+        w.wait_for_line("worker ready", Duration::from_secs(30));
+        w
+    }
+
+    /// Lines containing `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// All lines containing `needle`.
+    pub fn matching(&self, needle: &str) -> Vec<String> {
+        self.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+
+    /// Wait until a line containing `needle` appeared.
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) {
+        let lines = self.lines.clone();
+        let pid = self.child.id();
+        wait_until(&format!("worker {pid} to log {needle:?}; log so far:\n{}", self.dump()), timeout, || {
+            lines.lock().unwrap().iter().any(|l| l.contains(needle))
+        });
+    }
+
+    /// The whole log.
+    pub fn dump(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().expect("kill").success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Wait for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "worker did not exit within {timeout:?}; log:\n{}", self.dump());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run the CLI to completion; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).env_remove("CELERIAC_BROKER_URL").env_remove("CELERIAC_RESULT_BACKEND").env("NO_COLOR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.stdin(Stdio::null()).output().expect("run celeriac");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
