@@ -1,0 +1,164 @@
+//! The SQLite broker's delivery rules, on real files: leases and their renewal, requeue,
+//! priority, ETA, purge, depths and dead letters.
+
+use std::time::Duration;
+
+use celeriac_core::protocol::format_datetime;
+use celeriac_core::{Broker, Message, ResultBackend, ResultMeta, TaskBody, TaskHeaders, TaskState};
+use celeriac_sqlite::{SqliteBackend, SqliteBroker};
+use serde_json::json;
+
+fn url(dir: &tempfile::TempDir, params: &str) -> String {
+    format!("sqlite://{}/b.db{}", dir.path().display(), params)
+}
+
+fn msg(id: &str, priority: Option<u8>) -> Message {
+    Message::new_task(&TaskHeaders::new("t", id), &TaskBody::default(), priority, None).unwrap()
+}
+
+async fn next_id(c: &mut Box<dyn celeriac_core::Consumer>) -> celeriac_core::Delivery {
+    tokio::time::timeout(Duration::from_secs(10), c.next()).await.expect("a delivery in time").expect("delivery")
+}
+
+#[test]
+fn an_unsettled_lease_lapses_and_the_message_is_redelivered_with_a_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = url(&dir, "?visibility_timeout=0.3");
+    // The first consumer lives on its own runtime; dropping that runtime stops its fetcher and
+    // its lease renewer, as the death of its process would.
+    let dying = tokio::runtime::Runtime::new().unwrap();
+    dying.block_on(async {
+        let a = SqliteBroker::open(&u).unwrap();
+        a.publish("q", &msg("m1", None)).await.unwrap();
+        let mut first = a.consume(&["q".into()], 1).await.unwrap();
+        let d = next_id(&mut first).await;
+        assert_eq!(d.delivery_count, 1);
+        // Neither settled nor dropped: a dead process settles nothing.
+        std::mem::forget(d);
+        std::mem::forget(first);
+    });
+    drop(dying);
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let b = SqliteBroker::open(&u).unwrap();
+        let mut second = b.consume(&["q".into()], 1).await.unwrap();
+        let d = next_id(&mut second).await;
+        assert_eq!((d.message.task_id(), d.delivery_count), (Some("m1"), 2));
+        d.ack().await.unwrap();
+        assert_eq!(b.queues(&["q".into()]).await.unwrap()[0].unacked, 0);
+    });
+}
+
+#[tokio::test]
+async fn a_held_lease_is_renewed_and_never_redelivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = url(&dir, "?visibility_timeout=0.3");
+    let broker = SqliteBroker::open(&u).unwrap();
+    broker.publish("q", &msg("held", None)).await.unwrap();
+    let mut holder = broker.consume(&["q".into()], 1).await.unwrap();
+    let d = next_id(&mut holder).await;
+    let mut other = broker.consume(&["q".into()], 1).await.unwrap();
+    // Four visibility timeouts pass; the holder's renewals keep the message away from `other`.
+    assert!(tokio::time::timeout(Duration::from_millis(1200), other.next()).await.is_err(), "redelivered while held");
+    d.ack().await.unwrap();
+    assert_eq!(broker.queues(&["q".into()]).await.unwrap()[0].unacked, 0);
+}
+
+#[tokio::test]
+async fn requeue_and_dropping_put_messages_back_without_counting_a_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = SqliteBroker::open(&url(&dir, "")).unwrap();
+    broker.publish("q", &msg("r", None)).await.unwrap();
+    let mut c = broker.consume(&["q".into()], 1).await.unwrap();
+    next_id(&mut c).await.reject(true).await.unwrap();
+    let d = next_id(&mut c).await;
+    assert_eq!(d.delivery_count, 1, "a requeue is not a failed delivery");
+    drop(d);
+    let d = next_id(&mut c).await;
+    assert_eq!(d.message.task_id(), Some("r"));
+    d.reject(false).await.unwrap();
+    let q = broker.queues(&["q".into()]).await.unwrap();
+    assert_eq!((q[0].ready, q[0].unacked), (0, 0));
+}
+
+#[tokio::test]
+async fn higher_priority_first_then_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = SqliteBroker::open(&url(&dir, "")).unwrap();
+    for (id, p) in [("low1", 0), ("high", 9), ("low2", 0), ("mid", 5)] {
+        broker.publish("q", &msg(id, Some(p))).await.unwrap();
+    }
+    let mut c = broker.consume(&["q".into()], 10).await.unwrap();
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let d = next_id(&mut c).await;
+        order.push(d.message.task_id().unwrap().to_string());
+        d.ack().await.unwrap();
+    }
+    assert_eq!(order, vec!["high", "mid", "low1", "low2"]);
+}
+
+#[tokio::test]
+async fn an_eta_message_is_scheduled_not_ready_until_its_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = SqliteBroker::open(&url(&dir, "")).unwrap();
+    let mut h = TaskHeaders::new("t", "later");
+    let eta = chrono::Utc::now() + chrono::Duration::milliseconds(700);
+    h.eta = Some(format_datetime(eta));
+    broker.publish("q", &Message::new_task(&h, &TaskBody::default(), None, None).unwrap()).await.unwrap();
+    let q = broker.queues(&["q".into()]).await.unwrap();
+    assert_eq!((q[0].ready, q[0].scheduled), (0, 1));
+    let mut c = broker.consume(&["q".into()], 1).await.unwrap();
+    let d = next_id(&mut c).await;
+    assert!(chrono::Utc::now() >= eta, "delivered before its ETA");
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn purge_removes_ready_messages_and_depths_count_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = SqliteBroker::open(&url(&dir, "")).unwrap();
+    for i in 0..5 {
+        broker.publish("a", &msg(&format!("a{i}"), None)).await.unwrap();
+    }
+    broker.publish("b", &msg("b0", None)).await.unwrap();
+    let mut c = broker.consume(&["a".into()], 1).await.unwrap();
+    let held = next_id(&mut c).await;
+    let all = broker.queues(&[]).await.unwrap();
+    assert_eq!(all.iter().map(|q| (q.name.as_str(), q.ready, q.unacked)).collect::<Vec<_>>(), vec![("a", 4, 1), ("b", 1, 0)]);
+    c.close().await;
+    assert_eq!(broker.purge("a").await.unwrap(), 4, "the unacked one is not purged");
+    held.ack().await.unwrap();
+    assert_eq!(broker.queues(&["a".into()]).await.unwrap()[0].ready, 0);
+}
+
+#[tokio::test]
+async fn dead_letters_keep_the_reason_and_the_task_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = SqliteBroker::open(&url(&dir, "")).unwrap();
+    broker.publish("q", &msg("poison", None)).await.unwrap();
+    let mut c = broker.consume(&["q".into()], 1).await.unwrap();
+    next_id(&mut c).await.dead_letter("it is poison").await.unwrap();
+    let dead = broker.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].task_id.as_deref(), dead[0].reason.as_str(), dead[0].queue.as_str()), (Some("poison"), "it is poison", "q"));
+    assert_eq!(broker.queues(&["q".into()]).await.unwrap()[0].dead, 1);
+}
+
+#[tokio::test]
+async fn results_are_stored_read_waited_on_and_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = SqliteBackend::open(&url(&dir, "")).unwrap();
+    assert!(backend.get("x").await.unwrap().is_none());
+    let waiter = {
+        let b = backend.clone();
+        tokio::spawn(async move { b.wait("x", Some(Duration::from_secs(10))).await })
+    };
+    backend.store(&ResultMeta::new("x", TaskState::Retry, json!(null))).await.unwrap();
+    backend.store(&ResultMeta::success("x", json!([1, 2]))).await.unwrap();
+    let got = waiter.await.unwrap().unwrap();
+    assert_eq!((got.status, got.result), (TaskState::Success, json!([1, 2])));
+    backend.forget("x").await.unwrap();
+    assert!(backend.get("x").await.unwrap().is_none());
+    let e = backend.wait("never", Some(Duration::from_millis(50))).await.unwrap_err();
+    assert!(matches!(e, celeriac_core::BackendError::Timeout { .. }), "{e}");
+}
