@@ -152,7 +152,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             Some(ResultMeta::exception(&id, TaskState::Failure, &exc, None))
         }
         Outcome::Error(err) => {
-            let wants_retry = err.retry.is_some() || opts.autoretry_for.iter().any(|t| *t == err.exc_type);
+            let wants_retry = err.retry.is_some() || opts.autoretry_for.contains(&err.exc_type);
             let retries = req.headers.retries;
             let may_retry = opts.max_retries.is_none_or(|max| retries < max);
             if wants_retry && may_retry {

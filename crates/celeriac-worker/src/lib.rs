@@ -65,7 +65,7 @@ impl Default for WorkerConfig {
 
 /// `celeriac@<host name>`.
 pub fn default_hostname() -> String {
-    let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into());
+    let host = hostname::get().ok().and_then(|h| h.into_string().ok()).filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into());
     format!("celeriac@{host}")
 }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use celeriac_core::{TaskState, DEFAULT_QUEUE};
 use clap::Args;
+use futures::StreamExt;
 use serde_json::{json, Map, Value};
 
 use super::{CliError, CliResult};
@@ -66,7 +67,7 @@ pub(super) async fn run(app: App, args: DemoArgs) -> CliResult {
 }
 
 async fn demo(mut app: App, args: &DemoArgs, url: &str) -> CliResult {
-    crate::builtins::register(&mut app.registry_mut());
+    crate::builtins::register(app.registry_mut());
     let broker = connect::broker(url)?;
     let backend = connect::backend(None, url)?;
     let client = super::client_for(broker.clone(), backend.clone());
@@ -86,9 +87,19 @@ async fn demo(mut app: App, args: &DemoArgs, url: &str) -> CliResult {
             client.send_task(name, args, Map::new(), opts).await.map_err(|e| CliError { code: 3, message: e.to_string() })
         }
     };
-    for i in 0..args.tasks as i64 {
-        let r = send("celeriac.add", json!([i, i]), SendOptions::default()).await?;
-        expected.push(Expected { id: r.id().into(), what: "add".into(), check: Box::new(move |m| m.status == TaskState::Success && m.result == json!(2 * i)) });
+    // The additions go out with up to 64 publishes in flight, so the SQLite writer commits them
+    // in groups.
+    let ids: Vec<Result<String, CliError>> = futures::stream::iter(0..args.tasks as i64)
+        .map(|i| {
+            let send = &send;
+            async move { send("celeriac.add", json!([i, i]), SendOptions::default()).await.map(|r| r.id().to_string()) }
+        })
+        .buffered(64)
+        .collect()
+        .await;
+    for (i, id) in ids.into_iter().enumerate() {
+        let i = i as i64;
+        expected.push(Expected { id: id?, what: "add".into(), check: Box::new(move |m| m.status == TaskState::Success && m.result == json!(2 * i)) });
     }
     let r = send("celeriac.fail", json!(["this one fails on purpose"]), SendOptions::default()).await?;
     expected.push(Expected {
@@ -122,9 +133,13 @@ async fn demo(mut app: App, args: &DemoArgs, url: &str) -> CliResult {
         bar
     });
     let mut last_line = Instant::now();
+    let mut batch_done: Option<Duration> = None;
     loop {
         let s = stats.snapshot();
         let done = s.succeeded + s.failed + s.revoked;
+        if batch_done.is_none() && done >= args.tasks as u64 {
+            batch_done = Some(started.elapsed());
+        }
         if let Some(bar) = &bar {
             bar.set_position(done.min(total));
             bar.set_message(format!("({} retries)", s.retried));
@@ -178,14 +193,15 @@ async fn demo(mut app: App, args: &DemoArgs, url: &str) -> CliResult {
     }
     println!("{:<10} {:>8}", "retries", snapshot.retried);
     println!();
+    let batch = batch_done.unwrap_or(elapsed);
     println!(
-        "{} tasks in {:.2}s: {:.0} tasks/s end to end (sent in {:.2}s: {:.0} sends/s)",
-        total,
-        elapsed.as_secs_f64(),
-        total as f64 / elapsed.as_secs_f64(),
-        sent_in.as_secs_f64(),
+        "throughput: the first {} tasks sent and done in {:.2}s: {:.0} tasks/s end to end (publishing alone: {:.0} tasks/s)",
+        args.tasks,
+        batch.as_secs_f64(),
+        args.tasks as f64 / batch.as_secs_f64().max(1e-9),
         total as f64 / sent_in.as_secs_f64().max(1e-9)
     );
+    println!("all {} tasks done in {:.2}s (the last ones wait for a 1 s countdown and two retries)", total, elapsed.as_secs_f64());
     if wrong.is_empty() {
         println!("every outcome is as expected");
         Ok(ExitCode::SUCCESS)
