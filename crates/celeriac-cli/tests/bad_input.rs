@@ -14,7 +14,11 @@ fn message(id: &str, task: &str, body: &[u8], content_type: &str) -> Message {
     let headers = TaskHeaders::new(task, id).to_map();
     Message {
         headers,
-        properties: Properties { correlation_id: Some(id.into()), content_type: content_type.into(), ..Properties::default() },
+        properties: Properties {
+            correlation_id: Some(id.into()),
+            content_type: content_type.into(),
+            ..Properties::default()
+        },
         body: body.to_vec(),
     }
 }
@@ -30,12 +34,28 @@ async fn broken_messages_are_failed_or_dead_lettered_and_the_worker_keeps_going(
     // 1. Malformed body.
     broker.publish("celery", &message("bad-body", "celeriac.add", b"[1, 2", "application/json")).await.unwrap();
     // 2. Unknown content type.
-    broker.publish("celery", &message("bad-type", "celeriac.add", b"\x80\x04K\x01.", "application/x-python-serialize")).await.unwrap();
+    broker
+        .publish("celery", &message("bad-type", "celeriac.add", b"\x80\x04K\x01.", "application/x-python-serialize"))
+        .await
+        .unwrap();
     // 3. Unknown task name.
-    client.send_task("no.such.task", vec![], Map::new(), SendOptions { task_id: Some("unknown-task".into()), ..Default::default() }).await.unwrap();
+    client
+        .send_task(
+            "no.such.task",
+            vec![],
+            Map::new(),
+            SendOptions { task_id: Some("unknown-task".into()), ..Default::default() },
+        )
+        .await
+        .unwrap();
     // 4. Wrong argument types.
     client
-        .send_task("celeriac.add", vec![json!("two"), json!(3)], Map::new(), SendOptions { task_id: Some("bad-args".into()), ..Default::default() })
+        .send_task(
+            "celeriac.add",
+            vec![json!("two"), json!(3)],
+            Map::new(),
+            SendOptions { task_id: Some("bad-args".into()), ..Default::default() },
+        )
         .await
         .unwrap();
     // 5. No task id at all.
@@ -44,7 +64,8 @@ async fn broken_messages_are_failed_or_dead_lettered_and_the_worker_keeps_going(
     no_id.properties.correlation_id = None;
     broker.publish("celery", &no_id).await.unwrap();
     // Then a good task: the worker is still consuming.
-    let good = client.send_task("celeriac.add", vec![json!(2), json!(2)], Map::new(), SendOptions::default()).await.unwrap();
+    let good =
+        client.send_task("celeriac.add", vec![json!(2), json!(2)], Map::new(), SendOptions::default()).await.unwrap();
     assert_eq!(good.get(Some(Duration::from_secs(20))).await.unwrap(), json!(4));
 
     let failure = |id: &'static str| {
@@ -92,7 +113,12 @@ async fn a_message_redelivered_past_the_limit_is_failed_as_worker_lost_and_dead_
     // fourth delivery exceeds --max-deliveries 3.
     let db = TempDb::new("visibility_timeout=1");
     let client = db.client().await;
-    let id = client.send_task("celeriac.sleep", vec![json!(60)], Map::new(), SendOptions::default()).await.unwrap().id().to_string();
+    let id = client
+        .send_task("celeriac.sleep", vec![json!(60)], Map::new(), SendOptions::default())
+        .await
+        .unwrap()
+        .id()
+        .to_string();
     for _ in 0..3 {
         let mut w = WorkerProc::start(&db.url, &["-c", "1"]);
         w.wait_for_line(&id, Duration::from_secs(20));

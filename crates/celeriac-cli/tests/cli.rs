@@ -10,9 +10,11 @@ fn send_wait_prints_the_value_or_the_error_and_exit_code() {
     let _w = WorkerProc::start(&db.url, &["-c", "2"]);
     let (code, out, err) = run_cli(&["send", "celeriac.add", "--args", "[2, 3]", "--wait", "--broker", &db.url], &[]);
     assert_eq!((code, out.trim()), (0, "5"), "{err}");
-    let (code, out, err) = run_cli(&["send", "celeriac.echo", "--kwargs", r#"{"value": {"a": [1]}}"#, "--wait", "--broker", &db.url], &[]);
+    let (code, out, err) =
+        run_cli(&["send", "celeriac.echo", "--kwargs", r#"{"value": {"a": [1]}}"#, "--wait", "--broker", &db.url], &[]);
     assert_eq!((code, out.trim()), (0, r#"{"a":[1]}"#), "{err}");
-    let (code, out, err) = run_cli(&["send", "celeriac.fail", "--args", r#"["it broke"]"#, "--wait", "--broker", &db.url], &[]);
+    let (code, out, err) =
+        run_cli(&["send", "celeriac.fail", "--args", r#"["it broke"]"#, "--wait", "--broker", &db.url], &[]);
     assert_eq!(code, 1, "{out}");
     assert!(err.contains("FAILURE: RuntimeError: it broke"), "{err}");
     // Without --wait: the id, then `result` shows the state.
@@ -31,7 +33,10 @@ fn the_environment_configures_the_broker_and_flags_win_over_it() {
     let flag_db = TempDb::new("");
     let (code, _, err) = run_cli(&["send", "celeriac.noop", "-Q", "envq"], &[("CELERIAC_BROKER_URL", &env_db.url)]);
     assert_eq!(code, 0, "{err}");
-    let (code, _, err) = run_cli(&["send", "celeriac.noop", "-Q", "flagq", "--broker", &flag_db.url], &[("CELERIAC_BROKER_URL", &env_db.url)]);
+    let (code, _, err) = run_cli(
+        &["send", "celeriac.noop", "-Q", "flagq", "--broker", &flag_db.url],
+        &[("CELERIAC_BROKER_URL", &env_db.url)],
+    );
     assert_eq!(code, 0, "{err}");
     let (_, env_q, _) = run_cli(&["queues", "--json", "--broker", &env_db.url], &[]);
     let (_, flag_q, _) = run_cli(&["queues", "--json", "--broker", &flag_db.url], &[]);

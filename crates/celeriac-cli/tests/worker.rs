@@ -58,7 +58,8 @@ async fn tasks_of_a_sigkilled_worker_are_completed_by_another_after_the_visibili
         assert_eq!(meta.status, TaskState::Success, "task {id}");
     }
     assert!(second.count("task succeeded") >= 1);
-    let redelivered = ids.iter().filter(|id| first.matching(id.as_str()).iter().any(|l| l.contains("task received"))).count();
+    let redelivered =
+        ids.iter().filter(|id| first.matching(id.as_str()).iter().any(|l| l.contains("task received"))).count();
     assert!(redelivered >= 1, "the killed worker had started something");
     assert!(killed_at.elapsed() >= Duration::from_secs(1), "its tasks came back only after the lease lapsed");
     let q = client.broker().queues(&["celery".into()]).await.unwrap();
@@ -150,7 +151,12 @@ async fn a_countdown_task_is_not_run_before_its_time() {
     let client = db.client().await;
     let sent = chrono::Utc::now();
     let res = client
-        .send_task("celeriac.add", vec![json!(1), json!(2)], Map::new(), SendOptions { countdown: Some(1.5), ..SendOptions::default() })
+        .send_task(
+            "celeriac.add",
+            vec![json!(1), json!(2)],
+            Map::new(),
+            SendOptions { countdown: Some(1.5), ..SendOptions::default() },
+        )
         .await
         .unwrap();
     let q = client.broker().queues(&["celery".into()]).await.unwrap();

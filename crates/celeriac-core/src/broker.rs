@@ -67,7 +67,10 @@ pub trait Broker: Send + Sync + 'static {
     /// [`BrokerError::Rejected`].
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
         let _ = limit;
-        Err(BrokerError::Rejected { url: self.url().to_string(), reason: "this broker keeps no dead-letter store".into() })
+        Err(BrokerError::Rejected {
+            url: self.url().to_string(),
+            reason: "this broker keeps no dead-letter store".into(),
+        })
     }
 
     /// Whether the transport itself withholds a message until its `eta` header. When it does

@@ -1,8 +1,10 @@
 //! kombu's JSON envelope: how a message is stored by key-value transports.
 //!
 //! kombu's virtual transports (Redis among them) store each message as one JSON document:
-//! `{"body": <base64>, "content-encoding", "content-type", "headers", "properties": {...,
-//! "body_encoding": "base64", "delivery_info": {"exchange", "routing_key"}, "delivery_tag"}}`.
+//! `{"body": <base64>, "content-encoding", "content-type", "headers", "properties":
+//! {"correlation_id", "reply_to", "delivery_mode", ["expiration",] "delivery_info": {"exchange",
+//! "routing_key"}, "priority", "body_encoding": "base64", "delivery_tag"}}`, in that key order,
+//! written as Python's `json.dumps` writes it.
 //! celeriac's embedded SQLite broker stores the same document, so a message moves between
 //! transports (and to and from Python) without translation.
 
@@ -12,23 +14,27 @@ use serde_json::{json, Map, Value};
 use crate::error::ProtocolError;
 use crate::protocol::{Message, Properties};
 
-/// Encode a message as kombu's JSON envelope.
+/// Encode a message as kombu's JSON envelope, with kombu's key order (`expiration` only when
+/// set, between `delivery_mode` and `delivery_info`).
 pub fn encode(message: &Message, exchange: &str, routing_key: &str, delivery_tag: &str) -> Vec<u8> {
     let p = &message.properties;
+    let mut props = Map::new();
+    props.insert("correlation_id".into(), json!(p.correlation_id));
+    props.insert("reply_to".into(), json!(p.reply_to));
+    props.insert("delivery_mode".into(), json!(p.delivery_mode));
+    if let Some(expiration) = &p.expiration {
+        props.insert("expiration".into(), json!(expiration));
+    }
+    props.insert("delivery_info".into(), json!({"exchange": exchange, "routing_key": routing_key}));
+    props.insert("priority".into(), json!(p.priority.unwrap_or(0)));
+    props.insert("body_encoding".into(), json!("base64"));
+    props.insert("delivery_tag".into(), json!(delivery_tag));
     let envelope = json!({
         "body": base64::engine::general_purpose::STANDARD.encode(&message.body),
         "content-encoding": p.content_encoding,
         "content-type": p.content_type,
         "headers": Value::Object(message.headers.clone()),
-        "properties": {
-            "correlation_id": p.correlation_id,
-            "reply_to": p.reply_to,
-            "delivery_mode": p.delivery_mode,
-            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
-            "priority": p.priority.unwrap_or(0),
-            "body_encoding": "base64",
-            "delivery_tag": delivery_tag,
-        },
+        "properties": Value::Object(props),
     });
     // A `Value` built from strings and numbers always serializes.
     crate::protocol::to_python_json(&envelope).unwrap_or_default()
@@ -36,7 +42,8 @@ pub fn encode(message: &Message, exchange: &str, routing_key: &str, delivery_tag
 
 /// Decode kombu's JSON envelope into a message.
 pub fn decode(bytes: &[u8]) -> Result<Message, ProtocolError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| ProtocolError::MalformedEnvelope(format!("not JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| ProtocolError::MalformedEnvelope(format!("not JSON: {e}")))?;
     let Value::Object(mut env) = value else {
         return Err(ProtocolError::MalformedEnvelope("not a JSON object".into()));
     };
@@ -67,6 +74,11 @@ pub fn decode(bytes: &[u8]) -> Result<Message, ProtocolError> {
         delivery_mode: props.get("delivery_mode").and_then(Value::as_u64).unwrap_or(2) as u8,
         priority: props.get("priority").and_then(Value::as_u64).map(|p| p.min(255) as u8),
         reply_to: str_field(&props, "reply_to").filter(|s| !s.is_empty()),
+        expiration: match props.get("expiration") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        },
     };
     Ok(Message { headers, properties, body })
 }
@@ -79,8 +91,14 @@ mod tests {
     #[test]
     fn envelope_round_trips() {
         let h = TaskHeaders::new("celeriac.add", "abc");
-        let m = Message::new_task(&h, &TaskBody::default(), Some(3), None).unwrap();
+        let mut m = Message::new_task(&h, &TaskBody::default(), Some(3), None).unwrap();
         let bytes = encode(&m, "", "celery", "tag-1");
+        assert_eq!(decode(&bytes).unwrap(), m);
+        m.properties.expiration = Some("60000".into());
+        let bytes = encode(&m, "", "celery", "tag-1");
+        assert!(
+            String::from_utf8_lossy(&bytes).contains(r#""delivery_mode": 2, "expiration": "60000", "delivery_info""#)
+        );
         assert_eq!(decode(&bytes).unwrap(), m);
     }
 

@@ -2,7 +2,8 @@
 //!
 //! A task message has three parts:
 //! - **properties** (AMQP basic properties): `correlation_id` = task id, `content_type`,
-//!   `content_encoding`, `delivery_mode`, `priority`, `reply_to`;
+//!   `content_encoding`, `delivery_mode`, `priority`, `reply_to`, and `expiration` (milliseconds
+//!   left, as text) when the task has `expires`;
 //! - **headers**: `lang`, `task`, `id`, `eta`, `expires`, `retries`, `timelimit`, ... — see
 //!   [`TaskHeaders`], whose field order is the order Celery writes them;
 //! - **body**: `[args, kwargs, embed]` where `embed` is
@@ -51,6 +52,9 @@ pub struct Properties {
     pub priority: Option<u8>,
     /// Reply queue for the RPC result backend.
     pub reply_to: Option<String>,
+    /// Message TTL: the milliseconds left until `expires` when it was sent, as a decimal string
+    /// (`"60000"`), as kombu writes it; see [`expiration_property`].
+    pub expiration: Option<String>,
 }
 
 impl Default for Properties {
@@ -62,6 +66,7 @@ impl Default for Properties {
             delivery_mode: 2,
             priority: None,
             reply_to: None,
+            expiration: None,
         }
     }
 }
@@ -153,7 +158,9 @@ impl TaskHeaders {
             match map.get(name) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) => Ok(Some(s.clone())),
-                Some(other) => Err(ProtocolError::BadHeader { name, reason: format!("expected a string, got {other}") }),
+                Some(other) => {
+                    Err(ProtocolError::BadHeader { name, reason: format!("expected a string, got {other}") })
+                }
             }
         }
         let task = opt_str(map, "task")?.ok_or(ProtocolError::MissingHeader("task"))?;
@@ -174,14 +181,17 @@ impl TaskHeaders {
         h.origin = opt_str(map, "origin")?;
         h.group_index = match map.get("group_index") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_i64().ok_or_else(|| ProtocolError::BadHeader { name: "group_index", reason: format!("expected an integer, got {v}") })?),
+            Some(v) => Some(v.as_i64().ok_or_else(|| ProtocolError::BadHeader {
+                name: "group_index",
+                reason: format!("expected an integer, got {v}"),
+            })?),
         };
         h.retries = match map.get("retries") {
             None | Some(Value::Null) => 0,
-            Some(v) => v
-                .as_u64()
-                .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(|| ProtocolError::BadHeader { name: "retries", reason: format!("expected a non-negative integer, got {v}") })?,
+            Some(v) => v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| ProtocolError::BadHeader {
+                name: "retries",
+                reason: format!("expected a non-negative integer, got {v}"),
+            })?,
         };
         h.timelimit = match map.get("timelimit") {
             None | Some(Value::Null) => (None, None),
@@ -189,11 +199,19 @@ impl TaskHeaders {
                 let num = |v: &Value| match v {
                     Value::Null => Ok(None),
                     Value::Number(n) if n.as_f64().is_some_and(|f| f >= 0.0) => Ok(Some(n.clone())),
-                    other => Err(ProtocolError::BadHeader { name: "timelimit", reason: format!("expected seconds or null, got {other}") }),
+                    other => Err(ProtocolError::BadHeader {
+                        name: "timelimit",
+                        reason: format!("expected seconds or null, got {other}"),
+                    }),
                 };
                 (num(&items[0])?, num(&items[1])?)
             }
-            Some(other) => return Err(ProtocolError::BadHeader { name: "timelimit", reason: format!("expected [hard, soft], got {other}") }),
+            Some(other) => {
+                return Err(ProtocolError::BadHeader {
+                    name: "timelimit",
+                    reason: format!("expected [hard, soft], got {other}"),
+                })
+            }
         };
         h.ignore_result = map.get("ignore_result").and_then(Value::as_bool).unwrap_or(false);
         h.replaced_task_nesting = map.get("replaced_task_nesting").and_then(Value::as_u64).unwrap_or(0) as u32;
@@ -246,6 +264,16 @@ pub fn format_datetime(t: DateTime<Utc>) -> String {
     } else {
         t.to_rfc3339_opts(SecondsFormat::Micros, false)
     }
+}
+
+/// The `expiration` property of a message sent at `now` that expires at `expires`: the
+/// milliseconds left as text, `"0"` once past. Computed as Celery and kombu do,
+/// `str(int(max((expires - now).total_seconds(), 0) * 1000))`, float steps included, so the
+/// digits are Celery's.
+pub fn expiration_property(expires: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    let micros = (expires - now).num_microseconds().unwrap_or(i64::MAX).max(0);
+    let secs = micros as f64 / 1e6;
+    ((secs * 1000.0) as i64).to_string()
 }
 
 /// Parse an ISO 8601 time as Celery writes it. A time without an offset is taken as UTC.
@@ -312,27 +340,43 @@ impl TaskBody {
         if content_type != CONTENT_TYPE_JSON {
             return Err(ProtocolError::UnsupportedContentType(content_type.to_string()));
         }
-        let value: Value = serde_json::from_slice(body).map_err(|e| ProtocolError::MalformedBody(format!("not JSON: {e}")))?;
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| ProtocolError::MalformedBody(format!("not JSON: {e}")))?;
         let Value::Array(mut parts) = value else {
             return Err(ProtocolError::MalformedBody("expected [args, kwargs, embed]".into()));
         };
         if !(2..=3).contains(&parts.len()) {
-            return Err(ProtocolError::MalformedBody(format!("expected [args, kwargs, embed], got a list of {}", parts.len())));
+            return Err(ProtocolError::MalformedBody(format!(
+                "expected [args, kwargs, embed], got a list of {}",
+                parts.len()
+            )));
         }
         let embed = if parts.len() == 3 { parts.pop() } else { None };
         let kwargs = match parts.pop() {
             Some(Value::Object(m)) => m,
             Some(Value::Null) => Map::new(),
-            other => return Err(ProtocolError::MalformedBody(format!("kwargs must be an object, got {}", other.unwrap_or(Value::Null)))),
+            other => {
+                return Err(ProtocolError::MalformedBody(format!(
+                    "kwargs must be an object, got {}",
+                    other.unwrap_or(Value::Null)
+                )))
+            }
         };
         let args = match parts.pop() {
             Some(Value::Array(a)) => a,
             Some(Value::Null) => Vec::new(),
-            other => return Err(ProtocolError::MalformedBody(format!("args must be a list, got {}", other.unwrap_or(Value::Null)))),
+            other => {
+                return Err(ProtocolError::MalformedBody(format!(
+                    "args must be a list, got {}",
+                    other.unwrap_or(Value::Null)
+                )))
+            }
         };
         let embed = match embed {
             None | Some(Value::Null) => Embed::default(),
-            Some(v @ Value::Object(_)) => serde_json::from_value(v).map_err(|e| ProtocolError::MalformedBody(format!("embed: {e}")))?,
+            Some(v @ Value::Object(_)) => {
+                serde_json::from_value(v).map_err(|e| ProtocolError::MalformedBody(format!("embed: {e}")))?
+            }
             Some(other) => return Err(ProtocolError::MalformedBody(format!("embed must be an object, got {other}"))),
         };
         Ok(TaskBody { args, kwargs, embed })
@@ -341,10 +385,20 @@ impl TaskBody {
 
 impl Message {
     /// Build a task message from typed headers and a body, with JSON content.
-    pub fn new_task(headers: &TaskHeaders, body: &TaskBody, priority: Option<u8>, reply_to: Option<String>) -> Result<Self, ProtocolError> {
+    pub fn new_task(
+        headers: &TaskHeaders,
+        body: &TaskBody,
+        priority: Option<u8>,
+        reply_to: Option<String>,
+    ) -> Result<Self, ProtocolError> {
         Ok(Message {
             headers: headers.to_map(),
-            properties: Properties { correlation_id: Some(headers.id.clone()), priority, reply_to, ..Properties::default() },
+            properties: Properties {
+                correlation_id: Some(headers.id.clone()),
+                priority,
+                reply_to,
+                ..Properties::default()
+            },
             body: body.to_json()?,
         })
     }
@@ -403,7 +457,11 @@ impl serde_json::ser::Formatter for PythonFormatter {
         writer.write_all(b": ")
     }
 
-    fn write_string_fragment<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, fragment: &str) -> std::io::Result<()> {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
         if fragment.is_ascii() {
             return writer.write_all(fragment.as_bytes());
         }
@@ -435,7 +493,11 @@ mod tests {
 
     #[test]
     fn body_round_trips() {
-        let body = TaskBody { args: vec![json!(1)], kwargs: json!({"a": "b"}).as_object().unwrap().clone(), embed: Embed::default() };
+        let body = TaskBody {
+            args: vec![json!(1)],
+            kwargs: json!({"a": "b"}).as_object().unwrap().clone(),
+            embed: Embed::default(),
+        };
         let bytes = body.to_json().unwrap();
         assert_eq!(TaskBody::decode(&bytes, CONTENT_TYPE_JSON, "utf-8").unwrap(), body);
     }
@@ -444,8 +506,14 @@ mod tests {
     fn malformed_bodies_are_named() {
         assert!(matches!(TaskBody::decode(b"{", CONTENT_TYPE_JSON, "utf-8"), Err(ProtocolError::MalformedBody(_))));
         assert!(matches!(TaskBody::decode(b"{}", CONTENT_TYPE_JSON, "utf-8"), Err(ProtocolError::MalformedBody(_))));
-        assert!(matches!(TaskBody::decode(b"[1, {}]", CONTENT_TYPE_JSON, "utf-8"), Err(ProtocolError::MalformedBody(_))));
-        assert!(matches!(TaskBody::decode(b"[]", "application/x-python-serialize", "binary"), Err(ProtocolError::UnsupportedContentType(_))));
+        assert!(matches!(
+            TaskBody::decode(b"[1, {}]", CONTENT_TYPE_JSON, "utf-8"),
+            Err(ProtocolError::MalformedBody(_))
+        ));
+        assert!(matches!(
+            TaskBody::decode(b"[]", "application/x-python-serialize", "binary"),
+            Err(ProtocolError::UnsupportedContentType(_))
+        ));
     }
 
     #[test]
@@ -463,6 +531,16 @@ mod tests {
         assert_eq!(format_datetime(whole), "2030-01-02T03:04:05+00:00");
         assert!(parse_datetime("2030-01-02T03:04:05").is_ok());
         assert!(parse_datetime("tomorrow").is_err());
+    }
+
+    #[test]
+    fn expiration_is_milliseconds_left_as_text() {
+        let now = parse_datetime("2025-01-02T03:04:05.678901+00:00").unwrap();
+        assert_eq!(expiration_property(now + chrono::Duration::seconds(60), now), "60000");
+        assert_eq!(expiration_property(parse_datetime("2030-01-02T03:04:05+00:00").unwrap(), now), "157766399321");
+        assert_eq!(expiration_property(now - chrono::Duration::seconds(1), now), "0");
+        // Truncated, as Python's int(), not rounded.
+        assert_eq!(expiration_property(now + chrono::Duration::microseconds(999_600), now), "999");
     }
 
     #[test]

@@ -1,9 +1,13 @@
 //! Task states and the stored result layout.
 //!
 //! A result is stored as Celery stores it (`celery-task-meta-<id>` on Redis):
-//! `{"status", "result", "traceback", "children", "date_done", "task_id"}`. A failure's `result`
-//! is `{"exc_type", "exc_message", "exc_module"}` so Python's `AsyncResult.get()` rebuilds the
-//! exception, and celeriac's `get` reports its type and message.
+//! `{"status", "result", "traceback", "children", "date_done", ..., "task_id"}`, where `...` are
+//! the optional request fields (`group_id`, `parent_id`, then the `result_extended` ones: `name`,
+//! `args`, `kwargs`, `worker`, `retries`, `queue`) and `task_id` always comes last. `date_done`
+//! is `null` for states that are not ready (STARTED, RETRY). A failure's `result` is
+//! `{"exc_type", "exc_message", "exc_module"}`, `exc_message` being the exception's arguments, so
+//! Python's `AsyncResult.get()` rebuilds the exception, and celeriac's `get` reports its type and
+//! message.
 
 use std::fmt;
 use std::str::FromStr;
@@ -93,17 +97,20 @@ impl ExceptionInfo {
         ExceptionInfo { exc_type: exc_type.into(), exc_message: json!([message.into()]), exc_module: module.into() }
     }
 
-    /// The message as one readable string (the arguments joined, as Python's `str(exc)` would).
+    /// The message as one readable string, as Python's `str(exc)` gives it: the one argument
+    /// (`bad value`), the repr of the argument tuple when there are several
+    /// (`('custom failure', 42)`), nothing when there are none.
     pub fn message(&self) -> String {
         match &self.exc_message {
             Value::String(s) => s.clone(),
-            Value::Array(items) if items.len() == 1 => match &items[0] {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
+            Value::Array(items) => match items.as_slice() {
+                [] => String::new(),
+                [Value::String(s)] => s.clone(),
+                [other] => crate::pyrepr::repr(other),
+                _ => crate::pyrepr::args_repr(items, true),
             },
-            Value::Array(items) => format!("({})", items.iter().map(Value::to_string).collect::<Vec<_>>().join(", ")),
             Value::Null => String::new(),
-            other => other.to_string(),
+            other => crate::pyrepr::repr(other),
         }
     }
 }
@@ -122,27 +129,29 @@ pub struct ResultMeta {
     /// Subtasks (Celery stores their result tuples, or `null`; kept opaque here).
     #[serde(default)]
     pub children: Value,
-    /// When the state was stored (ISO 8601, UTC).
+    /// When a ready state was stored (ISO 8601, UTC); `None` for STARTED and RETRY.
     #[serde(default)]
     pub date_done: Option<String>,
-    /// The task id.
-    pub task_id: String,
-    /// Extended fields (`name`, `args`, `kwargs`, `worker`, `retries`, `queue`, ...).
+    /// Request fields, written in this map's order before `task_id`: `group_id`, `parent_id`,
+    /// then the extended ones (`name`, `args`, `kwargs`, `worker`, `retries`, `queue`, ...).
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+    /// The task id (declared last: Celery writes it last).
+    pub task_id: String,
 }
 
 impl ResultMeta {
-    /// A result with the given state and value, stamped now.
+    /// A result with the given state and value, stamped now when the state is ready (Celery
+    /// leaves `date_done` null otherwise).
     pub fn new(task_id: impl Into<String>, status: TaskState, result: Value) -> Self {
         ResultMeta {
             status,
             result,
             traceback: None,
             children: Value::Array(Vec::new()),
-            date_done: Some(now_iso()),
-            task_id: task_id.into(),
+            date_done: status.is_ready().then(now_iso),
             extra: Map::new(),
+            task_id: task_id.into(),
         }
     }
 
@@ -152,7 +161,12 @@ impl ResultMeta {
     }
 
     /// A failed (or retrying, or revoked) result carrying an exception.
-    pub fn exception(task_id: impl Into<String>, status: TaskState, exc: &ExceptionInfo, traceback: Option<String>) -> Self {
+    pub fn exception(
+        task_id: impl Into<String>,
+        status: TaskState,
+        exc: &ExceptionInfo,
+        traceback: Option<String>,
+    ) -> Self {
         let mut meta = Self::new(task_id, status, serde_json::to_value(exc).unwrap_or(Value::Null));
         meta.traceback = traceback;
         meta
@@ -197,5 +211,21 @@ mod tests {
         assert_eq!(e.message(), "bad value");
         let meta = ResultMeta::exception("id", TaskState::Failure, &e, None);
         assert_eq!(meta.exception_info().unwrap(), e);
+        let several = ExceptionInfo { exc_message: json!(["custom failure", 42]), ..e.clone() };
+        assert_eq!(several.message(), "('custom failure', 42)");
+        assert_eq!(ExceptionInfo { exc_message: json!([]), ..e.clone() }.message(), "");
+        assert_eq!(ExceptionInfo { exc_message: json!([true]), ..e }.message(), "True");
+    }
+
+    #[test]
+    fn layout_is_celerys() {
+        let mut meta = ResultMeta::success("id", json!(1));
+        assert!(meta.date_done.is_some());
+        meta.extra.insert("group_id".into(), json!("g"));
+        let text = String::from_utf8(meta.to_json()).unwrap();
+        assert!(text.ends_with(r#", "group_id": "g", "task_id": "id"}"#), "{text}");
+        assert_eq!(ResultMeta::from_json(text.as_bytes()).unwrap(), meta);
+        assert_eq!(ResultMeta::new("id", TaskState::Started, json!({})).date_done, None);
+        assert_eq!(ResultMeta::new("id", TaskState::Retry, json!({})).date_done, None);
     }
 }

@@ -188,7 +188,13 @@ pub struct TaskError {
 impl TaskError {
     /// An error of the given type with a message.
     pub fn new(exc_type: impl Into<String>, message: impl Into<String>) -> Self {
-        TaskError { exc_type: exc_type.into(), message: message.into(), module: "builtins".into(), traceback: None, retry: None }
+        TaskError {
+            exc_type: exc_type.into(),
+            message: message.into(),
+            module: "builtins".into(),
+            traceback: None,
+            retry: None,
+        }
     }
 
     /// Set the module of the error type.
@@ -279,7 +285,10 @@ impl ArgDecoder {
         self.params = self.params.max(index + 1);
         let value = if index < self.args.len() {
             if self.kwargs.contains_key(name) {
-                return Err(TaskError::type_error(format!("{}() got multiple values for argument '{name}'", self.task)));
+                return Err(TaskError::type_error(format!(
+                    "{}() got multiple values for argument '{name}'",
+                    self.task
+                )));
             }
             std::mem::take(&mut self.args[index])
         } else if let Some(v) = self.kwargs.remove(name) {
@@ -289,7 +298,8 @@ impl ArgDecoder {
             return serde_json::from_value(Value::Null)
                 .map_err(|_| TaskError::type_error(format!("{}() missing required argument: '{name}'", self.task)));
         };
-        serde_json::from_value(value).map_err(|e| TaskError::type_error(format!("{}() argument '{name}': {e}", self.task)))
+        serde_json::from_value(value)
+            .map_err(|e| TaskError::type_error(format!("{}() argument '{name}': {e}", self.task)))
     }
 
     /// Check that no argument was left over.
@@ -312,7 +322,9 @@ impl ArgDecoder {
 
 /// Serialize a task's return value.
 pub fn to_result_value<T: Serialize>(value: T) -> Result<Value, TaskError> {
-    serde_json::to_value(value).map_err(|e| TaskError::new("EncodeError", format!("cannot serialize the result: {e}")).with_module("kombu.exceptions"))
+    serde_json::to_value(value).map_err(|e| {
+        TaskError::new("EncodeError", format!("cannot serialize the result: {e}")).with_module("kombu.exceptions")
+    })
 }
 
 /// A task made from a closure, for registering tasks without the macro.
@@ -426,7 +438,10 @@ mod tests {
         assert_eq!(e.exc_type, "TypeError");
         assert!(e.message.contains("'a'"), "{}", e.message);
         assert!(decode2(json!([]), json!({})).unwrap_err().message.contains("missing required argument: 'a'"));
-        assert!(decode2(json!([1, "x", 3]), json!({})).unwrap_err().message.contains("takes 2 positional arguments but 3"));
+        assert!(decode2(json!([1, "x", 3]), json!({}))
+            .unwrap_err()
+            .message
+            .contains("takes 2 positional arguments but 3"));
         assert!(decode2(json!([1]), json!({"c": 1})).unwrap_err().message.contains("unexpected keyword argument 'c'"));
         assert!(decode2(json!([1]), json!({"a": 1})).unwrap_err().message.contains("multiple values"));
     }

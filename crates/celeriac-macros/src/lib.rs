@@ -104,7 +104,9 @@ fn is_context(ty: &Type) -> bool {
 
 fn returns_result(ret: &ReturnType) -> bool {
     match ret {
-        ReturnType::Type(_, ty) => matches!(&**ty, Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "Result")),
+        ReturnType::Type(_, ty) => {
+            matches!(&**ty, Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == "Result"))
+        }
         ReturnType::Default => false,
     }
 }
@@ -180,7 +182,8 @@ fn expand(attrs: Attrs, func: ItemFn) -> syn::Result<TokenStream2> {
     let backoff_factor = opt_f(attrs.retry_backoff.filter(|f| *f > 0.0));
     let backoff_max = attrs.retry_backoff_max.map(|m| quote! { #m }).unwrap_or(quote! { __defaults.backoff.max });
     let jitter = attrs.retry_jitter.map(|j| quote! { #j }).unwrap_or(quote! { __defaults.backoff.jitter });
-    let default_delay = attrs.default_retry_delay.map(|d| quote! { #d }).unwrap_or(quote! { __defaults.backoff.default_delay });
+    let default_delay =
+        attrs.default_retry_delay.map(|d| quote! { #d }).unwrap_or(quote! { __defaults.backoff.default_delay });
     let autoretry = &attrs.autoretry_for;
     let time_limit = opt_f(attrs.time_limit);
     let soft_time_limit = opt_f(attrs.soft_time_limit);
@@ -192,7 +195,11 @@ fn expand(attrs: Attrs, func: ItemFn) -> syn::Result<TokenStream2> {
     run_fn.vis = vis.clone();
     let run_attrs = &func.attrs;
 
-    let ctx_arg = if takes_ctx { quote! { &__ctx, } } else { quote! {} };
+    let ctx_arg = if takes_ctx {
+        quote! { &__ctx, }
+    } else {
+        quote! {}
+    };
     let call = if is_async {
         quote! { Self::run(#ctx_arg #(#vars),*).await }
     } else {
@@ -212,7 +219,9 @@ fn expand(attrs: Attrs, func: ItemFn) -> syn::Result<TokenStream2> {
     } else {
         quote! { ::celeriac::__private::to_result_value(__out) }
     };
-    let doc = format!("The `{ident}` task. Call [`{ident}::s`] or [`{ident}::delay`] to send it, [`{ident}::run`] to run it here.");
+    let doc = format!(
+        "The `{ident}` task. Call [`{ident}::s`] or [`{ident}::delay`] to send it, [`{ident}::run`] to run it here."
+    );
 
     Ok(quote! {
         #[doc = #doc]

@@ -19,7 +19,8 @@ pub struct SqliteBackend {
 impl SqliteBackend {
     /// Open the backend described by a `sqlite://` URL.
     pub fn open(url: &str) -> Result<Self, BackendError> {
-        let config = SqliteConfig::from_url(url).map_err(|reason| BackendError::BadUrl { url: url.to_string(), reason })?;
+        let config =
+            SqliteConfig::from_url(url).map_err(|reason| BackendError::BadUrl { url: url.to_string(), reason })?;
         let db = Db::open(&config.path).map_err(|reason| BackendError::Unreachable { url: url.to_string(), reason })?;
         Ok(SqliteBackend { db, config })
     }
@@ -37,10 +38,7 @@ impl ResultBackend for SqliteBackend {
 
     async fn store(&self, meta: &ResultMeta) -> Result<(), BackendError> {
         let (task_id, status, json) = (meta.task_id.clone(), meta.status.as_str().to_string(), meta.to_json());
-        self.db
-            .call(|reply| Op::StoreResult { task_id, status, meta: json, reply })
-            .await
-            .map_err(|e| self.io(e))?;
+        self.db.call(|reply| Op::StoreResult { task_id, status, meta: json, reply }).await.map_err(|e| self.io(e))?;
         self.db.stored.notify_waiters();
         Ok(())
     }
@@ -48,8 +46,11 @@ impl ResultBackend for SqliteBackend {
     async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, BackendError> {
         let id = task_id.to_string();
         let raw = self.db.call(|reply| Op::GetResult { task_id: id, reply }).await.map_err(|e| self.io(e))?;
-        raw.map(|bytes| ResultMeta::from_json(&bytes).map_err(|e| BackendError::Corrupt { task_id: task_id.to_string(), reason: e.to_string() }))
-            .transpose()
+        raw.map(|bytes| {
+            ResultMeta::from_json(&bytes)
+                .map_err(|e| BackendError::Corrupt { task_id: task_id.to_string(), reason: e.to_string() })
+        })
+        .transpose()
     }
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {

@@ -21,7 +21,8 @@ pub struct SqliteBroker {
 impl SqliteBroker {
     /// Open the broker described by a `sqlite://` URL.
     pub fn open(url: &str) -> Result<Self, BrokerError> {
-        let config = SqliteConfig::from_url(url).map_err(|reason| BrokerError::BadUrl { url: url.to_string(), reason })?;
+        let config =
+            SqliteConfig::from_url(url).map_err(|reason| BrokerError::BadUrl { url: url.to_string(), reason })?;
         let db = Db::open(&config.path).map_err(|reason| BrokerError::Unreachable { url: url.to_string(), reason })?;
         Ok(SqliteBroker { db, config })
     }
@@ -59,7 +60,10 @@ impl Broker for SqliteBroker {
 
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
         if queues.is_empty() {
-            return Err(BrokerError::Rejected { url: self.config.url.clone(), reason: "no queue to consume from".into() });
+            return Err(BrokerError::Rejected {
+                url: self.config.url.clone(),
+                reason: "no queue to consume from".into(),
+            });
         }
         let prefetch = prefetch.max(1);
         let permits = Arc::new(Semaphore::new(prefetch));
@@ -68,7 +72,8 @@ impl Broker for SqliteBroker {
         tokio::spawn(renew_leases(self.db.clone(), owner.clone(), lease_ms, permits.clone(), prefetch));
         let (tx, rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
-        let fetcher = Fetcher { broker: self.clone(), queues: queues.to_vec(), owner, lease_ms, permits: permits.clone(), tx };
+        let fetcher =
+            Fetcher { broker: self.clone(), queues: queues.to_vec(), owner, lease_ms, permits: permits.clone(), tx };
         tokio::spawn(fetcher.run(stop_rx));
         Ok(Box::new(SqliteConsumer { rx, stop, permits }))
     }
@@ -87,7 +92,13 @@ impl Broker for SqliteBroker {
         let rows = self.db.call(|reply| Op::DeadLetters { limit, reply }).await.map_err(|e| self.io(e))?;
         Ok(rows
             .into_iter()
-            .map(|r| DeadLetter { id: r.id, queue: r.queue, task_id: r.task_id, reason: r.reason, dead_at_ms: r.dead_at_ms })
+            .map(|r| DeadLetter {
+                id: r.id,
+                queue: r.queue,
+                task_id: r.task_id,
+                reason: r.reason,
+                dead_at_ms: r.dead_at_ms,
+            })
             .collect())
     }
 
@@ -171,7 +182,8 @@ impl Fetcher {
             let notified = db.published.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (queues, owner, limit, lease_ms) = (self.queues.clone(), self.owner.clone(), permits.len(), self.lease_ms);
+            let (queues, owner, limit, lease_ms) =
+                (self.queues.clone(), self.owner.clone(), permits.len(), self.lease_ms);
             // Not raced against `stop`: once the rows are leased they must reach a delivery.
             let rows = match db.call(|reply| Op::Fetch { queues, limit, owner, lease_ms, reply }).await {
                 Ok(rows) => {

@@ -99,7 +99,12 @@ impl Db {
             .name(name.chars().take(15).collect())
             .spawn(move || writer_loop(conn, rx))
             .map_err(|e| format!("cannot start the SQLite thread: {e}"))?;
-        let db = Arc::new(Db { tx: Mutex::new(tx), path: path.to_path_buf(), published: Notify::new(), stored: Notify::new() });
+        let db = Arc::new(Db {
+            tx: Mutex::new(tx),
+            path: path.to_path_buf(),
+            published: Notify::new(),
+            stored: Notify::new(),
+        });
         open.insert(key, Arc::downgrade(&db));
         Ok(db)
     }
@@ -201,7 +206,9 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>) {
 fn fail(op: Op, msg: &str) {
     let m = msg.to_string();
     match op {
-        Op::Publish { reply, .. } | Op::StoreResult { reply, .. } | Op::ForgetResult { reply, .. } => drop(reply.send(Err(m))),
+        Op::Publish { reply, .. } | Op::StoreResult { reply, .. } | Op::ForgetResult { reply, .. } => {
+            drop(reply.send(Err(m)))
+        }
         Op::Fetch { reply, .. } => drop(reply.send(Err(m))),
         Op::Ack { reply, .. } | Op::Requeue { reply, .. } | Op::DeadLetter { reply, .. } => {
             if let Some(r) = reply {
@@ -251,9 +258,14 @@ fn execute(tx: &rusqlite::Transaction<'_>, op: Op, rotation: usize) -> Pending {
             })();
             deferred(reply, r)
         }
-        Op::Fetch { queues, limit, owner, lease_ms, reply } => deferred(reply, fetch(tx, &queues, limit, &owner, lease_ms, rotation)),
+        Op::Fetch { queues, limit, owner, lease_ms, reply } => {
+            deferred(reply, fetch(tx, &queues, limit, &owner, lease_ms, rotation))
+        }
         Op::Ack { id, reply } => {
-            let r = tx.prepare_cached("DELETE FROM messages WHERE id = ?1").and_then(|mut s| s.execute(params![id])).map(|_| ());
+            let r = tx
+                .prepare_cached("DELETE FROM messages WHERE id = ?1")
+                .and_then(|mut s| s.execute(params![id]))
+                .map(|_| ());
             deferred_opt(reply, r)
         }
         Op::Requeue { id, owner, reply } => {
@@ -295,9 +307,17 @@ fn execute(tx: &rusqlite::Transaction<'_>, op: Op, rotation: usize) -> Pending {
         Op::Depths { queues, reply } => deferred(reply, depths(tx, &queues)),
         Op::DeadLetters { limit, reply } => {
             let r = (|| {
-                let mut s = tx.prepare_cached("SELECT id, queue, task_id, reason, dead_at FROM dead_letters ORDER BY id DESC LIMIT ?1")?;
+                let mut s = tx.prepare_cached(
+                    "SELECT id, queue, task_id, reason, dead_at FROM dead_letters ORDER BY id DESC LIMIT ?1",
+                )?;
                 let rows = s.query_map(params![limit as i64], |r| {
-                    Ok(DeadRow { id: r.get(0)?, queue: r.get(1)?, task_id: r.get(2)?, reason: r.get(3)?, dead_at_ms: r.get(4)? })
+                    Ok(DeadRow {
+                        id: r.get(0)?,
+                        queue: r.get(1)?,
+                        task_id: r.get(2)?,
+                        reason: r.get(3)?,
+                        dead_at_ms: r.get(4)?,
+                    })
                 })?;
                 rows.collect()
             })();
@@ -305,7 +325,9 @@ fn execute(tx: &rusqlite::Transaction<'_>, op: Op, rotation: usize) -> Pending {
         }
         Op::StoreResult { task_id, status, meta, reply } => {
             let r = tx
-                .prepare_cached("INSERT OR REPLACE INTO results(task_id, status, date_done, meta) VALUES (?1, ?2, ?3, ?4)")
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO results(task_id, status, date_done, meta) VALUES (?1, ?2, ?3, ?4)",
+                )
                 .and_then(|mut s| s.execute(params![task_id, status, now_ms(), meta]))
                 .map(|_| ());
             deferred(reply, r)
@@ -328,7 +350,14 @@ fn execute(tx: &rusqlite::Transaction<'_>, op: Op, rotation: usize) -> Pending {
 
 /// Lease up to `limit` visible messages, taking queues in turn (starting at a rotating queue so
 /// none starves), highest priority first, then oldest first.
-fn fetch(tx: &rusqlite::Transaction<'_>, queues: &[String], limit: usize, owner: &str, lease_ms: i64, rotation: usize) -> rusqlite::Result<Vec<Row>> {
+fn fetch(
+    tx: &rusqlite::Transaction<'_>,
+    queues: &[String],
+    limit: usize,
+    owner: &str,
+    lease_ms: i64,
+    rotation: usize,
+) -> rusqlite::Result<Vec<Row>> {
     let now = now_ms();
     let mut out = Vec::new();
     let n = queues.len();
@@ -345,7 +374,10 @@ fn fetch(tx: &rusqlite::Transaction<'_>, queues: &[String], limit: usize, owner:
              RETURNING id, queue, delivery_count, payload, priority",
         )?;
         let rows = stmt.query_map(params![owner, now + lease_ms, queue, now, remaining as i64], |r| {
-            Ok((r.get::<_, i64>(4)?, Row { id: r.get(0)?, queue: r.get(1)?, delivery_count: r.get::<_, i64>(2)? as u32, payload: r.get(3)? }))
+            Ok((
+                r.get::<_, i64>(4)?,
+                Row { id: r.get(0)?, queue: r.get(1)?, delivery_count: r.get::<_, i64>(2)? as u32, payload: r.get(3)? },
+            ))
         })?;
         let mut batch: Vec<(i64, Row)> = rows.collect::<rusqlite::Result<_>>()?;
         // RETURNING gives no order guarantee: restore priority, then publication order.
@@ -357,7 +389,8 @@ fn fetch(tx: &rusqlite::Transaction<'_>, queues: &[String], limit: usize, owner:
 
 fn depths(tx: &rusqlite::Transaction<'_>, queues: &[String]) -> rusqlite::Result<Vec<QueueInfo>> {
     let names: Vec<String> = if queues.is_empty() {
-        let mut s = tx.prepare_cached("SELECT name FROM queues UNION SELECT DISTINCT queue FROM dead_letters ORDER BY 1")?;
+        let mut s =
+            tx.prepare_cached("SELECT name FROM queues UNION SELECT DISTINCT queue FROM dead_letters ORDER BY 1")?;
         let rows = s.query_map([], |r| r.get(0))?;
         rows.collect::<rusqlite::Result<_>>()?
     } else {
@@ -374,7 +407,9 @@ fn depths(tx: &rusqlite::Transaction<'_>, queues: &[String]) -> rusqlite::Result
                  FROM messages WHERE queue = ?1",
             )?
             .query_row(params![name, now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        let dead: i64 = tx.prepare_cached("SELECT COUNT(*) FROM dead_letters WHERE queue = ?1")?.query_row(params![name], |r| r.get(0))?;
+        let dead: i64 = tx
+            .prepare_cached("SELECT COUNT(*) FROM dead_letters WHERE queue = ?1")?
+            .query_row(params![name], |r| r.get(0))?;
         out.push(QueueInfo {
             name,
             ready: ready as u64,

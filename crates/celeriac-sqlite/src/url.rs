@@ -35,11 +35,13 @@ impl SqliteConfig {
             let number = value.parse::<f64>().ok().filter(|v| v.is_finite() && *v > 0.0);
             match key {
                 "visibility_timeout" => {
-                    let secs = number.ok_or_else(|| format!("visibility_timeout={value:?} is not a positive number of seconds"))?;
+                    let secs = number
+                        .ok_or_else(|| format!("visibility_timeout={value:?} is not a positive number of seconds"))?;
                     cfg.visibility_timeout = Duration::from_secs_f64(secs);
                 }
                 "poll_interval" => {
-                    let ms = number.ok_or_else(|| format!("poll_interval={value:?} is not a positive number of milliseconds"))?;
+                    let ms = number
+                        .ok_or_else(|| format!("poll_interval={value:?} is not a positive number of milliseconds"))?;
                     cfg.poll_interval = Duration::from_secs_f64(ms / 1000.0);
                 }
                 other => return Err(format!("unknown parameter {other:?} (known: visibility_timeout, poll_interval)")),
@@ -61,7 +63,9 @@ mod tests {
         assert_eq!(c.visibility_timeout, Duration::from_millis(2500));
         assert_eq!(c.poll_interval, Duration::from_millis(10));
         assert!(SqliteConfig::from_url("sqlite://").is_err());
-        assert!(SqliteConfig::from_url("sqlite://x.db?visibility_timeout=-1").unwrap_err().contains("visibility_timeout"));
+        assert!(SqliteConfig::from_url("sqlite://x.db?visibility_timeout=-1")
+            .unwrap_err()
+            .contains("visibility_timeout"));
         assert!(SqliteConfig::from_url("sqlite://x.db?colour=red").unwrap_err().contains("colour"));
     }
 }

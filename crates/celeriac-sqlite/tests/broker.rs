@@ -124,7 +124,10 @@ async fn purge_removes_ready_messages_and_depths_count_them() {
     let mut c = broker.consume(&["a".into()], 1).await.unwrap();
     let held = next_id(&mut c).await;
     let all = broker.queues(&[]).await.unwrap();
-    assert_eq!(all.iter().map(|q| (q.name.as_str(), q.ready, q.unacked)).collect::<Vec<_>>(), vec![("a", 4, 1), ("b", 1, 0)]);
+    assert_eq!(
+        all.iter().map(|q| (q.name.as_str(), q.ready, q.unacked)).collect::<Vec<_>>(),
+        vec![("a", 4, 1), ("b", 1, 0)]
+    );
     c.close().await;
     assert_eq!(broker.purge("a").await.unwrap(), 4, "the unacked one is not purged");
     held.ack().await.unwrap();
@@ -140,7 +143,10 @@ async fn dead_letters_keep_the_reason_and_the_task_id() {
     next_id(&mut c).await.dead_letter("it is poison").await.unwrap();
     let dead = broker.dead_letters(10).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!((dead[0].task_id.as_deref(), dead[0].reason.as_str(), dead[0].queue.as_str()), (Some("poison"), "it is poison", "q"));
+    assert_eq!(
+        (dead[0].task_id.as_deref(), dead[0].reason.as_str(), dead[0].queue.as_str()),
+        (Some("poison"), "it is poison", "q")
+    );
     assert_eq!(broker.queues(&["q".into()]).await.unwrap()[0].dead, 1);
 }
 

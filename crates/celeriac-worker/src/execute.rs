@@ -57,7 +57,8 @@ async fn run_inner(shared: Arc<Shared>, req: Request, permit: OwnedSemaphorePerm
     }
     let opts = req.task.options();
     let hard = req.headers.hard_time_limit().or(opts.time_limit).or(shared.config.time_limit).filter(|s| *s > 0.0);
-    let soft = req.headers.soft_time_limit().or(opts.soft_time_limit).or(shared.config.soft_time_limit).filter(|s| *s > 0.0);
+    let soft =
+        req.headers.soft_time_limit().or(opts.soft_time_limit).or(shared.config.soft_time_limit).filter(|s| *s > 0.0);
     let (soft_tx, soft_rx) = watch::channel(false);
     let mut ctx = TaskContext::detached(req.headers.id.clone(), req.headers.task.clone());
     ctx.retries = req.headers.retries;
@@ -70,7 +71,7 @@ async fn run_inner(shared: Arc<Shared>, req: Request, permit: OwnedSemaphorePerm
     ctx.group = req.headers.group.clone();
     ctx.delivery_count = req.delivery.delivery_count;
     ctx.hostname = shared.config.hostname.clone();
-    let ctx = ctx    .with_soft_limit(soft_rx);
+    let ctx = ctx.with_soft_limit(soft_rx);
 
     tracing::info!(queue = %req.delivery.queue, retries = req.headers.retries, "task received");
     let started = std::time::Instant::now();
@@ -142,7 +143,11 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
         Outcome::TimeLimit(limit) => {
             tracing::error!(time_limit = limit, "hard time limit exceeded");
             Stats::bump(&shared.stats.failed);
-            let exc = ExceptionInfo::new("TimeLimitExceeded", format!("task exceeded its hard time limit of {limit}s"), "billiard.exceptions");
+            let exc = ExceptionInfo::new(
+                "TimeLimitExceeded",
+                format!("task exceeded its hard time limit of {limit}s"),
+                "billiard.exceptions",
+            );
             Some(ResultMeta::exception(&id, TaskState::Failure, &exc, None))
         }
         Outcome::Panicked(msg) => {
@@ -156,7 +161,8 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             let retries = req.headers.retries;
             let may_retry = opts.max_retries.is_none_or(|max| retries < max);
             if wants_retry && may_retry {
-                let countdown = err.retry.as_ref().and_then(|r| r.countdown).unwrap_or_else(|| opts.backoff.delay(retries));
+                let countdown =
+                    err.retry.as_ref().and_then(|r| r.countdown).unwrap_or_else(|| opts.backoff.delay(retries));
                 match republish(shared, &req, countdown).await {
                     Ok(()) => {
                         tracing::info!(error = %err, retry_in = ?countdown, retries = retries + 1, "task failed; retry scheduled");
@@ -174,7 +180,10 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 let exc = if wants_retry && err.retry.is_some() && err.exc_type == "Retry" {
                     ExceptionInfo::new(
                         "MaxRetriesExceededError",
-                        format!("Can't retry {}[{}] args:{:?} kwargs:{:?}", req.headers.task, id, req.body.args, req.body.kwargs),
+                        format!(
+                            "Can't retry {}[{}] args:{:?} kwargs:{:?}",
+                            req.headers.task, id, req.body.args, req.body.kwargs
+                        ),
                         "celery.exceptions",
                     )
                 } else {

@@ -65,7 +65,11 @@ impl Default for WorkerConfig {
 
 /// `celeriac@<host name>`.
 pub fn default_hostname() -> String {
-    let host = hostname::get().ok().and_then(|h| h.into_string().ok()).filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into());
+    let host = hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
     format!("celeriac@{host}")
 }
 
@@ -107,7 +111,12 @@ pub struct Worker {
 
 impl Worker {
     /// A worker; nothing happens until [`Worker::run`].
-    pub fn new(config: WorkerConfig, registry: Arc<Registry>, broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>) -> Self {
+    pub fn new(
+        config: WorkerConfig,
+        registry: Arc<Registry>,
+        broker: Arc<dyn Broker>,
+        backend: Arc<dyn ResultBackend>,
+    ) -> Self {
         Worker { config, registry, broker, backend, stats: Arc::new(Stats::default()) }
     }
 

@@ -60,7 +60,12 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
                 Some(id) if !id.is_empty() => {
                     let name = delivery.message.task_name().unwrap_or("?").to_string();
                     tracing::error!(task_id = %id, task_name = %name, %reason, "dead-lettering message");
-                    store_failure(shared, id, &ExceptionInfo::new("InvalidTaskError", reason.clone(), "celery.exceptions")).await;
+                    store_failure(
+                        shared,
+                        id,
+                        &ExceptionInfo::new("InvalidTaskError", reason.clone(), "celery.exceptions"),
+                    )
+                    .await;
                 }
                 _ => tracing::error!(%reason, "dead-lettering message"),
             }
@@ -74,14 +79,16 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
         Err(e) => {
             let reason = format!("cannot decode the body of task {name}[{id}]: {e}");
             tracing::error!(task_id = %id, task_name = %name, %reason, "dead-lettering message");
-            store_failure(shared, &id, &ExceptionInfo::new("InvalidTaskError", reason.clone(), "celery.exceptions")).await;
+            store_failure(shared, &id, &ExceptionInfo::new("InvalidTaskError", reason.clone(), "celery.exceptions"))
+                .await;
             dead_letter(shared, delivery, &reason).await;
             return None;
         }
     };
     let Some(task) = shared.registry.get(&name) else {
         tracing::error!(task_id = %id, task_name = %name, queue = %delivery.queue, "received an unregistered task; storing NotRegistered");
-        store_failure(shared, &id, &ExceptionInfo::new("NotRegistered", format!("'{name}'"), "celery.exceptions")).await;
+        store_failure(shared, &id, &ExceptionInfo::new("NotRegistered", format!("'{name}'"), "celery.exceptions"))
+            .await;
         Stats::bump(&shared.stats.failed);
         ack(delivery, &id).await;
         return None;

@@ -92,7 +92,9 @@ impl Shutdown {
                     this.escalate();
                 }
                 match this.level() {
-                    ShutdownLevel::Warm => tracing::info!(signal = name, "warm shutdown (send it again for a cold shutdown)"),
+                    ShutdownLevel::Warm => {
+                        tracing::info!(signal = name, "warm shutdown (send it again for a cold shutdown)")
+                    }
                     _ => tracing::warn!(signal = name, "cold shutdown"),
                 }
             }

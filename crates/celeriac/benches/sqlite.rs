@@ -42,7 +42,13 @@ fn parse_args() -> Args {
     a
 }
 
-async fn publish_all(client: &Client, name: &'static str, n: usize, in_flight: usize, ignore_result: bool) -> Vec<String> {
+async fn publish_all(
+    client: &Client,
+    name: &'static str,
+    n: usize,
+    in_flight: usize,
+    ignore_result: bool,
+) -> Vec<String> {
     futures::stream::iter(0..n)
         .map(|i| {
             let client = client.clone();
@@ -58,7 +64,11 @@ async fn publish_all(client: &Client, name: &'static str, n: usize, in_flight: u
 }
 
 fn report(label: &str, n: usize, elapsed: Duration) {
-    println!("{label:<44} {n:>7} tasks in {:>7.3}s  {:>9.0} tasks/s", elapsed.as_secs_f64(), n as f64 / elapsed.as_secs_f64());
+    println!(
+        "{label:<44} {n:>7} tasks in {:>7.3}s  {:>9.0} tasks/s",
+        elapsed.as_secs_f64(),
+        n as f64 / elapsed.as_secs_f64()
+    );
 }
 
 #[tokio::main]
@@ -68,7 +78,10 @@ async fn main() {
     let url = format!("sqlite://{}", dir.path().join("bench.db").display());
     let client = Client::connect(&url, None).await.expect("connect");
     let registry = Arc::new(App::with_builtins().registry().clone());
-    println!("celeriac SQLite benchmark: {} tasks, worker concurrency {}, {} publishes in flight", args.tasks, args.concurrency, args.in_flight);
+    println!(
+        "celeriac SQLite benchmark: {} tasks, worker concurrency {}, {} publishes in flight",
+        args.tasks, args.concurrency, args.in_flight
+    );
 
     // Enqueue.
     let t = Instant::now();

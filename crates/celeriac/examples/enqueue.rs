@@ -27,7 +27,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Typed, with options.
     let later = thumbnail::s("dog.png".into(), 64).countdown(2.0).apply_async(&client).await?;
     // By name, as Celery's send_task.
-    let by_name = client.send_task("celeriac.add", vec![json!(2), json!(3)], Map::new(), SendOptions::default()).await?;
+    let by_name =
+        client.send_task("celeriac.add", vec![json!(2), json!(3)], Map::new(), SendOptions::default()).await?;
 
     let timeout = Some(Duration::from_secs(30));
     println!("{} -> {}", typed.id(), typed.get(timeout).await?);

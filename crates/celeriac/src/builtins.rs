@@ -67,7 +67,11 @@ pub async fn fail(message: String) -> Result<(), TaskError> {
 #[celeriac::task(name = "celeriac.flaky", autoretry_for = ["FlakyError"], retry_backoff = 0.2, retry_backoff_max = 2, max_retries = 10)]
 pub async fn flaky(ctx: &TaskContext, failures: u32) -> Result<u32, TaskError> {
     if ctx.retries < failures {
-        return Err(TaskError::new("FlakyError", format!("attempt {} of {} fails on purpose", ctx.retries + 1, failures + 1)).with_module("celeriac"));
+        return Err(TaskError::new(
+            "FlakyError",
+            format!("attempt {} of {} fails on purpose", ctx.retries + 1, failures + 1),
+        )
+        .with_module("celeriac"));
     }
     Ok(ctx.retries)
 }

@@ -9,10 +9,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use celeriac_core::protocol::{format_datetime, seconds_number};
+use celeriac_core::protocol::{expiration_property, format_datetime, seconds_number};
 use celeriac_core::{
-    pyrepr, BackendError, Broker, BrokerError, Message, ProtocolError, ResultBackend, ResultMeta, Task, TaskBody, TaskHeaders, TaskOptions,
-    TaskState,
+    pyrepr, BackendError, Broker, BrokerError, Message, ProtocolError, ResultBackend, ResultMeta, Task, TaskBody,
+    TaskHeaders, TaskOptions, TaskState,
 };
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
@@ -97,7 +97,8 @@ pub struct SendOptions {
     pub countdown: Option<f64>,
     /// Run no sooner than this time (wins over `countdown`).
     pub eta: Option<DateTime<Utc>>,
-    /// Discard if not started by this time.
+    /// Discard if not started by this time (also sets the message's `expiration` property, the
+    /// milliseconds left, as Celery does).
     pub expires: Option<DateTime<Utc>>,
     /// Queue to send to.
     pub queue: Option<String>,
@@ -109,7 +110,8 @@ pub struct SendOptions {
     pub time_limit: Option<f64>,
     /// Soft time limit, seconds.
     pub soft_time_limit: Option<f64>,
-    /// Do not store a result.
+    /// Do not store a result. `None` (a task sent by name) writes `null`, as Celery's
+    /// `send_task` of a task it does not know: the worker's task option decides.
     pub ignore_result: Option<bool>,
 }
 
@@ -143,7 +145,13 @@ pub struct Signature {
 impl Signature {
     /// A call of the task named `name` with no arguments.
     pub fn new(name: impl Into<String>) -> Self {
-        Signature { name: name.into(), args: Vec::new(), kwargs: Map::new(), options: SendOptions::default(), encode_error: None }
+        Signature {
+            name: name.into(),
+            args: Vec::new(),
+            kwargs: Map::new(),
+            options: SendOptions::default(),
+            encode_error: None,
+        }
     }
 
     /// A call of `task`, with the task's own default options.
@@ -235,7 +243,12 @@ impl Client {
     /// A client on an already open broker and backend.
     pub fn new(broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>) -> Self {
         let host = hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into());
-        Client { broker, backend, default_queue: celeriac_core::DEFAULT_QUEUE.into(), origin: format!("gen{}@{host}", std::process::id()) }
+        Client {
+            broker,
+            backend,
+            default_queue: celeriac_core::DEFAULT_QUEUE.into(),
+            origin: format!("gen{}@{host}", std::process::id()),
+        }
     }
 
     /// Open the broker at `broker_url` and the result backend at `backend_url` (by default the
@@ -269,7 +282,13 @@ impl Client {
     }
 
     /// Send a task by name (Celery's `send_task`).
-    pub async fn send_task(&self, name: &str, args: Vec<Value>, kwargs: Map<String, Value>, options: SendOptions) -> Result<AsyncResult, PublishError> {
+    pub async fn send_task(
+        &self,
+        name: &str,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+        options: SendOptions,
+    ) -> Result<AsyncResult, PublishError> {
         self.publish(name, args, kwargs, options, false).await
     }
 
@@ -282,11 +301,32 @@ impl Client {
     }
 
     /// Build the protocol v2 message for a call, as Celery's `apply_async` would.
-    pub fn build_message(&self, name: &str, args: Vec<Value>, kwargs: Map<String, Value>, options: &SendOptions, args_tuple: bool) -> Result<Message, ProtocolError> {
+    pub fn build_message(
+        &self,
+        name: &str,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+        options: &SendOptions,
+        args_tuple: bool,
+    ) -> Result<Message, ProtocolError> {
+        self.build_message_at(name, args, kwargs, options, args_tuple, Utc::now())
+    }
+
+    /// [`build_message`](Self::build_message) as sent at `now` (Celery's `app.now()`): `countdown`
+    /// and the `expiration` property are counted from it.
+    pub fn build_message_at(
+        &self,
+        name: &str,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+        options: &SendOptions,
+        args_tuple: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Message, ProtocolError> {
         let id = options.task_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let mut h = TaskHeaders::new(name, id.clone());
         let eta = options.eta.or_else(|| {
-            options.countdown.filter(|c| *c > 0.0).map(|c| Utc::now() + chrono::Duration::microseconds((c * 1e6) as i64))
+            options.countdown.filter(|c| *c > 0.0).map(|c| now + chrono::Duration::microseconds((c * 1e6) as i64))
         });
         h.eta = eta.map(format_datetime);
         h.expires = options.expires.map(format_datetime);
@@ -298,15 +338,32 @@ impl Client {
         h.origin = Some(self.origin.clone());
         h.ignore_result = options.ignore_result.unwrap_or(false);
         let body = TaskBody { args, kwargs, embed: Default::default() };
-        Message::new_task(&h, &body, options.priority, None)
+        let mut message = Message::new_task(&h, &body, options.priority, None)?;
+        if options.ignore_result.is_none() {
+            // Same place in the header order; the typed header is a bool.
+            message.headers.insert("ignore_result".into(), Value::Null);
+        }
+        message.properties.expiration = options.expires.map(|at| expiration_property(at, now));
+        Ok(message)
     }
 
-    async fn publish(&self, name: &str, args: Vec<Value>, kwargs: Map<String, Value>, options: SendOptions, args_tuple: bool) -> Result<AsyncResult, PublishError> {
+    async fn publish(
+        &self,
+        name: &str,
+        args: Vec<Value>,
+        kwargs: Map<String, Value>,
+        options: SendOptions,
+        args_tuple: bool,
+    ) -> Result<AsyncResult, PublishError> {
         let queue = options.queue.clone().unwrap_or_else(|| self.default_queue.clone());
-        let message =
-            self.build_message(name, args, kwargs, &options, args_tuple).map_err(|source| PublishError::Encode { task: name.to_string(), source })?;
+        let message = self
+            .build_message(name, args, kwargs, &options, args_tuple)
+            .map_err(|source| PublishError::Encode { task: name.to_string(), source })?;
         let id = message.task_id().unwrap_or_default().to_string();
-        self.broker.publish(&queue, &message).await.map_err(|source| PublishError::Broker { task: name.to_string(), source })?;
+        self.broker
+            .publish(&queue, &message)
+            .await
+            .map_err(|source| PublishError::Broker { task: name.to_string(), source })?;
         tracing::debug!(task_id = %id, task_name = %name, %queue, "task sent");
         Ok(AsyncResult { id, backend: self.backend.clone() })
     }

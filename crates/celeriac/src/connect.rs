@@ -36,7 +36,9 @@ impl ConnectError {
     pub fn is_configuration(&self) -> bool {
         matches!(
             self,
-            ConnectError::UnknownScheme { .. } | ConnectError::Broker(BrokerError::BadUrl { .. }) | ConnectError::Backend(BackendError::BadUrl { .. })
+            ConnectError::UnknownScheme { .. }
+                | ConnectError::Broker(BrokerError::BadUrl { .. })
+                | ConnectError::Backend(BackendError::BadUrl { .. })
         )
     }
 }

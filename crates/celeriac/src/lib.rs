@@ -36,7 +36,8 @@ pub mod connect;
 
 pub use app::App;
 pub use celeriac_core::{
-    protocol, Backoff, Broker, ExceptionInfo, Registry, ResultBackend, ResultMeta, Task, TaskContext, TaskError, TaskOptions, TaskState,
+    protocol, Backoff, Broker, ExceptionInfo, Registry, ResultBackend, ResultMeta, Task, TaskContext, TaskError,
+    TaskOptions, TaskState,
 };
 pub use celeriac_macros::task;
 pub use celeriac_worker::{Shutdown, Worker, WorkerConfig};

@@ -50,8 +50,10 @@ async fn harness() -> Harness {
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
     let client = Client::connect(&url, None).await.unwrap();
     let app = App::new().task(concat).task(blocking_sum).task(retry_self).task(give_up).task(parse);
-    let config = WorkerConfig { queues: vec!["celery".into(), "texts".into()], concurrency: 4, ..WorkerConfig::default() };
-    let worker = Worker::new(config, Arc::new(app.registry().clone()), client.broker().clone(), client.backend().clone());
+    let config =
+        WorkerConfig { queues: vec!["celery".into(), "texts".into()], concurrency: 4, ..WorkerConfig::default() };
+    let worker =
+        Worker::new(config, Arc::new(app.registry().clone()), client.broker().clone(), client.backend().clone());
     let shutdown = Shutdown::new();
     tokio::spawn(worker.run(shutdown.clone()));
     Harness { _dir: dir, client, shutdown }
@@ -68,7 +70,11 @@ async fn typed_tasks_run_with_their_options() {
     let q = h.client.broker().queues(&[]).await.unwrap();
     assert_eq!(q.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(), vec!["texts"]);
     // Keyword arguments, and an optional one left out.
-    let r = h.client.send_task("t.concat", vec![], json!({"a": "x"}).as_object().unwrap().clone(), Default::default()).await.unwrap();
+    let r = h
+        .client
+        .send_task("t.concat", vec![], json!({"a": "x"}).as_object().unwrap().clone(), Default::default())
+        .await
+        .unwrap();
     assert_eq!(r.get(T).await.unwrap(), json!("x"));
     let r = blocking_sum::delay(&h.client, vec![1, 2, 3]).await.unwrap();
     assert_eq!(r.get_as::<i64>(T).await.unwrap(), 6);

@@ -49,7 +49,11 @@ pub(super) async fn run(app: App, args: DemoArgs) -> CliResult {
         return Err(CliError::usage("--concurrency must be at least 1"));
     }
     let path = args.db.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("celeriac-demo-{}-{}.db", std::process::id(), chrono::Utc::now().timestamp_millis()))
+        std::env::temp_dir().join(format!(
+            "celeriac-demo-{}-{}.db",
+            std::process::id(),
+            chrono::Utc::now().timestamp_millis()
+        ))
     });
     if path.exists() {
         return Err(CliError::usage(format!("{} already exists; the demo needs a fresh file", path.display())));
@@ -71,7 +75,8 @@ async fn demo(mut app: App, args: &DemoArgs, url: &str) -> CliResult {
     let broker = connect::broker(url)?;
     let backend = connect::backend(None, url)?;
     let client = super::client_for(broker.clone(), backend.clone());
-    let config = WorkerConfig { queues: vec![DEFAULT_QUEUE.into()], concurrency: args.concurrency, ..WorkerConfig::default() };
+    let config =
+        WorkerConfig { queues: vec![DEFAULT_QUEUE.into()], concurrency: args.concurrency, ..WorkerConfig::default() };
     let worker = Worker::new(config, app.shared_registry(), broker, backend.clone());
     let stats = worker.stats();
     let shutdown = Shutdown::new();
@@ -84,7 +89,10 @@ async fn demo(mut app: App, args: &DemoArgs, url: &str) -> CliResult {
         let client = client.clone();
         async move {
             let args: Vec<Value> = serde_json::from_value(args).unwrap_or_default();
-            client.send_task(name, args, Map::new(), opts).await.map_err(|e| CliError { code: 3, message: e.to_string() })
+            client
+                .send_task(name, args, Map::new(), opts)
+                .await
+                .map_err(|e| CliError { code: 3, message: e.to_string() })
         }
     };
     // The additions go out with up to 64 publishes in flight, so the SQLite writer commits them
@@ -99,24 +107,37 @@ async fn demo(mut app: App, args: &DemoArgs, url: &str) -> CliResult {
         .await;
     for (i, id) in ids.into_iter().enumerate() {
         let i = i as i64;
-        expected.push(Expected { id: id?, what: "add".into(), check: Box::new(move |m| m.status == TaskState::Success && m.result == json!(2 * i)) });
+        expected.push(Expected {
+            id: id?,
+            what: "add".into(),
+            check: Box::new(move |m| m.status == TaskState::Success && m.result == json!(2 * i)),
+        });
     }
     let r = send("celeriac.fail", json!(["this one fails on purpose"]), SendOptions::default()).await?;
     expected.push(Expected {
         id: r.id().into(),
         what: "fail".into(),
-        check: Box::new(|m| m.status == TaskState::Failure && m.exception_info().is_some_and(|e| e.exc_type == "RuntimeError")),
+        check: Box::new(|m| {
+            m.status == TaskState::Failure && m.exception_info().is_some_and(|e| e.exc_type == "RuntimeError")
+        }),
     });
     let r = send("celeriac.flaky", json!([2]), SendOptions::default()).await?;
-    expected.push(Expected { id: r.id().into(), what: "flaky (2 retries)".into(), check: Box::new(|m| m.status == TaskState::Success && m.result == json!(2)) });
+    expected.push(Expected {
+        id: r.id().into(),
+        what: "flaky (2 retries)".into(),
+        check: Box::new(|m| m.status == TaskState::Success && m.result == json!(2)),
+    });
     let countdown_sent = chrono::Utc::now();
-    let r = send("celeriac.add", json!([40, 2]), SendOptions { countdown: Some(1.0), ..SendOptions::default() }).await?;
+    let r =
+        send("celeriac.add", json!([40, 2]), SendOptions { countdown: Some(1.0), ..SendOptions::default() }).await?;
     expected.push(Expected {
         id: r.id().into(),
         what: "countdown 1s".into(),
         check: Box::new(move |m| {
             let done = m.date_done.as_deref().and_then(|d| celeriac_core::protocol::parse_datetime(d).ok());
-            m.status == TaskState::Success && m.result == json!(42) && done.is_some_and(|d| d >= countdown_sent + chrono::Duration::seconds(1))
+            m.status == TaskState::Success
+                && m.result == json!(42)
+                && done.is_some_and(|d| d >= countdown_sent + chrono::Duration::seconds(1))
         }),
     });
     let sent_in = started.elapsed();
@@ -201,7 +222,11 @@ async fn demo(mut app: App, args: &DemoArgs, url: &str) -> CliResult {
         args.tasks as f64 / batch.as_secs_f64().max(1e-9),
         total as f64 / sent_in.as_secs_f64().max(1e-9)
     );
-    println!("all {} tasks done in {:.2}s (the last ones wait for a 1 s countdown and two retries)", total, elapsed.as_secs_f64());
+    println!(
+        "all {} tasks done in {:.2}s (the last ones wait for a 1 s countdown and two retries)",
+        total,
+        elapsed.as_secs_f64()
+    );
     if wrong.is_empty() {
         println!("every outcome is as expected");
         Ok(ExitCode::SUCCESS)

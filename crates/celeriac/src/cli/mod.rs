@@ -167,7 +167,14 @@ struct SendArgs {
     /// Use this task id.
     #[arg(long = "task-id")]
     task_id: Option<String>,
-    /// Wait for the result and print it.
+    #[command(flatten)]
+    out: WaitArgs,
+}
+
+/// How a command waits for and prints a result.
+#[derive(Debug, Args)]
+struct WaitArgs {
+    /// Wait until the task is done and print its result.
     #[arg(long)]
     wait: bool,
     /// Seconds to wait with --wait.
@@ -182,15 +189,8 @@ struct SendArgs {
 struct ResultArgs {
     /// Task id.
     id: String,
-    /// Wait until the task is done.
-    #[arg(long)]
-    wait: bool,
-    /// Seconds to wait with --wait.
-    #[arg(long, default_value_t = 60.0)]
-    timeout: f64,
-    /// Print the stored result as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    out: WaitArgs,
 }
 
 #[derive(Debug, Args)]
@@ -284,13 +284,17 @@ fn positive_secs(flag: &str, v: f64) -> Result<Duration, CliError> {
 
 async fn worker(app: App, broker_url: &str, backend_url: Option<&str>, args: WorkerArgs) -> CliResult {
     if args.pool != "async" {
-        return Err(CliError::usage(format!("--pool {:?} is not available in this build (available: async)", args.pool)));
+        return Err(CliError::usage(format!(
+            "--pool {:?} is not available in this build (available: async)",
+            args.pool
+        )));
     }
     let queues: Vec<String> = args.queues.iter().map(|q| q.trim().to_string()).filter(|q| !q.is_empty()).collect();
     if queues.is_empty() {
         return Err(CliError::usage("-Q/--queues names no queue"));
     }
-    let concurrency = args.concurrency.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let concurrency =
+        args.concurrency.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
     if concurrency == 0 {
         return Err(CliError::usage("--concurrency must be at least 1"));
     }
@@ -324,7 +328,8 @@ async fn worker(app: App, broker_url: &str, backend_url: Option<&str>, args: Wor
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(flag: &str, text: &str, expected: &str) -> Result<T, CliError> {
-    let value: Value = serde_json::from_str(text).map_err(|e| CliError::usage(format!("{flag}: not valid JSON ({e}): {text}")))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| CliError::usage(format!("{flag}: not valid JSON ({e}): {text}")))?;
     serde_json::from_value(value).map_err(|_| CliError::usage(format!("{flag}: expected {expected}, got {text}")))
 }
 
@@ -342,7 +347,7 @@ async fn send(broker_url: &str, backend_url: Option<&str>, args: SendArgs) -> Cl
     if let Some(c) = args.countdown {
         positive_secs("--countdown", c)?;
     }
-    let timeout = positive_secs("--timeout", args.timeout)?;
+    let timeout = positive_secs("--timeout", args.out.timeout)?;
     let options = SendOptions {
         task_id: args.task_id,
         countdown: args.countdown,
@@ -357,8 +362,8 @@ async fn send(broker_url: &str, backend_url: Option<&str>, args: SendArgs) -> Cl
         crate::PublishError::Broker { source, .. } => CliError::from(source),
         other => CliError::usage(other.to_string()),
     })?;
-    if !args.wait {
-        if args.json {
+    if !args.out.wait {
+        if args.out.json {
             println!("{}", serde_json::json!({"task_id": res.id()}));
         } else {
             println!("{}", res.id());
@@ -366,10 +371,12 @@ async fn send(broker_url: &str, backend_url: Option<&str>, args: SendArgs) -> Cl
         return Ok(ExitCode::SUCCESS);
     }
     let meta = client.backend().wait(res.id(), Some(timeout)).await.map_err(|e| match e {
-        BackendError::Timeout { .. } => CliError::failed(format!("no result for task {} within {}s", res.id(), args.timeout)),
+        BackendError::Timeout { .. } => {
+            CliError::failed(format!("no result for task {} within {}s", res.id(), args.out.timeout))
+        }
         other => CliError::from(other),
     })?;
-    print_outcome(meta, args.json)
+    print_outcome(meta, args.out.json)
 }
 
 fn print_outcome(meta: ResultMeta, json: bool) -> CliResult {
@@ -383,18 +390,22 @@ fn print_outcome(meta: ResultMeta, json: bool) -> CliResult {
             println!("{v}");
             Ok(ExitCode::SUCCESS)
         }
-        Err(ResultError::Failed { exc_type, message, .. }) => Err(CliError::failed(format!("{status}: {exc_type}: {message}"))),
+        Err(ResultError::Failed { exc_type, message, .. }) => {
+            Err(CliError::failed(format!("{status}: {exc_type}: {message}")))
+        }
         Err(e) => Err(CliError::failed(format!("{status}: {e}"))),
     }
 }
 
 async fn result(broker_url: &str, backend_url: Option<&str>, args: ResultArgs) -> CliResult {
     let backend = connect::backend(backend_url, broker_url)?;
-    let meta = if args.wait {
-        let timeout = positive_secs("--timeout", args.timeout)?;
+    let meta = if args.out.wait {
+        let timeout = positive_secs("--timeout", args.out.timeout)?;
         match backend.wait(&args.id, Some(timeout)).await {
             Ok(m) => Some(m),
-            Err(BackendError::Timeout { .. }) => return Err(CliError::failed(format!("no result for task {} within {}s", args.id, args.timeout))),
+            Err(BackendError::Timeout { .. }) => {
+                return Err(CliError::failed(format!("no result for task {} within {}s", args.id, args.out.timeout)))
+            }
             Err(e) => return Err(e.into()),
         }
     } else {
@@ -402,22 +413,22 @@ async fn result(broker_url: &str, backend_url: Option<&str>, args: ResultArgs) -
     };
     match meta {
         None => {
-            if args.json {
+            if args.out.json {
                 println!("{}", serde_json::json!({"status": "PENDING", "task_id": args.id}));
             } else {
                 println!("PENDING");
             }
             Ok(ExitCode::SUCCESS)
         }
-        Some(m) if !m.status.is_ready() && !args.json => {
+        Some(m) if !m.status.is_ready() && !args.out.json => {
             println!("{}", m.status);
             Ok(ExitCode::SUCCESS)
         }
         Some(m) => {
-            if !args.json {
+            if !args.out.json {
                 println!("{}", m.status);
             }
-            print_outcome(m, args.json)
+            print_outcome(m, args.out.json)
         }
     }
 }
@@ -430,10 +441,16 @@ async fn queues(broker_url: &str, args: QueuesArgs) -> CliResult {
         return Ok(ExitCode::SUCCESS);
     }
     let width = infos.iter().map(|q| q.name.len()).max().unwrap_or(5).max(5);
-    println!("{:<width$}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}", "QUEUE", "READY", "SCHEDULED", "UNACKED", "DEAD", "CONSUMERS");
+    println!(
+        "{:<width$}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}",
+        "QUEUE", "READY", "SCHEDULED", "UNACKED", "DEAD", "CONSUMERS"
+    );
     for q in &infos {
         let consumers = q.consumers.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
-        println!("{:<width$}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}", q.name, q.ready, q.scheduled, q.unacked, q.dead, consumers);
+        println!(
+            "{:<width$}  {:>9}  {:>9}  {:>9}  {:>9}  {:>9}",
+            q.name, q.ready, q.scheduled, q.unacked, q.dead, consumers
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -475,6 +492,9 @@ async fn dead_letters(broker_url: &str, args: DeadLettersArgs) -> CliResult {
 }
 
 /// Shared by the demo: a client bound to one broker and backend.
-pub(crate) fn client_for(broker: Arc<dyn celeriac_core::Broker>, backend: Arc<dyn celeriac_core::ResultBackend>) -> Client {
+pub(crate) fn client_for(
+    broker: Arc<dyn celeriac_core::Broker>,
+    backend: Arc<dyn celeriac_core::ResultBackend>,
+) -> Client {
     Client::new(broker, backend)
 }
