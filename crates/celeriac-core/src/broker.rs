@@ -73,6 +73,13 @@ pub trait Broker: Send + Sync + 'static {
         })
     }
 
+    /// How long a delivery may stay unacknowledged before the broker takes it back (RabbitMQ's
+    /// `consumer_timeout` closes the channel). A worker holding an early ETA message longer than
+    /// this republishes it instead. Default: no limit.
+    fn max_unacked_hold(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Whether the transport itself withholds a message until its `eta` header. When it does
     /// (the embedded SQLite broker), a worker never holds a delivery for an ETA; when it does not
     /// (the default), the worker keeps an early delivery unacked until its time.
@@ -93,6 +100,10 @@ pub trait Consumer: Send {
     /// Stop receiving. Deliveries already handed out stay valid and must still be settled;
     /// deliveries fetched but not yet handed out are put back.
     async fn close(&mut self);
+
+    /// Make sure every settlement made so far has reached the broker (transports that batch
+    /// acknowledgements send them now), then release the connection. Called once, last.
+    async fn flush(&mut self) {}
 }
 
 /// How a transport settles one delivery.

@@ -27,7 +27,7 @@ pub use broker::{Acker, Broker, Consumer, DeadLetter, Delivery, QueueInfo};
 pub use error::{BackendError, BrokerError, ProtocolError};
 pub use protocol::{Embed, Message, Properties, TaskBody, TaskHeaders};
 pub use result::{ExceptionInfo, ResultMeta, TaskState};
-pub use retry::Backoff;
+pub use retry::{Backoff, PublishPolicy};
 pub use task::{Registry, Task, TaskContext, TaskError, TaskOptions};
 
 /// The default queue (and routing key) Celery uses when a task names none.

@@ -1,4 +1,5 @@
-//! Retry delays: Celery's exponential backoff with full jitter.
+//! Retry delays: Celery's exponential backoff with full jitter for task retries, and the
+//! publish retry policy ([`PublishPolicy`]) for a client whose broker does not answer.
 //!
 //! With `retry_backoff = f` the n-th retry (n counted from 0) waits `min(max, f * 2^n)` seconds;
 //! with jitter the wait is drawn uniformly from `[0, that]` so retrying tasks spread out instead of
@@ -76,5 +77,72 @@ mod tests {
     fn fixed_delay_without_factor() {
         let b = Backoff { default_delay: 3.0, ..Backoff::default() };
         assert_eq!(b.delay(7), Duration::from_secs(3));
+    }
+}
+
+/// How a client retries a publish the broker did not take: Celery's `retry_policy`, honoured
+/// exactly.
+///
+/// Attempt 1 is made at once; retry `n` (from 0) waits `min(interval_start + n * interval_step,
+/// interval_max)` first. At most `1 + max_retries` attempts are made, and none starts once
+/// `timeout` (if set) has passed since the first. Each attempt is itself bounded by the
+/// transport's connect and confirm timeouts, and by what is left of `timeout`. So a publish to a
+/// dead broker returns an error after at most `timeout`, or after `(1 + max_retries)` attempt
+/// bounds plus the intervals — never later.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PublishPolicy {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// Wait before the first retry.
+    pub interval_start: Duration,
+    /// Added to the wait for each further retry.
+    pub interval_step: Duration,
+    /// The longest wait between attempts.
+    pub interval_max: Duration,
+    /// Give up once this much time has passed since the first attempt.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for PublishPolicy {
+    /// Celery's defaults: 3 retries, waits of 0, 0.2 and 0.4 s (step 0.2 s, at most 1 s).
+    fn default() -> Self {
+        PublishPolicy {
+            max_retries: 3,
+            interval_start: Duration::ZERO,
+            interval_step: Duration::from_millis(200),
+            interval_max: Duration::from_secs(1),
+            timeout: None,
+        }
+    }
+}
+
+impl PublishPolicy {
+    /// No retries at all.
+    pub fn no_retry() -> Self {
+        PublishPolicy { max_retries: 0, ..PublishPolicy::default() }
+    }
+
+    /// The wait before retry number `retry` (0 for the first retry).
+    pub fn interval(&self, retry: u32) -> Duration {
+        (self.interval_start + self.interval_step * retry).min(self.interval_max)
+    }
+
+    /// The sum of every wait between attempts.
+    pub fn total_interval(&self) -> Duration {
+        (0..self.max_retries).map(|n| self.interval(n)).sum()
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    #[test]
+    fn celery_defaults_wait_0_then_200_then_400_ms() {
+        let p = PublishPolicy::default();
+        assert_eq!((0..3).map(|n| p.interval(n).as_millis()).collect::<Vec<_>>(), vec![0, 200, 400]);
+        assert_eq!(p.total_interval(), Duration::from_millis(600));
+        let capped = PublishPolicy { interval_max: Duration::from_millis(300), ..p };
+        assert_eq!(capped.interval(5), Duration::from_millis(300));
     }
 }

@@ -1,6 +1,7 @@
 //! Running one request in the async pool and settling it.
 //!
-//! Order of events for one task: wait for its ETA if the broker delivered it early → run it
+//! Order of events for one task: wait for its ETA if the broker delivered it early (without
+//! holding a pool slot, see [`hold_then_run`]) → run it
 //! under its soft and hard time limits → store the outcome → acknowledge. A retry republishes the
 //! message (same id, `retries + 1`, ETA = now + backoff) *before* the original is acknowledged, so
 //! a crash between the two duplicates a retry but never loses one. When the outcome cannot be
@@ -14,15 +15,16 @@ use celeriac_core::protocol::format_datetime;
 use celeriac_core::result::ExceptionInfo;
 use celeriac_core::task::TaskError;
 use celeriac_core::{ResultMeta, TaskContext, TaskState};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use serde_json::Value;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::request::Request;
 use crate::stats::Stats;
 use crate::Shared;
+use crate::ShutdownLevel;
 
 /// How a task run ended.
 enum Outcome {
@@ -42,19 +44,6 @@ pub(crate) async fn run(shared: Arc<Shared>, req: Request, permit: OwnedSemaphor
 
 async fn run_inner(shared: Arc<Shared>, req: Request, permit: OwnedSemaphorePermit) {
     let mut abort = shared.abort.clone();
-    if let Some(eta) = req.eta_in_future() {
-        // The broker does not hold ETA messages: keep this one until its time.
-        let wait = (eta - Utc::now()).to_std().unwrap_or_default();
-        tracing::debug!(eta = %eta, "holding until ETA");
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = aborted(&mut abort) => {
-                Stats::bump(&shared.stats.requeued);
-                req.requeue().await;
-                return;
-            }
-        }
-    }
     let opts = req.task.options();
     let hard = req.headers.hard_time_limit().or(opts.time_limit).or(shared.config.time_limit).filter(|s| *s > 0.0);
     let soft =
@@ -107,6 +96,75 @@ async fn run_inner(shared: Arc<Shared>, req: Request, permit: OwnedSemaphorePerm
     // The slot is free as soon as the task is done; settling does not need it.
     drop(permit);
     settle(&shared, req, outcome, runtime).await;
+}
+
+/// Hold a request whose ETA is in the future (the broker delivered it early), without taking a
+/// pool slot, then run it. A warm shutdown gives it back to the queue at once. When the ETA is
+/// further away than the broker lets a delivery stay unacknowledged (RabbitMQ's
+/// `consumer_timeout`), the message is republished unchanged after that long and the original
+/// acknowledged, so a far-future task never gets the channel closed.
+pub(crate) async fn hold_then_run(
+    shared: Arc<Shared>,
+    req: Request,
+    eta: DateTime<Utc>,
+    slots: Arc<Semaphore>,
+    mut level: watch::Receiver<ShutdownLevel>,
+) {
+    let span = tracing::error_span!("task", id = %req.headers.id, name = %req.headers.task);
+    async move {
+        let wait = (eta - Utc::now()).to_std().unwrap_or_default();
+        tracing::info!(eta = %eta, "holding until ETA");
+        if let Some(max) = shared.broker.max_unacked_hold().filter(|max| wait > *max) {
+            tokio::select! {
+                _ = tokio::time::sleep(max) => {
+                    match shared.broker.publish(&req.delivery.queue, &req.delivery.message).await {
+                        Ok(()) => {
+                            tracing::info!(eta = %eta, "ETA beyond the broker's unacked limit: republished to wait again");
+                            if let Err(e) = req.delivery.ack().await {
+                                tracing::warn!(error = %e, "could not acknowledge the original; it may run twice");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not republish; requeueing");
+                            req.requeue().await;
+                        }
+                    }
+                }
+                _ = stopping(&mut level) => {
+                    Stats::bump(&shared.stats.requeued);
+                    req.requeue().await;
+                }
+            }
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopping(&mut level) => {
+                Stats::bump(&shared.stats.requeued);
+                req.requeue().await;
+                return;
+            }
+        }
+        let permit = tokio::select! {
+            p = slots.acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => { req.requeue().await; return; }
+            },
+            _ = stopping(&mut level) => {
+                Stats::bump(&shared.stats.requeued);
+                req.requeue().await;
+                return;
+            }
+        };
+        run_inner(shared, req, permit).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Resolves once shutdown has begun.
+async fn stopping(level: &mut watch::Receiver<ShutdownLevel>) {
+    let _ = level.wait_for(|l| *l != ShutdownLevel::Running).await;
 }
 
 /// Resolves once the worker asks running tasks to abort.

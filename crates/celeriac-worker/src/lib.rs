@@ -171,6 +171,11 @@ impl Worker {
                     Ok(delivery) => {
                         broker_errors = 0;
                         let Some(req) = request::prepare(&shared, delivery).await else { continue };
+                        if let Some(eta) = req.eta_in_future() {
+                            let held = execute::hold_then_run(shared.clone(), req, eta, slots.clone(), shutdown.subscribe());
+                            running.spawn(held);
+                            continue;
+                        }
                         // Wait for a free slot, but give the delivery back if asked to stop.
                         let permit = tokio::select! {
                             biased;
@@ -201,7 +206,6 @@ impl Worker {
 
         // Stop consuming: prefetched deliveries go back to the queue.
         consumer.close().await;
-        drop(consumer);
         let in_flight = running.len();
         let warm = *level.borrow() != ShutdownLevel::Cold;
         if warm && in_flight > 0 {
@@ -227,6 +231,9 @@ impl Worker {
             let _ = abort_tx.send(true);
             while running.join_next().await.is_some() {}
         }
+        // Every outcome is settled: make sure the broker has heard of it before returning.
+        consumer.flush().await;
+        drop(consumer);
         let snapshot = self.stats.snapshot();
         tracing::info!(hostname = %cfg.hostname, ?snapshot, "worker stopped");
         Ok(snapshot)

@@ -7,12 +7,12 @@
 //! - [`AsyncResult`]: a handle on a sent task: `state`, `get`, `forget`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use celeriac_core::protocol::{expiration_property, format_datetime, seconds_number};
 use celeriac_core::{
-    pyrepr, BackendError, Broker, BrokerError, Message, ProtocolError, ResultBackend, ResultMeta, Task, TaskBody,
-    TaskHeaders, TaskOptions, TaskState,
+    pyrepr, BackendError, Broker, BrokerError, Message, ProtocolError, PublishPolicy, ResultBackend, ResultMeta, Task,
+    TaskBody, TaskHeaders, TaskOptions, TaskState,
 };
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
@@ -32,12 +32,31 @@ pub enum PublishError {
         /// What failed.
         source: ProtocolError,
     },
-    /// The broker did not take the message.
+    /// The broker refused the message (unroutable, nacked, declared differently): retrying
+    /// would not help.
     #[error("cannot publish task {task}: {source}")]
     Broker {
         /// The task name.
         task: String,
         /// The broker's error.
+        source: BrokerError,
+    },
+    /// The broker could not be reached within the publish retry policy.
+    #[error(
+        "cannot publish task {task}: broker {broker} unreachable after {attempts} attempt{} in {:.2}s: {source}",
+        if *attempts == 1 { "" } else { "s" },
+        elapsed.as_secs_f64()
+    )]
+    Unreachable {
+        /// The task name.
+        task: String,
+        /// The broker URL (password removed).
+        broker: String,
+        /// Attempts made.
+        attempts: u32,
+        /// Time from the first attempt to giving up.
+        elapsed: Duration,
+        /// The last attempt's error.
         source: BrokerError,
     },
 }
@@ -231,6 +250,7 @@ pub struct Client {
     backend: Arc<dyn ResultBackend>,
     default_queue: String,
     origin: String,
+    policy: PublishPolicy,
 }
 
 impl std::fmt::Debug for Client {
@@ -248,6 +268,7 @@ impl Client {
             backend,
             default_queue: celeriac_core::DEFAULT_QUEUE.into(),
             origin: format!("gen{}@{host}", std::process::id()),
+            policy: PublishPolicy::default(),
         }
     }
 
@@ -360,12 +381,61 @@ impl Client {
             .build_message(name, args, kwargs, &options, args_tuple)
             .map_err(|source| PublishError::Encode { task: name.to_string(), source })?;
         let id = message.task_id().unwrap_or_default().to_string();
-        self.broker
-            .publish(&queue, &message)
-            .await
-            .map_err(|source| PublishError::Broker { task: name.to_string(), source })?;
+        self.publish_with_policy(name, &queue, &message).await?;
         tracing::debug!(task_id = %id, task_name = %name, %queue, "task sent");
         Ok(AsyncResult { id, backend: self.backend.clone() })
+    }
+
+    /// Publish under the retry policy: retry what may pass (unreachable, timed out, connection
+    /// lost), never what the broker refused, and give up by the policy's bound.
+    async fn publish_with_policy(&self, task: &str, queue: &str, message: &Message) -> Result<(), PublishError> {
+        let policy = self.policy;
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let attempt = self.broker.publish(queue, message);
+            let result = match policy.timeout {
+                Some(total) => {
+                    let left = total.saturating_sub(started.elapsed());
+                    match tokio::time::timeout(left, attempt).await {
+                        Ok(r) => r,
+                        Err(_) => Err(BrokerError::Timeout {
+                            url: self.broker.url().to_string(),
+                            operation: "publish".into(),
+                            elapsed: started.elapsed(),
+                        }),
+                    }
+                }
+                None => attempt.await,
+            };
+            let error = match result {
+                Ok(()) => return Ok(()),
+                Err(e @ (BrokerError::Rejected { .. } | BrokerError::BadUrl { .. })) => {
+                    return Err(PublishError::Broker { task: task.to_string(), source: e })
+                }
+                Err(e) => e,
+            };
+            let pause = policy.interval(attempts - 1);
+            let out_of_time = policy.timeout.is_some_and(|t| started.elapsed() + pause >= t);
+            if attempts > policy.max_retries || out_of_time {
+                return Err(PublishError::Unreachable {
+                    task: task.to_string(),
+                    broker: self.broker.url().to_string(),
+                    attempts,
+                    elapsed: started.elapsed(),
+                    source: error,
+                });
+            }
+            tracing::warn!(task_name = %task, broker = %self.broker.url(), attempt = attempts, error = %error, retry_in = ?pause, "publish failed; retrying");
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Use this publish retry policy (default: Celery's, 3 retries 0.2 s apart).
+    pub fn with_publish_policy(mut self, policy: PublishPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// A handle on the result of the task with this id.

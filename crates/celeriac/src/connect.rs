@@ -1,12 +1,15 @@
 //! From URLs to transports: the one place that knows which crate serves which scheme.
 //!
-//! `sqlite://` is the embedded default. Schemes of transports that are not built yet are refused
+//! `sqlite://` is the embedded default; `amqp://` is RabbitMQ; `redis://` stores results in Redis.
+//! Schemes of transports that are not built yet are refused
 //! with a message naming them, never silently mapped to something else.
 
 use std::sync::Arc;
 
+use celeriac_amqp::AmqpBroker;
 use celeriac_core::backend::DisabledBackend;
 use celeriac_core::{BackendError, Broker, BrokerError, ResultBackend};
+use celeriac_redis::RedisBackend;
 use celeriac_sqlite::{SqliteBackend, SqliteBroker};
 
 /// The broker used when none is configured.
@@ -51,12 +54,13 @@ fn scheme(url: &str) -> &str {
 pub fn broker(url: &str) -> Result<Arc<dyn Broker>, ConnectError> {
     match scheme(url) {
         "sqlite" => Ok(Arc::new(SqliteBroker::open(url)?)),
-        "amqp" | "amqps" | "redis" | "rediss" => Err(BrokerError::BadUrl {
+        "amqp" | "amqps" | "pyamqp" => Ok(Arc::new(AmqpBroker::open(url)?)),
+        "redis" | "rediss" => Err(BrokerError::BadUrl {
             url: redact(url),
             reason: format!("the {} transport is not available in this build yet (use sqlite://)", scheme(url)),
         }
         .into()),
-        _ => Err(ConnectError::UnknownScheme { url: redact(url), known: "sqlite://" }),
+        _ => Err(ConnectError::UnknownScheme { url: redact(url), known: "sqlite://, amqp://, amqps://" }),
     }
 }
 
@@ -71,12 +75,13 @@ pub fn backend(url: Option<&str>, broker_url: &str) -> Result<Arc<dyn ResultBack
     match scheme(url) {
         "sqlite" => Ok(Arc::new(SqliteBackend::open(url)?)),
         "disabled" => Ok(Arc::new(DisabledBackend)),
-        "redis" | "rediss" | "rpc" => Err(BackendError::BadUrl {
+        "redis" | "rediss" => Ok(Arc::new(RedisBackend::open(url)?)),
+        "rpc" => Err(BackendError::BadUrl {
             url: redact(url),
             reason: format!("the {} result backend is not available in this build yet (use sqlite://)", scheme(url)),
         }
         .into()),
-        _ => Err(ConnectError::UnknownScheme { url: redact(url), known: "sqlite://, disabled://" }),
+        _ => Err(ConnectError::UnknownScheme { url: redact(url), known: "sqlite://, redis://, disabled://" }),
     }
 }
 

@@ -166,3 +166,107 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A RabbitMQ vhost of its own for one test, deleted afterwards, so tests never see each
+/// other's messages.
+pub struct TestVhost {
+    pub name: String,
+}
+
+impl TestVhost {
+    pub fn new() -> Self {
+        let name = format!("celeriac-test-{}", uuid::Uuid::new_v4().simple());
+        let ok = |args: &[&str]| {
+            let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl");
+            assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        ok(&["add_vhost", &name]);
+        ok(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        TestVhost { name }
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:5672/<vhost>` plus `extra` query parameters.
+    pub fn url(&self, extra: &str) -> String {
+        let q = if extra.is_empty() { String::new() } else { format!("?{extra}") };
+        format!("amqp://guest:guest@127.0.0.1:5672/{}{q}", self.name)
+    }
+
+    /// `rabbitmqctl list_queues -p <vhost> <columns>` as lines.
+    pub fn list(&self, what: &str, columns: &[&str]) -> Vec<String> {
+        let out = Command::new("rabbitmqctl")
+            .args([what, "-p", &self.name, "--no-table-headers", "-q"])
+            .args(columns)
+            .output()
+            .expect("rabbitmqctl");
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    }
+}
+
+impl Drop for TestVhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.name]).output();
+    }
+}
+
+/// A TCP proxy the test owns, in front of a real service: stopping it is a broker going away.
+pub struct TcpProxy {
+    pub port: u16,
+    tasks: tokio::task::JoinSet<()>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Forward 127.0.0.1:<new port> to `target`.
+    pub async fn start(target: &'static str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().unwrap().port();
+        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel::<tokio::net::TcpStream>();
+        let accept = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                if conn_tx.send(sock).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Some(mut inbound) = conn_rx.recv().await {
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+            conns.abort_all();
+        });
+        TcpProxy { port, tasks, accept }
+    }
+
+    /// Close the listening socket and every forwarded connection.
+    pub fn stop(&mut self) {
+        self.accept.abort();
+        self.tasks.abort_all();
+    }
+}
+
+/// A TCP server that accepts connections and never says a word.
+pub struct SilentListener {
+    pub port: u16,
+    _held: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl SilentListener {
+    pub fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().unwrap().port();
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let keep = held.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming().map_while(Result::ok) {
+                keep.lock().unwrap().push(s);
+            }
+        });
+        SilentListener { port, _held: held }
+    }
+}

@@ -359,6 +359,7 @@ async fn send(broker_url: &str, backend_url: Option<&str>, args: SendArgs) -> Cl
     };
     let client = Client::connect(broker_url, backend_url).await?;
     let res = client.send_task(&args.name, positional, kwargs, options).await.map_err(|e| match e {
+        e @ crate::PublishError::Unreachable { .. } => CliError { code: 3, message: e.to_string() },
         crate::PublishError::Broker { source, .. } => CliError::from(source),
         other => CliError::usage(other.to_string()),
     })?;

@@ -1,0 +1,284 @@
+//! The AMQP publisher and the `Broker` implementation.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use celeriac_core::broker::{Consumer, QueueInfo};
+use celeriac_core::{Broker, BrokerError, Message};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions};
+use lapin::types::{LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+
+use crate::url::AmqpConfig;
+use crate::{consumer, fields, topology};
+
+/// How long to wait for a publisher confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A RabbitMQ broker.
+pub struct AmqpBroker {
+    config: AmqpConfig,
+    publisher: Mutex<Option<Publisher>>,
+}
+
+/// One connection with a confirm-mode channel, and the queues declared on it.
+struct Publisher {
+    conn: Connection,
+    channel: Channel,
+    declared: Arc<Mutex<HashSet<String>>>,
+    generation: u64,
+}
+
+impl AmqpBroker {
+    /// A broker for an `amqp://` URL. Nothing is connected until first use.
+    pub fn open(url: &str) -> Result<Self, BrokerError> {
+        let config = AmqpConfig::from_url(url).map_err(|reason| BrokerError::BadUrl { url: redact(url), reason })?;
+        Ok(AmqpBroker { config, publisher: Mutex::new(None) })
+    }
+
+    /// The parsed configuration.
+    pub fn config(&self) -> &AmqpConfig {
+        &self.config
+    }
+
+    /// The publisher's channel, connecting first if needed.
+    async fn channel(&self) -> Result<(Channel, Arc<Mutex<HashSet<String>>>, u64), BrokerError> {
+        let mut slot = self.publisher.lock().await;
+        if let Some(p) = slot.as_ref() {
+            if p.conn.status().connected() && p.channel.status().connected() {
+                return Ok((p.channel.clone(), p.declared.clone(), p.generation));
+            }
+        }
+        let generation = slot.as_ref().map(|p| p.generation + 1).unwrap_or(0);
+        *slot = None;
+        let conn = connect(&self.config, "celeriac publisher").await?;
+        let channel = conn.create_channel().await.map_err(|e| unreachable(&self.config, e))?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| unreachable(&self.config, e))?;
+        let declared = Arc::new(Mutex::new(HashSet::new()));
+        *slot = Some(Publisher { conn, channel: channel.clone(), declared: declared.clone(), generation });
+        Ok((channel, declared, generation))
+    }
+
+    /// Forget the publisher connection if it is still the one that failed.
+    async fn invalidate(&self, generation: u64) {
+        let mut slot = self.publisher.lock().await;
+        if slot.as_ref().is_some_and(|p| p.generation == generation) {
+            if let Some(p) = slot.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), p.conn.close(320, "reconnecting".into())).await;
+            }
+        }
+    }
+
+    async fn publish_once(&self, queue: &str, message: &Message) -> Result<(), BrokerError> {
+        let (channel, declared, generation) = self.channel().await?;
+        let result = async {
+            if !declared.lock().await.contains(queue) {
+                topology::declare(&channel, &self.config, queue).await.map_err(|e| self.rejected_or_lost(e))?;
+                declared.lock().await.insert(queue.to_string());
+            }
+            let confirm = channel
+                .basic_publish(
+                    // As Celery: the default exchange, routed by the queue's name.
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                    &message.body,
+                    properties(message),
+                )
+                .await
+                .map_err(|e| unreachable(&self.config, e))?;
+            let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+                .await
+                .map_err(|_| BrokerError::Timeout {
+                    url: self.config.redacted.clone(),
+                    operation: "publisher confirm".into(),
+                    elapsed: CONFIRM_TIMEOUT,
+                })?
+                .map_err(|e| unreachable(&self.config, e))?;
+            if confirmation.is_nack() {
+                return Err(BrokerError::Rejected {
+                    url: self.config.redacted.clone(),
+                    reason: format!("RabbitMQ refused (nack) the message for queue {queue:?}"),
+                });
+            }
+            if let Some(returned) = confirmation.take_message() {
+                return Err(BrokerError::Rejected {
+                    url: self.config.redacted.clone(),
+                    reason: format!(
+                        "the message for queue {queue:?} was unroutable ({} {})",
+                        returned.reply_code, returned.reply_text
+                    ),
+                });
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = &result {
+            if !matches!(e, BrokerError::Rejected { .. }) {
+                self.invalidate(generation).await;
+            }
+        }
+        result
+    }
+
+    fn rejected_or_lost(&self, e: lapin::Error) -> BrokerError {
+        let text = e.to_string();
+        if text.contains("PRECONDITION_FAILED") || text.contains("ACCESS_REFUSED") || text.contains("NOT_FOUND") {
+            BrokerError::Rejected { url: self.config.redacted.clone(), reason: text }
+        } else {
+            unreachable(&self.config, e)
+        }
+    }
+
+    /// A short-lived channel for administrative calls (depths, purge).
+    async fn admin<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, lapin::Error>>,
+    {
+        let (_, _, generation) = self.channel().await?;
+        let conn_channel = {
+            let slot = self.publisher.lock().await;
+            match slot.as_ref() {
+                Some(p) => p.conn.create_channel().await,
+                None => return Err(BrokerError::Closed),
+            }
+        };
+        let channel = match conn_channel {
+            Ok(c) => c,
+            Err(e) => {
+                self.invalidate(generation).await;
+                return Err(unreachable(&self.config, e));
+            }
+        };
+        let out = f(channel.clone()).await.map_err(|e| self.rejected_or_lost(e));
+        let _ = channel.close(200, "done".into()).await;
+        out
+    }
+}
+
+/// Properties of an outgoing message, from the protocol's properties and headers.
+fn properties(message: &Message) -> BasicProperties {
+    let p = &message.properties;
+    let mut props = BasicProperties::default()
+        .with_content_type(ShortString::from(p.content_type.as_str()))
+        .with_content_encoding(ShortString::from(p.content_encoding.as_str()))
+        .with_delivery_mode(p.delivery_mode)
+        .with_priority(p.priority.unwrap_or(0))
+        .with_headers(fields::to_table(&message.headers));
+    if let Some(id) = &p.correlation_id {
+        props = props.with_correlation_id(ShortString::from(id.as_str()));
+    }
+    if let Some(r) = &p.reply_to {
+        props = props.with_reply_to(ShortString::from(r.as_str()));
+    }
+    if let Some(e) = &p.expiration {
+        props = props.with_expiration(ShortString::from(e.as_str()));
+    }
+    props
+}
+
+/// Connect with the configured timeout covering TCP connect and the AMQP handshake.
+pub(crate) async fn connect(config: &AmqpConfig, name: &str) -> Result<Connection, BrokerError> {
+    let started = Instant::now();
+    let props = ConnectionProperties::default().with_connection_name(LongString::from(name));
+    match tokio::time::timeout(config.connect_timeout, Connection::connect(&config.lapin_uri, props)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(unreachable(config, e)),
+        Err(_) => Err(BrokerError::Unreachable {
+            url: config.redacted.clone(),
+            reason: format!(
+                "no AMQP handshake from {} within {:.1}s (connect_timeout)",
+                config.host,
+                started.elapsed().as_secs_f64()
+            ),
+        }),
+    }
+}
+
+pub(crate) fn unreachable(config: &AmqpConfig, e: lapin::Error) -> BrokerError {
+    BrokerError::Unreachable { url: config.redacted.clone(), reason: e.to_string() }
+}
+
+fn redact(url: &str) -> String {
+    match url.split_once("://").and_then(|(s, rest)| rest.rsplit_once('@').map(|(u, h)| (s, u, h))) {
+        Some((scheme, userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+#[async_trait]
+impl Broker for AmqpBroker {
+    fn url(&self) -> &str {
+        &self.config.redacted
+    }
+
+    async fn publish(&self, queue: &str, message: &Message) -> Result<(), BrokerError> {
+        self.publish_once(queue, message).await
+    }
+
+    async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
+        if queues.is_empty() {
+            return Err(BrokerError::Rejected {
+                url: self.config.redacted.clone(),
+                reason: "no queue to consume from".into(),
+            });
+        }
+        let c = consumer::AmqpConsumer::start(self.config.clone(), queues.to_vec(), prefetch).await?;
+        Ok(Box::new(c))
+    }
+
+    /// RabbitMQ's default `consumer_timeout` is 30 minutes; hold for half of it.
+    fn max_unacked_hold(&self) -> Option<Duration> {
+        Some(Duration::from_secs(15 * 60))
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
+        let queue = queue.to_string();
+        self.admin(|ch| async move {
+            ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default()).await.map(u64::from)
+        })
+        .await
+    }
+
+    async fn queues(&self, queues: &[String]) -> Result<Vec<QueueInfo>, BrokerError> {
+        if queues.is_empty() {
+            return Err(BrokerError::Rejected {
+                url: self.config.redacted.clone(),
+                reason: "RabbitMQ does not list queues over AMQP: name the queues to show".into(),
+            });
+        }
+        let mut out = Vec::new();
+        for q in queues {
+            let name = q.clone();
+            // A passive declare reads the counts without creating anything.
+            let (ready, consumers) = self
+                .admin(|ch| async move {
+                    let q = ch
+                        .queue_declare(
+                            name.as_str().into(),
+                            QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() },
+                            Default::default(),
+                        )
+                        .await?;
+                    Ok((q.message_count(), q.consumer_count()))
+                })
+                .await?;
+            out.push(QueueInfo {
+                name: q.clone(),
+                ready: u64::from(ready),
+                scheduled: 0,
+                unacked: 0,
+                consumers: Some(u64::from(consumers)),
+                dead: 0,
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,320 @@
+//! Consuming from RabbitMQ: reconnection, prefetch, and batched acknowledgements.
+//!
+//! A background task owns the connection. It declares the queues, sets `basic.qos` to the
+//! prefetch, starts one consumer per queue on one channel and forwards deliveries over a channel
+//! (so [`Consumer::next`] is cancel-safe). When the connection or channel dies it logs, waits with
+//! a capped backoff (0.5 s doubling to 30 s) and starts again; the worker never exits because the
+//! broker went away.
+//!
+//! Each channel has a *settler* task. Rejections are sent at once; acknowledgements are collected
+//! and sent as one `basic.ack(multiple)` up to the highest tag below which every delivery is
+//! settled, at most 2 ms after the last one (or at once every 100), and on flush. A delivery's
+//! settlement goes to the settler of the channel it came from: if that channel is gone, nothing
+//! is sent (a tag is meaningless on another channel) and RabbitMQ redelivers the message.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use celeriac_core::broker::{Acker, Consumer, Delivery};
+use celeriac_core::{BrokerError, Message, Properties};
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
+
+use crate::broker::{connect, unreachable};
+use crate::url::AmqpConfig;
+use crate::{fields, topology};
+
+/// Send the acknowledgements collected so far after this long without a new one.
+const ACK_FLUSH_DELAY: Duration = Duration::from_millis(2);
+/// Or as soon as this many are waiting.
+const ACK_FLUSH_BATCH: u64 = 100;
+
+enum SettleOp {
+    Ack(u64),
+    Reject(u64, bool),
+    Flush(oneshot::Sender<()>),
+}
+
+/// A consumer on one or more RabbitMQ queues.
+pub struct AmqpConsumer {
+    rx: mpsc::UnboundedReceiver<Result<Delivery, BrokerError>>,
+    stop: watch::Sender<bool>,
+    current: Arc<Mutex<Option<Live>>>,
+}
+
+/// The connection in use and its settler.
+#[derive(Clone)]
+struct Live {
+    conn: Arc<Connection>,
+    settle: mpsc::UnboundedSender<SettleOp>,
+}
+
+impl AmqpConsumer {
+    /// Connect, declare, and start consuming. The first connection must succeed; later losses are
+    /// recovered in the background.
+    pub async fn start(config: AmqpConfig, queues: Vec<String>, prefetch: usize) -> Result<Self, BrokerError> {
+        let prefetch = u16::try_from(prefetch.clamp(1, usize::from(u16::MAX))).unwrap_or(u16::MAX);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = watch::channel(false);
+        let current = Arc::new(Mutex::new(None));
+        let session = open_session(&config, &queues, prefetch).await?;
+        tokio::spawn(run(config, queues, prefetch, tx, stop_rx, current.clone(), Some(session)));
+        Ok(AmqpConsumer { rx, stop, current })
+    }
+}
+
+struct Session {
+    conn: Arc<Connection>,
+    channel: Channel,
+    consumers: Vec<lapin::Consumer>,
+}
+
+async fn open_session(config: &AmqpConfig, queues: &[String], prefetch: u16) -> Result<Session, BrokerError> {
+    let conn = connect(config, "celeriac worker").await?;
+    let channel = conn.create_channel().await.map_err(|e| unreachable(config, e))?;
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(|e| unreachable(config, e))?;
+    let mut consumers = Vec::new();
+    for q in queues {
+        topology::declare(&channel, config, q).await.map_err(|e| {
+            let text = e.to_string();
+            if text.contains("PRECONDITION_FAILED") {
+                BrokerError::Rejected {
+                    url: config.redacted.clone(),
+                    reason: format!("queue {q:?} exists with other arguments: {text}"),
+                }
+            } else {
+                unreachable(config, e)
+            }
+        })?;
+        let tag = format!("celeriac-{}-{q}", uuid::Uuid::new_v4());
+        let c = channel
+            .basic_consume(
+                q.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| unreachable(config, e))?;
+        consumers.push(c);
+    }
+    Ok(Session { conn: Arc::new(conn), channel, consumers })
+}
+
+async fn run(
+    config: AmqpConfig,
+    queues: Vec<String>,
+    prefetch: u16,
+    tx: mpsc::UnboundedSender<Result<Delivery, BrokerError>>,
+    mut stop: watch::Receiver<bool>,
+    current: Arc<Mutex<Option<Live>>>,
+    mut first: Option<Session>,
+) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let session = match first.take() {
+            Some(s) => s,
+            None => match open_session(&config, &queues, prefetch).await {
+                Ok(s) => {
+                    tracing::info!(broker = %config.redacted, "reconnected to the broker; consuming again");
+                    backoff = Duration::from_millis(500);
+                    s
+                }
+                Err(e) => {
+                    tracing::warn!(broker = %config.redacted, error = %e, retry_in = ?backoff, "cannot reach the broker");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            },
+        };
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        tokio::spawn(settler(session.channel.clone(), settle_rx));
+        *current.lock().await = Some(Live { conn: session.conn.clone(), settle: settle_tx.clone() });
+        let tags: Vec<String> = session.consumers.iter().map(|c| c.tag().as_str().to_string()).collect();
+        let mut stream = futures::stream::select_all(session.consumers.into_iter().map(|c| c.boxed()));
+        loop {
+            tokio::select! {
+                next = stream.next() => match next {
+                    Some(Ok(d)) => {
+                        let delivery = to_delivery(d, settle_tx.clone());
+                        if tx.send(Ok(delivery)).is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(broker = %config.redacted, error = %e, "lost the broker connection; reconnecting");
+                        break;
+                    }
+                    None => {
+                        tracing::warn!(broker = %config.redacted, "the broker cancelled the consumer; reconnecting");
+                        break;
+                    }
+                },
+                _ = stop.changed() => {
+                    for tag in &tags {
+                        let _ = session.channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                    }
+                    return;
+                }
+            }
+        }
+        // This channel is dead: its settler drops whatever comes; RabbitMQ redelivers.
+        let _ = session.conn.close(320, "reconnecting".into()).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+fn to_delivery(d: lapin::message::Delivery, settle: mpsc::UnboundedSender<SettleOp>) -> Delivery {
+    let p = &d.properties;
+    let headers = p.headers().as_ref().map(fields::from_table).unwrap_or_default();
+    let properties = Properties {
+        correlation_id: p.correlation_id().as_ref().map(|s| s.as_str().to_string()),
+        content_type: p.content_type().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default(),
+        content_encoding: p.content_encoding().as_ref().map(|s| s.as_str().to_string()).unwrap_or_default(),
+        delivery_mode: p.delivery_mode().unwrap_or(2),
+        priority: *p.priority(),
+        reply_to: p.reply_to().as_ref().map(|s| s.as_str().to_string()).filter(|s| !s.is_empty()),
+        expiration: p.expiration().as_ref().map(|s| s.as_str().to_string()),
+    };
+    // Quorum queues count deliveries; classic queues only say "redelivered".
+    let count = headers
+        .get("x-delivery-count")
+        .and_then(serde_json::Value::as_u64)
+        .map(|n| n as u32 + 1)
+        .unwrap_or(if d.redelivered { 2 } else { 1 });
+    let queue = d.routing_key.as_str().to_string();
+    let message = Message { headers, properties, body: d.data };
+    Delivery::new(message, queue, count, Box::new(AmqpAcker { tag: d.delivery_tag, settle, settled: false }))
+}
+
+struct AmqpAcker {
+    tag: u64,
+    settle: mpsc::UnboundedSender<SettleOp>,
+    settled: bool,
+}
+
+#[async_trait]
+impl Acker for AmqpAcker {
+    async fn ack(mut self: Box<Self>) -> Result<(), BrokerError> {
+        self.settled = true;
+        // A closed settler means the channel died: RabbitMQ redelivers the message.
+        let _ = self.settle.send(SettleOp::Ack(self.tag));
+        Ok(())
+    }
+
+    async fn reject(mut self: Box<Self>, requeue: bool) -> Result<(), BrokerError> {
+        self.settled = true;
+        let _ = self.settle.send(SettleOp::Reject(self.tag, requeue));
+        Ok(())
+    }
+}
+
+impl Drop for AmqpAcker {
+    fn drop(&mut self) {
+        if !self.settled {
+            let _ = self.settle.send(SettleOp::Reject(self.tag, true));
+        }
+    }
+}
+
+/// Settle deliveries of one channel, acknowledging in batches.
+async fn settler(channel: Channel, mut rx: mpsc::UnboundedReceiver<SettleOp>) {
+    // Tags settled but not yet covered by the contiguous prefix: tag -> is an ack.
+    let mut done: BTreeMap<u64, bool> = BTreeMap::new();
+    let mut next_expected = 1u64;
+    let mut ack_upto = 0u64; // highest acked tag in the settled prefix
+    let mut sent_upto = 0u64; // highest tag acknowledged to RabbitMQ
+    loop {
+        let dirty = ack_upto > sent_upto;
+        let op = if dirty {
+            tokio::select! {
+                op = rx.recv() => op,
+                _ = tokio::time::sleep(ACK_FLUSH_DELAY) => {
+                    flush(&channel, ack_upto, &mut sent_upto).await;
+                    continue;
+                }
+            }
+        } else {
+            rx.recv().await
+        };
+        match op {
+            Some(SettleOp::Ack(tag)) => {
+                done.insert(tag, true);
+            }
+            Some(SettleOp::Reject(tag, requeue)) => {
+                if let Err(e) = channel.basic_reject(tag, BasicRejectOptions { requeue }).await {
+                    tracing::debug!(error = %e, tag, "reject not sent; the message will be redelivered");
+                }
+                done.insert(tag, false);
+            }
+            Some(SettleOp::Flush(reply)) => {
+                flush(&channel, ack_upto, &mut sent_upto).await;
+                let _ = reply.send(());
+                continue;
+            }
+            None => {
+                flush(&channel, ack_upto, &mut sent_upto).await;
+                return;
+            }
+        }
+        while let Some(is_ack) = done.remove(&next_expected) {
+            if is_ack {
+                ack_upto = next_expected;
+            }
+            next_expected += 1;
+        }
+        if ack_upto >= sent_upto + ACK_FLUSH_BATCH {
+            flush(&channel, ack_upto, &mut sent_upto).await;
+        }
+    }
+}
+
+async fn flush(channel: &Channel, ack_upto: u64, sent_upto: &mut u64) {
+    if ack_upto > *sent_upto {
+        if let Err(e) = channel.basic_ack(ack_upto, BasicAckOptions { multiple: true }).await {
+            tracing::debug!(error = %e, ack_upto, "acks not sent; the messages will be redelivered");
+        }
+        *sent_upto = ack_upto;
+    }
+}
+
+#[async_trait]
+impl Consumer for AmqpConsumer {
+    async fn next(&mut self) -> Result<Delivery, BrokerError> {
+        self.rx.recv().await.unwrap_or(Err(BrokerError::Closed))
+    }
+
+    async fn close(&mut self) {
+        let _ = self.stop.send(true);
+        self.rx.close();
+        while let Ok(d) = self.rx.try_recv() {
+            drop(d); // unsettled: requeued by its acker
+        }
+    }
+
+    async fn flush(&mut self) {
+        let live = self.current.lock().await.clone();
+        if let Some(live) = live {
+            let (tx, rx) = oneshot::channel();
+            if live.settle.send(SettleOp::Flush(tx)).is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(2), live.conn.close(200, "worker stopped".into())).await;
+        }
+    }
+}

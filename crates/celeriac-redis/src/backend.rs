@@ -1,0 +1,207 @@
+//! The Redis result backend, laid out exactly as Celery's `RedisBackend` lays it out.
+//!
+//! - A result is the string key `celery-task-meta-<task id>` holding the result JSON
+//!   ([`ResultMeta::to_json`], Celery's bytes), written with an expiry of `result_expires`
+//!   seconds (default 86400, as Celery's `result_expires`; `0` keeps results forever).
+//! - Storing also `PUBLISH`es the same bytes on a channel named like the key, in the same
+//!   `MULTI`/`EXEC` pipeline, as Celery does; this is what wakes Python's `AsyncResult.get()`, and
+//!   celeriac's [`RedisBackend::wait`].
+//! - [`RedisBackend::wait`] subscribes to the key's channel *before* reading the key, so a result
+//!   stored in between is seen by the read, and one stored after wakes the waiter. It re-reads the
+//!   key every second as well, in case a message is lost (a dropped pub/sub connection).
+//!
+//! URL: `redis://[[user]:password@]host[:port][/db][?result_expires=S&connect_timeout=S&command_timeout=S]`
+//! (the connection parameters are described in [`crate::url`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use celeriac_core::{BackendError, ResultBackend, ResultMeta};
+
+use crate::conn::{Failure, Redis};
+use crate::pubsub::Hub;
+use crate::url::{redact, RedisUrl};
+
+/// Celery's prefix of result keys (and of the channels results are published on).
+pub const KEY_PREFIX: &str = "celery-task-meta-";
+
+/// Celery's default `result_expires`: one day.
+pub const DEFAULT_RESULT_EXPIRES: Duration = Duration::from_secs(86_400);
+
+/// How often a waiter re-reads the result even without a message.
+const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The Redis key (and pub/sub channel) of a task's result.
+pub fn result_key(task_id: &str) -> String {
+    format!("{KEY_PREFIX}{task_id}")
+}
+
+/// Settings of the result backend, read from its URL.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisBackendConfig {
+    /// Where the server is and how long to wait for it.
+    pub server: RedisUrl,
+    /// How long results are kept; `None` keeps them until deleted.
+    pub result_expires: Option<Duration>,
+}
+
+impl RedisBackendConfig {
+    /// Parse a backend URL: the common connection settings plus `result_expires` (whole seconds,
+    /// `0` for never).
+    pub fn from_url(url: &str) -> Result<Self, String> {
+        let mut server = RedisUrl::parse(url)?;
+        let mut result_expires = Some(DEFAULT_RESULT_EXPIRES);
+        for (key, value) in std::mem::take(&mut server.params) {
+            match key.as_str() {
+                "result_expires" => {
+                    let secs = value.parse::<u64>().map_err(|_| {
+                        format!("result_expires={value:?} is not a whole number of seconds (0 = never expire)")
+                    })?;
+                    result_expires = (secs > 0).then(|| Duration::from_secs(secs));
+                }
+                other => {
+                    return Err(format!(
+                        "unknown parameter {other:?} (known: result_expires, connect_timeout, command_timeout)"
+                    ))
+                }
+            }
+        }
+        let config = RedisBackendConfig { server, result_expires };
+        Ok(config)
+    }
+}
+
+/// A Celery-compatible result backend on Redis. Cheap to clone (clones share the connections).
+#[derive(Clone)]
+pub struct RedisBackend {
+    config: Arc<RedisBackendConfig>,
+    redis: Arc<Redis>,
+    hub: Arc<Hub>,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl RedisBackend {
+    /// Prepare the backend a `redis://` URL describes, without touching the network: the
+    /// connection is opened by the first operation (and an unreachable server is reported by it,
+    /// within the connect timeout). Does not need to run inside a Tokio runtime; the operations do.
+    pub fn open(url: &str) -> Result<Self, BackendError> {
+        let bad = |reason: String| BackendError::BadUrl { url: redact(url), reason };
+        let config = RedisBackendConfig::from_url(url).map_err(bad)?;
+        let redis = Arc::new(Redis::new(&config.server).map_err(bad)?);
+        let hub = Arc::new(Hub::new(redis.clone()));
+        Ok(RedisBackend { config: Arc::new(config), redis, hub })
+    }
+
+    /// Open the backend and connect at once: an unreachable server (or a wrong password) is
+    /// reported here as [`BackendError::Unreachable`], within the connect timeout.
+    pub async fn connect(url: &str) -> Result<Self, BackendError> {
+        let backend = Self::open(url)?;
+        backend.redis.ping().await.map_err(|e| backend.error(e))?;
+        Ok(backend)
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &RedisBackendConfig {
+        &self.config
+    }
+
+    fn error(&self, failure: Failure) -> BackendError {
+        let url = self.config.server.redacted.clone();
+        match failure {
+            Failure::Unreachable(reason) => BackendError::Unreachable { url, reason },
+            Failure::Command(reason) => BackendError::Io { url, reason },
+        }
+    }
+
+    fn decode(task_id: &str, bytes: &[u8]) -> Result<ResultMeta, BackendError> {
+        ResultMeta::from_json(bytes)
+            .map_err(|e| BackendError::Corrupt { task_id: task_id.to_string(), reason: e.to_string() })
+    }
+}
+
+#[async_trait]
+impl ResultBackend for RedisBackend {
+    fn url(&self) -> &str {
+        &self.config.server.redacted
+    }
+
+    async fn store(&self, meta: &ResultMeta) -> Result<(), BackendError> {
+        let key = result_key(&meta.task_id);
+        let json = meta.to_json();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match self.config.result_expires {
+            Some(ttl) => pipe.cmd("SET").arg(&key).arg(&json).arg("EX").arg(ttl.as_secs()).ignore(),
+            None => pipe.cmd("SET").arg(&key).arg(&json).ignore(),
+        };
+        pipe.cmd("PUBLISH").arg(&key).arg(&json).ignore();
+        let pipe = &pipe;
+        self.redis.run(|mut conn| async move { pipe.exec_async(&mut conn).await }).await.map_err(|e| self.error(e))?;
+        tracing::trace!(task_id = %meta.task_id, status = %meta.status, "result stored");
+        Ok(())
+    }
+
+    async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, BackendError> {
+        let key = &result_key(task_id);
+        let raw: Option<Vec<u8>> = self
+            .redis
+            .run(|mut conn| async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
+            .await
+            .map_err(|e| self.error(e))?;
+        raw.map(|bytes| Self::decode(task_id, &bytes)).transpose()
+    }
+
+    async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
+        let key = &result_key(task_id);
+        self.redis
+            .run(|mut conn| async move { redis::cmd("DEL").arg(key).query_async::<()>(&mut conn).await })
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// Subscribe to the result's channel, then read the result; then wait for a message (whose
+    /// payload is the stored result), re-reading the key every second in case one is missed.
+    async fn wait(&self, task_id: &str, timeout: Option<Duration>) -> Result<ResultMeta, BackendError> {
+        let start = Instant::now();
+        let deadline = timeout.map(|limit| start + limit);
+        let mut sub = self.hub.subscribe(&result_key(task_id)).await.map_err(|e| self.error(e))?;
+        let mut hub_gone = false;
+        loop {
+            if let Some(meta) = self.get(task_id).await? {
+                if meta.status.is_ready() {
+                    return Ok(meta);
+                }
+            }
+            // Pub/sub lost its connection since the last look: open a new one (best effort).
+            self.hub.revive().await;
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(BackendError::Timeout { task_id: task_id.to_string(), waited: start.elapsed() });
+            }
+            let recheck = now + RECHECK_INTERVAL;
+            let wake = deadline.map_or(recheck, |d| d.min(recheck));
+            // Wait for a message that carries a ready result; any other message, the periodic
+            // re-check and the deadline all go back to reading the key.
+            tokio::select! {
+                changed = sub.latest.changed(), if !hub_gone => match changed {
+                    Ok(()) => {
+                        let payload = sub.latest.borrow_and_update().clone();
+                        let meta = payload.and_then(|bytes| Self::decode(task_id, &bytes).ok());
+                        if let Some(meta) = meta.filter(|m| m.status.is_ready() && m.task_id == task_id) {
+                            return Ok(meta);
+                        }
+                    }
+                    // The hub is gone (cannot happen while `sub` lives); keep re-reading.
+                    Err(_) => hub_gone = true,
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+}

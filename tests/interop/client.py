@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Act as a real Python Celery client for celeriac's interop tests.
+
+Uses the app from pytasks.py, so it is configured by the same environment
+variables (CELERY_BROKER_URL, CELERY_RESULT_BACKEND, CELERY_DEFAULT_QUEUE).
+
+    client.py send NAME [--args JSON] [--kwargs JSON] [--queue Q]
+                        [--countdown S] [--expires S] [--task-id ID]
+                        [--priority N]
+        Publish one task by name (app.send_task); prints the task id.
+
+    client.py get ID [--timeout S]
+        Wait for the result (default timeout 30 s) and print ONE JSON line:
+            {"state": ..., "result": ..., "exc_type": ..., "exc_message": ...,
+             "traceback": ...}
+        Success: result is the return value, exc_* and traceback are null.
+        Failure (or revoked...): AsyncResult.get(propagate=True) raised; the
+        exception Python rebuilt from the backend is reported as exc_type =
+        type(e).__name__ and exc_message = str(e); traceback is the stored
+        traceback text; result is null. Exit status 0 in both cases.
+        Timeout: same line with exc_type "TimeoutError" and the state the
+        backend reports (e.g. PENDING); exit status 2.
+
+    client.py send-many NAME COUNT [--args JSON] [--kwargs JSON] [--queue Q]
+        Publish COUNT identical tasks as fast as possible over one producer;
+        prints the ids, one per line, in publish order.
+
+Exit status 1 (and a message on stderr) on usage or connection errors.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from pytasks import app  # noqa: E402
+
+
+def _json_arg(text, kind):
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise SystemExit(f'client.py: --{kind} is not valid JSON: {e}')
+    if kind == 'args' and not isinstance(value, list):
+        raise SystemExit('client.py: --args must be a JSON array')
+    if kind == 'kwargs' and not isinstance(value, dict):
+        raise SystemExit('client.py: --kwargs must be a JSON object')
+    return value
+
+
+def cmd_send(ns):
+    options = {}
+    if ns.queue is not None:
+        options['queue'] = ns.queue
+    if ns.countdown is not None:
+        options['countdown'] = ns.countdown
+    if ns.expires is not None:
+        options['expires'] = ns.expires
+    if ns.task_id is not None:
+        options['task_id'] = ns.task_id
+    if ns.priority is not None:
+        options['priority'] = ns.priority
+    result = app.send_task(ns.name, args=_json_arg(ns.args, 'args'),
+                           kwargs=_json_arg(ns.kwargs, 'kwargs'), **options)
+    print(result.id, flush=True)
+    return 0
+
+
+def cmd_send_many(ns):
+    args = _json_arg(ns.args, 'args')
+    kwargs = _json_arg(ns.kwargs, 'kwargs')
+    options = {'queue': ns.queue} if ns.queue is not None else {}
+    ids = []
+    with app.producer_or_acquire() as producer:
+        for _ in range(ns.count):
+            ids.append(app.send_task(ns.name, args=args, kwargs=kwargs,
+                                     producer=producer, **options).id)
+    sys.stdout.write(''.join(i + '\n' for i in ids))
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_get(ns):
+    from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+    res = app.AsyncResult(ns.id)
+    out = {'state': None, 'result': None, 'exc_type': None,
+           'exc_message': None, 'traceback': None}
+    status = 0
+    try:
+        value = res.get(timeout=ns.timeout, propagate=True,
+                        disable_sync_subtasks=False)
+        out['result'] = value
+    except CeleryTimeoutError as e:
+        out['exc_type'] = 'TimeoutError'
+        out['exc_message'] = str(e)
+        status = 2
+    except Exception as e:  # the exception Celery rebuilt from the backend
+        out['exc_type'] = type(e).__name__
+        out['exc_message'] = str(e)
+        out['traceback'] = res.traceback
+    out['state'] = res.state
+    print(json.dumps(out, default=repr), flush=True)
+    # A result still pending (timeout) is unsubscribed by AsyncResult.__del__
+    # during interpreter shutdown, which prints a spurious ImportError trace;
+    # unsubscribe now while the interpreter is intact.
+    try:
+        res.backend.remove_pending_result(res)
+    except Exception:
+        pass
+    return status
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog='client.py', description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest='cmd', required=True)
+
+    s = sub.add_parser('send', help='publish one task; prints its id')
+    s.add_argument('name')
+    s.add_argument('--args', default='[]', help='JSON array (default [])')
+    s.add_argument('--kwargs', default='{}', help='JSON object (default {})')
+    s.add_argument('--queue')
+    s.add_argument('--countdown', type=float)
+    s.add_argument('--expires', type=float, help='seconds from now')
+    s.add_argument('--task-id')
+    s.add_argument('--priority', type=int)
+    s.set_defaults(func=cmd_send)
+
+    g = sub.add_parser('get', help='wait for a result; prints one JSON line')
+    g.add_argument('id')
+    g.add_argument('--timeout', type=float, default=30.0)
+    g.set_defaults(func=cmd_get)
+
+    m = sub.add_parser('send-many', help='publish COUNT tasks; prints ids')
+    m.add_argument('name')
+    m.add_argument('count', type=int)
+    m.add_argument('--args', default='[]', help='JSON array (default [])')
+    m.add_argument('--kwargs', default='{}', help='JSON object (default {})')
+    m.add_argument('--queue')
+    m.set_defaults(func=cmd_send_many)
+
+    ns = p.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except SystemExit:
+        raise
+    except Exception as e:
+        print(f'client.py: {type(e).__name__}: {e}', file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
