@@ -21,6 +21,8 @@ use serde_json::Value;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
+use crate::prefork::protocol::RunRequest;
+use crate::prefork::PoolOutcome;
 use crate::request::Request;
 use crate::stats::Stats;
 use crate::Shared;
@@ -32,6 +34,8 @@ enum Outcome {
     Error(TaskError),
     TimeLimit(f64),
     Panicked(String),
+    /// The prefork child running it died (how).
+    WorkerLost(String),
     Aborted,
 }
 
@@ -64,6 +68,51 @@ async fn run_inner(shared: Arc<Shared>, req: Request, permit: OwnedSemaphorePerm
 
     tracing::info!(queue = %req.delivery.queue, retries = req.headers.retries, "task received");
     let started = std::time::Instant::now();
+    let outcome = match &shared.pool {
+        Some(pool) => {
+            let run = RunRequest {
+                id: req.headers.id.clone(),
+                name: req.headers.task.clone(),
+                args: req.body.args.clone(),
+                kwargs: req.body.kwargs.clone(),
+                retries: req.headers.retries,
+                queue: req.delivery.queue.clone(),
+                root_id: req.headers.root_id.clone(),
+                parent_id: req.headers.parent_id.clone(),
+                group: req.headers.group.clone(),
+                delivery_count: req.delivery.delivery_count,
+                hostname: shared.config.hostname.clone(),
+                soft_time_limit: soft,
+            };
+            drop((ctx, soft_tx));
+            match pool.run(run, hard.map(Duration::from_secs_f64), abort.clone()).await {
+                PoolOutcome::Done(Ok(v)) => Outcome::Value(v),
+                PoolOutcome::Done(Err(e)) if e.exc_type == "Panic" && e.module == "celeriac" => {
+                    Outcome::Panicked(e.message)
+                }
+                PoolOutcome::Done(Err(e)) => Outcome::Error(e),
+                PoolOutcome::TimeLimit => Outcome::TimeLimit(hard.unwrap_or_default()),
+                PoolOutcome::WorkerLost(how) => Outcome::WorkerLost(how),
+                PoolOutcome::Aborted => Outcome::Aborted,
+            }
+        }
+        None => run_in_process(&req, ctx, soft, soft_tx, hard, &mut abort).await,
+    };
+    let runtime = started.elapsed();
+    // The slot is free as soon as the task is done; settling does not need it.
+    drop(permit);
+    settle(&shared, req, outcome, runtime).await;
+}
+
+/// Run a task in this process (the async pool), under its time limits.
+async fn run_in_process(
+    req: &Request,
+    ctx: TaskContext,
+    soft: Option<f64>,
+    soft_tx: watch::Sender<bool>,
+    hard: Option<f64>,
+    abort: &mut watch::Receiver<bool>,
+) -> Outcome {
     let fut = AssertUnwindSafe(req.task.call(ctx, req.body.args.clone(), req.body.kwargs.clone())).catch_unwind();
     let soft_timer = async {
         match soft {
@@ -82,7 +131,7 @@ async fn run_inner(shared: Arc<Shared>, req: Request, permit: OwnedSemaphorePerm
             None => std::future::pending().await,
         }
     };
-    let outcome = tokio::select! {
+    tokio::select! {
         r = fut => match r {
             Ok(Ok(v)) => Outcome::Value(v),
             Ok(Err(e)) => Outcome::Error(e),
@@ -90,12 +139,8 @@ async fn run_inner(shared: Arc<Shared>, req: Request, permit: OwnedSemaphorePerm
         },
         _ = hard_timer => Outcome::TimeLimit(hard.unwrap_or_default()),
         _ = soft_timer => unreachable!("the soft timer never completes"),
-        _ = aborted(&mut abort) => Outcome::Aborted,
-    };
-    let runtime = started.elapsed();
-    // The slot is free as soon as the task is done; settling does not need it.
-    drop(permit);
-    settle(&shared, req, outcome, runtime).await;
+        _ = aborted(abort) => Outcome::Aborted,
+    }
 }
 
 /// Hold a request whose ETA is in the future (the broker delivered it early), without taking a
@@ -207,6 +252,35 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 "billiard.exceptions",
             );
             Some(ResultMeta::exception(&id, TaskState::Failure, &exc, None))
+        }
+        Outcome::WorkerLost(how) => {
+            let lost = shared.note_lost(&id);
+            let deliveries = lost + req.delivery.delivery_count.saturating_sub(1);
+            if deliveries >= shared.config.max_deliveries {
+                let reason = format!(
+                    "Worker exited prematurely: {how}; task {}[{id}] lost its worker {deliveries} times (limit {})",
+                    req.headers.task, shared.config.max_deliveries
+                );
+                tracing::error!(%reason, "poison message: failing and dead-lettering");
+                Stats::bump(&shared.stats.failed);
+                let exc = ExceptionInfo::new("WorkerLostError", reason.clone(), "billiard.exceptions");
+                if let Err(e) = shared.backend.store(&ResultMeta::exception(&id, TaskState::Failure, &exc, None)).await
+                {
+                    tracing::error!(error = %e, "could not store the result; requeueing");
+                    req.requeue().await;
+                    return;
+                }
+                shared.forget_lost(&id);
+                Stats::bump(&shared.stats.dead_lettered);
+                if let Err(e) = req.delivery.dead_letter(&reason).await {
+                    tracing::warn!(error = %e, "could not dead-letter the message");
+                }
+                return;
+            }
+            tracing::error!(child_exit = %how, times = deliveries, "the child running the task died; requeueing it");
+            Stats::bump(&shared.stats.requeued);
+            req.requeue().await;
+            return;
         }
         Outcome::Panicked(msg) => {
             tracing::error!(panic = %msg, "task panicked");

@@ -12,6 +12,7 @@
 //! most `concurrency` tasks at once; the broker's prefetch bounds how many more wait in reserve.
 
 pub mod execute;
+pub mod prefork;
 pub mod request;
 pub mod shutdown;
 pub mod stats;
@@ -46,6 +47,8 @@ pub struct WorkerConfig {
     /// A message delivered more than this many times is failed with `WorkerLostError` and
     /// dead-lettered (the poison-message guard).
     pub max_deliveries: u32,
+    /// Run tasks in child processes (the prefork pool) instead of in this process.
+    pub prefork: Option<prefork::PreforkConfig>,
 }
 
 impl Default for WorkerConfig {
@@ -59,6 +62,7 @@ impl Default for WorkerConfig {
             time_limit: None,
             soft_time_limit: None,
             max_deliveries: 3,
+            prefork: None,
         }
     }
 }
@@ -79,6 +83,9 @@ pub enum WorkerError {
     /// The configuration is unusable.
     #[error("invalid worker configuration: {0}")]
     Config(String),
+    /// The prefork pool could not start.
+    #[error(transparent)]
+    Pool(#[from] prefork::PoolError),
     /// The broker failed in a way the worker cannot recover from.
     #[error(transparent)]
     Broker(#[from] BrokerError),
@@ -93,6 +100,55 @@ pub(crate) struct Shared {
     pub stats: Arc<Stats>,
     /// Set to true to abort running tasks (shutdown timeout passed, or cold shutdown).
     pub abort: watch::Receiver<bool>,
+    /// The prefork pool, when tasks run in child processes.
+    pub pool: Option<Arc<prefork::Pool>>,
+    /// Times each task's child died under it, in this process.
+    pub lost: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+impl Shared {
+    /// Count one more lost child for a task; returns the count.
+    pub fn note_lost(&self, id: &str) -> u32 {
+        let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+        let n = lost.entry(id.to_string()).or_default();
+        *n += 1;
+        *n
+    }
+
+    /// Forget a task's lost-child count.
+    pub fn forget_lost(&self, id: &str) {
+        self.lost.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+}
+
+/// On SIGUSR1, log what every pool child is doing (pid, task, runtime, tasks done, memory, and
+/// what it is blocked on), or how many tasks run in the async pool.
+fn spawn_status_dump(shared: Arc<Shared>) -> Option<tokio::task::JoinHandle<()>> {
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok()?;
+    Some(tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            let s = shared.stats.snapshot();
+            match &shared.pool {
+                Some(pool) => {
+                    tracing::info!(degraded = pool.degraded(), ?s, "pool status");
+                    for c in pool.children() {
+                        let blocked = prefork::proc_info::describe_wait(c.pid).unwrap_or_default();
+                        match &c.task {
+                            Some(t) => tracing::info!(
+                                slot = c.slot, pid = c.pid, task_id = %t.id, task_name = %t.name,
+                                runtime = format!("{:.1}s", (chrono::Utc::now() - t.started).num_milliseconds() as f64 / 1000.0),
+                                tasks_done = c.tasks_done, rss = %prefork::format_kib(c.rss_kib), %blocked, "child busy"
+                            ),
+                            None => {
+                                tracing::info!(slot = c.slot, pid = c.pid, tasks_done = c.tasks_done, rss = %prefork::format_kib(c.rss_kib), "child idle")
+                            }
+                        }
+                    }
+                }
+                None => tracing::info!(?s, "async pool status"),
+            }
+        }
+    }))
 }
 
 /// Resolves once shutdown has reached `target` (or the handle is gone).
@@ -135,7 +191,23 @@ impl Worker {
             return Err(WorkerError::Config("no queue to consume".into()));
         }
         let prefetch = cfg.concurrency.saturating_mul(cfg.prefetch_multiplier.max(1));
-        let mut consumer = self.broker.consume(&cfg.queues, prefetch).await?;
+        // The pool is fully started (every child ready) before anything is consumed: no restart
+        // loop on a backlog.
+        let pool = match &cfg.prefork {
+            Some(pc) => {
+                Some(prefork::Pool::start(prefork::PreforkConfig { processes: cfg.concurrency, ..pc.clone() }).await?)
+            }
+            None => None,
+        };
+        let mut consumer = match self.broker.consume(&cfg.queues, prefetch).await {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(p) = &pool {
+                    p.shutdown().await;
+                }
+                return Err(e.into());
+            }
+        };
         tracing::info!(
             hostname = %cfg.hostname,
             queues = %cfg.queues.join(","),
@@ -153,7 +225,10 @@ impl Worker {
             backend: self.backend.clone(),
             stats: self.stats.clone(),
             abort: abort_rx,
+            pool: pool.clone(),
+            lost: Default::default(),
         });
+        let _status_dump = spawn_status_dump(shared.clone());
         let slots = Arc::new(Semaphore::new(cfg.concurrency));
         let mut running: JoinSet<()> = JoinSet::new();
         let mut level = shutdown.subscribe();
@@ -234,6 +309,9 @@ impl Worker {
         // Every outcome is settled: make sure the broker has heard of it before returning.
         consumer.flush().await;
         drop(consumer);
+        if let Some(p) = &pool {
+            p.shutdown().await;
+        }
         let snapshot = self.stats.snapshot();
         tracing::info!(hostname = %cfg.hostname, ?snapshot, "worker stopped");
         Ok(snapshot)

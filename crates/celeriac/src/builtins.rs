@@ -9,6 +9,12 @@
 //! | `celeriac.sleep(seconds)` | sleeps, returns `seconds` |
 //! | `celeriac.fail(message)` | fails with `RuntimeError(message)` |
 //! | `celeriac.flaky(failures)` | fails `failures` times, retried with backoff, then returns its retry count |
+//! | `celeriac.alloc(mb, keep)` | allocates and touches `mb` MiB; with `keep`, never frees it (a leak) |
+//! | `celeriac.hang()` | blocks forever in a futex wait (a deadlock, as inside a C library) |
+//! | `celeriac.crash()` | aborts the process running it (SIGABRT) |
+//!
+//! `hang` and `crash` are for the prefork pool, where they cost one child: in the async pool a
+//! hang holds a blocking thread until the process exits, and a crash takes the worker down.
 
 use std::time::Duration;
 
@@ -76,9 +82,56 @@ pub async fn flaky(ctx: &TaskContext, failures: u32) -> Result<u32, TaskError> {
     Ok(ctx.retries)
 }
 
+/// Memory `celeriac.alloc` keeps on purpose.
+static KEPT: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// Allocates `mb` MiB and writes every page, so it is resident; with `keep`, holds on to it for
+/// the life of the process. Returns the process's resident set afterwards, in MiB.
+#[celeriac::task(name = "celeriac.alloc")]
+pub fn alloc(mb: f64, keep: Option<bool>) -> Result<f64, TaskError> {
+    if !(mb.is_finite() && (0.0..=65536.0).contains(&mb)) {
+        return Err(TaskError::new("ValueError", format!("mb must be between 0 and 65536, got {mb}")));
+    }
+    let mut block = vec![0u8; (mb * 1024.0 * 1024.0) as usize];
+    for page in block.chunks_mut(4096) {
+        page[0] = 1;
+    }
+    std::hint::black_box(&block);
+    if keep.unwrap_or(false) {
+        KEPT.lock().unwrap_or_else(|e| e.into_inner()).push(block);
+    }
+    let rss_kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    Ok((rss_kib / 1024.0 * 10.0).round() / 10.0)
+}
+
+/// Blocks forever in a futex wait, as a task deadlocked inside a C library does.
+#[celeriac::task(name = "celeriac.hang")]
+pub fn hang() {
+    let lock = std::sync::Mutex::new(());
+    let never = std::sync::Condvar::new();
+    let mut guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        guard = never.wait(guard).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// Aborts the process running it.
+#[celeriac::task(name = "celeriac.crash")]
+pub fn crash() {
+    std::process::abort();
+}
+
 /// Register every built-in task.
 pub fn register(registry: &mut Registry) {
     registry.register(ping).register(noop).register(echo).register(add).register(sleep).register(fail).register(flaky);
+    registry.register(alloc).register(hang).register(crash);
 }
 
 #[cfg(test)]

@@ -116,9 +116,17 @@ struct WorkerArgs {
     /// Tasks run at once (default: number of CPUs).
     #[arg(short = 'c', long)]
     concurrency: Option<usize>,
-    /// Pool implementation (only `async` in this build).
+    /// Pool: `async` (tasks in this process) or `prefork` (each task in a child process:
+    /// hard kills, memory recycling, crash isolation).
     #[arg(short = 'P', long = "pool", default_value = "async")]
     pool: String,
+    /// prefork: replace a child after this many tasks.
+    #[arg(long = "max-tasks-per-child")]
+    max_tasks_per_child: Option<u64>,
+    /// prefork: replace a child whose memory passes this after a task (200MB, 512MiB; a bare
+    /// number is KiB, as in Celery).
+    #[arg(long = "max-memory-per-child")]
+    max_memory_per_child: Option<String>,
     /// Node name.
     #[arg(short = 'n', long)]
     hostname: Option<String>,
@@ -224,6 +232,12 @@ struct DeadLettersArgs {
 
 /// Parse `args` and run the command; never panics on bad input.
 pub fn main(app: App, args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    // A prefork child: this binary re-executed by a worker's supervisor.
+    if let Some(parent) = celeriac_worker::prefork::child::child_parent_pid() {
+        let level = std::env::var("CELERIAC_LOG").unwrap_or_else(|_| "warn".into());
+        init_logging(&level, true);
+        return celeriac_worker::prefork::child::run(app.shared_registry(), parent);
+    }
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -264,7 +278,7 @@ fn init_logging(level: &str, worker: bool) {
 async fn run(app: App, cli: Cli) -> CliResult {
     let backend_url = cli.result_backend.as_deref();
     match cli.command {
-        Command::Worker(args) => worker(app, &cli.broker, backend_url, args).await,
+        Command::Worker(args) => worker(app, &cli.broker, backend_url, &cli.loglevel, args).await,
         Command::Send(args) => send(&cli.broker, backend_url, args).await,
         Command::Result(args) => result(&cli.broker, backend_url, args).await,
         Command::Queues(args) => queues(&cli.broker, args).await,
@@ -282,13 +296,32 @@ fn positive_secs(flag: &str, v: f64) -> Result<Duration, CliError> {
     }
 }
 
-async fn worker(app: App, broker_url: &str, backend_url: Option<&str>, args: WorkerArgs) -> CliResult {
-    if args.pool != "async" {
-        return Err(CliError::usage(format!(
-            "--pool {:?} is not available in this build (available: async)",
-            args.pool
-        )));
-    }
+async fn worker(app: App, broker_url: &str, backend_url: Option<&str>, loglevel: &str, args: WorkerArgs) -> CliResult {
+    let prefork = match args.pool.as_str() {
+        "async" => {
+            if args.max_tasks_per_child.is_some() || args.max_memory_per_child.is_some() {
+                return Err(CliError::usage("--max-tasks-per-child and --max-memory-per-child need --pool prefork"));
+            }
+            None
+        }
+        "prefork" => {
+            let mut pc = celeriac_worker::prefork::PreforkConfig::new(0)
+                .map_err(|e| CliError::failed(format!("cannot find this executable for the pool: {e}")))?;
+            if args.max_tasks_per_child == Some(0) {
+                return Err(CliError::usage("--max-tasks-per-child must be at least 1"));
+            }
+            pc.max_tasks_per_child = args.max_tasks_per_child;
+            pc.max_memory_per_child_kib = args
+                .max_memory_per_child
+                .as_deref()
+                .map(celeriac_worker::prefork::parse_size_kib)
+                .transpose()
+                .map_err(|e| CliError::usage(format!("--max-memory-per-child: {e}")))?;
+            pc.log_level = loglevel.to_string();
+            Some(pc)
+        }
+        other => return Err(CliError::usage(format!("--pool {other:?} is not a pool (available: async, prefork)"))),
+    };
     let queues: Vec<String> = args.queues.iter().map(|q| q.trim().to_string()).filter(|q| !q.is_empty()).collect();
     if queues.is_empty() {
         return Err(CliError::usage("-Q/--queues names no queue"));
@@ -314,6 +347,7 @@ async fn worker(app: App, broker_url: &str, backend_url: Option<&str>, args: Wor
         time_limit: args.time_limit,
         soft_time_limit: args.soft_time_limit,
         max_deliveries: args.max_deliveries.max(1),
+        prefork,
     };
     let broker = connect::broker(broker_url)?;
     let backend = connect::backend(backend_url, broker_url)?;
@@ -322,6 +356,10 @@ async fn worker(app: App, broker_url: &str, backend_url: Option<&str>, args: Wor
     let worker = crate::Worker::new(config, app.shared_registry(), broker, backend);
     worker.run(shutdown).await.map_err(|e| match e {
         celeriac_worker::WorkerError::Config(m) => CliError::usage(m),
+        celeriac_worker::WorkerError::Pool(
+            p @ celeriac_worker::prefork::PoolError::MemoryLimitBelowFreshChild { .. },
+        ) => CliError::usage(p.to_string()),
+        celeriac_worker::WorkerError::Pool(p) => CliError::failed(p.to_string()),
         celeriac_worker::WorkerError::Broker(b) => CliError::from(b),
     })?;
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,121 @@
+//! A prefork child: the current binary re-executed in child mode, running one task at a time.
+//!
+//! On start it asks the kernel to SIGKILL it when its parent dies (`PR_SET_PDEATHSIG`) and then
+//! checks that the parent it was started by is still its parent — if the supervisor died between
+//! the fork and the `prctl`, the child exits at once. So a child never outlives its supervisor,
+//! whatever kills the supervisor.
+//!
+//! It keeps its original stdout for the frame protocol and points fd 1 at stderr, so a task that
+//! prints cannot corrupt the stream. Then: say `Ready`, and loop: read `Run`, run the task on a
+//! single-threaded runtime (blocking tasks on its blocking pool), answer `Done` with the outcome
+//! and its resident set size. `Exit` or the end of stdin ends the loop.
+
+use std::io::{BufReader, BufWriter};
+use std::panic::AssertUnwindSafe;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use celeriac_core::{Registry, TaskContext, TaskError};
+use futures::FutureExt;
+use tokio::sync::watch;
+
+use super::proc_info;
+use super::protocol::{read_frame, write_frame, ChildOutcome, FromChild, RunRequest, ToChild};
+
+/// Environment variable marking a child process; its value is the supervisor's pid.
+pub const CHILD_ENV: &str = "CELERIAC_PREFORK_PARENT";
+
+/// If this process was started as a prefork child, the supervisor's pid.
+pub fn child_parent_pid() -> Option<u32> {
+    std::env::var(CHILD_ENV).ok().and_then(|v| v.parse().ok())
+}
+
+/// Run the child loop with these tasks. Returns when told to exit or when the supervisor goes.
+pub fn run(registry: Arc<Registry>, parent: u32) -> ExitCode {
+    if let Err(e) = proc_info::die_with_parent(parent) {
+        eprintln!("celeriac child: {e}");
+        return ExitCode::from(1);
+    }
+    let protocol_out = match proc_info::take_stdout_for_protocol() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("celeriac child: cannot set up the protocol pipe: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("celeriac child: cannot start a runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut out = BufWriter::new(protocol_out);
+    let mut input = BufReader::new(std::io::stdin().lock());
+    if write_frame(&mut out, &FromChild::Ready { pid: std::process::id() }).is_err() {
+        return ExitCode::from(1);
+    }
+    loop {
+        let msg = match read_frame::<ToChild>(&mut input) {
+            Ok(Some(m)) => m,
+            Ok(None) | Err(_) => return ExitCode::SUCCESS,
+        };
+        match msg {
+            ToChild::Exit => return ExitCode::SUCCESS,
+            ToChild::Run(req) => {
+                let id = req.id.clone();
+                let outcome = runtime.block_on(run_one(&registry, *req));
+                let rss_kib = proc_info::rss_kib(std::process::id()).unwrap_or(0);
+                if write_frame(&mut out, &FromChild::Done { id, outcome, rss_kib }).is_err() {
+                    return ExitCode::from(1);
+                }
+            }
+        }
+    }
+}
+
+async fn run_one(registry: &Registry, req: RunRequest) -> ChildOutcome {
+    let Some(task) = registry.get(&req.name) else {
+        return ChildOutcome::from_result(Err(
+            TaskError::new("NotRegistered", format!("'{}'", req.name)).with_module("celery.exceptions")
+        ));
+    };
+    let (soft_tx, soft_rx) = watch::channel(false);
+    let mut ctx = TaskContext::detached(req.id, req.name);
+    ctx.retries = req.retries;
+    ctx.max_retries = task.options().max_retries;
+    ctx.queue = req.queue;
+    ctx.root_id = req.root_id;
+    ctx.parent_id = req.parent_id;
+    ctx.group = req.group;
+    ctx.delivery_count = req.delivery_count;
+    ctx.hostname = req.hostname;
+    let ctx = ctx.with_soft_limit(soft_rx);
+    let fut = AssertUnwindSafe(task.call(ctx, req.args, req.kwargs)).catch_unwind();
+    let soft = async {
+        match req.soft_time_limit {
+            Some(s) => {
+                tokio::time::sleep(Duration::from_secs_f64(s)).await;
+                let _ = soft_tx.send(true);
+                std::future::pending::<()>().await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = fut => match r {
+            Ok(result) => ChildOutcome::from_result(result),
+            Err(panic) => ChildOutcome::Panic { message: panic_message(&panic) },
+        },
+        _ = soft => unreachable!("the soft timer never completes"),
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "the task panicked".into())
+}

@@ -1,0 +1,506 @@
+//! The prefork pool: tasks run in child processes under a supervisor.
+//!
+//! Each child is the current binary re-executed in child mode ([`child`]), so the pool works for
+//! any binary built with `App::run_cli`. The supervisor (the worker process) alone talks to the
+//! broker; it hands one task at a time to an idle child over a pipe ([`protocol`]) and waits for
+//! the outcome. What the pool guarantees:
+//!
+//! - **No orphans**: children die with the supervisor (`PR_SET_PDEATHSIG`, checked after start),
+//!   are in its process group, and are killed on drop.
+//! - **No restart loops**: [`Pool::start`] returns only when every child has said `Ready`; the
+//!   worker consumes nothing before. A child that cannot start is retried with capped
+//!   exponential backoff while the pool reports itself degraded.
+//! - **Hung tasks are killed**: past its hard time limit a child is SIGKILLed, the task ends as
+//!   `TimeLimitExceeded` and a fresh child takes the slot.
+//! - **Recycling without thrash**: a child is replaced after `max_tasks_per_child` tasks or when
+//!   its resident set passes `max_memory_per_child` after a task (the task itself is unaffected).
+//!   A limit below a fresh child's size is refused at start, and frequent memory recycling is
+//!   reported once a minute with the numbers.
+//! - **Worker lost**: a child that dies mid-task is replaced and the outcome says how it died.
+
+pub mod child;
+pub mod proc_info;
+pub mod protocol;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use celeriac_core::TaskError;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::sync::{watch, Semaphore};
+
+use protocol::{read_frame_async, write_frame_async, FromChild, RunRequest, ToChild};
+
+/// How long a new child may take to say `Ready`.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Memory recycles within this window are looked at for thrashing.
+const THRASH_WINDOW: Duration = Duration::from_secs(60);
+/// Fewer tasks than this per child, on average, over the window is a thrash.
+const THRASH_TASKS: f64 = 10.0;
+
+/// How the pool is set up.
+#[derive(Debug, Clone)]
+pub struct PreforkConfig {
+    /// Number of children.
+    pub processes: usize,
+    /// Replace a child after this many tasks.
+    pub max_tasks_per_child: Option<u64>,
+    /// Replace a child whose resident set passes this many KiB after a task.
+    pub max_memory_per_child_kib: Option<u64>,
+    /// The program to run in child mode (default: this executable).
+    pub program: PathBuf,
+    /// Log filter handed to children.
+    pub log_level: String,
+}
+
+impl PreforkConfig {
+    /// A pool of `processes` children of this executable.
+    pub fn new(processes: usize) -> std::io::Result<Self> {
+        Ok(PreforkConfig {
+            processes,
+            max_tasks_per_child: None,
+            max_memory_per_child_kib: None,
+            program: std::env::current_exe()?,
+            log_level: "warn".into(),
+        })
+    }
+}
+
+/// Why the pool could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The memory limit is below what a child needs before running anything.
+    #[error(
+        "--max-memory-per-child {} is below a fresh child's {}: every child would be replaced after each task; raise it above {}",
+        format_kib(*limit_kib), format_kib(*fresh_kib), format_kib(*fresh_kib)
+    )]
+    MemoryLimitBelowFreshChild {
+        /// The limit asked for.
+        limit_kib: u64,
+        /// What a fresh child uses.
+        fresh_kib: u64,
+    },
+    /// A child could not be started.
+    #[error("cannot start a pool child ({program}): {reason}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// `4.1 MB`-style sizes.
+pub fn format_kib(kib: u64) -> String {
+    let bytes = kib as f64 * 1024.0;
+    if bytes >= 1e9 {
+        format!("{:.1} GB", bytes / 1e9)
+    } else {
+        format!("{:.1} MB", bytes / 1e6)
+    }
+}
+
+/// Parse a size: `200MB`, `512MiB`, `1.5GB`, `800kB`; a bare number is KiB, as Celery's
+/// `--max-memory-per-child`. Returns KiB.
+pub fn parse_size_kib(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{text:?} is not a size (e.g. 200MB, 512MiB)"))?;
+    let bytes = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "kib" | "k" => n * 1024.0,
+        "kb" => n * 1e3,
+        "mb" | "m" => n * 1e6,
+        "mib" => n * 1024.0 * 1024.0,
+        "gb" | "g" => n * 1e9,
+        "gib" => n * 1024.0 * 1024.0 * 1024.0,
+        "b" => n,
+        other => return Err(format!("unknown size unit {other:?} in {text:?} (use kB, MB, GB, KiB, MiB, GiB)")),
+    };
+    if !(bytes.is_finite() && bytes >= 1024.0) {
+        return Err(format!("{text:?} is too small for a memory limit"));
+    }
+    Ok((bytes / 1024.0).round() as u64)
+}
+
+/// How a task handed to the pool ended.
+#[derive(Debug)]
+pub enum PoolOutcome {
+    /// The task returned.
+    Done(Result<Value, TaskError>),
+    /// Its hard time limit passed; its child was killed.
+    TimeLimit,
+    /// Its child died; how.
+    WorkerLost(String),
+    /// The worker asked to abort (cold shutdown); its child was killed.
+    Aborted,
+}
+
+/// A task running in a child, for `inspect active` and the SIGUSR1 dump.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ActiveTask {
+    /// Task id.
+    pub id: String,
+    /// Task name.
+    pub name: String,
+    /// When it started.
+    pub started: DateTime<Utc>,
+}
+
+/// One child as the supervisor sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChildStatus {
+    /// Slot number.
+    pub slot: usize,
+    /// Its pid.
+    pub pid: u32,
+    /// What it runs now.
+    pub task: Option<ActiveTask>,
+    /// Tasks it has finished.
+    pub tasks_done: u64,
+    /// Resident set after its last task, KiB.
+    pub rss_kib: u64,
+}
+
+/// Pool counters.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    /// Children replaced after `max_tasks_per_child`.
+    pub recycled_max_tasks: AtomicU64,
+    /// Children replaced for exceeding the memory limit.
+    pub recycled_memory: AtomicU64,
+    /// Children killed at a hard time limit.
+    pub hard_limit_kills: AtomicU64,
+    /// Children that died mid-task.
+    pub worker_lost: AtomicU64,
+    /// Failed child starts.
+    pub spawn_failures: AtomicU64,
+}
+
+struct ChildProc {
+    slot: usize,
+    pid: u32,
+    process: Child,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    tasks: u64,
+}
+
+struct Thrash {
+    recycles: VecDeque<(Instant, u64)>,
+    last_warning: Option<Instant>,
+}
+
+/// The supervisor's pool of children.
+pub struct Pool {
+    config: PreforkConfig,
+    idle: Mutex<Vec<ChildProc>>,
+    idle_count: Semaphore,
+    status: Mutex<BTreeMap<usize, ChildStatus>>,
+    stats: PoolStats,
+    fresh_rss_kib: u64,
+    thrash: Mutex<Thrash>,
+    degraded: AtomicBool,
+}
+
+impl Pool {
+    /// Start every child and wait until all are ready. Refuses a memory limit below a fresh
+    /// child's resident set.
+    pub async fn start(config: PreforkConfig) -> Result<Arc<Pool>, PoolError> {
+        let mut children = Vec::with_capacity(config.processes);
+        for slot in 0..config.processes.max(1) {
+            children.push(spawn_child(&config, slot).await?);
+        }
+        let fresh_rss_kib = children.iter().filter_map(|c| proc_info::rss_kib(c.pid)).max().unwrap_or(0);
+        if let Some(limit) = config.max_memory_per_child_kib {
+            if limit <= fresh_rss_kib {
+                for c in &children {
+                    proc_info::kill(c.pid);
+                }
+                return Err(PoolError::MemoryLimitBelowFreshChild { limit_kib: limit, fresh_kib: fresh_rss_kib });
+            }
+        }
+        let status = children
+            .iter()
+            .map(|c| {
+                let s = ChildStatus { slot: c.slot, pid: c.pid, task: None, tasks_done: 0, rss_kib: fresh_rss_kib };
+                (c.slot, s)
+            })
+            .collect();
+        let n = children.len();
+        tracing::info!(processes = n, fresh_child_rss = %format_kib(fresh_rss_kib), "prefork pool ready");
+        Ok(Arc::new(Pool {
+            config,
+            idle: Mutex::new(children),
+            idle_count: Semaphore::new(n),
+            status: Mutex::new(status),
+            stats: PoolStats::default(),
+            fresh_rss_kib,
+            thrash: Mutex::new(Thrash { recycles: VecDeque::new(), last_warning: None }),
+            degraded: AtomicBool::new(false),
+        }))
+    }
+
+    /// The resident set of a fresh child, KiB.
+    pub fn fresh_rss_kib(&self) -> u64 {
+        self.fresh_rss_kib
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &PoolStats {
+        &self.stats
+    }
+
+    /// Whether children are failing to start.
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    /// Every child, by slot.
+    pub fn children(&self) -> Vec<ChildStatus> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    fn set_status(&self, slot: usize, f: impl FnOnce(&mut ChildStatus)) {
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = st.get_mut(&slot) {
+            f(s);
+        }
+    }
+
+    /// Run one task in an idle child, killing it at `hard` or when `abort` turns true.
+    pub async fn run(
+        self: &Arc<Self>,
+        req: RunRequest,
+        hard: Option<Duration>,
+        mut abort: watch::Receiver<bool>,
+    ) -> PoolOutcome {
+        let permit = match self.idle_count.acquire().await {
+            Ok(p) => p,
+            Err(_) => return PoolOutcome::Aborted,
+        };
+        permit.forget();
+        let popped = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let Some(mut child) = popped else {
+            // Cannot happen: a permit means a child is idle. Give the permit back and report.
+            self.idle_count.add_permits(1);
+            return PoolOutcome::WorkerLost("no idle child".into());
+        };
+        let (id, name) = (req.id.clone(), req.name.clone());
+        self.set_status(child.slot, |s| s.task = Some(ActiveTask { id: id.clone(), name, started: Utc::now() }));
+        if let Err(e) = write_frame_async(&mut child.stdin, &ToChild::Run(Box::new(req))).await {
+            let how = self.bury(child).await;
+            return PoolOutcome::WorkerLost(format!("the child's pipe broke ({e}); it ended with {how}"));
+        }
+        let hard_timer = async {
+            match hard {
+                Some(h) => tokio::time::sleep(h).await,
+                None => std::future::pending().await,
+            }
+        };
+        let outcome: Result<(), String> = tokio::select! {
+            frame = read_frame_async::<FromChild>(&mut child.stdout) => match frame {
+                Ok(Some(FromChild::Done { id: done_id, outcome, rss_kib })) if done_id == id => {
+                    child.tasks += 1;
+                    let tasks = child.tasks;
+                    self.set_status(child.slot, |s| { s.task = None; s.tasks_done = tasks; s.rss_kib = rss_kib; });
+                    self.check_in(child, rss_kib);
+                    return PoolOutcome::Done(outcome.into_result());
+                }
+                Ok(None) => Err(String::new()),
+                Ok(Some(other)) => Err(format!("the child answered out of turn: {other:?}")),
+                Err(e) => Err(format!("unreadable answer from the child: {e}")),
+            },
+            _ = hard_timer => {
+                proc_info::kill(child.pid);
+                self.stats.hard_limit_kills.fetch_add(1, Ordering::Relaxed);
+                let how = self.bury(child).await;
+                tracing::warn!(child_exit = %how, "hard time limit: child killed and replaced");
+                return PoolOutcome::TimeLimit;
+            }
+            _ = async { let _ = abort.wait_for(|a| *a).await; } => {
+                proc_info::kill(child.pid);
+                self.bury(child).await;
+                return PoolOutcome::Aborted;
+            }
+        };
+        // The stream ended or broke: the child died mid-task.
+        let detail = outcome.err().unwrap_or_default();
+        self.stats.worker_lost.fetch_add(1, Ordering::Relaxed);
+        let how = self.bury(child).await;
+        PoolOutcome::WorkerLost(if detail.is_empty() { how } else { format!("{how} ({detail})") })
+    }
+
+    /// Return a child to the idle set, or replace it if it has done its share.
+    fn check_in(self: &Arc<Self>, child: ChildProc, rss_kib: u64) {
+        let over_tasks = self.config.max_tasks_per_child.is_some_and(|max| child.tasks >= max);
+        let over_memory = self.config.max_memory_per_child_kib.is_some_and(|max| rss_kib > max);
+        if !(over_tasks || over_memory) {
+            self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(child);
+            self.idle_count.add_permits(1);
+            return;
+        }
+        if over_memory {
+            self.stats.recycled_memory.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(pid = child.pid, tasks = child.tasks, rss = %format_kib(rss_kib), "child over --max-memory-per-child: replacing it");
+            self.note_memory_recycle(child.tasks, rss_kib);
+        } else {
+            self.stats.recycled_max_tasks.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(pid = child.pid, tasks = child.tasks, "child reached --max-tasks-per-child: replacing it");
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let slot = child.slot;
+            retire(child).await;
+            pool.respawn(slot).await;
+        });
+    }
+
+    fn note_memory_recycle(&self, tasks: u64, rss_kib: u64) {
+        let now = Instant::now();
+        let mut t = self.thrash.lock().unwrap_or_else(|e| e.into_inner());
+        t.recycles.push_back((now, tasks));
+        while t.recycles.front().is_some_and(|(at, _)| now.duration_since(*at) > THRASH_WINDOW) {
+            t.recycles.pop_front();
+        }
+        let n = t.recycles.len();
+        let avg = t.recycles.iter().map(|(_, k)| *k as f64).sum::<f64>() / n.max(1) as f64;
+        let due = t.last_warning.is_none_or(|at| now.duration_since(at) >= THRASH_WINDOW);
+        if n >= 3 && avg < THRASH_TASKS && due {
+            t.last_warning = Some(now);
+            tracing::warn!(
+                recycles_last_minute = n,
+                avg_tasks_per_child = format!("{avg:.1}"),
+                fresh_child = %format_kib(self.fresh_rss_kib),
+                last_child = %format_kib(rss_kib),
+                limit = %format_kib(self.config.max_memory_per_child_kib.unwrap_or(0)),
+                "memory recycling thrash: children are replaced after {avg:.1} tasks on average; \
+                 raise --max-memory-per-child above what a child needs after a few tasks, or fix the task that keeps memory"
+            );
+        }
+    }
+
+    /// Wait for a dead or killed child and start its replacement in the background.
+    async fn bury(self: &Arc<Self>, mut child: ChildProc) -> String {
+        let how = match tokio::time::timeout(Duration::from_secs(5), child.process.wait()).await {
+            Ok(Ok(status)) => proc_info::describe_exit(status),
+            _ => {
+                proc_info::kill(child.pid);
+                "no exit status".into()
+            }
+        };
+        let pool = self.clone();
+        let slot = child.slot;
+        tokio::spawn(async move { pool.respawn(slot).await });
+        how
+    }
+
+    /// Start a child for `slot`, retrying with capped exponential backoff.
+    async fn respawn(self: Arc<Self>, slot: usize) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match spawn_child(&self.config, slot).await {
+                Ok(child) => {
+                    if self.degraded.swap(false, Ordering::Relaxed) {
+                        tracing::info!(slot, "pool child started again; pool healthy");
+                    }
+                    let pid = child.pid;
+                    self.set_status(slot, |s| {
+                        *s = ChildStatus {
+                            slot,
+                            pid,
+                            task: None,
+                            tasks_done: 0,
+                            rss_kib: proc_info::rss_kib(pid).unwrap_or(0),
+                        }
+                    });
+                    self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(child);
+                    self.idle_count.add_permits(1);
+                    return;
+                }
+                Err(e) => {
+                    self.stats.spawn_failures.fetch_add(1, Ordering::Relaxed);
+                    self.degraded.store(true, Ordering::Relaxed);
+                    tracing::error!(slot, error = %e, retry_in = ?backoff, "pool degraded: a child failed to start");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// Stop every idle child (busy ones are stopped by their tasks' abort).
+    pub async fn shutdown(&self) {
+        self.idle_count.close();
+        let children: Vec<ChildProc> = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        for c in children {
+            retire(c).await;
+        }
+    }
+}
+
+/// Ask a child to exit; kill it if it does not within a second.
+async fn retire(mut child: ChildProc) {
+    let _ = write_frame_async(&mut child.stdin, &ToChild::Exit).await;
+    if tokio::time::timeout(Duration::from_secs(1), child.process.wait()).await.is_err() {
+        proc_info::kill(child.pid);
+        let _ = child.process.wait().await;
+    }
+}
+
+async fn spawn_child(config: &PreforkConfig, slot: usize) -> Result<ChildProc, PoolError> {
+    let err = |reason: String| PoolError::Spawn { program: config.program.display().to_string(), reason };
+    let mut process = tokio::process::Command::new(&config.program)
+        .env(child::CHILD_ENV, std::process::id().to_string())
+        .env("CELERIAC_LOG", &config.log_level)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| err(e.to_string()))?;
+    let pid = process.id().unwrap_or(0);
+    let (Some(stdin), Some(mut stdout)) = (process.stdin.take(), process.stdout.take()) else {
+        return Err(err("no pipes to the child".into()));
+    };
+    match tokio::time::timeout(READY_TIMEOUT, read_frame_async::<FromChild>(&mut stdout)).await {
+        Ok(Ok(Some(FromChild::Ready { .. }))) => Ok(ChildProc { slot, pid, process, stdin, stdout, tasks: 0 }),
+        Ok(Ok(other)) => {
+            let status = process.wait().await.map(proc_info::describe_exit).unwrap_or_default();
+            Err(err(format!("it did not say ready ({other:?}); it ended with {status}")))
+        }
+        Ok(Err(e)) => Err(err(format!("unreadable first frame: {e}"))),
+        Err(_) => {
+            proc_info::kill(pid);
+            Err(err(format!("not ready within {READY_TIMEOUT:?}")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units_and_bare_kib() {
+        assert_eq!(parse_size_kib("200MB").unwrap(), 195_313);
+        assert_eq!(parse_size_kib("512MiB").unwrap(), 512 * 1024);
+        assert_eq!(parse_size_kib("40MB").unwrap(), 39_063);
+        assert_eq!(parse_size_kib("1GiB").unwrap(), 1024 * 1024);
+        assert_eq!(parse_size_kib("300000").unwrap(), 300_000);
+        assert!(parse_size_kib("lots").is_err());
+        assert!(parse_size_kib("5 parsecs").unwrap_err().contains("unit"));
+        assert!(parse_size_kib("0MB").is_err());
+    }
+
+    #[test]
+    fn sizes_print_in_mb() {
+        assert_eq!(format_kib(4004), "4.1 MB");
+    }
+}

@@ -1,0 +1,106 @@
+//! The few operating-system calls the prefork pool needs, through `nix`'s safe wrappers.
+//!
+//! - [`die_with_parent`]: `PR_SET_PDEATHSIG(SIGKILL)`, then check the parent is still alive.
+//! - [`take_stdout_for_protocol`]: keep fd 1 for frames, point fd 1 at stderr.
+//! - [`rss_kib`]: a process's resident set from `/proc/<pid>/status`.
+//! - [`kill`]: SIGKILL a child.
+//! - [`describe_wait`]: what a process is blocked on (state, wait channel, syscall), from /proc.
+
+use std::fs::File;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+/// Ask for SIGKILL when the parent dies, then make sure the parent is still `parent`.
+pub fn die_with_parent(parent: u32) -> Result<(), String> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| format!("prctl(PR_SET_PDEATHSIG): {e}"))?;
+    // The supervisor may have died between our fork and the prctl: then we were re-parented.
+    let now = nix::unistd::getppid().as_raw() as u32;
+    if now != parent {
+        return Err(format!("the supervisor (pid {parent}) is gone (parent is now {now})"));
+    }
+    Ok(())
+}
+
+/// Duplicate stdout into a new descriptor for the protocol and point fd 1 at stderr.
+pub fn take_stdout_for_protocol() -> Result<File, String> {
+    let proto = nix::unistd::dup(std::io::stdout()).map_err(|e| format!("dup(stdout): {e}"))?;
+    nix::unistd::dup2_stdout(std::io::stderr()).map_err(|e| format!("dup2(stderr, stdout): {e}"))?;
+    Ok(File::from(proto))
+}
+
+/// Resident set size of `pid` in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// SIGKILL `pid` (no error if it is already gone).
+pub fn kill(pid: u32) {
+    let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+}
+
+/// What `pid` is doing right now: scheduler state, kernel wait channel and current syscall, e.g.
+/// `S (sleeping) in futex_wait_queue, syscall futex`.
+pub fn describe_wait(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let state = stat.lines().find_map(|l| l.strip_prefix("State:")).map(str::trim).unwrap_or("?").to_string();
+    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+    let syscall = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+    let syscall = syscall.split_whitespace().next().and_then(|n| n.parse::<i64>().ok()).map(syscall_name);
+    let mut out = state;
+    if !wchan.trim().is_empty() && wchan.trim() != "0" {
+        out.push_str(&format!(" in {}", wchan.trim()));
+    }
+    if let Some(s) = syscall {
+        out.push_str(&format!(", syscall {s}"));
+    }
+    Some(out)
+}
+
+/// Names of the syscalls a blocked task is usually in (x86_64 numbers).
+fn syscall_name(n: i64) -> String {
+    match n {
+        0 => "read".into(),
+        1 => "write".into(),
+        7 => "poll".into(),
+        23 => "select".into(),
+        35 => "nanosleep".into(),
+        202 => "futex".into(),
+        232 => "epoll_wait".into(),
+        230 => "clock_nanosleep".into(),
+        281 => "epoll_pwait".into(),
+        61 => "wait4".into(),
+        other => format!("#{other}"),
+    }
+}
+
+/// A readable exit: "exit code 1" or "signal 6 (SIGABRT)".
+pub fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => match Signal::try_from(s) {
+            Ok(sig) => format!("signal {s} ({sig})"),
+            Err(_) => format!("signal {s}"),
+        },
+        _ => "unknown status".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_our_own_rss_and_state() {
+        let me = std::process::id();
+        assert!(rss_kib(me).unwrap() > 0);
+        assert!(describe_wait(me).unwrap().starts_with('R') || describe_wait(me).is_some());
+        assert!(rss_kib(u32::MAX).is_none());
+    }
+}
