@@ -75,6 +75,13 @@ pub struct WorkerProc {
 impl WorkerProc {
     /// Start `celeriac worker --broker URL <extra>` and wait until it reports ready.
     pub fn start(url: &str, extra: &[&str]) -> Self {
+        let w = Self::spawn(url, extra);
+        w.wait_for_line("worker ready", Duration::from_secs(30));
+        w
+    }
+
+    /// Start `celeriac worker --broker URL <extra>` without waiting for it.
+    pub fn spawn(url: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(bin())
             .args(["worker", "--broker", url])
             .args(extra)
@@ -93,9 +100,7 @@ impl WorkerProc {
                 sink.lock().unwrap().push(line);
             }
         });
-        let w = WorkerProc { child, lines };
-        w.wait_for_line("worker ready", Duration::from_secs(30));
-        w
+        WorkerProc { child, lines }
     }
 
     /// Lines containing `needle`.
