@@ -102,10 +102,12 @@ async fn a_cold_shutdown_requeues_the_running_task_and_leaves_no_process() {
 #[test]
 fn a_memory_limit_below_a_fresh_child_is_refused_at_start() {
     let db = TempDb::new("");
-    let (code, _, err) = run_cli(&["worker", "-P", "prefork", "-c", "1", "--max-memory-per-child", "2MB", "--broker", &db.url], &[]);
+    let (code, _, err) =
+        run_cli(&["worker", "-P", "prefork", "-c", "1", "--max-memory-per-child", "2MB", "--broker", &db.url], &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--max-memory-per-child 2.0 MB is below a fresh child's"), "{err}");
-    let (code, _, err) = run_cli(&["worker", "-P", "prefork", "--max-memory-per-child", "lots", "--broker", &db.url], &[]);
+    let (code, _, err) =
+        run_cli(&["worker", "-P", "prefork", "--max-memory-per-child", "lots", "--broker", &db.url], &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--max-memory-per-child"), "{err}");
 }
@@ -192,7 +194,8 @@ async fn a_worker_started_on_a_backlog_of_100000_tasks_over_three_queues_drains_
         .await;
     assert_eq!(sent.len(), N);
     let started = Instant::now();
-    let mut w = WorkerProc::spawn(&broker, &["-P", "prefork", "-c", "2", "-Q", "backlog_a,backlog_b,backlog_c", "-l", "warn"]);
+    let mut w =
+        WorkerProc::spawn(&broker, &["-P", "prefork", "-c", "2", "-Q", "backlog_a,backlog_b,backlog_c", "-l", "warn"]);
     let pid = w.child.id();
     let depth = |client: celeriac::Client| async move {
         let q = client.broker().queues(&["backlog_a".into(), "backlog_b".into(), "backlog_c".into()]).await.unwrap();
