@@ -8,11 +8,20 @@
 //!
 //! Each channel has a *settler* task. Rejections are sent at once; acknowledgements are collected
 //! and sent as one `basic.ack(multiple)` up to the highest tag below which every delivery is
-//! settled, at most 2 ms after the last one (or at once every 100), and on flush. A delivery's
-//! settlement goes to the settler of the channel it came from: if that channel is gone, nothing
-//! is sent (a tag is meaningless on another channel) and RabbitMQ redelivers the message.
+//! settled. They are sent
+//! - at once when every delivery received so far is settled (nothing else could join the batch
+//!   soon, so waiting would only delay the next deliveries and the publisher's confirm);
+//! - at once when a batch is full: 100, or a quarter of the prefetch when that is smaller, since
+//!   RabbitMQ delivers nothing more while `prefetch` deliveries are unacknowledged and a batch as
+//!   large as the window would stall it;
+//! - otherwise 2 ms after the last settlement, and on flush.
+//!
+//! A delivery's settlement goes to the settler of the channel it came from: if that channel is
+//! gone, nothing is sent (a tag is meaningless on another channel) and RabbitMQ redelivers the
+//! message.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +40,7 @@ use crate::{fields, topology};
 
 /// Send the acknowledgements collected so far after this long without a new one.
 const ACK_FLUSH_DELAY: Duration = Duration::from_millis(2);
-/// Or as soon as this many are waiting.
+/// Or as soon as this many are waiting (or a quarter of the prefetch, if smaller).
 const ACK_FLUSH_BATCH: u64 = 100;
 
 enum SettleOp {
@@ -140,7 +149,9 @@ async fn run(
             },
         };
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
-        tokio::spawn(settler(session.channel.clone(), settle_rx));
+        // The highest delivery tag handed to the worker on this channel.
+        let delivered = Arc::new(AtomicU64::new(0));
+        tokio::spawn(settler(session.channel.clone(), settle_rx, ack_batch(prefetch), delivered.clone()));
         *current.lock().await = Some(Live { conn: session.conn.clone(), settle: settle_tx.clone() });
         let tags: Vec<String> = session.consumers.iter().map(|c| c.tag().as_str().to_string()).collect();
         let mut stream = futures::stream::select_all(session.consumers.into_iter().map(|c| c.boxed()));
@@ -148,6 +159,7 @@ async fn run(
             tokio::select! {
                 next = stream.next() => match next {
                     Some(Ok(d)) => {
+                        delivered.fetch_max(d.delivery_tag, Ordering::Release);
                         let delivery = to_delivery(d, settle_tx.clone());
                         if tx.send(Ok(delivery)).is_err() {
                             return;
@@ -232,8 +244,14 @@ impl Drop for AmqpAcker {
     }
 }
 
-/// Settle deliveries of one channel, acknowledging in batches.
-async fn settler(channel: Channel, mut rx: mpsc::UnboundedReceiver<SettleOp>) {
+/// How many contiguous acknowledgements make a full batch for a consumer with this prefetch.
+fn ack_batch(prefetch: u16) -> u64 {
+    (u64::from(prefetch) / 4).clamp(1, ACK_FLUSH_BATCH)
+}
+
+/// Settle deliveries of one channel, acknowledging in batches. `delivered` is the highest tag
+/// handed out on the channel so far.
+async fn settler(channel: Channel, mut rx: mpsc::UnboundedReceiver<SettleOp>, batch: u64, delivered: Arc<AtomicU64>) {
     // Tags settled but not yet covered by the contiguous prefix: tag -> is an ack.
     let mut done: BTreeMap<u64, bool> = BTreeMap::new();
     let mut next_expected = 1u64;
@@ -278,7 +296,10 @@ async fn settler(channel: Channel, mut rx: mpsc::UnboundedReceiver<SettleOp>) {
             }
             next_expected += 1;
         }
-        if ack_upto >= sent_upto + ACK_FLUSH_BATCH {
+        // Every tag below `next_expected` is settled; if that covers every delivery so far, no
+        // acknowledgement is about to join this batch.
+        let caught_up = next_expected > delivered.load(Ordering::Acquire);
+        if ack_upto >= sent_upto + batch || (caught_up && ack_upto > sent_upto) {
             flush(&channel, ack_upto, &mut sent_upto).await;
         }
     }

@@ -8,8 +8,9 @@
 //!   many confirms in flight at once (callers await their own).
 //! - [`consumer`]: one connection per consumer, prefetch by `basic.qos`, a background task that
 //!   reconnects with capped backoff, and a settler that acknowledges in batches (`multiple` up to
-//!   the highest contiguous completed tag, flushed within 2 ms). Settlements for a channel that
-//!   died are dropped: RabbitMQ redelivers those messages.
+//!   the highest contiguous completed tag; sent at once when every delivery so far is settled or
+//!   a batch is full, at most a quarter of the prefetch, else within 2 ms). Settlements for a
+//!   channel that died are dropped: RabbitMQ redelivers those messages.
 //! - [`fields`]: JSON headers to AMQP field tables and back.
 
 pub mod broker;

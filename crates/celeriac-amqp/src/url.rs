@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
 
+/// The largest AMQP frame celeriac negotiates (py-amqp's and RabbitMQ's default, 128 KiB).
+pub const FRAME_MAX: u32 = 131_072;
+
 /// A parsed AMQP URL.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AmqpConfig {
@@ -109,8 +112,11 @@ impl AmqpConfig {
         }
         let enc = |s: &str| utf8_percent_encode(s, NON_ALPHANUMERIC).to_string();
         let scheme = if tls { "amqps" } else { "amqp" };
+        // frame_max: what py-amqp asks for, and RabbitMQ's default. Asking (rather than taking the
+        // server's value) also lets lapin allocate its two 32-frame I/O buffers per connection
+        // lazily, once, instead of growing and zero-filling them after the handshake.
         cfg.lapin_uri = format!(
-            "{scheme}://{}:{}@{host}:{port}/{}?heartbeat={}",
+            "{scheme}://{}:{}@{host}:{port}/{}?heartbeat={}&frame_max={FRAME_MAX}",
             enc(&user),
             enc(&password),
             enc(&vhost),
@@ -138,7 +144,7 @@ mod tests {
         let c = AmqpConfig::from_url("amqp://guest:secret@127.0.0.1:5672//").unwrap();
         assert_eq!(c.vhost, "/");
         assert_eq!(c.redacted, "amqp://guest:***@127.0.0.1:5672/");
-        assert_eq!(c.lapin_uri, "amqp://guest:secret@127.0.0.1:5672/%2F?heartbeat=60");
+        assert_eq!(c.lapin_uri, "amqp://guest:secret@127.0.0.1:5672/%2F?heartbeat=60&frame_max=131072");
         let c = AmqpConfig::from_url("amqp://u:p@h/my%2Fvhost?heartbeat=0&queue_type=quorum&max_priority=10").unwrap();
         assert_eq!((c.vhost.as_str(), c.heartbeat, c.quorum, c.max_priority), ("my/vhost", 0, true, Some(10)));
         assert_eq!(AmqpConfig::from_url("amqp://localhost").unwrap().host, "localhost:5672");

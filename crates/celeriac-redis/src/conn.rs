@@ -1,17 +1,20 @@
-//! Connections to Redis with bounded waits, shared by the backend (and the broker to come).
+//! Connections to Redis with bounded waits, shared by the result backend and the broker.
 //!
 //! Commands go through a [`ConnectionManager`]: one multiplexed connection that reconnects by
 //! itself after a failure (a couple of quick retries, then the error is returned and the next
 //! command tries again). Every wait is bounded: connecting (TCP and handshake) by the URL's
 //! `connect_timeout`, each answer by its `command_timeout`, and a whole operation, a reconnection
 //! included, by [`Redis::run`]'s deadline, so a dead or silent server gives an error, never a hang.
-//! Pub/sub needs a connection of its own ([`Redis::pubsub`]).
+//! Pub/sub needs a connection of its own ([`Redis::pubsub`]), and so do blocking commands such as
+//! the broker's `BRPOP` ([`Redis::blocking_connection`]): on a shared multiplexed connection a
+//! blocked command would hold up every command queued behind it, and redis-rs's default response
+//! timeout (500 ms) would cut it short.
 
 use std::future::Future;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSub};
-use redis::{Client, ErrorKind, RedisError};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection, PubSub};
+use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, RetryMethod};
 use tokio::sync::OnceCell;
 
 use crate::url::RedisUrl;
@@ -23,20 +26,22 @@ const RECONNECT_RETRIES: usize = 2;
 /// Why a Redis operation failed, sorted the way callers map it onto their error types.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Failure {
-    /// The server could not be reached, did not answer in time, or refused the handshake.
+    /// The server could not be reached, did not answer in time, refused the handshake, or said
+    /// to try again later (`LOADING` after a restart, `TRYAGAIN`, `MASTERDOWN`).
     Unreachable(String),
     /// The server answered with an error (wrong type, no permission, ...).
     Command(String),
 }
 
 impl Failure {
-    fn from_redis(e: &RedisError) -> Self {
+    pub(crate) fn from_redis(e: &RedisError) -> Self {
         let reason = e.to_string();
         if e.is_io_error()
             || e.is_timeout()
             || e.is_connection_refusal()
             || e.is_connection_dropped()
             || e.kind() == ErrorKind::AuthenticationFailed
+            || matches!(e.retry_method(), RetryMethod::WaitAndRetry)
         {
             Failure::Unreachable(reason)
         } else {
@@ -98,6 +103,36 @@ impl Redis {
         tokio::time::timeout(deadline, work)
             .await
             .unwrap_or_else(|_| Err(Failure::Unreachable(format!("no answer within {deadline:?}"))))
+    }
+
+    /// Run one operation on the command connection exactly once, within [`Redis::deadline`]: for
+    /// operations that must not be repeated when their answer is lost (popping messages).
+    pub async fn run_once<T, Fut>(&self, op: impl FnOnce(ConnectionManager) -> Fut) -> Result<T, Failure>
+    where
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let deadline = self.deadline();
+        let work = async { op(self.manager().await?).await.map_err(|e| Failure::from_redis(&e)) };
+        tokio::time::timeout(deadline, work)
+            .await
+            .unwrap_or_else(|_| Err(Failure::Unreachable(format!("no answer within {deadline:?}"))))
+    }
+
+    /// Open a connection of its own for blocking commands whose answer may take up to
+    /// `longest_block` (`BRPOP key... timeout`): its response timeout is that plus the command
+    /// timeout, and connecting is bounded by the connect timeout. The caller owns it and must not
+    /// share it with other commands; after any error it should be dropped, as an answer that came
+    /// too late is lost with it.
+    pub async fn blocking_connection(&self, longest_block: Duration) -> Result<MultiplexedConnection, Failure> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(longest_block + self.command_timeout));
+        let limit = self.connect_timeout;
+        match tokio::time::timeout(limit, self.client.get_multiplexed_async_connection_with_config(&config)).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(Failure::from_redis(&e)),
+            Err(_) => Err(Failure::Unreachable(format!("could not connect within {limit:?}"))),
+        }
     }
 
     /// The command connection, opened on first use (a failed attempt is retried by the next call).

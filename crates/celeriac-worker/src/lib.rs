@@ -151,6 +151,15 @@ fn spawn_status_dump(shared: Arc<Shared>) -> Option<tokio::task::JoinHandle<()>>
     }))
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Resolves once shutdown has reached `target` (or the handle is gone).
 async fn reached(level: &mut watch::Receiver<ShutdownLevel>, target: ShutdownLevel) {
     let _ = level.wait_for(|l| *l >= target).await;
@@ -182,7 +191,24 @@ impl Worker {
     }
 
     /// Run until `shutdown` asks to stop; returns once every task is settled.
+    ///
+    /// The consume loop runs as a task of the runtime rather than on the caller's thread (for the
+    /// `celeriac` binary, the thread blocked in `block_on`): deliveries, task spawns and
+    /// acknowledgements then stay on the runtime's worker threads instead of waking another
+    /// thread for every message. Dropping the returned future aborts that task, which drops the
+    /// loop exactly as dropping it in place would.
     pub async fn run(self, shutdown: Shutdown) -> Result<StatsSnapshot, WorkerError> {
+        let handle = tokio::spawn(self.run_loop(shutdown));
+        let _abort_on_drop = AbortOnDrop(handle.abort_handle());
+        match handle.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Only an abort (this future dropped, or the runtime shutting down) ends it otherwise.
+            Err(_) => Err(WorkerError::Broker(BrokerError::Closed)),
+        }
+    }
+
+    async fn run_loop(self, shutdown: Shutdown) -> Result<StatsSnapshot, WorkerError> {
         let cfg = &self.config;
         if cfg.concurrency == 0 {
             return Err(WorkerError::Config("concurrency must be at least 1".into()));
@@ -248,7 +274,7 @@ impl Worker {
                         let Some(req) = request::prepare(&shared, delivery).await else { continue };
                         if let Some(eta) = req.eta_in_future() {
                             let held = execute::hold_then_run(shared.clone(), req, eta, slots.clone(), shutdown.subscribe());
-                            running.spawn(held);
+                            running.spawn(Box::pin(held));
                             continue;
                         }
                         // Wait for a free slot, but give the delivery back if asked to stop.
@@ -263,7 +289,10 @@ impl Worker {
                                 Err(_) => break 'consume,
                             },
                         };
-                        running.spawn(execute::run(shared.clone(), req, permit));
+                        // Boxed: the task's state is large, and tokio moves a spawned future's
+                        // state several times (into the task, out as its output); a box is moved
+                        // as a pointer.
+                        running.spawn(Box::pin(execute::run(shared.clone(), req, permit)));
                     }
                     Err(BrokerError::Closed) => break,
                     Err(e) => {

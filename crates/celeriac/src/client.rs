@@ -121,7 +121,8 @@ pub struct SendOptions {
     pub expires: Option<DateTime<Utc>>,
     /// Queue to send to.
     pub queue: Option<String>,
-    /// Priority (0-255, higher first).
+    /// Priority. RabbitMQ and SQLite deliver higher numbers first (0-255); Redis, as kombu
+    /// emulates priorities there, delivers *lower* numbers first (0 highest, 9 lowest).
     pub priority: Option<u8>,
     /// Retries already made (Celery's `retries`).
     pub retries: u32,

@@ -1,15 +1,20 @@
 //! From URLs to transports: the one place that knows which crate serves which scheme.
 //!
-//! `sqlite://` is the embedded default; `amqp://` is RabbitMQ; `redis://` stores results in Redis.
-//! Schemes of transports that are not built yet are refused
+//! `sqlite://` is the embedded default; `amqp://` is RabbitMQ; `redis://` is Redis, as a broker
+//! (kombu's layout, shared with Python Celery) and as a result backend. `rediss://` (TLS) is
+//! refused with a message saying so. Schemes of transports that are not built yet are refused
 //! with a message naming them, never silently mapped to something else.
+//!
+//! As in Celery, a broker never implies a result backend: only the embedded SQLite broker stores
+//! results in its own file when no backend is named; with `amqp://` or `redis://` and no
+//! `--result-backend`, results are not stored.
 
 use std::sync::Arc;
 
 use celeriac_amqp::AmqpBroker;
 use celeriac_core::backend::DisabledBackend;
 use celeriac_core::{BackendError, Broker, BrokerError, ResultBackend};
-use celeriac_redis::RedisBackend;
+use celeriac_redis::{RedisBackend, RedisBroker};
 use celeriac_sqlite::{SqliteBackend, SqliteBroker};
 
 /// The broker used when none is configured.
@@ -55,12 +60,9 @@ pub fn broker(url: &str) -> Result<Arc<dyn Broker>, ConnectError> {
     match scheme(url) {
         "sqlite" => Ok(Arc::new(SqliteBroker::open(url)?)),
         "amqp" | "amqps" | "pyamqp" => Ok(Arc::new(AmqpBroker::open(url)?)),
-        "redis" | "rediss" => Err(BrokerError::BadUrl {
-            url: redact(url),
-            reason: format!("the {} transport is not available in this build yet (use sqlite://)", scheme(url)),
-        }
-        .into()),
-        _ => Err(ConnectError::UnknownScheme { url: redact(url), known: "sqlite://, amqp://, amqps://" }),
+        // `rediss://` is refused by the URL parser, with the reason.
+        "redis" | "rediss" => Ok(Arc::new(RedisBroker::open(url)?)),
+        _ => Err(ConnectError::UnknownScheme { url: redact(url), known: "sqlite://, amqp://, amqps://, redis://" }),
     }
 }
 
@@ -118,5 +120,19 @@ mod tests {
         assert!(e.is_configuration());
         assert!(e.to_string().contains("kafka://x"), "{e}");
         assert!(broker("nonsense").err().unwrap().is_configuration());
+    }
+
+    #[test]
+    fn redis_is_a_broker_and_never_implies_a_backend() {
+        let b = broker("redis://:pw@127.0.0.1:6379/5?visibility_timeout=30").unwrap();
+        assert_eq!(b.url(), "redis://:***@127.0.0.1:6379/5?visibility_timeout=30");
+        assert_eq!(b.max_unacked_hold(), None);
+        assert!(!b.delivers_eta_natively());
+        let e = broker("rediss://127.0.0.1:6379/5").err().unwrap();
+        assert!(e.is_configuration() && e.to_string().contains("TLS"), "{e}");
+        let e = broker("redis://127.0.0.1/5?bogus=1").err().unwrap();
+        assert!(e.is_configuration() && e.to_string().contains("bogus"), "{e}");
+        let none = backend(None, "redis://127.0.0.1:6379/5").unwrap();
+        assert!(none.url().starts_with("disabled"), "{}", none.url());
     }
 }

@@ -275,3 +275,189 @@ impl SilentListener {
         SilentListener { port, _held: held }
     }
 }
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The virtualenv's Python, with Celery (made by `scripts/python-env.sh`; the test command runs it).
+pub fn venv_python() -> PathBuf {
+    let py = repo().join("target/pyenv/bin/python");
+    assert!(py.exists(), "{} is missing: run scripts/python-env.sh (the test command does)", py.display());
+    py
+}
+
+/// A free TCP port on 127.0.0.1 (free when this returns).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().unwrap().port()
+}
+
+/// Run `redis-cli -p <port> -n <db> <args>` and return its output, trimmed.
+pub fn redis_cli(port: u16, db: u32, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-n", &db.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    assert!(out.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// One database of the machine's Redis (127.0.0.1:6379) for one test binary: flushed once,
+/// before its first user in the binary, so tests sharing it (with distinct queue names) never
+/// flush each other's data.
+pub struct SharedRedisDb {
+    pub db: u32,
+}
+
+impl SharedRedisDb {
+    pub fn get(db: u32) -> Self {
+        static FLUSHED: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+        let mut flushed = FLUSHED.lock().unwrap_or_else(|p| p.into_inner());
+        if !flushed.contains(&db) {
+            assert_eq!(redis_cli(6379, db, &["FLUSHDB"]), "OK");
+            flushed.push(db);
+        }
+        SharedRedisDb { db }
+    }
+
+    /// `redis://127.0.0.1:6379/<db>` plus `params` as the query, if any.
+    pub fn url(&self, params: &str) -> String {
+        let q = if params.is_empty() { String::new() } else { format!("?{params}") };
+        format!("redis://127.0.0.1:6379/{}{q}", self.db)
+    }
+
+    /// A command on this database.
+    pub fn cli(&self, args: &[&str]) -> String {
+        redis_cli(6379, self.db, args)
+    }
+}
+
+/// A `redis-server` of the test's own, on a free port, keeping its data on disk (append-only
+/// file, fsync on every write) in a temporary directory, so it can be killed and restarted with
+/// nothing lost.
+pub struct PrivateRedis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub fn start() -> Self {
+        let mut server = PrivateRedis { port: free_port(), dir: tempfile::tempdir().expect("tempdir"), child: None };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (is Redis installed?)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until(&format!("redis-server to answer on {port}"), Duration::from_secs(20), || {
+            Command::new("redis-cli")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "PING"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
+        });
+    }
+
+    /// SIGKILL the server and wait for it to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start it again on the same port and directory (it reloads its append-only file).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    /// `redis://127.0.0.1:<port>/<db>`.
+    pub fn url(&self, db: u32) -> String {
+        format!("redis://127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Run `tests/interop/client.py` against the given broker and result backend; returns stdout.
+pub fn py_client_on(broker: &str, backend: &str, args: &[&str]) -> String {
+    let out = Command::new(venv_python())
+        .arg(repo().join("tests/interop/client.py"))
+        .args(args)
+        .env("CELERY_BROKER_URL", broker)
+        .env("CELERY_RESULT_BACKEND", backend)
+        .output()
+        .expect("python client");
+    assert!(
+        out.status.success(),
+        "client.py {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A real `celery worker` (solo pool) of `tests/interop/pytasks.py`, whose stderr lines are
+/// collected.
+pub struct PyCeleryWorker {
+    pub child: Child,
+    pub lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl PyCeleryWorker {
+    /// Start it on `queue` and wait until it is ready.
+    pub fn start(broker: &str, backend: &str, queue: &str) -> Self {
+        let mut child = Command::new(repo().join("target/pyenv/bin/celery"))
+            .args(["-A", "pytasks", "worker", "-P", "solo", "-Q", queue, "--loglevel=INFO"])
+            .args(["-n", &format!("py-{queue}-{}@%h", std::process::id())])
+            .env("PYTHONPATH", repo().join("tests/interop"))
+            .env("CELERY_BROKER_URL", broker)
+            .env("CELERY_RESULT_BACKEND", backend)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("celery worker");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        let w = PyCeleryWorker { child, lines };
+        let lines = w.lines.clone();
+        wait_until("the Python worker to be ready", Duration::from_secs(60), || {
+            lines.lock().unwrap().iter().any(|l| l.contains(" ready."))
+        });
+        w
+    }
+
+    /// Lines containing `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+}
+
+impl Drop for PyCeleryWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -77,7 +77,7 @@ type CliResult = Result<ExitCode, CliError>;
 #[derive(Debug, Parser)]
 #[command(name = "celeriac", version, about = "A task queue that speaks Celery's protocol", propagate_version = true)]
 struct Cli {
-    /// Broker URL (sqlite://path.db).
+    /// Broker URL (sqlite://path.db, amqp://..., redis://host:6379/db).
     #[arg(long, global = true, env = "CELERIAC_BROKER_URL", default_value = DEFAULT_BROKER_URL)]
     broker: String,
     /// Result backend URL (default: the broker's SQLite file; none for other brokers).
@@ -169,7 +169,7 @@ struct SendArgs {
     /// Discard if not started within this many seconds (or by this ISO 8601 time).
     #[arg(long)]
     expires: Option<String>,
-    /// Priority 0-255.
+    /// Priority 0-255 (higher first; on a redis:// broker, as in Celery, 0-9 with 0 first).
     #[arg(long)]
     priority: Option<u8>,
     /// Use this task id.

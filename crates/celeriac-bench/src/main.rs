@@ -1,0 +1,354 @@
+//! `celeriac-bench compare`: celeriac, real Celery 5.7 and a bare lapin client, side by side on
+//! the same local RabbitMQ and Redis, in one run.
+//!
+//! ```text
+//! scripts/python-env.sh
+//! cargo run --release -p celeriac-bench -- compare [--publish N] [--drain N] [--roundtrips N] ...
+//! ```
+//!
+//! Measures (see docs/benchmarks.md for the method and the figures):
+//! 1. publish throughput with publisher confirms, one client process;
+//! 2. drain throughput of `celeriac.noop` (ignore_result) from a pre-filled queue;
+//! 3. round-trip latency of `add` with the Redis result backend;
+//! 4. worker memory, idle and after the drain.
+//!
+//! The run owns a fresh RabbitMQ vhost (deleted at the end, on error and on Ctrl-C too) and Redis
+//! database 10 (emptied at the start and the end). Modules:
+//! - [`env`]: paths, the vhost and Redis database, external commands with deadlines;
+//! - [`procs`]: worker processes and their memory;
+//! - [`rabbit`]: the bare lapin publisher and consumer, and the queue-depth drain timer;
+//! - [`measure`]: the measurements themselves;
+//! - [`report`]: the table and the targets.
+
+mod env;
+mod measure;
+mod procs;
+mod rabbit;
+mod report;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use measure::{Bench, Settings};
+use report::{Row, Target, Unit};
+
+#[derive(Debug, Parser)]
+#[command(name = "celeriac-bench", about = "Benchmarks celeriac against Celery and a bare lapin client")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Measure celeriac, Celery and bare lapin side by side and print the comparison table.
+    Compare(CompareArgs),
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// RabbitMQ host:port (user guest/guest; a vhost is created for the run with rabbitmqctl).
+    #[arg(long, default_value = "127.0.0.1:5672")]
+    amqp: String,
+    /// Redis database owned by the run (emptied at the start and at the end).
+    #[arg(long, default_value = "redis://127.0.0.1:6379/10")]
+    redis: String,
+    /// Messages each Rust publisher sends, timed.
+    #[arg(long, default_value_t = 20_000)]
+    publish: u64,
+    /// Messages Celery's publish loop sends, timed.
+    #[arg(long, default_value_t = 3_000)]
+    celery_publish: u64,
+    /// Messages the celeriac worker and the bare consumer drain.
+    #[arg(long, default_value_t = 50_000)]
+    drain: u64,
+    /// Messages each Celery worker drains.
+    #[arg(long, default_value_t = 10_000)]
+    celery_drain: u64,
+    /// Timed round trips (each side).
+    #[arg(long, default_value_t = 500)]
+    roundtrips: u64,
+    /// Untimed publishes and round trips before each timed series.
+    #[arg(long, default_value_t = 50)]
+    warmup: u64,
+    /// Publishes in flight for the celeriac client and the bare publisher.
+    #[arg(long, default_value_t = 1024)]
+    in_flight: usize,
+    /// Worker concurrency, celeriac and Celery alike.
+    #[arg(short = 'c', long, default_value_t = 2)]
+    concurrency: usize,
+    /// Prefetch of the bare consumer.
+    #[arg(long, default_value_t = 1000)]
+    bare_prefetch: u16,
+    /// The bare consumer acknowledges (`multiple`) every this many deliveries.
+    #[arg(long, default_value_t = 100)]
+    bare_ack_every: u64,
+    /// Skip the drains of the celeriac worker at the bare consumer's prefetch and of the bare
+    /// consumer at the worker's default prefetch.
+    #[arg(long)]
+    skip_window_rows: bool,
+    /// Measure only celeriac and the bare client.
+    #[arg(long)]
+    skip_celery: bool,
+    /// Parts to run, comma-separated: publish, drain, roundtrip (default all; for profiling).
+    #[arg(long, value_delimiter = ',', default_value = "publish,drain,roundtrip")]
+    parts: Vec<String>,
+    /// Extra argument for every `celeriac worker` (repeat the flag), e.g.
+    /// `--worker-arg=--prefetch-multiplier=100`.
+    #[arg(long = "worker-arg", allow_hyphen_values = true)]
+    worker_args: Vec<String>,
+    /// Skip Celery's solo pool drain.
+    #[arg(long)]
+    skip_solo: bool,
+    /// Do not build the `celeriac` binary and the Python virtualenv first.
+    #[arg(long)]
+    no_setup: bool,
+    /// The `celeriac` binary (default: target/release/celeriac, built first).
+    #[arg(long)]
+    celeriac_bin: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let Cmd::Compare(args) = cli.command;
+    let result = runtime.block_on(async {
+        tokio::select! {
+            r = compare(args) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    });
+    // The vhost, the Redis database and the worker processes were cleaned up as `compare` was
+    // dropped.
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Build the `celeriac` binary and the Python virtualenv (both no-ops when up to date).
+fn setup(repo: &std::path::Path) -> Result<()> {
+    eprintln!("building target/release/celeriac ...");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    env::run(
+        Command::new(cargo).args(["build", "--release", "-p", "celeriac-cli", "--bin", "celeriac"]).current_dir(repo),
+        Duration::from_secs(1800),
+    )
+    .context("building the celeriac binary")?;
+    eprintln!("preparing the Python virtualenv (scripts/python-env.sh) ...");
+    env::run(Command::new(repo.join("scripts/python-env.sh")).current_dir(repo), Duration::from_secs(900))
+        .context("scripts/python-env.sh")?;
+    Ok(())
+}
+
+async fn compare(args: CompareArgs) -> Result<()> {
+    let repo = env::repo();
+    if !args.no_setup {
+        setup(&repo)?;
+    }
+    let celeriac_bin = args.celeriac_bin.clone().unwrap_or_else(|| repo.join("target/release/celeriac"));
+    let python = repo.join("target/pyenv/bin/python");
+    let celery_bin = repo.join("target/pyenv/bin/celery");
+    if !celeriac_bin.exists() {
+        bail!("{} is missing: cargo build --release", celeriac_bin.display());
+    }
+    if !args.skip_celery && !celery_bin.exists() {
+        bail!("{} is missing: run scripts/python-env.sh", celery_bin.display());
+    }
+    if args.concurrency == 0 || args.bare_prefetch == 0 {
+        bail!("--concurrency and --bare-prefetch must be at least 1");
+    }
+    if args.drain < 100 || args.celery_drain < 100 {
+        bail!("drain counts below 100 cannot be timed from the queue depth");
+    }
+
+    let load_before = env::load();
+    let started = chrono::Utc::now();
+    let redis = env::RedisDb::take(&args.redis)?;
+    let vhost = env::Vhost::create(&args.amqp)?;
+    let admin = rabbit::Admin::connect(&vhost.url()).await?;
+    eprintln!("vhost {}, results in {}", vhost.name, redis.url);
+    let settings = Settings {
+        publish: args.publish,
+        celery_publish: args.celery_publish,
+        drain: args.drain,
+        celery_drain: args.celery_drain,
+        roundtrips: args.roundtrips,
+        warmup: args.warmup,
+        in_flight: args.in_flight,
+        concurrency: args.concurrency,
+        worker_args: args.worker_args.clone(),
+        bare_prefetch: args.bare_prefetch,
+        bare_ack_every: args.bare_ack_every.max(1),
+        window_rows: !args.skip_window_rows,
+    };
+    let broker_pid = env::rabbitmq_pid();
+    let bench = Bench { settings: settings.clone(), vhost, redis, admin, celeriac_bin, python, celery_bin, broker_pid };
+    let with_celery = !args.skip_celery;
+
+    for part in &args.parts {
+        if !["publish", "drain", "roundtrip"].contains(&part.as_str()) {
+            bail!("unknown part {part:?} (known: publish, drain, roundtrip)");
+        }
+    }
+    let part = |p: &str| args.parts.iter().any(|x| x == p);
+    let mut publish = measure::Publish::default();
+    if part("publish") {
+        eprintln!("\n1. publish with publisher confirms");
+        publish = bench.publish(with_celery).await?;
+    }
+    let mut drain = measure::DrainResults::default();
+    if part("drain") {
+        eprintln!("\n2. drain of a pre-filled queue (celeriac.noop, ignore_result)");
+        drain = bench.drain(with_celery, !args.skip_solo).await?;
+    }
+    let mut rt = measure::RoundTrip::default();
+    if part("roundtrip") {
+        eprintln!("\n3. round trip of add with the Redis result backend (and idle worker memory)");
+        rt = bench.round_trip(with_celery).await?;
+    }
+    let load_after = env::load();
+
+    let mut rows = Vec::new();
+    let mut r = Row::new(
+        "publish with confirms, one client",
+        Unit::PerSec,
+        Target::Throughput { vs_celery: 10.0, vs_bare: 0.85 },
+    );
+    (r.celeriac, r.celery, r.bare) = (publish.celeriac, publish.celery, publish.bare);
+    rows.push(r);
+    if publish.bare_headers.is_some() {
+        let mut r = Row::new("publish, bare with a celeriac message's headers", Unit::PerSec, Target::None);
+        (r.celeriac, r.bare) = (publish.celeriac, publish.bare_headers);
+        rows.push(r);
+    }
+    let c = settings.concurrency;
+    let mut r = Row::new(
+        &format!("drain, noop, prefork -c {c} (celeriac async -c {c})"),
+        Unit::PerSec,
+        Target::Throughput { vs_celery: 10.0, vs_bare: 0.85 },
+    );
+    let rate = |d: &Option<rabbit::Drain>| d.as_ref().map(|d| d.rate);
+    (r.celeriac, r.celery, r.bare) = (rate(&drain.celeriac), rate(&drain.celery), rate(&drain.bare));
+    rows.push(r);
+    if drain.celery_solo.is_some() {
+        let mut r = Row::new("drain, noop, Celery solo pool", Unit::PerSec, Target::None);
+        (r.celeriac, r.celery, r.bare) = (rate(&drain.celeriac), rate(&drain.celery_solo), rate(&drain.bare));
+        rows.push(r);
+    }
+    if let Some(narrow) = &drain.bare_narrow {
+        let window = c * 4;
+        let mut r = Row::new(
+            &format!(
+                "drain, same window: celeriac default vs bare at prefetch {window}, ack every {}",
+                (window / 4).max(1)
+            ),
+            Unit::PerSec,
+            Target::None,
+        );
+        (r.celeriac, r.bare) = (rate(&drain.celeriac), Some(narrow.rate));
+        rows.push(r);
+    }
+    if drain.celeriac_wide.is_some() {
+        let mut r = Row::new(
+            &format!("drain, same window: celeriac at prefetch {} vs bare", settings.bare_prefetch),
+            Unit::PerSec,
+            Target::None,
+        );
+        (r.celeriac, r.bare) = (rate(&drain.celeriac_wide), rate(&drain.bare));
+        rows.push(r);
+    }
+    let mut r = Row::new("round trip add + Redis result, p50", Unit::Ms, Target::AtMost(0.5));
+    (r.celeriac, r.celery, r.bare) =
+        (rt.celeriac.map(|l| l.p50), rt.celery.map(|l| l.p50), rt.bare_confirm.map(|l| l.p50));
+    rows.push(r);
+    let mut r = Row::new("round trip add + Redis result, p99", Unit::Ms, Target::AtMost(2.0));
+    (r.celeriac, r.celery, r.bare) =
+        (rt.celeriac.map(|l| l.p99), rt.celery.map(|l| l.p99), rt.bare_confirm.map(|l| l.p99));
+    rows.push(r);
+    let mut r = Row::new("worker RSS, idle", Unit::Mib, Target::AtMost(10.0));
+    r.celeriac = rt.celeriac_idle.as_ref().map(procs::Rss::total_mib);
+    r.celery = rt.celery_idle.as_ref().map(procs::Rss::total_mib);
+    r.celery_detail = rt.celery_idle.as_ref().map(rss_detail);
+    rows.push(r);
+    let mut r = Row::new("worker RSS, after the drain", Unit::Mib, Target::None);
+    r.celeriac = drain.celeriac_rss.as_ref().map(procs::Rss::total_mib);
+    r.celery = drain.celery_rss.as_ref().map(procs::Rss::total_mib);
+    r.celery_detail = drain.celery_rss.as_ref().map(rss_detail);
+    rows.push(r);
+
+    println!();
+    println!("celeriac-bench compare, {}", started.format("%Y-%m-%d %H:%M UTC"));
+    println!("machine: {}", env::machine());
+    println!("load average before: {load_before}; after: {load_after}");
+    println!(
+        "RabbitMQ {}, Redis {}, Celery {}",
+        env::rabbitmq_version(),
+        bench.redis.version().unwrap_or_else(|_| "?".into()),
+        publish.celery_version.as_deref().unwrap_or("not run")
+    );
+    println!(
+        "counts: publish {} (Celery {}), drain {} (Celery {}), round trips {} after {} warm-up, {} publishes in flight, worker concurrency {}",
+        settings.publish,
+        settings.celery_publish,
+        settings.drain,
+        settings.celery_drain,
+        settings.roundtrips,
+        settings.warmup,
+        settings.in_flight,
+        settings.concurrency
+    );
+    println!(
+        "message body: celeriac {} bytes (the bare publisher's body), Celery {}",
+        publish.body_bytes,
+        publish.celery_body_bytes.map(|b| format!("{b} bytes")).unwrap_or_else(|| "not run".into())
+    );
+    if let (Some(c), Some(p)) = (rt.celeriac, rt.celery) {
+        println!(
+            "round trip means: celeriac {:.3} ms (max {:.3}), Celery {:.3} ms (max {:.3})",
+            c.mean, c.max, p.mean, p.max
+        );
+    }
+    if let (Some(send), Some(_)) = (rt.celeriac_send, rt.bare_confirm) {
+        println!(
+            "round trip, bare column: a bare lapin publish of the same message waiting for its confirm \
+             (no worker); celeriac's send_task part: p50 {:.3} ms, p99 {:.3} ms",
+            send.p50, send.p99
+        );
+    }
+    let cpu: Vec<String> = [
+        ("bare", &drain.bare),
+        ("celeriac", &drain.celeriac),
+        ("Celery prefork", &drain.celery),
+        ("Celery solo", &drain.celery_solo),
+        ("celeriac wide window", &drain.celeriac_wide),
+        ("bare narrow window", &drain.bare_narrow),
+    ]
+    .iter()
+    .filter_map(|(name, d)| d.as_ref().map(|d| format!("{name} {:.0} / {:.0}", d.consumer_us, d.broker_us)))
+    .collect();
+    if !cpu.is_empty() {
+        println!("drain CPU per message, consumer / RabbitMQ, µs: {}", cpu.join("; "));
+    }
+    println!();
+    print!("{}", report::table(&rows));
+    Ok(())
+}
+
+fn rss_detail(r: &procs::Rss) -> String {
+    let kids: Vec<String> = r.children.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect();
+    format!("main {:.1} + children {}", r.main as f64 / 1024.0, kids.join(" + "))
+}

@@ -1,0 +1,182 @@
+//! The comparison table: one row per measure, the three figures, the ratios, and the brief's
+//! target for the measure with whether celeriac met it (and by how much it missed).
+
+use std::fmt::Write;
+
+/// What the brief asks of a measure.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    /// No target (shown for context).
+    None,
+    /// A throughput at least `vs_celery` times Celery's and `vs_bare` times the bare client's.
+    Throughput {
+        /// Minimum ratio to Celery.
+        vs_celery: f64,
+        /// Minimum ratio to the bare lapin client.
+        vs_bare: f64,
+    },
+    /// At most this value (same unit as the row).
+    AtMost(f64),
+}
+
+/// How a row's numbers are shown.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Unit {
+    /// Messages or tasks per second.
+    PerSec,
+    /// Milliseconds.
+    Ms,
+    /// MiB.
+    Mib,
+}
+
+/// One measure.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// What was measured.
+    pub measure: String,
+    /// Unit of the figures.
+    pub unit: Unit,
+    /// celeriac's figure.
+    pub celeriac: Option<f64>,
+    /// Celery's figure.
+    pub celery: Option<f64>,
+    /// How Celery's figure is made up (RSS of main plus children), if worth saying.
+    pub celery_detail: Option<String>,
+    /// The bare lapin client's figure.
+    pub bare: Option<f64>,
+    /// The brief's target.
+    pub target: Target,
+}
+
+impl Row {
+    /// A row with no figures yet.
+    pub fn new(measure: &str, unit: Unit, target: Target) -> Self {
+        Row { measure: measure.into(), unit, celeriac: None, celery: None, celery_detail: None, bare: None, target }
+    }
+
+    fn cell(&self, v: Option<f64>) -> String {
+        match v {
+            None => "—".into(),
+            Some(v) => match self.unit {
+                Unit::PerSec => format!("{}/s", thousands(v)),
+                Unit::Ms => format!("{v:.2} ms"),
+                Unit::Mib => format!("{v:.1} MiB"),
+            },
+        }
+    }
+
+    fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+        match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => {
+                let r = a / b;
+                if r >= 10.0 {
+                    format!("{r:.1}×")
+                } else {
+                    format!("{r:.2}×")
+                }
+            }
+            _ => "—".into(),
+        }
+    }
+
+    /// The target, and met / missed (by how much).
+    pub fn verdict(&self) -> (String, String) {
+        match self.target {
+            Target::None => ("—".into(), "—".into()),
+            Target::Throughput { vs_celery, vs_bare } => {
+                let text = format!("≥ {vs_celery:.0}× Celery and ≥ {:.0}% of bare", vs_bare * 100.0);
+                let (Some(c), Some(p), Some(b)) = (self.celeriac, self.celery, self.bare) else {
+                    return (text, "not measured".into());
+                };
+                let (rc, rb) = (c / p, c / b);
+                let mut missed = Vec::new();
+                if rc < vs_celery {
+                    missed.push(format!("{rc:.1}× Celery, {:.0}% short", (1.0 - rc / vs_celery) * 100.0));
+                }
+                if rb < vs_bare {
+                    missed.push(format!("{:.0}% of bare, {:.0} points short", rb * 100.0, (vs_bare - rb) * 100.0));
+                }
+                let verdict = if missed.is_empty() {
+                    "**met**".to_string()
+                } else {
+                    format!("**missed** ({})", missed.join("; "))
+                };
+                (text, verdict)
+            }
+            Target::AtMost(limit) => {
+                let text = format!("≤ {}", self.cell(Some(limit)));
+                match self.celeriac {
+                    None => (text, "not measured".into()),
+                    Some(v) if v <= limit => (text, "**met**".into()),
+                    Some(v) => {
+                        (text, format!("**missed** by {} ({:.1}× the limit)", self.cell(Some(v - limit)), v / limit))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `12345.6` as `12,346`.
+pub fn thousands(v: f64) -> String {
+    let n = v.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The Markdown table of all rows.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| measure | celeriac | Celery 5.7 | bare lapin | celeriac / Celery | celeriac / bare | target | result |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let celery = match &r.celery_detail {
+            Some(d) => format!("{} ({d})", r.cell(r.celery)),
+            None => r.cell(r.celery),
+        };
+        let (target, verdict) = r.verdict();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.measure,
+            r.cell(r.celeriac),
+            celery,
+            r.cell(r.bare),
+            Row::ratio(r.celeriac, r.celery),
+            Row::ratio(r.celeriac, r.bare),
+            target,
+            verdict
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        let mut r = Row::new("drain", Unit::PerSec, Target::Throughput { vs_celery: 10.0, vs_bare: 0.85 });
+        (r.celeriac, r.celery, r.bare) = (Some(24_000.0), Some(2_000.0), Some(26_000.0));
+        assert_eq!(r.verdict().1, "**met**");
+        r.celeriac = Some(13_000.0);
+        assert!(r.verdict().1.contains("50% of bare"), "{}", r.verdict().1);
+        let mut r = Row::new("p50", Unit::Ms, Target::AtMost(0.5));
+        r.celeriac = Some(0.75);
+        assert_eq!(r.verdict().1, "**missed** by 0.25 ms (1.5× the limit)");
+        assert_eq!(thousands(1234567.4), "1,234,567");
+        assert_eq!(thousands(999.0), "999");
+    }
+}
