@@ -91,6 +91,9 @@ struct CompareArgs {
     /// consumer at the worker's default prefetch.
     #[arg(long)]
     skip_window_rows: bool,
+    /// Skip celeriac's prefork pool (its drain and its memory).
+    #[arg(long)]
+    skip_prefork: bool,
     /// Measure only celeriac and the bare client.
     #[arg(long)]
     skip_celery: bool,
@@ -194,6 +197,7 @@ async fn compare(args: CompareArgs) -> Result<()> {
         bare_prefetch: args.bare_prefetch,
         bare_ack_every: args.bare_ack_every.max(1),
         window_rows: !args.skip_window_rows,
+        prefork: !args.skip_prefork,
     };
     let broker_pid = env::rabbitmq_pid();
     let bench = Bench { settings: settings.clone(), vhost, redis, admin, celeriac_bin, python, celery_bin, broker_pid };
@@ -223,6 +227,7 @@ async fn compare(args: CompareArgs) -> Result<()> {
     let load_after = env::load();
 
     let mut rows = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
     let mut r = Row::new(
         "publish with confirms, one client",
         Unit::PerSec,
@@ -247,6 +252,11 @@ async fn compare(args: CompareArgs) -> Result<()> {
     if drain.celery_solo.is_some() {
         let mut r = Row::new("drain, noop, Celery solo pool", Unit::PerSec, Target::None);
         (r.celeriac, r.celery, r.bare) = (rate(&drain.celeriac), rate(&drain.celery_solo), rate(&drain.bare));
+        rows.push(r);
+    }
+    if drain.celeriac_prefork.is_some() {
+        let mut r = Row::new(&format!("drain, noop, prefork -c {c}, both"), Unit::PerSec, Target::None);
+        (r.celeriac, r.celery, r.bare) = (rate(&drain.celeriac_prefork), rate(&drain.celery), rate(&drain.bare));
         rows.push(r);
     }
     if let Some(narrow) = &drain.bare_narrow {
@@ -289,6 +299,25 @@ async fn compare(args: CompareArgs) -> Result<()> {
     r.celery = drain.celery_rss.as_ref().map(procs::Rss::total_mib);
     r.celery_detail = drain.celery_rss.as_ref().map(rss_detail);
     rows.push(r);
+    if let Some(idle) = &rt.celeriac_prefork_idle {
+        // The brief's target is per child; the row shows the largest child, the detail all.
+        let mut r = Row::new(&format!("prefork -c {c}, largest child RSS, idle"), Unit::Mib, Target::AtMost(5.0));
+        r.celeriac = idle.children.iter().max().map(|k| *k as f64 / 1024.0);
+        r.celery = rt.celery_idle.as_ref().and_then(|i| i.children.iter().max()).map(|k| *k as f64 / 1024.0);
+        rows.push(r);
+        let mut r = Row::new(&format!("prefork -c {c}, whole pool RSS, idle"), Unit::Mib, Target::None);
+        r.celeriac = Some(idle.total_mib());
+        r.celery = rt.celery_idle.as_ref().map(procs::Rss::total_mib);
+        r.celery_detail = rt.celery_idle.as_ref().map(rss_detail);
+        rows.push(r);
+        if let Some(after) = &drain.celeriac_prefork_rss {
+            notes.push(format!(
+                "celeriac prefork worker RSS: idle {}; after its drain {}",
+                idle.describe(),
+                after.describe()
+            ));
+        }
+    }
 
     println!();
     println!("celeriac-bench compare, {}", started.format("%Y-%m-%d %H:%M UTC"));
@@ -334,6 +363,7 @@ async fn compare(args: CompareArgs) -> Result<()> {
         ("celeriac", &drain.celeriac),
         ("Celery prefork", &drain.celery),
         ("Celery solo", &drain.celery_solo),
+        ("celeriac prefork", &drain.celeriac_prefork),
         ("celeriac wide window", &drain.celeriac_wide),
         ("bare narrow window", &drain.bare_narrow),
     ]
@@ -342,6 +372,9 @@ async fn compare(args: CompareArgs) -> Result<()> {
     .collect();
     if !cpu.is_empty() {
         println!("drain CPU per message, consumer / RabbitMQ, µs: {}", cpu.join("; "));
+    }
+    for note in &notes {
+        println!("{note}");
     }
     println!();
     print!("{}", report::table(&rows));

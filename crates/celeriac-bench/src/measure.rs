@@ -53,6 +53,8 @@ pub struct Settings {
     /// Also drain with the celeriac worker at the bare consumer's prefetch and the bare
     /// consumer at the worker's.
     pub window_rows: bool,
+    /// Also measure celeriac's prefork pool (drain and memory).
+    pub prefork: bool,
 }
 
 /// Who drains a queue.
@@ -137,6 +139,10 @@ pub struct DrainResults {
     pub bare_narrow: Option<Drain>,
     /// celeriac worker memory once the queue is empty.
     pub celeriac_rss: Option<Rss>,
+    /// The celeriac worker with its prefork pool.
+    pub celeriac_prefork: Option<Drain>,
+    /// Its memory once the queue is empty.
+    pub celeriac_prefork_rss: Option<Rss>,
     /// Celery prefork memory once the queue is empty.
     pub celery_rss: Option<Rss>,
 }
@@ -154,6 +160,8 @@ pub struct RoundTrip {
     pub bare_confirm: Option<Latency>,
     /// The celeriac worker's memory, idle before the round trips.
     pub celeriac_idle: Option<Rss>,
+    /// A fresh celeriac prefork worker's memory, idle.
+    pub celeriac_prefork_idle: Option<Rss>,
     /// Celery prefork's memory, idle before the round trips.
     pub celery_idle: Option<Rss>,
 }
@@ -317,26 +325,27 @@ impl Bench {
         let body = vec![b' '; out.body_bytes];
         let with_headers = rabbit::Headers::of(&message);
         for (queue, headers) in [("bench.publish.bare", None), ("bench.publish.bare-headers", Some(with_headers))] {
-            let (started, cpu0) = (Instant::now(), (procs::cpu_secs(me), broker_cpu()));
-            let elapsed =
-                rabbit::bare_publish(&self.url(), queue, &body, headers.as_ref(), s.warmup, s.publish, s.in_flight)
-                    .await?;
-            let cpu1 = (procs::cpu_secs(me), broker_cpu());
-            let _ = started;
+            let cpu = || (procs::cpu_secs(me), broker_cpu());
+            let (elapsed, used) = rabbit::bare_publish(
+                &self.url(),
+                queue,
+                &body,
+                headers.as_ref(),
+                s.warmup,
+                s.publish,
+                s.in_flight,
+                &cpu,
+            )
+            .await?;
             let (ready, _) = self.admin.depth(queue).await?;
             ensure!(u64::from(ready) == s.warmup + s.publish, "bare publish: {ready} messages in the queue");
             let rate = s.publish as f64 / elapsed.as_secs_f64();
             if headers.is_none() {
                 out.bare = Some(rate);
-                report("bare lapin publisher", elapsed, (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1), s.publish);
+                report("bare lapin publisher", elapsed, used, s.publish);
             } else {
                 out.bare_headers = Some(rate);
-                report(
-                    "bare lapin publisher, celeriac's headers",
-                    elapsed,
-                    (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1),
-                    s.publish,
-                );
+                report("bare lapin publisher, celeriac's headers", elapsed, used, s.publish);
             }
             self.admin.delete(queue).await?;
         }
@@ -403,9 +412,6 @@ impl Bench {
                 self.wait_all_acked(queue).await?;
                 let rss = worker.rss()?;
                 worker.stop(STOP_LIMIT)?;
-                if std::env::var_os("BENCH_SHOW_LOG").is_some() {
-                    eprintln!("{}", worker.tail(20));
-                }
                 (format!("Celery {pool}"), drain, Some(rss))
             }
         };
@@ -424,6 +430,12 @@ impl Bench {
         out.bare = Some(self.drain_one("bench.drain.bare", s.drain, bare).await?.0);
         let (drain, rss) = self.drain_one("bench.drain.celeriac", s.drain, Consumer::Celeriac { extra: &[] }).await?;
         (out.celeriac, out.celeriac_rss) = (Some(drain), rss);
+        if s.prefork {
+            let extra = ["--pool=prefork".to_string()];
+            let prefork = Consumer::Celeriac { extra: &extra };
+            let (drain, rss) = self.drain_one("bench.drain.celeriac-prefork", s.celery_drain, prefork).await?;
+            (out.celeriac_prefork, out.celeriac_prefork_rss) = (Some(drain), rss);
+        }
         if with_celery {
             let (drain, rss) = self
                 .drain_one("bench.drain.celery-prefork", s.celery_drain, Consumer::Celery { pool: "prefork" })
@@ -523,6 +535,19 @@ impl Bench {
         out.celeriac_send = Some(send);
         out.celeriac = Some(lat);
         self.admin.delete(queue).await?;
+
+        if s.prefork {
+            let queue = "bench.idle.prefork";
+            self.admin.declare(queue).await?;
+            let worker = self.celeriac_worker(queue, &["--pool=prefork".to_string()])?;
+            self.admin.wait_for_consumer(queue, START_LIMIT, || worker.check_alive()).await?;
+            tokio::time::sleep(SETTLE).await;
+            let idle = worker.rss()?;
+            worker.stop(STOP_LIMIT)?;
+            eprintln!("  celeriac prefork worker, idle: RSS {}", idle.describe());
+            out.celeriac_prefork_idle = Some(idle);
+            self.admin.delete(queue).await?;
+        }
 
         if with_celery {
             let queue = "bench.rt.celery";

@@ -214,7 +214,7 @@ impl Headers {
 
 /// Publish `warmup` then `n` persistent messages with `body` (and `headers`, if given) to
 /// `queue` on one confirm-mode channel, keeping `in_flight` confirms outstanding; returns the
-/// time of the `n`.
+/// time of the `n`, and how much the CPU counters `cpu` reads (client, broker) grew meanwhile.
 pub async fn bare_publish(
     url: &str,
     queue: &str,
@@ -223,7 +223,8 @@ pub async fn bare_publish(
     warmup: u64,
     n: u64,
     in_flight: usize,
-) -> Result<Duration> {
+    cpu: &dyn Fn() -> (f64, f64),
+) -> Result<(Duration, (f64, f64))> {
     let conn = connect(url, "celeriac-bench bare publisher").await?;
     let channel = conn.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -263,11 +264,11 @@ pub async fn bare_publish(
         }
     };
     publish_all(warmup).await?;
-    let started = Instant::now();
+    let (started, before) = (Instant::now(), cpu());
     publish_all(n).await?;
-    let elapsed = started.elapsed();
+    let (elapsed, after) = (started.elapsed(), cpu());
     let _ = conn.close(200, "done".into()).await;
-    Ok(elapsed)
+    Ok((elapsed, (after.0 - before.0, after.1 - before.1)))
 }
 
 /// Publish `warmup` then `n` persistent messages one at a time, each waiting for its confirm;
