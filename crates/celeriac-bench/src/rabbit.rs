@@ -215,6 +215,7 @@ impl Headers {
 /// Publish `warmup` then `n` persistent messages with `body` (and `headers`, if given) to
 /// `queue` on one confirm-mode channel, keeping `in_flight` confirms outstanding; returns the
 /// time of the `n`, and how much the CPU counters `cpu` reads (client, broker) grew meanwhile.
+#[allow(clippy::too_many_arguments)]
 pub async fn bare_publish(
     url: &str,
     queue: &str,
