@@ -94,6 +94,10 @@ struct CompareArgs {
     /// Skip celeriac's prefork pool (its drain and its memory).
     #[arg(long)]
     skip_prefork: bool,
+    /// Repeat every measurement this many times; the table then shows medians, and a second
+    /// table the spread.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
     /// Measure only celeriac and the bare client.
     #[arg(long)]
     skip_celery: bool,
@@ -158,6 +162,8 @@ fn setup(repo: &std::path::Path) -> Result<()> {
 }
 
 async fn compare(args: CompareArgs) -> Result<()> {
+    // The load before anything of this run (the setup's builds and rabbitmqctl calls included).
+    let load_before = env::load();
     let repo = env::repo();
     if !args.no_setup {
         setup(&repo)?;
@@ -178,7 +184,6 @@ async fn compare(args: CompareArgs) -> Result<()> {
         bail!("drain counts below 100 cannot be timed from the queue depth");
     }
 
-    let load_before = env::load();
     let started = chrono::Utc::now();
     let redis = env::RedisDb::take(&args.redis)?;
     let vhost = env::Vhost::create(&args.amqp)?;
@@ -209,25 +214,89 @@ async fn compare(args: CompareArgs) -> Result<()> {
         }
     }
     let part = |p: &str| args.parts.iter().any(|x| x == p);
-    let mut publish = measure::Publish::default();
-    if part("publish") {
-        eprintln!("\n1. publish with publisher confirms");
-        publish = bench.publish(with_celery).await?;
-    }
-    let mut drain = measure::DrainResults::default();
-    if part("drain") {
-        eprintln!("\n2. drain of a pre-filled queue (celeriac.noop, ignore_result)");
-        drain = bench.drain(with_celery, !args.skip_solo).await?;
-    }
-    let mut rt = measure::RoundTrip::default();
-    if part("roundtrip") {
-        eprintln!("\n3. round trip of add with the Redis result backend (and idle worker memory)");
-        rt = bench.round_trip(with_celery).await?;
+    let mut runs = Vec::new();
+    for k in 1..=args.repeat.max(1) {
+        if args.repeat > 1 {
+            eprintln!("\n=== run {k} of {}", args.repeat);
+        }
+        let mut run = Run::default();
+        if part("publish") {
+            eprintln!("\n1. publish with publisher confirms");
+            run.publish = bench.publish(with_celery).await?;
+        }
+        if part("drain") {
+            eprintln!("\n2. drain of a pre-filled queue (celeriac.noop, ignore_result)");
+            run.drain = bench.drain(with_celery, !args.skip_solo).await?;
+        }
+        if part("roundtrip") {
+            eprintln!("\n3. round trip of add with the Redis result backend (and idle worker memory)");
+            run.rt = bench.round_trip(with_celery).await?;
+        }
+        runs.push(run);
     }
     let load_after = env::load();
 
+    let first = &runs[0];
+    println!();
+    println!("celeriac-bench compare, {}", started.format("%Y-%m-%d %H:%M UTC"));
+    println!("machine: {}", env::machine());
+    println!("load average before: {load_before}; after: {load_after}");
+    println!(
+        "RabbitMQ {}, Redis {}, Celery {}",
+        env::rabbitmq_version(),
+        bench.redis.version().unwrap_or_else(|_| "?".into()),
+        first.publish.celery_version.as_deref().unwrap_or("not run")
+    );
+    println!(
+        "counts: publish {} (Celery {}), drain {} (Celery {}), round trips {} after {} warm-up, {} publishes in flight, \
+         worker concurrency {}, {} run{}",
+        settings.publish,
+        settings.celery_publish,
+        settings.drain,
+        settings.celery_drain,
+        settings.roundtrips,
+        settings.warmup,
+        settings.in_flight,
+        settings.concurrency,
+        runs.len(),
+        if runs.len() == 1 { "" } else { "s (figures are medians)" }
+    );
+    println!(
+        "message body: celeriac {} bytes (the bare publisher's body), Celery {}",
+        first.publish.body_bytes,
+        first.publish.celery_body_bytes.map(|b| format!("{b} bytes")).unwrap_or_else(|| "not run".into())
+    );
+    println!("round trip, bare column: a bare lapin publish of the same message waiting for its confirm (no worker)");
+    for (k, run) in runs.iter().enumerate() {
+        let prefix = if runs.len() > 1 { format!("run {}: ", k + 1) } else { String::new() };
+        for line in details(run) {
+            println!("{prefix}{line}");
+        }
+    }
+    let per_run: Vec<Vec<Row>> = runs.iter().map(|r| rows(r, &settings)).collect();
+    println!();
+    print!("{}", report::table(&report::median_rows(&per_run)));
+    if per_run.len() > 1 {
+        println!();
+        println!("Spread over the {} runs (lowest – highest):", per_run.len());
+        println!();
+        print!("{}", report::spread_table(&per_run));
+    }
+    Ok(())
+}
+
+/// What one repetition of the measurements gave.
+#[derive(Default)]
+struct Run {
+    publish: measure::Publish,
+    drain: measure::DrainResults,
+    rt: measure::RoundTrip,
+}
+
+/// The table rows of one run.
+fn rows(run: &Run, settings: &Settings) -> Vec<Row> {
+    let (publish, drain, rt) = (&run.publish, &run.drain, &run.rt);
     let mut rows = Vec::new();
-    let mut notes: Vec<String> = Vec::new();
     let mut r = Row::new(
         "publish with confirms, one client",
         Unit::PerSec,
@@ -300,7 +369,7 @@ async fn compare(args: CompareArgs) -> Result<()> {
     r.celery_detail = drain.celery_rss.as_ref().map(rss_detail);
     rows.push(r);
     if let Some(idle) = &rt.celeriac_prefork_idle {
-        // The brief's target is per child; the row shows the largest child, the detail all.
+        // The brief's target is per child; the row shows the largest child.
         let mut r = Row::new(&format!("prefork -c {c}, largest child RSS, idle"), Unit::Mib, Target::AtMost(5.0));
         r.celeriac = idle.children.iter().max().map(|k| *k as f64 / 1024.0);
         r.celery = rt.celery_idle.as_ref().and_then(|i| i.children.iter().max()).map(|k| *k as f64 / 1024.0);
@@ -310,53 +379,31 @@ async fn compare(args: CompareArgs) -> Result<()> {
         r.celery = rt.celery_idle.as_ref().map(procs::Rss::total_mib);
         r.celery_detail = rt.celery_idle.as_ref().map(rss_detail);
         rows.push(r);
-        if let Some(after) = &drain.celeriac_prefork_rss {
-            notes.push(format!(
-                "celeriac prefork worker RSS: idle {}; after its drain {}",
-                idle.describe(),
-                after.describe()
-            ));
-        }
     }
+    rows
+}
 
-    println!();
-    println!("celeriac-bench compare, {}", started.format("%Y-%m-%d %H:%M UTC"));
-    println!("machine: {}", env::machine());
-    println!("load average before: {load_before}; after: {load_after}");
-    println!(
-        "RabbitMQ {}, Redis {}, Celery {}",
-        env::rabbitmq_version(),
-        bench.redis.version().unwrap_or_else(|_| "?".into()),
-        publish.celery_version.as_deref().unwrap_or("not run")
-    );
-    println!(
-        "counts: publish {} (Celery {}), drain {} (Celery {}), round trips {} after {} warm-up, {} publishes in flight, worker concurrency {}",
-        settings.publish,
-        settings.celery_publish,
-        settings.drain,
-        settings.celery_drain,
-        settings.roundtrips,
-        settings.warmup,
-        settings.in_flight,
-        settings.concurrency
-    );
-    println!(
-        "message body: celeriac {} bytes (the bare publisher's body), Celery {}",
-        publish.body_bytes,
-        publish.celery_body_bytes.map(|b| format!("{b} bytes")).unwrap_or_else(|| "not run".into())
-    );
+/// The figures of one run that are not in the table.
+fn details(run: &Run) -> Vec<String> {
+    let (drain, rt) = (&run.drain, &run.rt);
+    let mut out = Vec::new();
     if let (Some(c), Some(p)) = (rt.celeriac, rt.celery) {
-        println!(
+        out.push(format!(
             "round trip means: celeriac {:.3} ms (max {:.3}), Celery {:.3} ms (max {:.3})",
             c.mean, c.max, p.mean, p.max
-        );
+        ));
     }
-    if let (Some(send), Some(_)) = (rt.celeriac_send, rt.bare_confirm) {
-        println!(
-            "round trip, bare column: a bare lapin publish of the same message waiting for its confirm \
-             (no worker); celeriac's send_task part: p50 {:.3} ms, p99 {:.3} ms",
+    if let Some(send) = rt.celeriac_send {
+        out.push(format!(
+            "celeriac round trip, send_task part (publish until confirmed): p50 {:.3} ms, p99 {:.3} ms",
             send.p50, send.p99
-        );
+        ));
+    }
+    if let Some(c) = rt.bare_confirm_consumed {
+        out.push(format!(
+            "bare lapin publish waiting for its confirm, on a queue a celeriac worker consumes: p50 {:.3} ms, p99 {:.3} ms",
+            c.p50, c.p99
+        ));
     }
     let cpu: Vec<String> = [
         ("bare", &drain.bare),
@@ -371,14 +418,16 @@ async fn compare(args: CompareArgs) -> Result<()> {
     .filter_map(|(name, d)| d.as_ref().map(|d| format!("{name} {:.0} / {:.0}", d.consumer_us, d.broker_us)))
     .collect();
     if !cpu.is_empty() {
-        println!("drain CPU per message, consumer / RabbitMQ, µs: {}", cpu.join("; "));
+        out.push(format!("drain CPU per message, consumer / RabbitMQ, µs: {}", cpu.join("; ")));
     }
-    for note in &notes {
-        println!("{note}");
+    if let (Some(idle), Some(after)) = (&rt.celeriac_prefork_idle, &drain.celeriac_prefork_rss) {
+        out.push(format!(
+            "celeriac prefork worker RSS: idle {}; after its drain {}",
+            idle.describe(),
+            after.describe()
+        ));
     }
-    println!();
-    print!("{}", report::table(&rows));
-    Ok(())
+    out
 }
 
 fn rss_detail(r: &procs::Rss) -> String {

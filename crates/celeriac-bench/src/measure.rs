@@ -158,6 +158,8 @@ pub struct RoundTrip {
     pub celeriac_send: Option<Latency>,
     /// A bare lapin publish of the same message waiting for its confirm, one at a time.
     pub bare_confirm: Option<Latency>,
+    /// The same, on the queue the celeriac worker consumes, while it consumes.
+    pub bare_confirm_consumed: Option<Latency>,
     /// The celeriac worker's memory, idle before the round trips.
     pub celeriac_idle: Option<Rss>,
     /// A fresh celeriac prefork worker's memory, idle.
@@ -517,6 +519,18 @@ impl Bench {
                 sends.push(sent.as_secs_f64());
             }
         }
+        // The floor again, on the worker's queue while the worker consumes it: what a confirm
+        // costs when the broker also delivers and settles the message meanwhile.
+        let consumed = rabbit::bare_confirm_latency(
+            &self.url(),
+            queue,
+            &message.body,
+            &rabbit::Headers::of(&message),
+            s.warmup,
+            s.roundtrips,
+        )
+        .await?;
+        out.bare_confirm_consumed = Some(Latency::from_secs(consumed)?);
         worker.check_alive()?;
         worker.stop(STOP_LIMIT)?;
         let lat = Latency::from_secs(samples)?;

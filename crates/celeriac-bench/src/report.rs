@@ -162,6 +162,63 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+}
+
+/// Rows of several runs (same measures in the same order) as one row each, every figure the
+/// median of the runs.
+pub fn median_rows(runs: &[Vec<Row>]) -> Vec<Row> {
+    let Some(first) = runs.first() else { return Vec::new() };
+    (0..first.len())
+        .map(|i| {
+            let mut row = first[i].clone();
+            let col = |f: fn(&Row) -> Option<f64>| median(runs.iter().filter_map(|r| r.get(i).and_then(f)).collect());
+            row.celeriac = col(|r| r.celeriac);
+            row.celery = col(|r| r.celery);
+            row.bare = col(|r| r.bare);
+            if runs.len() > 1 {
+                row.celery_detail = None;
+            }
+            row
+        })
+        .collect()
+}
+
+/// The lowest and highest figure of each cell over several runs.
+pub fn spread_table(runs: &[Vec<Row>]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "| measure | celeriac | Celery 5.7 | bare lapin |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    let Some(first) = runs.first() else { return out };
+    for (i, row) in first.iter().enumerate() {
+        let cell = |f: fn(&Row) -> Option<f64>| {
+            let v: Vec<f64> = runs.iter().filter_map(|r| r.get(i).and_then(f)).collect();
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            if v.is_empty() {
+                "—".to_string()
+            } else {
+                format!("{} – {}", row.cell(Some(lo)), row.cell(Some(hi)))
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            row.measure,
+            cell(|r| r.celeriac),
+            cell(|r| r.celery),
+            cell(|r| r.bare)
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +235,17 @@ mod tests {
         assert_eq!(r.verdict().1, "**missed** by 0.25 ms (1.5× the limit)");
         assert_eq!(thousands(1234567.4), "1,234,567");
         assert_eq!(thousands(999.0), "999");
+    }
+
+    #[test]
+    fn medians_of_runs() {
+        let run = |v: f64| {
+            let mut r = Row::new("m", Unit::PerSec, Target::None);
+            (r.celeriac, r.bare) = (Some(v), None);
+            vec![r]
+        };
+        let rows = median_rows(&[run(3.0), run(1.0), run(2.0)]);
+        assert_eq!((rows[0].celeriac, rows[0].bare), (Some(2.0), None));
+        assert!(spread_table(&[run(3.0), run(1.0)]).contains("1/s – 3/s"));
     }
 }
