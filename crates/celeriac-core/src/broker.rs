@@ -86,6 +86,12 @@ pub trait Broker: Send + Sync + 'static {
     fn delivers_eta_natively(&self) -> bool {
         false
     }
+
+    /// The transport's exchanges (fanout, direct, topic), which remote control and events need;
+    /// `None` when it has none (the embedded SQLite broker).
+    fn exchanges(&self) -> Option<&dyn crate::broadcast::Exchanges> {
+        None
+    }
 }
 
 /// A stream of deliveries from one or more queues.

@@ -6,6 +6,7 @@
 //! - [`envelope`]: kombu's JSON envelope, the form a message takes in key-value transports
 //!   (the embedded SQLite broker, and Redis).
 //! - [`broker`] and [`backend`]: the two traits every transport implements.
+//! - [`broadcast`]: fanout, direct and topic exchanges, for remote control and events.
 //! - [`task`]: the task registry, task options and the context a running task sees.
 //! - [`result`]: task states and the stored result layout (Celery's `celery-task-meta` JSON).
 //! - [`retry`]: backoff schedules for task retries.
@@ -13,6 +14,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod broadcast;
 pub mod broker;
 pub mod envelope;
 pub mod error;
@@ -23,6 +25,7 @@ pub mod retry;
 pub mod task;
 
 pub use backend::ResultBackend;
+pub use broadcast::{Binding, ExchangeKind, ExchangeSpec, Exchanges, Subscription};
 pub use broker::{Acker, Broker, Consumer, DeadLetter, Delivery, QueueInfo};
 pub use error::{BackendError, BrokerError, ProtocolError};
 pub use protocol::{Embed, Message, Properties, TaskBody, TaskHeaders};
