@@ -214,3 +214,54 @@ async fn a_worker_started_on_a_backlog_of_100000_tasks_over_three_queues_drains_
     w.signal("TERM");
     assert!(w.wait_exit(Duration::from_secs(30)).success(), "{}", w.dump());
 }
+
+/// A child that cannot start (here: the binary was replaced on disk by one that exits at once, as
+/// a bad deploy does) is retried with capped exponential backoff. The worker reports itself
+/// degraded instead of spinning, keeps the waiting task, and recovers when a good binary is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_failing_at_start_up_is_retried_with_backoff_and_the_worker_reports_degraded() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = TempDb::new("");
+    let client = db.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let program = dir.path().join("celeriac-copy");
+    std::fs::copy(common::bin(), &program).unwrap();
+    let w = WorkerProc::spawn_program(&program, &db.url, &["-P", "prefork", "-c", "1", "--max-tasks-per-child", "1"]);
+    w.wait_for_line("worker ready", Duration::from_secs(30));
+
+    // The deploy goes wrong: the binary is swapped (renamed over, as installers do) for one that
+    // fails at start-up.
+    let broken = dir.path().join("broken");
+    std::fs::write(&broken, "#!/bin/sh\necho 'cannot load config' >&2\nexit 3\n").unwrap();
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let good = dir.path().join("good");
+    std::fs::hard_link(&program, &good).unwrap();
+    std::fs::rename(&broken, &program).unwrap();
+
+    // The only child is replaced after one task, and its replacement cannot start.
+    let first = send(&client, "celeriac.add", json!([1, 2])).await;
+    assert_eq!(client.backend().wait(&first, Some(Duration::from_secs(30))).await.unwrap().result, json!(3));
+    w.wait_for_line("pool degraded", Duration::from_secs(20));
+    let waiting = send(&client, "celeriac.add", json!([20, 22])).await;
+
+    // Five more attempts: a spinning pool makes them within milliseconds; a backoff doubling
+    // from 100 ms needs at least 0.1 + 0.2 + 0.4 + 0.8 + 1.6 = 3.1 s.
+    let watch_started = Instant::now();
+    let before = w.count("pool degraded");
+    let lines = w.lines.clone();
+    wait_until("five more start attempts", Duration::from_secs(30), || {
+        lines.lock().unwrap().iter().filter(|l| l.contains("pool degraded")).count() >= before + 5
+    });
+    let took = watch_started.elapsed();
+    println!("five start attempts took {took:?} while degraded");
+    assert!(took >= Duration::from_secs(2), "five start attempts in {took:?}: no backoff\n{}", w.dump());
+    w.signal("USR1");
+    w.wait_for_line("degraded=true", Duration::from_secs(10));
+    assert_eq!(client.backend().get(&waiting).await.unwrap().map(|m| m.status), None, "no child, so not run yet");
+
+    // The good binary is back: the next attempt starts a child, the pool is healthy again and
+    // the waiting task runs.
+    std::fs::rename(&good, &program).unwrap();
+    w.wait_for_line("pool healthy", Duration::from_secs(40));
+    assert_eq!(client.backend().wait(&waiting, Some(Duration::from_secs(30))).await.unwrap().result, json!(42));
+}

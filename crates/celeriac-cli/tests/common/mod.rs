@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -82,7 +82,12 @@ impl WorkerProc {
 
     /// Start `celeriac worker --broker URL <extra>` without waiting for it.
     pub fn spawn(url: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(bin())
+        Self::spawn_program(Path::new(bin()), url, extra)
+    }
+
+    /// Start `<program> worker --broker URL <extra>` (a copy of the binary) without waiting for it.
+    pub fn spawn_program(program: &Path, url: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(program)
             .args(["worker", "--broker", url])
             .args(extra)
             .env_remove("CELERIAC_BROKER_URL")
