@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use celeriac::{Client, PublishError, SendOptions, TaskState};
 use celeriac_core::PublishPolicy;
-use common::{SilentListener, TcpProxy, TempDb, TestVhost, WorkerProc};
+use common::{run_cli, SilentListener, TcpProxy, TempDb, TestVhost, WorkerProc};
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
 
@@ -114,6 +114,27 @@ async fn queues_are_declared_as_celery_declares_them() {
     let mut queues: Vec<String> = queues.iter().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
     queues.sort();
     assert_eq!(queues, vec!["celery true false false []", "images true false false []"]);
+    // `celeriac queues` reads depths and consumer counts; without names, the default queue.
+    let url = vhost.url("");
+    let (code, out, err) = run_cli(&["queues", "--broker", &url, "celery", "images", "--json"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let shown: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let depths: Vec<(String, u64, u64)> = shown
+        .iter()
+        .map(|q| {
+            (q["name"].as_str().unwrap().to_string(), q["ready"].as_u64().unwrap(), q["consumers"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(depths, vec![("celery".into(), 1, 0), ("images".into(), 1, 0)]);
+    let (code, out, err) = run_cli(&["queues", "--broker", &url], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("cannot list queues over AMQP"), "{err}");
+    let rows: Vec<&str> = out.lines().collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert_eq!(rows[1].split_whitespace().collect::<Vec<_>>(), vec!["celery", "1", "0", "0", "0", "0"], "{out}");
+    let (code, _, err) = run_cli(&["queues", "--broker", &url, "no_such_queue"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no_such_queue"), "{err}");
     let exchanges = vhost.list("list_exchanges", &["name", "type", "durable", "auto_delete"]);
     for q in ["celery", "images"] {
         assert!(

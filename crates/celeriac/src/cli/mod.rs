@@ -203,7 +203,8 @@ struct ResultArgs {
 
 #[derive(Debug, Args)]
 struct QueuesArgs {
-    /// Queues to show (default: all known).
+    /// Queues to show (default: every queue the broker can list; on RabbitMQ, which cannot list
+    /// over AMQP, the default queue `celery`).
     names: Vec<String>,
     /// Print JSON.
     #[arg(long)]
@@ -474,7 +475,17 @@ async fn result(broker_url: &str, backend_url: Option<&str>, args: ResultArgs) -
 
 async fn queues(broker_url: &str, args: QueuesArgs) -> CliResult {
     let broker = connect::broker(broker_url)?;
-    let infos = broker.queues(&args.names).await?;
+    let mut names = args.names;
+    if names.is_empty() && broker.url().starts_with("amqp") {
+        // AMQP has no "list queues"; RabbitMQ's management API does, but is often not enabled.
+        eprintln!(
+            "RabbitMQ cannot list queues over AMQP: showing the default queue {q:?}; name others to see them \
+             (celeriac queues {q} images ...)",
+            q = celeriac_core::DEFAULT_QUEUE
+        );
+        names.push(celeriac_core::DEFAULT_QUEUE.to_string());
+    }
+    let infos = broker.queues(&names).await?;
     if args.json {
         println!("{}", serde_json::to_string(&infos).unwrap_or_default());
         return Ok(ExitCode::SUCCESS);
