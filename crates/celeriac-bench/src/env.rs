@@ -140,6 +140,19 @@ impl RedisDb {
         Ok(())
     }
 
+    /// A connection to the database (for polling without reconnecting each time).
+    pub fn connection(&self) -> Result<redis::Connection> {
+        let client = redis::Client::open(self.url.as_str())?;
+        Ok(client.get_connection_with_timeout(Duration::from_secs(5))?)
+    }
+
+    /// The server's process id, from `INFO server`.
+    pub fn pid(&self) -> Option<u32> {
+        let mut conn = self.connection().ok()?;
+        let info: String = redis::cmd("INFO").arg("server").query(&mut conn).ok()?;
+        info.lines().find_map(|l| l.strip_prefix("process_id:")).and_then(|p| p.trim().parse().ok())
+    }
+
     /// The server's version.
     pub fn version(&self) -> Result<String> {
         let client = redis::Client::open(self.url.as_str())?;

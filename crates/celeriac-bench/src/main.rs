@@ -101,8 +101,8 @@ struct CompareArgs {
     /// Measure only celeriac and the bare client.
     #[arg(long)]
     skip_celery: bool,
-    /// Parts to run, comma-separated: publish, drain, roundtrip (default all; for profiling).
-    #[arg(long, value_delimiter = ',', default_value = "publish,drain,roundtrip")]
+    /// Parts to run, comma-separated: publish, drain, redis, roundtrip (default all).
+    #[arg(long, value_delimiter = ',', default_value = "publish,drain,redis,roundtrip")]
     parts: Vec<String>,
     /// Extra argument for every `celeriac worker` (repeat the flag), e.g.
     /// `--worker-arg=--prefetch-multiplier=100`.
@@ -209,8 +209,8 @@ async fn compare(args: CompareArgs) -> Result<()> {
     let with_celery = !args.skip_celery;
 
     for part in &args.parts {
-        if !["publish", "drain", "roundtrip"].contains(&part.as_str()) {
-            bail!("unknown part {part:?} (known: publish, drain, roundtrip)");
+        if !["publish", "drain", "redis", "roundtrip"].contains(&part.as_str()) {
+            bail!("unknown part {part:?} (known: publish, drain, redis, roundtrip)");
         }
     }
     let part = |p: &str| args.parts.iter().any(|x| x == p);
@@ -227,6 +227,10 @@ async fn compare(args: CompareArgs) -> Result<()> {
         if part("drain") {
             eprintln!("\n2. drain of a pre-filled queue (celeriac.noop, ignore_result)");
             run.drain = bench.drain(with_celery, !args.skip_solo).await?;
+        }
+        if part("redis") {
+            eprintln!("\n2b. drain on the Redis broker (celeriac.noop, ignore_result)");
+            run.redis = bench.redis_drain(with_celery).await?;
         }
         if part("roundtrip") {
             eprintln!("\n3. round trip of add with the Redis result backend (and idle worker memory)");
@@ -290,13 +294,14 @@ async fn compare(args: CompareArgs) -> Result<()> {
 struct Run {
     publish: measure::Publish,
     drain: measure::DrainResults,
+    redis: measure::RedisDrainResults,
     rt: measure::RoundTrip,
 }
 
 /// The table rows of one run.
 fn rows(run: &Run, settings: &Settings) -> Vec<Row> {
     let (publish, drain, rt) = (&run.publish, &run.drain, &run.rt);
-    let mut rows = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let mut r = Row::new(
         "publish with confirms, one client",
         Unit::PerSec,
@@ -324,8 +329,33 @@ fn rows(run: &Run, settings: &Settings) -> Vec<Row> {
         rows.push(r);
     }
     if drain.celeriac_prefork.is_some() {
-        let mut r = Row::new(&format!("drain, noop, prefork -c {c}, both"), Unit::PerSec, Target::None);
+        let mut r = Row::new(&format!("drain, noop, prefork -c {c}, both"), Unit::PerSec, Target::VsCelery(10.0));
         (r.celeriac, r.celery, r.bare) = (rate(&drain.celeriac_prefork), rate(&drain.celery), rate(&drain.bare));
+        rows.push(r);
+    }
+    if drain.celeriac_prefork_recycling.is_some() {
+        let mut r = Row::new(
+            &format!("drain, noop, prefork -c {c}, celeriac --max-tasks-per-child 100"),
+            Unit::PerSec,
+            Target::None,
+        );
+        (r.celeriac, r.celery) = (rate(&drain.celeriac_prefork_recycling), rate(&drain.celery));
+        rows.push(r);
+    }
+    let redis = &run.redis;
+    if redis.celeriac.is_some() {
+        let mut r = Row::new(
+            &format!("Redis broker: drain, noop, prefork -c {c} (celeriac async -c {c})"),
+            Unit::PerSec,
+            Target::VsCelery(15.0),
+        );
+        (r.celeriac, r.celery) = (rate(&redis.celeriac), rate(&redis.celery));
+        rows.push(r);
+    }
+    if redis.celeriac_prefork.is_some() {
+        let mut r =
+            Row::new(&format!("Redis broker: drain, noop, prefork -c {c}, both"), Unit::PerSec, Target::VsCelery(15.0));
+        (r.celeriac, r.celery) = (rate(&redis.celeriac_prefork), rate(&redis.celery));
         rows.push(r);
     }
     if let Some(narrow) = &drain.bare_narrow {
@@ -419,6 +449,15 @@ fn details(run: &Run) -> Vec<String> {
     .collect();
     if !cpu.is_empty() {
         out.push(format!("drain CPU per message, consumer / RabbitMQ, µs: {}", cpu.join("; ")));
+    }
+    if let (Some(plain), Some(recycling)) = (&drain.celeriac_prefork, &drain.celeriac_prefork_recycling) {
+        out.push(format!(
+            "celeriac prefork, replacing each child after 100 tasks: {:.0}/s against {:.0}/s without, a cost of {:.0}% \
+             (target: under 20%)",
+            recycling.rate,
+            plain.rate,
+            (1.0 - recycling.rate / plain.rate) * 100.0
+        ));
     }
     if let (Some(idle), Some(after)) = (&rt.celeriac_prefork_idle, &drain.celeriac_prefork_rss) {
         out.push(format!(

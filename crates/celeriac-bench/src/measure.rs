@@ -143,8 +143,21 @@ pub struct DrainResults {
     pub celeriac_prefork: Option<Drain>,
     /// Its memory once the queue is empty.
     pub celeriac_prefork_rss: Option<Rss>,
+    /// The prefork pool replacing each child after 100 tasks.
+    pub celeriac_prefork_recycling: Option<Drain>,
     /// Celery prefork memory once the queue is empty.
     pub celery_rss: Option<Rss>,
+}
+
+/// Drain results on the Redis broker, tasks per second.
+#[derive(Debug, Default)]
+pub struct RedisDrainResults {
+    /// The celeriac worker, async pool.
+    pub celeriac: Option<Drain>,
+    /// The celeriac worker, prefork pool.
+    pub celeriac_prefork: Option<Drain>,
+    /// Celery prefork.
+    pub celery: Option<Drain>,
 }
 
 /// Round-trip results.
@@ -203,11 +216,16 @@ impl Bench {
 
     /// A `celeriac worker` on `queue` (async pool, the run's concurrency, warnings only).
     fn celeriac_worker(&self, queue: &str, extra: &[String]) -> Result<Proc> {
+        self.celeriac_worker_on(&self.url(), queue, extra)
+    }
+
+    /// A `celeriac worker` on `queue` of the broker at `broker`.
+    fn celeriac_worker_on(&self, broker: &str, queue: &str, extra: &[String]) -> Result<Proc> {
         let c = self.settings.concurrency.to_string();
         Proc::spawn(
             &format!("celeriac worker on {queue}"),
             Command::new(&self.celeriac_bin)
-                .args(["worker", "--broker", &self.url(), "--result-backend", &self.redis.url])
+                .args(["worker", "--broker", broker, "--result-backend", &self.redis.url])
                 .args(["-Q", queue, "-c", &c, "-l", "warn", "-n", &format!("bench-{queue}@localhost")])
                 .args(&self.settings.worker_args)
                 .args(extra)
@@ -220,6 +238,11 @@ impl Bench {
 
     /// A `celery worker` on `queue` with `pool` (prefork or solo) and the run's concurrency.
     fn celery_worker(&self, queue: &str, pool: &str) -> Result<Proc> {
+        self.celery_worker_on(&self.url(), queue, pool)
+    }
+
+    /// A `celery worker` on `queue` of the broker at `broker`.
+    fn celery_worker_on(&self, broker: &str, queue: &str, pool: &str) -> Result<Proc> {
         let c = self.settings.concurrency.to_string();
         Proc::spawn(
             &format!("celery worker -P {pool} on {queue}"),
@@ -234,7 +257,7 @@ impl Bench {
                 ])
                 .current_dir(python_dir())
                 .env("PYTHONPATH", python_dir())
-                .env("BENCH_BROKER_URL", self.url())
+                .env("BENCH_BROKER_URL", broker)
                 .env("BENCH_RESULT_BACKEND", &self.redis.url),
         )
     }
@@ -437,6 +460,10 @@ impl Bench {
             let prefork = Consumer::Celeriac { extra: &extra };
             let (drain, rss) = self.drain_one("bench.drain.celeriac-prefork", s.celery_drain, prefork).await?;
             (out.celeriac_prefork, out.celeriac_prefork_rss) = (Some(drain), rss);
+            let extra = ["--pool=prefork".to_string(), "--max-tasks-per-child=100".to_string()];
+            let recycling = Consumer::Celeriac { extra: &extra };
+            out.celeriac_prefork_recycling =
+                Some(self.drain_one("bench.drain.celeriac-prefork-recycling", s.celery_drain, recycling).await?.0);
         }
         if with_celery {
             let (drain, rss) = self
@@ -458,6 +485,76 @@ impl Bench {
             let window = (s.concurrency * 4).min(usize::from(u16::MAX)) as u16;
             let narrow = Consumer::Bare { prefetch: window, ack_every: (u64::from(window) / 4).max(1) };
             out.bare_narrow = Some(self.drain_one("bench.drain.bare-narrow", s.drain, narrow).await?.0);
+        }
+        Ok(out)
+    }
+
+    // ------------------------------------------------------------ redis drain
+
+    /// The run's Redis database as a broker (kombu's layout; results go to the same database).
+    fn redis_broker(&self) -> String {
+        self.redis.url.clone()
+    }
+
+    /// Fill a Redis queue with `n` messages, start a worker on it, and time the drain from the
+    /// list's length; then wait until nothing is left unacknowledged.
+    async fn redis_drain_one(&self, queue: &str, n: u64, worker: impl FnOnce() -> Result<Proc>) -> Result<Drain> {
+        let broker = self.redis_broker();
+        let client = Client::connect(&broker, None).await?;
+        let started = Instant::now();
+        send_noops(&client, queue, n, self.settings.in_flight).await?;
+        let mut conn = self.redis.connection()?;
+        let llen = |conn: &mut redis::Connection| -> Result<u64> { Ok(redis::cmd("LLEN").arg(queue).query(conn)?) };
+        ensure!(llen(&mut conn)? == n, "Redis queue {queue} does not hold {n} messages after the fill");
+        eprintln!("  filled {queue} (Redis) with {n} messages in {:.2}s", started.elapsed().as_secs_f64());
+        let worker = worker()?;
+        let redis_pid = self.redis.pid();
+        let broker_cpu = || redis_pid.map(procs::cpu_secs).unwrap_or(0.0);
+        let limit = Self::drain_limit(n);
+        let started = Instant::now();
+        let mut samples = Vec::with_capacity(4096);
+        loop {
+            let ready = llen(&mut conn)?;
+            let now = Instant::now();
+            samples.push(rabbit::Sample { at: now, ready, consumer_cpu: worker.tree_cpu(), broker_cpu: broker_cpu() });
+            if ready == 0 {
+                break;
+            }
+            worker.check_alive()?;
+            if now - started >= limit {
+                bail!("Redis queue {queue} still holds {ready} of {n} messages after {limit:?}");
+            }
+            tokio::time::sleep(rabbit::POLL_INTERVAL).await;
+        }
+        let drain = Drain::from_samples(n, &samples)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while redis::cmd("HLEN").arg("unacked").query::<u64>(&mut conn)? > 0 {
+            ensure!(Instant::now() < deadline, "Redis: messages still unacknowledged 60s after {queue} emptied");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        worker.stop(STOP_LIMIT)?;
+        eprintln!("  {}: {}", worker.label, drain.describe());
+        Ok(drain)
+    }
+
+    /// Drain throughput on the Redis broker: celeriac async and prefork, Celery prefork.
+    pub async fn redis_drain(&self, with_celery: bool) -> Result<RedisDrainResults> {
+        let s = &self.settings;
+        let broker = self.redis_broker();
+        let mut out = RedisDrainResults::default();
+        let q = "bench.redis.celeriac";
+        out.celeriac = Some(self.redis_drain_one(q, s.drain, || self.celeriac_worker_on(&broker, q, &[])).await?);
+        if s.prefork {
+            let q = "bench.redis.celeriac-prefork";
+            let extra = ["--pool=prefork".to_string()];
+            let drain = self.redis_drain_one(q, s.celery_drain, || self.celeriac_worker_on(&broker, q, &extra)).await?;
+            out.celeriac_prefork = Some(drain);
+        }
+        if with_celery {
+            let q = "bench.redis.celery";
+            let drain =
+                self.redis_drain_one(q, s.celery_drain, || self.celery_worker_on(&broker, q, "prefork")).await?;
+            out.celery = Some(drain);
         }
         Ok(out)
     }

@@ -15,6 +15,8 @@ pub enum Target {
         /// Minimum ratio to the bare lapin client.
         vs_bare: f64,
     },
+    /// A throughput at least this many times Celery's (where no bare client is measured).
+    VsCelery(f64),
     /// At most this value (same unit as the row).
     AtMost(f64),
 }
@@ -103,6 +105,18 @@ impl Row {
                     format!("**missed** ({})", missed.join("; "))
                 };
                 (text, verdict)
+            }
+            Target::VsCelery(vs_celery) => {
+                let text = format!("≥ {vs_celery:.0}× Celery");
+                let (Some(c), Some(p)) = (self.celeriac, self.celery) else {
+                    return (text, "not measured".into());
+                };
+                let rc = c / p;
+                if rc >= vs_celery {
+                    (text, "**met**".into())
+                } else {
+                    (text, format!("**missed** ({rc:.1}× Celery, {:.0}% short)", (1.0 - rc / vs_celery) * 100.0))
+                }
             }
             Target::AtMost(limit) => {
                 let text = format!("≤ {}", self.cell(Some(limit)));
