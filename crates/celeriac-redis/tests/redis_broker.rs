@@ -142,9 +142,6 @@ async fn deliveries_are_recorded_as_kombu_records_them_and_acks_clear_them() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "flaky: a fetch racing close() can put the next message back at the back of the list \
-            instead of the front (seen once in CI on 2026-11-25); ordering only, nothing is lost. \
-            Tracked in the session note for the next session."]
 async fn requeue_goes_to_the_back_and_a_dropped_delivery_to_the_front() {
     let _turn = turn().await;
     let broker = RedisBroker::connect(URL).await.unwrap();

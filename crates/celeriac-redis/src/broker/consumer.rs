@@ -294,13 +294,20 @@ impl Fetcher {
             if self.stopping() {
                 return;
             }
+            // Stop first: a permit freed by a delivery dropped after `close` (whose put-back is
+            // still on its way to Redis) must not start a fetch, which would pop the message
+            // behind it and put that one back in front of it.
             let first = tokio::select! {
+                biased;
+                _ = self.stop.changed() => return,
                 p = self.permits.clone().acquire_owned() => match p {
                     Ok(p) => p,
                     Err(_) => return,
                 },
-                _ = self.stop.changed() => return,
             };
+            if self.stopping() {
+                return;
+            }
             let mut permits = vec![first];
             while permits.len() < MAX_BATCH {
                 match self.permits.clone().try_acquire_owned() {
