@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use celeriac_core::broadcast::{Binding, ExchangeSpec, Exchanges, Subscription};
 use celeriac_core::broker::{Consumer, QueueInfo};
 use celeriac_core::{Broker, BrokerError, Message};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions};
@@ -17,6 +18,15 @@ use crate::{consumer, fields, topology};
 
 /// How long to wait for a publisher confirm.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a publish goes.
+#[derive(Clone, Copy)]
+enum Route<'a> {
+    /// A task queue (declared as Celery declares it), through the default exchange.
+    Queue(&'a str),
+    /// An exchange (declared as the spec says), with a routing key.
+    Exchange(&'a ExchangeSpec, &'a str),
+}
 
 /// A RabbitMQ broker.
 pub struct AmqpBroker {
@@ -72,19 +82,33 @@ impl AmqpBroker {
         }
     }
 
-    async fn publish_once(&self, queue: &str, message: &Message) -> Result<(), BrokerError> {
+    async fn publish_once(&self, route: Route<'_>, message: &Message) -> Result<(), BrokerError> {
         let (channel, declared, generation) = self.channel().await?;
         let result = async {
-            if !declared.lock().await.contains(queue) {
-                topology::declare(&channel, &self.config, queue).await.map_err(|e| self.rejected_or_lost(e))?;
-                declared.lock().await.insert(queue.to_string());
+            let (declared_key, exchange, routing_key, what) = match route {
+                // As Celery: the default exchange, routed by the queue's name.
+                Route::Queue(queue) => (queue.to_string(), "", queue, format!("queue {queue:?}")),
+                Route::Exchange(ex, key) => {
+                    (format!("exchange\0{}", ex.name), ex.name.as_str(), key, format!("exchange {:?}", ex.name))
+                }
+            };
+            if !declared.lock().await.contains(&declared_key) {
+                match route {
+                    Route::Queue(queue) => topology::declare(&channel, &self.config, queue).await.map(|_| ()),
+                    Route::Exchange(ex, _) => topology::declare_exchange(&channel, ex).await,
+                }
+                .map_err(|e| self.rejected_or_lost(e))?;
+                declared.lock().await.insert(declared_key);
             }
             let confirm = channel
                 .basic_publish(
-                    // As Celery: the default exchange, routed by the queue's name.
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                    exchange.into(),
+                    routing_key.into(),
+                    // A task must reach a queue; a broadcast nobody listens to is dropped.
+                    BasicPublishOptions {
+                        mandatory: matches!(route, Route::Queue(_)),
+                        ..BasicPublishOptions::default()
+                    },
                     &message.body,
                     properties(message),
                 )
@@ -101,14 +125,14 @@ impl AmqpBroker {
             if confirmation.is_nack() {
                 return Err(BrokerError::Rejected {
                     url: self.config.redacted.clone(),
-                    reason: format!("RabbitMQ refused (nack) the message for queue {queue:?}"),
+                    reason: format!("RabbitMQ refused (nack) the message for {what}"),
                 });
             }
             if let Some(returned) = confirmation.take_message() {
                 return Err(BrokerError::Rejected {
                     url: self.config.redacted.clone(),
                     reason: format!(
-                        "the message for queue {queue:?} was unroutable ({} {})",
+                        "the message for {what} was unroutable ({} {})",
                         returned.reply_code, returned.reply_text
                     ),
                 });
@@ -220,7 +244,7 @@ impl Broker for AmqpBroker {
     }
 
     async fn publish(&self, queue: &str, message: &Message) -> Result<(), BrokerError> {
-        self.publish_once(queue, message).await
+        self.publish_once(Route::Queue(queue), message).await
     }
 
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
@@ -232,6 +256,10 @@ impl Broker for AmqpBroker {
         }
         let c = consumer::AmqpConsumer::start(self.config.clone(), queues.to_vec(), prefetch).await?;
         Ok(Box::new(c))
+    }
+
+    fn exchanges(&self) -> Option<&dyn Exchanges> {
+        Some(self)
     }
 
     /// RabbitMQ's default `consumer_timeout` is 30 minutes; hold for half of it.
@@ -280,5 +308,26 @@ impl Broker for AmqpBroker {
             });
         }
         Ok(out)
+    }
+}
+
+#[async_trait]
+impl Exchanges for AmqpBroker {
+    async fn publish_to(
+        &self,
+        exchange: &ExchangeSpec,
+        routing_key: &str,
+        message: &Message,
+    ) -> Result<(), BrokerError> {
+        self.publish_once(Route::Exchange(exchange, routing_key), message).await
+    }
+
+    async fn subscribe(
+        &self,
+        exchange: &ExchangeSpec,
+        binding: &Binding,
+    ) -> Result<Box<dyn Subscription>, BrokerError> {
+        let s = crate::exchanges::subscribe(self.config.clone(), exchange, binding).await?;
+        Ok(Box::new(s))
     }
 }

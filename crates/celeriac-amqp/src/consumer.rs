@@ -191,8 +191,8 @@ async fn run(
     }
 }
 
-fn to_delivery(d: lapin::message::Delivery, settle: mpsc::UnboundedSender<SettleOp>) -> Delivery {
-    let p = &d.properties;
+/// The message of a delivery: headers, properties and body.
+pub(crate) fn to_message(p: &lapin::BasicProperties, body: Vec<u8>) -> Message {
     let headers = p.headers().as_ref().map(fields::from_table).unwrap_or_default();
     let properties = Properties {
         correlation_id: p.correlation_id().as_ref().map(|s| s.as_str().to_string()),
@@ -203,14 +203,19 @@ fn to_delivery(d: lapin::message::Delivery, settle: mpsc::UnboundedSender<Settle
         reply_to: p.reply_to().as_ref().map(|s| s.as_str().to_string()).filter(|s| !s.is_empty()),
         expiration: p.expiration().as_ref().map(|s| s.as_str().to_string()),
     };
+    Message { headers, properties, body }
+}
+
+fn to_delivery(d: lapin::message::Delivery, settle: mpsc::UnboundedSender<SettleOp>) -> Delivery {
+    let message = to_message(&d.properties, d.data);
     // Quorum queues count deliveries; classic queues only say "redelivered".
-    let count = headers
+    let count = message
+        .headers
         .get("x-delivery-count")
         .and_then(serde_json::Value::as_u64)
         .map(|n| n as u32 + 1)
         .unwrap_or(if d.redelivered { 2 } else { 1 });
     let queue = d.routing_key.as_str().to_string();
-    let message = Message { headers, properties, body: d.data };
     Delivery::new(message, queue, count, Box::new(AmqpAcker { tag: d.delivery_tag, settle, settled: false }))
 }
 

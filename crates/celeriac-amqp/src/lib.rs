@@ -11,10 +11,13 @@
 //!   the highest contiguous completed tag; sent at once when every delivery so far is settled or
 //!   a batch is full, at most a quarter of the prefetch, else within 2 ms). Settlements for a
 //!   channel that died are dropped: RabbitMQ redelivers those messages.
+//! - [`exchanges`]: fanout, direct and topic exchanges (remote control, events): declared as
+//!   Celery declares them, consumed without acknowledgement on a connection of their own.
 //! - [`fields`]: JSON headers to AMQP field tables and back.
 
 pub mod broker;
 pub mod consumer;
+pub mod exchanges;
 pub mod fields;
 pub mod topology;
 pub mod url;

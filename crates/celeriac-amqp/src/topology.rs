@@ -9,6 +9,7 @@
 //! published to the default exchange (`""`) with the queue's name as routing key; the named
 //! exchange and binding are declared for those who route through them.
 
+use celeriac_core::broadcast::{ExchangeKind as Kind, ExchangeSpec};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
@@ -49,4 +50,29 @@ pub async fn declare(channel: &Channel, config: &AmqpConfig, queue: &str) -> Res
         .queue_bind(queue.into(), queue.into(), queue.into(), QueueBindOptions::default(), FieldTable::default())
         .await?;
     Ok((q.message_count(), q.consumer_count()))
+}
+
+/// The lapin kind of an exchange.
+fn lapin_kind(kind: Kind) -> ExchangeKind {
+    match kind {
+        Kind::Direct => ExchangeKind::Direct,
+        Kind::Fanout => ExchangeKind::Fanout,
+        Kind::Topic => ExchangeKind::Topic,
+    }
+}
+
+/// Declare an exchange as the spec says (remote control's and events' exchanges).
+pub(crate) async fn declare_exchange(channel: &Channel, exchange: &ExchangeSpec) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            exchange.name.as_str().into(),
+            lapin_kind(exchange.kind),
+            ExchangeDeclareOptions {
+                durable: exchange.durable,
+                auto_delete: exchange.auto_delete,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }

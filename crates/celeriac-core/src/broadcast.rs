@@ -18,6 +18,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::sync::{mpsc, watch};
 
 use crate::error::BrokerError;
 use crate::protocol::Message;
@@ -102,4 +103,51 @@ pub trait Exchanges: Send + Sync {
     /// Declare the exchange and the queue, bind them, and start receiving.
     async fn subscribe(&self, exchange: &ExchangeSpec, binding: &Binding)
         -> Result<Box<dyn Subscription>, BrokerError>;
+}
+
+/// A [`Subscription`] fed by a background task of the transport (which reads the connection,
+/// reconnects, and forwards each message), the usual way to implement one.
+pub struct ForwardedSubscription {
+    rx: mpsc::Receiver<Message>,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    close_wait: Duration,
+}
+
+impl ForwardedSubscription {
+    /// Spawn `task` with the sender to forward messages on and a stop flag. The task must return
+    /// soon after the flag turns `true` (or its sender is dropped with the subscription), and
+    /// clean up what should not outlive the subscription before it does; [`Subscription::close`]
+    /// waits up to `close_wait` for it.
+    pub fn spawn<F, Fut>(close_wait: Duration, task: F) -> Self
+    where
+        F: FnOnce(mpsc::Sender<Message>, watch::Receiver<bool>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(1024);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(task(tx, stop_rx));
+        ForwardedSubscription { rx, stop, task: Some(task), close_wait }
+    }
+}
+
+#[async_trait]
+impl Subscription for ForwardedSubscription {
+    async fn next(&mut self) -> Result<Message, BrokerError> {
+        self.rx.recv().await.ok_or(BrokerError::Closed)
+    }
+
+    async fn close(&mut self) {
+        let _ = self.stop.send(true);
+        self.rx.close();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(self.close_wait, task).await;
+        }
+    }
+}
+
+impl Drop for ForwardedSubscription {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
 }

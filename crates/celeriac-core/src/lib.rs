@@ -25,7 +25,7 @@ pub mod retry;
 pub mod task;
 
 pub use backend::ResultBackend;
-pub use broadcast::{Binding, ExchangeKind, ExchangeSpec, Exchanges, Subscription};
+pub use broadcast::{Binding, ExchangeKind, ExchangeSpec, Exchanges, ForwardedSubscription, Subscription};
 pub use broker::{Acker, Broker, Consumer, DeadLetter, Delivery, QueueInfo};
 pub use error::{BackendError, BrokerError, ProtocolError};
 pub use protocol::{Embed, Message, Properties, TaskBody, TaskHeaders};

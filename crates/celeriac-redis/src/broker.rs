@@ -47,12 +47,19 @@
 //!   `message`) onto the list `_celeriac.dead` (newest first, numbered by `_celeriac.dead.seq`)
 //!   and counts them per queue in the hash `_celeriac.dead.counts`; Python never looks there.
 //!
-//! Fanout exchanges, pidbox (remote control) and events are not implemented. Needs Redis 6.2 or
+//! # Exchanges
+//!
+//! Remote control and events use kombu's virtual exchanges (the `exchanges` module): fanout
+//! over pub/sub on `/<db>.<exchange>`, direct and topic routed through `_kombu.binding.<exchange>`
+//! onto plain lists.
+//!
+//! Needs Redis 6.2 or
 //! later (`RPOP` with a count, `ZRANGE ... BYSCORE REV`, which kombu 5.7 uses too).
 //!
 //! URL: `redis://[[user]:password@]host[:port][/db][?visibility_timeout=S&connect_timeout=S&command_timeout=S]`.
 
 mod consumer;
+mod exchanges;
 pub mod keys;
 mod restore;
 mod scripts;
@@ -63,6 +70,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use celeriac_core::broadcast::{Binding, ExchangeSpec, Exchanges, Subscription};
 use celeriac_core::broker::{Consumer, DeadLetter, QueueInfo};
 use celeriac_core::{envelope, Broker, BrokerError, Message};
 
@@ -429,6 +437,31 @@ impl Broker for RedisBroker {
 
     fn delivers_eta_natively(&self) -> bool {
         false
+    }
+
+    fn exchanges(&self) -> Option<&dyn Exchanges> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl Exchanges for RedisBroker {
+    async fn publish_to(
+        &self,
+        exchange: &ExchangeSpec,
+        routing_key: &str,
+        message: &Message,
+    ) -> Result<(), BrokerError> {
+        exchanges::publish_to(&self.inner, exchange, routing_key, message).await
+    }
+
+    async fn subscribe(
+        &self,
+        exchange: &ExchangeSpec,
+        binding: &Binding,
+    ) -> Result<Box<dyn Subscription>, BrokerError> {
+        let s = exchanges::subscribe(self.inner.clone(), exchange, binding).await?;
+        Ok(Box::new(s))
     }
 }
 

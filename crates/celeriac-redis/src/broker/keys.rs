@@ -131,6 +131,74 @@ pub fn route(exchange: &str, routing_key: &str, bindings: &[Binding]) -> Vec<Str
     queues
 }
 
+/// The pub/sub channel a fanout exchange broadcasts on (kombu's `_get_publish_topic` with its
+/// defaults `fanout_prefix` and `fanout_patterns`): `/<db>.<exchange>`, or
+/// `/<db>.<exchange>/<routing key>` when there is a routing key. Subscribers `PSUBSCRIBE` to the
+/// same name with `#` in their binding key written as `*`.
+pub fn fanout_channel(db: i64, exchange: &str, routing_key: &str) -> String {
+    if routing_key.is_empty() {
+        format!("/{db}.{exchange}")
+    } else {
+        format!("/{db}.{exchange}/{routing_key}")
+    }
+}
+
+/// The pattern kombu stores for a topic binding (`TopicExchange.key_to_pattern`): a regular
+/// expression, words joined by `\.`, `*` as `.*?[^\.]`, `#` as `.*?`, every other character
+/// that is not alphanumeric escaped with a backslash.
+pub fn topic_pattern(binding_key: &str) -> String {
+    let escaped: String = binding_key
+        .chars()
+        .map(|c| if c.is_alphanumeric() || ".#*".contains(c) { c.to_string() } else { format!("\\{c}") })
+        .collect();
+    let words: Vec<&str> = escaped
+        .split('.')
+        .map(|w| match w {
+            "*" => ".*?[^\\.]",
+            "#" => ".*?",
+            w => w,
+        })
+        .collect();
+    format!("^{}$", words.join("\\."))
+}
+
+/// Whether a topic binding key matches a routing key the way kombu's virtual topic exchange
+/// decides it (the regular expression of [`topic_pattern`]): `#` stands for any text, dots
+/// included, possibly empty; `*` for any text ending in a character other than a dot. Looser than
+/// AMQP (`task.*` matches `task.a.b`), and what Python consumers on Redis get.
+pub fn topic_matches(binding_key: &str, routing_key: &str) -> bool {
+    #[derive(Clone, Copy)]
+    enum Token<'a> {
+        Text(&'a str),
+        Any,
+        NotDot,
+    }
+    let mut tokens = Vec::new();
+    for (i, word) in binding_key.split('.').enumerate() {
+        if i > 0 {
+            tokens.push(Token::Text("."));
+        }
+        match word {
+            "#" => tokens.push(Token::Any),
+            "*" => tokens.extend([Token::Any, Token::NotDot]),
+            w => tokens.push(Token::Text(w)),
+        }
+    }
+    fn matches(tokens: &[Token<'_>], s: &str) -> bool {
+        match tokens.split_first() {
+            None => s.is_empty(),
+            Some((Token::Text(t), rest)) => s.strip_prefix(t).is_some_and(|s| matches(rest, s)),
+            Some((Token::NotDot, rest)) => {
+                s.chars().next().is_some_and(|c| c != '.' && matches(rest, &s[c.len_utf8()..]))
+            }
+            Some((Token::Any, rest)) => {
+                s.char_indices().map(|(i, _)| i).chain([s.len()]).any(|i| matches(rest, &s[i..]))
+            }
+        }
+    }
+    matches(&tokens, routing_key)
+}
+
 /// A message's priority as kombu reads it (`_get_message_priority`): `int(properties.priority)`
 /// clamped to 0..=9, and 0 when it is absent or not a number.
 pub fn envelope_priority(envelope: &Value) -> i64 {
@@ -202,6 +270,26 @@ mod tests {
         let bindings = [b("images", "images"), b("video", "video"), b("images", "thumbs")];
         assert_eq!(route("media", "images", &bindings), vec!["images", "thumbs"]);
         assert!(route("media", "nothing", &bindings).is_empty());
+    }
+
+    #[test]
+    fn fanout_channels_and_topic_bindings_as_kombu_writes_them() {
+        assert_eq!(fanout_channel(4, "celery.pidbox", ""), "/4.celery.pidbox");
+        assert_eq!(fanout_channel(0, "ex", "a.b"), "/0.ex/a.b");
+        assert_eq!(topic_pattern("#"), "^.*?$");
+        assert_eq!(topic_pattern("task.*"), "^task\\..*?[^\\.]$");
+        assert_eq!(topic_pattern("worker-x.#"), "^worker\\-x\\..*?$");
+    }
+
+    #[test]
+    fn topic_matching_follows_kombus_regular_expressions() {
+        assert!(topic_matches("#", "worker.heartbeat") && topic_matches("#", ""));
+        assert!(topic_matches("task.#", "task.succeeded") && topic_matches("task.#", "task.a.b"));
+        assert!(!topic_matches("task.#", "task") && !topic_matches("task.#", "worker.online"));
+        assert!(topic_matches("task.*", "task.failed") && topic_matches("task.*", "task.a.b"));
+        assert!(!topic_matches("task.*", "task.") && !topic_matches("*.online", "online"));
+        assert!(topic_matches("worker.heartbeat", "worker.heartbeat") && !topic_matches("worker.x", "worker.y"));
+        assert!(topic_matches("*.*", "a.b") && !topic_matches("*.*", "ab"));
     }
 
     #[test]
