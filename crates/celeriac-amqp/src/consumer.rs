@@ -16,12 +16,17 @@
 //!   large as the window would stall it;
 //! - otherwise 2 ms after the last settlement, and on flush.
 //!
+//! The prefetch is a channel-wide limit (`basic.qos` with `global`, as Celery sets it on
+//! RabbitMQ): one window for all the worker's queues, which the worker may widen or narrow while
+//! consuming ([`Consumer::set_prefetch`]). Quorum queues do not support a channel-wide limit;
+//! there it is per consumer and fixed.
+//!
 //! A delivery's settlement goes to the settler of the channel it came from: if that channel is
 //! gone, nothing is sent (a tag is meaningless on another channel) and RabbitMQ redelivers the
 //! message.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +59,10 @@ pub struct AmqpConsumer {
     rx: mpsc::UnboundedReceiver<Result<Delivery, BrokerError>>,
     stop: watch::Sender<bool>,
     current: Arc<Mutex<Option<Live>>>,
+    /// The prefetch wanted now (read again on reconnection).
+    prefetch: watch::Sender<u16>,
+    /// Whether the prefetch can change while consuming (not on quorum queues).
+    adjustable: bool,
 }
 
 /// The connection in use and its settler.
@@ -67,14 +76,30 @@ impl AmqpConsumer {
     /// Connect, declare, and start consuming. The first connection must succeed; later losses are
     /// recovered in the background.
     pub async fn start(config: AmqpConfig, queues: Vec<String>, prefetch: usize) -> Result<Self, BrokerError> {
-        let prefetch = u16::try_from(prefetch.clamp(1, usize::from(u16::MAX))).unwrap_or(u16::MAX);
+        let prefetch = clamp_prefetch(prefetch);
         let (tx, rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
+        let (prefetch_tx, prefetch_rx) = watch::channel(prefetch);
         let current = Arc::new(Mutex::new(None));
         let session = open_session(&config, &queues, prefetch).await?;
-        tokio::spawn(run(config, queues, prefetch, tx, stop_rx, current.clone(), Some(session)));
-        Ok(AmqpConsumer { rx, stop, current })
+        let adjustable = !config.quorum;
+        tokio::spawn(run(config, queues, prefetch_rx, tx, stop_rx, current.clone(), Some(session)));
+        Ok(AmqpConsumer { rx, stop, current, prefetch: prefetch_tx, adjustable })
     }
+}
+
+/// The prefetch wanted now, marked as seen (a guard must not be held across an await).
+fn current_prefetch(rx: &mut watch::Receiver<u16>) -> u16 {
+    *rx.borrow_and_update()
+}
+
+fn clamp_prefetch(prefetch: usize) -> u16 {
+    u16::try_from(prefetch.clamp(1, usize::from(u16::MAX))).unwrap_or(u16::MAX)
+}
+
+/// `basic.qos` options: channel-wide, except on quorum queues, which refuse a global limit.
+fn qos_options(config: &AmqpConfig) -> BasicQosOptions {
+    BasicQosOptions { global: !config.quorum }
 }
 
 struct Session {
@@ -86,7 +111,7 @@ struct Session {
 async fn open_session(config: &AmqpConfig, queues: &[String], prefetch: u16) -> Result<Session, BrokerError> {
     let conn = connect(config, "celeriac worker").await?;
     let channel = conn.create_channel().await.map_err(|e| unreachable(config, e))?;
-    channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(|e| unreachable(config, e))?;
+    channel.basic_qos(prefetch, qos_options(config)).await.map_err(|e| unreachable(config, e))?;
     let mut consumers = Vec::new();
     for q in queues {
         topology::declare(&channel, config, q).await.map_err(|e| {
@@ -118,7 +143,7 @@ async fn open_session(config: &AmqpConfig, queues: &[String], prefetch: u16) -> 
 async fn run(
     config: AmqpConfig,
     queues: Vec<String>,
-    prefetch: u16,
+    mut prefetch: watch::Receiver<u16>,
     tx: mpsc::UnboundedSender<Result<Delivery, BrokerError>>,
     mut stop: watch::Receiver<bool>,
     current: Arc<Mutex<Option<Live>>>,
@@ -131,7 +156,7 @@ async fn run(
         }
         let session = match first.take() {
             Some(s) => s,
-            None => match open_session(&config, &queues, prefetch).await {
+            None => match open_session(&config, &queues, current_prefetch(&mut prefetch)).await {
                 Ok(s) => {
                     tracing::info!(broker = %config.redacted, "reconnected to the broker; consuming again");
                     backoff = Duration::from_millis(500);
@@ -151,7 +176,8 @@ async fn run(
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         // The highest delivery tag handed to the worker on this channel.
         let delivered = Arc::new(AtomicU64::new(0));
-        tokio::spawn(settler(session.channel.clone(), settle_rx, ack_batch(prefetch), delivered.clone()));
+        let window = Arc::new(AtomicU16::new(*prefetch.borrow()));
+        tokio::spawn(settler(session.channel.clone(), settle_rx, window.clone(), delivered.clone()));
         *current.lock().await = Some(Live { conn: session.conn.clone(), settle: settle_tx.clone() });
         let tags: Vec<String> = session.consumers.iter().map(|c| c.tag().as_str().to_string()).collect();
         let mut stream = futures::stream::select_all(session.consumers.into_iter().map(|c| c.boxed()));
@@ -174,6 +200,19 @@ async fn run(
                         break;
                     }
                 },
+                Ok(()) = prefetch.changed() => {
+                    let n = current_prefetch(&mut prefetch);
+                    match session.channel.basic_qos(n, qos_options(&config)).await {
+                        Ok(()) => {
+                            window.store(n, Ordering::Release);
+                            tracing::debug!(prefetch = n, "prefetch changed");
+                        }
+                        Err(e) => {
+                            tracing::warn!(broker = %config.redacted, error = %e, "lost the broker connection; reconnecting");
+                            break;
+                        }
+                    }
+                }
                 _ = stop.changed() => {
                     for tag in &tags {
                         let _ = session.channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
@@ -256,7 +295,12 @@ fn ack_batch(prefetch: u16) -> u64 {
 
 /// Settle deliveries of one channel, acknowledging in batches. `delivered` is the highest tag
 /// handed out on the channel so far.
-async fn settler(channel: Channel, mut rx: mpsc::UnboundedReceiver<SettleOp>, batch: u64, delivered: Arc<AtomicU64>) {
+async fn settler(
+    channel: Channel,
+    mut rx: mpsc::UnboundedReceiver<SettleOp>,
+    window: Arc<AtomicU16>,
+    delivered: Arc<AtomicU64>,
+) {
     // Tags settled but not yet covered by the contiguous prefix: tag -> is an ack.
     let mut done: BTreeMap<u64, bool> = BTreeMap::new();
     let mut next_expected = 1u64;
@@ -304,6 +348,7 @@ async fn settler(channel: Channel, mut rx: mpsc::UnboundedReceiver<SettleOp>, ba
         // Every tag below `next_expected` is settled; if that covers every delivery so far, no
         // acknowledgement is about to join this batch.
         let caught_up = next_expected > delivered.load(Ordering::Acquire);
+        let batch = ack_batch(window.load(Ordering::Acquire));
         if ack_upto >= sent_upto + batch || (caught_up && ack_upto > sent_upto) {
             flush(&channel, ack_upto, &mut sent_upto).await;
         }
@@ -323,6 +368,15 @@ async fn flush(channel: &Channel, ack_upto: u64, sent_upto: &mut u64) {
 impl Consumer for AmqpConsumer {
     async fn next(&mut self) -> Result<Delivery, BrokerError> {
         self.rx.recv().await.unwrap_or(Err(BrokerError::Closed))
+    }
+
+    fn set_prefetch(&mut self, prefetch: usize) -> bool {
+        if !self.adjustable {
+            return false;
+        }
+        let n = clamp_prefetch(prefetch);
+        self.prefetch.send_if_modified(|p| std::mem::replace(p, n) != n);
+        true
     }
 
     async fn close(&mut self) {

@@ -88,7 +88,7 @@ async fn publish_fails_within_the_policy_when_the_broker_goes_away_mid_run() {
     for _ in 0..5 {
         send(&client, "celeriac.noop", json!([]), "midrun").await.expect("publish through the proxy");
     }
-    proxy.stop();
+    proxy.stop().await;
     let started = Instant::now();
     let err = send(&client, "celeriac.noop", json!([]), "midrun").await.unwrap_err();
     let (attempts, _) = unreachable_attempts(&err);
@@ -239,7 +239,7 @@ async fn a_worker_survives_its_connection_being_closed_and_nothing_is_lost() {
         async move { b.get(&id).await.unwrap().is_some() }
     })
     .await;
-    proxy.stop();
+    proxy.stop().await;
     w.wait_for_line("lost the broker connection", Duration::from_secs(20));
     let port = proxy.port;
     drop(proxy);
@@ -271,4 +271,88 @@ fn restart_proxy(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<(
             });
         }
     })
+}
+
+/// The worker's channel as RabbitMQ sees it: (channel-wide prefetch, unacknowledged deliveries).
+fn worker_channel(vhost: &TestVhost) -> Option<(u64, u64)> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_channels", "-q", "--no-table-headers", "vhost", "consumer_count"])
+        .args(["global_prefetch_count", "messages_unacknowledged"])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        match f.as_slice() {
+            [v, consumers, prefetch, unacked] if *v == vhost.name && *consumers != "0" => {
+                Some((prefetch.parse().ok()?, unacked.parse().ok()?))
+            }
+            _ => None,
+        }
+    })
+}
+
+/// Celery's window (concurrency x multiplier) for long tasks, so no worker hoards work others
+/// could do; a wider one while tasks are short, so the worker is not left waiting on the broker;
+/// and back to Celery's once idle.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_prefetch_window_stays_at_celerys_for_long_tasks_and_widens_for_short_ones() {
+    let vhost = TestVhost::new();
+    let broker = vhost.url("");
+    let results = TempDb::new("");
+    let client = amqp_client(&broker, &results).await;
+    for _ in 0..120 {
+        send(&client, "celeriac.sleep", json!([0.2]), "window").await.unwrap();
+    }
+    let w = WorkerProc::start(
+        &broker,
+        &["--result-backend", &results.url, "-Q", "window", "-c", "2", "-l", "info,celeriac_worker=debug"],
+    );
+    // Long tasks: 120 x 0.2 s on two slots is 12 s of work; RabbitMQ never has more than 8 out.
+    let mut samples = Vec::new();
+    while samples.len() < 3 {
+        if let Some(s) = worker_channel(&vhost) {
+            samples.push(s);
+        }
+    }
+    let ready = client.broker().queues(&["window".into()]).await.unwrap()[0].ready;
+    assert!(ready > 0, "the long tasks ran out before the samples were taken: {samples:?}");
+    assert!(
+        samples.iter().all(|(prefetch, unacked)| *prefetch == 8 && *unacked <= 8),
+        "{samples:?}\n{}",
+        w.matching("prefetch").join("\n")
+    );
+
+    // Short tasks: the window widens while they drain.
+    let opts = SendOptions { queue: Some("window".into()), ignore_result: Some(true), ..SendOptions::default() };
+    let sent: Vec<()> = futures::stream::iter(0..30_000)
+        .map(|_| {
+            let (client, opts) = (&client, opts.clone());
+            async move {
+                client.send_task("celeriac.noop", vec![], Map::new(), opts).await.expect("publish");
+            }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    assert_eq!(sent.len(), 30_000);
+    let mut widest = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some((prefetch, _)) = worker_channel(&vhost) {
+            widest = widest.max(prefetch);
+        }
+        let ready = client.broker().queues(&["window".into()]).await.unwrap()[0].ready;
+        if ready == 0 || widest > 8 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the queue did not drain");
+    }
+    assert!(widest > 8, "the window never widened while short tasks drained");
+    // Idle again: back to Celery's window.
+    let mut now = (0, 0);
+    common::wait_until("the window to come back to 8", Duration::from_secs(60), || {
+        now = worker_channel(&vhost).unwrap_or_default();
+        now.0 == 8
+    });
+    println!("window widened to {widest} for short tasks; back to {} when idle", now.0);
 }

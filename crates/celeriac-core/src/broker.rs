@@ -110,6 +110,14 @@ pub trait Consumer: Send {
     /// Make sure every settlement made so far has reached the broker (transports that batch
     /// acknowledgements send them now), then release the connection. Called once, last.
     async fn flush(&mut self) {}
+
+    /// Change how many deliveries may be unsettled at once, from now on (deliveries already
+    /// handed out stay valid). Returns false when the transport cannot change it while consuming
+    /// (the default), and the prefetch given to [`Broker::consume`] stays in force.
+    fn set_prefetch(&mut self, prefetch: usize) -> bool {
+        let _ = prefetch;
+        false
+    }
 }
 
 /// How a transport settles one delivery.

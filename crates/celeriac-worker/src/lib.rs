@@ -7,11 +7,13 @@
 //!   result stored first, message acknowledged after (acks late), retries republished.
 //! - [`shutdown`]: warm and cold shutdown, driven by signals or by code.
 //! - [`stats`]: counters of what the worker did.
+//! - [`prefetch`]: the adaptive prefetch window (Celery's size for long tasks, wider for short).
 //!
 //! The main loop ([`Worker::run`]) pulls from one [`Consumer`](celeriac_core::Consumer) and runs at
 //! most `concurrency` tasks at once; the broker's prefetch bounds how many more wait in reserve.
 
 pub mod execute;
+pub mod prefetch;
 pub mod prefork;
 pub mod request;
 pub mod shutdown;
@@ -34,8 +36,12 @@ pub struct WorkerConfig {
     pub queues: Vec<String>,
     /// Tasks run at once.
     pub concurrency: usize,
-    /// Deliveries held per slot (prefetch = concurrency x multiplier).
+    /// Deliveries held per slot (prefetch = concurrency x multiplier): the window for long
+    /// tasks, and its floor.
     pub prefetch_multiplier: usize,
+    /// How wide the prefetch window may grow for short tasks (see [`prefetch`]); at or below
+    /// `concurrency x prefetch_multiplier` the window is fixed, as in Celery.
+    pub max_prefetch: usize,
     /// How long a warm shutdown waits for running tasks before requeueing them.
     pub shutdown_timeout: Duration,
     /// The worker's node name (`celeriac@host`).
@@ -57,6 +63,7 @@ impl Default for WorkerConfig {
             queues: vec![celeriac_core::DEFAULT_QUEUE.to_string()],
             concurrency: 8,
             prefetch_multiplier: 4,
+            max_prefetch: DEFAULT_MAX_PREFETCH,
             shutdown_timeout: Duration::from_secs(30),
             hostname: default_hostname(),
             time_limit: None,
@@ -66,6 +73,9 @@ impl Default for WorkerConfig {
         }
     }
 }
+
+/// The default upper bound of the adaptive prefetch window.
+pub const DEFAULT_MAX_PREFETCH: usize = 1024;
 
 /// `celeriac@<host name>`.
 pub fn default_hostname() -> String {
@@ -259,6 +269,11 @@ impl Worker {
         let mut running: JoinSet<()> = JoinSet::new();
         let mut level = shutdown.subscribe();
         let mut broker_errors = 0u32;
+        let mut window =
+            prefetch::AdaptivePrefetch::new(prefetch, cfg.max_prefetch, tokio::time::Instant::now().into());
+        let mut ticks = tokio::time::interval(prefetch::TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut adapt = window.enabled();
 
         'consume: loop {
             if *level.borrow() != ShutdownLevel::Running {
@@ -267,7 +282,20 @@ impl Worker {
             tokio::select! {
                 biased;
                 _ = level.changed() => continue,
-                Some(_) = running.join_next(), if !running.is_empty() => continue,
+                Some(_) = running.join_next(), if !running.is_empty() => {
+                    window.completed();
+                    continue;
+                }
+                _ = ticks.tick(), if adapt => {
+                    if let Some(n) = window.tick(std::time::Instant::now()) {
+                        // A transport that cannot change it keeps the first window.
+                        adapt = consumer.set_prefetch(n);
+                        if adapt {
+                            tracing::debug!(prefetch = n, "prefetch window changed");
+                        }
+                    }
+                    continue;
+                }
                 next = consumer.next() => match next {
                     Ok(delivery) => {
                         broker_errors = 0;

@@ -221,8 +221,8 @@ impl Drop for TestVhost {
 /// A TCP proxy the test owns, in front of a real service: stopping it is a broker going away.
 pub struct TcpProxy {
     pub port: u16,
-    tasks: tokio::task::JoinSet<()>,
     accept: tokio::task::JoinHandle<()>,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl TcpProxy {
@@ -230,33 +230,42 @@ impl TcpProxy {
     pub async fn start(target: &'static str) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().unwrap().port();
-        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel::<tokio::net::TcpStream>();
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let held = conns.clone();
         let accept = tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
-                if conn_tx.send(sock).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            while let Some(mut inbound) = conn_rx.recv().await {
-                conns.spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let forward = tokio::spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });
+                held.lock().unwrap().push(forward);
             }
-            conns.abort_all();
         });
-        TcpProxy { port, tasks, accept }
+        TcpProxy { port, accept, conns }
     }
 
-    /// Close the listening socket and every forwarded connection.
-    pub fn stop(&mut self) {
+    /// Close the listening socket and every forwarded connection; once this returns, not one
+    /// more byte crosses the proxy.
+    pub async fn stop(&mut self) {
         self.accept.abort();
-        self.tasks.abort_all();
+        let _ = (&mut self.accept).await;
+        let conns: Vec<_> = std::mem::take(&mut *self.conns.lock().unwrap());
+        for c in &conns {
+            c.abort();
+        }
+        for c in conns {
+            let _ = c.await;
+        }
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for c in self.conns.lock().unwrap().iter() {
+            c.abort();
+        }
     }
 }
 

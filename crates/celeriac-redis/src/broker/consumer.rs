@@ -170,6 +170,9 @@ pub(crate) struct RedisConsumer {
     fetcher: Option<JoinHandle<()>>,
     settle: mpsc::UnboundedSender<SettleMsg>,
     shared: Arc<Shared>,
+    /// One permit per delivery that may be unsettled; `prefetch` of them in all.
+    permits: Arc<Semaphore>,
+    prefetch: usize,
 }
 
 impl RedisConsumer {
@@ -188,10 +191,12 @@ impl RedisConsumer {
         let (tx, rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
         tracing::debug!(queues = %queues.join(","), prefetch, broker = %shared.inner.url(), "consuming from Redis");
+        let prefetch = prefetch.max(1);
+        let permits = Arc::new(Semaphore::new(prefetch));
         let fetcher = Fetcher {
             shared: shared.clone(),
             queues,
-            permits: Arc::new(Semaphore::new(prefetch.max(1))),
+            permits: permits.clone(),
             tx,
             settle: settle.clone(),
             blocking: None,
@@ -199,7 +204,7 @@ impl RedisConsumer {
             stop: stop_rx,
         };
         let fetcher = tokio::spawn(fetcher.run());
-        RedisConsumer { rx, stop, fetcher: Some(fetcher), settle, shared }
+        RedisConsumer { rx, stop, fetcher: Some(fetcher), settle, shared, permits, prefetch }
     }
 
     fn stop_consuming(&mut self) {
@@ -221,6 +226,36 @@ impl Consumer for RedisConsumer {
 
     async fn close(&mut self) {
         self.stop_consuming();
+    }
+
+    fn set_prefetch(&mut self, prefetch: usize) -> bool {
+        let prefetch = prefetch.max(1);
+        if prefetch > self.prefetch {
+            self.permits.add_permits(prefetch - self.prefetch);
+        } else if prefetch < self.prefetch {
+            // Take the surplus out as deliveries settle (until the consumer is gone).
+            let (permits, shared) = (self.permits.clone(), self.shared.clone());
+            let surplus = u32::try_from(self.prefetch - prefetch).unwrap_or(u32::MAX);
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        taken = permits.clone().acquire_many_owned(surplus) => {
+                            if let Ok(taken) = taken {
+                                taken.forget();
+                            }
+                            return;
+                        }
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                            if shared.done.load(Ordering::Acquire) {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        self.prefetch = prefetch;
+        true
     }
 
     async fn flush(&mut self) {

@@ -130,9 +130,13 @@ struct WorkerArgs {
     /// Node name.
     #[arg(short = 'n', long)]
     hostname: Option<String>,
-    /// Messages reserved per slot.
+    /// Messages reserved per slot (the prefetch window for long tasks, and its floor).
     #[arg(long = "prefetch-multiplier", default_value_t = 4)]
     prefetch_multiplier: usize,
+    /// How wide the prefetch window may grow while tasks are short (it holds about 100 ms of
+    /// work at the current rate); 0 keeps it at concurrency x multiplier, as Celery does.
+    #[arg(long = "max-prefetch", default_value_t = celeriac_worker::DEFAULT_MAX_PREFETCH)]
+    max_prefetch: usize,
     /// Seconds a warm shutdown waits for running tasks before requeueing them.
     #[arg(long = "shutdown-timeout", default_value_t = 30.0)]
     shutdown_timeout: f64,
@@ -343,6 +347,7 @@ async fn worker(app: App, broker_url: &str, backend_url: Option<&str>, loglevel:
         queues,
         concurrency,
         prefetch_multiplier: args.prefetch_multiplier.max(1),
+        max_prefetch: args.max_prefetch,
         shutdown_timeout: positive_secs("--shutdown-timeout", args.shutdown_timeout)?,
         hostname: args.hostname.unwrap_or_else(celeriac_worker::default_hostname),
         time_limit: args.time_limit,
