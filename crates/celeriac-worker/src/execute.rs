@@ -39,10 +39,22 @@ enum Outcome {
     Aborted,
 }
 
+/// The span every log line about a task runs in: id, name and queue, and the pid of the prefork
+/// child running it once one does (recorded by the pool).
+fn task_span(req: &Request) -> tracing::Span {
+    tracing::error_span!(
+        "task",
+        id = %req.headers.id,
+        name = %req.headers.task,
+        queue = %req.delivery.queue,
+        child_pid = tracing::field::Empty
+    )
+}
+
 /// Run a request holding a pool slot, then settle its delivery.
 pub(crate) async fn run(shared: Arc<Shared>, req: Request, permit: OwnedSemaphorePermit) {
     // An ERROR-level span is enabled whenever any event is, so every line carries the id and name.
-    let span = tracing::error_span!("task", id = %req.headers.id, name = %req.headers.task);
+    let span = task_span(&req);
     run_inner(shared, req, permit).instrument(span).await
 }
 
@@ -66,7 +78,7 @@ async fn run_inner(shared: Arc<Shared>, req: Request, permit: OwnedSemaphorePerm
     ctx.hostname = shared.config.hostname.clone();
     let ctx = ctx.with_soft_limit(soft_rx);
 
-    tracing::info!(queue = %req.delivery.queue, retries = req.headers.retries, "task received");
+    tracing::info!(retries = req.headers.retries, "task received");
     let started = std::time::Instant::now();
     let outcome = match &shared.pool {
         Some(pool) => {
@@ -155,7 +167,7 @@ pub(crate) async fn hold_then_run(
     slots: Arc<Semaphore>,
     mut level: watch::Receiver<ShutdownLevel>,
 ) {
-    let span = tracing::error_span!("task", id = %req.headers.id, name = %req.headers.task);
+    let span = task_span(&req);
     async move {
         let wait = (eta - Utc::now()).to_std().unwrap_or_default();
         tracing::info!(eta = %eta, "holding until ETA");

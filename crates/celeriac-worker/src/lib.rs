@@ -8,11 +8,13 @@
 //! - [`shutdown`]: warm and cold shutdown, driven by signals or by code.
 //! - [`stats`]: counters of what the worker did.
 //! - [`prefetch`]: the adaptive prefetch window (Celery's size for long tasks, wider for short).
+//! - [`nodename`]: the worker's node name (`-n name@%h`) with Celery's `%` expansions.
 //!
 //! The main loop ([`Worker::run`]) pulls from one [`Consumer`](celeriac_core::Consumer) and runs at
 //! most `concurrency` tasks at once; the broker's prefetch bounds how many more wait in reserve.
 
 pub mod execute;
+pub mod nodename;
 pub mod prefetch;
 pub mod prefork;
 pub mod request;
@@ -77,14 +79,9 @@ impl Default for WorkerConfig {
 /// The default upper bound of the adaptive prefetch window.
 pub const DEFAULT_MAX_PREFETCH: usize = 1024;
 
-/// `celeriac@<host name>`.
+/// `celeriac@<host name>` (the expansion of [`nodename::DEFAULT_NODENAME`]).
 pub fn default_hostname() -> String {
-    let host = hostname::get()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into());
-    format!("celeriac@{host}")
+    format!("celeriac@{}", nodename::host_name())
 }
 
 /// An error that stops a worker.

@@ -65,7 +65,8 @@ pub fn run(registry: Arc<Registry>, parent: u32) -> ExitCode {
             ToChild::Exit => return ExitCode::SUCCESS,
             ToChild::Run(req) => {
                 let id = req.id.clone();
-                let outcome = runtime.block_on(run_one(&registry, *req));
+                let span = tracing::error_span!("task", id = %req.id, name = %req.name, queue = %req.queue, hostname = %req.hostname);
+                let outcome = runtime.block_on(tracing::Instrument::instrument(run_one(&registry, *req), span));
                 let rss_kib = proc_info::rss_kib(std::process::id()).unwrap_or(0);
                 if write_frame(&mut out, &FromChild::Done { id, outcome, rss_kib }).is_err() {
                     return ExitCode::from(1);

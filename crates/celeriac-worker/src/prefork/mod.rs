@@ -57,6 +57,8 @@ pub struct PreforkConfig {
     pub program: PathBuf,
     /// Log filter handed to children.
     pub log_level: String,
+    /// Log format handed to children (`text`, `json`).
+    pub log_format: String,
 }
 
 impl PreforkConfig {
@@ -68,6 +70,7 @@ impl PreforkConfig {
             max_memory_per_child_kib: None,
             program: std::env::current_exe()?,
             log_level: "warn".into(),
+            log_format: "text".into(),
         })
     }
 }
@@ -293,6 +296,7 @@ impl Pool {
             return PoolOutcome::WorkerLost("no idle child".into());
         };
         let (id, name) = (req.id.clone(), req.name.clone());
+        tracing::Span::current().record("child_pid", child.pid);
         self.set_status(child.slot, |s| s.task = Some(ActiveTask { id: id.clone(), name, started: Utc::now() }));
         if let Err(e) = write_frame_async(&mut child.stdin, &ToChild::Run(Box::new(req))).await {
             let how = self.bury(child).await;
@@ -459,6 +463,7 @@ async fn spawn_child(config: &PreforkConfig, slot: usize) -> Result<ChildProc, P
     let mut process = tokio::process::Command::new(&config.program)
         .env(child::CHILD_ENV, std::process::id().to_string())
         .env("CELERIAC_LOG", &config.log_level)
+        .env("CELERIAC_LOG_FORMAT", &config.log_format)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

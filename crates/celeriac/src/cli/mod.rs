@@ -7,6 +7,7 @@
 //! unreachable.
 
 mod demo;
+pub mod logging;
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
@@ -83,9 +84,12 @@ struct Cli {
     /// Result backend URL (default: the broker's SQLite file; none for other brokers).
     #[arg(long = "result-backend", global = true, env = "CELERIAC_RESULT_BACKEND")]
     result_backend: Option<String>,
-    /// Log level: error, warn, info, debug, trace.
-    #[arg(short = 'l', long = "loglevel", global = true, default_value = "info")]
+    /// Log level: error, warn, info, debug, trace (or a filter: `info,celeriac_worker=debug`).
+    #[arg(short = 'l', long = "loglevel", visible_alias = "log-level", global = true, default_value = "info")]
     loglevel: String,
+    /// Log lines as human text or one JSON object per line.
+    #[arg(long = "log-format", global = true, env = "CELERIAC_LOG_FORMAT", value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -127,9 +131,10 @@ struct WorkerArgs {
     /// number is KiB, as in Celery).
     #[arg(long = "max-memory-per-child")]
     max_memory_per_child: Option<String>,
-    /// Node name.
-    #[arg(short = 'n', long)]
-    hostname: Option<String>,
+    /// Node name, as Celery's: `name@%h` (%h host name, %n its first label, %d its domain,
+    /// %i/%I pool process index; a name without `@` gets `@<host>`).
+    #[arg(short = 'n', long, default_value = celeriac_worker::nodename::DEFAULT_NODENAME)]
+    hostname: String,
     /// Messages reserved per slot (the prefetch window for long tasks, and its floor).
     #[arg(long = "prefetch-multiplier", default_value_t = 4)]
     prefetch_multiplier: usize,
@@ -240,7 +245,8 @@ pub fn main(app: App, args: impl IntoIterator<Item = OsString>) -> ExitCode {
     // A prefork child: this binary re-executed by a worker's supervisor.
     if let Some(parent) = celeriac_worker::prefork::child::child_parent_pid() {
         let level = std::env::var("CELERIAC_LOG").unwrap_or_else(|_| "warn".into());
-        init_logging(&level, true);
+        let format = std::env::var("CELERIAC_LOG_FORMAT").map(|f| logging::LogFormat::from_env_value(&f));
+        logging::init(&level, format.unwrap_or_default());
         return celeriac_worker::prefork::child::run(app.shared_registry(), parent);
     }
     let cli = match Cli::try_parse_from(args) {
@@ -250,7 +256,13 @@ pub fn main(app: App, args: impl IntoIterator<Item = OsString>) -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    init_logging(&cli.loglevel, matches!(cli.command, Command::Worker(_)));
+    if let Err(e) = logging::check_level(&cli.loglevel) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    // Commands other than `worker` only log warnings unless asked: their output is the point.
+    let worker = matches!(cli.command, Command::Worker(_));
+    logging::init(if worker || cli.loglevel != "info" { &cli.loglevel } else { "warn" }, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -267,23 +279,10 @@ pub fn main(app: App, args: impl IntoIterator<Item = OsString>) -> ExitCode {
     }
 }
 
-fn init_logging(level: &str, worker: bool) {
-    use tracing_subscriber::EnvFilter;
-    // Commands other than `worker` only log warnings unless asked: their output is the point.
-    let default = if worker || level != "info" { level.to_string() } else { "warn".to_string() };
-    let filter = EnvFilter::try_from_env("CELERIAC_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 async fn run(app: App, cli: Cli) -> CliResult {
     let backend_url = cli.result_backend.as_deref();
     match cli.command {
-        Command::Worker(args) => worker(app, &cli.broker, backend_url, &cli.loglevel, args).await,
+        Command::Worker(args) => worker(app, &cli.broker, backend_url, (&cli.loglevel, cli.log_format), args).await,
         Command::Send(args) => send(&cli.broker, backend_url, args).await,
         Command::Result(args) => result(&cli.broker, backend_url, args).await,
         Command::Queues(args) => queues(&cli.broker, args).await,
@@ -301,7 +300,16 @@ fn positive_secs(flag: &str, v: f64) -> Result<Duration, CliError> {
     }
 }
 
-async fn worker(app: App, broker_url: &str, backend_url: Option<&str>, loglevel: &str, args: WorkerArgs) -> CliResult {
+async fn worker(
+    app: App,
+    broker_url: &str,
+    backend_url: Option<&str>,
+    (loglevel, log_format): (&str, logging::LogFormat),
+    args: WorkerArgs,
+) -> CliResult {
+    let hostname = celeriac_worker::nodename::expand(&args.hostname)
+        .map_err(|e| CliError::usage(format!("-n/--hostname: {e}")))?;
+    logging::set_hostname(&hostname);
     let prefork = match args.pool.as_str() {
         "async" => {
             if args.max_tasks_per_child.is_some() || args.max_memory_per_child.is_some() {
@@ -323,6 +331,7 @@ async fn worker(app: App, broker_url: &str, backend_url: Option<&str>, loglevel:
                 .transpose()
                 .map_err(|e| CliError::usage(format!("--max-memory-per-child: {e}")))?;
             pc.log_level = loglevel.to_string();
+            pc.log_format = log_format.as_str().to_string();
             Some(pc)
         }
         other => return Err(CliError::usage(format!("--pool {other:?} is not a pool (available: async, prefork)"))),
@@ -349,7 +358,7 @@ async fn worker(app: App, broker_url: &str, backend_url: Option<&str>, loglevel:
         prefetch_multiplier: args.prefetch_multiplier.max(1),
         max_prefetch: args.max_prefetch,
         shutdown_timeout: positive_secs("--shutdown-timeout", args.shutdown_timeout)?,
-        hostname: args.hostname.unwrap_or_else(celeriac_worker::default_hostname),
+        hostname,
         time_limit: args.time_limit,
         soft_time_limit: args.soft_time_limit,
         max_deliveries: args.max_deliveries.max(1),
