@@ -159,6 +159,7 @@ async fn run(
             None => match open_session(&config, &queues, current_prefetch(&mut prefetch)).await {
                 Ok(s) => {
                     tracing::info!(broker = %config.redacted, "reconnected to the broker; consuming again");
+                    celeriac_core::telemetry::broker_reconnected();
                     backoff = Duration::from_millis(500);
                     s
                 }

@@ -103,6 +103,13 @@ pub trait Exchanges: Send + Sync {
     /// Declare the exchange and the queue, bind them, and start receiving.
     async fn subscribe(&self, exchange: &ExchangeSpec, binding: &Binding)
         -> Result<Box<dyn Subscription>, BrokerError>;
+
+    /// Whether Celery's events exchange (`celeryev`) is a fanout on this transport rather than a
+    /// topic exchange. Celery's `get_exchange` makes it a fanout on kombu's Redis transport, so
+    /// Flower and `celery events` there listen on the fanout channel. Default: `false`.
+    fn events_as_fanout(&self) -> bool {
+        false
+    }
 }
 
 /// A [`Subscription`] fed by a background task of the transport (which reads the connection,

@@ -11,6 +11,7 @@
 //! - [`result`]: task states and the stored result layout (Celery's `celery-task-meta` JSON).
 //! - [`retry`]: backoff schedules for task retries.
 //! - [`error`]: typed errors.
+//! - [`telemetry`]: process-wide counters of reconnects and publish retries, for metrics.
 #![deny(missing_docs)]
 
 pub mod backend;
@@ -23,6 +24,7 @@ pub mod pyrepr;
 pub mod result;
 pub mod retry;
 pub mod task;
+pub mod telemetry;
 
 pub use backend::ResultBackend;
 pub use broadcast::{Binding, ExchangeKind, ExchangeSpec, Exchanges, ForwardedSubscription, Subscription};

@@ -58,7 +58,8 @@ pub(crate) async fn run(shared: Arc<Shared>, req: Request, permit: OwnedSemaphor
     run_inner(shared, req, permit).instrument(span).await
 }
 
-async fn run_inner(shared: Arc<Shared>, req: Request, permit: OwnedSemaphorePermit) {
+async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphorePermit) {
+    let in_flight = shared.observe.started(&mut req);
     let mut abort = shared.abort.clone();
     let opts = req.task.options();
     let hard = req.headers.hard_time_limit().or(opts.time_limit).or(shared.config.time_limit).filter(|s| *s > 0.0);
@@ -112,7 +113,7 @@ async fn run_inner(shared: Arc<Shared>, req: Request, permit: OwnedSemaphorePerm
     };
     let runtime = started.elapsed();
     // The slot is free as soon as the task is done; settling does not need it.
-    drop(permit);
+    drop((permit, in_flight));
     settle(&shared, req, outcome, runtime).await;
 }
 
@@ -253,6 +254,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
         Outcome::Value(value) => {
             tracing::info!(runtime = ?runtime, "task succeeded");
             Stats::bump(&shared.stats.succeeded);
+            shared.observe.succeeded(&req, &value, runtime);
             (!ignore_result).then(|| ResultMeta::success(&id, value))
         }
         Outcome::TimeLimit(limit) => {
@@ -263,6 +265,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 format!("task exceeded its hard time limit of {limit}s"),
                 "billiard.exceptions",
             );
+            shared.observe.failed(&id, &req.headers.task, &exc, None, Some(runtime));
             Some(ResultMeta::exception(&id, TaskState::Failure, &exc, None))
         }
         Outcome::WorkerLost(how) => {
@@ -276,6 +279,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 tracing::error!(%reason, "poison message: failing and dead-lettering");
                 Stats::bump(&shared.stats.failed);
                 let exc = ExceptionInfo::new("WorkerLostError", reason.clone(), "billiard.exceptions");
+                shared.observe.failed(&id, &req.headers.task, &exc, None, Some(runtime));
                 if let Err(e) = shared.backend.store(&ResultMeta::exception(&id, TaskState::Failure, &exc, None)).await
                 {
                     tracing::error!(error = %e, "could not store the result; requeueing");
@@ -298,6 +302,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             tracing::error!(panic = %msg, "task panicked");
             Stats::bump(&shared.stats.failed);
             let exc = ExceptionInfo::new("Panic", msg, "celeriac");
+            shared.observe.failed(&id, &req.headers.task, &exc, None, Some(runtime));
             Some(ResultMeta::exception(&id, TaskState::Failure, &exc, None))
         }
         Outcome::Error(err) => {
@@ -311,6 +316,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                     Ok(()) => {
                         tracing::info!(error = %err, retry_in = ?countdown, retries = retries + 1, "task failed; retry scheduled");
                         Stats::bump(&shared.stats.retried);
+                        shared.observe.retried(&req, &err.to_exception(), err.traceback.as_deref(), runtime);
                         Some(ResultMeta::exception(&id, TaskState::Retry, &err.to_exception(), err.traceback.clone()))
                     }
                     Err(e) => {
@@ -335,6 +341,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 };
                 tracing::error!(error = %err, runtime = ?runtime, "task failed");
                 Stats::bump(&shared.stats.failed);
+                shared.observe.failed(&id, &req.headers.task, &exc, err.traceback.as_deref(), Some(runtime));
                 Some(ResultMeta::exception(&id, TaskState::Failure, &exc, err.traceback.clone()))
             }
         }

@@ -8,14 +8,19 @@
 //! - [`shutdown`]: warm and cold shutdown, driven by signals or by code.
 //! - [`stats`]: counters of what the worker did.
 //! - [`prefetch`]: the adaptive prefetch window (Celery's size for long tasks, wider for short).
+//! - [`events`]: Celery's events on `celeryev` (worker heartbeats; task events with `-E`).
+//! - [`metrics`]: Prometheus metrics, served on `--metrics-addr`.
 //! - [`nodename`]: the worker's node name (`-n name@%h`) with Celery's `%` expansions.
 //!
 //! The main loop ([`Worker::run`]) pulls from one [`Consumer`](celeriac_core::Consumer) and runs at
 //! most `concurrency` tasks at once; the broker's prefetch bounds how many more wait in reserve.
 
+pub mod events;
 pub mod execute;
+pub mod metrics;
 pub mod nodename;
 pub mod prefetch;
+mod observe;
 pub mod prefork;
 pub mod request;
 pub mod shutdown;
@@ -57,6 +62,10 @@ pub struct WorkerConfig {
     pub max_deliveries: u32,
     /// Run tasks in child processes (the prefork pool) instead of in this process.
     pub prefork: Option<prefork::PreforkConfig>,
+    /// Which events to send (on transports with exchanges).
+    pub events: events::EventsConfig,
+    /// Serve Prometheus metrics on this address.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for WorkerConfig {
@@ -72,6 +81,8 @@ impl Default for WorkerConfig {
             soft_time_limit: None,
             max_deliveries: 3,
             prefork: None,
+            events: events::EventsConfig::default(),
+            metrics_addr: None,
         }
     }
 }
@@ -96,6 +107,9 @@ pub enum WorkerError {
     /// The broker failed in a way the worker cannot recover from.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 /// What the worker shares with every running task.
@@ -111,6 +125,8 @@ pub(crate) struct Shared {
     pub pool: Option<Arc<prefork::Pool>>,
     /// Times each task's child died under it, in this process.
     pub lost: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    /// Metrics and events.
+    pub observe: observe::Observer,
 }
 
 impl Shared {
@@ -158,6 +174,34 @@ fn spawn_status_dump(shared: Arc<Shared>) -> Option<tokio::task::JoinHandle<()>>
     }))
 }
 
+/// Tasks this worker finished, for heartbeats (Celery's `processed`).
+fn processed(stats: &Stats) -> u64 {
+    let s = stats.snapshot();
+    s.succeeded + s.failed + s.retried + s.revoked
+}
+
+/// Send `worker-online` now, then `worker-heartbeat` every [`events::HEARTBEAT_FREQ`] seconds.
+fn spawn_heartbeat(
+    events: Arc<events::Dispatcher>,
+    stats: Arc<Stats>,
+    metrics: Arc<metrics::Metrics>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let fields = || {
+            let active = u64::try_from(metrics.in_flight()).unwrap_or(0);
+            events::Dispatcher::worker_fields(active, processed(&stats))
+        };
+        events.send("worker-online", fields());
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(events::HEARTBEAT_FREQ));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            events.send("worker-heartbeat", fields());
+        }
+    })
+}
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::AbortHandle);
 
@@ -179,6 +223,7 @@ pub struct Worker {
     broker: Arc<dyn Broker>,
     backend: Arc<dyn ResultBackend>,
     stats: Arc<Stats>,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl Worker {
@@ -189,7 +234,12 @@ impl Worker {
         broker: Arc<dyn Broker>,
         backend: Arc<dyn ResultBackend>,
     ) -> Self {
-        Worker { config, registry, broker, backend, stats: Arc::new(Stats::default()) }
+        Worker { config, registry, broker, backend, stats: Arc::new(Stats::default()), metrics: Default::default() }
+    }
+
+    /// The worker's metrics (live; served on `metrics_addr` when set).
+    pub fn metrics(&self) -> Arc<metrics::Metrics> {
+        self.metrics.clone()
     }
 
     /// The worker's counters (live).
@@ -232,6 +282,21 @@ impl Worker {
             }
             None => None,
         };
+        if let Some(p) = &pool {
+            self.metrics.attach_pool(p.clone());
+        }
+        let metrics_server = match cfg.metrics_addr {
+            Some(addr) => match self.metrics.serve(addr).await {
+                Ok(h) => Some(AbortOnDrop(h.abort_handle())),
+                Err(e) => {
+                    if let Some(p) = &pool {
+                        p.shutdown().await;
+                    }
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
         let mut consumer = match self.broker.consume(&cfg.queues, prefetch).await {
             Ok(c) => c,
             Err(e) => {
@@ -241,6 +306,9 @@ impl Worker {
                 return Err(e.into());
             }
         };
+        let wants_events = cfg.events.task_events || cfg.events.worker_events;
+        let events =
+            wants_events.then(|| events::Dispatcher::start(self.broker.clone(), &cfg.hostname, cfg.events)).flatten();
         tracing::info!(
             hostname = %cfg.hostname,
             queues = %cfg.queues.join(","),
@@ -260,8 +328,22 @@ impl Worker {
             abort: abort_rx,
             pool: pool.clone(),
             lost: Default::default(),
+            observe: observe::Observer {
+                metrics: self.metrics.clone(),
+                events: events.as_ref().map(|(d, _)| d.clone()),
+            },
         });
         let _status_dump = spawn_status_dump(shared.clone());
+        let _heartbeat = match (&events, cfg.events.worker_events) {
+            (Some((d, _)), true) => {
+                Some(AbortOnDrop(spawn_heartbeat(d.clone(), self.stats.clone(), self.metrics.clone()).abort_handle()))
+            }
+            _ => None,
+        };
+        if events.is_some() && cfg.events.worker_events {
+            let check = events::warn_if_name_taken(self.broker.clone(), cfg.hostname.clone(), std::process::id());
+            tokio::spawn(check);
+        }
         let slots = Arc::new(Semaphore::new(cfg.concurrency));
         let mut running: JoinSet<()> = JoinSet::new();
         let mut level = shutdown.subscribe();
@@ -366,6 +448,14 @@ impl Worker {
         if let Some(p) = &pool {
             p.shutdown().await;
         }
+        drop(_heartbeat);
+        if let Some((d, publisher)) = events {
+            if cfg.events.worker_events {
+                d.stop("worker-offline", events::Dispatcher::worker_fields(0, processed(&self.stats))).await;
+            }
+            publisher.abort();
+        }
+        drop(metrics_server);
         let snapshot = self.stats.snapshot();
         tracing::info!(hostname = %cfg.hostname, ?snapshot, "worker stopped");
         Ok(snapshot)

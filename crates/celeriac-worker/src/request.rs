@@ -31,6 +31,8 @@ pub struct Request {
     pub body: TaskBody,
     /// The task to run.
     pub task: Arc<dyn Task>,
+    /// Counted as prefetched (metrics) until it starts; when it reached the worker.
+    pub(crate) reserved: crate::metrics::Reserved,
 }
 
 impl Request {
@@ -69,6 +71,8 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
                 }
                 _ => tracing::error!(%reason, "dead-lettering message"),
             }
+            let name = delivery.message.task_name().unwrap_or("unknown").to_string();
+            shared.observe.rejected(task_id.as_deref().unwrap_or(""), &name);
             dead_letter(shared, delivery, &reason).await;
             return None;
         }
@@ -81,15 +85,17 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
             tracing::error!(task_id = %id, task_name = %name, %reason, "dead-lettering message");
             store_failure(shared, &id, &ExceptionInfo::new("InvalidTaskError", reason.clone(), "celery.exceptions"))
                 .await;
+            shared.observe.rejected(&id, &name);
             dead_letter(shared, delivery, &reason).await;
             return None;
         }
     };
     let Some(task) = shared.registry.get(&name) else {
         tracing::error!(task_id = %id, task_name = %name, queue = %delivery.queue, "received an unregistered task; storing NotRegistered");
-        store_failure(shared, &id, &ExceptionInfo::new("NotRegistered", format!("'{name}'"), "celery.exceptions"))
-            .await;
+        let exc = ExceptionInfo::new("NotRegistered", format!("'{name}'"), "celery.exceptions");
+        store_failure(shared, &id, &exc).await;
         Stats::bump(&shared.stats.failed);
+        shared.observe.failed(&id, &name, &exc, None, None);
         ack(delivery, &id).await;
         return None;
     };
@@ -99,8 +105,10 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
             delivery.delivery_count, shared.config.max_deliveries
         );
         tracing::error!(task_id = %id, task_name = %name, %reason, "poison message: failing and dead-lettering");
-        store_failure(shared, &id, &ExceptionInfo::new("WorkerLostError", reason.clone(), "billiard.exceptions")).await;
+        let exc = ExceptionInfo::new("WorkerLostError", reason.clone(), "billiard.exceptions");
+        store_failure(shared, &id, &exc).await;
         Stats::bump(&shared.stats.failed);
+        shared.observe.failed(&id, &name, &exc, None, None);
         dead_letter(shared, delivery, &reason).await;
         return None;
     }
@@ -111,10 +119,13 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
             store_meta(shared, &ResultMeta::exception(&id, TaskState::Revoked, &exc, None)).await;
         }
         Stats::bump(&shared.stats.revoked);
+        shared.observe.revoked(&id, &name, true);
         ack(delivery, &id).await;
         return None;
     }
-    Some(Request { delivery, headers, body, task })
+    let mut req = Request { delivery, headers, body, task, reserved: crate::metrics::Reserved::untracked() };
+    shared.observe.received(&mut req);
+    Some(req)
 }
 
 async fn store_failure(shared: &Shared, id: &str, exc: &ExceptionInfo) {

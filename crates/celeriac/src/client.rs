@@ -429,6 +429,7 @@ impl Client {
                 });
             }
             tracing::warn!(task_name = %task, broker = %self.broker.url(), attempt = attempts, error = %error, retry_in = ?pause, "publish failed; retrying");
+            celeriac_core::telemetry::publish_retried();
             tokio::time::sleep(pause).await;
         }
     }

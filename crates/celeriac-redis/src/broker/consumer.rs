@@ -354,6 +354,7 @@ impl Fetcher {
                 Ok(popped) => {
                     if failing {
                         tracing::info!(broker = %self.shared.inner.url(), "Redis answers again; consuming");
+                        celeriac_core::telemetry::broker_reconnected();
                         failing = false;
                         backoff = FETCH_BACKOFF.0;
                     }

@@ -7,6 +7,7 @@
 //! unreachable.
 
 mod demo;
+mod events;
 pub mod logging;
 
 use std::ffi::OsString;
@@ -108,6 +109,8 @@ enum Command {
     Purge(PurgeArgs),
     /// List dead-lettered messages and why they were set aside.
     DeadLetters(DeadLettersArgs),
+    /// Print the events workers send (Celery's `celeryev`), one line each, as they come.
+    Events(events::EventsArgs),
     /// Run a worker and a batch of tasks on a fresh SQLite file, and report.
     Demo(demo::DemoArgs),
 }
@@ -154,6 +157,16 @@ struct WorkerArgs {
     /// Deliveries of one message before it is failed with WorkerLostError and dead-lettered.
     #[arg(long = "max-deliveries", default_value_t = 3)]
     max_deliveries: u32,
+    /// Send task events (task-received, -started, -succeeded, ...) for monitors such as Flower.
+    #[arg(short = 'E', long = "events", visible_alias = "task-events")]
+    events: bool,
+    /// Send no worker events (worker-online, -heartbeat, -offline); as in Celery, they are sent
+    /// otherwise, on brokers with exchanges (RabbitMQ, Redis).
+    #[arg(long = "without-heartbeat")]
+    without_heartbeat: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (host:port, e.g. 127.0.0.1:9808).
+    #[arg(long = "metrics-addr", value_name = "ADDR")]
+    metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -288,6 +301,7 @@ async fn run(app: App, cli: Cli) -> CliResult {
         Command::Queues(args) => queues(&cli.broker, args).await,
         Command::Purge(args) => purge(&cli.broker, args).await,
         Command::DeadLetters(args) => dead_letters(&cli.broker, args).await,
+        Command::Events(args) => events::run(&cli.broker, args).await,
         Command::Demo(args) => demo::run(app, args).await,
     }
 }
@@ -363,6 +377,11 @@ async fn worker(
         soft_time_limit: args.soft_time_limit,
         max_deliveries: args.max_deliveries.max(1),
         prefork,
+        events: celeriac_worker::events::EventsConfig {
+            task_events: args.events,
+            worker_events: !args.without_heartbeat,
+        },
+        metrics_addr: args.metrics_addr.as_deref().map(parse_socket_addr).transpose()?,
     };
     let broker = connect::broker(broker_url)?;
     let backend = connect::backend(backend_url, broker_url)?;
@@ -376,8 +395,19 @@ async fn worker(
         ) => CliError::usage(p.to_string()),
         celeriac_worker::WorkerError::Pool(p) => CliError::failed(p.to_string()),
         celeriac_worker::WorkerError::Broker(b) => CliError::from(b),
+        celeriac_worker::WorkerError::Metrics(m) => CliError::usage(format!("--metrics-addr: {m}")),
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `host:port` (a name is resolved; the first address is used).
+fn parse_socket_addr(text: &str) -> Result<std::net::SocketAddr, CliError> {
+    use std::net::ToSocketAddrs;
+    let bad = |why: String| {
+        CliError::usage(format!("--metrics-addr {text:?}: {why} (expected host:port, e.g. 127.0.0.1:9808)"))
+    };
+    let mut addrs = text.to_socket_addrs().map_err(|e| bad(e.to_string()))?;
+    addrs.next().ok_or_else(|| bad("resolves to no address".into()))
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(flag: &str, text: &str, expected: &str) -> Result<T, CliError> {
