@@ -463,6 +463,11 @@ impl Exchanges for RedisBroker {
         let s = exchanges::subscribe(self.inner.clone(), exchange, binding).await?;
         Ok(Box::new(s))
     }
+
+    /// Celery's `get_exchange` makes `celeryev` a fanout on Redis (pub/sub).
+    fn events_as_fanout(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

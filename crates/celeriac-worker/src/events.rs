@@ -18,7 +18,7 @@
 //! the broker is away they are dropped (counted, and logged once per outage), as a monitor
 //! cannot use stale events anyway.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -144,7 +144,7 @@ pub struct Dispatcher {
     hostname: String,
     pid: u32,
     clock: AtomicU64,
-    task_events: bool,
+    task_events: AtomicBool,
     tx: mpsc::Sender<(String, Map<String, Value>)>,
     dropped: AtomicU64,
     broker: Arc<dyn Broker>,
@@ -166,7 +166,7 @@ impl Dispatcher {
             hostname: hostname.to_string(),
             pid: std::process::id(),
             clock: AtomicU64::new(0),
-            task_events: config.task_events,
+            task_events: AtomicBool::new(config.task_events),
             tx,
             dropped: AtomicU64::new(0),
             broker: broker.clone(),
@@ -197,7 +197,13 @@ impl Dispatcher {
 
     /// Whether task events are sent.
     pub fn task_events(&self) -> bool {
-        self.task_events
+        self.task_events.load(Ordering::Relaxed)
+    }
+
+    /// Turn task events on or off while running (Celery's `enable_events` / `disable_events`
+    /// control commands).
+    pub fn set_task_events(&self, on: bool) {
+        self.task_events.store(on, Ordering::Relaxed);
     }
 
     /// The node name events are sent as.
@@ -225,7 +231,7 @@ impl Dispatcher {
     /// Queue a task event (`task-…`) if task events are on; `uuid` first, as Celery's
     /// `Request.send_event`.
     pub fn task(&self, kind: &str, uuid: &str, fields: Vec<(&str, Value)>) {
-        if !self.task_events {
+        if !self.task_events() {
             return;
         }
         let mut map = Map::new();

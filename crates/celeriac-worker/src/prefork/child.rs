@@ -98,6 +98,7 @@ async fn run_one(registry: &Registry, req: RunRequest) -> ChildOutcome {
         match req.soft_time_limit {
             Some(s) => {
                 tokio::time::sleep(Duration::from_secs_f64(s)).await;
+                tracing::warn!(soft_time_limit = s, "soft time limit exceeded");
                 let _ = soft_tx.send(true);
                 std::future::pending::<()>().await
             }

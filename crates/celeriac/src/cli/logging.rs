@@ -93,9 +93,12 @@ pub fn init(level: &str, format: LogFormat) {
     }
 }
 
+/// Where finished lines go.
+type Sink = Box<dyn Fn(&[u8]) + Send + Sync>;
+
 /// The JSON line writer (see the module documentation).
 struct JsonLines {
-    sink: Box<dyn Fn(&[u8]) + Send + Sync>,
+    sink: Sink,
 }
 
 impl JsonLines {
