@@ -187,20 +187,29 @@ fn celeriac_events_shows_a_tasks_events() {
     );
 }
 
-/// On Redis, events go over kombu's fanout (pub/sub) and `celeriac events` sees them.
+/// On Redis, events go over kombu's fanout (pub/sub): `celeriac events` and Celery's own
+/// `celery events --dump` both see them.
 #[test]
 fn events_travel_over_redis_too() {
     let db = common::SharedRedisDb::get(2);
     let url = db.url("");
     let tail = tail_events(&url, &[]);
+    let mut dump = Command::new(repo().join("target/pyenv/bin/celery"));
+    dump.args(["-b", &url, "events", "--dump"]);
+    let py = Lines::spawn(dump, true);
     let _worker = WorkerProc::start(&url, &["-E", "-n", "redis-events@%h", "-Q", "observe_events"]);
     tail.wait_for("a worker event", Duration::from_secs(20), |l| l.contains("redis-events@"));
+    py.wait_for("Celery to see a worker event", Duration::from_secs(60), |l| l.starts_with("redis-events@"));
     let (code, out, err) =
         run_cli(&["send", "--broker", &url, "celeriac.add", "--args", "[2, 2]", "-Q", "observe_events"], &[]);
     assert_eq!(code, 0, "{err}");
     let id = out.trim().to_string();
     let line =
         tail.wait_for("task-succeeded", Duration::from_secs(20), |l| l.contains("task-succeeded") && l.contains(&id));
+    assert!(line.contains("result=4"), "{line}");
+    let line = py.wait_for("Celery to see the task succeed", Duration::from_secs(20), |l| {
+        l.contains(&format!("task succeeded: celeriac.add({id})"))
+    });
     assert!(line.contains("result=4"), "{line}");
 }
 
