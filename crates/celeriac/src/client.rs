@@ -252,6 +252,8 @@ pub struct Client {
     default_queue: String,
     origin: String,
     policy: PublishPolicy,
+    /// Send a `task-sent` event after each publish (Celery's `task_send_sent_event`).
+    sent_events: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -270,6 +272,47 @@ impl Client {
             default_queue: celeriac_core::DEFAULT_QUEUE.into(),
             origin: format!("gen{}@{host}", std::process::id()),
             policy: PublishPolicy::default(),
+            sent_events: false,
+        }
+    }
+
+    /// Send a `task-sent` event on `celeryev` after each task is published, as Celery does with
+    /// `task_send_sent_event` (off by default; only on brokers with exchanges).
+    pub fn with_sent_events(mut self, on: bool) -> Self {
+        self.sent_events = on;
+        self
+    }
+
+    /// Publish the `task-sent` event of a message just sent to `queue`; failures are logged and
+    /// ignored (an event is never worth failing a send for).
+    async fn send_sent_event(&self, queue: &str, message: &Message) {
+        use celeriac_worker::events;
+        let Some(exchanges) = self.broker.exchanges() else { return };
+        let Ok(h) = message.task_headers() else { return };
+        let opt = |v: Option<String>| v.map(Value::from).unwrap_or(Value::Null);
+        let mut fields = Map::new();
+        fields.insert("uuid".into(), Value::from(h.id.as_str()));
+        fields.insert("root_id".into(), opt(h.root_id.clone()));
+        fields.insert("parent_id".into(), opt(h.parent_id.clone()));
+        fields.insert("name".into(), Value::from(h.task.as_str()));
+        fields.insert("args".into(), opt(h.argsrepr.clone()));
+        fields.insert("kwargs".into(), opt(h.kwargsrepr.clone()));
+        fields.insert("retries".into(), Value::from(h.retries));
+        fields.insert("eta".into(), opt(h.eta_time().map(|t| t.to_rfc3339())));
+        fields.insert("expires".into(), opt(h.expires_time().map(|t| t.to_rfc3339())));
+        fields.insert("queue".into(), Value::from(queue));
+        fields.insert("exchange".into(), Value::from(queue));
+        fields.insert("routing_key".into(), Value::from(queue));
+        static CLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let clock = CLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let body = events::event_body("task-sent", &self.origin, std::process::id(), clock, fields);
+        let event = events::event_message(&self.origin, &body);
+        let spec = events::exchange(exchanges.events_as_fanout());
+        let sent = exchanges.publish_to(&spec, "task.sent", &event);
+        match tokio::time::timeout(std::time::Duration::from_secs(2), sent).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(task_id = %h.id, error = %e, "cannot publish the task-sent event"),
+            Err(_) => tracing::debug!(task_id = %h.id, "publishing the task-sent event timed out"),
         }
     }
 
@@ -384,6 +427,9 @@ impl Client {
         let id = message.task_id().unwrap_or_default().to_string();
         self.publish_with_policy(name, &queue, &message).await?;
         tracing::debug!(task_id = %id, task_name = %name, %queue, "task sent");
+        if self.sent_events {
+            self.send_sent_event(&queue, &message).await;
+        }
         Ok(AsyncResult { id, backend: self.backend.clone() })
     }
 

@@ -197,6 +197,9 @@ struct SendArgs {
     /// Use this task id.
     #[arg(long = "task-id")]
     task_id: Option<String>,
+    /// Also send a task-sent event (Celery's `task_send_sent_event`).
+    #[arg(long = "sent-event")]
+    sent_event: bool,
     #[command(flatten)]
     out: WaitArgs,
 }
@@ -440,7 +443,7 @@ async fn send(broker_url: &str, backend_url: Option<&str>, args: SendArgs) -> Cl
         priority: args.priority,
         ..SendOptions::default()
     };
-    let client = Client::connect(broker_url, backend_url).await?;
+    let client = Client::connect(broker_url, backend_url).await?.with_sent_events(args.sent_event);
     let res = client.send_task(&args.name, positional, kwargs, options).await.map_err(|e| match e {
         e @ crate::PublishError::Unreachable { .. } => CliError { code: 3, message: e.to_string() },
         crate::PublishError::Broker { source, .. } => CliError::from(source),
