@@ -281,6 +281,43 @@ async fn metrics_count_exactly_the_tasks_run() {
     });
 }
 
+/// In the prefork pool, recycles by reason and hard-limit kills are counted exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn prefork_metrics_count_recycles_and_kills() {
+    let db = TempDb::new("");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _worker = WorkerProc::start(
+        &db.url,
+        &["-P", "prefork", "-c", "1", "--max-tasks-per-child", "2", "--time-limit", "1", "--metrics-addr", &addr],
+    );
+    let client = db.client().await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(
+            client
+                .send_task("celeriac.add", vec![i.into(), 1.into()], Default::default(), Default::default())
+                .await
+                .unwrap(),
+        );
+    }
+    // The hung task only once the additions are done, so the recycle count does not depend on
+    // the order the pool took them in.
+    for r in &ids {
+        let _ = client.backend().wait(r.id(), Some(Duration::from_secs(30))).await.expect("result");
+    }
+    let hang = client.send_task("celeriac.hang", vec![], Default::default(), Default::default()).await.unwrap();
+    let _ = client.backend().wait(hang.id(), Some(Duration::from_secs(30))).await.expect("result");
+    let (_, text) = http_get(port, "/metrics").expect("the metrics endpoint answers");
+    assert_eq!(metric(&text, "celeriac_tasks_total{task=\"celeriac.add\",state=\"SUCCESS\"}"), 6.0, "{text}");
+    assert_eq!(metric(&text, "celeriac_tasks_total{task=\"celeriac.hang\",state=\"FAILURE\"}"), 1.0, "{text}");
+    // Six tasks on one child, replaced every second task; the hung one's child was killed.
+    assert_eq!(metric(&text, "celeriac_pool_child_recycles_total{reason=\"max_tasks\"}"), 3.0, "{text}");
+    assert_eq!(metric(&text, "celeriac_pool_child_recycles_total{reason=\"max_memory\"}"), 0.0, "{text}");
+    assert_eq!(metric(&text, "celeriac_pool_hard_limit_kills_total"), 1.0, "{text}");
+    assert_eq!(metric(&text, "celeriac_pool_worker_lost_total"), 0.0, "{text}");
+}
+
 /// A bad `--metrics-addr`, a busy port, a bad `--log-format` or `-n` template are clear errors
 /// (exit 2), not panics.
 #[test]
