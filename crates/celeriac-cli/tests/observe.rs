@@ -194,6 +194,32 @@ fn celeriac_events_shows_a_tasks_events() {
     );
 }
 
+/// `celeriac events` reads a Python Celery worker's events too, including the lists of task
+/// events Celery buffers (`task.multi`).
+#[test]
+fn celeriac_events_reads_a_python_workers_events() {
+    let vhost = TestVhost::new();
+    let url = vhost.url("");
+    let tail = tail_events(&url, &[]);
+    let mut worker = Command::new(repo().join("target/pyenv/bin/celery"));
+    worker
+        .args(["-A", "pytasks", "worker", "-P", "solo", "-E", "-Q", "py_events", "-n", "pyev@%h", "--loglevel=INFO"])
+        .env("PYTHONPATH", repo().join("tests/interop"))
+        .env("CELERY_BROKER_URL", &url)
+        .env("CELERY_RESULT_BACKEND", "disabled://");
+    let py = Lines::spawn(worker, false);
+    tail.wait_for(&format!("the Python worker's events; its log:\n{}", py.dump()), Duration::from_secs(60), |l| {
+        l.contains("pyev@") && l.contains("worker-")
+    });
+    let (code, out, err) = run_cli(&["send", "--broker", &url, "py.add", "--args", "[3, 4]", "-Q", "py_events"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim().to_string();
+    let line = tail.wait_for("the Python worker's task-succeeded", Duration::from_secs(30), |l| {
+        l.contains("task-succeeded") && l.contains(&id)
+    });
+    assert!(line.contains("pyev@") && line.contains("result=7"), "{line}");
+}
+
 /// On Redis, events go over kombu's fanout (pub/sub): `celeriac events` and Celery's own
 /// `celery events --dump` both see them.
 #[test]
