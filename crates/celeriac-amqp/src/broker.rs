@@ -31,22 +31,41 @@ enum Route<'a> {
 /// A RabbitMQ broker.
 pub struct AmqpBroker {
     config: AmqpConfig,
-    publisher: Mutex<Option<Publisher>>,
+    /// The publisher in use: read by every publish without waiting (a plain read lock, held
+    /// for a clone of an `Arc`).
+    publisher: std::sync::RwLock<Option<Arc<Publisher>>>,
+    /// Held while (re)connecting, so one task connects and the others wait for it.
+    connecting: Mutex<()>,
 }
 
 /// One connection with a confirm-mode channel, and the queues declared on it.
 struct Publisher {
     conn: Connection,
     channel: Channel,
-    declared: Arc<Mutex<HashSet<String>>>,
+    /// What was declared on this connection: queue names, and `exchange\0<name>` for exchanges.
+    declared: std::sync::Mutex<HashSet<String>>,
     generation: u64,
+}
+
+impl Publisher {
+    fn usable(&self) -> bool {
+        self.conn.status().connected() && self.channel.status().connected()
+    }
+
+    fn is_declared(&self, key: &str) -> bool {
+        self.declared.lock().unwrap_or_else(|e| e.into_inner()).contains(key)
+    }
+
+    fn mark_declared(&self, key: String) {
+        self.declared.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
+    }
 }
 
 impl AmqpBroker {
     /// A broker for an `amqp://` URL. Nothing is connected until first use.
     pub fn open(url: &str) -> Result<Self, BrokerError> {
         let config = AmqpConfig::from_url(url).map_err(|reason| BrokerError::BadUrl { url: redact(url), reason })?;
-        Ok(AmqpBroker { config, publisher: Mutex::new(None) })
+        Ok(AmqpBroker { config, publisher: std::sync::RwLock::new(None), connecting: Mutex::new(()) })
     }
 
     /// The parsed configuration.
@@ -55,50 +74,66 @@ impl AmqpBroker {
     }
 
     /// The publisher's channel, connecting first if needed.
-    async fn channel(&self) -> Result<(Channel, Arc<Mutex<HashSet<String>>>, u64), BrokerError> {
-        let mut slot = self.publisher.lock().await;
-        if let Some(p) = slot.as_ref() {
-            if p.conn.status().connected() && p.channel.status().connected() {
-                return Ok((p.channel.clone(), p.declared.clone(), p.generation));
-            }
+    fn current(&self) -> Option<Arc<Publisher>> {
+        self.publisher.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The publisher, connecting first if needed.
+    async fn channel(&self) -> Result<Arc<Publisher>, BrokerError> {
+        if let Some(p) = self.current().filter(|p| p.usable()) {
+            return Ok(p);
         }
-        let generation = slot.as_ref().map(|p| p.generation + 1).unwrap_or(0);
-        *slot = None;
+        let _connecting = self.connecting.lock().await;
+        // Another task may have connected while this one waited.
+        let previous = self.current();
+        if let Some(p) = previous.as_ref().filter(|p| p.usable()) {
+            return Ok(p.clone());
+        }
+        let generation = previous.as_ref().map(|p| p.generation + 1).unwrap_or(0);
+        *self.publisher.write().unwrap_or_else(|e| e.into_inner()) = None;
         let conn = connect(&self.config, "celeriac publisher").await?;
         let channel = conn.create_channel().await.map_err(|e| unreachable(&self.config, e))?;
         channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| unreachable(&self.config, e))?;
-        let declared = Arc::new(Mutex::new(HashSet::new()));
-        *slot = Some(Publisher { conn, channel: channel.clone(), declared: declared.clone(), generation });
-        Ok((channel, declared, generation))
+        let p = Arc::new(Publisher { conn, channel, declared: Default::default(), generation });
+        *self.publisher.write().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
+        Ok(p)
     }
 
     /// Forget the publisher connection if it is still the one that failed.
     async fn invalidate(&self, generation: u64) {
-        let mut slot = self.publisher.lock().await;
-        if slot.as_ref().is_some_and(|p| p.generation == generation) {
-            if let Some(p) = slot.take() {
-                let _ = tokio::time::timeout(Duration::from_secs(1), p.conn.close(320, "reconnecting".into())).await;
+        let failed = {
+            let mut slot = self.publisher.write().unwrap_or_else(|e| e.into_inner());
+            if slot.as_ref().is_some_and(|p| p.generation == generation) {
+                slot.take()
+            } else {
+                None
             }
+        };
+        if let Some(p) = failed {
+            let _ = tokio::time::timeout(Duration::from_secs(1), p.conn.close(320, "reconnecting".into())).await;
         }
     }
 
     async fn publish_once(&self, route: Route<'_>, message: &Message) -> Result<(), BrokerError> {
-        let (channel, declared, generation) = self.channel().await?;
+        let publisher = self.channel().await?;
+        let (channel, generation) = (&publisher.channel, publisher.generation);
         let result = async {
-            let (declared_key, exchange, routing_key, what) = match route {
+            let (declared_key, exchange, routing_key) = match route {
                 // As Celery: the default exchange, routed by the queue's name.
-                Route::Queue(queue) => (queue.to_string(), "", queue, format!("queue {queue:?}")),
-                Route::Exchange(ex, key) => {
-                    (format!("exchange\0{}", ex.name), ex.name.as_str(), key, format!("exchange {:?}", ex.name))
-                }
+                Route::Queue(queue) => (std::borrow::Cow::Borrowed(queue), "", queue),
+                Route::Exchange(ex, key) => (format!("exchange\0{}", ex.name).into(), ex.name.as_str(), key),
             };
-            if !declared.lock().await.contains(&declared_key) {
+            let what = || match route {
+                Route::Queue(queue) => format!("queue {queue:?}"),
+                Route::Exchange(ex, _) => format!("exchange {:?}", ex.name),
+            };
+            if !publisher.is_declared(&declared_key) {
                 match route {
-                    Route::Queue(queue) => topology::declare(&channel, &self.config, queue).await.map(|_| ()),
-                    Route::Exchange(ex, _) => topology::declare_exchange(&channel, ex).await,
+                    Route::Queue(queue) => topology::declare(channel, &self.config, queue).await.map(|_| ()),
+                    Route::Exchange(ex, _) => topology::declare_exchange(channel, ex).await,
                 }
                 .map_err(|e| self.rejected_or_lost(e))?;
-                declared.lock().await.insert(declared_key);
+                publisher.mark_declared(declared_key.into_owned());
             }
             let confirm = channel
                 .basic_publish(
@@ -125,15 +160,17 @@ impl AmqpBroker {
             if confirmation.is_nack() {
                 return Err(BrokerError::Rejected {
                     url: self.config.redacted.clone(),
-                    reason: format!("RabbitMQ refused (nack) the message for {what}"),
+                    reason: format!("RabbitMQ refused (nack) the message for {}", what()),
                 });
             }
             if let Some(returned) = confirmation.take_message() {
                 return Err(BrokerError::Rejected {
                     url: self.config.redacted.clone(),
                     reason: format!(
-                        "the message for {what} was unroutable ({} {})",
-                        returned.reply_code, returned.reply_text
+                        "the message for {} was unroutable ({} {})",
+                        what(),
+                        returned.reply_code,
+                        returned.reply_text
                     ),
                 });
             }
@@ -163,14 +200,9 @@ impl AmqpBroker {
         F: FnOnce(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, lapin::Error>>,
     {
-        let (_, _, generation) = self.channel().await?;
-        let conn_channel = {
-            let slot = self.publisher.lock().await;
-            match slot.as_ref() {
-                Some(p) => p.conn.create_channel().await,
-                None => return Err(BrokerError::Closed),
-            }
-        };
+        let publisher = self.channel().await?;
+        let generation = publisher.generation;
+        let conn_channel = publisher.conn.create_channel().await;
         let channel = match conn_channel {
             Ok(c) => c,
             Err(e) => {
