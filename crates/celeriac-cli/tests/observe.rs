@@ -135,6 +135,22 @@ fn flower_lists_the_celeriac_worker_online_and_records_its_task() {
     assert!(t["worker"].as_str().is_some_and(|w| w.starts_with(prefix)), "{t}");
     assert!(t["runtime"].as_f64().is_some(), "{t}");
 
+    // A burst: task events then leave in lists on `task.multi`, as Celery's worker sends them;
+    // Flower records every task.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let burst: Vec<String> = rt.block_on(async {
+        let client = celeriac::Client::connect(&url, Some("disabled://")).await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..50 {
+            let r = client.send_task("celeriac.add", vec![i.into(), 1.into()], Default::default(), Default::default());
+            ids.push(r.await.unwrap().id().to_string());
+        }
+        ids
+    });
+    wait_until("Flower to record the whole burst as succeeded", Duration::from_secs(30), || {
+        http_json(port, "/api/tasks").is_some_and(|v| burst.iter().all(|id| v[id.as_str()]["state"] == "SUCCESS"))
+    });
+
     worker.signal("TERM");
     assert!(worker.wait_exit(Duration::from_secs(20)).success());
     wait_until("Flower to see the worker go offline", Duration::from_secs(20), || alive(false));

@@ -306,7 +306,7 @@ impl Client {
         static CLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let clock = CLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let body = events::event_body("task-sent", &self.origin, std::process::id(), clock, fields);
-        let event = events::event_message(&self.origin, &body);
+        let event = events::event_message(&self.origin, &Value::Object(body));
         let spec = events::exchange(exchanges.events_as_fanout());
         let sent = exchanges.publish_to(&spec, "task.sent", &event);
         match tokio::time::timeout(std::time::Duration::from_secs(2), sent).await {
