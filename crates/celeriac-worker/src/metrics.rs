@@ -5,7 +5,7 @@
 //!
 //! | metric | type | labels | what |
 //! |---|---|---|---|
-//! | `tasks_total` | counter | `task`, `state` | tasks that reached a final state: `SUCCESS`, `FAILURE`, `RETRY` (a retry was scheduled), `REVOKED` (expired), `REJECTED` (dead-lettered before running) |
+//! | `tasks_total` | counter | `task`, `state` | tasks that reached a final state: `SUCCESS`, `FAILURE`, `RETRY` (a retry was scheduled), `REVOKED` (expired), `REJECTED` (dead-lettered before running); every state of a task name is exported from its first task on, at 0 until it happens |
 //! | `task_runtime_seconds` | histogram | `task` | how long the task function ran |
 //! | `task_queue_wait_seconds` | histogram | `task` | from when the task was due at this worker to its start (see below) |
 //! | `tasks_in_flight` | gauge | | tasks running now |
@@ -57,6 +57,17 @@ struct TaskName {
 
 type HistogramFamily = Family<TaskName, Histogram, fn() -> Histogram>;
 
+/// The final states `tasks_total` counts.
+pub const STATES: [&str; 5] = ["SUCCESS", "FAILURE", "RETRY", "REVOKED", "REJECTED"];
+
+/// One task name's series, looked up once: the hot path then neither allocates label sets nor
+/// takes the families' locks (the metrics share their values with the families' entries).
+struct TaskSeries {
+    states: [Counter; STATES.len()],
+    runtime: Histogram,
+    wait: Histogram,
+}
+
 fn histogram() -> Histogram {
     Histogram::new(BUCKETS)
 }
@@ -81,6 +92,7 @@ pub struct Metrics {
     in_flight: Gauge,
     prefetched: Gauge,
     pool: Arc<OnceLock<Arc<Pool>>>,
+    series: std::sync::RwLock<std::collections::HashMap<String, Arc<TaskSeries>>>,
 }
 
 impl fmt::Debug for Metrics {
@@ -115,7 +127,16 @@ impl Metrics {
         registry.register("tasks_prefetched", "Deliveries held by this worker, not yet started", prefetched.clone());
         let pool = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(ProcessCounters { pool: pool.clone() }));
-        Metrics { registry: Mutex::new(registry), tasks, runtime, queue_wait, in_flight, prefetched, pool }
+        Metrics {
+            registry: Mutex::new(registry),
+            tasks,
+            runtime,
+            queue_wait,
+            in_flight,
+            prefetched,
+            pool,
+            series: Default::default(),
+        }
     }
 
     /// Report the prefork pool's counters too (recycles, hard-limit kills, lost children).
@@ -123,20 +144,42 @@ impl Metrics {
         let _ = self.pool.set(pool);
     }
 
-    /// One more task of `task` reached `state` (`SUCCESS`, `FAILURE`, `RETRY`, `REVOKED`,
-    /// `REJECTED`).
+    /// The series of `task`, created (every state at zero) the first time it is seen.
+    fn series(&self, task: &str) -> Arc<TaskSeries> {
+        if let Some(s) = self.series.read().unwrap_or_else(|e| e.into_inner()).get(task) {
+            return s.clone();
+        }
+        let name = TaskName { task: task.to_string() };
+        let s = Arc::new(TaskSeries {
+            states: STATES.map(|state| {
+                self.tasks.get_or_create(&TaskState { task: task.to_string(), state: state.to_string() }).clone()
+            }),
+            runtime: self.runtime.get_or_create(&name).clone(),
+            wait: self.queue_wait.get_or_create(&name).clone(),
+        });
+        self.series.write().unwrap_or_else(|e| e.into_inner()).entry(task.to_string()).or_insert(s).clone()
+    }
+
+    /// One more task of `task` reached `state`, one of [`STATES`].
     pub fn task_done(&self, task: &str, state: &str) {
-        self.tasks.get_or_create(&TaskState { task: task.to_string(), state: state.to_string() }).inc();
+        match STATES.iter().position(|s| *s == state) {
+            Some(i) => {
+                self.series(task).states[i].inc();
+            }
+            None => {
+                self.tasks.get_or_create(&TaskState { task: task.to_string(), state: state.to_string() }).inc();
+            }
+        }
     }
 
     /// A task ran for `runtime`.
     pub fn observe_runtime(&self, task: &str, runtime: Duration) {
-        self.runtime.get_or_create(&TaskName { task: task.to_string() }).observe(runtime.as_secs_f64());
+        self.series(task).runtime.observe(runtime.as_secs_f64());
     }
 
     /// A task waited `wait` at this worker before starting.
     pub fn observe_queue_wait(&self, task: &str, wait: Duration) {
-        self.queue_wait.get_or_create(&TaskName { task: task.to_string() }).observe(wait.as_secs_f64());
+        self.series(task).wait.observe(wait.as_secs_f64());
     }
 
     /// A delivery is now held by the worker; the guard counts it until started or dropped.
@@ -300,6 +343,7 @@ mod tests {
         let _running = m.start();
         let text = m.encode();
         assert!(text.contains("celeriac_tasks_total{task=\"celeriac.add\",state=\"SUCCESS\"} 2"), "{text}");
+        assert!(text.contains("celeriac_tasks_total{task=\"celeriac.add\",state=\"FAILURE\"} 0"), "{text}");
         assert!(text.contains("celeriac_task_runtime_seconds_count{task=\"celeriac.add\"} 1"), "{text}");
         assert!(text.contains("celeriac_tasks_in_flight 1"), "{text}");
         assert!(text.contains("celeriac_tasks_prefetched 1"), "{text}");
