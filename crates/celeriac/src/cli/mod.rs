@@ -80,7 +80,7 @@ type CliResult = Result<ExitCode, CliError>;
 #[command(name = "celeriac", version, about = "A task queue that speaks Celery's protocol", propagate_version = true)]
 struct Cli {
     /// Broker URL (sqlite://path.db, amqp://..., redis://host:6379/db).
-    #[arg(long, global = true, env = "CELERIAC_BROKER_URL", default_value = DEFAULT_BROKER_URL)]
+    #[arg(short = 'b', long, global = true, env = "CELERIAC_BROKER_URL", default_value = DEFAULT_BROKER_URL)]
     broker: String,
     /// Result backend URL (default: the broker's SQLite file; none for other brokers).
     #[arg(long = "result-backend", global = true, env = "CELERIAC_RESULT_BACKEND")]
