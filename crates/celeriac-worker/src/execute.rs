@@ -36,6 +36,8 @@ enum Outcome {
     Panicked(String),
     /// The prefork child running it died (how).
     WorkerLost(String),
+    /// Revoked by remote control before it ran, or terminated while it ran (the reason).
+    Revoked(&'static str),
     Aborted,
 }
 
@@ -59,8 +61,20 @@ pub(crate) async fn run(shared: Arc<Shared>, req: Request, permit: OwnedSemaphor
 }
 
 async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphorePermit) {
-    let in_flight = shared.observe.started(&mut req);
     let mut abort = shared.abort.clone();
+    if shared.state.is_revoked(&req.headers.id) {
+        drop(permit);
+        return settle(&shared, req, Outcome::Revoked("revoked"), Duration::ZERO).await;
+    }
+    if let Some(wait) = shared.state.rate_wait(&req.headers.task) {
+        tracing::debug!(wait = ?wait, "rate limited");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = aborted(&mut abort) => return settle(&shared, req, Outcome::Aborted, Duration::ZERO).await,
+        }
+    }
+    let in_flight = shared.observe.started(&mut req);
+    let mut terminate = shared.state.start(&req.headers.id);
     let opts = req.task.options();
     let hard = req.headers.hard_time_limit().or(opts.time_limit).or(shared.config.time_limit).filter(|s| *s > 0.0);
     let soft =
@@ -81,35 +95,46 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
 
     tracing::info!(retries = req.headers.retries, "task received");
     let started = std::time::Instant::now();
-    let outcome = match &shared.pool {
-        Some(pool) => {
-            let run = RunRequest {
-                id: req.headers.id.clone(),
-                name: req.headers.task.clone(),
-                args: req.body.args.clone(),
-                kwargs: req.body.kwargs.clone(),
-                retries: req.headers.retries,
-                queue: req.delivery.queue.clone(),
-                root_id: req.headers.root_id.clone(),
-                parent_id: req.headers.parent_id.clone(),
-                group: req.headers.group.clone(),
-                delivery_count: req.delivery.delivery_count,
-                hostname: shared.config.hostname.clone(),
-                soft_time_limit: soft,
-            };
-            drop((ctx, soft_tx));
-            match pool.run(run, hard.map(Duration::from_secs_f64), abort.clone()).await {
-                PoolOutcome::Done(Ok(v)) => Outcome::Value(v),
-                PoolOutcome::Done(Err(e)) if e.exc_type == "Panic" && e.module == "celeriac" => {
-                    Outcome::Panicked(e.message)
+    let run = async {
+        match &shared.pool {
+            Some(pool) => {
+                let run = RunRequest {
+                    id: req.headers.id.clone(),
+                    name: req.headers.task.clone(),
+                    args: req.body.args.clone(),
+                    kwargs: req.body.kwargs.clone(),
+                    retries: req.headers.retries,
+                    queue: req.delivery.queue.clone(),
+                    root_id: req.headers.root_id.clone(),
+                    parent_id: req.headers.parent_id.clone(),
+                    group: req.headers.group.clone(),
+                    delivery_count: req.delivery.delivery_count,
+                    hostname: shared.config.hostname.clone(),
+                    soft_time_limit: soft,
+                };
+                drop((ctx, soft_tx));
+                match pool.run(run, hard.map(Duration::from_secs_f64), abort.clone()).await {
+                    PoolOutcome::Done(Ok(v)) => Outcome::Value(v),
+                    PoolOutcome::Done(Err(e)) if e.exc_type == "Panic" && e.module == "celeriac" => {
+                        Outcome::Panicked(e.message)
+                    }
+                    PoolOutcome::Done(Err(e)) => Outcome::Error(e),
+                    PoolOutcome::TimeLimit => Outcome::TimeLimit(hard.unwrap_or_default()),
+                    PoolOutcome::WorkerLost(how) => Outcome::WorkerLost(how),
+                    PoolOutcome::Aborted => Outcome::Aborted,
                 }
-                PoolOutcome::Done(Err(e)) => Outcome::Error(e),
-                PoolOutcome::TimeLimit => Outcome::TimeLimit(hard.unwrap_or_default()),
-                PoolOutcome::WorkerLost(how) => Outcome::WorkerLost(how),
-                PoolOutcome::Aborted => Outcome::Aborted,
             }
+            None => run_in_process(&req, ctx, soft, soft_tx, hard, &mut abort).await,
         }
-        None => run_in_process(&req, ctx, soft, soft_tx, hard, &mut abort).await,
+    };
+    let outcome = tokio::select! {
+        outcome = run => match outcome {
+            // A child killed by `revoke --terminate`.
+            Outcome::WorkerLost(_) if shared.state.is_revoked(&req.headers.id) => Outcome::Revoked("terminated"),
+            outcome => outcome,
+        },
+        // `revoke --terminate` in the async pool: the task is dropped at its next await.
+        Ok(_) = terminate.wait_for(Option::is_some) => Outcome::Revoked("terminated"),
     };
     let runtime = started.elapsed();
     // The slot is free as soon as the task is done; settling does not need it.
@@ -250,6 +275,13 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             Stats::bump(&shared.stats.requeued);
             req.requeue().await;
             return;
+        }
+        Outcome::Revoked(reason) => {
+            tracing::info!(runtime = ?runtime, reason, "task revoked");
+            Stats::bump(&shared.stats.revoked);
+            shared.observe.revoked_by_control(&id, &req.headers.task, reason == "terminated");
+            let exc = ExceptionInfo::new("TaskRevokedError", reason, "celery.exceptions");
+            Some(ResultMeta::exception(&id, TaskState::Revoked, &exc, None))
         }
         Outcome::Value(value) => {
             tracing::info!(runtime = ?runtime, "task succeeded");

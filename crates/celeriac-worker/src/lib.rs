@@ -11,10 +11,16 @@
 //! - [`events`]: Celery's events on `celeryev` (worker heartbeats; task events with `-E`).
 //! - [`metrics`]: Prometheus metrics, served on `--metrics-addr`.
 //! - [`nodename`]: the worker's node name (`-n name@%h`) with Celery's `%` expansions.
+//! - [`state`]: the requests the worker holds (reserved, scheduled, active), revoked ids, rate
+//!   limits: what remote control inspects and changes.
+//! - [`control`]: the worker's node in Celery's pidbox (remote control).
+//! - `consumers`: the queues consumed, changeable at run time (`add_consumer`).
 //!
 //! The main loop ([`Worker::run`]) pulls from one [`Consumer`](celeriac_core::Consumer) and runs at
 //! most `concurrency` tasks at once; the broker's prefetch bounds how many more wait in reserve.
 
+mod consumers;
+pub mod control;
 pub mod events;
 pub mod execute;
 pub mod metrics;
@@ -24,6 +30,7 @@ pub mod prefetch;
 pub mod prefork;
 pub mod request;
 pub mod shutdown;
+pub mod state;
 pub mod stats;
 
 use std::sync::Arc;
@@ -127,6 +134,10 @@ pub(crate) struct Shared {
     pub lost: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// Metrics and events.
     pub observe: observe::Observer,
+    /// The requests held, revoked ids, rate limits (for remote control).
+    pub state: Arc<state::WorkerState>,
+    /// One permit per task that may run at once.
+    pub slots: Arc<Semaphore>,
 }
 
 impl Shared {
@@ -297,7 +308,7 @@ impl Worker {
             },
             None => None,
         };
-        let mut consumer = match self.broker.consume(&cfg.queues, prefetch).await {
+        let mut consumers = match consumers::Consumers::start(self.broker.clone(), &cfg.queues, prefetch).await {
             Ok(c) => c,
             Err(e) => {
                 if let Some(p) = &pool {
@@ -319,6 +330,7 @@ impl Worker {
             "worker ready"
         );
         let (abort_tx, abort_rx) = watch::channel(false);
+        let slots = Arc::new(Semaphore::new(cfg.concurrency));
         let shared = Arc::new(Shared {
             config: self.config.clone(),
             registry: self.registry.clone(),
@@ -332,6 +344,8 @@ impl Worker {
                 metrics: self.metrics.clone(),
                 events: events.as_ref().map(|(d, _)| d.clone()),
             },
+            state: Default::default(),
+            slots: slots.clone(),
         });
         let _status_dump = spawn_status_dump(shared.clone());
         let _heartbeat = match (&events, cfg.events.worker_events) {
@@ -344,7 +358,17 @@ impl Worker {
             let check = events::warn_if_name_taken(self.broker.clone(), cfg.hostname.clone(), std::process::id());
             tokio::spawn(check);
         }
-        let slots = Arc::new(Semaphore::new(cfg.concurrency));
+        let (queue_tx, mut queue_rx) = tokio::sync::mpsc::unbounded_channel();
+        let node = control::start(control::Context {
+            shared: shared.clone(),
+            shutdown: shutdown.clone(),
+            queues: queue_tx,
+            prefetch,
+            started: std::time::Instant::now(),
+            concurrency: cfg.concurrency.into(),
+            clock: Default::default(),
+        })
+        .await;
         let mut running: JoinSet<()> = JoinSet::new();
         let mut level = shutdown.subscribe();
         let mut broker_errors = 0u32;
@@ -368,14 +392,15 @@ impl Worker {
                 _ = ticks.tick(), if adapt => {
                     if let Some(n) = window.tick(std::time::Instant::now()) {
                         // A transport that cannot change it keeps the first window.
-                        adapt = consumer.set_prefetch(n);
+                        adapt = consumers.set_prefetch(n);
                         if adapt {
                             tracing::debug!(prefetch = n, "prefetch window changed");
                         }
                     }
                     continue;
                 }
-                next = consumer.next() => match next {
+                Some(command) = queue_rx.recv() => consumers.apply(command).await,
+                next = consumers.next() => match next {
                     Ok(delivery) => {
                         broker_errors = 0;
                         let Some(req) = request::prepare(&shared, delivery).await else { continue };
@@ -416,7 +441,7 @@ impl Worker {
         }
 
         // Stop consuming: prefetched deliveries go back to the queue.
-        consumer.close().await;
+        consumers.close().await;
         let in_flight = running.len();
         let warm = *level.borrow() != ShutdownLevel::Cold;
         if warm && in_flight > 0 {
@@ -443,8 +468,10 @@ impl Worker {
             while running.join_next().await.is_some() {}
         }
         // Every outcome is settled: make sure the broker has heard of it before returning.
-        consumer.flush().await;
-        drop(consumer);
+        consumers.flush().await;
+        if let Some(node) = node {
+            node.stop().await;
+        }
         if let Some(p) = &pool {
             p.shutdown().await;
         }

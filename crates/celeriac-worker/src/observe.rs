@@ -136,6 +136,17 @@ impl Observer {
         );
     }
 
+    /// The task was revoked by remote control: not run, or `terminated` while it ran (Celery:
+    /// `task-revoked`; the signal is not known here).
+    pub fn revoked_by_control(&self, id: &str, name: &str, terminated: bool) {
+        self.metrics.task_done(name, TaskState::Revoked.as_str());
+        self.task_event(
+            "task-revoked",
+            id,
+            vec![("terminated", Value::from(terminated)), ("signum", Value::Null), ("expired", Value::from(false))],
+        );
+    }
+
     /// The message was refused without running: dead-lettered (Celery: `task-rejected`).
     pub fn rejected(&self, id: &str, name: &str) {
         self.metrics.task_done(name, "REJECTED");

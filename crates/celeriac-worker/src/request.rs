@@ -7,7 +7,7 @@
 //! - an unknown task name: FAILURE stored with `NotRegistered`, acknowledged;
 //! - delivered more often than the poison-message limit: FAILURE `WorkerLostError`,
 //!   dead-lettered;
-//! - expired: REVOKED stored, acknowledged.
+//! - expired, or revoked by remote control: REVOKED stored, acknowledged.
 //!
 //! Wrong argument types are found when the task decodes its arguments and end as a `TypeError`
 //! FAILURE in [`crate::execute`].
@@ -33,6 +33,8 @@ pub struct Request {
     pub task: Arc<dyn Task>,
     /// Counted as prefetched (metrics) until it starts; when it reached the worker.
     pub(crate) reserved: crate::metrics::Reserved,
+    /// Its entry in the worker's state (for `inspect`), removed when the request is dropped.
+    pub tracked: Option<crate::state::Tracked>,
 }
 
 impl Request {
@@ -123,8 +125,19 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
         ack(delivery, &id).await;
         return None;
     }
-    let mut req = Request { delivery, headers, body, task, reserved: crate::metrics::Reserved::untracked() };
+    if shared.state.is_revoked(&id) {
+        tracing::info!(task_id = %id, task_name = %name, "task was revoked; not running it");
+        shared.observe.revoked_by_control(&id, &name, false);
+        let exc = ExceptionInfo::new("TaskRevokedError", "revoked", "celery.exceptions");
+        store_meta(shared, &ResultMeta::exception(&id, TaskState::Revoked, &exc, None)).await;
+        Stats::bump(&shared.stats.revoked);
+        ack(delivery, &id).await;
+        return None;
+    }
+    let mut req =
+        Request { delivery, headers, body, task, reserved: crate::metrics::Reserved::untracked(), tracked: None };
     shared.observe.received(&mut req);
+    req.tracked = Some(shared.state.track(&req, req.eta_in_future()));
     Some(req)
 }
 

@@ -22,6 +22,7 @@
 //! - [`client`]: [`Client`], [`Signature`], [`AsyncResult`]: sending tasks and reading results;
 //! - [`app`]: [`App`], the task registry plus configuration;
 //! - [`connect`]: URL → broker / result backend;
+//! - [`control`]: remote control of running workers (Celery's pidbox);
 //! - [`builtins`]: the diagnostic tasks (`celeriac.ping`, `celeriac.add`, ...);
 //! - [`cli`]: the command line, shared by the `celeriac` binary and user binaries.
 #![deny(missing_docs)]
@@ -33,6 +34,7 @@ pub mod builtins;
 pub mod cli;
 pub mod client;
 pub mod connect;
+pub mod control;
 
 pub use app::App;
 pub use celeriac_core::{

@@ -25,7 +25,7 @@ pub mod protocol;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -210,6 +210,8 @@ pub struct Pool {
     fresh_rss_kib: u64,
     thrash: Mutex<Thrash>,
     degraded: AtomicBool,
+    /// The slot number the next added child gets.
+    next_slot: AtomicUsize,
 }
 
 impl Pool {
@@ -247,6 +249,7 @@ impl Pool {
             fresh_rss_kib,
             thrash: Mutex::new(Thrash { recycles: VecDeque::new(), last_warning: None }),
             degraded: AtomicBool::new(false),
+            next_slot: AtomicUsize::new(n),
         }))
     }
 
@@ -435,6 +438,33 @@ impl Pool {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
+            }
+        }
+    }
+
+    /// Add `n` children, started (ready) when this returns.
+    pub async fn grow(&self, n: usize) -> Result<(), PoolError> {
+        for _ in 0..n {
+            let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
+            let child = spawn_child(&self.config, slot).await?;
+            let s = ChildStatus { slot, pid: child.pid, task: None, tasks_done: 0, rss_kib: self.fresh_rss_kib };
+            self.status.lock().unwrap_or_else(|e| e.into_inner()).insert(slot, s);
+            self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(child);
+            self.idle_count.add_permits(1);
+        }
+        Ok(())
+    }
+
+    /// Retire `n` children as they become idle. The caller has first taken `n` of the worker's
+    /// slots, so no task waits for them.
+    pub async fn shrink(&self, n: usize) {
+        for _ in 0..n {
+            let Ok(permit) = self.idle_count.acquire().await else { return };
+            permit.forget();
+            let popped = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            if let Some(child) = popped {
+                self.status.lock().unwrap_or_else(|e| e.into_inner()).remove(&child.slot);
+                retire(child).await;
             }
         }
     }

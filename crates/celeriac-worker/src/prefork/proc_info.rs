@@ -48,7 +48,12 @@ fn page_size_kib() -> u64 {
 
 /// SIGKILL `pid` (no error if it is already gone).
 pub fn kill(pid: u32) {
-    let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    signal(pid, Signal::SIGKILL);
+}
+
+/// Send a signal to `pid` (errors ignored: the process may be gone already).
+pub fn signal(pid: u32, signal: Signal) {
+    let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), signal);
 }
 
 /// What `pid` is doing right now: scheduler state, kernel wait channel and current syscall, e.g.

@@ -9,6 +9,7 @@
 mod demo;
 mod events;
 pub mod logging;
+mod remote;
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
@@ -113,6 +114,10 @@ enum Command {
     Events(events::EventsArgs),
     /// Run a worker and a batch of tasks on a fresh SQLite file, and report.
     Demo(demo::DemoArgs),
+    /// Ask running workers what they are doing (ping, active, stats, ...), celeriac's and Celery's.
+    Inspect(remote::InspectArgs),
+    /// Tell running workers what to do (revoke, shutdown, pool-grow, rate-limit, ...).
+    Control(remote::ControlArgs),
 }
 
 #[derive(Debug, Args)]
@@ -306,6 +311,8 @@ async fn run(app: App, cli: Cli) -> CliResult {
         Command::DeadLetters(args) => dead_letters(&cli.broker, args).await,
         Command::Events(args) => events::run(&cli.broker, args).await,
         Command::Demo(args) => demo::run(app, args).await,
+        Command::Inspect(args) => remote::inspect(&cli.broker, args).await,
+        Command::Control(args) => remote::control(&cli.broker, args).await,
     }
 }
 

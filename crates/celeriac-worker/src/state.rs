@@ -1,0 +1,323 @@
+//! What a worker holds right now, for remote inspection and control: every request it has taken
+//! (reserved, held for its ETA, or running), the revoked task ids, per-task totals and rate
+//! limits.
+//!
+//! A request is registered by [`WorkerState::track`] when it has been validated; the returned
+//! [`Tracked`] travels with the request and unregisters it when dropped, whichever way the request
+//! ends. The main loop and the executor each make one call ([`WorkerState::track`],
+//! [`WorkerState::start`]); everything else reads.
+//!
+//! The revoked set is Celery's `LimitedSet(maxlen=50000, expires=10800)`: ids older than three
+//! hours, or beyond the 50,000 newest, are forgotten.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::request::Request;
+
+/// How many revoked ids are remembered (Celery's `REVOKES_MAX`).
+const REVOKED_MAX: usize = 50_000;
+/// How long a revoked id is remembered (Celery's `REVOKE_EXPIRES`).
+const REVOKED_EXPIRES: Duration = Duration::from_secs(3 * 3600);
+
+/// Where a request is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    /// Taken from the broker, waiting for a pool slot.
+    Reserved,
+    /// Held until its ETA.
+    Scheduled(DateTime<Utc>),
+    /// Running since then.
+    Active(DateTime<Utc>),
+}
+
+/// One request as `inspect` shows it.
+#[derive(Debug, Clone)]
+pub struct RequestInfo {
+    /// Task id.
+    pub id: String,
+    /// Task name.
+    pub name: String,
+    /// Positional arguments.
+    pub args: Value,
+    /// Keyword arguments.
+    pub kwargs: Value,
+    /// The queue it came from.
+    pub queue: String,
+    /// Message priority.
+    pub priority: u8,
+    /// Delivered before.
+    pub redelivered: bool,
+    /// Where it is.
+    pub phase: Phase,
+}
+
+impl RequestInfo {
+    /// Celery's `Request.info()`: what `inspect active/reserved` lists for a request.
+    pub fn to_celery(&self, hostname: &str, worker_pid: Option<u32>) -> Value {
+        let time_start = match self.phase {
+            Phase::Active(t) => json!(t.timestamp_micros() as f64 / 1e6),
+            _ => Value::Null,
+        };
+        json!({
+            "id": self.id,
+            "name": self.name,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "type": self.name,
+            "hostname": hostname,
+            "time_start": time_start,
+            // Acks late: nothing is acknowledged before its outcome is stored.
+            "acknowledged": false,
+            "delivery_info": {
+                "exchange": "",
+                "routing_key": self.queue,
+                "priority": self.priority,
+                "redelivered": self.redelivered,
+            },
+            "worker_pid": worker_pid,
+        })
+    }
+}
+
+struct Entry {
+    info: RequestInfo,
+    /// Set to a signal number to terminate the task (async pool).
+    terminate: watch::Sender<Option<i32>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    requests: HashMap<String, Entry>,
+    revoked: HashMap<String, Instant>,
+    revoked_order: VecDeque<(String, Instant)>,
+    totals: BTreeMap<String, u64>,
+    rate_limits: HashMap<String, RateLimit>,
+}
+
+/// A per-task rate limit: at most one start every `interval`.
+#[derive(Debug, Clone)]
+struct RateLimit {
+    text: String,
+    interval: Duration,
+    next: Instant,
+}
+
+/// The worker's live state (see the module documentation).
+#[derive(Default)]
+pub struct WorkerState {
+    inner: Mutex<Inner>,
+}
+
+/// Keeps a request registered until dropped.
+pub struct Tracked {
+    state: Arc<WorkerState>,
+    id: String,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.state.lock().requests.remove(&self.id);
+    }
+}
+
+impl std::fmt::Debug for Tracked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracked").field("id", &self.id).finish()
+    }
+}
+
+/// Parse a Celery rate limit: `10`, `10/s`, `100/m`, `1000/h` (tasks per second, minute or hour);
+/// `0` or empty for none. Returns the interval between starts.
+pub fn parse_rate(text: &str) -> Result<Option<Duration>, String> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Ok(None);
+    }
+    let (n, per) = match t.split_once('/') {
+        Some((n, unit)) => {
+            let per = match unit.trim() {
+                "s" => 1.0,
+                "m" => 60.0,
+                "h" => 3600.0,
+                other => return Err(format!("unknown rate unit {other:?} in {text:?} (use s, m or h)")),
+            };
+            (n, per)
+        }
+        None => (t, 1.0),
+    };
+    let n: f64 = n.trim().parse().map_err(|_| format!("{text:?} is not a rate limit (e.g. 10/s, 100/m, 1000/h)"))?;
+    if !n.is_finite() || n < 0.0 {
+        return Err(format!("{text:?} is not a rate limit (e.g. 10/s, 100/m, 1000/h)"));
+    }
+    if n == 0.0 {
+        return Ok(None);
+    }
+    Ok(Some(Duration::from_secs_f64(per / n)))
+}
+
+impl WorkerState {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Register a validated request: reserved, or scheduled when it waits for an ETA.
+    pub fn track(self: &Arc<Self>, req: &Request, eta: Option<DateTime<Utc>>) -> Tracked {
+        let m = &req.delivery.message;
+        let info = RequestInfo {
+            id: req.headers.id.clone(),
+            name: req.headers.task.clone(),
+            args: Value::Array(req.body.args.clone()),
+            kwargs: Value::Object(req.body.kwargs.clone()),
+            queue: req.delivery.queue.clone(),
+            priority: m.properties.priority.unwrap_or(0),
+            redelivered: req.delivery.redelivered(),
+            phase: eta.map_or(Phase::Reserved, Phase::Scheduled),
+        };
+        let (terminate, _) = watch::channel(None);
+        self.lock().requests.insert(info.id.clone(), Entry { info, terminate });
+        Tracked { state: self.clone(), id: req.headers.id.clone() }
+    }
+
+    /// The request starts running: counted in its task's total; returns what says when it is to
+    /// be terminated (a signal number), for pools that terminate cooperatively.
+    pub fn start(&self, id: &str) -> watch::Receiver<Option<i32>> {
+        let mut inner = self.lock();
+        let Some(entry) = inner.requests.get_mut(id) else {
+            return watch::channel(None).1;
+        };
+        entry.info.phase = Phase::Active(Utc::now());
+        let rx = entry.terminate.subscribe();
+        let name = entry.info.name.clone();
+        *inner.totals.entry(name).or_default() += 1;
+        rx
+    }
+
+    /// Every request, with where it is.
+    pub fn requests(&self) -> Vec<RequestInfo> {
+        let mut all: Vec<RequestInfo> = self.lock().requests.values().map(|e| e.info.clone()).collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    /// Tasks started since the worker started, by name.
+    pub fn totals(&self) -> BTreeMap<String, u64> {
+        self.lock().totals.clone()
+    }
+
+    /// Remember ids as revoked; returns those of them running now.
+    pub fn revoke(&self, ids: &[String]) -> Vec<String> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        for id in ids {
+            inner.revoked.insert(id.clone(), now);
+            inner.revoked_order.push_back((id.clone(), now));
+        }
+        // Forget the oldest beyond the limit and the expired.
+        while let Some((id, at)) = inner.revoked_order.front().cloned() {
+            if inner.revoked_order.len() <= REVOKED_MAX && now.duration_since(at) < REVOKED_EXPIRES {
+                break;
+            }
+            inner.revoked_order.pop_front();
+            if inner.revoked.get(&id) == Some(&at) {
+                inner.revoked.remove(&id);
+            }
+        }
+        ids.iter()
+            .filter(|id| inner.requests.get(*id).is_some_and(|e| matches!(e.info.phase, Phase::Active(_))))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether an id was revoked (within the last three hours).
+    pub fn is_revoked(&self, id: &str) -> bool {
+        self.lock().revoked.get(id).is_some_and(|at| at.elapsed() < REVOKED_EXPIRES)
+    }
+
+    /// The revoked ids remembered.
+    pub fn revoked(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.lock().revoked.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Ask a running task to stop (pools that terminate cooperatively watch this).
+    pub fn terminate(&self, id: &str, signal: i32) {
+        if let Some(e) = self.lock().requests.get(id) {
+            e.terminate.send_replace(Some(signal));
+        }
+    }
+
+    /// Set (or with `None`, remove) a task's rate limit; `text` is how it was given.
+    pub fn set_rate_limit(&self, task: &str, text: &str, interval: Option<Duration>) {
+        let mut inner = self.lock();
+        match interval {
+            Some(interval) => {
+                inner
+                    .rate_limits
+                    .insert(task.to_string(), RateLimit { text: text.to_string(), interval, next: Instant::now() });
+            }
+            None => {
+                inner.rate_limits.remove(task);
+            }
+        }
+    }
+
+    /// The rate limit set for a task, as given.
+    pub fn rate_limit(&self, task: &str) -> Option<String> {
+        self.lock().rate_limits.get(task).map(|r| r.text.clone())
+    }
+
+    /// How long a task about to start must wait for its rate limit; reserves its turn.
+    pub fn rate_wait(&self, task: &str) -> Option<Duration> {
+        let mut inner = self.lock();
+        let limit = inner.rate_limits.get_mut(task)?;
+        let now = Instant::now();
+        let turn = limit.next.max(now);
+        limit.next = turn + limit.interval;
+        Some(turn - now).filter(|d| !d.is_zero())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse_as_celery_writes_them() {
+        assert_eq!(parse_rate("10/s").unwrap(), Some(Duration::from_millis(100)));
+        assert_eq!(parse_rate("2/m").unwrap(), Some(Duration::from_secs(30)));
+        assert_eq!(parse_rate("3600/h").unwrap(), Some(Duration::from_secs(1)));
+        assert_eq!(parse_rate("4").unwrap(), Some(Duration::from_millis(250)));
+        assert_eq!(parse_rate("0").unwrap(), None);
+        assert_eq!(parse_rate("").unwrap(), None);
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("1/d").unwrap_err().contains("unit"));
+    }
+
+    #[test]
+    fn rate_limits_space_starts() {
+        let s = WorkerState::default();
+        s.set_rate_limit("t", "1/s", Some(Duration::from_secs(1)));
+        assert_eq!(s.rate_wait("t"), None);
+        let second = s.rate_wait("t").unwrap();
+        assert!(second > Duration::from_millis(900) && second <= Duration::from_secs(1), "{second:?}");
+        assert_eq!(s.rate_wait("other"), None);
+        s.set_rate_limit("t", "0", None);
+        assert_eq!(s.rate_wait("t"), None);
+    }
+
+    #[test]
+    fn revoked_ids_are_remembered() {
+        let s = WorkerState::default();
+        assert!(!s.is_revoked("a"));
+        assert!(s.revoke(&["a".into(), "b".into()]).is_empty());
+        assert!(s.is_revoked("a") && s.is_revoked("b"));
+        assert_eq!(s.revoked(), vec!["a", "b"]);
+    }
+}
