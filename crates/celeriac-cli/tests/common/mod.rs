@@ -437,8 +437,15 @@ pub struct PyCeleryWorker {
 impl PyCeleryWorker {
     /// Start it on `queue` and wait until it is ready.
     pub fn start(broker: &str, backend: &str, queue: &str) -> Self {
+        Self::start_pool(broker, backend, queue, &["-P", "solo"])
+    }
+
+    /// Start it with pool options (`-P prefork -c 2`: a solo worker answers no remote control
+    /// while a task runs).
+    pub fn start_pool(broker: &str, backend: &str, queue: &str, pool: &[&str]) -> Self {
         let mut child = Command::new(repo().join("target/pyenv/bin/celery"))
-            .args(["-A", "pytasks", "worker", "-P", "solo", "-Q", queue, "--loglevel=INFO"])
+            .args(["-A", "pytasks", "worker", "-Q", queue, "--loglevel=INFO"])
+            .args(pool)
             .args(["-n", &format!("py-{queue}-{}@%h", std::process::id())])
             .env("PYTHONPATH", repo().join("tests/interop"))
             .env("CELERY_BROKER_URL", broker)

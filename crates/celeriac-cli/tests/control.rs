@@ -1,0 +1,263 @@
+//! Remote control against real services: a celeriac worker seen and steered by Celery's own CLI
+//! (`celery inspect`) and by `celeriac inspect`/`control`, a Python Celery worker seen by
+//! `celeriac inspect`, `revoke --terminate` in the prefork pool, error replies to bad control
+//! messages, and the same over the Redis broker. Each RabbitMQ test has its own vhost; results and
+//! the Redis broker use database 3.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use celeriac_core::broadcast::ExchangeSpec;
+use celeriac_worker::control::{json_message, mailbox_binding, pidbox_exchange, reply_exchange};
+use common::{repo, run_cli, wait_until, PyCeleryWorker, SharedRedisDb, TestVhost, WorkerProc};
+use serde_json::{json, Map, Value};
+
+const DB: u32 = 3;
+
+fn results() -> String {
+    SharedRedisDb::get(DB).url("")
+}
+
+/// A node name unique to this test run.
+fn node(tag: &str) -> String {
+    format!("ctl-{tag}-{}@testhost", std::process::id())
+}
+
+/// `celery -A ctlapp -b <broker> <args>` (the real Python CLI); returns (success, stdout).
+fn celery(broker: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(repo().join("target/pyenv/bin/celery"))
+        .args(["-A", "ctlapp", "-b", broker])
+        .args(args)
+        .env("PYTHONPATH", repo().join("tests/interop"))
+        .output()
+        .expect("celery (run scripts/python-env.sh)");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `celeriac --broker <broker> <args>`; returns (exit code, stdout, stderr).
+fn celeriac(broker: &str, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["--broker", broker];
+    all.extend_from_slice(args);
+    run_cli(&all, &[])
+}
+
+/// Send a task with the celeriac CLI; returns its id.
+fn send(broker: &str, name: &str, args: &str, queue: &str) -> String {
+    let results = results();
+    let (code, out, err) = celeriac(broker, &["--result-backend", &results, "send", name, "--args", args, "-Q", queue]);
+    assert_eq!(code, 0, "send failed: {err}");
+    out.trim().lines().last().expect("a task id").to_string()
+}
+
+/// The replies of `celeriac inspect <what> --json`, by node.
+fn inspect_json(broker: &str, what: &str) -> Map<String, Value> {
+    let (_, out, _) = celeriac(broker, &["inspect", what, "--json"]);
+    serde_json::from_str::<Value>(out.trim()).ok().and_then(|v| v.as_object().cloned()).unwrap_or_default()
+}
+
+/// Wait until `celeriac inspect active` shows task `id` on some node; returns that node's entry.
+fn wait_active(broker: &str, id: &str) -> Value {
+    let mut found = Value::Null;
+    wait_until(&format!("task {id} to be listed as active"), Duration::from_secs(30), || {
+        let nodes = inspect_json(broker, "active");
+        found = nodes
+            .values()
+            .filter_map(Value::as_array)
+            .flatten()
+            .find(|t| t["id"] == json!(id))
+            .cloned()
+            .unwrap_or(Value::Null);
+        !found.is_null()
+    });
+    found
+}
+
+/// A result's state as `celeriac result --json` reports it.
+fn state_of(broker: &str, id: &str) -> String {
+    let results = results();
+    let (_, out, _) = celeriac(broker, &["--result-backend", &results, "result", id, "--json"]);
+    serde_json::from_str::<Value>(out.trim())
+        .ok()
+        .and_then(|v| v.get("status").or_else(|| v.get("state")).and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[test]
+fn python_celery_inspect_lists_a_celeriac_worker_and_its_running_task() {
+    let vhost = TestVhost::new();
+    let url = vhost.url("");
+    let name = node("py-cli");
+    let results = results();
+    let worker =
+        WorkerProc::start(&url, &["--result-backend", &results, "-P", "prefork", "-c", "2", "-n", &name, "-Q", "pyq"]);
+    worker.wait_for_line("remote control ready", Duration::from_secs(10));
+
+    let (ok, out) = celery(&url, &["inspect", "ping"]);
+    assert!(ok && out.contains(&name) && out.contains("pong"), "celery inspect ping:\n{out}");
+
+    let id = send(&url, "celeriac.sleep", "[20]", "pyq");
+    wait_active(&url, &id);
+    let (ok, out) = celery(&url, &["inspect", "active", "--json"]);
+    assert!(ok, "celery inspect active --json:\n{out}");
+    let replies: Value = serde_json::from_str(out.trim()).expect("JSON from celery inspect --json");
+    let tasks = replies[&name].as_array().unwrap_or_else(|| panic!("no reply from {name}: {out}"));
+    let task = tasks.iter().find(|t| t["id"] == json!(id)).unwrap_or_else(|| panic!("{id} not listed: {out}"));
+    assert_eq!(task["name"], json!("celeriac.sleep"));
+    assert_eq!(task["args"], json!([20]));
+    assert_eq!(task["hostname"], json!(name));
+    assert!(task["time_start"].as_f64().is_some(), "{task}");
+    let pid = task["worker_pid"].as_u64().expect("worker_pid") as u32;
+    assert_ne!(pid, worker.child.id(), "the prefork child's pid, not the supervisor's");
+
+    // The readable form Celery prints lists it too.
+    let (ok, out) = celery(&url, &["inspect", "active"]);
+    assert!(ok && out.contains(&id) && out.contains("celeriac.sleep"), "{out}");
+}
+
+#[test]
+fn celeriac_inspect_lists_a_python_workers_task() {
+    let vhost = TestVhost::new();
+    let url = vhost.url("");
+    let results = results();
+    let _py = PyCeleryWorker::start_pool(&url, &results, "pyworkq", &["-P", "prefork", "-c", "2"]);
+    let (code, out, err) = celeriac(&url, &["inspect", "ping"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("pong") && out.contains("py-pyworkq"), "{out}");
+
+    let id = send(&url, "py.sleep", "[20]", "pyworkq");
+    let task = wait_active(&url, &id);
+    assert_eq!(task["name"], json!("py.sleep"));
+    assert!(task["worker_pid"].as_u64().is_some(), "{task}");
+    let (code, out, _) = celeriac(&url, &["inspect", "active"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(&id) && out.contains("py.sleep"), "readable table:\n{out}");
+    let (code, out, _) = celeriac(&url, &["inspect", "stats"]);
+    assert!(code == 0 && out.contains("celery.concurrency"), "{out}");
+}
+
+#[test]
+fn revoke_terminate_kills_a_running_prefork_task_and_the_worker_keeps_working() {
+    let vhost = TestVhost::new();
+    let url = vhost.url("");
+    let name = node("revoke");
+    let results = results();
+    let worker =
+        WorkerProc::start(&url, &["--result-backend", &results, "-P", "prefork", "-c", "1", "-n", &name, "-Q", "rvq"]);
+    worker.wait_for_line("remote control ready", Duration::from_secs(10));
+    let id = send(&url, "celeriac.sleep", "[60]", "rvq");
+    let task = wait_active(&url, &id);
+    let child = task["worker_pid"].as_u64().expect("worker_pid") as i32;
+
+    let (code, out, err) = celeriac(&url, &["control", "revoke", "--terminate", &id, "-d", &name]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("terminate: {id}")), "{out}");
+    wait_until("the task's state to become REVOKED", Duration::from_secs(20), || state_of(&url, &id) == "REVOKED");
+    wait_until("the child to be gone", Duration::from_secs(10), || {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), None).is_err()
+    });
+    worker.wait_for_line("task revoked", Duration::from_secs(10));
+
+    // The worker keeps working: a fresh child runs the next task.
+    let next = send(&url, "celeriac.add", "[2, 3]", "rvq");
+    wait_until("the next task to succeed", Duration::from_secs(30), || state_of(&url, &next) == "SUCCESS");
+    assert_eq!(worker.count("requeueing"), 0, "the terminated task is not requeued:\n{}", worker.dump());
+}
+
+/// Publish a raw control message and collect the replies sent to our own reply queue.
+async fn raw_call(url: &str, body: Value) -> Vec<Value> {
+    let broker = celeriac::connect::broker(url).unwrap();
+    let x = broker.exchanges().unwrap();
+    let oid = uuid::Uuid::new_v4().to_string();
+    let reply_ex = reply_exchange();
+    let mut replies = x.subscribe(&reply_ex, &mailbox_binding(format!("{oid}.raw"), oid.clone())).await.unwrap();
+    let mut body = body;
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("reply_to".into(), json!({"exchange": reply_ex.name, "routing_key": oid}));
+        obj.insert("ticket".into(), json!("raw-ticket"));
+    }
+    let message = json_message(&body, Map::new());
+    let spec: ExchangeSpec = pidbox_exchange();
+    x.publish_to(&spec, "", &message).await.unwrap();
+    let mut out = Vec::new();
+    while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(2), replies.next()).await {
+        assert_eq!(m.headers.get("ticket"), Some(&json!("raw-ticket")), "the ticket comes back");
+        assert!(m.headers.get("clock").and_then(Value::as_u64).is_some(), "a clock header");
+        out.push(serde_json::from_slice(&m.body).unwrap());
+    }
+    replies.close().await;
+    out
+}
+
+#[tokio::test]
+async fn malformed_control_messages_and_unknown_commands_get_error_replies() {
+    let vhost = TestVhost::new();
+    let url = vhost.url("");
+    let name = node("bad");
+    let results = results();
+    let worker = WorkerProc::start(&url, &["--result-backend", &results, "-n", &name, "-Q", "badq"]);
+    worker.wait_for_line("remote control ready", Duration::from_secs(10));
+
+    let unknown = raw_call(&url, json!({"method": "no_such_command", "arguments": {}})).await;
+    assert_eq!(unknown.len(), 1, "{unknown:?}");
+    assert!(unknown[0][&name]["error"].as_str().unwrap().contains("no_such_command"), "{unknown:?}");
+
+    let bad_args = raw_call(&url, json!({"method": "ping", "arguments": [1, 2]})).await;
+    assert!(bad_args[0][&name]["error"].as_str().unwrap().contains("arguments"), "{bad_args:?}");
+
+    let no_method = raw_call(&url, json!({"arguments": {}})).await;
+    assert!(no_method[0][&name]["error"].as_str().unwrap().contains("method"), "{no_method:?}");
+
+    let bad_revoke = raw_call(&url, json!({"method": "revoke", "arguments": {"task_id": 42}})).await;
+    assert!(bad_revoke[0][&name].get("error").is_some(), "{bad_revoke:?}");
+
+    // Not JSON at all: nowhere to reply; logged, and the worker carries on.
+    let broker = celeriac::connect::broker(&url).unwrap();
+    let garbage = celeriac_core::Message { body: b"\xff{not json".to_vec(), ..json_message(&json!({}), Map::new()) };
+    broker.exchanges().unwrap().publish_to(&pidbox_exchange(), "", &garbage).await.unwrap();
+
+    // Still alive: answers ping and runs tasks.
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let url = url.clone();
+        let name = name.clone();
+        move || celeriac(&url, &["inspect", "ping", "-d", &name])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}\n{}", worker.dump());
+    assert!(out.contains("pong"));
+    assert!(worker.count("bad control message") >= 3, "{}", worker.dump());
+    let (code, out, _) = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || celeriac(&url, &["inspect", "nosuch"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 2, "the CLI refuses an unknown command itself: {out}");
+}
+
+#[test]
+fn ping_and_active_over_redis_from_celeriac_and_celery() {
+    let db = SharedRedisDb::get(DB);
+    let url = db.url("");
+    let name = node("redis");
+    let worker = WorkerProc::start(&url, &["-n", &name, "-Q", "ctl-redis-q", "-c", "2"]);
+    worker.wait_for_line("remote control ready", Duration::from_secs(10));
+
+    let (code, out, err) = celeriac(&url, &["inspect", "ping", "-d", &name]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("{name}: pong")), "{out}");
+    let (ok, out) = celery(&url, &["inspect", "ping", "-d", &name]);
+    assert!(ok && out.contains(&name) && out.contains("pong"), "celery inspect ping over Redis:\n{out}");
+
+    let id = send(&url, "celeriac.sleep", "[20]", "ctl-redis-q");
+    let task = wait_active(&url, &id);
+    assert_eq!(task["worker_pid"].as_u64(), Some(u64::from(worker.child.id())), "the async pool runs in the worker");
+    let (ok, out) = celery(&url, &["inspect", "active", "-d", &name, "--json"]);
+    assert!(ok, "{out}");
+    let replies: Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert!(replies[&name].as_array().unwrap().iter().any(|t| t["id"] == json!(id)), "{out}");
+    // The reply queues went away with their clients.
+    assert_eq!(db.cli(&["EXISTS", "_kombu.binding.reply.celery.pidbox"]), "0");
+}
