@@ -261,3 +261,62 @@ fn ping_and_active_over_redis_from_celeriac_and_celery() {
     // The reply queues went away with their clients.
     assert_eq!(db.cli(&["EXISTS", "_kombu.binding.reply.celery.pidbox"]), "0");
 }
+
+#[test]
+fn control_commands_resize_the_pool_change_queues_and_rate_limits_then_shut_down() {
+    let vhost = TestVhost::new();
+    let url = vhost.url("");
+    let name = node("ctl");
+    let results = results();
+    let mut worker =
+        WorkerProc::start(&url, &["--result-backend", &results, "-P", "prefork", "-c", "1", "-n", &name, "-Q", "cq"]);
+    worker.wait_for_line("remote control ready", Duration::from_secs(10));
+    let processes = || -> usize {
+        inspect_json(&url, "stats")
+            .get(&name)
+            .and_then(|s| s["pool"]["processes"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    assert_eq!(processes(), 1);
+    let (code, out, _) = celeriac(&url, &["control", "pool-grow", "2", "-d", &name]);
+    assert!(code == 0 && out.contains("pool will grow"), "{out}");
+    assert_eq!(processes(), 3);
+    let (code, out, _) = celeriac(&url, &["control", "pool-shrink", "2", "-d", &name]);
+    assert!(code == 0 && out.contains("pool will shrink"), "{out}");
+    wait_until("the pool to shrink to one child", Duration::from_secs(10), || processes() == 1);
+    let (code, out, _) = celeriac(&url, &["control", "pool-shrink", "1", "-d", &name]);
+    assert!(code == 1 && out.contains("at least one"), "the last slot stays: {out}");
+
+    let (code, out, _) = celeriac(&url, &["control", "add-consumer", "extra", "-d", &name]);
+    assert!(code == 0 && out.contains("add consumer extra"), "{out}");
+    let queues = |url: &str| inspect_json(url, "active_queues")[&name].clone();
+    assert_eq!(queues(&url).as_array().map(|q| q.len()), Some(2), "{}", queues(&url));
+    let on_extra = send(&url, "celeriac.add", "[1, 2]", "extra");
+    wait_until("the task on the added queue to succeed", Duration::from_secs(20), || {
+        state_of(&url, &on_extra) == "SUCCESS"
+    });
+    let (code, out, _) = celeriac(&url, &["control", "cancel-consumer", "extra", "-d", &name]);
+    assert!(code == 0 && out.contains("no longer consuming from extra"), "{out}");
+    assert_eq!(queues(&url)[0]["name"], json!("cq"));
+
+    let (code, out, _) = celeriac(&url, &["control", "rate-limit", "celeriac.noop", "2/s", "-d", &name]);
+    assert!(code == 0 && out.contains("new rate limit set"), "{out}");
+    let (code, out, _) = celeriac(&url, &["control", "rate-limit", "no.such.task", "2/s", "-d", &name]);
+    assert!(code == 1 && out.contains("unknown task"), "{out}");
+    let (_, out, _) = celeriac(&url, &["inspect", "registered", "-d", &name]);
+    assert!(out.contains("celeriac.noop [rate_limit=2/s]"), "{out}");
+    let started = std::time::Instant::now();
+    let ids: Vec<String> = (0..3).map(|_| send(&url, "celeriac.noop", "[]", "cq")).collect();
+    wait_until("the rate-limited tasks to succeed", Duration::from_secs(20), || {
+        ids.iter().all(|id| state_of(&url, id) == "SUCCESS")
+    });
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "3 starts at 2/s take at least 1 s: {:?}",
+        started.elapsed()
+    );
+
+    let (code, out, _) = celeriac(&url, &["control", "shutdown", "-d", &name]);
+    assert!(code == 0 && out.contains("shutting down"), "{out}");
+    assert!(worker.wait_exit(Duration::from_secs(30)).success(), "{}", worker.dump());
+}

@@ -19,7 +19,7 @@
 //! # Commands
 //!
 //! `ping`, `active`, `reserved`, `scheduled`, `revoked`, `stats`, `registered`, `active_queues`,
-//! `clock`, `revoke` / `terminate` (with `terminate` and `signal`: the prefork child running the
+//! `clock`, `report`, `conf`, `revoke` / `terminate` (with `terminate` and `signal`: the prefork child running the
 //! task gets the signal; in the async pool the task is dropped at its next await), `shutdown`
 //! (warm), `pool_grow` / `pool_shrink`, `rate_limit`, `add_consumer`, `cancel_consumer`.
 
@@ -298,6 +298,19 @@ async fn dispatch(ctx: &Context, method: &str, args: &Map<String, Value>) -> Val
                 .collect(),
         ),
         "revoked" | "dump_revoked" => json!(ctx.shared.state.revoked()),
+        "report" => ok(format!("celeriac {} ({})", env!("CARGO_PKG_VERSION"), ctx.shared.broker.url())),
+        "conf" | "dump_conf" => {
+            let cfg = &ctx.shared.config;
+            json!({
+                "broker_url": ctx.shared.broker.url(),
+                "worker_concurrency": ctx.concurrency.load(Ordering::Relaxed),
+                "worker_prefetch_multiplier": cfg.prefetch_multiplier,
+                "task_time_limit": cfg.time_limit,
+                "task_soft_time_limit": cfg.soft_time_limit,
+                "task_acks_late": true,
+                "control_exchange": NAMESPACE,
+            })
+        }
         "stats" => stats(ctx),
         "registered" | "dump_tasks" => {
             let mut names: Vec<String> = ctx
