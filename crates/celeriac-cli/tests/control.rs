@@ -149,6 +149,14 @@ fn revoke_terminate_kills_a_running_prefork_task_and_the_worker_keeps_working() 
     let id = send(&url, "celeriac.sleep", "[60]", "rvq");
     let task = wait_active(&url, &id);
     let child = task["worker_pid"].as_u64().expect("worker_pid") as i32;
+    // The only slot is busy: the next task waits in reserve, and remote control still answers.
+    let waiting = send(&url, "celeriac.add", "[2, 3]", "rvq");
+    wait_until("the waiting task to be listed as reserved", Duration::from_secs(20), || {
+        inspect_json(&url, "reserved")
+            .get(&name)
+            .and_then(Value::as_array)
+            .is_some_and(|r| r.iter().any(|t| t["id"] == json!(waiting) && t["worker_pid"].is_null()))
+    });
 
     let (code, out, err) = celeriac(&url, &["control", "revoke", "--terminate", &id, "-d", &name]);
     assert_eq!(code, 0, "{out}{err}");
@@ -159,7 +167,8 @@ fn revoke_terminate_kills_a_running_prefork_task_and_the_worker_keeps_working() 
     });
     worker.wait_for_line("task revoked", Duration::from_secs(10));
 
-    // The worker keeps working: a fresh child runs the next task.
+    // The worker keeps working: a fresh child runs the waiting task and the next one.
+    wait_until("the waiting task to succeed", Duration::from_secs(30), || state_of(&url, &waiting) == "SUCCESS");
     let next = send(&url, "celeriac.add", "[2, 3]", "rvq");
     wait_until("the next task to succeed", Duration::from_secs(30), || state_of(&url, &next) == "SUCCESS");
     assert_eq!(worker.count("requeueing"), 0, "the terminated task is not requeued:\n{}", worker.dump());

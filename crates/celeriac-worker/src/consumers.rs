@@ -7,7 +7,7 @@
 //! worker stops, because deliveries it handed out may still be running and are settled through
 //! it; it is flushed with the others at the end.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use celeriac_core::{Broker, BrokerError, Consumer, Delivery};
 use tokio::sync::oneshot;
@@ -18,8 +18,6 @@ pub(crate) enum QueueCommand {
     Add(String, oneshot::Sender<Result<String, String>>),
     /// Stop consuming a queue.
     Cancel(String, oneshot::Sender<Result<String, String>>),
-    /// Which queues are consumed.
-    List(oneshot::Sender<Vec<String>>),
 }
 
 /// Every consumer of the worker.
@@ -28,6 +26,8 @@ pub(crate) struct Consumers {
     prefetch: usize,
     active: Vec<(Vec<String>, Box<dyn Consumer>)>,
     closed: Vec<Box<dyn Consumer>>,
+    /// The queues consumed, readable from elsewhere (remote control's `active_queues`).
+    listing: Arc<Mutex<Vec<String>>>,
 }
 
 impl Consumers {
@@ -38,12 +38,22 @@ impl Consumers {
         prefetch: usize,
     ) -> Result<Self, BrokerError> {
         let first = broker.consume(queues, prefetch).await?;
-        Ok(Consumers { broker, prefetch, active: vec![(queues.to_vec(), first)], closed: Vec::new() })
+        let listing = Arc::new(Mutex::new(queues.to_vec()));
+        Ok(Consumers { broker, prefetch, active: vec![(queues.to_vec(), first)], closed: Vec::new(), listing })
     }
 
     /// The queues consumed now.
     pub(crate) fn queues(&self) -> Vec<String> {
         self.active.iter().flat_map(|(q, _)| q.iter().cloned()).collect()
+    }
+
+    /// A live view of [`Consumers::queues`].
+    pub(crate) fn listing(&self) -> Arc<Mutex<Vec<String>>> {
+        self.listing.clone()
+    }
+
+    fn update_listing(&self) {
+        *self.listing.lock().unwrap_or_else(|p| p.into_inner()) = self.queues();
     }
 
     /// The next delivery from any consumer; pending forever when there is none. Cancel-safe, as
@@ -65,17 +75,15 @@ impl Consumers {
 
     /// Apply a remote-control change.
     pub(crate) async fn apply(&mut self, command: QueueCommand) {
-        match command {
-            QueueCommand::Add(queue, reply) => {
-                let _ = reply.send(self.add(&queue).await);
-            }
-            QueueCommand::Cancel(queue, reply) => {
-                let _ = reply.send(self.cancel(&queue).await);
-            }
-            QueueCommand::List(reply) => {
-                let _ = reply.send(self.queues());
-            }
+        let (result, reply) = match command {
+            QueueCommand::Add(queue, reply) => (self.add(&queue).await, reply),
+            QueueCommand::Cancel(queue, reply) => (self.cancel(&queue).await, reply),
+        };
+        self.update_listing();
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "remote control could not change the queues");
         }
+        let _ = reply.send(result);
     }
 
     async fn add(&mut self, queue: &str) -> Result<String, String> {

@@ -115,6 +115,8 @@ pub(crate) struct Context {
     pub shared: Arc<Shared>,
     pub shutdown: Shutdown,
     pub queues: mpsc::UnboundedSender<QueueCommand>,
+    /// The queues consumed now.
+    pub queue_list: Arc<std::sync::Mutex<Vec<String>>>,
     pub prefetch: usize,
     pub started: Instant,
     /// Slots of the pool (tasks at once), as grown or shrunk.
@@ -325,7 +327,7 @@ async fn dispatch(ctx: &Context, method: &str, args: &Map<String, Value>) -> Val
             names.sort();
             json!(names)
         }
-        "active_queues" => active_queues(ctx).await,
+        "active_queues" => active_queues(ctx),
         "revoke" => revoke(ctx, args).await,
         "terminate" => {
             let mut args = args.clone();
@@ -344,16 +346,20 @@ async fn dispatch(ctx: &Context, method: &str, args: &Map<String, Value>) -> Val
             let Some(queue) = args.get("queue").and_then(Value::as_str).map(str::to_string) else {
                 return nok(format!("{method} needs a queue name"));
             };
+            let queue_name = queue.clone();
             let (tx, rx) = oneshot::channel();
             let command =
                 if method == "add_consumer" { QueueCommand::Add(queue, tx) } else { QueueCommand::Cancel(queue, tx) };
             if ctx.queues.send(command).is_err() {
                 return nok("the worker is stopping");
             }
-            match tokio::time::timeout(Duration::from_secs(30), rx).await {
+            // The main loop applies it; while every slot is busy it may not get to it at once,
+            // and commands are served one at a time, so do not wait long for its answer.
+            match tokio::time::timeout(Duration::from_secs(2), rx).await {
                 Ok(Ok(Ok(text))) => ok(text),
                 Ok(Ok(Err(e))) => nok(e),
-                _ => nok("the worker did not answer"),
+                Ok(Err(_)) => nok("the worker is stopping"),
+                Err(_) => ok(format!("{method} {queue_name}: will apply when a pool slot frees")),
             }
         }
         other => nok(format!("unknown control command {other:?}")),
@@ -517,13 +523,8 @@ async fn pool_resize(ctx: &Context, args: &Map<String, Value>, grow: bool) -> Va
     ok("pool will shrink")
 }
 
-async fn active_queues(ctx: &Context) -> Value {
-    let (tx, rx) = oneshot::channel();
-    let queues = if ctx.queues.send(QueueCommand::List(tx)).is_ok() {
-        tokio::time::timeout(Duration::from_secs(5), rx).await.ok().and_then(Result::ok).unwrap_or_default()
-    } else {
-        Vec::new()
-    };
+fn active_queues(ctx: &Context) -> Value {
+    let queues = ctx.queue_list.lock().unwrap_or_else(|p| p.into_inner()).clone();
     Value::Array(
         queues
             .iter()

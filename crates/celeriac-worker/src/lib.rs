@@ -363,6 +363,7 @@ impl Worker {
             shared: shared.clone(),
             shutdown: shutdown.clone(),
             queues: queue_tx,
+            queue_list: consumers.listing(),
             prefetch,
             started: std::time::Instant::now(),
             concurrency: cfg.concurrency.into(),
