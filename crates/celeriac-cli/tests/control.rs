@@ -172,6 +172,9 @@ fn revoke_terminate_kills_a_running_prefork_task_and_the_worker_keeps_working() 
     let next = send(&url, "celeriac.add", "[2, 3]", "rvq");
     wait_until("the next task to succeed", Duration::from_secs(30), || state_of(&url, &next) == "SUCCESS");
     assert_eq!(worker.count("requeueing"), 0, "the terminated task is not requeued:\n{}", worker.dump());
+    let stats = inspect_json(&url, "stats");
+    assert_eq!(stats[&name]["pool"]["worker_lost"], json!(0), "a terminated child is not a lost worker: {stats:?}");
+    assert_eq!(stats[&name]["counters"]["revoked"], json!(1), "{stats:?}");
 }
 
 /// Publish a raw control message and collect the replies sent to our own reply queue.
@@ -267,6 +270,30 @@ fn ping_and_active_over_redis_from_celeriac_and_celery() {
     assert!(ok, "{out}");
     let replies: Value = serde_json::from_str(out.trim()).expect("JSON");
     assert!(replies[&name].as_array().unwrap().iter().any(|t| t["id"] == json!(id)), "{out}");
+    // A countdown task is listed as scheduled, with its ETA.
+    let results = results();
+    let (code, out, err) = celeriac(
+        &url,
+        &[
+            "--result-backend",
+            &results,
+            "send",
+            "celeriac.add",
+            "--args",
+            "[1, 1]",
+            "-Q",
+            "ctl-redis-q",
+            "--countdown",
+            "60",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let later = out.trim().lines().last().unwrap().to_string();
+    wait_until("the countdown task to be listed as scheduled", Duration::from_secs(20), || {
+        inspect_json(&url, "scheduled").get(&name).and_then(Value::as_array).is_some_and(|s| {
+            s.iter().any(|e| e["request"]["id"] == json!(later) && e["eta"].as_str().is_some_and(|t| t.contains('T')))
+        })
+    });
     // The reply queues went away with their clients.
     assert_eq!(db.cli(&["EXISTS", "_kombu.binding.reply.celery.pidbox"]), "0");
 }

@@ -433,17 +433,10 @@ async fn revoke(ctx: &Context, args: &Map<String, Value>) -> Value {
     for id in &running {
         tracing::info!(task_id = %id, signal = %signal, "terminating");
         match &ctx.shared.pool {
-            Some(pool) => {
-                let pid =
-                    pool.children().into_iter().find(|c| c.task.as_ref().is_some_and(|t| &t.id == id)).map(|c| c.pid);
-                match pid {
-                    Some(pid) => {
-                        proc_info::signal(pid, signal);
-                        terminated.push(id.clone());
-                    }
-                    None => tracing::warn!(task_id = %id, "no child runs it now"),
-                }
-            }
+            Some(pool) => match pool.terminate(id, signal) {
+                Some(_) => terminated.push(id.clone()),
+                None => tracing::warn!(task_id = %id, "no child runs it now"),
+            },
             None => {
                 ctx.shared.state.terminate(id, signal as i32);
                 terminated.push(id.clone());

@@ -121,6 +121,10 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
                     PoolOutcome::Done(Err(e)) => Outcome::Error(e),
                     PoolOutcome::TimeLimit => Outcome::TimeLimit(hard.unwrap_or_default()),
                     PoolOutcome::WorkerLost(how) => Outcome::WorkerLost(how),
+                    PoolOutcome::Terminated(how) => {
+                        tracing::info!(child_exit = %how, "terminated by remote control");
+                        Outcome::Revoked("terminated")
+                    }
                     PoolOutcome::Aborted => Outcome::Aborted,
                 }
             }
@@ -128,11 +132,7 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
         }
     };
     let outcome = tokio::select! {
-        outcome = run => match outcome {
-            // A child killed by `revoke --terminate`.
-            Outcome::WorkerLost(_) if shared.state.is_revoked(&req.headers.id) => Outcome::Revoked("terminated"),
-            outcome => outcome,
-        },
+        outcome = run => outcome,
         // `revoke --terminate` in the async pool: the task is dropped at its next await.
         Ok(_) = terminate.wait_for(Option::is_some) => Outcome::Revoked("terminated"),
     };

@@ -141,6 +141,9 @@ pub enum PoolOutcome {
     TimeLimit,
     /// Its child died; how.
     WorkerLost(String),
+    /// Its child was killed by [`Pool::terminate`] (remote control's `revoke --terminate`); how
+    /// it ended.
+    Terminated(String),
     /// The worker asked to abort (cold shutdown); its child was killed.
     Aborted,
 }
@@ -212,6 +215,8 @@ pub struct Pool {
     degraded: AtomicBool,
     /// The slot number the next added child gets.
     next_slot: AtomicUsize,
+    /// Children signalled by [`Pool::terminate`], whose death is not a lost worker.
+    terminated: Mutex<std::collections::HashSet<u32>>,
 }
 
 impl Pool {
@@ -250,6 +255,7 @@ impl Pool {
             thrash: Mutex::new(Thrash { recycles: VecDeque::new(), last_warning: None }),
             degraded: AtomicBool::new(false),
             next_slot: AtomicUsize::new(n),
+            terminated: Mutex::default(),
         }))
     }
 
@@ -339,6 +345,11 @@ impl Pool {
         };
         // The stream ended or broke: the child died mid-task.
         let detail = outcome.err().unwrap_or_default();
+        let terminated = self.terminated.lock().unwrap_or_else(|e| e.into_inner()).remove(&child.pid);
+        if terminated {
+            let how = self.bury(child).await;
+            return PoolOutcome::Terminated(how);
+        }
         self.stats.worker_lost.fetch_add(1, Ordering::Relaxed);
         let how = self.bury(child).await;
         PoolOutcome::WorkerLost(if detail.is_empty() { how } else { format!("{how} ({detail})") })
@@ -440,6 +451,16 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// Send `signal` to the child running task `id` (remote control's `revoke --terminate`);
+    /// returns its pid, or `None` when no child runs that task. If the child dies of it, the task
+    /// ends as [`PoolOutcome::Terminated`] and the child is replaced.
+    pub fn terminate(&self, id: &str, signal: nix::sys::signal::Signal) -> Option<u32> {
+        let pid = self.children().into_iter().find(|c| c.task.as_ref().is_some_and(|t| t.id == id))?.pid;
+        self.terminated.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
+        proc_info::signal(pid, signal);
+        Some(pid)
     }
 
     /// Add `n` children, started (ready) when this returns.
