@@ -114,6 +114,14 @@ fn python_celery_inspect_lists_a_celeriac_worker_and_its_running_task() {
     // The readable form Celery prints lists it too.
     let (ok, out) = celery(&url, &["inspect", "active"]);
     assert!(ok && out.contains(&id) && out.contains("celeriac.sleep"), "{out}");
+
+    // Celery's `control terminate` (a list of ids, a signal name) reaches the prefork child.
+    let (ok, out) = celery(&url, &["control", "terminate", "KILL", &id, "-d", &name]);
+    assert!(ok && out.contains(&format!("terminate: {id}")), "celery control terminate:\n{out}");
+    wait_until("the task's state to become REVOKED", Duration::from_secs(20), || state_of(&url, &id) == "REVOKED");
+    wait_until("the child to be gone", Duration::from_secs(10), || {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err()
+    });
 }
 
 #[test]
