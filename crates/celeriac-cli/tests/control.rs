@@ -306,6 +306,22 @@ fn ping_and_active_over_redis_from_celeriac_and_celery() {
     assert_eq!(db.cli(&["EXISTS", "_kombu.binding.reply.celery.pidbox"]), "0");
 }
 
+/// The channel-wide prefetch of every channel of the vhost that has one (the worker's task
+/// consumer; the mailbox consumes without acknowledgements and sets none).
+fn task_prefetch(vhost: &TestVhost) -> Vec<u64> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_channels", "-q", "--no-table-headers", "vhost", "global_prefetch_count"])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [v, n] if *v == vhost.name => n.parse().ok().filter(|n| *n > 0),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn control_commands_resize_the_pool_change_queues_and_rate_limits_then_shut_down() {
     let vhost = TestVhost::new();
@@ -322,12 +338,18 @@ fn control_commands_resize_the_pool_change_queues_and_rate_limits_then_shut_down
             .unwrap_or(0)
     };
     assert_eq!(processes(), 1);
+    assert_eq!(task_prefetch(&vhost), vec![4], "Celery's window: 1 slot x 4");
     let (code, out, _) = celeriac(&url, &["control", "pool-grow", "2", "-d", &name]);
     assert!(code == 0 && out.contains("pool will grow"), "{out}");
     assert_eq!(processes(), 3);
+    // The prefetch window follows the pool, as Celery's does.
+    wait_until("the window to follow the grown pool (3 x 4)", Duration::from_secs(10), || {
+        task_prefetch(&vhost) == vec![12]
+    });
     let (code, out, _) = celeriac(&url, &["control", "pool-shrink", "2", "-d", &name]);
     assert!(code == 0 && out.contains("pool will shrink"), "{out}");
     wait_until("the pool to shrink to one child", Duration::from_secs(10), || processes() == 1);
+    wait_until("the window to follow the shrunk pool", Duration::from_secs(10), || task_prefetch(&vhost) == vec![4]);
     let (code, out, _) = celeriac(&url, &["control", "pool-shrink", "1", "-d", &name]);
     assert!(code == 1 && out.contains("at least one"), "the last slot stays: {out}");
 

@@ -120,7 +120,7 @@ pub(crate) struct Context {
     pub prefetch: usize,
     pub started: Instant,
     /// Slots of the pool (tasks at once), as grown or shrunk.
-    pub concurrency: AtomicUsize,
+    pub concurrency: Arc<AtomicUsize>,
     /// Lamport clock.
     pub clock: AtomicU64,
 }

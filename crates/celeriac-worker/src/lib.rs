@@ -359,6 +359,8 @@ impl Worker {
             tokio::spawn(check);
         }
         let (queue_tx, mut queue_rx) = tokio::sync::mpsc::unbounded_channel();
+        // Slots as remote control grows or shrinks the pool; the prefetch window follows.
+        let concurrency = Arc::new(std::sync::atomic::AtomicUsize::new(cfg.concurrency));
         let node = control::start(control::Context {
             shared: shared.clone(),
             shutdown: shutdown.clone(),
@@ -366,7 +368,7 @@ impl Worker {
             queue_list: consumers.listing(),
             prefetch,
             started: std::time::Instant::now(),
-            concurrency: cfg.concurrency.into(),
+            concurrency: concurrency.clone(),
             clock: Default::default(),
         })
         .await;
@@ -377,7 +379,9 @@ impl Worker {
             prefetch::AdaptivePrefetch::new(prefetch, cfg.max_prefetch, tokio::time::Instant::now().into());
         let mut ticks = tokio::time::interval(prefetch::TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut adapt = window.enabled();
+        // Ticks run while the transport can change its prefetch: to widen the window for short
+        // tasks, and to follow a resized pool.
+        let mut adapt = true;
 
         'consume: loop {
             if *level.borrow() != ShutdownLevel::Running {
@@ -391,6 +395,8 @@ impl Worker {
                     continue;
                 }
                 _ = ticks.tick(), if adapt => {
+                    let slots_now = concurrency.load(std::sync::atomic::Ordering::Relaxed);
+                    window.set_base(slots_now.saturating_mul(cfg.prefetch_multiplier.max(1)));
                     if let Some(n) = window.tick(std::time::Instant::now()) {
                         // A transport that cannot change it keeps the first window.
                         adapt = consumers.set_prefetch(n);

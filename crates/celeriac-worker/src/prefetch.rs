@@ -12,6 +12,9 @@
 //! a queue of no-ops widens it within a few ticks. Reserved work is therefore bounded in time
 //! (about `HORIZON` of it beyond the base), which is what the multiplier is for in the first
 //! place. A change is applied only when it moves the window by more than a quarter.
+//!
+//! The base follows the pool when remote control grows or shrinks it ([`AdaptivePrefetch::set_base`]),
+//! as Celery's window follows its pool.
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +29,7 @@ const GROWTH: usize = 4;
 #[derive(Debug)]
 pub struct AdaptivePrefetch {
     base: usize,
+    /// The configured maximum (the window never goes below the base, whatever this says).
     max: usize,
     current: usize,
     completed: u64,
@@ -35,12 +39,18 @@ pub struct AdaptivePrefetch {
 impl AdaptivePrefetch {
     /// A window starting at `base`, allowed to grow up to `max` (no adaptation when `max <= base`).
     pub fn new(base: usize, max: usize, now: Instant) -> Self {
-        AdaptivePrefetch { base: base.max(1), max: max.max(base), current: base.max(1), completed: 0, since: now }
+        AdaptivePrefetch { base: base.max(1), max, current: base.max(1), completed: 0, since: now }
     }
 
     /// Whether the window can change at all.
     pub fn enabled(&self) -> bool {
         self.max > self.base
+    }
+
+    /// The pool was resized: Celery's window for the new concurrency, applied at the next tick
+    /// (at once, not by growth steps).
+    pub fn set_base(&mut self, base: usize) {
+        self.base = base.max(1);
     }
 
     /// The window now.
@@ -63,9 +73,11 @@ impl AdaptivePrefetch {
         tracing::trace!(completed = self.completed, elapsed, rate, "prefetch tick");
         (self.completed, self.since) = (0, now);
         let wanted = (rate * HORIZON.as_secs_f64()).ceil() as usize;
-        let next = wanted.clamp(self.base, self.max).min(self.current.saturating_mul(GROWTH));
+        let max = self.max.max(self.base);
+        let next = wanted.clamp(self.base, max).min(self.current.saturating_mul(GROWTH)).max(self.base);
         let moved = next.abs_diff(self.current);
-        if moved == 0 || moved * 4 <= self.current {
+        let base_moved = self.current < self.base || (!self.enabled() && next != self.current);
+        if moved == 0 || (moved * 4 <= self.current && !base_moved) {
             return None;
         }
         self.current = next;
@@ -112,6 +124,21 @@ mod tests {
         }
         assert!(p.current() > 100);
         assert_eq!(run(&mut p, &mut t, 0), Some(8), "idle: back to the base at once");
+    }
+
+    #[test]
+    fn a_resized_pool_moves_the_base_at_once() {
+        let mut t = Instant::now();
+        // Fixed at Celery's window (no maximum above it), as with --max-prefetch 0.
+        let mut p = AdaptivePrefetch::new(8, 0, t);
+        p.set_base(12);
+        assert_eq!(run(&mut p, &mut t, 0), Some(12), "grown by one slot: 3 x 4");
+        p.set_base(4);
+        assert_eq!(run(&mut p, &mut t, 0), Some(4), "shrunk to one slot");
+        // Adaptive: a bigger pool raises the floor even while idle.
+        let mut p = AdaptivePrefetch::new(8, 1000, t);
+        p.set_base(40);
+        assert_eq!(run(&mut p, &mut t, 0), Some(40));
     }
 
     #[test]
