@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{bin, free_port, repo, run_cli, wait_until, TempDb, TestVhost, WorkerProc};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// A process whose stdout or stderr lines are collected.
 struct Lines {
@@ -441,4 +441,24 @@ fn a_second_worker_with_the_same_name_is_warned() {
     let _first = WorkerProc::start(&url, &["-n", "twin@%h"]);
     let second = WorkerProc::start(&url, &["-n", "twin@%h"]);
     second.wait_for_line("is already online", Duration::from_secs(15));
+}
+
+/// `revoke --terminate --signal KILL` on a task running in the prefork pool: its task-revoked
+/// event says it was terminated, and with which signal (Celery's `signum`).
+#[test]
+fn a_terminated_task_is_reported_revoked_with_its_signal() {
+    let vhost = TestVhost::new();
+    let url = vhost.url("");
+    let json = tail_events(&url, &["--json"]);
+    let _worker = WorkerProc::start(&url, &["-E", "-P", "prefork", "-c", "1", "-n", "term@%h"]);
+    json.wait_for("a worker event", Duration::from_secs(20), |l| l.contains("term@"));
+    let id = send(&url, "celeriac.sleep", "[60]");
+    json.wait_for("task-started", Duration::from_secs(20), |l| l.contains("\"task-started\"") && l.contains(&id));
+    let (code, out, err) =
+        run_cli(&["control", "revoke", "--terminate", "--signal", "KILL", &id, "--broker", &url], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let line =
+        json.wait_for("task-revoked", Duration::from_secs(20), |l| l.contains("\"task-revoked\"") && l.contains(&id));
+    let ev: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!((&ev["terminated"], &ev["signum"], &ev["expired"]), (&json!(true), &json!(9), &json!(false)), "{line}");
 }

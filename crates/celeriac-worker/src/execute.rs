@@ -37,7 +37,7 @@ enum Outcome {
     /// The prefork child running it died (how).
     WorkerLost(String),
     /// Revoked by remote control before it ran, or terminated while it ran (the reason).
-    Revoked(&'static str),
+    Revoked(&'static str, Option<i32>),
     Aborted,
 }
 
@@ -64,7 +64,7 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
     let mut abort = shared.abort.clone();
     if shared.state.is_revoked(&req.headers.id) {
         drop(permit);
-        return settle(&shared, req, Outcome::Revoked("revoked"), Duration::ZERO).await;
+        return settle(&shared, req, Outcome::Revoked("revoked", None), Duration::ZERO).await;
     }
     if let Some(wait) = shared.state.rate_wait(&req.headers.task) {
         tracing::debug!(wait = ?wait, "rate limited");
@@ -121,9 +121,9 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
                     PoolOutcome::Done(Err(e)) => Outcome::Error(e),
                     PoolOutcome::TimeLimit => Outcome::TimeLimit(hard.unwrap_or_default()),
                     PoolOutcome::WorkerLost(how) => Outcome::WorkerLost(how),
-                    PoolOutcome::Terminated(how) => {
+                    PoolOutcome::Terminated(signal, how) => {
                         tracing::info!(child_exit = %how, "terminated by remote control");
-                        Outcome::Revoked("terminated")
+                        Outcome::Revoked("terminated", Some(signal))
                     }
                     PoolOutcome::Aborted => Outcome::Aborted,
                 }
@@ -134,7 +134,12 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
     let outcome = tokio::select! {
         outcome = run => outcome,
         // `revoke --terminate` in the async pool: the task is dropped at its next await.
-        Ok(_) = terminate.wait_for(Option::is_some) => Outcome::Revoked("terminated"),
+        Ok(_) = terminate.wait_for(Option::is_some) => Outcome::Revoked("terminated", None),
+    };
+    // The signal remote control asked for, for the task-revoked event.
+    let outcome = match outcome {
+        Outcome::Revoked("terminated", None) => Outcome::Revoked("terminated", *terminate.borrow()),
+        other => other,
     };
     let runtime = started.elapsed();
     // The slot is free as soon as the task is done; settling does not need it.
@@ -276,10 +281,10 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             req.requeue().await;
             return;
         }
-        Outcome::Revoked(reason) => {
+        Outcome::Revoked(reason, signum) => {
             tracing::info!(runtime = ?runtime, reason, "task revoked");
             Stats::bump(&shared.stats.revoked);
-            shared.observe.revoked_by_control(&id, &req.headers.task, reason == "terminated");
+            shared.observe.revoked_by_control(&id, &req.headers.task, reason == "terminated", signum);
             let exc = ExceptionInfo::new("TaskRevokedError", reason, "celery.exceptions");
             Some(ResultMeta::exception(&id, TaskState::Revoked, &exc, None))
         }

@@ -136,14 +136,18 @@ impl Observer {
         );
     }
 
-    /// The task was revoked by remote control: not run, or `terminated` while it ran (Celery:
-    /// `task-revoked`; the signal is not known here).
-    pub fn revoked_by_control(&self, id: &str, name: &str, terminated: bool) {
+    /// The task was revoked by remote control: not run, or `terminated` while it ran with
+    /// `signum` (Celery: `task-revoked`).
+    pub fn revoked_by_control(&self, id: &str, name: &str, terminated: bool, signum: Option<i32>) {
         self.metrics.task_done(name, TaskState::Revoked.as_str());
         self.task_event(
             "task-revoked",
             id,
-            vec![("terminated", Value::from(terminated)), ("signum", Value::Null), ("expired", Value::from(false))],
+            vec![
+                ("terminated", Value::from(terminated)),
+                ("signum", signum.map(Value::from).unwrap_or(Value::Null)),
+                ("expired", Value::from(false)),
+            ],
         );
     }
 

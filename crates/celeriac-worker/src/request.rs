@@ -127,7 +127,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
     }
     if shared.state.is_revoked(&id) {
         tracing::info!(task_id = %id, task_name = %name, "task was revoked; not running it");
-        shared.observe.revoked_by_control(&id, &name, false);
+        shared.observe.revoked_by_control(&id, &name, false, None);
         let exc = ExceptionInfo::new("TaskRevokedError", "revoked", "celery.exceptions");
         store_meta(shared, &ResultMeta::exception(&id, TaskState::Revoked, &exc, None)).await;
         Stats::bump(&shared.stats.revoked);

@@ -141,9 +141,9 @@ pub enum PoolOutcome {
     TimeLimit,
     /// Its child died; how.
     WorkerLost(String),
-    /// Its child was killed by [`Pool::terminate`] (remote control's `revoke --terminate`); how
-    /// it ended.
-    Terminated(String),
+    /// Its child was killed by [`Pool::terminate`] (remote control's `revoke --terminate`): the
+    /// signal sent, and how the child ended.
+    Terminated(i32, String),
     /// The worker asked to abort (cold shutdown); its child was killed.
     Aborted,
 }
@@ -216,7 +216,7 @@ pub struct Pool {
     /// The slot number the next added child gets.
     next_slot: AtomicUsize,
     /// Children signalled by [`Pool::terminate`], whose death is not a lost worker.
-    terminated: Mutex<std::collections::HashSet<u32>>,
+    terminated: Mutex<std::collections::HashMap<u32, i32>>,
 }
 
 impl Pool {
@@ -346,9 +346,9 @@ impl Pool {
         // The stream ended or broke: the child died mid-task.
         let detail = outcome.err().unwrap_or_default();
         let terminated = self.terminated.lock().unwrap_or_else(|e| e.into_inner()).remove(&child.pid);
-        if terminated {
+        if let Some(signal) = terminated {
             let how = self.bury(child).await;
-            return PoolOutcome::Terminated(how);
+            return PoolOutcome::Terminated(signal, how);
         }
         self.stats.worker_lost.fetch_add(1, Ordering::Relaxed);
         let how = self.bury(child).await;
@@ -458,7 +458,7 @@ impl Pool {
     /// ends as [`PoolOutcome::Terminated`] and the child is replaced.
     pub fn terminate(&self, id: &str, signal: nix::sys::signal::Signal) -> Option<u32> {
         let pid = self.children().into_iter().find(|c| c.task.as_ref().is_some_and(|t| t.id == id))?.pid;
-        self.terminated.lock().unwrap_or_else(|e| e.into_inner()).insert(pid);
+        self.terminated.lock().unwrap_or_else(|e| e.into_inner()).insert(pid, signal as i32);
         proc_info::signal(pid, signal);
         Some(pid)
     }
