@@ -386,3 +386,29 @@ fn control_commands_resize_the_pool_change_queues_and_rate_limits_then_shut_down
     assert!(code == 0 && out.contains("shutting down"), "{out}");
     assert!(worker.wait_exit(Duration::from_secs(30)).success(), "{}", worker.dump());
 }
+
+/// A rate-limited task waits for its turn without holding a pool slot: with one slot and
+/// `celeriac.add` limited to one every 10 s, other tasks still run at once.
+#[test]
+fn a_rate_limited_task_waits_for_its_turn_without_holding_a_slot() {
+    let vhost = TestVhost::new();
+    let url = vhost.url("");
+    let name = node("rate");
+    let results = results();
+    let worker = WorkerProc::start(&url, &["--result-backend", &results, "-c", "1", "-n", &name, "-Q", "rateq"]);
+    worker.wait_for_line("remote control ready", Duration::from_secs(10));
+    let (code, out, _) = celeriac(&url, &["control", "rate-limit", "celeriac.add", "6/m", "-d", &name]);
+    assert!(code == 0 && out.contains("new rate limit"), "{out}");
+    let first = send(&url, "celeriac.add", "[1, 1]", "rateq");
+    let second = send(&url, "celeriac.add", "[2, 2]", "rateq");
+    wait_until("the first addition to succeed", Duration::from_secs(20), || state_of(&url, &first) == "SUCCESS");
+    // The second addition's turn is 10 s after the first; meanwhile the only slot stays free.
+    let echo = send(&url, "celeriac.echo", "[\"free\"]", "rateq");
+    wait_until("the echo to succeed while the addition waits its turn", Duration::from_secs(8), || {
+        state_of(&url, &echo) == "SUCCESS"
+    });
+    assert_ne!(state_of(&url, &second), "SUCCESS", "the rate limit was not applied");
+    wait_until("the second addition to succeed in its turn", Duration::from_secs(30), || {
+        state_of(&url, &second) == "SUCCESS"
+    });
+}

@@ -66,7 +66,9 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
         drop(permit);
         return settle(&shared, req, Outcome::Revoked("revoked", None), Duration::ZERO).await;
     }
-    if let Some(wait) = shared.state.rate_wait(&req.headers.task) {
+    // A task whose turn was not taken before it got its slot (an ETA task come due) waits here.
+    let wait = if req.rate_turn_taken { None } else { shared.state.rate_wait(&req.headers.task) };
+    if let Some(wait) = wait {
         tracing::debug!(wait = ?wait, "rate limited");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -201,7 +203,11 @@ pub(crate) async fn hold_then_run(
     let span = task_span(&req);
     async move {
         let wait = (eta - Utc::now()).to_std().unwrap_or_default();
-        tracing::info!(eta = %eta, "holding until ETA");
+        if req.rate_turn_taken {
+            tracing::debug!(wait = ?wait, "rate limited: waiting for its turn without a pool slot");
+        } else {
+            tracing::info!(eta = %eta, "holding until ETA");
+        }
         if let Some(max) = shared.broker.max_unacked_hold().filter(|max| wait > *max) {
             tokio::select! {
                 _ = tokio::time::sleep(max) => {

@@ -410,9 +410,18 @@ impl Worker {
                 next = consumers.next() => match next {
                     Ok(delivery) => {
                         broker_errors = 0;
-                        let Some(req) = request::prepare(&shared, delivery).await else { continue };
+                        let Some(mut req) = request::prepare(&shared, delivery).await else { continue };
                         if let Some(eta) = req.eta_in_future() {
                             let held = execute::hold_then_run(shared.clone(), req, eta, slots.clone(), shutdown.subscribe());
+                            running.spawn(Box::pin(held));
+                            continue;
+                        }
+                        // A rate-limited task waits for its turn without a slot, so other tasks
+                        // keep the pool.
+                        req.rate_turn_taken = true;
+                        if let Some(wait) = shared.state.rate_wait(&req.headers.task) {
+                            let turn = chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+                            let held = execute::hold_then_run(shared.clone(), req, turn, slots.clone(), shutdown.subscribe());
                             running.spawn(Box::pin(held));
                             continue;
                         }

@@ -35,6 +35,8 @@ pub struct Request {
     pub(crate) reserved: crate::metrics::Reserved,
     /// Its entry in the worker's state (for `inspect`), removed when the request is dropped.
     pub tracked: Option<crate::state::Tracked>,
+    /// Its turn under its task's rate limit is already taken (and waited for without a slot).
+    pub(crate) rate_turn_taken: bool,
 }
 
 impl Request {
@@ -134,8 +136,15 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
         ack(delivery, &id).await;
         return None;
     }
-    let mut req =
-        Request { delivery, headers, body, task, reserved: crate::metrics::Reserved::untracked(), tracked: None };
+    let mut req = Request {
+        delivery,
+        headers,
+        body,
+        task,
+        reserved: crate::metrics::Reserved::untracked(),
+        tracked: None,
+        rate_turn_taken: false,
+    };
     shared.observe.received(&mut req);
     req.tracked = Some(shared.state.track(&req, req.eta_in_future()));
     Some(req)
