@@ -462,3 +462,38 @@ fn a_terminated_task_is_reported_revoked_with_its_signal() {
     let ev: Value = serde_json::from_str(&line).unwrap();
     assert_eq!((&ev["terminated"], &ev["signum"], &ev["expired"]), (&json!(true), &json!(9), &json!(false)), "{line}");
 }
+
+/// Flower (and `celery control enable_events`) turn task events on in a worker started without
+/// `-E`, as in Celery; `disable_events` turns them off again.
+#[test]
+fn celery_control_enable_events_turns_task_events_on() {
+    let vhost = TestVhost::new();
+    let url = vhost.url("");
+    let json = tail_events(&url, &["--json"]);
+    let worker = WorkerProc::start(&url, &["-c", "1", "-n", "enable@%h"]);
+    json.wait_for("a worker event", Duration::from_secs(20), |l| l.contains("enable@"));
+    let before = send(&url, "celeriac.add", "[1, 1]");
+    let lines = worker.lines.clone();
+    wait_until("the first task to run, before events are enabled", Duration::from_secs(20), || {
+        lines.lock().unwrap().iter().any(|l| l.contains(&before) && l.contains("task succeeded"))
+    });
+    let celery = |args: &[&str]| -> String {
+        let out = Command::new(repo().join("target/pyenv/bin/celery"))
+            .args(["-b", &url, "control"])
+            .args(args)
+            .output()
+            .expect("celery control");
+        assert!(out.status.success(), "celery control {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let out = celery(&["enable_events"]);
+    assert!(out.contains("task events enabled"), "{out}");
+    assert!(celery(&["enable_events"]).contains("task events already enabled"));
+    let after = send(&url, "celeriac.add", "[2, 2]");
+    json.wait_for("task-succeeded of the task sent after enable_events", Duration::from_secs(20), |l| {
+        l.contains("\"task-succeeded\"") && l.contains(&after)
+    });
+    // The earlier task ran before events were on, and sent none.
+    assert!(json.find(|l| l.contains(&before)).is_none(), "{}", json.dump());
+    assert!(celery(&["disable_events"]).contains("task events disabled"));
+}

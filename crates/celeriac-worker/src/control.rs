@@ -21,7 +21,8 @@
 //! `ping`, `active`, `reserved`, `scheduled`, `revoked`, `stats`, `registered`, `active_queues`,
 //! `clock`, `report`, `conf`, `revoke` / `terminate` (with `terminate` and `signal`: the prefork child running the
 //! task gets the signal; in the async pool the task is dropped at its next await), `shutdown`
-//! (warm), `pool_grow` / `pool_shrink`, `rate_limit`, `add_consumer`, `cancel_consumer`.
+//! (warm), `pool_grow` / `pool_shrink`, `rate_limit`, `add_consumer`, `cancel_consumer`,
+//! `enable_events` / `disable_events` (task events on or off, as Flower asks).
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -338,6 +339,20 @@ async fn dispatch(ctx: &Context, method: &str, args: &Map<String, Value>) -> Val
             tracing::warn!("Got shutdown from remote");
             ctx.shutdown.warm();
             ok("shutting down")
+        }
+        "enable_events" | "disable_events" => {
+            // Flower sends enable_events so that workers started without -E report their tasks.
+            let Some(events) = &ctx.shared.observe.events else {
+                return nok("events are off on this worker (started with --without-heartbeat and without -E)");
+            };
+            let on = method == "enable_events";
+            if events.task_events() == on {
+                return ok(format!("task events already {}", if on { "enabled" } else { "disabled" }));
+            }
+            events.set_task_events(on);
+            let state = if on { "enabled" } else { "disabled" };
+            tracing::info!("Events of group {{task}} {state} by remote.");
+            ok(format!("task events {state}"))
         }
         "pool_grow" => pool_resize(ctx, args, true).await,
         "pool_shrink" => pool_resize(ctx, args, false).await,
