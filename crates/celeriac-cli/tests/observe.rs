@@ -496,4 +496,9 @@ fn celery_control_enable_events_turns_task_events_on() {
     // The earlier task ran before events were on, and sent none.
     assert!(json.find(|l| l.contains(&before)).is_none(), "{}", json.dump());
     assert!(celery(&["disable_events"]).contains("task events disabled"));
+    // celeriac's own CLI sends the same commands.
+    let (code, out, err) = run_cli(&["control", "enable-events", "--broker", &url], &[]);
+    assert!(code == 0 && out.contains("task events enabled"), "{out}{err}");
+    let (code, out, err) = run_cli(&["control", "disable-events", "--broker", &url], &[]);
+    assert!(code == 0 && out.contains("task events disabled"), "{out}{err}");
 }

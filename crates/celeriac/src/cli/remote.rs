@@ -117,6 +117,12 @@ enum ControlCommand {
         /// Queue name.
         queue: String,
     },
+    /// Turn task events on (workers started without -E; what Flower asks for).
+    #[command(name = "enable-events", alias = "enable_events")]
+    EnableEvents,
+    /// Turn task events off.
+    #[command(name = "disable-events", alias = "disable_events")]
+    DisableEvents,
 }
 
 /// Send one command; print the replies.
@@ -183,6 +189,8 @@ pub(crate) async fn control(broker_url: &str, args: ControlArgs) -> CliResult {
             ("add_consumer", json!({"queue": queue, "exchange": null, "exchange_type": "direct", "routing_key": null}))
         }
         ControlCommand::CancelConsumer { queue } => ("cancel_consumer", json!({"queue": queue})),
+        ControlCommand::EnableEvents => ("enable_events", json!({})),
+        ControlCommand::DisableEvents => ("disable_events", json!({})),
     };
     call(broker_url, method, arguments, &args.opts).await
 }
