@@ -362,7 +362,7 @@ fn rows(run: &Run, settings: &Settings) -> Vec<Row> {
         let window = c * 4;
         let mut r = Row::new(
             &format!(
-                "drain, same window: celeriac default vs bare at prefetch {window}, ack every {}",
+                "drain: celeriac default (adaptive window) vs bare at Celery's window, prefetch {window}, ack every {}",
                 (window / 4).max(1)
             ),
             Unit::PerSec,

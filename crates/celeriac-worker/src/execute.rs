@@ -136,12 +136,7 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
     let outcome = tokio::select! {
         outcome = run => outcome,
         // `revoke --terminate` in the async pool: the task is dropped at its next await.
-        Ok(_) = terminate.wait_for(Option::is_some) => Outcome::Revoked("terminated", None),
-    };
-    // The signal remote control asked for, for the task-revoked event.
-    let outcome = match outcome {
-        Outcome::Revoked("terminated", None) => Outcome::Revoked("terminated", *terminate.borrow()),
-        other => other,
+        Ok(signal) = terminate.wait_for(Option::is_some) => Outcome::Revoked("terminated", *signal),
     };
     let runtime = started.elapsed();
     // The slot is free as soon as the task is done; settling does not need it.

@@ -375,8 +375,7 @@ impl Worker {
         let mut running: JoinSet<()> = JoinSet::new();
         let mut level = shutdown.subscribe();
         let mut broker_errors = 0u32;
-        let mut window =
-            prefetch::AdaptivePrefetch::new(prefetch, cfg.max_prefetch, tokio::time::Instant::now().into());
+        let mut window = prefetch::AdaptivePrefetch::new(prefetch, cfg.max_prefetch, std::time::Instant::now());
         let mut ticks = tokio::time::interval(prefetch::TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Ticks run while the transport can change its prefetch: to widen the window for short
