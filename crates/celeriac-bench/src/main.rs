@@ -101,7 +101,8 @@ struct CompareArgs {
     /// Measure only celeriac and the bare client.
     #[arg(long)]
     skip_celery: bool,
-    /// Parts to run, comma-separated: publish, drain, redis, roundtrip (default all).
+    /// Parts to run, comma-separated: publish, drain, redis, roundtrip (default all); `prefork`
+    /// is the prefork pools' half of `drain` alone.
     #[arg(long, value_delimiter = ',', default_value = "publish,drain,redis,roundtrip")]
     parts: Vec<String>,
     /// Extra argument for every `celeriac worker` (repeat the flag), e.g.
@@ -209,8 +210,8 @@ async fn compare(args: CompareArgs) -> Result<()> {
     let with_celery = !args.skip_celery;
 
     for part in &args.parts {
-        if !["publish", "drain", "redis", "roundtrip"].contains(&part.as_str()) {
-            bail!("unknown part {part:?} (known: publish, drain, redis, roundtrip)");
+        if !["publish", "drain", "prefork", "redis", "roundtrip"].contains(&part.as_str()) {
+            bail!("unknown part {part:?} (known: publish, drain, prefork, redis, roundtrip)");
         }
     }
     let part = |p: &str| args.parts.iter().any(|x| x == p);
@@ -227,6 +228,9 @@ async fn compare(args: CompareArgs) -> Result<()> {
         if part("drain") {
             eprintln!("\n2. drain of a pre-filled queue (celeriac.noop, ignore_result)");
             run.drain = bench.drain(with_celery, !args.skip_solo).await?;
+        } else if part("prefork") {
+            eprintln!("\n2. drain of a pre-filled queue, prefork pools only (celeriac.noop, ignore_result)");
+            bench.prefork_drain(with_celery, !args.skip_solo, &mut run.drain).await?;
         }
         if part("redis") {
             eprintln!("\n2b. drain on the Redis broker (celeriac.noop, ignore_result)");

@@ -446,15 +446,10 @@ impl Bench {
         Ok((drain, rss))
     }
 
-    /// Drain throughput of a pre-filled queue: bare consumer, celeriac worker, Celery prefork
-    /// (and solo); then the celeriac worker and the bare consumer at each other's window.
-    pub async fn drain(&self, with_celery: bool, with_solo: bool) -> Result<DrainResults> {
+    /// The prefork half of [`Bench::drain`]: celeriac's prefork pool (with and without recycling)
+    /// and Celery's prefork (and solo) pool, at the run's concurrency.
+    pub async fn prefork_drain(&self, with_celery: bool, with_solo: bool, out: &mut DrainResults) -> Result<()> {
         let s = &self.settings;
-        let mut out = DrainResults::default();
-        let bare = Consumer::Bare { prefetch: s.bare_prefetch, ack_every: s.bare_ack_every };
-        out.bare = Some(self.drain_one("bench.drain.bare", s.drain, bare).await?.0);
-        let (drain, rss) = self.drain_one("bench.drain.celeriac", s.drain, Consumer::Celeriac { extra: &[] }).await?;
-        (out.celeriac, out.celeriac_rss) = (Some(drain), rss);
         if s.prefork {
             let extra = ["--pool=prefork".to_string()];
             let prefork = Consumer::Celeriac { extra: &extra };
@@ -475,6 +470,19 @@ impl Bench {
                 out.celery_solo = Some(self.drain_one("bench.drain.celery-solo", s.celery_drain, solo).await?.0);
             }
         }
+        Ok(())
+    }
+
+    /// Drain throughput of a pre-filled queue: bare consumer, celeriac worker, Celery prefork
+    /// (and solo); then the celeriac worker and the bare consumer at each other's window.
+    pub async fn drain(&self, with_celery: bool, with_solo: bool) -> Result<DrainResults> {
+        let s = &self.settings;
+        let mut out = DrainResults::default();
+        let bare = Consumer::Bare { prefetch: s.bare_prefetch, ack_every: s.bare_ack_every };
+        out.bare = Some(self.drain_one("bench.drain.bare", s.drain, bare).await?.0);
+        let (drain, rss) = self.drain_one("bench.drain.celeriac", s.drain, Consumer::Celeriac { extra: &[] }).await?;
+        (out.celeriac, out.celeriac_rss) = (Some(drain), rss);
+        self.prefork_drain(with_celery, with_solo, &mut out).await?;
         if s.window_rows {
             // The celeriac worker with the bare consumer's window, and the bare consumer with the
             // worker's default window (prefetch = concurrency x 4, acknowledging every quarter of it).

@@ -56,6 +56,7 @@ pub fn run(registry: Arc<Registry>, parent: u32) -> ExitCode {
     if write_frame(&mut out, &FromChild::Ready { pid: std::process::id() }).is_err() {
         return ExitCode::from(1);
     }
+    let rss = proc_info::OwnRss::open();
     loop {
         let msg = match read_frame::<ToChild>(&mut input) {
             Ok(Some(m)) => m,
@@ -67,7 +68,7 @@ pub fn run(registry: Arc<Registry>, parent: u32) -> ExitCode {
                 let id = req.id.clone();
                 let span = tracing::error_span!("task", id = %req.id, name = %req.name, queue = %req.queue, hostname = %req.hostname);
                 let outcome = runtime.block_on(tracing::Instrument::instrument(run_one(&registry, *req), span));
-                let rss_kib = proc_info::rss_kib(std::process::id()).unwrap_or(0);
+                let rss_kib = rss.kib().unwrap_or(0);
                 if write_frame(&mut out, &FromChild::Done { id, outcome, rss_kib }).is_err() {
                     return ExitCode::from(1);
                 }

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use celeriac_core::TaskError;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use tokio::io::BufReader;
 use tokio::process::{Child, ChildStdin, ChildStdout};
 use tokio::sync::{watch, Semaphore};
 
@@ -194,7 +195,8 @@ struct ChildProc {
     pid: u32,
     process: Child,
     stdin: ChildStdin,
-    stdout: ChildStdout,
+    /// Buffered: a frame's length and body arrive in one read.
+    stdout: BufReader<ChildStdout>,
     tasks: u64,
 }
 
@@ -522,9 +524,10 @@ async fn spawn_child(config: &PreforkConfig, slot: usize) -> Result<ChildProc, P
         .spawn()
         .map_err(|e| err(e.to_string()))?;
     let pid = process.id().unwrap_or(0);
-    let (Some(stdin), Some(mut stdout)) = (process.stdin.take(), process.stdout.take()) else {
+    let (Some(stdin), Some(stdout)) = (process.stdin.take(), process.stdout.take()) else {
         return Err(err("no pipes to the child".into()));
     };
+    let mut stdout = BufReader::new(stdout);
     match tokio::time::timeout(READY_TIMEOUT, read_frame_async::<FromChild>(&mut stdout)).await {
         Ok(Ok(Some(FromChild::Ready { .. }))) => Ok(ChildProc { slot, pid, process, stdin, stdout, tasks: 0 }),
         Ok(Ok(other)) => {
