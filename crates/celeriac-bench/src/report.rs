@@ -113,9 +113,16 @@ impl Row {
                 };
                 let rc = c / p;
                 if rc >= vs_celery {
-                    (text, "**met**".into())
-                } else {
-                    (text, format!("**missed** ({rc:.1}× Celery, {:.0}% short)", (1.0 - rc / vs_celery) * 100.0))
+                    return (text, "**met**".into());
+                }
+                let short = format!("{rc:.1}× Celery, {:.0}% short", (1.0 - rc / vs_celery) * 100.0);
+                // A consumer that does no work at all is the most any worker can drain.
+                match self.bare.map(|b| b / p) {
+                    Some(ceiling) if ceiling < vs_celery => (
+                        text,
+                        format!("**missed** ({short}; out of reach here: the bare consumer is {ceiling:.1}× Celery)"),
+                    ),
+                    _ => (text, format!("**missed** ({short})")),
                 }
             }
             Target::AtMost(limit) => {
@@ -247,6 +254,13 @@ mod tests {
         let mut r = Row::new("p50", Unit::Ms, Target::AtMost(0.5));
         r.celeriac = Some(0.75);
         assert_eq!(r.verdict().1, "**missed** by 0.25 ms (1.5× the limit)");
+        let mut r = Row::new("prefork", Unit::PerSec, Target::VsCelery(10.0));
+        (r.celeriac, r.celery) = (Some(15_000.0), Some(3_000.0));
+        assert_eq!(r.verdict().1, "**missed** (5.0× Celery, 50% short)");
+        r.bare = Some(25_000.0);
+        assert!(r.verdict().1.ends_with("out of reach here: the bare consumer is 8.3× Celery)"), "{}", r.verdict().1);
+        r.bare = Some(35_000.0);
+        assert_eq!(r.verdict().1, "**missed** (5.0× Celery, 50% short)");
         assert_eq!(thousands(1234567.4), "1,234,567");
         assert_eq!(thousands(999.0), "999");
     }
