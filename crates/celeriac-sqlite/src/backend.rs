@@ -1,4 +1,9 @@
 //! The SQLite result backend: one row per task, holding Celery's result JSON.
+//!
+//! Results expire after `result_expires` (URL parameter, seconds; default one day as Celery's
+//! setting, `0` keeps them): an expired result reads as missing at once, and its row is deleted
+//! by the next store once the last clean-up is older than a minute (or than `result_expires`,
+//! if shorter), so no beat task is needed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -6,14 +11,19 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use celeriac_core::{BackendError, ResultBackend, ResultMeta};
 
-use crate::db::{Db, Op};
+use crate::db::{now_ms, Db, Op};
 use crate::url::SqliteConfig;
+
+/// The longest pause between two deletions of expired results.
+const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 
 /// A result backend on one SQLite file (usually the broker's own).
 #[derive(Clone)]
 pub struct SqliteBackend {
     db: Arc<Db>,
     config: SqliteConfig,
+    /// When expired rows were last deleted (ms since the epoch; 0: not yet).
+    last_cleanup_ms: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl SqliteBackend {
@@ -22,7 +32,30 @@ impl SqliteBackend {
         let config =
             SqliteConfig::from_url(url).map_err(|reason| BackendError::BadUrl { url: url.to_string(), reason })?;
         let db = Db::open(&config.path).map_err(|reason| BackendError::Unreachable { url: url.to_string(), reason })?;
-        Ok(SqliteBackend { db, config })
+        Ok(SqliteBackend { db, config, last_cleanup_ms: Default::default() })
+    }
+
+    /// Results stored before this instant (ms) have expired.
+    fn expired_before(&self, now: i64) -> i64 {
+        match self.config.result_expires {
+            Some(keep) => now - keep.as_millis() as i64,
+            None => i64::MIN,
+        }
+    }
+
+    /// Queue the deletion of expired rows when the last one is old enough.
+    fn clean_up_if_due(&self) {
+        let Some(keep) = self.config.result_expires else { return };
+        let every = keep.min(CLEANUP_EVERY).as_millis() as i64;
+        let now = now_ms();
+        let last = self.last_cleanup_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if now - last < every {
+            return;
+        }
+        let ordering = std::sync::atomic::Ordering::Relaxed;
+        if self.last_cleanup_ms.compare_exchange(last, now, ordering, ordering).is_ok() {
+            self.db.send(Op::ExpireResults { before: self.expired_before(now) });
+        }
     }
 
     fn io(&self, reason: String) -> BackendError {
@@ -37,6 +70,7 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn store(&self, meta: &ResultMeta) -> Result<(), BackendError> {
+        self.clean_up_if_due();
         let (task_id, status, json) = (meta.task_id.clone(), meta.status.as_str().to_string(), meta.to_json());
         self.db.call(|reply| Op::StoreResult { task_id, status, meta: json, reply }).await.map_err(|e| self.io(e))?;
         self.db.stored.notify_waiters();
@@ -45,7 +79,9 @@ impl ResultBackend for SqliteBackend {
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, BackendError> {
         let id = task_id.to_string();
-        let raw = self.db.call(|reply| Op::GetResult { task_id: id, reply }).await.map_err(|e| self.io(e))?;
+        let stored_after = self.expired_before(now_ms());
+        let raw =
+            self.db.call(|reply| Op::GetResult { task_id: id, stored_after, reply }).await.map_err(|e| self.io(e))?;
         raw.map(|bytes| {
             ResultMeta::from_json(&bytes)
                 .map_err(|e| BackendError::Corrupt { task_id: task_id.to_string(), reason: e.to_string() })

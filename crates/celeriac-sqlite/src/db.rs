@@ -46,18 +46,71 @@ type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 /// One unit of work for the writer thread.
 pub enum Op {
-    Publish { queue: String, priority: i64, visible_at: i64, payload: Vec<u8>, reply: Reply<()> },
-    Fetch { queues: Vec<String>, limit: usize, owner: String, lease_ms: i64, reply: Reply<Vec<Row>> },
-    Ack { id: i64, reply: Option<Reply<()>> },
-    Requeue { id: i64, owner: String, reply: Option<Reply<()>> },
-    DeadLetter { id: i64, reason: String, task_id: Option<String>, reply: Option<Reply<()>> },
-    Renew { owner: String, lease_ms: i64 },
-    Purge { queue: String, reply: Reply<u64> },
-    Depths { queues: Vec<String>, reply: Reply<Vec<QueueInfo>> },
-    DeadLetters { limit: usize, reply: Reply<Vec<DeadRow>> },
-    StoreResult { task_id: String, status: String, meta: Vec<u8>, reply: Reply<()> },
-    GetResult { task_id: String, reply: Reply<Option<Vec<u8>>> },
-    ForgetResult { task_id: String, reply: Reply<()> },
+    Publish {
+        queue: String,
+        priority: i64,
+        visible_at: i64,
+        payload: Vec<u8>,
+        reply: Reply<()>,
+    },
+    Fetch {
+        queues: Vec<String>,
+        limit: usize,
+        owner: String,
+        lease_ms: i64,
+        reply: Reply<Vec<Row>>,
+    },
+    Ack {
+        id: i64,
+        reply: Option<Reply<()>>,
+    },
+    Requeue {
+        id: i64,
+        owner: String,
+        reply: Option<Reply<()>>,
+    },
+    DeadLetter {
+        id: i64,
+        reason: String,
+        task_id: Option<String>,
+        reply: Option<Reply<()>>,
+    },
+    Renew {
+        owner: String,
+        lease_ms: i64,
+    },
+    Purge {
+        queue: String,
+        reply: Reply<u64>,
+    },
+    Depths {
+        queues: Vec<String>,
+        reply: Reply<Vec<QueueInfo>>,
+    },
+    DeadLetters {
+        limit: usize,
+        reply: Reply<Vec<DeadRow>>,
+    },
+    StoreResult {
+        task_id: String,
+        status: String,
+        meta: Vec<u8>,
+        reply: Reply<()>,
+    },
+    /// A result, unless it was stored before `stored_after` (ms): then it has expired.
+    GetResult {
+        task_id: String,
+        stored_after: i64,
+        reply: Reply<Option<Vec<u8>>>,
+    },
+    /// Delete the results stored before `before` (ms).
+    ExpireResults {
+        before: i64,
+    },
+    ForgetResult {
+        task_id: String,
+        reply: Reply<()>,
+    },
 }
 
 /// A shared handle on one database file.
@@ -160,6 +213,7 @@ fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
              status TEXT NOT NULL,
              date_done INTEGER NOT NULL,
              meta BLOB NOT NULL);
+         CREATE INDEX IF NOT EXISTS results_expiry ON results(date_done);
          COMMIT;",
     )
 }
@@ -219,7 +273,7 @@ fn fail(op: Op, msg: &str) {
         Op::Depths { reply, .. } => drop(reply.send(Err(m))),
         Op::DeadLetters { reply, .. } => drop(reply.send(Err(m))),
         Op::GetResult { reply, .. } => drop(reply.send(Err(m))),
-        Op::Renew { .. } => {}
+        Op::Renew { .. } | Op::ExpireResults { .. } => {}
     }
 }
 
@@ -332,11 +386,22 @@ fn execute(tx: &rusqlite::Transaction<'_>, op: Op, rotation: usize) -> Pending {
                 .map(|_| ());
             deferred(reply, r)
         }
-        Op::GetResult { task_id, reply } => {
+        Op::GetResult { task_id, stored_after, reply } => {
             let r = tx
-                .prepare_cached("SELECT meta FROM results WHERE task_id = ?1")
-                .and_then(|mut s| s.query_row(params![task_id], |r| r.get::<_, Vec<u8>>(0)).optional());
+                .prepare_cached("SELECT meta FROM results WHERE task_id = ?1 AND date_done >= ?2")
+                .and_then(|mut s| s.query_row(params![task_id, stored_after], |r| r.get::<_, Vec<u8>>(0)).optional());
             deferred(reply, r)
+        }
+        Op::ExpireResults { before } => {
+            match tx
+                .prepare_cached("DELETE FROM results WHERE date_done < ?1")
+                .and_then(|mut s| s.execute(params![before]))
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(deleted = n, "expired results deleted"),
+                Err(e) => tracing::warn!(error = %e, "could not delete expired results"),
+            }
+            Box::new(|_| {})
         }
         Op::ForgetResult { task_id, reply } => {
             let r = tx

@@ -2,7 +2,8 @@
 //!
 //! `sqlite://path/to/file.db` (relative) or `sqlite:///abs/path.db`, with optional query
 //! parameters `visibility_timeout` (seconds, default 30) and `poll_interval` (the longest idle
-//! poll, in milliseconds, default 50).
+//! poll, in milliseconds, default 50), and for results `result_expires` (seconds, default one
+//! day as Celery's setting; 0 keeps results forever).
 //!
 //! How it works:
 //! - [`db`]: one connection per file per process, owned by a writer thread that executes queued
@@ -15,7 +16,8 @@
 //!   task is never redelivered; when the process dies the leases lapse and the rows become
 //!   visible to other workers. An ETA message is stored with `visible_at` = its ETA, so it is not
 //!   delivered before its time.
-//! - [`backend`]: results in Celery's JSON layout, one row per task.
+//! - [`backend`]: results in Celery's JSON layout, one row per task; expired results read as
+//!   missing and their rows are deleted by a later store.
 
 mod backend;
 mod broker;

@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Celery's default `result_expires`: one day.
+pub const DEFAULT_RESULT_EXPIRES: Duration = Duration::from_secs(86_400);
+
 /// Where the SQLite file is and how it is used.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SqliteConfig {
@@ -12,12 +15,16 @@ pub struct SqliteConfig {
     pub visibility_timeout: Duration,
     /// The longest pause between polls of an idle queue.
     pub poll_interval: Duration,
+    /// How long a stored result is kept (Celery's `result_expires`, default one day); `None`
+    /// keeps results forever.
+    pub result_expires: Option<Duration>,
     /// The URL as given.
     pub url: String,
 }
 
 impl SqliteConfig {
-    /// Parse `sqlite://path.db[?visibility_timeout=S&poll_interval=MS]`.
+    /// Parse `sqlite://path.db[?visibility_timeout=S&poll_interval=MS&result_expires=S]`
+    /// (`result_expires=0` keeps results forever).
     pub fn from_url(url: &str) -> Result<Self, String> {
         let rest = url.strip_prefix("sqlite://").ok_or_else(|| "expected a URL starting with sqlite://".to_string())?;
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -28,6 +35,7 @@ impl SqliteConfig {
             path: PathBuf::from(path),
             visibility_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_millis(50),
+            result_expires: Some(DEFAULT_RESULT_EXPIRES),
             url: url.to_string(),
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -44,7 +52,17 @@ impl SqliteConfig {
                         .ok_or_else(|| format!("poll_interval={value:?} is not a positive number of milliseconds"))?;
                     cfg.poll_interval = Duration::from_secs_f64(ms / 1000.0);
                 }
-                other => return Err(format!("unknown parameter {other:?} (known: visibility_timeout, poll_interval)")),
+                "result_expires" => {
+                    let secs = value.parse::<u64>().map_err(|_| {
+                        format!("result_expires={value:?} is not a whole number of seconds (0 = never expire)")
+                    })?;
+                    cfg.result_expires = (secs > 0).then(|| Duration::from_secs(secs));
+                }
+                other => {
+                    return Err(format!(
+                        "unknown parameter {other:?} (known: visibility_timeout, poll_interval, result_expires)"
+                    ))
+                }
             }
         }
         Ok(cfg)
@@ -67,5 +85,12 @@ mod tests {
             .unwrap_err()
             .contains("visibility_timeout"));
         assert!(SqliteConfig::from_url("sqlite://x.db?colour=red").unwrap_err().contains("colour"));
+        assert_eq!(SqliteConfig::from_url("sqlite://x.db").unwrap().result_expires, Some(DEFAULT_RESULT_EXPIRES));
+        assert_eq!(
+            SqliteConfig::from_url("sqlite://x.db?result_expires=60").unwrap().result_expires,
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(SqliteConfig::from_url("sqlite://x.db?result_expires=0").unwrap().result_expires, None);
+        assert!(SqliteConfig::from_url("sqlite://x.db?result_expires=soon").unwrap_err().contains("result_expires"));
     }
 }

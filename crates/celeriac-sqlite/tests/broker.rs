@@ -168,3 +168,42 @@ async fn results_are_stored_read_waited_on_and_forgotten() {
     let e = backend.wait("never", Some(Duration::from_millis(50))).await.unwrap_err();
     assert!(matches!(e, celeriac_core::BackendError::Timeout { .. }), "{e}");
 }
+
+/// The task ids left in the file's results table, read with a connection of the test's own.
+fn stored_ids(dir: &tempfile::TempDir) -> Vec<String> {
+    let conn = rusqlite::Connection::open(dir.path().join("b.db")).unwrap();
+    let mut s = conn.prepare("SELECT task_id FROM results ORDER BY task_id").unwrap();
+    let ids = s.query_map([], |r| r.get::<_, String>(0)).unwrap().collect::<Result<Vec<_>, _>>().unwrap();
+    ids
+}
+
+#[tokio::test]
+async fn results_expire_after_result_expires_and_their_rows_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = SqliteBackend::open(&url(&dir, "?result_expires=1")).unwrap();
+    backend.store(&ResultMeta::success("old", json!(1))).await.unwrap();
+    assert!(backend.get("old").await.unwrap().is_some(), "a fresh result is readable");
+    // Wait for it to expire: it reads as missing, though its row is still there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while backend.get("old").await.unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "the result never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored_ids(&dir), ["old"]);
+    // The next store deletes the expired row (the last clean-up is older than result_expires).
+    backend.store(&ResultMeta::success("new", json!(2))).await.unwrap();
+    assert_eq!(stored_ids(&dir), ["new"]);
+    assert_eq!(backend.get("new").await.unwrap().unwrap().result, json!(2));
+
+    // result_expires=0 keeps results: the row is read back after the same wait.
+    let dir = tempfile::tempdir().unwrap();
+    let keep = SqliteBackend::open(&url(&dir, "?result_expires=0")).unwrap();
+    keep.store(&ResultMeta::success("kept", json!(3))).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_millis(1200);
+    while std::time::Instant::now() < deadline {
+        assert!(keep.get("kept").await.unwrap().is_some(), "a result expired with result_expires=0");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    keep.store(&ResultMeta::success("other", json!(4))).await.unwrap();
+    assert_eq!(stored_ids(&dir), ["kept", "other"]);
+}
