@@ -115,6 +115,33 @@ fn python_celery_inspect_lists_a_celeriac_worker_and_its_running_task() {
     let (ok, out) = celery(&url, &["inspect", "active"]);
     assert!(ok && out.contains(&id) && out.contains("celeriac.sleep"), "{out}");
 
+    // `query_task` names the state and the request of each held task. With both slots busy, the
+    // third task waits in the worker: reserved.
+    let busy = send(&url, "celeriac.sleep", "[20]", "pyq");
+    let waiting = send(&url, "celeriac.sleep", "[20]", "pyq");
+    wait_active(&url, &busy);
+    let query = |ids: &[&str]| {
+        let mut args = vec!["inspect", "query_task"];
+        args.extend_from_slice(ids);
+        args.push("--json");
+        let (code, out, err) = celeriac(&url, &args);
+        assert_eq!(code, 0, "celeriac inspect query_task: {err}");
+        serde_json::from_str::<Value>(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))[&name].clone()
+    };
+    wait_until("the third task to be reserved", Duration::from_secs(20), || {
+        query(&[&waiting])[&waiting][0] == "reserved"
+    });
+    let (ok, out) = celery(&url, &["inspect", "query_task", &id, &waiting, "no-such-task", "--json"]);
+    assert!(ok, "celery inspect query_task:\n{out}");
+    let replies: Value = serde_json::from_str(out.trim()).expect("JSON from celery inspect query_task --json");
+    let found = replies[&name].as_object().unwrap_or_else(|| panic!("no reply from {name}: {out}"));
+    assert_eq!(found.len(), 2, "the two held tasks, not the unknown id: {out}");
+    assert_eq!((&found[&id][0], &found[&id][1]["name"]), (&json!("active"), &json!("celeriac.sleep")));
+    assert_eq!((&found[&waiting][0], &found[&waiting][1]["id"]), (&json!("reserved"), &json!(waiting)));
+    assert_eq!(query(&["no-such-task"]), json!({}));
+    let (code, out, _) = celeriac(&url, &["inspect", "query_task", &waiting]);
+    assert!(code == 0 && out.contains(&waiting) && out.contains("reserved"), "readable query_task:\n{out}");
+
     // Celery's `control terminate` (a list of ids, a signal name) reaches the prefork child.
     let (ok, out) = celery(&url, &["control", "terminate", "KILL", &id, "-d", &name]);
     assert!(ok && out.contains(&format!("terminate: {id}")), "celery control terminate:\n{out}");

@@ -301,6 +301,7 @@ async fn dispatch(ctx: &Context, method: &str, args: &Map<String, Value>) -> Val
                 .collect(),
         ),
         "revoked" | "dump_revoked" => json!(ctx.shared.state.revoked()),
+        "query_task" => query_task(ctx, args),
         "report" => ok(format!("celeriac {} ({})", env!("CARGO_PKG_VERSION"), ctx.shared.broker.url())),
         "conf" | "dump_conf" => {
             let cfg = &ctx.shared.config;
@@ -404,6 +405,27 @@ fn list(ctx: &Context, phase: impl Fn(&Phase) -> bool) -> Value {
             })
             .collect(),
     )
+}
+
+/// Celery's `query_task`: for each of `ids` this worker holds, its state (`active` or
+/// `reserved`; an ETA task is reserved, as Celery counts it) and the request as `active` lists it.
+fn query_task(ctx: &Context, args: &Map<String, Value>) -> Value {
+    let ids: Vec<&str> = match args.get("ids") {
+        Some(Value::Array(ids)) => ids.iter().filter_map(Value::as_str).collect(),
+        Some(Value::String(id)) => vec![id.as_str()],
+        _ => Vec::new(),
+    };
+    let active = list(ctx, |p| matches!(p, Phase::Active(_)));
+    let held = list(ctx, |p| !matches!(p, Phase::Active(_)));
+    let mut found = Map::new();
+    for (state, requests) in [("active", active), ("reserved", held)] {
+        for request in requests.as_array().into_iter().flatten() {
+            if let Some(id) = request["id"].as_str().filter(|id| ids.contains(id)) {
+                found.insert(id.to_string(), json!([state, request]));
+            }
+        }
+    }
+    Value::Object(found)
 }
 
 /// A signal by name (`TERM`, `SIGKILL`) or number.

@@ -57,6 +57,13 @@ enum InspectCommand {
     ActiveQueues,
     /// Revoked task ids remembered.
     Revoked,
+    /// The state (active or reserved) and request of each task id a worker holds.
+    #[command(name = "query_task", alias = "query-task")]
+    QueryTask {
+        /// Task ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -160,7 +167,12 @@ async fn call(broker_url: &str, method: &str, arguments: Value, opts: &RemoteOpt
 
 /// `celeriac inspect ...`.
 pub(crate) async fn inspect(broker_url: &str, args: InspectArgs) -> CliResult {
+    let mut arguments = json!({});
     let method = match args.command {
+        InspectCommand::QueryTask { ids } => {
+            arguments = json!({ "ids": ids });
+            "query_task"
+        }
         InspectCommand::Ping => "ping",
         InspectCommand::Active => "active",
         InspectCommand::Reserved => "reserved",
@@ -170,7 +182,7 @@ pub(crate) async fn inspect(broker_url: &str, args: InspectArgs) -> CliResult {
         InspectCommand::ActiveQueues => "active_queues",
         InspectCommand::Revoked => "revoked",
     };
-    call(broker_url, method, json!({}), &args.opts).await
+    call(broker_url, method, arguments, &args.opts).await
 }
 
 /// `celeriac control ...`.
@@ -257,6 +269,12 @@ fn print_reply(method: &str, node: &str, reply: &Value) {
         ("active_queues", Value::Array(queues)) => {
             let names: Vec<String> = queues.iter().map(|q| text(&q["name"])).collect();
             println!("{node}: {}", names.join(", "));
+        }
+        ("query_task", Value::Object(found)) => {
+            println!("{node}: {}", if found.is_empty() { "(none of these)" } else { "" });
+            for (id, entry) in found {
+                println!("  {:<36}  {:<8}  {}", id, text(&entry[0]), text(&entry[1]["name"]));
+            }
         }
         ("stats", Value::Object(s)) => print_stats(node, s),
         _ => println!("{node}: {reply}"),
