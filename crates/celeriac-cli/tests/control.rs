@@ -439,3 +439,44 @@ fn a_rate_limited_task_waits_for_its_turn_without_holding_a_slot() {
         state_of(&url, &second) == "SUCCESS"
     });
 }
+
+/// `celeriac result <id> --json`, whole.
+fn result_json(broker: &str, id: &str) -> String {
+    let results = results();
+    celeriac(broker, &["--result-backend", &results, "result", id, "--json"]).1
+}
+
+#[test]
+fn time_limits_set_by_remote_control_apply_to_the_next_tasks() {
+    let vhost = TestVhost::new();
+    let url = vhost.url("");
+    let name = node("tl");
+    let results = results();
+    let worker = WorkerProc::start(&url, &["--result-backend", &results, "-c", "2", "-n", &name, "-Q", "tlq"]);
+    worker.wait_for_line("remote control ready", Duration::from_secs(10));
+
+    // Celery's own CLI: a soft limit of 1 s (no hard one); celeriac.sleep stops at its soft limit.
+    let (ok, out) = celery(&url, &["control", "time_limit", "celeriac.sleep", "1", "-d", &name]);
+    assert!(ok && out.contains("time limits set successfully"), "celery control time_limit:\n{out}");
+    let (_, out) = celery(&url, &["control", "time_limit", "no.such.task", "1", "2", "-d", &name]);
+    assert!(out.contains("unknown task"), "{out}");
+    // Each sleep would succeed after 30 s: a FAILURE within 20 s comes from the new limit.
+    let soft = send(&url, "celeriac.sleep", "[30]", "tlq");
+    wait_until("the sleep to stop at its soft limit", Duration::from_secs(20), || state_of(&url, &soft) == "FAILURE");
+    assert!(result_json(&url, &soft).contains("SoftTimeLimitExceeded"), "{}", result_json(&url, &soft));
+
+    // celeriac's CLI: no soft limit, a hard one of 1 s.
+    let (code, out, _) = celeriac(&url, &["control", "time-limit", "celeriac.sleep", "0", "1", "-d", &name]);
+    assert!(code == 0 && out.contains("time limits set successfully"), "{out}");
+    let hard = send(&url, "celeriac.sleep", "[30]", "tlq");
+    wait_until("the sleep to be stopped at its hard limit", Duration::from_secs(20), || {
+        state_of(&url, &hard) == "FAILURE"
+    });
+    assert!(result_json(&url, &hard).contains("TimeLimitExceeded"), "{}", result_json(&url, &hard));
+
+    // Lifted: a sleep longer than the old limits succeeds.
+    let (code, out, _) = celeriac(&url, &["control", "time-limit", "celeriac.sleep", "0", "-d", &name]);
+    assert!(code == 0 && out.contains("time limits set successfully"), "{out}");
+    let free = send(&url, "celeriac.sleep", "[1.5]", "tlq");
+    wait_until("the unlimited sleep to succeed", Duration::from_secs(20), || state_of(&url, &free) == "SUCCESS");
+}

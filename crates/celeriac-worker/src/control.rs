@@ -358,6 +358,7 @@ async fn dispatch(ctx: &Context, method: &str, args: &Map<String, Value>) -> Val
         "pool_grow" => pool_resize(ctx, args, true).await,
         "pool_shrink" => pool_resize(ctx, args, false).await,
         "rate_limit" => rate_limit(ctx, args),
+        "time_limit" => time_limit(ctx, args),
         "add_consumer" | "cancel_consumer" => {
             let Some(queue) = args.get("queue").and_then(Value::as_str).map(str::to_string) else {
                 return nok(format!("{method} needs a queue name"));
@@ -513,6 +514,35 @@ fn rate_limit(ctx: &Context, args: &Map<String, Value>) -> Value {
         tracing::info!(task_name = %task, rate_limit = %text, "new rate limit");
         ok("new rate limit set successfully")
     }
+}
+
+/// Celery's `time_limit`: set a task's soft and hard limits (seconds; absent or null: none).
+fn time_limit(ctx: &Context, args: &Map<String, Value>) -> Value {
+    let Some(task) = args.get("task_name").and_then(Value::as_str) else {
+        return nok("time_limit needs task_name");
+    };
+    let seconds = |key: &str| -> Result<Option<f64>, String> {
+        match args.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(|s| (s > 0.0).then_some(s))
+                .ok_or_else(|| format!("{key} time limit must be a number of seconds, got {v}")),
+        }
+    };
+    let (soft, hard) = match (seconds("soft"), seconds("hard")) {
+        (Ok(soft), Ok(hard)) => (soft, hard),
+        (Err(e), _) | (_, Err(e)) => return nok(e),
+    };
+    if ctx.shared.registry.get(task).is_none() {
+        tracing::error!(task_name = %task, "time limit change for unknown task");
+        return nok("unknown task");
+    }
+    ctx.shared.state.set_time_limits(task, crate::state::TimeLimits { soft, hard });
+    tracing::info!(task_name = %task, ?soft, ?hard, "new time limits");
+    ok("time limits set successfully")
 }
 
 async fn pool_resize(ctx: &Context, args: &Map<String, Value>, grow: bool) -> Value {

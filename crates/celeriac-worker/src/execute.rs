@@ -78,9 +78,12 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
     let in_flight = shared.observe.started(&mut req);
     let mut terminate = shared.state.start(&req.headers.id);
     let opts = req.task.options();
-    let hard = req.headers.hard_time_limit().or(opts.time_limit).or(shared.config.time_limit).filter(|s| *s > 0.0);
-    let soft =
-        req.headers.soft_time_limit().or(opts.soft_time_limit).or(shared.config.soft_time_limit).filter(|s| *s > 0.0);
+    // The message's limits, else those remote control set for the task, else the task's own,
+    // else the worker's.
+    let set = shared.state.time_limits(&req.headers.task);
+    let (task_hard, task_soft) = set.map_or((opts.time_limit, opts.soft_time_limit), |l| (l.hard, l.soft));
+    let hard = req.headers.hard_time_limit().or(task_hard).or(shared.config.time_limit).filter(|s| *s > 0.0);
+    let soft = req.headers.soft_time_limit().or(task_soft).or(shared.config.soft_time_limit).filter(|s| *s > 0.0);
     let (soft_tx, soft_rx) = watch::channel(false);
     let mut ctx = TaskContext::detached(req.headers.id.clone(), req.headers.task.clone());
     ctx.retries = req.headers.retries;

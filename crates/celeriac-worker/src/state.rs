@@ -98,6 +98,17 @@ struct Inner {
     revoked_order: VecDeque<(String, Instant)>,
     totals: BTreeMap<String, u64>,
     rate_limits: HashMap<String, RateLimit>,
+    time_limits: HashMap<String, TimeLimits>,
+}
+
+/// A task's time limits in seconds, as remote control's `time_limit` sets them; they replace the
+/// task's own (a message's `timelimit` header still wins, as in Celery).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TimeLimits {
+    /// Soft limit: the task is told.
+    pub soft: Option<f64>,
+    /// Hard limit: the task is stopped.
+    pub hard: Option<f64>,
 }
 
 /// A per-task rate limit: at most one start every `interval`.
@@ -266,6 +277,16 @@ impl WorkerState {
                 inner.rate_limits.remove(task);
             }
         }
+    }
+
+    /// Set a task's time limits (remote control's `time_limit`).
+    pub fn set_time_limits(&self, task: &str, limits: TimeLimits) {
+        self.lock().time_limits.insert(task.to_string(), limits);
+    }
+
+    /// The time limits remote control set for a task, if it did.
+    pub fn time_limits(&self, task: &str) -> Option<TimeLimits> {
+        self.lock().time_limits.get(task).copied()
     }
 
     /// The rate limit set for a task, as given.

@@ -112,6 +112,16 @@ enum ControlCommand {
         /// Rate.
         rate_limit: String,
     },
+    /// Set a task's soft and hard time limits in seconds (0 or none: no limit), replacing its own.
+    #[command(name = "time-limit", alias = "time_limit")]
+    TimeLimit {
+        /// Task name.
+        task_name: String,
+        /// Soft limit, seconds.
+        soft: f64,
+        /// Hard limit, seconds.
+        hard: Option<f64>,
+    },
     /// Start consuming a queue.
     #[command(name = "add-consumer", alias = "add_consumer")]
     AddConsumer {
@@ -196,6 +206,9 @@ pub(crate) async fn control(broker_url: &str, args: ControlArgs) -> CliResult {
         ControlCommand::PoolShrink { n } => ("pool_shrink", json!({"n": n})),
         ControlCommand::RateLimit { task_name, rate_limit } => {
             ("rate_limit", json!({"task_name": task_name, "rate_limit": rate_limit}))
+        }
+        ControlCommand::TimeLimit { task_name, soft, hard } => {
+            ("time_limit", json!({"task_name": task_name, "soft": soft, "hard": hard}))
         }
         ControlCommand::AddConsumer { queue } => {
             ("add_consumer", json!({"queue": queue, "exchange": null, "exchange_type": "direct", "routing_key": null}))
