@@ -480,3 +480,57 @@ fn time_limits_set_by_remote_control_apply_to_the_next_tasks() {
     let free = send(&url, "celeriac.sleep", "[1.5]", "tlq");
     wait_until("the unlimited sleep to succeed", Duration::from_secs(20), || state_of(&url, &free) == "SUCCESS");
 }
+
+#[test]
+fn pool_restart_replaces_every_child_without_interrupting_a_task() {
+    let vhost = TestVhost::new();
+    let url = vhost.url("");
+    let name = node("restart");
+    let results = results();
+    let worker =
+        WorkerProc::start(&url, &["--result-backend", &results, "-P", "prefork", "-c", "2", "-n", &name, "-Q", "rq"]);
+    worker.wait_for_line("remote control ready", Duration::from_secs(10));
+    let pids = || -> Vec<u64> {
+        let stats = inspect_json(&url, "stats");
+        stats
+            .get(&name)
+            .and_then(|s| s["pool"]["processes"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect()
+    };
+    let before = pids();
+    assert_eq!(before.len(), 2, "two children: {before:?}");
+
+    let long = send(&url, "celeriac.sleep", "[3]", "rq");
+    let busy = wait_active(&url, &long)["worker_pid"].as_u64().expect("the busy child's pid");
+    let (ok, out) = celery(&url, &["control", "pool_restart", "-d", &name]);
+    assert!(ok && out.contains("reload started"), "celery control pool_restart:\n{out}");
+    // The idle child is replaced at once, the busy one only after its task: the task succeeds.
+    wait_until("the idle child to be replaced", Duration::from_secs(20), || {
+        let now = pids();
+        now.len() == 2 && now.contains(&busy) && now.iter().any(|p| !before.contains(p))
+    });
+    wait_until("the task to succeed in the old child", Duration::from_secs(20), || state_of(&url, &long) == "SUCCESS");
+    wait_until("every child to be new", Duration::from_secs(20), || {
+        let now = pids();
+        now.len() == 2 && now.iter().all(|p| !before.contains(p))
+    });
+    for pid in before {
+        wait_until(&format!("old child {pid} to be gone"), Duration::from_secs(10), || {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err()
+        });
+    }
+    let after = send(&url, "celeriac.add", "[2, 3]", "rq");
+    wait_until("a task to succeed in a new child", Duration::from_secs(20), || state_of(&url, &after) == "SUCCESS");
+
+    // celeriac's CLI too; the async pool has no children to restart and says so.
+    let (code, out, _) = celeriac(&url, &["control", "pool-restart", "-d", &name]);
+    assert!(code == 0 && out.contains("reload started"), "{out}");
+    let async_name = node("restart-async");
+    let async_worker = WorkerProc::start(&url, &["--result-backend", &results, "-n", &async_name, "-Q", "rq2"]);
+    async_worker.wait_for_line("remote control ready", Duration::from_secs(10));
+    let (code, out, _) = celeriac(&url, &["control", "pool-restart", "-d", &async_name]);
+    assert!(code == 1 && out.contains("needs the prefork pool"), "{out}");
+}

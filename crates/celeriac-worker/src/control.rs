@@ -359,6 +359,13 @@ async fn dispatch(ctx: &Context, method: &str, args: &Map<String, Value>) -> Val
         "pool_shrink" => pool_resize(ctx, args, false).await,
         "rate_limit" => rate_limit(ctx, args),
         "time_limit" => time_limit(ctx, args),
+        "pool_restart" => match &ctx.shared.pool {
+            Some(pool) => {
+                pool.restart();
+                ok("reload started")
+            }
+            None => nok("pool_restart needs the prefork pool (-P prefork): the async pool has no processes"),
+        },
         "add_consumer" | "cancel_consumer" => {
             let Some(queue) = args.get("queue").and_then(Value::as_str).map(str::to_string) else {
                 return nok(format!("{method} needs a queue name"));

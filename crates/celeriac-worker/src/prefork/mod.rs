@@ -198,6 +198,8 @@ struct ChildProc {
     /// Buffered: a frame's length and body arrive in one read.
     stdout: BufReader<ChildStdout>,
     tasks: u64,
+    /// The pool's generation when it started: [`Pool::restart`] replaces older children.
+    generation: u64,
 }
 
 struct Thrash {
@@ -219,6 +221,8 @@ pub struct Pool {
     next_slot: AtomicUsize,
     /// Children signalled by [`Pool::terminate`], whose death is not a lost worker.
     terminated: Mutex<std::collections::HashMap<u32, i32>>,
+    /// Bumped by [`Pool::restart`]; a child of an older generation is replaced when idle.
+    generation: AtomicU64,
 }
 
 impl Pool {
@@ -258,6 +262,7 @@ impl Pool {
             degraded: AtomicBool::new(false),
             next_slot: AtomicUsize::new(n),
             terminated: Mutex::default(),
+            generation: AtomicU64::new(0),
         }))
     }
 
@@ -361,7 +366,8 @@ impl Pool {
     fn check_in(self: &Arc<Self>, child: ChildProc, rss_kib: u64) {
         let over_tasks = self.config.max_tasks_per_child.is_some_and(|max| child.tasks >= max);
         let over_memory = self.config.max_memory_per_child_kib.is_some_and(|max| rss_kib > max);
-        if !(over_tasks || over_memory) {
+        let outdated = child.generation < self.generation.load(Ordering::Relaxed);
+        if !(over_tasks || over_memory || outdated) {
             self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(child);
             self.idle_count.add_permits(1);
             return;
@@ -370,6 +376,8 @@ impl Pool {
             self.stats.recycled_memory.fetch_add(1, Ordering::Relaxed);
             tracing::info!(pid = child.pid, tasks = child.tasks, rss = %format_kib(rss_kib), "child over --max-memory-per-child: replacing it");
             self.note_memory_recycle(child.tasks, rss_kib);
+        } else if outdated && !over_tasks {
+            tracing::info!(pid = child.pid, tasks = child.tasks, "pool restart: replacing the child after its task");
         } else {
             self.stats.recycled_max_tasks.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(pid = child.pid, tasks = child.tasks, "child reached --max-tasks-per-child: replacing it");
@@ -426,7 +434,8 @@ impl Pool {
         let mut backoff = Duration::from_millis(100);
         loop {
             match spawn_child(&self.config, slot).await {
-                Ok(child) => {
+                Ok(mut child) => {
+                    child.generation = self.generation.load(Ordering::Relaxed);
                     if self.degraded.swap(false, Ordering::Relaxed) {
                         tracing::info!(slot, "pool child started again; pool healthy");
                     }
@@ -469,7 +478,8 @@ impl Pool {
     pub async fn grow(&self, n: usize) -> Result<(), PoolError> {
         for _ in 0..n {
             let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
-            let child = spawn_child(&self.config, slot).await?;
+            let mut child = spawn_child(&self.config, slot).await?;
+            child.generation = self.generation.load(Ordering::Relaxed);
             let s = ChildStatus { slot, pid: child.pid, task: None, tasks_done: 0, rss_kib: self.fresh_rss_kib };
             self.status.lock().unwrap_or_else(|e| e.into_inner()).insert(slot, s);
             self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(child);
@@ -490,6 +500,28 @@ impl Pool {
                 retire(child).await;
             }
         }
+    }
+
+    /// Replace every child with a fresh start of the program (remote control's `pool_restart`,
+    /// e.g. after the binary was upgraded in place): idle children now, busy ones once their task
+    /// is done, so no task is interrupted. Returns how many were idle.
+    pub fn restart(self: &Arc<Self>) -> usize {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        let mut replaced = 0;
+        while let Ok(permit) = self.idle_count.try_acquire() {
+            permit.forget();
+            let popped = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some(child) = popped else { break };
+            replaced += 1;
+            let pool = self.clone();
+            tokio::spawn(async move {
+                let slot = child.slot;
+                retire(child).await;
+                pool.respawn(slot).await;
+            });
+        }
+        tracing::info!(idle_replaced = replaced, "pool restart: replacing every child");
+        replaced
     }
 
     /// Stop every idle child (busy ones are stopped by their tasks' abort).
@@ -529,7 +561,9 @@ async fn spawn_child(config: &PreforkConfig, slot: usize) -> Result<ChildProc, P
     };
     let mut stdout = BufReader::new(stdout);
     match tokio::time::timeout(READY_TIMEOUT, read_frame_async::<FromChild>(&mut stdout)).await {
-        Ok(Ok(Some(FromChild::Ready { .. }))) => Ok(ChildProc { slot, pid, process, stdin, stdout, tasks: 0 }),
+        Ok(Ok(Some(FromChild::Ready { .. }))) => {
+            Ok(ChildProc { slot, pid, process, stdin, stdout, tasks: 0, generation: 0 })
+        }
         Ok(Ok(other)) => {
             let status = process.wait().await.map(proc_info::describe_exit).unwrap_or_default();
             Err(err(format!("it did not say ready ({other:?}); it ended with {status}")))

@@ -112,6 +112,10 @@ enum ControlCommand {
         /// Rate.
         rate_limit: String,
     },
+    /// Replace every prefork child with a fresh one (idle ones now, busy ones after their task),
+    /// e.g. after upgrading the binary.
+    #[command(name = "pool-restart", alias = "pool_restart")]
+    PoolRestart,
     /// Set a task's soft and hard time limits in seconds (0 or none: no limit), replacing its own.
     #[command(name = "time-limit", alias = "time_limit")]
     TimeLimit {
@@ -207,6 +211,7 @@ pub(crate) async fn control(broker_url: &str, args: ControlArgs) -> CliResult {
         ControlCommand::RateLimit { task_name, rate_limit } => {
             ("rate_limit", json!({"task_name": task_name, "rate_limit": rate_limit}))
         }
+        ControlCommand::PoolRestart => ("pool_restart", json!({"reload": false})),
         ControlCommand::TimeLimit { task_name, soft, hard } => {
             ("time_limit", json!({"task_name": task_name, "soft": soft, "hard": hard}))
         }
