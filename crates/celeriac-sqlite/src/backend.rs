@@ -5,6 +5,7 @@
 //! by the next store once the last clean-up is older than a minute (or than `result_expires`,
 //! if shorter), so no beat task is needed.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ pub struct SqliteBackend {
     db: Arc<Db>,
     config: SqliteConfig,
     /// When expired rows were last deleted (ms since the epoch; 0: not yet).
-    last_cleanup_ms: Arc<std::sync::atomic::AtomicI64>,
+    last_cleanup_ms: Arc<AtomicI64>,
 }
 
 impl SqliteBackend {
@@ -48,12 +49,11 @@ impl SqliteBackend {
         let Some(keep) = self.config.result_expires else { return };
         let every = keep.min(CLEANUP_EVERY).as_millis() as i64;
         let now = now_ms();
-        let last = self.last_cleanup_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let last = self.last_cleanup_ms.load(Ordering::Relaxed);
         if now - last < every {
             return;
         }
-        let ordering = std::sync::atomic::Ordering::Relaxed;
-        if self.last_cleanup_ms.compare_exchange(last, now, ordering, ordering).is_ok() {
+        if self.last_cleanup_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
             self.db.send(Op::ExpireResults { before: self.expired_before(now) });
         }
     }

@@ -44,73 +44,23 @@ pub struct DeadRow {
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
 
-/// One unit of work for the writer thread.
+/// One unit of work for the writer thread. `GetResult` reads a result unless it was stored
+/// before `stored_after` (ms; then it has expired); `ExpireResults` deletes the results stored
+/// before `before` (ms).
 pub enum Op {
-    Publish {
-        queue: String,
-        priority: i64,
-        visible_at: i64,
-        payload: Vec<u8>,
-        reply: Reply<()>,
-    },
-    Fetch {
-        queues: Vec<String>,
-        limit: usize,
-        owner: String,
-        lease_ms: i64,
-        reply: Reply<Vec<Row>>,
-    },
-    Ack {
-        id: i64,
-        reply: Option<Reply<()>>,
-    },
-    Requeue {
-        id: i64,
-        owner: String,
-        reply: Option<Reply<()>>,
-    },
-    DeadLetter {
-        id: i64,
-        reason: String,
-        task_id: Option<String>,
-        reply: Option<Reply<()>>,
-    },
-    Renew {
-        owner: String,
-        lease_ms: i64,
-    },
-    Purge {
-        queue: String,
-        reply: Reply<u64>,
-    },
-    Depths {
-        queues: Vec<String>,
-        reply: Reply<Vec<QueueInfo>>,
-    },
-    DeadLetters {
-        limit: usize,
-        reply: Reply<Vec<DeadRow>>,
-    },
-    StoreResult {
-        task_id: String,
-        status: String,
-        meta: Vec<u8>,
-        reply: Reply<()>,
-    },
-    /// A result, unless it was stored before `stored_after` (ms): then it has expired.
-    GetResult {
-        task_id: String,
-        stored_after: i64,
-        reply: Reply<Option<Vec<u8>>>,
-    },
-    /// Delete the results stored before `before` (ms).
-    ExpireResults {
-        before: i64,
-    },
-    ForgetResult {
-        task_id: String,
-        reply: Reply<()>,
-    },
+    Publish { queue: String, priority: i64, visible_at: i64, payload: Vec<u8>, reply: Reply<()> },
+    Fetch { queues: Vec<String>, limit: usize, owner: String, lease_ms: i64, reply: Reply<Vec<Row>> },
+    Ack { id: i64, reply: Option<Reply<()>> },
+    Requeue { id: i64, owner: String, reply: Option<Reply<()>> },
+    DeadLetter { id: i64, reason: String, task_id: Option<String>, reply: Option<Reply<()>> },
+    Renew { owner: String, lease_ms: i64 },
+    Purge { queue: String, reply: Reply<u64> },
+    Depths { queues: Vec<String>, reply: Reply<Vec<QueueInfo>> },
+    DeadLetters { limit: usize, reply: Reply<Vec<DeadRow>> },
+    StoreResult { task_id: String, status: String, meta: Vec<u8>, reply: Reply<()> },
+    GetResult { task_id: String, stored_after: i64, reply: Reply<Option<Vec<u8>>> },
+    ExpireResults { before: i64 },
+    ForgetResult { task_id: String, reply: Reply<()> },
 }
 
 /// A shared handle on one database file.

@@ -504,8 +504,8 @@ impl Pool {
 
     /// Replace every child with a fresh start of the program (remote control's `pool_restart`,
     /// e.g. after the binary was upgraded in place): idle children now, busy ones once their task
-    /// is done, so no task is interrupted. Returns how many were idle.
-    pub fn restart(self: &Arc<Self>) -> usize {
+    /// is done, so no task is interrupted.
+    pub fn restart(self: &Arc<Self>) {
         self.generation.fetch_add(1, Ordering::Relaxed);
         let mut replaced = 0;
         while let Ok(permit) = self.idle_count.try_acquire() {
@@ -521,7 +521,6 @@ impl Pool {
             });
         }
         tracing::info!(idle_replaced = replaced, "pool restart: replacing every child");
-        replaced
     }
 
     /// Stop every idle child (busy ones are stopped by their tasks' abort).
