@@ -116,6 +116,9 @@ pub enum ProtocolError {
     /// A required header is absent.
     #[error("message has no {0:?} header")]
     MissingHeader(&'static str),
+    /// Neither protocol v2 (no `task` header) nor protocol v1 (a body object with `task`).
+    #[error("message has no \"task\" header, and is not a protocol v1 task message: {0}")]
+    NotATask(String),
     /// A header has the wrong type or an unparsable value.
     #[error("header {name:?} is invalid: {reason}")]
     BadHeader {
@@ -130,6 +133,10 @@ pub enum ProtocolError {
     /// The kombu envelope around the message is broken.
     #[error("malformed envelope: {0}")]
     MalformedEnvelope(String),
+    /// The body's `compression` header names an unknown codec, or the compressed body is
+    /// corrupt or too large once decompressed.
+    #[error(transparent)]
+    Compression(#[from] crate::compression::CompressionError),
     /// A value could not be encoded.
     #[error("cannot encode message: {0}")]
     Encode(String),

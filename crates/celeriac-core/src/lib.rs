@@ -17,6 +17,7 @@
 pub mod backend;
 pub mod broadcast;
 pub mod broker;
+pub mod compression;
 pub mod envelope;
 pub mod error;
 pub mod protocol;
@@ -29,6 +30,7 @@ pub mod telemetry;
 pub use backend::ResultBackend;
 pub use broadcast::{Binding, ExchangeKind, ExchangeSpec, Exchanges, ForwardedSubscription, Subscription};
 pub use broker::{Acker, Broker, Consumer, DeadLetter, Delivery, QueueInfo};
+pub use compression::{Codec, CompressionError};
 pub use error::{BackendError, BrokerError, ProtocolError};
 pub use protocol::{Embed, Message, Properties, TaskBody, TaskHeaders};
 pub use result::{ExceptionInfo, ResultMeta, TaskState};

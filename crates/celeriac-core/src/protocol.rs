@@ -13,14 +13,25 @@
 //! still reaches the worker, which can then report it), properties, and the encoded body bytes.
 //! [`TaskHeaders`] and [`TaskBody`] are the typed views used to build and to read one.
 //!
+//! Reading goes through [`Message::task_headers`] and [`Message::task_body`], which give the v2
+//! view of any message a Celery 5 worker accepts: the body is first decompressed when kombu's
+//! `compression` header says so ([`crate::compression`]), and a **protocol v1** message (no
+//! `task` header; `task`, `id`, `args`, `kwargs`, `eta`, `expires`, `retries`, `timelimit`,
+//! `taskset`, `callbacks`, `errbacks`, `chord` all in a body object) is converted as Celery's
+//! `celery/worker/strategy.py` (`proto1_to_proto2`) converts it. `eta`/`expires` are read by
+//! [`parse_datetime`], Celery's ISO 8601 grammar.
+//!
 //! JSON is written the way Python's `json.dumps` writes it (`", "` and `": "` separators, non-ASCII
 //! escaped), so a body celeriac publishes is byte-for-byte the body Celery would publish for the
 //! same call.
+
+use std::borrow::Cow;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 
+use crate::compression::{Codec, CompressionError};
 use crate::error::ProtocolError;
 
 /// JSON content type, the default serializer.
@@ -171,8 +182,9 @@ impl TaskHeaders {
         let mut h = TaskHeaders::new(task, id);
         h.lang = opt_str(map, "lang")?.unwrap_or_else(|| "py".into());
         h.shadow = opt_str(map, "shadow")?;
-        h.eta = opt_str(map, "eta")?;
-        h.expires = opt_str(map, "expires")?;
+        // Celery's `maybe_iso8601` reads an empty text as no time.
+        h.eta = opt_str(map, "eta")?.filter(|s| !s.is_empty());
+        h.expires = opt_str(map, "expires")?.filter(|s| !s.is_empty());
         h.group = opt_str(map, "group")?;
         h.root_id = opt_str(map, "root_id")?;
         h.parent_id = opt_str(map, "parent_id")?;
@@ -276,20 +288,228 @@ pub fn expiration_property(expires: DateTime<Utc>, now: DateTime<Utc>) -> String
     ((secs * 1000.0) as i64).to_string()
 }
 
-/// Parse an ISO 8601 time as Celery writes it. A time without an offset is taken as UTC.
+/// Parse an `eta`/`expires` time the way Celery 5 reads one: `dateutil.parser.isoparse`
+/// (`celery/utils/time.py` `maybe_iso8601`, used by `celery/worker/request.py` and
+/// `celery/app/base.py`), then a time without an offset taken as UTC (`maybe_make_aware`).
+///
+/// Accepted, as isoparse accepts them:
+/// - a date: `YYYY`, `YYYY-MM`, `YYYY-MM-DD`, `YYYYMMDD`, an ISO week `YYYY-Www`, `YYYYWww`,
+///   `YYYY-Www-D`, `YYYYWwwD`, or an ordinal day `YYYY-DDD`, `YYYYDDD` (a date alone is its
+///   midnight);
+/// - optionally, after any one ASCII character (`T`, a space, ...; not after `YYYY` or
+///   `YYYY-MM` alone), a time: `hh`, `hh:mm`, `hhmm`, `hh:mm:ss`, `hhmmss`, then a fraction
+///   of the seconds after `.` or `,` (any number of digits, cut to microseconds), and
+///   `24:00[:00[.0]]` as the next midnight;
+/// - optionally, right after the time, an offset: `Z`, `z`, `±HH`, `±HHMM`, `±HH:MM`.
+///
+/// Anything else is refused with an error naming the value. (isoparse reads each field with
+/// Python's `int()` on a fixed slice, so it also takes a sign, spaces or `_` inside a field, or
+/// a one-digit day at the very end, and reads `YYYYDDD` alone as `YYYYMMD`; here every field
+/// has its full digits and `YYYYDDD` is an ordinal day, as ISO 8601 says.)
 pub fn parse_datetime(s: &str) -> Result<DateTime<Utc>, String> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
+    iso8601::parse(s).map_err(|why| format!("{s:?} is not an ISO 8601 time: {why}"))
+}
+
+/// The grammar of [`parse_datetime`].
+mod iso8601 {
+    use chrono::{DateTime, Duration, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
+
+    /// A cursor over the ASCII bytes of the text.
+    struct Text<'a> {
+        bytes: &'a [u8],
+        pos: usize,
     }
-    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S%.f"] {
-        if let Ok(naive) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
-            return Ok(naive.and_utc());
+
+    impl Text<'_> {
+        fn rest(&self) -> &[u8] {
+            &self.bytes[self.pos..]
+        }
+
+        fn at_end(&self) -> bool {
+            self.pos >= self.bytes.len()
+        }
+
+        fn peek(&self) -> Option<u8> {
+            self.bytes.get(self.pos).copied()
+        }
+
+        fn eat(&mut self, b: u8) -> bool {
+            if self.peek() == Some(b) {
+                self.pos += 1;
+                true
+            } else {
+                false
+            }
+        }
+
+        /// Exactly `n` digits.
+        fn digits(&mut self, n: usize, what: &str) -> Result<u32, String> {
+            let field = self.rest().get(..n).filter(|d| d.iter().all(u8::is_ascii_digit));
+            let Some(field) = field else { return Err(format!("expected {n} digits of {what}")) };
+            let value = field.iter().fold(0, |acc, d| acc * 10 + u32::from(d - b'0'));
+            self.pos += n;
+            Ok(value)
         }
     }
-    if let Ok(t) = DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f%z") {
-        return Ok(t.with_timezone(&Utc));
+
+    pub(super) fn parse(s: &str) -> Result<DateTime<Utc>, String> {
+        if !s.is_ascii() {
+            return Err("only ASCII characters are allowed".into());
+        }
+        let mut t = Text { bytes: s.as_bytes(), pos: 0 };
+        let (date, complete) = date(&mut t)?;
+        if t.at_end() {
+            return Ok(date.and_time(NaiveTime::MIN).and_utc());
+        }
+        if !complete {
+            return Err("a year or year-month cannot take a time".into());
+        }
+        t.pos += 1; // the separator: any one character
+        let (time, next_day, offset) = time(&mut t)?;
+        let naive = NaiveDateTime::new(date, time) + Duration::days(i64::from(next_day));
+        match offset {
+            None => Ok(naive.and_utc()),
+            Some(offset) => offset
+                .from_local_datetime(&naive)
+                .single()
+                .map(|t| t.with_timezone(&Utc))
+                .ok_or_else(|| "out of range".to_string()),
+        }
     }
-    Err(format!("{s:?} is not an ISO 8601 time"))
+
+    /// The date, and whether it is a full date (which may take a time).
+    fn date(t: &mut Text<'_>) -> Result<(NaiveDate, bool), String> {
+        let year = t.digits(4, "the year")? as i32;
+        if year == 0 {
+            return Err("year 0 does not exist".into());
+        }
+        if t.at_end() {
+            return Ok((ymd(year, 1, 1)?, false));
+        }
+        let dash = t.eat(b'-');
+        if t.eat(b'W') {
+            let week = t.digits(2, "the week")?;
+            let mut day = 1;
+            if !t.at_end() {
+                // A week date without its day cannot take a time.
+                if dash && !t.eat(b'-') {
+                    return Err("expected '-' and a weekday after the week".into());
+                }
+                day = t.digits(1, "the weekday")?;
+            }
+            if !(1..=53).contains(&week) || !(1..=7).contains(&day) {
+                return Err(format!("no week {week} day {day}"));
+            }
+            let weekday = chrono::Weekday::try_from(day as u8 - 1).map_err(|e| e.to_string())?;
+            return NaiveDate::from_isoywd_opt(year, week, weekday)
+                .map(|d| (d, true))
+                .ok_or_else(|| format!("{year} has no week {week}"));
+        }
+        // Ordinal day: three digits after the year (and its dash), then the end or the time.
+        let ordinal_len = |t: &Text<'_>| {
+            let r = t.rest();
+            r.len() >= 3 && r[..3].iter().all(u8::is_ascii_digit) && (r.len() == 3 || !r[3].is_ascii_digit())
+        };
+        let month_day = |t: &Text<'_>| {
+            let r = t.rest();
+            if dash {
+                r.len() == 2 || (r.len() >= 5 && r[2] == b'-')
+            } else {
+                r.len() >= 4 && r[..4].iter().all(u8::is_ascii_digit)
+            }
+        };
+        if !month_day(t) && ordinal_len(t) {
+            let day = t.digits(3, "the day of the year")?;
+            return NaiveDate::from_yo_opt(year, day)
+                .map(|d| (d, true))
+                .ok_or_else(|| format!("{year} has no day {day}"));
+        }
+        let month = t.digits(2, "the month")?;
+        if dash && t.at_end() {
+            return Ok((ymd(year, month, 1)?, false));
+        }
+        if dash && !t.eat(b'-') {
+            return Err("expected '-' before the day".into());
+        }
+        let day = t.digits(2, "the day")?;
+        Ok((ymd(year, month, day)?, true))
+    }
+
+    fn ymd(year: i32, month: u32, day: u32) -> Result<NaiveDate, String> {
+        NaiveDate::from_ymd_opt(year, month, day).ok_or_else(|| format!("no day {year:04}-{month:02}-{day:02}"))
+    }
+
+    /// The time of day, whether it is 24:00 (the next day's midnight), and the offset if any.
+    fn time(t: &mut Text<'_>) -> Result<(NaiveTime, bool, Option<FixedOffset>), String> {
+        let hour = t.digits(2, "the hour")?;
+        let (mut minute, mut second, mut micro) = (0, 0, 0);
+        if !t.at_end() && !is_offset_start(t.peek()) {
+            let colon = t.eat(b':');
+            minute = t.digits(2, "the minutes")?;
+            if !t.at_end() && !is_offset_start(t.peek()) {
+                if colon && !t.eat(b':') {
+                    return Err("expected ':' before the seconds".into());
+                }
+                if !colon && t.peek() == Some(b':') {
+                    return Err("inconsistent ':' separators".into());
+                }
+                second = t.digits(2, "the seconds")?;
+                if matches!(t.peek(), Some(b'.' | b',')) {
+                    t.pos += 1;
+                    let digits = t.rest().iter().take_while(|b| b.is_ascii_digit()).count();
+                    if digits == 0 {
+                        return Err("expected digits after the decimal mark".into());
+                    }
+                    let kept = &t.rest()[..digits.min(6)];
+                    micro =
+                        kept.iter().fold(0, |acc, d| acc * 10 + u32::from(d - b'0')) * 10u32.pow(6 - kept.len() as u32);
+                    t.pos += digits;
+                }
+            }
+        }
+        let offset = if t.at_end() { None } else { Some(offset(t)?) };
+        if hour == 24 {
+            if (minute, second, micro) != (0, 0, 0) {
+                return Err("hour 24 is only allowed as 24:00:00".into());
+            }
+            return Ok((NaiveTime::MIN, true, offset));
+        }
+        let time = NaiveTime::from_hms_micro_opt(hour, minute, second, micro)
+            .ok_or_else(|| format!("no time {hour:02}:{minute:02}:{second:02}"))?;
+        Ok((time, false, offset))
+    }
+
+    fn is_offset_start(b: Option<u8>) -> bool {
+        matches!(b, Some(b'+' | b'-' | b'Z' | b'z'))
+    }
+
+    /// `Z`, `±HH`, `±HHMM` or `±HH:MM`, to the end of the text.
+    fn offset(t: &mut Text<'_>) -> Result<FixedOffset, String> {
+        let rest = t.rest();
+        if rest == b"Z" || rest == b"z" {
+            return Ok(FixedOffset::east_opt(0).expect("zero offset"));
+        }
+        let sign = match rest.first() {
+            Some(b'+') => 1,
+            Some(b'-') => -1,
+            _ => return Err(format!("unexpected {:?} after the time", String::from_utf8_lossy(rest))),
+        };
+        t.pos += 1;
+        let hours = t.digits(2, "the offset hours")?;
+        let minutes = if t.at_end() {
+            0
+        } else {
+            t.eat(b':');
+            t.digits(2, "the offset minutes")?
+        };
+        if !t.at_end() {
+            return Err("the offset must be Z, ±HH, ±HHMM or ±HH:MM".into());
+        }
+        if hours > 23 || minutes > 59 {
+            return Err(format!("no offset of {hours:02}:{minutes:02}"));
+        }
+        FixedOffset::east_opt(sign * (hours * 3600 + minutes * 60) as i32).ok_or_else(|| "offset out of range".into())
+    }
 }
 
 /// The `embed` part of a body: workflow links, each `null` or a list/dict of signatures.
@@ -331,20 +551,20 @@ impl TaskBody {
         to_python_json(&value)
     }
 
-    /// Decode a body of the given content type and encoding.
+    /// Decode a body (already decompressed) of the given content type and encoding: a protocol
+    /// v2 list `[args, kwargs, embed]`, or a protocol v1 object (see [`TaskBody::from_v1`]).
     pub fn decode(body: &[u8], content_type: &str, content_encoding: &str) -> Result<Self, ProtocolError> {
-        match content_encoding.to_ascii_lowercase().as_str() {
-            "utf-8" | "utf8" | "binary" | "" => {}
-            other => return Err(ProtocolError::UnsupportedContentEncoding(other.to_string())),
+        match decode_json(body, content_type, content_encoding)? {
+            Value::Array(parts) => Self::from_v2(parts),
+            Value::Object(fields) => Self::from_v1(fields),
+            other => Err(ProtocolError::MalformedBody(format!(
+                "expected [args, kwargs, embed] (protocol v2) or an object (protocol v1), got {}",
+                json_kind(&other)
+            ))),
         }
-        if content_type != CONTENT_TYPE_JSON {
-            return Err(ProtocolError::UnsupportedContentType(content_type.to_string()));
-        }
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| ProtocolError::MalformedBody(format!("not JSON: {e}")))?;
-        let Value::Array(mut parts) = value else {
-            return Err(ProtocolError::MalformedBody("expected [args, kwargs, embed]".into()));
-        };
+    }
+
+    fn from_v2(mut parts: Vec<Value>) -> Result<Self, ProtocolError> {
         if !(2..=3).contains(&parts.len()) {
             return Err(ProtocolError::MalformedBody(format!(
                 "expected [args, kwargs, embed], got a list of {}",
@@ -362,16 +582,7 @@ impl TaskBody {
                 )))
             }
         };
-        let args = match parts.pop() {
-            Some(Value::Array(a)) => a,
-            Some(Value::Null) => Vec::new(),
-            other => {
-                return Err(ProtocolError::MalformedBody(format!(
-                    "args must be a list, got {}",
-                    other.unwrap_or(Value::Null)
-                )))
-            }
-        };
+        let args = body_args(parts.pop())?;
         let embed = match embed {
             None | Some(Value::Null) => Embed::default(),
             Some(v @ Value::Object(_)) => {
@@ -381,6 +592,96 @@ impl TaskBody {
         };
         Ok(TaskBody { args, kwargs, embed })
     }
+
+    /// The body of a protocol v1 message (everything in one object: `task`, `id`, `args`,
+    /// `kwargs`, `callbacks`, `errbacks`, `chord`, ...), as Celery's worker converts it
+    /// (`celery/worker/strategy.py` `proto1_to_proto2`, `hybrid_to_proto2`): a missing `args` is
+    /// `[]`, a missing `kwargs` is `{}`, a `kwargs` that is not a mapping is refused; the links
+    /// become the embed (v1 has no `chain`).
+    pub fn from_v1(mut fields: Map<String, Value>) -> Result<Self, ProtocolError> {
+        let kwargs = match fields.remove("kwargs") {
+            None => Map::new(),
+            Some(Value::Object(m)) => m,
+            Some(other) => {
+                return Err(ProtocolError::MalformedBody(format!(
+                    "Task keyword arguments must be a mapping, got {other}"
+                )))
+            }
+        };
+        let args = body_args(fields.remove("args"))?;
+        let link = |fields: &mut Map<String, Value>, name: &str| fields.remove(name).filter(|v| !v.is_null());
+        let embed = Embed {
+            callbacks: link(&mut fields, "callbacks"),
+            errbacks: link(&mut fields, "errbacks"),
+            chain: None,
+            chord: link(&mut fields, "chord"),
+        };
+        Ok(TaskBody { args, kwargs, embed })
+    }
+}
+
+fn body_args(args: Option<Value>) -> Result<Vec<Value>, ProtocolError> {
+    match args {
+        Some(Value::Array(a)) => Ok(a),
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(other) => Err(ProtocolError::MalformedBody(format!("args must be a list, got {other}"))),
+    }
+}
+
+/// "a list", "a string", ... for messages about a JSON value of the wrong shape.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Check the content type and encoding, then parse the JSON body.
+fn decode_json(body: &[u8], content_type: &str, content_encoding: &str) -> Result<Value, ProtocolError> {
+    match content_encoding.to_ascii_lowercase().as_str() {
+        "utf-8" | "utf8" | "binary" | "" => {}
+        other => return Err(ProtocolError::UnsupportedContentEncoding(other.to_string())),
+    }
+    if content_type != CONTENT_TYPE_JSON {
+        return Err(ProtocolError::UnsupportedContentType(content_type.to_string()));
+    }
+    serde_json::from_slice(body).map_err(|e| ProtocolError::MalformedBody(format!("not JSON: {e}")))
+}
+
+/// The headers of a protocol v1 message, read from its body as Celery's worker does
+/// (`celery/worker/strategy.py` `proto1_to_proto2`): the task's fields become the v2 headers,
+/// `taskset` is the group, `argsrepr`/`kwargsrepr` are computed; the message's own headers are
+/// not consulted.
+fn v1_headers(fields: &Map<String, Value>) -> Result<TaskHeaders, ProtocolError> {
+    // The task's own fields, without the arguments and links (read by `TaskBody::from_v1`).
+    let mut map: Map<String, Value> = fields
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "args" | "kwargs" | "callbacks" | "errbacks" | "chord"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Some(taskset) = fields.get("taskset").filter(|v| !v.is_null()) {
+        map.insert("group".into(), taskset.clone());
+    }
+    if !map.contains_key("task") {
+        return Err(ProtocolError::NotATask("a protocol v1 body without \"task\"".into()));
+    }
+    let mut headers = TaskHeaders::from_map(&map)?;
+    // `saferepr(body.get('args', ()))`: the list sent, or the empty tuple.
+    headers.argsrepr = match fields.get("args") {
+        Some(Value::Array(args)) => Some(crate::pyrepr::args_repr(args, false)),
+        None => Some(crate::pyrepr::args_repr(&[], true)),
+        Some(_) => None,
+    };
+    headers.kwargsrepr = match fields.get("kwargs") {
+        Some(Value::Object(kwargs)) => Some(crate::pyrepr::kwargs_repr(kwargs)),
+        None => Some(crate::pyrepr::kwargs_repr(&Map::new())),
+        Some(_) => None,
+    };
+    Ok(headers)
 }
 
 impl Message {
@@ -413,14 +714,84 @@ impl Message {
         self.headers.get("task").and_then(Value::as_str)
     }
 
-    /// The typed headers.
-    pub fn task_headers(&self) -> Result<TaskHeaders, ProtocolError> {
-        TaskHeaders::from_map(&self.headers)
+    /// Task protocol 1: the message has no `task` header, so everything is in the body. Celery 5
+    /// still accepts it (`task_protocol=1`, old clients, hand-written producers).
+    pub fn is_protocol_v1(&self) -> bool {
+        !self.headers.contains_key("task")
     }
 
-    /// The decoded body.
+    /// The codec named by the `compression` header (kombu's), if the body is compressed. An
+    /// empty header means none, as in kombu; an unknown name is an error.
+    pub fn compression(&self) -> Result<Option<Codec>, ProtocolError> {
+        match self.headers.get("compression") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(name)) if name.is_empty() => Ok(None),
+            Some(Value::String(name)) => Ok(Some(Codec::from_name(name)?)),
+            Some(other) => Err(CompressionError::Unsupported(other.to_string()).into()),
+        }
+    }
+
+    /// The body as serialized: decompressed when the `compression` header says so (bounded by
+    /// [`crate::compression::MAX_DECOMPRESSED_BODY`]).
+    pub fn plain_body(&self) -> Result<Cow<'_, [u8]>, ProtocolError> {
+        Ok(match self.compression()? {
+            None => Cow::Borrowed(&self.body),
+            Some(codec) => Cow::Owned(codec.decompress(&self.body)?),
+        })
+    }
+
+    /// Compress the body with `codec` and set the `compression` header, as kombu's producer does.
+    pub fn compress(&mut self, codec: Codec) -> Result<(), ProtocolError> {
+        self.body = codec.compress(&self.body)?;
+        self.headers.insert("compression".into(), Value::from(codec.content_type()));
+        Ok(())
+    }
+
+    /// Replace the body with `plain` (serialized), compressed with the codec the message already
+    /// uses, so the body and the `compression` header stay consistent.
+    pub fn set_body(&mut self, plain: Vec<u8>) -> Result<(), ProtocolError> {
+        self.body = match self.compression()? {
+            None => plain,
+            Some(codec) => codec.compress(&plain)?,
+        };
+        Ok(())
+    }
+
+    /// The typed headers: the v2 headers, or for a protocol v1 message the fields of its body
+    /// (see [`Message::is_protocol_v1`]).
+    pub fn task_headers(&self) -> Result<TaskHeaders, ProtocolError> {
+        if !self.is_protocol_v1() {
+            return TaskHeaders::from_map(&self.headers);
+        }
+        let plain = self.plain_body()?;
+        let value = decode_json(&plain, &self.properties.content_type, &self.properties.content_encoding)
+            .map_err(|e| ProtocolError::NotATask(e.to_string()))?;
+        match value {
+            Value::Object(fields) => v1_headers(&fields),
+            other => Err(ProtocolError::NotATask(format!("a body that is {}", json_kind(&other)))),
+        }
+    }
+
+    /// The decoded body (decompressed first if need be), in the v2 view whatever the protocol.
     pub fn task_body(&self) -> Result<TaskBody, ProtocolError> {
-        TaskBody::decode(&self.body, &self.properties.content_type, &self.properties.content_encoding)
+        TaskBody::decode(&self.plain_body()?, &self.properties.content_type, &self.properties.content_encoding)
+    }
+
+    /// This message as protocol v2, with `headers` (typically [`Message::task_headers`], changed)
+    /// and `body` as its headers and body; properties, user headers and compression are kept.
+    /// What a retry of a protocol v1 task publishes: Celery's worker also retries in the
+    /// protocol its app is configured with (v2 by default), and accepts either.
+    pub fn to_v2(&self, headers: &TaskHeaders, body: &TaskBody) -> Result<Message, ProtocolError> {
+        let mut message = Message { headers: headers.to_map(), properties: self.properties.clone(), body: Vec::new() };
+        // Other headers (a user's, `compression`) follow the task headers, as Celery appends them.
+        for (k, v) in &self.headers {
+            message.headers.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        message.properties.content_type = CONTENT_TYPE_JSON.into();
+        message.properties.content_encoding = "utf-8".into();
+        message.properties.correlation_id.get_or_insert_with(|| headers.id.clone());
+        message.set_body(body.to_json()?)?;
+        Ok(message)
     }
 }
 
@@ -505,7 +876,7 @@ mod tests {
     #[test]
     fn malformed_bodies_are_named() {
         assert!(matches!(TaskBody::decode(b"{", CONTENT_TYPE_JSON, "utf-8"), Err(ProtocolError::MalformedBody(_))));
-        assert!(matches!(TaskBody::decode(b"{}", CONTENT_TYPE_JSON, "utf-8"), Err(ProtocolError::MalformedBody(_))));
+        assert!(matches!(TaskBody::decode(b"5", CONTENT_TYPE_JSON, "utf-8"), Err(ProtocolError::MalformedBody(_))));
         assert!(matches!(
             TaskBody::decode(b"[1, {}]", CONTENT_TYPE_JSON, "utf-8"),
             Err(ProtocolError::MalformedBody(_))
@@ -514,6 +885,111 @@ mod tests {
             TaskBody::decode(b"[]", "application/x-python-serialize", "binary"),
             Err(ProtocolError::UnsupportedContentType(_))
         ));
+    }
+
+    fn v1(body: Value) -> Message {
+        Message {
+            headers: Map::new(),
+            properties: Properties { correlation_id: body["id"].as_str().map(str::to_string), ..Properties::default() },
+            body: to_python_json(&body).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_protocol_v1_message_reads_as_v2() {
+        // The hand-written message: no kwargs at all.
+        let m = v1(json!({"task": "celeriac.add", "id": "T", "args": [2, 3]}));
+        assert!(m.is_protocol_v1());
+        let h = m.task_headers().unwrap();
+        assert_eq!((h.task.as_str(), h.id.as_str(), h.retries), ("celeriac.add", "T", 0));
+        assert_eq!((h.argsrepr.as_deref(), h.kwargsrepr.as_deref()), (Some("[2, 3]"), Some("{}")));
+        let b = m.task_body().unwrap();
+        assert_eq!((b.args, b.kwargs, b.embed), (vec![json!(2), json!(3)], Map::new(), Embed::default()));
+
+        // Everything Celery's as_task_v1 writes.
+        let m = v1(json!({
+            "task": "tasks.add", "id": "U", "args": [1], "kwargs": {"z": 4}, "group": "G",
+            "group_index": 1, "retries": 2, "eta": "2030-01-02T03:04:05+02:00", "expires": "2030-01-03",
+            "utc": true, "callbacks": [{"task": "cb"}], "errbacks": [{"task": "eb"}],
+            "timelimit": [10, 5], "taskset": "G", "chord": {"task": "body"}
+        }));
+        let h = m.task_headers().unwrap();
+        assert_eq!(h.group.as_deref(), Some("G"));
+        assert_eq!(h.group_index, Some(1));
+        assert_eq!(h.retries, 2);
+        assert_eq!(h.eta_time(), parse_datetime("2030-01-02T01:04:05Z").ok());
+        assert_eq!(h.expires_time(), parse_datetime("2030-01-03T00:00:00Z").ok());
+        assert_eq!((h.hard_time_limit(), h.soft_time_limit()), (Some(10.0), Some(5.0)));
+        let b = m.task_body().unwrap();
+        assert_eq!(b.kwargs["z"], 4);
+        assert_eq!(b.embed.callbacks, Some(json!([{"task": "cb"}])));
+        assert_eq!(b.embed.errbacks, Some(json!([{"task": "eb"}])));
+        assert_eq!(b.embed.chord, Some(json!({"task": "body"})));
+        assert_eq!(b.embed.chain, None);
+    }
+
+    #[test]
+    fn a_protocol_v1_body_with_bad_kwargs_is_refused_with_celerys_reason() {
+        for kwargs in [json!([1]), json!("x"), json!(null), json!(3)] {
+            let m = v1(json!({"task": "celeriac.add", "id": "T", "args": [], "kwargs": kwargs}));
+            assert!(m.task_headers().is_ok(), "the headers are fine: the failure is stored for T");
+            let err = m.task_body().unwrap_err().to_string();
+            assert!(err.contains("Task keyword arguments must be a mapping"), "{err}");
+        }
+        let m = v1(json!({"task": "celeriac.add", "id": "T", "args": {"a": 1}}));
+        assert!(m.task_body().unwrap_err().to_string().contains("args must be a list"));
+    }
+
+    #[test]
+    fn a_message_neither_v1_nor_v2_is_named() {
+        let mut m = Message::new_task(&TaskHeaders::new("t", "x"), &TaskBody::default(), None, None).unwrap();
+        m.headers.remove("task");
+        let err = m.task_headers().unwrap_err();
+        assert!(matches!(err, ProtocolError::NotATask(_)), "{err}");
+        assert!(err.to_string().starts_with("message has no \"task\" header"), "{err}");
+        let no_task = v1(json!({"id": "T", "args": []}));
+        assert!(matches!(no_task.task_headers(), Err(ProtocolError::NotATask(_))));
+        let not_json = Message { body: b"{".to_vec(), ..no_task };
+        assert!(matches!(not_json.task_headers(), Err(ProtocolError::NotATask(_))));
+    }
+
+    #[test]
+    fn a_compressed_body_is_read_and_an_unknown_codec_refused() {
+        let body = TaskBody { args: vec![json!("x".repeat(20_000))], ..TaskBody::default() };
+        for codec in Codec::ALL {
+            let mut m = Message::new_task(&TaskHeaders::new("celeriac.echo", "c"), &body, None, None).unwrap();
+            m.compress(codec).unwrap();
+            assert!(m.body.len() < 1000);
+            assert_eq!(m.headers["compression"], codec.content_type());
+            assert_eq!(m.task_body().unwrap(), body, "{codec}");
+            // A v1 message compressed: its headers come out of the compressed body.
+            let mut old = v1(json!({"task": "celeriac.echo", "id": "v", "args": ["y"]}));
+            old.compress(codec).unwrap();
+            assert_eq!(old.task_headers().unwrap().id, "v", "{codec}");
+        }
+        let mut m = Message::new_task(&TaskHeaders::new("celeriac.echo", "c"), &body, None, None).unwrap();
+        m.headers.insert("compression".into(), json!("application/x-snappy"));
+        assert!(m.task_headers().is_ok());
+        let err = m.task_body().unwrap_err();
+        assert!(err.to_string().starts_with("unsupported compression: application/x-snappy"), "{err}");
+        m.headers.insert("compression".into(), json!(""));
+        assert_eq!(m.task_body().unwrap(), body, "an empty header is no compression, as in kombu");
+    }
+
+    #[test]
+    fn to_v2_keeps_the_codec_and_user_headers() {
+        let mut m = v1(json!({"task": "celeriac.add", "id": "T", "args": [2, 3]}));
+        m.headers.insert("x-tenant".into(), json!("acme"));
+        m.compress(Codec::Bzip2).unwrap();
+        let mut h = m.task_headers().unwrap();
+        h.retries = 1;
+        let v2 = m.to_v2(&h, &m.task_body().unwrap()).unwrap();
+        assert!(!v2.is_protocol_v1());
+        assert_eq!(v2.headers["compression"], "application/x-bz2");
+        assert_eq!(v2.headers["x-tenant"], "acme");
+        assert_eq!(v2.task_headers().unwrap(), h);
+        assert_eq!(v2.task_body().unwrap().args, vec![json!(2), json!(3)]);
+        assert_eq!(v2.properties.correlation_id.as_deref(), Some("T"));
     }
 
     #[test]
@@ -530,7 +1006,60 @@ mod tests {
         let whole = parse_datetime("2030-01-02T05:04:05+02:00").unwrap();
         assert_eq!(format_datetime(whole), "2030-01-02T03:04:05+00:00");
         assert!(parse_datetime("2030-01-02T03:04:05").is_ok());
-        assert!(parse_datetime("tomorrow").is_err());
+        let err = parse_datetime("tomorrow").unwrap_err();
+        assert!(err.starts_with("\"tomorrow\" is not an ISO 8601 time: "), "{err}");
+    }
+
+    /// Every text in `tests/fixtures/celery/times.json` reads as the instant Celery's worker
+    /// reads in it (`maybe_iso8601` + `maybe_make_aware`), or is refused as Celery refuses it.
+    #[test]
+    fn datetimes_parse_as_celerys_parser_reads_them() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/celery/times.json");
+        let cases: Vec<Value> = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        assert!(cases.len() > 50, "{} cases", cases.len());
+        let (mut accepted, mut refused) = (0, 0);
+        for case in &cases {
+            let text = case["text"].as_str().unwrap();
+            let ours = parse_datetime(text);
+            match (case.get("utc"), case.get("error")) {
+                (Some(Value::String(want)), None) => {
+                    let want = DateTime::parse_from_rfc3339(want).unwrap().with_timezone(&Utc);
+                    assert_eq!(ours, Ok(want), "{text:?}");
+                    accepted += 1;
+                }
+                (Some(Value::Null), None) => {
+                    // Celery reads an empty text as no time at all.
+                    assert_eq!(text, "");
+                    let mut m = TaskHeaders::new("t", "x").to_map();
+                    m.insert("eta".into(), json!(text));
+                    m.insert("expires".into(), json!(text));
+                    let h = TaskHeaders::from_map(&m).unwrap();
+                    assert_eq!((h.eta_time(), h.expires_time()), (None, None));
+                }
+                (None, Some(why)) => {
+                    let err = ours.expect_err(&format!("{text:?} is refused by Celery ({why})"));
+                    assert!(err.starts_with(&format!("{text:?} is not an ISO 8601 time")), "{err}");
+                    refused += 1;
+                }
+                other => panic!("bad fixture entry {case}: {other:?}"),
+            }
+        }
+        assert!(accepted >= 30 && refused >= 20, "{accepted} accepted, {refused} refused");
+    }
+
+    #[test]
+    fn datetimes_in_neighbouring_forms() {
+        let utc = |s: &str| parse_datetime(s).map(format_datetime);
+        // The input, and a naive time meaning UTC.
+        assert_eq!(utc("2015-12-05").as_deref(), Ok("2015-12-05T00:00:00+00:00"));
+        assert_eq!(utc("2015-12-05T10:20:30.000001").as_deref(), Ok("2015-12-05T10:20:30.000001+00:00"));
+        assert_eq!(utc("2024-02-29T12:00:00-12:00").as_deref(), Ok("2024-03-01T00:00:00+00:00"));
+        assert_eq!(utc("2015W011").as_deref(), Ok("2014-12-29T00:00:00+00:00"));
+        assert_eq!(utc("2015-001T00:00:00+14:00").as_deref(), Ok("2014-12-31T10:00:00+00:00"));
+        for bad in ["2015-02-29", "2015-12-05T10:20:30+0530junk", "+2015-12-05", "2015-12-05T10:20:30.-5", "2015-1-05"]
+        {
+            assert!(parse_datetime(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

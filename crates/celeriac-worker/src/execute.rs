@@ -402,11 +402,26 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
     }
 }
 
-/// Publish the retry: the same message with `retries + 1` and a new ETA.
+/// Publish the retry: the same message with `retries + 1` and a new ETA. The body is kept as
+/// received (compressed or not, with its `compression` header), so body and header stay
+/// consistent. A protocol v1 message is republished as protocol v2 (its fields are in the body,
+/// which a header change would not reach), as Celery's worker retries in its configured
+/// protocol (v2 by default); every Celery 5 worker and celeriac accept it.
 async fn republish(shared: &Shared, req: &Request, countdown: Duration) -> Result<(), celeriac_core::BrokerError> {
-    let mut message = req.delivery.message.clone();
     let eta = Utc::now() + chrono::Duration::from_std(countdown).unwrap_or_default();
-    message.headers.insert("retries".into(), Value::from(req.headers.retries + 1));
-    message.headers.insert("eta".into(), Value::from(format_datetime(eta)));
+    let message = if req.delivery.message.is_protocol_v1() {
+        let mut headers = req.headers.clone();
+        headers.retries += 1;
+        headers.eta = Some(format_datetime(eta));
+        req.delivery.message.to_v2(&headers, &req.body).map_err(|e| celeriac_core::BrokerError::Rejected {
+            url: shared.broker.url().to_string(),
+            reason: format!("cannot re-encode the protocol v1 task as v2: {e}"),
+        })?
+    } else {
+        let mut message = req.delivery.message.clone();
+        message.headers.insert("retries".into(), Value::from(req.headers.retries + 1));
+        message.headers.insert("eta".into(), Value::from(format_datetime(eta)));
+        message
+    };
     shared.broker.publish(&req.delivery.queue, &message).await
 }

@@ -2,8 +2,10 @@
 //!
 //! Every way a message can be unusable ends here, once, with one log line and a settled message:
 //! - no task id, or headers that are not protocol v2: dead-lettered with the reason;
-//! - a body that cannot be decoded (malformed, unknown content type): FAILURE stored with
-//!   `InvalidTaskError` (so a waiting client learns why) and dead-lettered;
+//! - a body that cannot be decoded (malformed, unknown content type, an unknown `compression`
+//!   codec, a corrupt or oversized compressed body, a protocol v1 `kwargs` that is not a
+//!   mapping): FAILURE stored with `InvalidTaskError` (so a waiting client learns why) and
+//!   dead-lettered;
 //! - an unknown task name: FAILURE stored with `NotRegistered`, acknowledged;
 //! - delivered more often than the poison-message limit: FAILURE `WorkerLostError`,
 //!   dead-lettered;

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use celeriac_core::protocol::{expiration_property, format_datetime, seconds_number};
 use celeriac_core::{
-    pyrepr, BackendError, Broker, BrokerError, Message, ProtocolError, PublishPolicy, ResultBackend, ResultMeta, Task,
-    TaskBody, TaskHeaders, TaskOptions, TaskState,
+    pyrepr, BackendError, Broker, BrokerError, Codec, Message, ProtocolError, PublishPolicy, ResultBackend, ResultMeta,
+    Task, TaskBody, TaskHeaders, TaskOptions, TaskState,
 };
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
@@ -133,6 +133,10 @@ pub struct SendOptions {
     /// Do not store a result. `None` (a task sent by name) writes `null`, as Celery's
     /// `send_task` of a task it does not know: the worker's task option decides.
     pub ignore_result: Option<bool>,
+    /// Compress the body with this codec, as kombu's `compression=` does: the body is the
+    /// compressed JSON and the `compression` header names the codec (Celery and celeriac
+    /// workers decompress it).
+    pub compression: Option<Codec>,
 }
 
 impl SendOptions {
@@ -229,6 +233,12 @@ impl Signature {
     /// Send with `priority`.
     pub fn priority(mut self, priority: u8) -> Self {
         self.options.priority = Some(priority);
+        self
+    }
+
+    /// Send with the body compressed by `codec`.
+    pub fn compression(mut self, codec: Codec) -> Self {
+        self.options.compression = Some(codec);
         self
     }
 
@@ -409,6 +419,10 @@ impl Client {
             message.headers.insert("ignore_result".into(), Value::Null);
         }
         message.properties.expiration = options.expires.map(|at| expiration_property(at, now));
+        if let Some(codec) = options.compression {
+            // After every other header, where kombu's producer adds it.
+            message.compress(codec)?;
+        }
         Ok(message)
     }
 

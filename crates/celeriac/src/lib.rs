@@ -38,7 +38,7 @@ pub mod control;
 
 pub use app::App;
 pub use celeriac_core::{
-    protocol, Backoff, Broker, ExceptionInfo, Registry, ResultBackend, ResultMeta, Task, TaskContext, TaskError,
+    protocol, Backoff, Broker, Codec, ExceptionInfo, Registry, ResultBackend, ResultMeta, Task, TaskContext, TaskError,
     TaskOptions, TaskState,
 };
 pub use celeriac_macros::task;

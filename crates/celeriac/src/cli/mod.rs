@@ -190,12 +190,20 @@ struct SendArgs {
     /// Run no sooner than this many seconds from now.
     #[arg(long)]
     countdown: Option<f64>,
-    /// Run no sooner than this time (ISO 8601).
-    #[arg(long)]
+    /// Run no sooner than this time: ISO 8601 in any form Celery reads (2015-12-05,
+    /// 2015-12-05T10:20:30, 2015-12-05 10:20:30.5+02:00, 20151205T1020Z, 2015-W49-6, ...).
+    /// A time without an offset is UTC, as in Celery.
+    #[arg(long, value_name = "TIME")]
     eta: Option<String>,
-    /// Discard if not started within this many seconds (or by this ISO 8601 time).
-    #[arg(long)]
+    /// Discard if not started within this many seconds, or by this ISO 8601 time (any form
+    /// --eta takes; a time without an offset is UTC).
+    #[arg(long, value_name = "SECONDS|TIME")]
     expires: Option<String>,
+    /// Compress the body as kombu does: zlib, bzip2 or lzma (or any kombu name for them: gzip,
+    /// bzip, xz, application/x-gzip, application/x-bz2, application/x-lzma). Celery and
+    /// celeriac workers decompress it.
+    #[arg(long, value_name = "CODEC", value_parser = parse_codec)]
+    compression: Option<celeriac_core::Codec>,
     /// Priority 0-255 (higher first; on a redis:// broker, as in Celery, 0-9 with 0 first).
     #[arg(long)]
     priority: Option<u8>,
@@ -433,12 +441,22 @@ fn parse_json<T: serde::de::DeserializeOwned>(flag: &str, text: &str, expected: 
     serde_json::from_value(value).map_err(|_| CliError::usage(format!("{flag}: expected {expected}, got {text}")))
 }
 
+/// An ISO 8601 time as Celery reads it (naive = UTC).
 fn parse_time(flag: &str, text: &str) -> Result<chrono::DateTime<chrono::Utc>, CliError> {
+    celeriac_core::protocol::parse_datetime(text).map_err(|e| CliError::usage(format!("{flag}: {e}")))
+}
+
+/// Seconds from now (a plain number), or else an ISO 8601 time.
+fn parse_secs_or_time(flag: &str, text: &str) -> Result<chrono::DateTime<chrono::Utc>, CliError> {
     if let Ok(secs) = text.parse::<f64>() {
         let d = positive_secs(flag, secs)?;
         return Ok(chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default());
     }
-    celeriac_core::protocol::parse_datetime(text).map_err(|e| CliError::usage(format!("{flag}: {e}")))
+    parse_time(flag, text)
+}
+
+fn parse_codec(text: &str) -> Result<celeriac_core::Codec, String> {
+    text.parse().map_err(|e: celeriac_core::CompressionError| e.to_string())
 }
 
 async fn send(broker_url: &str, backend_url: Option<&str>, args: SendArgs) -> CliResult {
@@ -452,7 +470,8 @@ async fn send(broker_url: &str, backend_url: Option<&str>, args: SendArgs) -> Cl
         task_id: args.task_id,
         countdown: args.countdown,
         eta: args.eta.as_deref().map(|t| parse_time("--eta", t)).transpose()?,
-        expires: args.expires.as_deref().map(|t| parse_time("--expires", t)).transpose()?,
+        expires: args.expires.as_deref().map(|t| parse_secs_or_time("--expires", t)).transpose()?,
+        compression: args.compression,
         queue: args.queue,
         priority: args.priority,
         ..SendOptions::default()
