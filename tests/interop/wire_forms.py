@@ -51,7 +51,8 @@ def send_cases(queue):
 
     # Item 3: compression, every name kombu accepts for its default codecs.
     for codec in ['zlib', 'gzip', 'application/x-gzip', 'bzip2', 'bzip',
-                  'application/x-bz2', 'lzma', 'xz', 'application/x-lzma']:
+                  'application/x-bz2', 'lzma', 'xz', 'application/x-lzma',
+                  'zstd', 'zstandard', 'application/zstd']:
         send(f'compressed:{codec}', 'celeriac.echo', [BIG], compression=codec)
     send('compressed:snappy', 'celeriac.echo', ['not run'],
          compression='snappy')

@@ -74,7 +74,7 @@ fn check_python_cases(report: &Map<String, Value>, worker: &WorkerProc) {
 
     // Item 3.
     let codecs = ["zlib", "gzip", "application/x-gzip", "bzip2", "bzip", "application/x-bz2", "lzma", "xz"];
-    for codec in codecs.iter().chain(&["application/x-lzma"]) {
+    for codec in codecs.iter().chain(&["application/x-lzma", "zstd", "zstandard", "application/zstd"]) {
         success(&format!("compressed:{codec}"), big.clone());
     }
     failure("compressed:snappy", "InvalidTaskError", "unsupported compression: application/x-snappy");
@@ -126,7 +126,7 @@ fn celery_clients_compressed_v1_and_iso_forms_run_on_rabbitmq() {
     let _py = PyCeleryWorker::start(&broker, RESULTS, &py_queue);
     let arg = format!("[\"{}\"]", "y".repeat(5_000));
     for (task, q) in [("celeriac.echo", queue.as_str()), ("py.echo", py_queue.as_str())] {
-        for codec in ["zlib", "bzip2", "lzma"] {
+        for codec in ["zlib", "bzip2", "lzma", "zstd"] {
             let (code, out, err) = run_cli(
                 &["send", task, "--args", &arg, "--compression", codec, "-Q", q, "--wait", "--json"]
                     .iter()
@@ -155,7 +155,12 @@ fn celery_clients_compressed_v1_and_iso_forms_run_on_redis() {
     check_python_cases(&report, &worker);
 
     // The CLI's own forms: --compression and --eta in Celery's forms.
-    for (codec, eta) in [("zlib", "2015-12-05"), ("bzip2", "2015-W49-6T10:00"), ("lzma", "20151205T102030,5+01")] {
+    for (codec, eta) in [
+        ("zlib", "2015-12-05"),
+        ("bzip2", "2015-W49-6T10:00"),
+        ("lzma", "20151205T102030,5+01"),
+        ("zstd", "2015-339T00:00:00.000001Z"),
+    ] {
         let (code, out, err) = run_cli(
             &[
                 "send",
@@ -263,5 +268,25 @@ async fn compressed_and_v1_messages_run_on_sqlite_and_bad_ones_are_dead_lettered
             dead.iter().any(|d| d.reason.contains(id.as_str()) && d.reason.contains(reason)),
             "{id} dead-lettered for {reason:?}: {dead:?}"
         );
+    }
+}
+
+#[test]
+fn send_help_says_a_naive_time_is_utc_and_bad_times_and_codecs_are_named() {
+    let (code, out, _) = run_cli(&["send", "--help"], &[]);
+    assert_eq!(code, 0);
+    let eta = out.split("--eta").nth(1).unwrap_or_default();
+    assert!(eta.contains("2015-12-05") && eta.contains("without an offset is UTC"), "{out}");
+    assert!(out.contains("--compression <CODEC>"), "{out}");
+    let db = TempDb::new("");
+    for (flag, value, says) in [
+        ("--eta", "2015-13-01", "--eta: \"2015-13-01\" is not an ISO 8601 time"),
+        ("--eta", "60", "--eta: \"60\" is not an ISO 8601 time"),
+        ("--expires", "tomorrow", "--expires: \"tomorrow\" is not an ISO 8601 time"),
+        ("--compression", "snappy", "unsupported compression: snappy"),
+    ] {
+        let (code, _, err) = run_cli(&["send", "celeriac.add", flag, value, "--broker", &db.url], &[]);
+        assert_eq!(code, 2, "{flag} {value}: {err}");
+        assert!(err.contains(says), "{flag} {value}: {err}");
     }
 }

@@ -199,9 +199,10 @@ struct SendArgs {
     /// --eta takes; a time without an offset is UTC).
     #[arg(long, value_name = "SECONDS|TIME")]
     expires: Option<String>,
-    /// Compress the body as kombu does: zlib, bzip2 or lzma (or any kombu name for them: gzip,
-    /// bzip, xz, application/x-gzip, application/x-bz2, application/x-lzma). Celery and
-    /// celeriac workers decompress it.
+    /// Compress the body as kombu does: zlib, bzip2, lzma or zstd (or any kombu name for them:
+    /// gzip, bzip, xz, zstandard, application/x-gzip, application/x-bz2, application/x-lzma,
+    /// application/zstd). Celery and celeriac workers decompress it (zstd: Celery on Python 3.14,
+    /// or with backports.zstd installed).
     #[arg(long, value_name = "CODEC", value_parser = parse_codec)]
     compression: Option<celeriac_core::Codec>,
     /// Priority 0-255 (higher first; on a redis:// broker, as in Celery, 0-9 with 0 first).
