@@ -9,7 +9,8 @@
 //! - `eta`/`expires` texts in the ISO 8601 forms Celery's parser accepts (date only, week and
 //!   ordinal dates, offsets, fractions with `.` or `,`, naive = UTC), garbage refused.
 //!
-//! One celeriac worker per broker (RabbitMQ and Redis, with a real Celery 5.7 client sending
+//! One celeriac worker per broker (RabbitMQ with the async pool and Redis with the prefork pool,
+//! with a real Celery 5.7 client sending
 //! everything in one process: `tests/interop/wire_forms.py`), and one on an SQLite file fed by
 //! celeriac's client and raw messages. Results go to Redis db 13 (unique ids, never flushed).
 
@@ -147,10 +148,11 @@ fn celery_clients_compressed_v1_and_iso_forms_run_on_rabbitmq() {
 }
 
 #[test]
-fn celery_clients_compressed_v1_and_iso_forms_run_on_redis() {
+fn celery_clients_compressed_v1_and_iso_forms_run_on_redis_in_the_prefork_pool() {
     let broker = RESULTS.to_string();
     let queue = unique("wire");
-    let worker = WorkerProc::start(&broker, &["-Q", &queue, "-c", "4", "--result-backend", RESULTS]);
+    // The prefork pool here (the async pool on RabbitMQ): the v1 time limit is a SIGKILL.
+    let worker = WorkerProc::start(&broker, &["-Q", &queue, "-P", "prefork", "-c", "3", "--result-backend", RESULTS]);
     let report = python_cases(&broker, &queue);
     check_python_cases(&report, &worker);
 
