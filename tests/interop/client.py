@@ -25,6 +25,14 @@ variables (CELERY_BROKER_URL, CELERY_RESULT_BACKEND, CELERY_DEFAULT_QUEUE).
         Publish COUNT identical tasks as fast as possible over one producer;
         prints the ids, one per line, in publish order.
 
+    client.py batch CALLS [--queue Q] [--timeout S]
+        Send every call of CALLS (a JSON list of [NAME, ARGS] pairs) first,
+        then wait for their results in REVERSE order, all in this one process
+        (as the rpc:// backend needs: results come to the sender's reply
+        queue, and later ones arrive while an earlier one is waited on).
+        Prints one JSON line per call, in the order of CALLS, as `get` does
+        plus "id". Exit status 2 if any result timed out.
+
 Exit status 1 (and a message on stderr) on usage or connection errors.
 """
 import argparse
@@ -81,15 +89,15 @@ def cmd_send_many(ns):
     return 0
 
 
-def cmd_get(ns):
+def _outcome(res, timeout):
+    """Wait for `res`; returns (the JSON-able outcome, exit status)."""
     from celery.exceptions import TimeoutError as CeleryTimeoutError
 
-    res = app.AsyncResult(ns.id)
     out = {'state': None, 'result': None, 'exc_type': None,
            'exc_message': None, 'traceback': None}
     status = 0
     try:
-        value = res.get(timeout=ns.timeout, propagate=True,
+        value = res.get(timeout=timeout, propagate=True,
                         disable_sync_subtasks=False)
         out['result'] = value
     except CeleryTimeoutError as e:
@@ -101,6 +109,32 @@ def cmd_get(ns):
         out['exc_message'] = str(e)
         out['traceback'] = res.traceback
     out['state'] = res.state
+    return out, status
+
+
+def cmd_batch(ns):
+    calls = json.loads(ns.calls)
+    if not isinstance(calls, list) or not all(
+            isinstance(c, list) and len(c) == 2 and isinstance(c[1], list)
+            for c in calls):
+        raise SystemExit('client.py: CALLS must be a JSON list of '
+                         '[NAME, ARGS] pairs')
+    options = {'queue': ns.queue} if ns.queue is not None else {}
+    sent = [app.send_task(name, args=args, **options) for name, args in calls]
+    outcomes = [None] * len(sent)
+    status = 0
+    for i in reversed(range(len(sent))):
+        out, st = _outcome(sent[i], ns.timeout)
+        outcomes[i] = dict(out, id=sent[i].id)
+        status = max(status, st)
+    for out in outcomes:
+        print(json.dumps(out, default=repr), flush=True)
+    return status
+
+
+def cmd_get(ns):
+    res = app.AsyncResult(ns.id)
+    out, status = _outcome(res, ns.timeout)
     print(json.dumps(out, default=repr), flush=True)
     # A result still pending (timeout) is unsubscribed by AsyncResult.__del__
     # during interpreter shutdown, which prints a spurious ImportError trace;
@@ -140,6 +174,12 @@ def main(argv=None):
     m.add_argument('--kwargs', default='{}', help='JSON object (default {})')
     m.add_argument('--queue')
     m.set_defaults(func=cmd_send_many)
+
+    b = sub.add_parser('batch', help='send calls, wait in reverse order')
+    b.add_argument('calls', help='JSON list of [NAME, ARGS] pairs')
+    b.add_argument('--queue')
+    b.add_argument('--timeout', type=float, default=30.0)
+    b.set_defaults(func=cmd_batch)
 
     ns = p.parse_args(argv)
     try:

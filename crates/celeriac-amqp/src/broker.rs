@@ -26,6 +26,9 @@ enum Route<'a> {
     Queue(&'a str),
     /// An exchange (declared as the spec says), with a routing key.
     Exchange(&'a ExchangeSpec, &'a str),
+    /// A reply queue someone else declared (the RPC result backend's), through the default
+    /// exchange; nothing is declared.
+    Reply(&'a str),
 }
 
 /// A RabbitMQ broker.
@@ -114,7 +117,16 @@ impl AmqpBroker {
         }
     }
 
-    async fn publish_once(&self, route: Route<'_>, message: &Message) -> Result<(), BrokerError> {
+    /// Publish a result to the reply queue `queue` through the default exchange (as Celery's RPC
+    /// backend does), declaring nothing, and wait for the confirm. Returns `false` when RabbitMQ
+    /// returned the message because no queue has that name (the client that asked is gone).
+    pub async fn publish_reply(&self, queue: &str, message: &Message) -> Result<bool, BrokerError> {
+        self.publish_once(Route::Reply(queue), message).await
+    }
+
+    /// Publish once; `Ok(false)` when a reply was returned unroutable (a task that cannot be
+    /// routed is an error).
+    async fn publish_once(&self, route: Route<'_>, message: &Message) -> Result<bool, BrokerError> {
         let publisher = self.channel().await?;
         let (channel, generation) = (&publisher.channel, publisher.generation);
         let result = async {
@@ -122,15 +134,18 @@ impl AmqpBroker {
                 // As Celery: the default exchange, routed by the queue's name.
                 Route::Queue(queue) => (std::borrow::Cow::Borrowed(queue), "", queue),
                 Route::Exchange(ex, key) => (format!("exchange\0{}", ex.name).into(), ex.name.as_str(), key),
+                Route::Reply(queue) => (std::borrow::Cow::Borrowed(""), "", queue),
             };
             let what = || match route {
                 Route::Queue(queue) => format!("queue {queue:?}"),
                 Route::Exchange(ex, _) => format!("exchange {:?}", ex.name),
+                Route::Reply(queue) => format!("reply queue {queue:?}"),
             };
-            if !publisher.is_declared(&declared_key) {
+            if !matches!(route, Route::Reply(_)) && !publisher.is_declared(&declared_key) {
                 match route {
                     Route::Queue(queue) => topology::declare(channel, &self.config, queue).await.map(|_| ()),
                     Route::Exchange(ex, _) => topology::declare_exchange(channel, ex).await,
+                    Route::Reply(_) => Ok(()),
                 }
                 .map_err(|e| self.rejected_or_lost(e))?;
                 publisher.mark_declared(declared_key.into_owned());
@@ -139,9 +154,10 @@ impl AmqpBroker {
                 .basic_publish(
                     exchange.into(),
                     routing_key.into(),
-                    // A task must reach a queue; a broadcast nobody listens to is dropped.
+                    // A task must reach a queue; a broadcast nobody listens to is dropped; a reply
+                    // to a queue that is gone comes back, so the caller can say so.
                     BasicPublishOptions {
-                        mandatory: matches!(route, Route::Queue(_)),
+                        mandatory: matches!(route, Route::Queue(_) | Route::Reply(_)),
                         ..BasicPublishOptions::default()
                     },
                     &message.body,
@@ -164,6 +180,9 @@ impl AmqpBroker {
                 });
             }
             if let Some(returned) = confirmation.take_message() {
+                if matches!(route, Route::Reply(_)) {
+                    return Ok(false);
+                }
                 return Err(BrokerError::Rejected {
                     url: self.config.redacted.clone(),
                     reason: format!(
@@ -174,7 +193,7 @@ impl AmqpBroker {
                     ),
                 });
             }
-            Ok(())
+            Ok(true)
         }
         .await;
         if let Err(e) = &result {
@@ -276,7 +295,7 @@ impl Broker for AmqpBroker {
     }
 
     async fn publish(&self, queue: &str, message: &Message) -> Result<(), BrokerError> {
-        self.publish_once(Route::Queue(queue), message).await
+        self.publish_once(Route::Queue(queue), message).await.map(|_| ())
     }
 
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
@@ -351,7 +370,7 @@ impl Exchanges for AmqpBroker {
         routing_key: &str,
         message: &Message,
     ) -> Result<(), BrokerError> {
-        self.publish_once(Route::Exchange(exchange, routing_key), message).await
+        self.publish_once(Route::Exchange(exchange, routing_key), message).await.map(|_| ())
     }
 
     async fn subscribe(

@@ -6,7 +6,9 @@
 //!
 //! [`subscribe`](celeriac_core::Exchanges::subscribe) opens a connection of its own, declares the
 //! exchange, the queue (`x-message-ttl` and `x-expires` in milliseconds, as kombu writes them) and
-//! the binding, and consumes without acknowledgement, as kombu's pidbox and event receivers do. A
+//! the binding, and consumes without acknowledgement, as kombu's pidbox and event receivers do
+//! (the default exchange `""`, which routes to every queue by its name and can be neither declared
+//! nor bound to, only gets its queue declared: the RPC backend's reply queue). A
 //! background task forwards messages and, when the connection is lost, reconnects with a capped
 //! backoff (0.5 s doubling to 30 s) and declares everything again (an exclusive or auto-delete
 //! queue went with the old connection). Messages published while it was away are lost, which is
@@ -61,8 +63,11 @@ impl Plan {
         let lost = |e| unreachable(&self.config, e);
         let channel = conn.create_channel().await.map_err(lost)?;
         let b = &self.binding;
+        let default_exchange = self.exchange.name.is_empty();
         let setup = async {
-            topology::declare_exchange(&channel, &self.exchange).await?;
+            if !default_exchange {
+                topology::declare_exchange(&channel, &self.exchange).await?;
+            }
             channel
                 .queue_declare(
                     b.queue.as_str().into(),
@@ -75,15 +80,17 @@ impl Plan {
                     binding_arguments(b),
                 )
                 .await?;
-            channel
-                .queue_bind(
-                    b.queue.as_str().into(),
-                    self.exchange.name.as_str().into(),
-                    b.routing_key.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            if !default_exchange {
+                channel
+                    .queue_bind(
+                        b.queue.as_str().into(),
+                        self.exchange.name.as_str().into(),
+                        b.routing_key.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
             channel
                 .basic_consume(
                     b.queue.as_str().into(),
@@ -104,7 +111,11 @@ impl Plan {
                 {
                     Err(BrokerError::Rejected {
                         url: self.config.redacted.clone(),
-                        reason: format!("cannot bind queue {:?} to exchange {:?}: {text}", b.queue, self.exchange.name),
+                        reason: if default_exchange {
+                            format!("cannot declare queue {:?}: {text}", b.queue)
+                        } else {
+                            format!("cannot bind queue {:?} to exchange {:?}: {text}", b.queue, self.exchange.name)
+                        },
                     })
                 } else {
                     Err(unreachable(&self.config, e))

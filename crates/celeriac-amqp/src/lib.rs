@@ -14,13 +14,17 @@
 //! - [`exchanges`]: fanout, direct and topic exchanges (remote control, events): declared as
 //!   Celery declares them, consumed without acknowledgement on a connection of their own.
 //! - [`fields`]: JSON headers to AMQP field tables and back.
+//! - [`rpc`]: Celery's RPC result backend (`rpc://`): results published to the sending client's
+//!   reply queue, read there by correlation id.
 
 pub mod broker;
 pub mod consumer;
 pub mod exchanges;
 pub mod fields;
+pub mod rpc;
 pub mod topology;
 pub mod url;
 
 pub use broker::AmqpBroker;
+pub use rpc::RpcBackend;
 pub use url::AmqpConfig;

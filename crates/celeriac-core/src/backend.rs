@@ -4,13 +4,41 @@
 //! result is never lost with its message. Clients read results with [`ResultBackend::get`] and
 //! wait with [`ResultBackend::wait`], whose default polls with a growing interval (1 ms up to
 //! 50 ms) so it neither spins nor adds much latency; backends with notifications override it.
+//!
+//! Most backends keep results by task id, where any process reads them. Celery's RPC backend
+//! (`rpc://`, in `celeriac-amqp`) instead sends each result to the queue of the client that sent
+//! the task: the worker calls [`ResultBackend::store_for`] with the message's [`ReplyTo`], and the
+//! client asks [`ResultBackend::reply_to`] for the queue to name in each task it sends. Both have
+//! defaults that keep the by-id backends as they are.
 
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
 use crate::error::BackendError;
+use crate::protocol::Message;
 use crate::result::ResultMeta;
+
+/// Where the sender of a task waits for its result: the task message's `reply_to` and
+/// `correlation_id` properties (Celery's `Request.reply_to` / `Request.correlation_id`, used by
+/// its RPC backend's `destination_for`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplyTo<'a> {
+    /// The queue the sender consumes results from (`None` or empty: it named none).
+    pub queue: Option<&'a str>,
+    /// The id to answer with; Celery falls back to the task id when it is absent.
+    pub correlation_id: Option<&'a str>,
+}
+
+impl<'a> ReplyTo<'a> {
+    /// The reply destination a task message names.
+    pub fn of(message: &'a Message) -> Self {
+        ReplyTo {
+            queue: message.properties.reply_to.as_deref().filter(|q| !q.is_empty()),
+            correlation_id: message.properties.correlation_id.as_deref().filter(|c| !c.is_empty()),
+        }
+    }
+}
 
 /// A store of task results.
 #[async_trait]
@@ -20,6 +48,23 @@ pub trait ResultBackend: Send + Sync + 'static {
 
     /// Store (or replace) the result of a task.
     async fn store(&self, meta: &ResultMeta) -> Result<(), BackendError>;
+
+    /// Store the result of a task whose message named `reply` as where its sender waits. The
+    /// worker calls this whenever it has the task's message. Default: [`store`](Self::store), as
+    /// a backend that keeps results by task id has no use for the sender's queue; the RPC
+    /// backend publishes the result to `reply.queue` instead.
+    async fn store_for(&self, meta: &ResultMeta, reply: ReplyTo<'_>) -> Result<(), BackendError> {
+        let _ = reply;
+        self.store(meta).await
+    }
+
+    /// The queue this client's results come back on, to be named as `reply_to` in every task it
+    /// sends, for backends that deliver results to the sender (the RPC backend, which declares
+    /// the queue and starts consuming it on the first call). Default: `None`, results are kept
+    /// where any process can read them and the client names no reply queue.
+    async fn reply_to(&self) -> Result<Option<String>, BackendError> {
+        Ok(None)
+    }
 
     /// Read the result of a task, `None` when nothing is stored (PENDING).
     async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, BackendError>;

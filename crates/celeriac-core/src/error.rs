@@ -91,6 +91,17 @@ pub enum BackendError {
         /// How long was waited.
         waited: Duration,
     },
+    /// The backend cannot do this by its nature (the RPC backend cannot read a result sent to
+    /// another process, nor forget one).
+    #[error("result backend {url} cannot {operation}: {reason}")]
+    Unsupported {
+        /// The backend URL.
+        url: String,
+        /// What was asked.
+        operation: String,
+        /// Why it cannot be done, and what to use instead.
+        reason: String,
+    },
     /// This backend does not store results (`disabled`).
     #[error("results are disabled (no result backend configured)")]
     Disabled,

@@ -27,7 +27,7 @@ pub mod retry;
 pub mod task;
 pub mod telemetry;
 
-pub use backend::ResultBackend;
+pub use backend::{ReplyTo, ResultBackend};
 pub use broadcast::{Binding, ExchangeKind, ExchangeSpec, Exchanges, ForwardedSubscription, Subscription};
 pub use broker::{Acker, Broker, Consumer, DeadLetter, Delivery, QueueInfo};
 pub use compression::{Codec, CompressionError};

@@ -14,7 +14,7 @@ use std::time::Duration;
 use celeriac_core::protocol::format_datetime;
 use celeriac_core::result::ExceptionInfo;
 use celeriac_core::task::TaskError;
-use celeriac_core::{ResultMeta, TaskContext, TaskState};
+use celeriac_core::{ReplyTo, ResultMeta, TaskContext, TaskState};
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use serde_json::Value;
@@ -321,8 +321,8 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 Stats::bump(&shared.stats.failed);
                 let exc = ExceptionInfo::new("WorkerLostError", reason.clone(), "billiard.exceptions");
                 shared.observe.failed(&id, &req.headers.task, &exc, None, Some(runtime));
-                if let Err(e) = shared.backend.store(&ResultMeta::exception(&id, TaskState::Failure, &exc, None)).await
-                {
+                let meta = ResultMeta::exception(&id, TaskState::Failure, &exc, None);
+                if let Err(e) = shared.backend.store_for(&meta, ReplyTo::of(&req.delivery.message)).await {
                     tracing::error!(error = %e, "could not store the result; requeueing");
                     req.requeue().await;
                     return;
@@ -390,7 +390,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
     if let Some(meta) = meta {
         // A RETRY state is informative; FAILURE is stored even for ignore_result tasks (as Celery
         // does with `store_errors_even_if_ignored` off, it would not; we keep errors visible).
-        if let Err(e) = shared.backend.store(&meta).await {
+        if let Err(e) = shared.backend.store_for(&meta, ReplyTo::of(&req.delivery.message)).await {
             tracing::error!(error = %e, "could not store the result; requeueing so it runs again");
             Stats::bump(&shared.stats.requeued);
             req.requeue().await;

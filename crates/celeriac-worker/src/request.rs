@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use celeriac_core::result::ExceptionInfo;
-use celeriac_core::{Delivery, ResultMeta, Task, TaskBody, TaskHeaders, TaskState};
+use celeriac_core::{Delivery, ReplyTo, ResultMeta, Task, TaskBody, TaskHeaders, TaskState};
 use chrono::{DateTime, Utc};
 
 use crate::stats::Stats;
@@ -70,6 +70,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
                     tracing::error!(task_id = %id, task_name = %name, %reason, "dead-lettering message");
                     store_failure(
                         shared,
+                        ReplyTo::of(&delivery.message),
                         id,
                         &ExceptionInfo::new("InvalidTaskError", reason.clone(), "celery.exceptions"),
                     )
@@ -89,8 +90,13 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
         Err(e) => {
             let reason = format!("cannot decode the body of task {name}[{id}]: {e}");
             tracing::error!(task_id = %id, task_name = %name, %reason, "dead-lettering message");
-            store_failure(shared, &id, &ExceptionInfo::new("InvalidTaskError", reason.clone(), "celery.exceptions"))
-                .await;
+            store_failure(
+                shared,
+                ReplyTo::of(&delivery.message),
+                &id,
+                &ExceptionInfo::new("InvalidTaskError", reason.clone(), "celery.exceptions"),
+            )
+            .await;
             shared.observe.rejected(&id, &name);
             dead_letter(shared, delivery, &reason).await;
             return None;
@@ -99,7 +105,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
     let Some(task) = shared.registry.get(&name) else {
         tracing::error!(task_id = %id, task_name = %name, queue = %delivery.queue, "received an unregistered task; storing NotRegistered");
         let exc = ExceptionInfo::new("NotRegistered", format!("'{name}'"), "celery.exceptions");
-        store_failure(shared, &id, &exc).await;
+        store_failure(shared, ReplyTo::of(&delivery.message), &id, &exc).await;
         Stats::bump(&shared.stats.failed);
         shared.observe.failed(&id, &name, &exc, None, None);
         ack(delivery, &id).await;
@@ -112,7 +118,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
         );
         tracing::error!(task_id = %id, task_name = %name, %reason, "poison message: failing and dead-lettering");
         let exc = ExceptionInfo::new("WorkerLostError", reason.clone(), "billiard.exceptions");
-        store_failure(shared, &id, &exc).await;
+        store_failure(shared, ReplyTo::of(&delivery.message), &id, &exc).await;
         Stats::bump(&shared.stats.failed);
         shared.observe.failed(&id, &name, &exc, None, None);
         dead_letter(shared, delivery, &reason).await;
@@ -122,7 +128,12 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
         tracing::warn!(task_id = %id, task_name = %name, expires = %expires, "task expired before it ran; revoking");
         if !headers.ignore_result {
             let exc = ExceptionInfo::new("TaskRevokedError", "expired", "celery.exceptions");
-            store_meta(shared, &ResultMeta::exception(&id, TaskState::Revoked, &exc, None)).await;
+            store_meta(
+                shared,
+                ReplyTo::of(&delivery.message),
+                &ResultMeta::exception(&id, TaskState::Revoked, &exc, None),
+            )
+            .await;
         }
         Stats::bump(&shared.stats.revoked);
         shared.observe.revoked(&id, &name, true);
@@ -133,7 +144,8 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
         tracing::info!(task_id = %id, task_name = %name, "task was revoked; not running it");
         shared.observe.revoked_by_control(&id, &name, false, None);
         let exc = ExceptionInfo::new("TaskRevokedError", "revoked", "celery.exceptions");
-        store_meta(shared, &ResultMeta::exception(&id, TaskState::Revoked, &exc, None)).await;
+        store_meta(shared, ReplyTo::of(&delivery.message), &ResultMeta::exception(&id, TaskState::Revoked, &exc, None))
+            .await;
         Stats::bump(&shared.stats.revoked);
         ack(delivery, &id).await;
         return None;
@@ -152,12 +164,12 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
     Some(req)
 }
 
-async fn store_failure(shared: &Shared, id: &str, exc: &ExceptionInfo) {
-    store_meta(shared, &ResultMeta::exception(id, TaskState::Failure, exc, None)).await;
+async fn store_failure(shared: &Shared, reply: ReplyTo<'_>, id: &str, exc: &ExceptionInfo) {
+    store_meta(shared, reply, &ResultMeta::exception(id, TaskState::Failure, exc, None)).await;
 }
 
-async fn store_meta(shared: &Shared, meta: &ResultMeta) {
-    if let Err(e) = shared.backend.store(meta).await {
+async fn store_meta(shared: &Shared, reply: ReplyTo<'_>, meta: &ResultMeta) {
+    if let Err(e) = shared.backend.store_for(meta, reply).await {
         tracing::warn!(task_id = %meta.task_id, error = %e, "could not store the result");
     }
 }

@@ -59,6 +59,15 @@ pub enum PublishError {
         /// The last attempt's error.
         source: BrokerError,
     },
+    /// The result backend could not set up the queue the result is to come back on (`rpc://`
+    /// declares the client's reply queue before the first send).
+    #[error("cannot send task {task}: no reply queue for its result: {source}")]
+    ReplyQueue {
+        /// The task name.
+        task: String,
+        /// The backend's error.
+        source: BackendError,
+    },
 }
 
 /// Why a result could not be read.
@@ -435,9 +444,15 @@ impl Client {
         args_tuple: bool,
     ) -> Result<AsyncResult, PublishError> {
         let queue = options.queue.clone().unwrap_or_else(|| self.default_queue.clone());
-        let message = self
+        let mut message = self
             .build_message(name, args, kwargs, &options, args_tuple)
             .map_err(|source| PublishError::Encode { task: name.to_string(), source })?;
+        // The RPC backend's results come back on this client's reply queue (Celery's `reply_to`).
+        message.properties.reply_to = self
+            .backend
+            .reply_to()
+            .await
+            .map_err(|source| PublishError::ReplyQueue { task: name.to_string(), source })?;
         let id = message.task_id().unwrap_or_default().to_string();
         self.publish_with_policy(name, &queue, &message).await?;
         tracing::debug!(task_id = %id, task_name = %name, %queue, "task sent");

@@ -2,8 +2,10 @@
 //!
 //! `sqlite://` is the embedded default; `amqp://` is RabbitMQ; `redis://` is Redis, as a broker
 //! (kombu's layout, shared with Python Celery) and as a result backend. `rediss://` (TLS) is
-//! refused with a message saying so. Schemes of transports that are not built yet are refused
-//! with a message naming them, never silently mapped to something else.
+//! refused with a message saying so. `rpc://` (Celery's RPC result backend) needs an `amqp://`
+//! broker, whose connection settings it uses; with any other broker it is refused, naming both.
+//! Unknown schemes are refused with a message naming them, never silently mapped to something
+//! else.
 //!
 //! As in Celery, a broker never implies a result backend: only the embedded SQLite broker stores
 //! results in its own file when no backend is named; with `amqp://` or `redis://` and no
@@ -11,7 +13,7 @@
 
 use std::sync::Arc;
 
-use celeriac_amqp::AmqpBroker;
+use celeriac_amqp::{AmqpBroker, RpcBackend};
 use celeriac_core::backend::DisabledBackend;
 use celeriac_core::{BackendError, Broker, BrokerError, ResultBackend};
 use celeriac_redis::{RedisBackend, RedisBroker};
@@ -78,12 +80,19 @@ pub fn backend(url: Option<&str>, broker_url: &str) -> Result<Arc<dyn ResultBack
         "sqlite" => Ok(Arc::new(SqliteBackend::open(url)?)),
         "disabled" => Ok(Arc::new(DisabledBackend)),
         "redis" | "rediss" => Ok(Arc::new(RedisBackend::open(url)?)),
-        "rpc" => Err(BackendError::BadUrl {
-            url: redact(url),
-            reason: format!("the {} result backend is not available in this build yet (use sqlite://)", scheme(url)),
-        }
-        .into()),
-        _ => Err(ConnectError::UnknownScheme { url: redact(url), known: "sqlite://, redis://, disabled://" }),
+        "rpc" => match scheme(broker_url) {
+            "amqp" | "amqps" | "pyamqp" => Ok(Arc::new(RpcBackend::open(url, broker_url)?)),
+            other => Err(BackendError::BadUrl {
+                url: redact(url),
+                reason: format!(
+                    "the rpc:// result backend sends results over an AMQP broker's reply queues, and the broker \
+                     {} is {other}://, not amqp://: use redis:// or sqlite:// for results",
+                    redact(broker_url)
+                ),
+            }
+            .into()),
+        },
+        _ => Err(ConnectError::UnknownScheme { url: redact(url), known: "sqlite://, redis://, rpc://, disabled://" }),
     }
 }
 
@@ -134,5 +143,19 @@ mod tests {
         assert!(e.is_configuration() && e.to_string().contains("bogus"), "{e}");
         let none = backend(None, "redis://127.0.0.1:6379/5").unwrap();
         assert!(none.url().starts_with("disabled"), "{}", none.url());
+    }
+
+    #[test]
+    fn rpc_needs_an_amqp_broker() {
+        let rpc = backend(Some("rpc://"), "amqp://guest:guest@127.0.0.1:5672//").unwrap();
+        assert_eq!(rpc.url(), "rpc://");
+        for broker in ["redis://:pw@127.0.0.1:6379/5", "sqlite://x.db"] {
+            let e = backend(Some("rpc://"), broker).err().unwrap();
+            assert!(e.is_configuration(), "{e}");
+            let text = e.to_string();
+            assert!(text.contains("rpc://") && text.contains("not amqp://") && !text.contains("pw"), "{text}");
+        }
+        let e = backend(Some("rpc://?bogus=1"), "amqp://127.0.0.1//").err().unwrap();
+        assert!(e.is_configuration() && e.to_string().contains("bogus"), "{e}");
     }
 }

@@ -67,7 +67,7 @@ impl From<BrokerError> for CliError {
 impl From<BackendError> for CliError {
     fn from(e: BackendError) -> Self {
         let code = match e {
-            BackendError::BadUrl { .. } | BackendError::Disabled => 2,
+            BackendError::BadUrl { .. } | BackendError::Disabled | BackendError::Unsupported { .. } => 2,
             BackendError::Unreachable { .. } => 3,
             _ => 1,
         };
@@ -481,6 +481,7 @@ async fn send(broker_url: &str, backend_url: Option<&str>, args: SendArgs) -> Cl
     let res = client.send_task(&args.name, positional, kwargs, options).await.map_err(|e| match e {
         e @ crate::PublishError::Unreachable { .. } => CliError { code: 3, message: e.to_string() },
         crate::PublishError::Broker { source, .. } => CliError::from(source),
+        e @ crate::PublishError::ReplyQueue { .. } => CliError { code: 3, message: e.to_string() },
         other => CliError::usage(other.to_string()),
     })?;
     if !args.out.wait {
