@@ -6,14 +6,18 @@
 //! a capped backoff (0.5 s doubling to 30 s) and starts again; the worker never exits because the
 //! broker went away.
 //!
-//! Each channel has a *settler* task. Rejections are sent at once; acknowledgements are collected
-//! and sent as one `basic.ack(multiple)` up to the highest tag below which every delivery is
-//! settled. They are sent
+//! Each channel has a *settler* task. Rejections are sent at once. Acknowledgements are collected
+//! and sent as one `basic.ack(multiple)` for those below the lowest delivery the worker still
+//! holds, and one `basic.ack` each for those above it (a multiple acknowledgement would take the
+//! held delivery with it), so a delivery held for a long time (an ETA task waiting for its time, a
+//! long task) never delays the acknowledgement of another. They are sent
 //! - at once when every delivery received so far is settled (nothing else could join the batch
 //!   soon, so waiting would only delay the next deliveries and the publisher's confirm);
 //! - at once when a batch is full: 100, or a quarter of the prefetch when that is smaller, since
 //!   RabbitMQ delivers nothing more while `prefetch` deliveries are unacknowledged and a batch as
-//!   large as the window would stall it;
+//!   large as the window would stall it (counted separately below and above the lowest held
+//!   delivery, so acknowledgements above a held one go out one by one only when a batch of them
+//!   has waited);
 //! - otherwise 2 ms after the last settlement, and on flush.
 //!
 //! The prefetch is a channel-wide limit (`basic.qos` with `global`, as Celery sets it on
@@ -25,7 +29,6 @@
 //! gone, nothing is sent (a tag is meaningless on another channel) and RabbitMQ redelivers the
 //! message.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +66,8 @@ pub struct AmqpConsumer {
     prefetch: watch::Sender<u16>,
     /// Whether the prefetch can change while consuming (not on quorum queues).
     adjustable: bool,
+    /// The warning that the window hit RabbitMQ's limit was logged.
+    clamp_logged: bool,
 }
 
 /// The connection in use and its settler.
@@ -84,7 +89,7 @@ impl AmqpConsumer {
         let session = open_session(&config, &queues, prefetch).await?;
         let adjustable = !config.quorum;
         tokio::spawn(run(config, queues, prefetch_rx, tx, stop_rx, current.clone(), Some(session)));
-        Ok(AmqpConsumer { rx, stop, current, prefetch: prefetch_tx, adjustable })
+        Ok(AmqpConsumer { rx, stop, current, prefetch: prefetch_tx, adjustable, clamp_logged: false })
     }
 }
 
@@ -289,9 +294,101 @@ impl Drop for AmqpAcker {
     }
 }
 
-/// How many contiguous acknowledgements make a full batch for a consumer with this prefetch.
+/// How many acknowledgements make a full batch for a consumer with this prefetch.
 fn ack_batch(prefetch: u16) -> u64 {
     (u64::from(prefetch) / 4).clamp(1, ACK_FLUSH_BATCH)
+}
+
+/// What one channel's settler knows: the deliveries the worker still holds and the
+/// acknowledgements not yet sent. Both are bounded by the prefetch window (plus the ETA tasks held,
+/// which widen it), whatever the channel's age.
+///
+/// An acknowledgement can go out in two ways. `basic.ack(multiple)` at tag T acknowledges every
+/// unacknowledged delivery up to T, so it may only be sent for the acknowledgements *below the
+/// lowest delivery still held* (the prefix); those go as one frame. An acknowledgement above a
+/// held delivery (an ETA task waiting for its time, a long task) can only go alone
+/// (`basic.ack(tag)`), which is what keeps a held delivery from blocking every acknowledgement
+/// after it, and with them RabbitMQ's window.
+#[derive(Debug, Default)]
+struct AckBook {
+    /// The highest tag the settler has seen handed out.
+    delivered: u64,
+    /// Tags handed to the worker and not yet settled by it.
+    held: std::collections::BTreeSet<u64>,
+    /// Tags the worker acknowledged that RabbitMQ has not been told of.
+    ready: std::collections::BTreeSet<u64>,
+}
+
+/// Frames to send for the acknowledgements collected so far.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct AckFrames {
+    /// One `basic.ack(multiple)` at this tag.
+    multiple: Option<u64>,
+    /// One `basic.ack` each.
+    singles: Vec<u64>,
+}
+
+impl AckBook {
+    /// Deliveries up to `tag` have been handed out (tags are consecutive on a channel).
+    fn delivered_upto(&mut self, tag: u64) {
+        if tag > self.delivered {
+            self.held.extend(self.delivered + 1..=tag);
+            self.delivered = tag;
+        }
+    }
+
+    /// The worker acknowledged `tag`.
+    fn acked(&mut self, tag: u64) {
+        self.delivered_upto(tag);
+        if self.held.remove(&tag) {
+            self.ready.insert(tag);
+        }
+    }
+
+    /// The worker rejected `tag` (sent at once, so it is settled).
+    fn rejected(&mut self, tag: u64) {
+        self.delivered_upto(tag);
+        self.held.remove(&tag);
+    }
+
+    /// The lowest tag still held, or one past the last delivery.
+    fn lowest_held(&self) -> u64 {
+        self.held.first().copied().unwrap_or(self.delivered + 1)
+    }
+
+    /// Whether anything is waiting to be sent.
+    fn dirty(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Whether the acknowledgements waiting make a batch worth sending now: `batch` of them in
+    /// the prefix, or `batch` above a held delivery (which can only go one by one), or every
+    /// delivery settled (nothing else could join the batch soon, so waiting would only delay the
+    /// next deliveries and the publisher's confirm).
+    fn due(&self, batch: u64) -> bool {
+        if self.ready.is_empty() {
+            return false;
+        }
+        if self.held.is_empty() {
+            return true;
+        }
+        let n = self.ready.len() as u64;
+        n >= batch && {
+            let low = self.lowest_held();
+            let below = self.ready.range(..low).count() as u64;
+            below >= batch || n - below >= batch
+        }
+    }
+
+    /// Take the frames that acknowledge everything waiting: the prefix as one multiple
+    /// acknowledgement, the rest one by one.
+    fn take(&mut self) -> AckFrames {
+        let low = self.lowest_held();
+        let above = self.ready.split_off(&low);
+        let multiple = self.ready.last().copied();
+        self.ready.clear();
+        AckFrames { multiple, singles: above.into_iter().collect() }
+    }
 }
 
 /// Settle deliveries of one channel, acknowledging in batches. `delivered` is the highest tag
@@ -302,18 +399,13 @@ async fn settler(
     window: Arc<AtomicU16>,
     delivered: Arc<AtomicU64>,
 ) {
-    // Tags settled but not yet covered by the contiguous prefix: tag -> is an ack.
-    let mut done: BTreeMap<u64, bool> = BTreeMap::new();
-    let mut next_expected = 1u64;
-    let mut ack_upto = 0u64; // highest acked tag in the settled prefix
-    let mut sent_upto = 0u64; // highest tag acknowledged to RabbitMQ
+    let mut book = AckBook::default();
     loop {
-        let dirty = ack_upto > sent_upto;
-        let op = if dirty {
+        let op = if book.dirty() {
             tokio::select! {
                 op = rx.recv() => op,
                 _ = tokio::time::sleep(ACK_FLUSH_DELAY) => {
-                    flush(&channel, ack_upto, &mut sent_upto).await;
+                    flush(&channel, &mut book).await;
                     continue;
                 }
             }
@@ -321,47 +413,41 @@ async fn settler(
             rx.recv().await
         };
         match op {
-            Some(SettleOp::Ack(tag)) => {
-                done.insert(tag, true);
-            }
+            Some(SettleOp::Ack(tag)) => book.acked(tag),
             Some(SettleOp::Reject(tag, requeue)) => {
                 if let Err(e) = channel.basic_reject(tag, BasicRejectOptions { requeue }).await {
                     tracing::debug!(error = %e, tag, "reject not sent; the message will be redelivered");
                 }
-                done.insert(tag, false);
+                book.rejected(tag);
             }
             Some(SettleOp::Flush(reply)) => {
-                flush(&channel, ack_upto, &mut sent_upto).await;
+                flush(&channel, &mut book).await;
                 let _ = reply.send(());
                 continue;
             }
             None => {
-                flush(&channel, ack_upto, &mut sent_upto).await;
+                flush(&channel, &mut book).await;
                 return;
             }
         }
-        while let Some(is_ack) = done.remove(&next_expected) {
-            if is_ack {
-                ack_upto = next_expected;
-            }
-            next_expected += 1;
-        }
-        // Every tag below `next_expected` is settled; if that covers every delivery so far, no
-        // acknowledgement is about to join this batch.
-        let caught_up = next_expected > delivered.load(Ordering::Acquire);
-        let batch = ack_batch(window.load(Ordering::Acquire));
-        if ack_upto >= sent_upto + batch || (caught_up && ack_upto > sent_upto) {
-            flush(&channel, ack_upto, &mut sent_upto).await;
+        book.delivered_upto(delivered.load(Ordering::Acquire));
+        if book.due(ack_batch(window.load(Ordering::Acquire))) {
+            flush(&channel, &mut book).await;
         }
     }
 }
 
-async fn flush(channel: &Channel, ack_upto: u64, sent_upto: &mut u64) {
-    if ack_upto > *sent_upto {
-        if let Err(e) = channel.basic_ack(ack_upto, BasicAckOptions { multiple: true }).await {
-            tracing::debug!(error = %e, ack_upto, "acks not sent; the messages will be redelivered");
+async fn flush(channel: &Channel, book: &mut AckBook) {
+    let frames = book.take();
+    if let Some(tag) = frames.multiple {
+        if let Err(e) = channel.basic_ack(tag, BasicAckOptions { multiple: true }).await {
+            tracing::debug!(error = %e, tag, "acks not sent; the messages will be redelivered");
         }
-        *sent_upto = ack_upto;
+    }
+    for tag in frames.singles {
+        if let Err(e) = channel.basic_ack(tag, BasicAckOptions { multiple: false }).await {
+            tracing::debug!(error = %e, tag, "ack not sent; the message will be redelivered");
+        }
     }
 }
 
@@ -376,6 +462,14 @@ impl Consumer for AmqpConsumer {
             return false;
         }
         let n = clamp_prefetch(prefetch);
+        if n as usize != prefetch.max(1) && !self.clamp_logged {
+            self.clamp_logged = true;
+            tracing::warn!(
+                wanted = prefetch,
+                prefetch = n,
+                "RabbitMQ's prefetch count cannot exceed 65535: with this many ETA tasks held, ready tasks get what is left of the window"
+            );
+        }
         self.prefetch.send_if_modified(|p| std::mem::replace(p, n) != n);
         true
     }
@@ -397,5 +491,89 @@ impl Consumer for AmqpConsumer {
             }
             let _ = tokio::time::timeout(Duration::from_secs(2), live.conn.close(200, "worker stopped".into())).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_order_acks_go_as_one_multiple_ack() {
+        let mut book = AckBook::default();
+        book.delivered_upto(5);
+        for tag in 1..=4 {
+            book.acked(tag);
+            assert!(!book.due(100), "tag 5 is still held and the batch is not full");
+        }
+        book.acked(5);
+        assert!(book.due(100), "everything delivered is settled");
+        assert_eq!(book.take(), AckFrames { multiple: Some(5), singles: vec![] });
+        assert!(!book.dirty());
+    }
+
+    #[test]
+    fn a_held_delivery_never_blocks_the_acks_after_it() {
+        // Tag 1 is an ETA task held for an hour; 2..=6 are quick tasks acknowledged in turn.
+        let mut book = AckBook::default();
+        book.delivered_upto(6);
+        for tag in 2..=6 {
+            book.acked(tag);
+        }
+        assert!(book.due(4), "a batch of acknowledgements waits above the held delivery");
+        assert_eq!(book.take(), AckFrames { multiple: None, singles: vec![2, 3, 4, 5, 6] });
+        // More deliveries after it: still one by one, and never a multiple ack covering tag 1.
+        book.delivered_upto(8);
+        book.acked(8);
+        book.acked(7);
+        assert_eq!(book.take(), AckFrames { multiple: None, singles: vec![7, 8] });
+        // The held one settles at last: it goes alone (everything below it is long settled).
+        book.acked(1);
+        assert!(book.due(100));
+        assert_eq!(book.take(), AckFrames { multiple: Some(1), singles: vec![] });
+    }
+
+    #[test]
+    fn the_prefix_goes_as_one_frame_and_the_rest_alone() {
+        let mut book = AckBook::default();
+        book.delivered_upto(10);
+        for tag in [1, 2, 3, 5, 6] {
+            book.acked(tag);
+        }
+        book.rejected(7);
+        // 4 is held (a long task): 1..=3 as one multiple ack, 5 and 6 alone; 7 was rejected.
+        assert_eq!(book.take(), AckFrames { multiple: Some(3), singles: vec![5, 6] });
+        book.acked(4);
+        book.acked(8);
+        // 9 and 10 held: 4 and 8 are below the lowest held tag, one multiple ack covers both,
+        // and skips 5, 6 (acknowledged) and 7 (rejected), which RabbitMQ no longer holds.
+        assert_eq!(book.take(), AckFrames { multiple: Some(8), singles: vec![] });
+    }
+
+    #[test]
+    fn a_full_batch_is_counted_on_each_side_of_a_held_delivery() {
+        let mut book = AckBook::default();
+        book.delivered_upto(20);
+        // 1 held; 2..=4 acked above it: below the batch of 4.
+        for tag in 2..=4 {
+            book.acked(tag);
+        }
+        assert!(!book.due(4));
+        book.acked(5);
+        assert!(book.due(4));
+        let mut book = AckBook::default();
+        book.delivered_upto(20);
+        for tag in 1..=4 {
+            book.acked(tag);
+        }
+        assert!(book.due(4), "four in the prefix, 5..=20 still held");
+    }
+
+    #[test]
+    fn acks_for_tags_not_yet_seen_as_delivered_count() {
+        let mut book = AckBook::default();
+        book.acked(3);
+        assert_eq!(book.held.iter().copied().collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(book.take(), AckFrames { multiple: None, singles: vec![3] });
     }
 }

@@ -273,24 +273,6 @@ fn restart_proxy(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<(
     })
 }
 
-/// The worker's channel as RabbitMQ sees it: (channel-wide prefetch, unacknowledged deliveries).
-fn worker_channel(vhost: &TestVhost) -> Option<(u64, u64)> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["list_channels", "-q", "--no-table-headers", "vhost", "consumer_count"])
-        .args(["global_prefetch_count", "messages_unacknowledged"])
-        .output()
-        .expect("rabbitmqctl");
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        match f.as_slice() {
-            [v, consumers, prefetch, unacked] if *v == vhost.name && *consumers != "0" => {
-                Some((prefetch.parse().ok()?, unacked.parse().ok()?))
-            }
-            _ => None,
-        }
-    })
-}
-
 /// Celery's window (concurrency x multiplier) for long tasks, so no worker hoards work others
 /// could do; a wider one while tasks are short, so the worker is not left waiting on the broker;
 /// and back to Celery's once idle.
@@ -310,7 +292,7 @@ async fn the_prefetch_window_stays_at_celerys_for_long_tasks_and_widens_for_shor
     // Long tasks: 120 x 0.2 s on two slots is 12 s of work; RabbitMQ never has more than 8 out.
     let mut samples = Vec::new();
     while samples.len() < 3 {
-        if let Some(s) = worker_channel(&vhost) {
+        if let Some(s) = vhost.worker_channel() {
             samples.push(s);
         }
     }
@@ -338,7 +320,7 @@ async fn the_prefetch_window_stays_at_celerys_for_long_tasks_and_widens_for_shor
     let mut widest = 0;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        if let Some((prefetch, _)) = worker_channel(&vhost) {
+        if let Some((prefetch, _)) = vhost.worker_channel() {
             widest = widest.max(prefetch);
         }
         let ready = client.broker().queues(&["window".into()]).await.unwrap()[0].ready;
@@ -351,7 +333,7 @@ async fn the_prefetch_window_stays_at_celerys_for_long_tasks_and_widens_for_shor
     // Idle again: back to Celery's window.
     let mut now = (0, 0);
     common::wait_until("the window to come back to 8", Duration::from_secs(60), || {
-        now = worker_channel(&vhost).unwrap_or_default();
+        now = vhost.worker_channel().unwrap_or_default();
         now.0 == 8
     });
     println!("window widened to {widest} for short tasks; back to {} when idle", now.0);

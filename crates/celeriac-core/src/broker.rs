@@ -133,6 +133,13 @@ pub trait Acker: Send + Sync {
         let _ = reason;
         self.reject(false).await
     }
+    /// The message was never started: give it back so that another consumer can take it, as
+    /// near the front of its queue as the transport allows, and without counting it as a failed
+    /// delivery where the transport can avoid it. Default: [`Acker::reject`] with `requeue`
+    /// (RabbitMQ puts a rejected message back in its place).
+    async fn release(self: Box<Self>) -> Result<(), BrokerError> {
+        self.reject(true).await
+    }
 }
 
 /// One message handed to a consumer, to be settled exactly once.
@@ -176,6 +183,11 @@ impl Delivery {
     /// Reject: put back (`requeue`) or drop.
     pub async fn reject(self, requeue: bool) -> Result<(), BrokerError> {
         self.acker.reject(requeue).await
+    }
+
+    /// Give back a message that was never started, for another consumer (see [`Acker::release`]).
+    pub async fn release(self) -> Result<(), BrokerError> {
+        self.acker.release().await
     }
 
     /// Move aside as unprocessable, with the reason.

@@ -707,6 +707,7 @@ fn stats(ctx: &Context) -> Value {
         "counters": {
             "received": c.received, "succeeded": c.succeeded, "failed": c.failed, "retried": c.retried,
             "revoked": c.revoked, "dead_lettered": c.dead_lettered, "requeued": c.requeued,
+            "released": c.released,
         },
         "sw_ident": "celeriac",
         "sw_ver": env!("CARGO_PKG_VERSION"),

@@ -142,6 +142,7 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
         Ok(signal) = terminate.wait_for(Option::is_some) => Outcome::Revoked("terminated", *signal),
     };
     let runtime = started.elapsed();
+    shared.runtimes.lock().unwrap_or_else(|p| p.into_inner()).record(runtime);
     // The slot is free as soon as the task is done; settling does not need it.
     drop((permit, in_flight));
     settle(&shared, req, outcome, runtime).await;
@@ -197,6 +198,7 @@ pub(crate) async fn hold_then_run(
     eta: DateTime<Utc>,
     slots: Arc<Semaphore>,
     mut level: watch::Receiver<ShutdownLevel>,
+    held: HeldGuard,
 ) {
     let span = task_span(&req);
     async move {
@@ -248,10 +250,31 @@ pub(crate) async fn hold_then_run(
                 return;
             }
         };
+        // Running now: counted among the slots in use, no longer among the held.
+        drop(held);
         run_inner(shared, req, permit).await
     }
     .instrument(span)
     .await
+}
+
+/// One delivery held for its ETA (or its turn under a rate limit) without a slot, counted while
+/// it lives: the worker widens the prefetch window by the number held (see
+/// [`crate::prefetch::wanted`]).
+pub(crate) struct HeldGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl HeldGuard {
+    /// Count one more held delivery until the guard is dropped.
+    pub(crate) fn new(count: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        HeldGuard(count)
+    }
+}
+
+impl Drop for HeldGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Resolves once shutdown has begun.

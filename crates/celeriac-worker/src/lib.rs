@@ -16,8 +16,12 @@
 //! - [`control`]: the worker's node in Celery's pidbox (remote control).
 //! - `consumers`: the queues consumed, changeable at run time (`add_consumer`).
 //!
-//! The main loop ([`Worker::run`]) pulls from one [`Consumer`](celeriac_core::Consumer) and runs at
-//! most `concurrency` tasks at once; the broker's prefetch bounds how many more wait in reserve.
+//! The main loop ([`Worker::run`]) pulls from the [`Consumer`](celeriac_core::Consumer)s and runs at
+//! most `concurrency` tasks at once. It keeps taking deliveries whatever the slots are doing: a
+//! delivery whose ETA is later is held without a slot (and widens the window by one), one that can
+//! run waits in the ready queue, and a ready queue stuck behind busy slots is given back to the
+//! broker for other workers (see [`prefetch`] and ARCHITECTURE.md, "The window and the
+//! acknowledgements").
 
 mod consumers;
 pub mod control;
@@ -138,6 +142,8 @@ pub(crate) struct Shared {
     pub state: Arc<state::WorkerState>,
     /// One permit per task that may run at once.
     pub slots: Arc<Semaphore>,
+    /// How long the last tasks ran (how long the ready reserve may wait for a slot).
+    pub runtimes: std::sync::Mutex<prefetch::RecentRuntimes>,
 }
 
 impl Shared {
@@ -211,6 +217,65 @@ fn spawn_heartbeat(
             events.send("worker-heartbeat", fields());
         }
     })
+}
+
+/// Tasks running now: the pool's slots in use.
+fn running_now(slots: &Semaphore, concurrency: &std::sync::atomic::AtomicUsize) -> usize {
+    concurrency.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(slots.available_permits())
+}
+
+/// Give the transport a new window if it differs from the one applied; returns the one applied.
+/// A transport that cannot change it keeps its first window, and adaptation stops.
+fn set_window(consumers: &mut consumers::Consumers, adapt: &mut bool, want: usize, applied: usize) -> usize {
+    if want == applied {
+        return applied;
+    }
+    *adapt = consumers.set_prefetch(want);
+    if *adapt {
+        tracing::debug!(prefetch = want, "prefetch window changed");
+    }
+    want
+}
+
+/// Hold a request whose ETA (or turn under its rate limit) is later, without a slot, counting it
+/// in `held` until it gets its slot; returns the request when it can run now.
+fn hold_if_due_later(
+    shared: &Arc<Shared>,
+    mut req: request::Request,
+    slots: &Arc<Semaphore>,
+    shutdown: &Shutdown,
+    held: &Arc<std::sync::atomic::AtomicUsize>,
+    running: &mut JoinSet<()>,
+) -> Option<request::Request> {
+    let turn = match req.eta_in_future() {
+        Some(eta) => eta,
+        None => {
+            // A rate-limited task waits for its turn without a slot, so other tasks keep the pool.
+            req.rate_turn_taken = true;
+            match shared.state.rate_wait(&req.headers.task) {
+                Some(wait) => chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
+                None => return Some(req),
+            }
+        }
+    };
+    let guard = execute::HeldGuard::new(held.clone());
+    let hold = execute::hold_then_run(shared.clone(), req, turn, slots.clone(), shutdown.subscribe(), guard);
+    running.spawn(Box::pin(hold));
+    None
+}
+
+/// Give every ready request back to the broker, unstarted, for a worker with a free slot.
+async fn give_back(shared: &Shared, ready: &mut std::collections::VecDeque<request::Request>) {
+    let n = ready.len();
+    if n == 0 {
+        return;
+    }
+    tracing::debug!(
+        released = n,
+        "every slot busy: giving back the tasks waiting for one, for workers with a free slot"
+    );
+    shared.stats.released.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    futures::future::join_all(ready.drain(..).map(request::Request::release)).await;
 }
 
 /// Aborts a task when dropped.
@@ -346,6 +411,7 @@ impl Worker {
             },
             state: Default::default(),
             slots: slots.clone(),
+            runtimes: Default::default(),
         });
         let _status_dump = spawn_status_dump(shared.clone());
         let _heartbeat = match (&events, cfg.events.worker_events) {
@@ -379,67 +445,100 @@ impl Worker {
         let mut ticks = tokio::time::interval(prefetch::TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Ticks run while the transport can change its prefetch: to widen the window for short
-        // tasks, and to follow a resized pool.
-        let mut adapt = true;
+        // tasks, to follow a resized pool, to make room for held ETA tasks and to give back a
+        // reserve stuck behind long tasks. A transport that cannot (SQLite, which delivers ETA
+        // tasks itself; quorum queues) keeps its first window, and nothing is given back (the
+        // same consumer would take it again at once).
+        let mut adapt = consumers.set_prefetch(prefetch);
+        // The window last given to the transport.
+        let mut applied = prefetch;
+        // Validated requests waiting for a slot, oldest first (the ready reserve).
+        let mut ready: std::collections::VecDeque<request::Request> = std::collections::VecDeque::new();
+        let mut reserve = prefetch::Reserve::default();
+        let mut give_back_check = tokio::time::interval(prefetch::GIVE_BACK_CHECK);
+        give_back_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Deliveries held for an ETA or a rate limit, without a slot: each widens the window.
+        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
         'consume: loop {
             if *level.borrow() != ShutdownLevel::Running {
                 break;
             }
+            let mut reapply = false;
             tokio::select! {
                 biased;
                 _ = level.changed() => continue,
                 Some(_) = running.join_next(), if !running.is_empty() => {
                     window.completed();
-                    continue;
+                    reapply = slots.available_permits() > 0 && reserve.unblock();
                 }
                 _ = ticks.tick(), if adapt => {
                     let slots_now = concurrency.load(std::sync::atomic::Ordering::Relaxed);
                     window.set_base(slots_now.saturating_mul(cfg.prefetch_multiplier.max(1)));
-                    if let Some(n) = window.tick(std::time::Instant::now()) {
-                        // A transport that cannot change it keeps the first window.
-                        adapt = consumers.set_prefetch(n);
-                        if adapt {
-                            tracing::debug!(prefetch = n, "prefetch window changed");
+                    window.tick(std::time::Instant::now());
+                    if slots.available_permits() > 0 {
+                        reserve.unblock();
+                    }
+                    reapply = true;
+                }
+                _ = give_back_check.tick(), if adapt && !ready.is_empty() => {
+                    let typical = shared.runtimes.lock().unwrap_or_else(|p| p.into_inner()).typical();
+                    let after = prefetch::give_back_after(typical);
+                    if reserve.give_back(std::time::Instant::now(), slots.available_permits(), after) {
+                        // Shrink the window first, so the broker does not hand the reserve
+                        // straight back, then give back what is ready (and what the transport has
+                        // already received).
+                        let held_now = held.load(std::sync::atomic::Ordering::Relaxed);
+                        let want = prefetch::wanted(0, running_now(&slots, &concurrency), held_now, true);
+                        applied = set_window(&mut consumers, &mut adapt, want, applied);
+                        while let Some(Ok(delivery)) = futures::FutureExt::now_or_never(consumers.next()) {
+                            if let Some(req) = request::prepare(&shared, delivery).await {
+                                if let Some(req) = hold_if_due_later(&shared, req, &slots, &shutdown, &held, &mut running) {
+                                    ready.push_back(req);
+                                }
+                            }
                         }
+                        give_back(&shared, &mut ready).await;
+                        reserve.emptied();
                     }
                     continue;
                 }
                 Some(command) = queue_rx.recv() => consumers.apply(command).await,
-                next = consumers.next() => match next {
-                    Ok(delivery) => {
-                        broker_errors = 0;
-                        let Some(mut req) = request::prepare(&shared, delivery).await else { continue };
-                        if let Some(eta) = req.eta_in_future() {
-                            let held = execute::hold_then_run(shared.clone(), req, eta, slots.clone(), shutdown.subscribe());
-                            running.spawn(Box::pin(held));
-                            continue;
-                        }
-                        // A rate-limited task waits for its turn without a slot, so other tasks
-                        // keep the pool.
-                        req.rate_turn_taken = true;
-                        if let Some(wait) = shared.state.rate_wait(&req.headers.task) {
-                            let turn = chrono::Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
-                            let held = execute::hold_then_run(shared.clone(), req, turn, slots.clone(), shutdown.subscribe());
-                            running.spawn(Box::pin(held));
-                            continue;
-                        }
-                        // Wait for a free slot, but give the delivery back if asked to stop.
-                        let permit = tokio::select! {
-                            biased;
-                            _ = reached(&mut level, ShutdownLevel::Warm) => {
-                                req.requeue().await;
-                                break 'consume;
-                            }
-                            p = slots.clone().acquire_owned() => match p {
-                                Ok(p) => p,
-                                Err(_) => break 'consume,
-                            },
-                        };
+                permit = slots.clone().acquire_owned(), if !ready.is_empty() => {
+                    let Ok(permit) = permit else { break 'consume };
+                    if let Some(req) = ready.pop_front() {
+                        reserve.started(std::time::Instant::now(), !ready.is_empty());
                         // Boxed: the task's state is large, and tokio moves a spawned future's
                         // state several times (into the task, out as its output); a box is moved
                         // as a pointer.
                         running.spawn(Box::pin(execute::run(shared.clone(), req, permit)));
+                    }
+                    continue;
+                }
+                next = consumers.next() => match next {
+                    Ok(delivery) => {
+                        broker_errors = 0;
+                        let Some(req) = request::prepare(&shared, delivery).await else { continue };
+                        match hold_if_due_later(&shared, req, &slots, &shutdown, &held, &mut running) {
+                            // One more held: one more place in the window, at once.
+                            None => reapply = true,
+                            Some(req) => {
+                                if ready.is_empty() {
+                                    // The fast path: nothing waits and a slot is free.
+                                    if let Ok(permit) = slots.clone().try_acquire_owned() {
+                                        running.spawn(Box::pin(execute::run(shared.clone(), req, permit)));
+                                        continue;
+                                    }
+                                }
+                                ready.push_back(req);
+                                if reserve.blocked() && slots.available_permits() == 0 {
+                                    // Arrived before the smaller window took effect: straight back.
+                                    give_back(&shared, &mut ready).await;
+                                } else {
+                                    reserve.queued(std::time::Instant::now());
+                                }
+                            }
+                        }
                     }
                     Err(BrokerError::Closed) => break,
                     Err(e) => {
@@ -453,8 +552,22 @@ impl Worker {
                     }
                 },
             }
+            if reapply && adapt {
+                let want = prefetch::wanted(
+                    window.current(),
+                    running_now(&slots, &concurrency),
+                    held.load(std::sync::atomic::Ordering::Relaxed),
+                    reserve.blocked(),
+                );
+                applied = set_window(&mut consumers, &mut adapt, want, applied);
+            }
         }
 
+        // Requests that never started go back first, for other workers.
+        for req in ready.drain(..) {
+            Stats::bump(&shared.stats.requeued);
+            req.release().await;
+        }
         // Stop consuming: prefetched deliveries go back to the queue.
         consumers.close().await;
         let in_flight = running.len();

@@ -15,6 +15,21 @@
 //!
 //! The base follows the pool when remote control grows or shrinks it ([`AdaptivePrefetch::set_base`]),
 //! as Celery's window follows its pool.
+//!
+//! Two rules keep the window from hoarding or starving (see ARCHITECTURE.md, "The window and the
+//! acknowledgements"):
+//! - **An ETA task held takes no place in the window.** A delivery waiting for its ETA (or its
+//!   turn under a rate limit) stays unacknowledged for as long as it waits, so each one held adds
+//!   one to the window the transport is given ([`wanted`]), as Celery raises its QoS for each ETA
+//!   task it holds. Ready tasks keep the whole window whatever number of ETA tasks are held.
+//! - **A ready task that cannot start soon goes back.** When every slot is busy and no task has
+//!   started from the ready reserve for twice the typical run time, at least [`GIVE_BACK_AFTER`]
+//!   ([`Reserve`], [`give_back_after`]), the window shrinks to
+//!   the tasks running (plus those held) and the reserve is given back to the broker unstarted
+//!   (`Delivery::release`), where a worker with a free slot takes it. The window comes back when
+//!   a slot frees. So a quick task never waits behind a long one on a busy worker while another
+//!   worker has a free slot, and a burst that widened the window leaves nothing stranded behind
+//!   a long task.
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +39,106 @@ pub const TICK: Duration = Duration::from_millis(100);
 pub const HORIZON: Duration = Duration::from_millis(100);
 /// How much the window may grow in one tick.
 const GROWTH: usize = 4;
+/// The least time the ready reserve waits, every slot busy and no task started from it, before it
+/// is given back to the broker for other workers: long next to the gap between two quick tasks on
+/// a busy worker, short next to a task worth moving elsewhere. With slower tasks the wait is
+/// longer ([`give_back_after`]).
+pub const GIVE_BACK_AFTER: Duration = Duration::from_millis(100);
+/// How often the worker checks whether its reserve should be given back, while it has one.
+pub const GIVE_BACK_CHECK: Duration = Duration::from_millis(20);
+/// How many recent run times [`RecentRuntimes`] keeps.
+const RECENT: usize = 32;
+
+/// How long the reserve may wait for a slot before it goes back: twice the typical run time of
+/// the worker's recent tasks, and at least [`GIVE_BACK_AFTER`]. A worker whose tasks all take
+/// 200 ms is not stuck when nothing starts for 150 ms, and keeps Celery's window; one that runs
+/// millisecond tasks is stuck after 100 ms. The typical time is a median, so a few long tasks
+/// among many quick ones (the case this is for) do not move it.
+pub fn give_back_after(typical: Option<Duration>) -> Duration {
+    typical.map_or(GIVE_BACK_AFTER, |t| (t * 2).max(GIVE_BACK_AFTER))
+}
+
+/// The run times of the worker's last tasks, for [`give_back_after`].
+#[derive(Debug, Default)]
+pub struct RecentRuntimes {
+    ring: Vec<Duration>,
+    next: usize,
+}
+
+impl RecentRuntimes {
+    /// One more task ran for `d`.
+    pub fn record(&mut self, d: Duration) {
+        if self.ring.len() < RECENT {
+            self.ring.push(d);
+        } else {
+            self.ring[self.next] = d;
+        }
+        self.next = (self.next + 1) % RECENT;
+    }
+
+    /// The median of the recent run times; `None` before the first task.
+    pub fn typical(&self) -> Option<Duration> {
+        let mut sorted = self.ring.clone();
+        sorted.sort_unstable();
+        sorted.get(sorted.len() / 2).copied()
+    }
+}
+
+/// The window to give the transport: the adaptive window, or only the tasks running while the
+/// reserve is given back (`blocked`), plus one place per delivery held for an ETA or a rate limit.
+/// At least 1 (a prefetch of 0 means "unlimited" to RabbitMQ).
+pub fn wanted(adaptive: usize, running: usize, held: usize, blocked: bool) -> usize {
+    let own = if blocked { running } else { adaptive };
+    own.saturating_add(held).max(1)
+}
+
+/// When the ready reserve stops moving: the state behind [`GIVE_BACK_AFTER`].
+#[derive(Debug, Default)]
+pub struct Reserve {
+    /// Since when ready requests have waited with no task started from them.
+    stalled_since: Option<Instant>,
+    /// The reserve was given back and the window is shrunk to the tasks running.
+    blocked: bool,
+}
+
+impl Reserve {
+    /// A ready request was queued behind busy slots.
+    pub fn queued(&mut self, now: Instant) {
+        self.stalled_since.get_or_insert(now);
+    }
+
+    /// A task started from the reserve; `more` says whether others still wait.
+    pub fn started(&mut self, now: Instant, more: bool) {
+        self.stalled_since = more.then_some(now);
+        self.blocked = false;
+    }
+
+    /// The reserve was emptied other than by starting tasks (given back, or shutdown).
+    pub fn emptied(&mut self) {
+        self.stalled_since = None;
+    }
+
+    /// A slot is free again: the window may widen.
+    pub fn unblock(&mut self) -> bool {
+        std::mem::take(&mut self.blocked)
+    }
+
+    /// Whether the window is shrunk to the tasks running.
+    pub fn blocked(&self) -> bool {
+        self.blocked
+    }
+
+    /// Whether the reserve should be given back now: it has waited `after` (see
+    /// [`give_back_after`]) with no free slot. Marks the reserve blocked when it says yes.
+    pub fn give_back(&mut self, now: Instant, free_slots: usize, after: Duration) -> bool {
+        let stalled = self.stalled_since.is_some_and(|t| now.saturating_duration_since(t) >= after) && free_slots == 0;
+        if stalled {
+            self.blocked = true;
+            self.stalled_since = None;
+        }
+        stalled
+    }
+}
 
 /// Tracks completions and proposes prefetch changes.
 #[derive(Debug)]
@@ -139,6 +254,49 @@ mod tests {
         let mut p = AdaptivePrefetch::new(8, 1000, t);
         p.set_base(40);
         assert_eq!(run(&mut p, &mut t, 0), Some(40));
+    }
+
+    #[test]
+    fn held_eta_tasks_add_to_the_window_and_a_blocked_worker_keeps_only_its_running_tasks() {
+        assert_eq!(wanted(8, 2, 0, false), 8);
+        assert_eq!(wanted(8, 2, 3, false), 11, "three ETA tasks held: three more places");
+        assert_eq!(wanted(500, 2, 3, true), 5, "blocked: the running tasks and the held ones");
+        assert_eq!(wanted(0, 0, 0, true), 1, "never 0, which RabbitMQ reads as unlimited");
+    }
+
+    #[test]
+    fn the_reserve_goes_back_only_after_every_slot_stayed_busy_long_enough() {
+        let t0 = Instant::now();
+        let after = GIVE_BACK_AFTER;
+        let mut r = Reserve::default();
+        assert!(!r.give_back(t0 + after * 10, 0, after), "nothing waits");
+        r.queued(t0);
+        assert!(!r.give_back(t0 + after / 2, 0, after), "not long enough");
+        assert!(!r.give_back(t0 + after, 1, after), "a slot is free");
+        // A task started from the reserve: the clock starts again.
+        r.started(t0 + after / 2, true);
+        assert!(!r.give_back(t0 + after, 0, after));
+        assert!(r.give_back(t0 + after * 2, 0, after));
+        assert!(r.blocked());
+        assert!(!r.give_back(t0 + after * 3, 0, after), "given back once; nothing queued since");
+        assert!(r.unblock());
+        assert!(!r.blocked());
+    }
+
+    #[test]
+    fn the_wait_before_giving_back_follows_the_typical_task_not_the_odd_long_one() {
+        let mut recent = RecentRuntimes::default();
+        assert_eq!(give_back_after(recent.typical()), GIVE_BACK_AFTER, "no task yet");
+        for _ in 0..30 {
+            recent.record(Duration::from_millis(1));
+        }
+        recent.record(Duration::from_secs(8));
+        recent.record(Duration::from_secs(8));
+        assert_eq!(give_back_after(recent.typical()), GIVE_BACK_AFTER, "quick tasks with two long ones");
+        for _ in 0..32 {
+            recent.record(Duration::from_millis(200));
+        }
+        assert_eq!(give_back_after(recent.typical()), Duration::from_millis(400), "200 ms tasks");
     }
 
     #[test]

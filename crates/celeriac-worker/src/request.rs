@@ -47,6 +47,15 @@ impl Request {
         self.headers.eta_time().filter(|eta| *eta > Utc::now())
     }
 
+    /// Give the delivery back unstarted, for another worker (`Delivery::release`: in its place
+    /// where the transport allows, not counted as a failed delivery).
+    pub async fn release(self) {
+        let id = self.headers.id.clone();
+        if let Err(e) = self.delivery.release().await {
+            tracing::warn!(task_id = %id, task_name = %self.headers.task, error = %e, "could not give the task back; the broker will redeliver it after its lease");
+        }
+    }
+
     /// Give the delivery back to its queue.
     pub async fn requeue(self) {
         let id = self.headers.id.clone();

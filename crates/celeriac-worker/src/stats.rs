@@ -19,6 +19,9 @@ pub struct Stats {
     pub dead_lettered: AtomicU64,
     /// Deliveries put back in their queue (shutdown, storage errors).
     pub requeued: AtomicU64,
+    /// Ready deliveries given back unstarted because every slot stayed busy (see
+    /// [`crate::prefetch`]), so that an idle worker could take them.
+    pub released: AtomicU64,
 }
 
 /// A copy of the counters.
@@ -38,6 +41,8 @@ pub struct StatsSnapshot {
     pub dead_lettered: u64,
     /// Deliveries put back.
     pub requeued: u64,
+    /// Ready deliveries given back unstarted for other workers.
+    pub released: u64,
 }
 
 impl Stats {
@@ -57,6 +62,7 @@ impl Stats {
             revoked: r(&self.revoked),
             dead_lettered: r(&self.dead_lettered),
             requeued: r(&self.requeued),
+            released: r(&self.released),
         }
     }
 }

@@ -201,6 +201,25 @@ impl TestVhost {
         format!("amqp://guest:guest@127.0.0.1:5672/{}{q}", self.name)
     }
 
+    /// The consuming channel of this vhost as RabbitMQ sees it: (channel-wide prefetch,
+    /// unacknowledged deliveries); `None` while no channel consumes.
+    pub fn worker_channel(&self) -> Option<(u64, u64)> {
+        let out = Command::new("rabbitmqctl")
+            .args(["list_channels", "-q", "--no-table-headers", "vhost", "consumer_count"])
+            .args(["global_prefetch_count", "messages_unacknowledged"])
+            .output()
+            .expect("rabbitmqctl");
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f.as_slice() {
+                [v, consumers, prefetch, unacked] if *v == self.name && *consumers != "0" => {
+                    Some((prefetch.parse().ok()?, unacked.parse().ok()?))
+                }
+                _ => None,
+            }
+        })
+    }
+
     /// `rabbitmqctl list_queues -p <vhost> <columns>` as lines.
     pub fn list(&self, what: &str, columns: &[&str]) -> Vec<String> {
         let out = Command::new("rabbitmqctl")

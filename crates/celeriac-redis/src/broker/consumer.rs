@@ -713,6 +713,13 @@ impl Acker for RedisAcker {
         }
     }
 
+    async fn release(mut self: Box<Self>) -> Result<(), BrokerError> {
+        // Never started: back to the front of its list as it came (no redelivery flag), so the
+        // next consumer to pop takes it first.
+        let op = Op::Requeue { tag: self.tag.clone(), payload: self.raw.clone(), key: self.key.clone(), front: true };
+        self.settle(op, "release").await
+    }
+
     async fn dead_letter(mut self: Box<Self>, reason: &str) -> Result<(), BrokerError> {
         let record = wire::dead_record(
             &self.queue,
