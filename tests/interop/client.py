@@ -21,6 +21,10 @@ variables (CELERY_BROKER_URL, CELERY_RESULT_BACKEND, CELERY_DEFAULT_QUEUE).
         Timeout: same line with exc_type "TimeoutError" and the state the
         backend reports (e.g. PENDING); exit status 2.
 
+    client.py revoke ID [--terminate]
+        app.control.revoke(ID): broadcast the revoke to every worker (no
+        reply awaited, as Celery's default); prints the id.
+
     client.py send-many NAME COUNT [--args JSON] [--kwargs JSON] [--queue Q]
         Publish COUNT identical tasks as fast as possible over one producer;
         prints the ids, one per line, in publish order.
@@ -86,6 +90,12 @@ def cmd_send_many(ns):
                                      producer=producer, **options).id)
     sys.stdout.write(''.join(i + '\n' for i in ids))
     sys.stdout.flush()
+    return 0
+
+
+def cmd_revoke(ns):
+    app.control.revoke(ns.id, terminate=ns.terminate)
+    print(ns.id, flush=True)
     return 0
 
 
@@ -166,6 +176,11 @@ def main(argv=None):
     g.add_argument('id')
     g.add_argument('--timeout', type=float, default=30.0)
     g.set_defaults(func=cmd_get)
+
+    r = sub.add_parser('revoke', help='app.control.revoke(ID)')
+    r.add_argument('id')
+    r.add_argument('--terminate', action='store_true')
+    r.set_defaults(func=cmd_revoke)
 
     m = sub.add_parser('send-many', help='publish COUNT tasks; prints ids')
     m.add_argument('name')

@@ -1,8 +1,9 @@
 //! Remote control against real services: a celeriac worker seen and steered by Celery's own CLI
 //! (`celery inspect`) and by `celeriac inspect`/`control`, a Python Celery worker seen by
 //! `celeriac inspect`, `revoke --terminate` in the prefork pool, error replies to bad control
-//! messages, and the same over the Redis broker. Each RabbitMQ test has its own vhost; results and
-//! the Redis broker use database 3.
+//! messages, the same over the Redis broker, and revoked countdown tasks that stay revoked across a
+//! worker restart (revoked from Python and from celeriac, on RabbitMQ and Redis, in both pools).
+//! Each RabbitMQ test has its own vhost; results and the Redis broker use database 3.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use celeriac_core::broadcast::ExchangeSpec;
 use celeriac_worker::control::{json_message, mailbox_binding, pidbox_exchange, reply_exchange};
-use common::{repo, run_cli, wait_until, PyCeleryWorker, SharedRedisDb, TestVhost, WorkerProc};
+use common::{py_client_on, repo, run_cli, wait_until, PyCeleryWorker, SharedRedisDb, TestVhost, WorkerProc};
 use serde_json::{json, Map, Value};
 
 const DB: u32 = 3;
@@ -533,4 +534,118 @@ fn pool_restart_replaces_every_child_without_interrupting_a_task() {
     async_worker.wait_for_line("remote control ready", Duration::from_secs(10));
     let (code, out, _) = celeriac(&url, &["control", "pool-restart", "-d", &async_name]);
     assert!(code == 1 && out.contains("needs the prefork pool"), "{out}");
+}
+
+/// How a test revokes a task.
+#[derive(Clone, Copy, Debug)]
+enum RevokeWith {
+    /// Python's `app.control.revoke(id)`, while the worker holds the task.
+    Python,
+    /// `celeriac control revoke <id>`, while the worker holds the task.
+    Celeriac,
+    /// `celeriac control revoke <id>` while no worker runs: only the result backend hears it.
+    CeleriacNoWorker,
+}
+
+/// Send `celeriac.echo` with a countdown from Python, revoke it, restart the worker (a new
+/// process) before the ETA, and check the new worker skips it and the result stays REVOKED.
+fn revoked_countdown_task_survives_a_restart(broker: &str, how: RevokeWith, pool: &[&str]) {
+    let results = results();
+    let queue = format!("rv-{}", uuid::Uuid::new_v4().simple());
+    let name = node(&format!("rv-{how:?}"));
+    let mut args = vec!["--result-backend", results.as_str(), "-Q", queue.as_str(), "-n", name.as_str()];
+    args.extend_from_slice(pool);
+    let countdown = 12.0;
+    let sent = std::time::Instant::now();
+    let id = py_client_on(
+        broker,
+        &results,
+        &["send", "celeriac.echo", "--args", r#"["x"]"#, "--queue", &queue, "--countdown", "12"],
+    );
+    let revoke_with_celeriac = |id: &str| {
+        let (code, out, err) = celeriac(broker, &["--result-backend", &results, "control", "revoke", id]);
+        (code, format!("{out}{err}"))
+    };
+    if let RevokeWith::CeleriacNoWorker = how {
+        let (_, out) = revoke_with_celeriac(&id);
+        assert!(out.contains("revoke recorded in"), "{out}");
+    } else {
+        let mut first = WorkerProc::start(broker, &args);
+        first.wait_for_line("remote control ready", Duration::from_secs(10));
+        wait_until("the countdown task to be held", Duration::from_secs(20), || {
+            first.matching(&id).iter().any(|l| l.contains("holding until ETA"))
+        });
+        match how {
+            RevokeWith::Python => {
+                py_client_on(broker, &results, &["revoke", &id]);
+            }
+            _ => {
+                let (code, out) = revoke_with_celeriac(&id);
+                assert!(code == 0 && out.contains("flagged as revoked"), "{out}");
+            }
+        }
+        wait_until("the worker to hear the revoke", Duration::from_secs(10), || {
+            first.matching(&id).iter().any(|l| l.contains("tasks flagged as revoked"))
+        });
+        first.signal("TERM");
+        assert!(first.wait_exit(Duration::from_secs(20)).success(), "{}", first.dump());
+    }
+    let second = WorkerProc::start(broker, &args);
+    wait_until("the new worker to skip the revoked task", Duration::from_secs(20), || {
+        second.matching(&id).iter().any(|l| l.contains("task was revoked; not running it"))
+    });
+    assert!(sent.elapsed().as_secs_f64() < countdown, "the restart came after the ETA; the test proves nothing");
+    let got: Value = serde_json::from_str(&py_client_on(broker, &results, &["get", &id, "--timeout", "5"])).unwrap();
+    assert_eq!(got["state"], json!("REVOKED"), "{got}");
+    assert!(second.matching(&id).iter().all(|l| !l.contains("task succeeded")), "{}", second.dump());
+}
+
+#[test]
+fn a_countdown_task_revoked_from_python_never_runs_after_a_restart_on_rabbitmq() {
+    let vhost = TestVhost::new();
+    revoked_countdown_task_survives_a_restart(&vhost.url(""), RevokeWith::Python, &[]);
+}
+
+#[test]
+fn a_countdown_task_revoked_from_python_never_runs_after_a_restart_on_redis_in_the_prefork_pool() {
+    revoked_countdown_task_survives_a_restart(&results(), RevokeWith::Python, &["-P", "prefork", "-c", "1"]);
+}
+
+#[test]
+fn a_countdown_task_revoked_with_celeriac_control_never_runs_after_a_restart_on_redis() {
+    revoked_countdown_task_survives_a_restart(&results(), RevokeWith::Celeriac, &[]);
+}
+
+#[test]
+fn a_revoke_recorded_by_celeriac_control_with_no_worker_online_is_honoured_at_start_on_rabbitmq() {
+    let vhost = TestVhost::new();
+    revoked_countdown_task_survives_a_restart(
+        &vhost.url(""),
+        RevokeWith::CeleriacNoWorker,
+        &["-P", "prefork", "-c", "1"],
+    );
+}
+
+#[test]
+fn a_task_whose_stored_state_is_revoked_stays_revoked_when_a_worker_runs_it() {
+    // The result says REVOKED (another worker stored it) but this worker never heard the revoke:
+    // it runs the task, and the outcome does not replace the REVOKED state.
+    let db = SharedRedisDb::get(DB);
+    let results = results();
+    let queue = format!("rv-kept-{}", uuid::Uuid::new_v4().simple());
+    let id = uuid::Uuid::new_v4().to_string();
+    let revoked = format!(
+        r#"{{"status": "REVOKED", "result": {{"exc_type": "TaskRevokedError", "exc_message": ["revoked"], "exc_module": "celery.exceptions"}}, "traceback": null, "children": [], "date_done": "2026-01-01T00:00:00.000000+00:00", "task_id": "{id}"}}"#
+    );
+    assert_eq!(db.cli(&["SET", &format!("celery-task-meta-{id}"), &revoked, "EX", "600"]), "OK");
+    let worker = WorkerProc::start(&results, &["--result-backend", &results, "-Q", &queue]);
+    py_client_on(
+        &results,
+        &results,
+        &["send", "celeriac.echo", "--args", r#"["ran"]"#, "--queue", &queue, "--task-id", &id],
+    );
+    wait_until("the worker to keep the REVOKED state", Duration::from_secs(20), || {
+        worker.matching(&id).iter().any(|l| l.contains("stays REVOKED"))
+    });
+    assert_eq!(db.cli(&["GET", &format!("celery-task-meta-{id}")]), revoked, "the stored result is unchanged");
 }

@@ -10,6 +10,19 @@
 //! the task: the worker calls [`ResultBackend::store_for`] with the message's [`ReplyTo`], and the
 //! client asks [`ResultBackend::reply_to`] for the queue to name in each task it sends. Both have
 //! defaults that keep the by-id backends as they are.
+//!
+//! Two guarantees about revokes live here too, so that every worker of a fleet honours them and
+//! a restart forgets none (Celery needs `--statedb` for the second):
+//! - **Revoked ids are kept** ([`ResultBackend::record_revokes`], [`ResultBackend::revokes_since`]):
+//!   a worker that hears a revoke records it here with the time, a worker that starts loads the
+//!   ids revoked in the last [`REVOKE_EXPIRES`] (at most [`REVOKES_MAX`], Celery's limits) and
+//!   keeps its in-memory set current from broadcasts and from a periodic read of what was
+//!   recorded since. The defaults keep nothing ([`ResultBackend::keeps_revokes`] is false): a
+//!   worker on such a backend remembers revokes in memory only, and says so at start.
+//! - **A REVOKED result is final** ([`ResultBackend::store_outcome`]): the worker stores every
+//!   outcome through it, and a backend that can check and write in one step refuses to replace a
+//!   stored REVOKED state, so a task revoked while it ran, or run by a worker that never heard of
+//!   the revoke, stays REVOKED. The default stores unconditionally.
 
 use std::time::{Duration, Instant};
 
@@ -40,6 +53,35 @@ impl<'a> ReplyTo<'a> {
     }
 }
 
+/// How long a revoked id is remembered (Celery's `REVOKE_EXPIRES`, three hours).
+pub const REVOKE_EXPIRES: Duration = Duration::from_secs(3 * 3600);
+
+/// How many revoked ids are remembered at most (Celery's `REVOKES_MAX`); the oldest go first.
+pub const REVOKES_MAX: usize = 50_000;
+
+/// What [`ResultBackend::store_outcome`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// The result was written.
+    Written,
+    /// The task's stored state is REVOKED; it was kept and the new result dropped.
+    KeptRevoked,
+}
+
+/// A revoked task id and when it was revoked (seconds since the Unix epoch).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Revoke {
+    /// The task id.
+    pub task_id: String,
+    /// When it was revoked, Unix seconds.
+    pub at: f64,
+}
+
+/// The current time in Unix seconds.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
 /// A store of task results.
 #[async_trait]
 pub trait ResultBackend: Send + Sync + 'static {
@@ -64,6 +106,35 @@ pub trait ResultBackend: Send + Sync + 'static {
     /// where any process can read them and the client names no reply queue.
     async fn reply_to(&self) -> Result<Option<String>, BackendError> {
         Ok(None)
+    }
+
+    /// Store a task's outcome (for the sender at `reply`, as [`store_for`](Self::store_for))
+    /// unless its stored state is REVOKED (see the module documentation). A REVOKED outcome is
+    /// always written. Default: [`store_for`](Self::store_for), unconditionally (a backend that
+    /// cannot check and write in one step, or that keeps no state, as the RPC backend).
+    async fn store_outcome(&self, meta: &ResultMeta, reply: ReplyTo<'_>) -> Result<Stored, BackendError> {
+        self.store_for(meta, reply).await.map(|()| Stored::Written)
+    }
+
+    /// Whether revokes recorded here are kept across restarts and seen by every worker using
+    /// this backend. Default: no.
+    fn keeps_revokes(&self) -> bool {
+        false
+    }
+
+    /// Record task ids as revoked at `at` (Unix seconds), forgetting those older than
+    /// [`REVOKE_EXPIRES`] and beyond the [`REVOKES_MAX`] newest. Recording an id again moves its
+    /// time. Default: nothing is kept.
+    async fn record_revokes(&self, task_ids: &[String], at: f64) -> Result<(), BackendError> {
+        let _ = (task_ids, at);
+        Ok(())
+    }
+
+    /// The ids recorded as revoked at or after `since` (Unix seconds) and not yet expired, oldest
+    /// first. Default: none.
+    async fn revokes_since(&self, since: f64) -> Result<Vec<Revoke>, BackendError> {
+        let _ = since;
+        Ok(Vec::new())
     }
 
     /// Read the result of a task, `None` when nothing is stored (PENDING).

@@ -10,6 +10,14 @@
 //!   stored in between is seen by the read, and one stored after wakes the waiter. It re-reads the
 //!   key every second as well, in case a message is lost (a dropped pub/sub connection).
 //!
+//! - An outcome the worker stores ([`ResultBackend::store_outcome`]) goes through one Lua script
+//!   ([`STORE_OUTCOME`]) that reads the key and writes only if the stored state is not REVOKED, so
+//!   a revoked task never turns SUCCESS: the same one round trip as the `MULTI` pipeline.
+//! - Revoked ids are kept in the sorted set [`REVOKED_KEY`] (member: task id, score: Unix time
+//!   of the revoke), trimmed to Celery's three hours and 50,000 newest on every write, the key
+//!   itself expiring three hours after the last revoke. Workers load it at start and read what
+//!   was added since, so a revoke outlives a restart and reaches every worker.
+//!
 //! URL: `redis://[[user]:password@]host[:port][/db][?result_expires=S&connect_timeout=S&command_timeout=S]`
 //! (the connection parameters are described in [`crate::url`]).
 
@@ -17,7 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use celeriac_core::{BackendError, ResultBackend, ResultMeta};
+use celeriac_core::backend::{unix_now, ReplyTo, Revoke, Stored, REVOKES_MAX, REVOKE_EXPIRES};
+use celeriac_core::{BackendError, ResultBackend, ResultMeta, TaskState};
 
 use crate::conn::{Failure, Redis};
 use crate::pubsub::Hub;
@@ -28,6 +37,39 @@ pub const KEY_PREFIX: &str = "celery-task-meta-";
 
 /// Celery's default `result_expires`: one day.
 pub const DEFAULT_RESULT_EXPIRES: Duration = Duration::from_secs(86_400);
+
+/// The sorted set of revoked task ids (score: Unix time of the revoke).
+pub const REVOKED_KEY: &str = "_celeriac.revoked";
+
+/// Store a result unless the stored one is REVOKED, and publish it; returns 1 if written, 0 if
+/// the REVOKED state was kept.
+///
+/// `KEYS[1]` = the result key; `ARGV[1]` = the result JSON, `ARGV[2]` = the expiry in seconds
+/// (`""`: none), `ARGV[3]` = `1` when the new state is itself REVOKED (always written). Celery and
+/// celeriac write `status` first, so the stored state is read from the start of the value; a value
+/// laid out otherwise that mentions REVOKED is decoded to be sure.
+pub const STORE_OUTCOME: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and ARGV[3] ~= '1' then
+  local revoked = string.find(cur, '^%s*{%s*"status"%s*:%s*"REVOKED"') ~= nil
+  if not revoked and string.find(cur, 'REVOKED', 1, true) then
+    local ok, meta = pcall(cjson.decode, cur)
+    revoked = ok and type(meta) == 'table' and meta.status == 'REVOKED'
+  end
+  if revoked then return 0 end
+end
+if ARGV[2] == '' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"#;
+
+/// The SHA-1 of [`STORE_OUTCOME`], as `SCRIPT LOAD` names it (checked against the server by the
+/// tests): the script is sent by hash, and in full only when the server does not have it yet.
+pub const STORE_OUTCOME_SHA1: &str = "7cece5677fa5967188090200a21d53cc54fe1111";
 
 /// How often a waiter re-reads the result even without a message.
 const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -145,6 +187,77 @@ impl ResultBackend for RedisBackend {
         self.redis.run(|mut conn| async move { pipe.exec_async(&mut conn).await }).await.map_err(|e| self.error(e))?;
         tracing::trace!(task_id = %meta.task_id, status = %meta.status, "result stored");
         Ok(())
+    }
+
+    async fn store_outcome(&self, meta: &ResultMeta, _reply: ReplyTo<'_>) -> Result<Stored, BackendError> {
+        let key = &result_key(&meta.task_id);
+        let json = &meta.to_json();
+        let ttl = self.config.result_expires.map(|t| t.as_secs().to_string()).unwrap_or_default();
+        let (ttl, revoked) = (&ttl, if meta.status == TaskState::Revoked { "1" } else { "0" });
+        let written: i64 = self
+            .redis
+            .run(|mut conn| async move {
+                let call = |command: &str, script: &str| {
+                    let mut cmd = redis::cmd(command);
+                    cmd.arg(script).arg(1).arg(key).arg(json).arg(ttl).arg(revoked);
+                    cmd
+                };
+                match call("EVALSHA", STORE_OUTCOME_SHA1).query_async(&mut conn).await {
+                    Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                        call("EVAL", STORE_OUTCOME).query_async(&mut conn).await
+                    }
+                    other => other,
+                }
+            })
+            .await
+            .map_err(|e| self.error(e))?;
+        if written == 1 {
+            tracing::trace!(task_id = %meta.task_id, status = %meta.status, "result stored");
+            Ok(Stored::Written)
+        } else {
+            Ok(Stored::KeptRevoked)
+        }
+    }
+
+    fn keeps_revokes(&self) -> bool {
+        true
+    }
+
+    async fn record_revokes(&self, task_ids: &[String], at: f64) -> Result<(), BackendError> {
+        if task_ids.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let zadd = pipe.cmd("ZADD").arg(REVOKED_KEY);
+        for id in task_ids {
+            zadd.arg(at).arg(id);
+        }
+        zadd.ignore();
+        let oldest_kept = unix_now() - REVOKE_EXPIRES.as_secs_f64();
+        pipe.cmd("ZREMRANGEBYSCORE").arg(REVOKED_KEY).arg("-inf").arg(format!("({oldest_kept}")).ignore();
+        pipe.cmd("ZREMRANGEBYRANK").arg(REVOKED_KEY).arg(0).arg(-(REVOKES_MAX as i64) - 1).ignore();
+        pipe.cmd("EXPIRE").arg(REVOKED_KEY).arg(REVOKE_EXPIRES.as_secs()).ignore();
+        let pipe = &pipe;
+        self.redis.run(|mut conn| async move { pipe.exec_async(&mut conn).await }).await.map_err(|e| self.error(e))
+    }
+
+    async fn revokes_since(&self, since: f64) -> Result<Vec<Revoke>, BackendError> {
+        let from = since.max(unix_now() - REVOKE_EXPIRES.as_secs_f64());
+        let rows: Vec<(String, f64)> = self
+            .redis
+            .run(|mut conn| async move {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(REVOKED_KEY)
+                    .arg(from)
+                    .arg("+inf")
+                    .arg("WITHSCORES")
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(rows.into_iter().map(|(task_id, at)| Revoke { task_id, at }).collect())
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, BackendError> {

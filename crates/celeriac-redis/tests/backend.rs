@@ -372,3 +372,101 @@ fn bad_urls_are_rejected_with_the_reason() {
     assert_eq!(b.config().server.password.as_deref(), Some("s@cret"));
     assert_eq!(RedisBackend::open(URL).unwrap().url(), URL);
 }
+
+#[tokio::test]
+async fn a_stored_revoked_state_is_never_replaced_by_a_later_outcome() {
+    use celeriac_core::backend::{ReplyTo, Stored};
+    let b = backend(URL).await;
+    let id = new_id();
+    let exc = ExceptionInfo::new("TaskRevokedError", "revoked", "celery.exceptions");
+    b.store(&ResultMeta::exception(&id, TaskState::Revoked, &exc, None)).await.unwrap();
+    for later in [
+        ResultMeta::success(&id, json!("ran anyway")),
+        ResultMeta::exception(&id, TaskState::Failure, &ExceptionInfo::new("ValueError", "x", "builtins"), None),
+        ResultMeta::new(&id, TaskState::Retry, json!(null)),
+    ] {
+        assert_eq!(b.store_outcome(&later, ReplyTo::default()).await.unwrap(), Stored::KeptRevoked, "{later:?}");
+        assert_eq!(b.get(&id).await.unwrap().unwrap().status, TaskState::Revoked);
+    }
+    // A REVOKED outcome is written over REVOKED (a terminate after a revoke, say).
+    let terminated = ExceptionInfo::new("TaskRevokedError", "terminated", "celery.exceptions");
+    let meta = ResultMeta::exception(&id, TaskState::Revoked, &terminated, None);
+    assert_eq!(b.store_outcome(&meta, ReplyTo::default()).await.unwrap(), Stored::Written);
+    assert_eq!(b.get(&id).await.unwrap().unwrap().exception_info().unwrap(), terminated);
+    assert!(raw_ttl(&result_key(&id)).await > 0, "written with the result expiry");
+
+    // What Python Celery writes (status first), and a value laid out otherwise: both REVOKED.
+    let celery = new_id();
+    let text = format!(
+        r#"{{"status": "REVOKED", "result": {{"exc_type": "TaskRevokedError", "exc_message": [], "exc_module": "celery.exceptions"}}, "traceback": null, "children": [], "date_done": "2026-01-01T00:00:00.000000+00:00", "task_id": "{celery}"}}"#
+    );
+    raw_set(&result_key(&celery), text.as_bytes()).await;
+    assert_eq!(
+        b.store_outcome(&ResultMeta::success(&celery, json!(1)), ReplyTo::default()).await.unwrap(),
+        Stored::KeptRevoked
+    );
+    assert_eq!(raw_get(&result_key(&celery)).await.unwrap(), text.as_bytes());
+    let reordered = new_id();
+    let text = format!(r#"{{"task_id": "{reordered}", "result": null, "status":"REVOKED"}}"#);
+    raw_set(&result_key(&reordered), text.as_bytes()).await;
+    assert_eq!(
+        b.store_outcome(&ResultMeta::success(&reordered, json!(1)), ReplyTo::default()).await.unwrap(),
+        Stored::KeptRevoked
+    );
+
+    // Any other state is replaced, even when its value mentions REVOKED, and the outcome is
+    // published as `store` publishes it.
+    let other = new_id();
+    b.store(&ResultMeta::success(&other, json!({"status": "REVOKED"}))).await.unwrap();
+    let waiter = {
+        let b = b.clone();
+        let other = other.clone();
+        tokio::spawn(async move { b.wait(&other, Some(Duration::from_secs(10))).await })
+    };
+    b.store(&ResultMeta::new(&other, TaskState::Started, json!({}))).await.unwrap();
+    assert_eq!(
+        b.store_outcome(&ResultMeta::success(&other, json!(7)), ReplyTo::default()).await.unwrap(),
+        Stored::Written
+    );
+    assert_eq!(waiter.await.unwrap().unwrap().result, json!(7));
+    for key in [&id, &celery, &reordered, &other] {
+        raw_del(&result_key(key)).await;
+    }
+    // The script is sent by this hash: the one Redis gives it.
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(celeriac_redis::backend::STORE_OUTCOME)
+        .query_async(&mut raw().await)
+        .await
+        .unwrap();
+    assert_eq!(sha, celeriac_redis::backend::STORE_OUTCOME_SHA1);
+}
+
+#[tokio::test]
+async fn revokes_are_kept_with_their_time_and_expire_after_three_hours() {
+    use celeriac_core::backend::{unix_now, REVOKE_EXPIRES};
+    use celeriac_redis::backend::REVOKED_KEY;
+    let b = backend(URL).await;
+    assert!(b.keeps_revokes());
+    let (old, a, c) = (new_id(), new_id(), new_id());
+    let now = unix_now();
+    b.record_revokes(std::slice::from_ref(&old), now - REVOKE_EXPIRES.as_secs_f64() - 5.0).await.unwrap();
+    b.record_revokes(&[a.clone(), c.clone()], now).await.unwrap();
+    let seen = b.revokes_since(now - 1.0).await.unwrap();
+    let ours: Vec<&str> = seen
+        .iter()
+        .map(|r| r.task_id.as_str())
+        .filter(|id| [old.as_str(), a.as_str(), c.as_str()].contains(id))
+        .collect();
+    assert_eq!(ours.len(), 2, "the two recent ids, not the expired one: {seen:?}");
+    assert!(ours.contains(&a.as_str()) && ours.contains(&c.as_str()));
+    assert!(seen.iter().find(|r| r.task_id == a).is_some_and(|r| (r.at - now).abs() < 0.01), "{seen:?}");
+    // The expired one was trimmed by the second write, and nothing later is read from `since`.
+    let score: Option<f64> =
+        redis::cmd("ZSCORE").arg(REVOKED_KEY).arg(&old).query_async(&mut raw().await).await.unwrap();
+    assert_eq!(score, None);
+    assert!(b.revokes_since(now + 1.0).await.unwrap().iter().all(|r| r.task_id != a));
+    let ttl = raw_ttl(REVOKED_KEY).await;
+    assert!(ttl > 0 && ttl <= REVOKE_EXPIRES.as_secs() as i64, "the set expires: {ttl}");
+    redis::cmd("ZREM").arg(REVOKED_KEY).arg(&a).arg(&c).query_async::<()>(&mut raw().await).await.unwrap();
+}

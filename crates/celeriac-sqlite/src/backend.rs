@@ -4,12 +4,19 @@
 //! setting, `0` keeps them): an expired result reads as missing at once, and its row is deleted
 //! by the next store once the last clean-up is older than a minute (or than `result_expires`,
 //! if shorter), so no beat task is needed.
+//!
+//! An outcome the worker stores ([`ResultBackend::store_outcome`]) never replaces an unexpired
+//! REVOKED state: the check and the write are one `INSERT ... ON CONFLICT DO UPDATE ... WHERE`
+//! statement. Revoked ids are kept in the table `revoked` (task id, time of the revoke), trimmed
+//! to Celery's three hours and 50,000 newest on every write, so every worker on the file sees them
+//! and a restart keeps them.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use celeriac_core::backend::{ReplyTo, Revoke, Stored, REVOKES_MAX, REVOKE_EXPIRES};
 use celeriac_core::{BackendError, ResultBackend, ResultMeta};
 
 use crate::db::{now_ms, Db, Op};
@@ -75,6 +82,45 @@ impl ResultBackend for SqliteBackend {
         self.db.call(|reply| Op::StoreResult { task_id, status, meta: json, reply }).await.map_err(|e| self.io(e))?;
         self.db.stored.notify_waiters();
         Ok(())
+    }
+
+    async fn store_outcome(&self, meta: &ResultMeta, _reply: ReplyTo<'_>) -> Result<Stored, BackendError> {
+        self.clean_up_if_due();
+        let (task_id, status, json) = (meta.task_id.clone(), meta.status.as_str().to_string(), meta.to_json());
+        let stored_after = self.expired_before(now_ms());
+        let written = self
+            .db
+            .call(|reply| Op::StoreOutcome { task_id, status, meta: json, stored_after, reply })
+            .await
+            .map_err(|e| self.io(e))?;
+        if !written {
+            return Ok(Stored::KeptRevoked);
+        }
+        self.db.stored.notify_waiters();
+        Ok(Stored::Written)
+    }
+
+    fn keeps_revokes(&self) -> bool {
+        true
+    }
+
+    async fn record_revokes(&self, task_ids: &[String], at: f64) -> Result<(), BackendError> {
+        if task_ids.is_empty() {
+            return Ok(());
+        }
+        let task_ids = task_ids.to_vec();
+        let at_ms = (at * 1000.0) as i64;
+        let expired_before = now_ms() - REVOKE_EXPIRES.as_millis() as i64;
+        self.db
+            .call(|reply| Op::RecordRevokes { task_ids, at_ms, expired_before, keep: REVOKES_MAX, reply })
+            .await
+            .map_err(|e| self.io(e))
+    }
+
+    async fn revokes_since(&self, since: f64) -> Result<Vec<Revoke>, BackendError> {
+        let since_ms = ((since * 1000.0) as i64).max(now_ms() - REVOKE_EXPIRES.as_millis() as i64);
+        let rows = self.db.call(|reply| Op::RevokedSince { since_ms, reply }).await.map_err(|e| self.io(e))?;
+        Ok(rows.into_iter().map(|(task_id, at_ms)| Revoke { task_id, at: at_ms as f64 / 1000.0 }).collect())
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, BackendError> {

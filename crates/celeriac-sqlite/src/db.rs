@@ -46,7 +46,11 @@ type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 /// One unit of work for the writer thread. `GetResult` reads a result unless it was stored
 /// before `stored_after` (ms; then it has expired); `ExpireResults` deletes the results stored
-/// before `before` (ms).
+/// before `before` (ms). `StoreOutcome` writes a result unless the row holds an unexpired
+/// REVOKED state (stored at or after `stored_after`) and the new state is not REVOKED itself;
+/// it replies whether it wrote. `RecordRevokes` keeps ids revoked at `at_ms` and deletes those
+/// revoked before `expired_before` and beyond the `keep` newest; `RevokedSince` reads those
+/// revoked at or after `since_ms`, oldest first.
 pub enum Op {
     Publish { queue: String, priority: i64, visible_at: i64, payload: Vec<u8>, reply: Reply<()> },
     Fetch { queues: Vec<String>, limit: usize, owner: String, lease_ms: i64, reply: Reply<Vec<Row>> },
@@ -61,6 +65,9 @@ pub enum Op {
     GetResult { task_id: String, stored_after: i64, reply: Reply<Option<Vec<u8>>> },
     ExpireResults { before: i64 },
     ForgetResult { task_id: String, reply: Reply<()> },
+    StoreOutcome { task_id: String, status: String, meta: Vec<u8>, stored_after: i64, reply: Reply<bool> },
+    RecordRevokes { task_ids: Vec<String>, at_ms: i64, expired_before: i64, keep: usize, reply: Reply<()> },
+    RevokedSince { since_ms: i64, reply: Reply<Vec<(String, i64)>> },
 }
 
 /// A shared handle on one database file.
@@ -164,6 +171,8 @@ fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
              date_done INTEGER NOT NULL,
              meta BLOB NOT NULL);
          CREATE INDEX IF NOT EXISTS results_expiry ON results(date_done);
+         CREATE TABLE IF NOT EXISTS revoked (task_id TEXT PRIMARY KEY, revoked_at INTEGER NOT NULL);
+         CREATE INDEX IF NOT EXISTS revoked_time ON revoked(revoked_at);
          COMMIT;",
     )
 }
@@ -223,6 +232,9 @@ fn fail(op: Op, msg: &str) {
         Op::Depths { reply, .. } => drop(reply.send(Err(m))),
         Op::DeadLetters { reply, .. } => drop(reply.send(Err(m))),
         Op::GetResult { reply, .. } => drop(reply.send(Err(m))),
+        Op::StoreOutcome { reply, .. } => drop(reply.send(Err(m))),
+        Op::RecordRevokes { reply, .. } => drop(reply.send(Err(m))),
+        Op::RevokedSince { reply, .. } => drop(reply.send(Err(m))),
         Op::Renew { .. } | Op::ExpireResults { .. } => {}
     }
 }
@@ -358,6 +370,46 @@ fn execute(tx: &rusqlite::Transaction<'_>, op: Op, rotation: usize) -> Pending {
                 .prepare_cached("DELETE FROM results WHERE task_id = ?1")
                 .and_then(|mut s| s.execute(params![task_id]))
                 .map(|_| ());
+            deferred(reply, r)
+        }
+        Op::StoreOutcome { task_id, status, meta, stored_after, reply } => {
+            // One statement: the check and the write cannot be separated by another writer.
+            let r = tx
+                .prepare_cached(
+                    "INSERT INTO results(task_id, status, date_done, meta) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(task_id) DO UPDATE
+                     SET status = excluded.status, date_done = excluded.date_done, meta = excluded.meta
+                     WHERE results.status != 'REVOKED' OR excluded.status = 'REVOKED' OR results.date_done < ?5",
+                )
+                .and_then(|mut s| s.execute(params![task_id, status, now_ms(), meta, stored_after]))
+                .map(|changed| changed > 0);
+            deferred(reply, r)
+        }
+        Op::RecordRevokes { task_ids, at_ms, expired_before, keep, reply } => {
+            let r = (|| {
+                let mut insert =
+                    tx.prepare_cached("INSERT OR REPLACE INTO revoked(task_id, revoked_at) VALUES (?1, ?2)")?;
+                for id in &task_ids {
+                    insert.execute(params![id, at_ms])?;
+                }
+                tx.prepare_cached("DELETE FROM revoked WHERE revoked_at < ?1")?.execute(params![expired_before])?;
+                tx.prepare_cached(
+                    "DELETE FROM revoked WHERE task_id IN
+                     (SELECT task_id FROM revoked ORDER BY revoked_at DESC LIMIT -1 OFFSET ?1)",
+                )?
+                .execute(params![keep as i64])?;
+                Ok(())
+            })();
+            deferred(reply, r)
+        }
+        Op::RevokedSince { since_ms, reply } => {
+            let r = (|| {
+                let mut s = tx.prepare_cached(
+                    "SELECT task_id, revoked_at FROM revoked WHERE revoked_at >= ?1 ORDER BY revoked_at",
+                )?;
+                let rows = s.query_map(params![since_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect()
+            })();
             deferred(reply, r)
         }
     }

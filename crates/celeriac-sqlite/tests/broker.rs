@@ -207,3 +207,56 @@ async fn results_expire_after_result_expires_and_their_rows_are_deleted() {
     keep.store(&ResultMeta::success("other", json!(4))).await.unwrap();
     assert_eq!(stored_ids(&dir), ["kept", "other"]);
 }
+
+#[tokio::test]
+async fn a_stored_revoked_state_is_never_replaced_by_a_later_outcome() {
+    use celeriac_core::backend::{ReplyTo, Stored};
+    use celeriac_core::ExceptionInfo;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = SqliteBackend::open(&url(&dir, "")).unwrap();
+    let exc = ExceptionInfo::new("TaskRevokedError", "revoked", "celery.exceptions");
+    backend.store(&ResultMeta::exception("r", TaskState::Revoked, &exc, None)).await.unwrap();
+    for later in [ResultMeta::success("r", json!(1)), ResultMeta::new("r", TaskState::Retry, json!(null))] {
+        assert_eq!(backend.store_outcome(&later, ReplyTo::default()).await.unwrap(), Stored::KeptRevoked);
+        assert_eq!(backend.get("r").await.unwrap().unwrap().status, TaskState::Revoked);
+    }
+    let terminated = ExceptionInfo::new("TaskRevokedError", "terminated", "celery.exceptions");
+    let meta = ResultMeta::exception("r", TaskState::Revoked, &terminated, None);
+    assert_eq!(backend.store_outcome(&meta, ReplyTo::default()).await.unwrap(), Stored::Written);
+    assert_eq!(backend.get("r").await.unwrap().unwrap().exception_info().unwrap(), terminated);
+    // Other states are replaced; a first outcome is written.
+    backend.store(&ResultMeta::new("s", TaskState::Started, json!({}))).await.unwrap();
+    assert_eq!(
+        backend.store_outcome(&ResultMeta::success("s", json!(2)), ReplyTo::default()).await.unwrap(),
+        Stored::Written
+    );
+    assert_eq!(backend.get("s").await.unwrap().unwrap().result, json!(2));
+    assert_eq!(
+        backend.store_outcome(&ResultMeta::success("new", json!(3)), ReplyTo::default()).await.unwrap(),
+        Stored::Written
+    );
+    assert_eq!(backend.get("new").await.unwrap().unwrap().result, json!(3));
+}
+
+#[tokio::test]
+async fn revokes_are_kept_in_the_file_with_their_time_and_expire_after_three_hours() {
+    use celeriac_core::backend::{unix_now, REVOKE_EXPIRES};
+    let dir = tempfile::tempdir().unwrap();
+    let backend = SqliteBackend::open(&url(&dir, "")).unwrap();
+    assert!(backend.keeps_revokes());
+    let now = unix_now();
+    backend.record_revokes(&["old".into()], now - REVOKE_EXPIRES.as_secs_f64() - 5.0).await.unwrap();
+    backend.record_revokes(&["a".into(), "b".into()], now).await.unwrap();
+    drop(backend);
+    // Another process opening the file (a restarted worker) reads them.
+    let reopened = SqliteBackend::open(&url(&dir, "")).unwrap();
+    let seen = reopened.revokes_since(0.0).await.unwrap();
+    let ids: Vec<&str> = seen.iter().map(|r| r.task_id.as_str()).collect();
+    assert_eq!(ids.len(), 2, "{seen:?}");
+    assert!(ids.contains(&"a") && ids.contains(&"b"));
+    assert!(seen.iter().all(|r| (r.at - now).abs() < 0.01), "{seen:?}");
+    assert!(reopened.revokes_since(now + 1.0).await.unwrap().is_empty());
+    let conn = rusqlite::Connection::open(dir.path().join("b.db")).unwrap();
+    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM revoked", [], |r| r.get(0)).unwrap();
+    assert_eq!(rows, 2, "the expired id was deleted by the later write");
+}

@@ -464,6 +464,7 @@ async fn revoke(ctx: &Context, args: &Map<String, Value>) -> Value {
         Err(e) => return nok(e),
     };
     let running = ctx.shared.state.revoke(&ids);
+    crate::revokes::record(&ctx.shared, &ids).await;
     for id in &ids {
         let exc = ExceptionInfo::new("TaskRevokedError", "revoked", "celery.exceptions");
         if let Err(e) = ctx.shared.backend.store(&ResultMeta::exception(id, TaskState::Revoked, &exc, None)).await {

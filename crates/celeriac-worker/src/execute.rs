@@ -345,7 +345,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 let exc = ExceptionInfo::new("WorkerLostError", reason.clone(), "billiard.exceptions");
                 shared.observe.failed(&id, &req.headers.task, &exc, None, Some(runtime));
                 let meta = ResultMeta::exception(&id, TaskState::Failure, &exc, None);
-                if let Err(e) = shared.backend.store_for(&meta, ReplyTo::of(&req.delivery.message)).await {
+                if let Err(e) = crate::request::store_outcome(shared, ReplyTo::of(&req.delivery.message), &meta).await {
                     tracing::error!(error = %e, "could not store the result; requeueing");
                     req.requeue().await;
                     return;
@@ -413,7 +413,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
     if let Some(meta) = meta {
         // A RETRY state is informative; FAILURE is stored even for ignore_result tasks (as Celery
         // does with `store_errors_even_if_ignored` off, it would not; we keep errors visible).
-        if let Err(e) = shared.backend.store_for(&meta, ReplyTo::of(&req.delivery.message)).await {
+        if let Err(e) = crate::request::store_outcome(shared, ReplyTo::of(&req.delivery.message), &meta).await {
             tracing::error!(error = %e, "could not store the result; requeueing so it runs again");
             Stats::bump(&shared.stats.requeued);
             req.requeue().await;

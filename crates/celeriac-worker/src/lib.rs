@@ -14,6 +14,7 @@
 //! - [`state`]: the requests the worker holds (reserved, scheduled, active), revoked ids, rate
 //!   limits: what remote control inspects and changes.
 //! - [`control`]: the worker's node in Celery's pidbox (remote control).
+//! - [`revokes`]: revoked ids kept in the result backend, loaded at start, followed while running.
 //! - `consumers`: the queues consumed, changeable at run time (`add_consumer`).
 //!
 //! The main loop ([`Worker::run`]) pulls from the [`Consumer`](celeriac_core::Consumer)s and runs at
@@ -33,6 +34,7 @@ mod observe;
 pub mod prefetch;
 pub mod prefork;
 pub mod request;
+pub mod revokes;
 pub mod shutdown;
 pub mod state;
 pub mod stats;
@@ -438,6 +440,8 @@ impl Worker {
             clock: Default::default(),
         })
         .await;
+        // After the pidbox listens, before anything runs: no revoke falls between the two.
+        let _revokes = revokes::load_and_follow(shared.clone()).await.map(|h| AbortOnDrop(h.abort_handle()));
         let mut running: JoinSet<()> = JoinSet::new();
         let mut level = shutdown.subscribe();
         let mut broker_errors = 0u32;

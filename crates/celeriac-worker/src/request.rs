@@ -178,9 +178,22 @@ async fn store_failure(shared: &Shared, reply: ReplyTo<'_>, id: &str, exc: &Exce
 }
 
 async fn store_meta(shared: &Shared, reply: ReplyTo<'_>, meta: &ResultMeta) {
-    if let Err(e) = shared.backend.store_for(meta, reply).await {
+    if let Err(e) = store_outcome(shared, reply, meta).await {
         tracing::warn!(task_id = %meta.task_id, error = %e, "could not store the result");
     }
+}
+
+/// Store a task's outcome, unless its stored state is REVOKED (kept, and logged): a task revoked
+/// while it ran, or run by a worker that never heard of the revoke, stays REVOKED.
+pub(crate) async fn store_outcome(
+    shared: &Shared,
+    reply: ReplyTo<'_>,
+    meta: &ResultMeta,
+) -> Result<(), celeriac_core::BackendError> {
+    if shared.backend.store_outcome(meta, reply).await? == celeriac_core::backend::Stored::KeptRevoked {
+        tracing::warn!(task_id = %meta.task_id, state = %meta.status, "the task was revoked: its stored state stays REVOKED and this outcome is not stored");
+    }
+    Ok(())
 }
 
 async fn dead_letter(shared: &Shared, delivery: Delivery, reason: &str) {

@@ -8,7 +8,8 @@
 //! [`WorkerState::start`]); everything else reads.
 //!
 //! The revoked set is Celery's `LimitedSet(maxlen=50000, expires=10800)`: ids older than three
-//! hours, or beyond the 50,000 newest, are forgotten.
+//! hours, or beyond the 50,000 newest, are forgotten. It holds the revokes this worker heard and
+//! those recorded in the result backend ([`crate::revokes`]), so a restart forgets none.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,10 +21,7 @@ use tokio::sync::watch;
 
 use crate::request::Request;
 
-/// How many revoked ids are remembered (Celery's `REVOKES_MAX`).
-const REVOKED_MAX: usize = 50_000;
-/// How long a revoked id is remembered (Celery's `REVOKE_EXPIRES`).
-const REVOKED_EXPIRES: Duration = Duration::from_secs(3 * 3600);
+use celeriac_core::backend::{Revoke, REVOKES_MAX as REVOKED_MAX, REVOKE_EXPIRES as REVOKED_EXPIRES};
 
 /// Where a request is.
 #[derive(Debug, Clone, PartialEq)]
@@ -245,6 +243,29 @@ impl WorkerState {
             .collect()
     }
 
+    /// Remember ids recorded as revoked elsewhere (the result backend), each as of its own time
+    /// (`now` being the present in the same Unix seconds); ids already known are left as they
+    /// are. Returns how many were new.
+    pub fn revoke_recorded(&self, revokes: &[Revoke], now: f64) -> usize {
+        let instant_now = Instant::now();
+        let mut inner = self.lock();
+        let mut added = 0;
+        for r in revokes {
+            if inner.revoked.contains_key(&r.task_id) {
+                continue;
+            }
+            let age = Duration::try_from_secs_f64(now - r.at).unwrap_or_default();
+            if age >= REVOKED_EXPIRES || inner.revoked_order.len() >= REVOKED_MAX {
+                continue;
+            }
+            let at = instant_now.checked_sub(age).unwrap_or(instant_now);
+            inner.revoked.insert(r.task_id.clone(), at);
+            inner.revoked_order.push_back((r.task_id.clone(), at));
+            added += 1;
+        }
+        added
+    }
+
     /// Whether an id was revoked (within the last three hours).
     pub fn is_revoked(&self, id: &str) -> bool {
         self.lock().revoked.get(id).is_some_and(|at| at.elapsed() < REVOKED_EXPIRES)
@@ -340,5 +361,20 @@ mod tests {
         assert!(s.revoke(&["a".into(), "b".into()]).is_empty());
         assert!(s.is_revoked("a") && s.is_revoked("b"));
         assert_eq!(s.revoked(), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn recorded_revokes_are_remembered_from_their_own_time() {
+        let s = WorkerState::default();
+        let now = 1_000_000.0;
+        let recorded = [
+            Revoke { task_id: "recent".into(), at: now - 60.0 },
+            Revoke { task_id: "old".into(), at: now - REVOKED_EXPIRES.as_secs_f64() - 1.0 },
+            Revoke { task_id: "future".into(), at: now + 5.0 },
+        ];
+        assert_eq!(s.revoke_recorded(&recorded, now), 2, "the expired one is not taken");
+        assert!(s.is_revoked("recent") && s.is_revoked("future") && !s.is_revoked("old"));
+        assert_eq!(s.revoke_recorded(&recorded, now), 0, "known ids are not added twice");
+        assert_eq!(s.revoked(), vec!["future", "recent"]);
     }
 }

@@ -328,7 +328,7 @@ async fn run(app: App, cli: Cli) -> CliResult {
         Command::Events(args) => events::run(&cli.broker, args).await,
         Command::Demo(args) => demo::run(app, args).await,
         Command::Inspect(args) => remote::inspect(&cli.broker, args).await,
-        Command::Control(args) => remote::control(&cli.broker, args).await,
+        Command::Control(args) => remote::control(&cli.broker, backend_url, args).await,
     }
 }
 

@@ -199,11 +199,37 @@ pub(crate) async fn inspect(broker_url: &str, args: InspectArgs) -> CliResult {
     call(broker_url, method, arguments, &args.opts).await
 }
 
+/// Record revoked ids in the result backend (when it keeps revokes), before the broadcast, so
+/// workers that start later, or miss the broadcast, skip the tasks too. Returns whether they
+/// were recorded.
+async fn record_revokes(broker_url: &str, backend_url: Option<&str>, ids: &[String]) -> Result<bool, CliError> {
+    let backend = connect::backend(backend_url, broker_url)?;
+    if !backend.keeps_revokes() {
+        return Ok(false);
+    }
+    backend.record_revokes(ids, celeriac_core::backend::unix_now()).await?;
+    eprintln!(
+        "revoke recorded in {}: workers starting later skip these tasks, running ones learn it within {}s",
+        backend.url(),
+        celeriac_worker::revokes::REFRESH.as_secs()
+    );
+    Ok(true)
+}
+
 /// `celeriac control ...`.
-pub(crate) async fn control(broker_url: &str, args: ControlArgs) -> CliResult {
+pub(crate) async fn control(broker_url: &str, backend_url: Option<&str>, args: ControlArgs) -> CliResult {
     let (method, arguments) = match args.command {
         ControlCommand::Revoke { ids, terminate, signal } => {
-            ("revoke", json!({"task_id": ids, "terminate": terminate, "signal": signal}))
+            let recorded = record_revokes(broker_url, backend_url, &ids).await?;
+            let arguments = json!({"task_id": ids, "terminate": terminate, "signal": signal});
+            return match call(broker_url, "revoke", arguments, &args.opts).await {
+                // A broker without broadcast (SQLite): the recorded revoke is what workers see.
+                Err(e) if recorded && e.code == 2 => {
+                    eprintln!("{} (workers read the recorded revoke instead)", e.message);
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => other,
+            };
         }
         ControlCommand::Shutdown => ("shutdown", json!({})),
         ControlCommand::PoolGrow { n } => ("pool_grow", json!({"n": n})),
