@@ -338,3 +338,31 @@ async fn the_prefetch_window_stays_at_celerys_for_long_tasks_and_widens_for_shor
     });
     println!("window widened to {widest} for short tasks; back to {} when idle", now.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn celeriac_send_to_a_silent_amqp_listener_gives_up_at_the_publish_deadline() {
+    let silent = SilentListener::start();
+    let url = format!("amqp://guest:guest@127.0.0.1:{}//", silent.port);
+    // The default deadline is 5 s (it was 16.6 s: four attempts of the 4 s connect timeout).
+    common::send_gives_up_at_the_publish_deadline(&url);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashing_task_runs_exactly_max_deliveries_times_on_rabbitmq() {
+    // Classic queues only say "redelivered": the count is the losses the worker saw.
+    let vhost = TestVhost::new();
+    let url = vhost.url("");
+    let results = TempDb::new("");
+    let w = WorkerProc::start(&url, &["--result-backend", &results.url, "-P", "prefork", "-c", "1", "-Q", "poison"]);
+    let client = amqp_client(&url, &results).await;
+    let id = send(&client, "celeriac.crash", json!([]), "poison").await.unwrap();
+    let meta = client.backend().wait(&id, Some(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(meta.status, TaskState::Failure);
+    let exc = meta.exception_info().unwrap();
+    assert_eq!(exc.exc_type, "WorkerLostError");
+    assert!(exc.message().contains("lost its worker 3 times (limit 3)"), "{}", exc.message());
+    let received = w.matching(&id).iter().filter(|l| l.contains("task received")).count();
+    assert_eq!(received, 3, "{}", w.dump());
+    let poison_line = w.matching("poison message").join("\n");
+    assert!(poison_line.contains("content_type=application/json; utf-8"), "{poison_line}");
+}

@@ -101,6 +101,13 @@ async fn broken_messages_are_failed_or_dead_lettered_and_the_worker_keeps_going(
     // Each problem is logged once, and the worker is alive.
     assert_eq!(w.count("no \"id\" header"), 1, "{}", w.dump());
     assert_eq!(w.matching("bad-body").iter().filter(|l| l.contains("ERROR")).count(), 1, "{}", w.dump());
+    // The dead-letter lines name the content type of what was set aside.
+    let type_line =
+        w.matching("bad-type").into_iter().find(|l| l.contains("dead-lettering")).expect("a dead-letter line");
+    assert!(type_line.contains("content_type=application/x-python-serialize"), "{type_line}");
+    let body_line =
+        w.matching("bad-body").into_iter().find(|l| l.contains("dead-lettering")).expect("a dead-letter line");
+    assert!(body_line.contains("content_type=application/json"), "{body_line}");
     assert_eq!(w.matching("unknown-task").iter().filter(|l| l.contains("ERROR")).count(), 1, "{}", w.dump());
     assert!(w.count("panicked") == 0, "{}", w.dump());
     let q = broker.queues(&["celery".into()]).await.unwrap();

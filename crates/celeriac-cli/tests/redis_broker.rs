@@ -417,3 +417,104 @@ async fn publish_to_a_silent_redis_listener_fails_within_the_policy_and_never_ha
     assert!(took < Duration::from_millis(800) + Duration::from_secs(2), "{took:?}: {err}");
     assert_eq!(unreachable_attempts(&err).0, 1, "{err}");
 }
+
+/// A `celeriac.crash` task in the prefork pool on Redis (which only says "redelivered") runs
+/// exactly `limit` times, and the failure reports that number and that limit.
+async fn crashing_task_runs_exactly_the_limit(limit: Option<u32>) {
+    let db = SharedRedisDb::get(DB_MISC);
+    let url = db.url("");
+    let queue = format!("poison-{}", uuid::Uuid::new_v4().simple());
+    let mut args = vec!["--result-backend", url.as_str(), "-P", "prefork", "-c", "1", "-Q", queue.as_str()];
+    let text = limit.map(|n| n.to_string());
+    if let Some(n) = &text {
+        args.extend(["--max-deliveries", n.as_str()]);
+    }
+    let w = WorkerProc::start(&url, &args);
+    let c = client(&url, &url).await;
+    let id = send(&c, "celeriac.crash", json!([]), to(&queue)).await.unwrap();
+    let limit = limit.unwrap_or(3);
+    let got = py_get(&url, &url, &id);
+    assert_eq!((got["state"].as_str(), got["exc_type"].as_str()), (Some("FAILURE"), Some("WorkerLostError")), "{got}");
+    let message = got["exc_message"].as_str().unwrap();
+    assert!(message.contains(&format!("lost its worker {limit} times (limit {limit})")), "{message}");
+    assert_eq!(runs(&[&w], std::slice::from_ref(&id), "task received")[&id], limit as usize, "{}", w.dump());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashing_task_runs_exactly_max_deliveries_times_on_redis_at_the_default() {
+    crashing_task_runs_exactly_the_limit(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashing_task_runs_exactly_max_deliveries_times_on_redis_with_max_deliveries_5() {
+    crashing_task_runs_exactly_the_limit(Some(5)).await;
+}
+
+/// Failures store a traceback as Celery does, which Python's `AsyncResult.traceback` shows: the
+/// error (and for a panic, its message and location) in both pools.
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_store_a_traceback_that_python_reads_in_both_pools() {
+    let db = SharedRedisDb::get(DB_MISC);
+    let url = db.url("");
+    for pool in [&[][..], &["-P", "prefork", "-c", "1"][..]] {
+        let queue = format!("tb-{}", uuid::Uuid::new_v4().simple());
+        let mut args = vec!["--result-backend", url.as_str(), "-Q", queue.as_str()];
+        args.extend_from_slice(pool);
+        let _w = WorkerProc::start(&url, &args);
+        let fail = py_client_on(&url, &url, &["send", "celeriac.fail", "--args", r#"["no luck"]"#, "--queue", &queue]);
+        let got = py_get(&url, &url, &fail);
+        let tb = got["traceback"].as_str().unwrap_or_else(|| panic!("a traceback string ({pool:?}): {got}"));
+        assert!(tb.starts_with("Traceback (most recent call last):\n"), "{tb}");
+        assert!(tb.contains(&format!("celeriac.fail[{fail}]")) && tb.ends_with("RuntimeError: no luck\n"), "{tb}");
+
+        let boom = py_client_on(&url, &url, &["send", "celeriac.panic", "--args", r#"["boom"]"#, "--queue", &queue]);
+        let got = py_get(&url, &url, &boom);
+        assert_eq!(got["exc_type"], json!("Panic"), "{got}");
+        let tb = got["traceback"].as_str().unwrap_or_else(|| panic!("a traceback string ({pool:?}): {got}"));
+        assert!(
+            tb.contains("panicked at crates/celeriac/src/builtins.rs:") && tb.ends_with("Panic: boom\n"),
+            "{pool:?}: {tb}"
+        );
+    }
+}
+
+/// A lone soft time limit tells the task and logs a warning; a task that ignores it (here one
+/// blocked in a futex) keeps running, in both pools: only a hard limit stops a task.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_ignoring_a_lone_soft_time_limit_keeps_running_in_both_pools() {
+    let db = SharedRedisDb::get(DB_MISC);
+    let url = db.url("");
+    for pool in [&[][..], &["-P", "prefork", "-c", "1"][..]] {
+        let queue = format!("soft-{}", uuid::Uuid::new_v4().simple());
+        let name = format!("soft-{}@testhost", uuid::Uuid::new_v4().simple());
+        let mut args = vec!["-Q", queue.as_str(), "-n", name.as_str(), "--soft-time-limit", "0.5"];
+        args.extend_from_slice(pool);
+        let w = WorkerProc::start(&url, &args);
+        w.wait_for_line("remote control ready", Duration::from_secs(10));
+        let c = client(&url, &url).await;
+        let id = send(&c, "celeriac.hang", json!([]), to(&queue)).await.unwrap();
+        wait_until_async("the soft limit to pass", Duration::from_secs(20), || {
+            let passed = w.matching(&id).iter().any(|l| l.contains("soft time limit exceeded"));
+            async move { passed }
+        })
+        .await;
+        // After the warning, the worker still lists it as running.
+        let (code, out, err) = run_cli(&["--broker", &url, "inspect", "active", "-d", &name, "--json"], &[]);
+        assert_eq!(code, 0, "{out}{err}");
+        let active: Value = serde_json::from_str(out.trim()).unwrap();
+        assert!(active[&name].as_array().unwrap().iter().any(|t| t["id"] == json!(id)), "{pool:?}: {active}");
+        assert!(
+            w.matching(&id).iter().all(|l| !l.contains("time limit exceeded") || l.contains("soft")),
+            "{}",
+            w.dump()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn celeriac_send_to_a_silent_redis_listener_gives_up_at_the_publish_deadline() {
+    let silent = SilentListener::start();
+    let url = format!("redis://127.0.0.1:{}/0", silent.port);
+    // The default deadline is 5 s (it was 20.6 s: four attempts of the 5 s connect timeout).
+    common::send_gives_up_at_the_publish_deadline(&url);
+}

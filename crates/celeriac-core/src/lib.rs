@@ -20,6 +20,7 @@ pub mod broker;
 pub mod compression;
 pub mod envelope;
 pub mod error;
+pub mod panics;
 pub mod protocol;
 pub mod pyrepr;
 pub mod result;

@@ -188,6 +188,34 @@ impl ResultMeta {
     }
 }
 
+/// The `traceback` stored with a failure, in the shape Celery stores Python's
+/// (`traceback.format_exception`, `celery/app/trace.py`), which `AsyncResult.traceback` and Flower
+/// show as text: a header, where it happened (a Rust task has no Python frames: its name and id,
+/// then `detail`, indented, such as the error chain or where it panicked), and the exception's
+/// `Type: message` as the last line.
+///
+/// ```text
+/// Traceback (most recent call last):
+///   Rust task images.fetch[3f1c...]
+///     caused by: connection refused
+/// IoError: could not fetch
+/// ```
+pub fn format_traceback(task: &str, id: &str, exc: &ExceptionInfo, detail: Option<&str>) -> String {
+    let mut out = format!("Traceback (most recent call last):\n  Rust task {task}[{id}]\n");
+    for line in detail.into_iter().flat_map(str::lines) {
+        out.push_str("    ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    let message = exc.message();
+    if message.is_empty() {
+        out.push_str(&format!("{}\n", exc.exc_type));
+    } else {
+        out.push_str(&format!("{}: {message}\n", exc.exc_type));
+    }
+    out
+}
+
 /// The current time as Celery writes `date_done`.
 pub fn now_iso() -> String {
     crate::protocol::format_datetime(Utc::now())
@@ -215,6 +243,18 @@ mod tests {
         assert_eq!(several.message(), "('custom failure', 42)");
         assert_eq!(ExceptionInfo { exc_message: json!([]), ..e.clone() }.message(), "");
         assert_eq!(ExceptionInfo { exc_message: json!([true]), ..e }.message(), "True");
+    }
+
+    #[test]
+    fn tracebacks_read_like_pythons_and_end_with_the_exception() {
+        let e = ExceptionInfo::new("IoError", "could not fetch", "std.io");
+        let tb = format_traceback("images.fetch", "id-1", &e, Some("caused by: refused\ncaused by: os error 111"));
+        assert_eq!(
+            tb,
+            "Traceback (most recent call last):\n  Rust task images.fetch[id-1]\n    caused by: refused\n    caused by: os error 111\nIoError: could not fetch\n"
+        );
+        let bare = ExceptionInfo { exc_message: json!([]), ..e };
+        assert!(format_traceback("t", "i", &bare, None).ends_with("[i]\nIoError\n"));
     }
 
     #[test]

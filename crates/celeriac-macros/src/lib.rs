@@ -204,9 +204,13 @@ fn expand(attrs: Attrs, func: ItemFn) -> syn::Result<TokenStream2> {
         quote! { Self::run(#ctx_arg #(#vars),*).await }
     } else {
         quote! {
-            ::celeriac::__private::tokio::task::spawn_blocking(move || Self::run(#ctx_arg #(#vars),*))
-                .await
-                .map_err(|e| ::celeriac::TaskError::new("Panic", e.to_string()).with_module("celeriac"))?
+            // The panic is caught on the blocking thread, where its location was recorded.
+            ::celeriac::__private::tokio::task::spawn_blocking(move || {
+                ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| Self::run(#ctx_arg #(#vars),*)))
+                    .map_err(|p| ::celeriac::__private::panics::to_task_error(p.as_ref()))
+            })
+            .await
+            .map_err(|e| ::celeriac::TaskError::new("Panic", e.to_string()).with_module("celeriac"))??
         }
     };
     let convert = if returns_result(&func.sig.output) {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use celeriac_core::protocol::format_datetime;
-use celeriac_core::result::ExceptionInfo;
+use celeriac_core::result::{format_traceback, ExceptionInfo};
 use celeriac_core::task::TaskError;
 use celeriac_core::{ReplyTo, ResultMeta, TaskContext, TaskState};
 use chrono::{DateTime, Utc};
@@ -33,7 +33,8 @@ enum Outcome {
     Value(Value),
     Error(TaskError),
     TimeLimit(f64),
-    Panicked(String),
+    /// Panicked: the message, and where (`panicked at file:line:col`) when known.
+    Panicked(String, Option<String>),
     /// The prefork child running it died (how).
     WorkerLost(String),
     /// Revoked by remote control before it ran, or terminated while it ran (the reason).
@@ -121,7 +122,7 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
                 match pool.run(run, hard.map(Duration::from_secs_f64), abort.clone()).await {
                     PoolOutcome::Done(Ok(v)) => Outcome::Value(v),
                     PoolOutcome::Done(Err(e)) if e.exc_type == "Panic" && e.module == "celeriac" => {
-                        Outcome::Panicked(e.message)
+                        Outcome::Panicked(e.message, e.traceback)
                     }
                     PoolOutcome::Done(Err(e)) => Outcome::Error(e),
                     PoolOutcome::TimeLimit => Outcome::TimeLimit(hard.unwrap_or_default()),
@@ -157,6 +158,8 @@ async fn run_in_process(
     hard: Option<f64>,
     abort: &mut watch::Receiver<bool>,
 ) -> Outcome {
+    // Where a panic happens is recorded by the hook (installed once) on the panicking thread.
+    celeriac_core::panics::install_hook();
     let fut = AssertUnwindSafe(req.task.call(ctx, req.body.args.clone(), req.body.kwargs.clone())).catch_unwind();
     let soft_timer = async {
         match soft {
@@ -179,7 +182,10 @@ async fn run_in_process(
         r = fut => match r {
             Ok(Ok(v)) => Outcome::Value(v),
             Ok(Err(e)) => Outcome::Error(e),
-            Err(panic) => Outcome::Panicked(panic_message(&panic)),
+            Err(panic) => {
+                let e = celeriac_core::panics::to_task_error(panic.as_ref());
+                Outcome::Panicked(e.message, e.traceback)
+            }
         },
         _ = hard_timer => Outcome::TimeLimit(hard.unwrap_or_default()),
         _ = soft_timer => unreachable!("the soft timer never completes"),
@@ -287,20 +293,13 @@ async fn aborted(abort: &mut watch::Receiver<bool>) {
     let _ = abort.wait_for(|a| *a).await;
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "the task panicked".to_string()
-    }
-}
-
 async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Duration) {
     let id = req.headers.id.clone();
     let opts = req.task.options();
     let ignore_result = req.headers.ignore_result || opts.ignore_result;
+    if !matches!(outcome, Outcome::WorkerLost(_)) {
+        shared.forget_lost(&id);
+    }
     let meta = match outcome {
         Outcome::Aborted => {
             tracing::warn!(runtime = ?runtime, "task interrupted by shutdown; requeueing");
@@ -329,22 +328,29 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 format!("task exceeded its hard time limit of {limit}s"),
                 "billiard.exceptions",
             );
-            shared.observe.failed(&id, &req.headers.task, &exc, None, Some(runtime));
-            Some(ResultMeta::exception(&id, TaskState::Failure, &exc, None))
+            let tb = traceback(&req, &exc, Some("killed at its hard time limit"));
+            shared.observe.failed(&id, &req.headers.task, &exc, Some(&tb), Some(runtime));
+            Some(ResultMeta::exception(&id, TaskState::Failure, &exc, Some(tb)))
         }
         Outcome::WorkerLost(how) => {
-            let lost = shared.note_lost(&id);
-            let deliveries = lost + req.delivery.delivery_count.saturating_sub(1);
+            // Deliveries of this message that lost their worker: those seen in this process, or
+            // the broker's count, whichever is more. Both count this one. Neither is summed with
+            // the other: a broker that counts (SQLite leases, quorum queues) already counts the
+            // deliveries seen here, and one that only says "redelivered" (classic AMQP, Redis)
+            // reports 2 for every redelivery.
+            let deliveries = poison_count(shared.note_lost(&id), req.delivery.delivery_count);
             if deliveries >= shared.config.max_deliveries {
                 let reason = format!(
                     "Worker exited prematurely: {how}; task {}[{id}] lost its worker {deliveries} times (limit {})",
                     req.headers.task, shared.config.max_deliveries
                 );
-                tracing::error!(%reason, "poison message: failing and dead-lettering");
+                let content_type = crate::request::content_of(&req.delivery.message);
+                tracing::error!(%content_type, %reason, "poison message: failing and dead-lettering");
                 Stats::bump(&shared.stats.failed);
                 let exc = ExceptionInfo::new("WorkerLostError", reason.clone(), "billiard.exceptions");
-                shared.observe.failed(&id, &req.headers.task, &exc, None, Some(runtime));
-                let meta = ResultMeta::exception(&id, TaskState::Failure, &exc, None);
+                let tb = traceback(&req, &exc, Some(&format!("the child running it died: {how}")));
+                shared.observe.failed(&id, &req.headers.task, &exc, Some(&tb), Some(runtime));
+                let meta = ResultMeta::exception(&id, TaskState::Failure, &exc, Some(tb));
                 if let Err(e) = crate::request::store_outcome(shared, ReplyTo::of(&req.delivery.message), &meta).await {
                     tracing::error!(error = %e, "could not store the result; requeueing");
                     req.requeue().await;
@@ -362,12 +368,13 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             req.requeue().await;
             return;
         }
-        Outcome::Panicked(msg) => {
-            tracing::error!(panic = %msg, "task panicked");
+        Outcome::Panicked(msg, at) => {
+            tracing::error!(panic = %msg, location = at.as_deref().unwrap_or("unknown"), "task panicked");
             Stats::bump(&shared.stats.failed);
             let exc = ExceptionInfo::new("Panic", msg, "celeriac");
-            shared.observe.failed(&id, &req.headers.task, &exc, None, Some(runtime));
-            Some(ResultMeta::exception(&id, TaskState::Failure, &exc, None))
+            let tb = traceback(&req, &exc, at.as_deref());
+            shared.observe.failed(&id, &req.headers.task, &exc, Some(&tb), Some(runtime));
+            Some(ResultMeta::exception(&id, TaskState::Failure, &exc, Some(tb)))
         }
         Outcome::Error(err) => {
             let wants_retry = err.retry.is_some() || opts.autoretry_for.contains(&err.exc_type);
@@ -380,8 +387,10 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                     Ok(()) => {
                         tracing::info!(error = %err, retry_in = ?countdown, retries = retries + 1, "task failed; retry scheduled");
                         Stats::bump(&shared.stats.retried);
-                        shared.observe.retried(&req, &err.to_exception(), err.traceback.as_deref(), runtime);
-                        Some(ResultMeta::exception(&id, TaskState::Retry, &err.to_exception(), err.traceback.clone()))
+                        let exc = err.to_exception();
+                        let tb = traceback(&req, &exc, err.traceback.as_deref());
+                        shared.observe.retried(&req, &exc, Some(&tb), runtime);
+                        Some(ResultMeta::exception(&id, TaskState::Retry, &exc, Some(tb)))
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "could not publish the retry; requeueing the original");
@@ -405,8 +414,9 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 };
                 tracing::error!(error = %err, runtime = ?runtime, "task failed");
                 Stats::bump(&shared.stats.failed);
-                shared.observe.failed(&id, &req.headers.task, &exc, err.traceback.as_deref(), Some(runtime));
-                Some(ResultMeta::exception(&id, TaskState::Failure, &exc, err.traceback.clone()))
+                let tb = traceback(&req, &exc, err.traceback.as_deref());
+                shared.observe.failed(&id, &req.headers.task, &exc, Some(&tb), Some(runtime));
+                Some(ResultMeta::exception(&id, TaskState::Failure, &exc, Some(tb)))
             }
         }
     };
@@ -423,6 +433,17 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
     if let Err(e) = req.delivery.ack().await {
         tracing::warn!(error = %e, "could not acknowledge; the broker will redeliver");
     }
+}
+
+/// The traceback stored with a failure of this request (see [`format_traceback`]).
+fn traceback(req: &Request, exc: &ExceptionInfo, detail: Option<&str>) -> String {
+    format_traceback(&req.headers.task, &req.headers.id, exc, detail)
+}
+
+/// How many deliveries of a message lost their worker, from the losses this process saw and the
+/// broker's delivery count (see the `WorkerLost` branch of `settle`).
+fn poison_count(lost_here: u32, delivery_count: u32) -> u32 {
+    lost_here.max(delivery_count)
 }
 
 /// Publish the retry: the same message with `retries + 1` and a new ETA. The body is kept as
@@ -447,4 +468,20 @@ async fn republish(shared: &Shared, req: &Request, countdown: Duration) -> Resul
         message
     };
     shared.broker.publish(&req.delivery.queue, &message).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::poison_count;
+
+    #[test]
+    fn the_poison_count_is_the_deliveries_that_lost_their_worker() {
+        // Classic AMQP and Redis say 2 for any redelivery: the second loss here is the second.
+        assert_eq!(poison_count(2, 2), 2);
+        assert_eq!(poison_count(3, 2), 3);
+        // SQLite does not count a requeue: the losses seen here are the count.
+        assert_eq!(poison_count(3, 1), 3);
+        // Deliveries whose worker itself died (lease lapsed) count from the broker.
+        assert_eq!(poison_count(1, 3), 3);
+    }
 }

@@ -76,7 +76,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
             match &task_id {
                 Some(id) if !id.is_empty() => {
                     let name = delivery.message.task_name().unwrap_or("?").to_string();
-                    tracing::error!(task_id = %id, task_name = %name, %reason, "dead-lettering message");
+                    tracing::error!(task_id = %id, task_name = %name, content_type = %content_of(&delivery.message), %reason, "dead-lettering message");
                     store_failure(
                         shared,
                         ReplyTo::of(&delivery.message),
@@ -85,7 +85,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
                     )
                     .await;
                 }
-                _ => tracing::error!(%reason, "dead-lettering message"),
+                _ => tracing::error!(content_type = %content_of(&delivery.message), %reason, "dead-lettering message"),
             }
             let name = delivery.message.task_name().unwrap_or("unknown").to_string();
             shared.observe.rejected(task_id.as_deref().unwrap_or(""), &name);
@@ -98,7 +98,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
         Ok(b) => b,
         Err(e) => {
             let reason = format!("cannot decode the body of task {name}[{id}]: {e}");
-            tracing::error!(task_id = %id, task_name = %name, %reason, "dead-lettering message");
+            tracing::error!(task_id = %id, task_name = %name, content_type = %content_of(&delivery.message), %reason, "dead-lettering message");
             store_failure(
                 shared,
                 ReplyTo::of(&delivery.message),
@@ -125,7 +125,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
             "task {name}[{id}] was delivered {} times without completing (limit {}); its worker kept dying",
             delivery.delivery_count, shared.config.max_deliveries
         );
-        tracing::error!(task_id = %id, task_name = %name, %reason, "poison message: failing and dead-lettering");
+        tracing::error!(task_id = %id, task_name = %name, content_type = %content_of(&delivery.message), %reason, "poison message: failing and dead-lettering");
         let exc = ExceptionInfo::new("WorkerLostError", reason.clone(), "billiard.exceptions");
         store_failure(shared, ReplyTo::of(&delivery.message), &id, &exc).await;
         Stats::bump(&shared.stats.failed);
@@ -171,6 +171,21 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
     shared.observe.received(&mut req);
     req.tracked = Some(shared.state.track(&req, req.eta_in_future()));
     Some(req)
+}
+
+/// The content type of a message as a dead-letter log line names it, with its encoding and, when
+/// compressed, kombu's `compression` header: `application/json; utf-8`,
+/// `application/json; utf-8; compression application/x-gzip`.
+pub(crate) fn content_of(message: &celeriac_core::Message) -> String {
+    let p = &message.properties;
+    let mut text = if p.content_type.is_empty() { "(none)".to_string() } else { p.content_type.clone() };
+    if !p.content_encoding.is_empty() {
+        text = format!("{text}; {}", p.content_encoding);
+    }
+    if let Some(codec) = message.headers.get("compression").and_then(serde_json::Value::as_str) {
+        text = format!("{text}; compression {codec}");
+    }
+    text
 }
 
 async fn store_failure(shared: &Shared, reply: ReplyTo<'_>, id: &str, exc: &ExceptionInfo) {

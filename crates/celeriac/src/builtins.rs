@@ -128,10 +128,16 @@ pub fn crash() {
     std::process::abort();
 }
 
+/// Panics with `message` (a bug in a task): FAILURE `Panic`, the traceback saying where.
+#[celeriac::task(name = "celeriac.panic")]
+pub async fn panic(message: String) {
+    panic!("{message}");
+}
+
 /// Register every built-in task.
 pub fn register(registry: &mut Registry) {
     registry.register(ping).register(noop).register(echo).register(add).register(sleep).register(fail).register(flaky);
-    registry.register(alloc).register(hang).register(crash);
+    registry.register(alloc).register(hang).register(crash).register(panic);
 }
 
 #[cfg(test)]

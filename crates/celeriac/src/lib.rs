@@ -49,6 +49,7 @@ pub use connect::ConnectError;
 /// Items used by the code `#[celeriac::task]` generates. Not a public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use celeriac_core::panics;
     pub use celeriac_core::task::{to_result_value, ArgDecoder, TaskFuture};
     pub use serde_json::{Map, Value};
     pub use tokio;

@@ -309,6 +309,22 @@ impl SilentListener {
     }
 }
 
+/// `celeriac send` to `url` (a broker that never answers) gives up with exit code 3 at the publish
+/// deadline: 5 s by default, 1.5 s with `--publish-timeout 1.5` (with slack for a loaded machine).
+pub fn send_gives_up_at_the_publish_deadline(url: &str) {
+    for (flag, deadline) in [(None, 5.0), (Some("1.5"), 1.5)] {
+        let mut args = vec!["send", "celeriac.noop", "--broker", url];
+        if let Some(secs) = flag {
+            args.extend(["--publish-timeout", secs]);
+        }
+        let started = Instant::now();
+        let (code, _, stderr) = run_cli(&args, &[]);
+        let took = started.elapsed().as_secs_f64();
+        assert_eq!(code, 3, "{stderr}");
+        assert!(took >= deadline - 0.2 && took < deadline + 2.5, "{flag:?}: gave up after {took:.2}s: {stderr}");
+    }
+}
+
 /// The repository root.
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")

@@ -33,6 +33,7 @@ pub fn child_parent_pid() -> Option<u32> {
 
 /// Run the child loop with these tasks. Returns when told to exit or when the supervisor goes.
 pub fn run(registry: Arc<Registry>, parent: u32) -> ExitCode {
+    celeriac_core::panics::install_hook();
     if let Err(e) = proc_info::die_with_parent(parent) {
         eprintln!("celeriac child: {e}");
         return ExitCode::from(1);
@@ -109,16 +110,11 @@ async fn run_one(registry: &Registry, req: RunRequest) -> ChildOutcome {
     tokio::select! {
         r = fut => match r {
             Ok(result) => ChildOutcome::from_result(result),
-            Err(panic) => ChildOutcome::Panic { message: panic_message(&panic) },
+            Err(panic) => {
+                let e = celeriac_core::panics::to_task_error(panic.as_ref());
+                ChildOutcome::Panic { message: e.message, location: e.traceback }
+            }
         },
         _ = soft => unreachable!("the soft timer never completes"),
     }
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "the task panicked".into())
 }

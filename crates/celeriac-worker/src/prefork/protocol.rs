@@ -101,6 +101,9 @@ pub enum ChildOutcome {
     Panic {
         /// The panic message.
         message: String,
+        /// Where: `panicked at file:line:col`, when the child's panic hook saw it.
+        #[serde(default)]
+        location: Option<String>,
     },
 }
 
@@ -130,7 +133,11 @@ impl ChildOutcome {
                 traceback,
                 retry: retry.map(|c| RetryRequest { countdown: c.map(std::time::Duration::from_secs_f64) }),
             }),
-            ChildOutcome::Panic { message } => Err(TaskError::new("Panic", message).with_module("celeriac")),
+            ChildOutcome::Panic { message, location } => {
+                let mut e = TaskError::new("Panic", message).with_module("celeriac");
+                e.traceback = location;
+                Err(e)
+            }
         }
     }
 }

@@ -214,6 +214,11 @@ struct SendArgs {
     /// Also send a task-sent event (Celery's `task_send_sent_event`).
     #[arg(long = "sent-event")]
     sent_event: bool,
+    /// Give up publishing after this many seconds in all (connection, confirm, retries and the
+    /// waits between them; Celery's retry_policy `timeout`). A refused connection is retried 3
+    /// times, 0, 0.2 and 0.4 s apart, within it.
+    #[arg(long = "publish-timeout", value_name = "SECONDS", default_value_t = 5.0)]
+    publish_timeout: f64,
     #[command(flatten)]
     out: WaitArgs,
 }
@@ -477,7 +482,10 @@ async fn send(broker_url: &str, backend_url: Option<&str>, args: SendArgs) -> Cl
         priority: args.priority,
         ..SendOptions::default()
     };
-    let client = Client::connect(broker_url, backend_url).await?.with_sent_events(args.sent_event);
+    let publish_timeout = positive_secs("--publish-timeout", args.publish_timeout)?;
+    let policy = celeriac_core::PublishPolicy { timeout: Some(publish_timeout), ..Default::default() };
+    let client =
+        Client::connect(broker_url, backend_url).await?.with_sent_events(args.sent_event).with_publish_policy(policy);
     let res = client.send_task(&args.name, positional, kwargs, options).await.map_err(|e| match e {
         e @ crate::PublishError::Unreachable { .. } => CliError { code: 3, message: e.to_string() },
         crate::PublishError::Broker { source, .. } => CliError::from(source),
