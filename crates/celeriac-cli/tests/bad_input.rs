@@ -73,7 +73,11 @@ async fn broken_messages_are_failed_or_dead_lettered_and_the_worker_keeps_going(
         async move {
             let meta = backend.wait(id, Some(Duration::from_secs(10))).await.unwrap_or_else(|e| panic!("{id}: {e}"));
             assert_eq!(meta.status, TaskState::Failure, "{id}");
-            meta.exception_info().unwrap()
+            let exc = meta.exception_info().unwrap();
+            // A traceback as Celery stores one, ending with the exception.
+            let tb = meta.traceback.unwrap_or_default();
+            assert!(tb.ends_with(&format!("{}: {}\n", exc.exc_type, exc.message())), "{id}: {tb:?}");
+            exc
         }
     };
     let e = failure("bad-body").await;

@@ -79,7 +79,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
                     tracing::error!(task_id = %id, task_name = %name, content_type = %content_of(&delivery.message), %reason, "dead-lettering message");
                     store_failure(
                         shared,
-                        ReplyTo::of(&delivery.message),
+                        &delivery.message,
                         id,
                         &ExceptionInfo::new("InvalidTaskError", reason.clone(), "celery.exceptions"),
                     )
@@ -101,7 +101,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
             tracing::error!(task_id = %id, task_name = %name, content_type = %content_of(&delivery.message), %reason, "dead-lettering message");
             store_failure(
                 shared,
-                ReplyTo::of(&delivery.message),
+                &delivery.message,
                 &id,
                 &ExceptionInfo::new("InvalidTaskError", reason.clone(), "celery.exceptions"),
             )
@@ -114,7 +114,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
     let Some(task) = shared.registry.get(&name) else {
         tracing::error!(task_id = %id, task_name = %name, queue = %delivery.queue, "received an unregistered task; storing NotRegistered");
         let exc = ExceptionInfo::new("NotRegistered", format!("'{name}'"), "celery.exceptions");
-        store_failure(shared, ReplyTo::of(&delivery.message), &id, &exc).await;
+        store_failure(shared, &delivery.message, &id, &exc).await;
         Stats::bump(&shared.stats.failed);
         shared.observe.failed(&id, &name, &exc, None, None);
         ack(delivery, &id).await;
@@ -127,7 +127,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
         );
         tracing::error!(task_id = %id, task_name = %name, content_type = %content_of(&delivery.message), %reason, "poison message: failing and dead-lettering");
         let exc = ExceptionInfo::new("WorkerLostError", reason.clone(), "billiard.exceptions");
-        store_failure(shared, ReplyTo::of(&delivery.message), &id, &exc).await;
+        store_failure(shared, &delivery.message, &id, &exc).await;
         Stats::bump(&shared.stats.failed);
         shared.observe.failed(&id, &name, &exc, None, None);
         dead_letter(shared, delivery, &reason).await;
@@ -188,8 +188,12 @@ pub(crate) fn content_of(message: &celeriac_core::Message) -> String {
     text
 }
 
-async fn store_failure(shared: &Shared, reply: ReplyTo<'_>, id: &str, exc: &ExceptionInfo) {
-    store_meta(shared, reply, &ResultMeta::exception(id, TaskState::Failure, exc, None)).await;
+/// Store the FAILURE of a message refused before it ran, with a traceback saying why.
+async fn store_failure(shared: &Shared, message: &celeriac_core::Message, id: &str, exc: &ExceptionInfo) {
+    let name = message.task_name().unwrap_or("?");
+    let tb = celeriac_core::result::format_traceback(name, id, exc, Some("refused before it ran"));
+    let meta = ResultMeta::exception(id, TaskState::Failure, exc, Some(tb));
+    store_meta(shared, ReplyTo::of(message), &meta).await;
 }
 
 async fn store_meta(shared: &Shared, reply: ReplyTo<'_>, meta: &ResultMeta) {

@@ -39,6 +39,11 @@ async fn parse(text: String) -> Result<i32, std::num::ParseIntError> {
 #[celeriac::task]
 async fn default_named() {}
 
+#[celeriac::task(name = "t.blocking_panic")]
+fn blocking_panic(message: String) -> i64 {
+    panic!("{message}")
+}
+
 struct Harness {
     _dir: tempfile::TempDir,
     client: Client,
@@ -49,7 +54,8 @@ async fn harness() -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("t.db").display());
     let client = Client::connect(&url, None).await.unwrap();
-    let app = App::new().task(concat).task(blocking_sum).task(retry_self).task(give_up).task(parse);
+    let app =
+        App::new().task(concat).task(blocking_sum).task(retry_self).task(give_up).task(parse).task(blocking_panic);
     let config =
         WorkerConfig { queues: vec!["celery".into(), "texts".into()], concurrency: 4, ..WorkerConfig::default() };
     let worker =
@@ -116,6 +122,19 @@ async fn errors_reach_the_caller_with_type_and_message_and_results_can_be_forgot
             assert!(message.contains("'text'"), "{message}");
         }
         other => panic!("expected a TypeError, got {other:?}"),
+    }
+    // A blocking task's panic: its own message, and where it happened, in the traceback.
+    let r = blocking_panic::delay(&h.client, "stuck".into()).await.unwrap();
+    match r.get(T).await {
+        Err(ResultError::Failed { exc_type, message, traceback, .. }) => {
+            assert_eq!((exc_type.as_str(), message.as_str()), ("Panic", "stuck"));
+            let tb = traceback.unwrap_or_default();
+            assert!(
+                tb.contains("panicked at crates/celeriac/tests/tasks.rs:") && tb.ends_with("Panic: stuck\n"),
+                "{tb}"
+            );
+        }
+        other => panic!("expected a panic, got {other:?}"),
     }
     h.shutdown.warm();
 }
