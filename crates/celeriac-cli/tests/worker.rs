@@ -1,4 +1,4 @@
-//! Worker behaviour across real processes on one SQLite file: sharing, crashes, shutdown, retries.
+//! Worker behaviour across real processes on one SQLite file: sharing, crashes, shutdown, retries, revokes.
 
 mod common;
 
@@ -180,4 +180,24 @@ async fn hard_time_limit_fails_the_task_and_the_worker_goes_on() {
     assert_eq!(meta.exception_info().unwrap().exc_type, "TimeLimitExceeded");
     let meta = client.backend().wait(&next, Some(Duration::from_secs(20))).await.unwrap();
     assert_eq!(meta.result, json!(2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoke_recorded_on_an_sqlite_broker_reaches_a_running_worker_before_the_eta() {
+    // SQLite has no broadcast: `celeriac control revoke` records the revoke in the file, and the
+    // running worker reads it within its 10 s refresh, before the countdown ends (SQLite holds
+    // the message until its ETA, so the worker refuses it when it is delivered).
+    let db = TempDb::new("");
+    let w = WorkerProc::start(&db.url, &["-c", "1"]);
+    let client = db.client().await;
+    let opts = SendOptions { countdown: Some(18.0), ..SendOptions::default() };
+    let id = client.send_task("celeriac.echo", vec![json!("x")], Map::new(), opts).await.unwrap().id().to_string();
+    let (code, _, stderr) = common::run_cli(&["--broker", &db.url, "control", "revoke", &id], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("revoke recorded in"), "{stderr}");
+    w.wait_for_line("revoked task ids learnt from the result backend", Duration::from_secs(15));
+    let meta = client.backend().wait(&id, Some(Duration::from_secs(30))).await.unwrap();
+    assert_eq!(meta.status, TaskState::Revoked);
+    w.wait_for_line("task was revoked; not running it", Duration::from_secs(5));
+    assert!(w.matching(&id).iter().all(|l| !l.contains("task succeeded")), "{}", w.dump());
 }
