@@ -37,6 +37,16 @@ variables (CELERY_BROKER_URL, CELERY_RESULT_BACKEND, CELERY_DEFAULT_QUEUE).
         Prints one JSON line per call, in the order of CALLS, as `get` does
         plus "id". Exit status 2 if any result timed out.
 
+    client.py numbers [--queue Q] [--timeout S]
+        Send celeriac.echo, celeriac.add and celeriac.flaky calls with big
+        integers and extreme floats (NaN and the infinities included), wait
+        for every result, and print ONE JSON line: a list of
+            {"case": ..., "want": <json.dumps of what Python computes>,
+             "got": <json.dumps of the value get() returned, or null>,
+             "exc_type": ..., "exc_message": ...}
+        "want" is null where celeriac must refuse the value (a Rust-typed
+        argument that cannot hold it).
+
 Exit status 1 (and a message on stderr) on usage or connection errors.
 """
 import argparse
@@ -156,6 +166,61 @@ def cmd_get(ns):
     return status
 
 
+BIG = [2**64 + 1, 2**64, 2**64 - 1, -(2**64), 2**63, 2**63 - 1, -(2**63),
+       -(2**63) - 1, 10**30, -(10**30), 2**70, 10**400, 0, -1]
+FLOATS = [123456789.123456789, 0.1, 0.1 + 0.2, 5e-324, -5e-324,
+          2.2250738585072014e-308, 1.7976931348623157e308,
+          -1.7976931348623157e308, 1e16, 1e15, 1e22, 1e23, 1e-5, -0.0, 0.0,
+          2113325745016023.25, float('nan'), float('inf'), float('-inf')]
+NESTED = {'big': BIG, 'floats': FLOATS,
+          'deep': [{'k': 10**30, 'f': [0.1, float('nan')]}, -(2**63) - 1]}
+
+
+def numbers_cases():
+    """(case, task name, args, kwargs, want) with want = json.dumps of what a
+    Python worker returns, or None where celeriac must refuse the value."""
+    cases = [('echo %s' % json.dumps(v), 'celeriac.echo', [v], {}, json.dumps(v))
+             for v in BIG + FLOATS]
+    cases.append(('echo nested', 'celeriac.echo', [[BIG, FLOATS]], {},
+                  json.dumps([BIG, FLOATS])))
+    cases.append(('echo kwargs', 'celeriac.echo', [], {'value': NESTED},
+                  json.dumps(NESTED)))
+    adds = [(2**63 - 1, 1), (-(2**63), -1), (2**64 + 1, 2**64 + 1),
+            (10**30, -1), (10**400, 10**400), (0.1, 0.2), (1, 0.5),
+            (2**63 - 1, 0.0), (1e16, 1), (1.7976931348623157e308,
+            1.7976931348623157e308), (float('nan'), 1), (-0.0, -0.0),
+            (5e-324, 5e-324), (float('inf'), 1)]
+    cases += [('add %s %s' % (json.dumps(x), json.dumps(y)), 'celeriac.add',
+               [x, y], {}, json.dumps(x + y)) for x, y in adds]
+    # A retried task carries its arguments unchanged through two retries.
+    cases.append(('flaky retried', 'celeriac.flaky', [2], {'value': NESTED},
+                  json.dumps(NESTED)))
+    # Rust-typed arguments that cannot hold the value: refused, not changed.
+    cases.append(('flaky 2**70', 'celeriac.flaky', [2**70], {}, None))
+    cases.append(('flaky 1.5', 'celeriac.flaky', [1.5], {}, None))
+    cases.append(('sleep 10**400', 'celeriac.sleep', [10**400], {}, None))
+    cases.append(('add 10**400 0.5', 'celeriac.add', [10**400, 0.5], {}, None))
+    return cases
+
+
+def cmd_numbers(ns):
+    options = {'queue': ns.queue} if ns.queue is not None else {}
+    sent = [(case, app.send_task(name, args=args, kwargs=kwargs, **options), want)
+            for case, name, args, kwargs, want in numbers_cases()]
+    report = []
+    for case, res, want in sent:
+        row = {'case': case, 'want': want, 'got': None, 'exc_type': None,
+               'exc_message': None}
+        try:
+            row['got'] = json.dumps(res.get(timeout=ns.timeout))
+        except Exception as e:
+            row['exc_type'] = type(e).__name__
+            row['exc_message'] = str(e)
+        report.append(row)
+    print(json.dumps(report), flush=True)
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog='client.py', description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
@@ -195,6 +260,12 @@ def main(argv=None):
     b.add_argument('--queue')
     b.add_argument('--timeout', type=float, default=30.0)
     b.set_defaults(func=cmd_batch)
+
+    n = sub.add_parser('numbers', help='big integers and extreme floats '
+                       'through celeriac tasks; prints one JSON report')
+    n.add_argument('--queue')
+    n.add_argument('--timeout', type=float, default=30.0)
+    n.set_defaults(func=cmd_numbers)
 
     ns = p.parse_args(argv)
     try:

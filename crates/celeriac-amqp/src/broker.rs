@@ -141,6 +141,10 @@ impl AmqpBroker {
                 Route::Exchange(ex, _) => format!("exchange {:?}", ex.name),
                 Route::Reply(queue) => format!("reply queue {queue:?}"),
             };
+            let props = properties(message).map_err(|e| BrokerError::Rejected {
+                url: self.config.redacted.clone(),
+                reason: format!("the message for {} cannot be sent: {e}", what()),
+            })?;
             if !matches!(route, Route::Reply(_)) && !publisher.is_declared(&declared_key) {
                 match route {
                     Route::Queue(queue) => topology::declare(channel, &self.config, queue).await.map(|_| ()),
@@ -161,7 +165,7 @@ impl AmqpBroker {
                         ..BasicPublishOptions::default()
                     },
                     &message.body,
-                    properties(message),
+                    props,
                 )
                 .await
                 .map_err(|e| unreachable(&self.config, e))?;
@@ -236,14 +240,14 @@ impl AmqpBroker {
 }
 
 /// Properties of an outgoing message, from the protocol's properties and headers.
-fn properties(message: &Message) -> BasicProperties {
+fn properties(message: &Message) -> Result<BasicProperties, fields::FieldError> {
     let p = &message.properties;
     let mut props = BasicProperties::default()
         .with_content_type(ShortString::from(p.content_type.as_str()))
         .with_content_encoding(ShortString::from(p.content_encoding.as_str()))
         .with_delivery_mode(p.delivery_mode)
         .with_priority(p.priority.unwrap_or(0))
-        .with_headers(fields::to_table(&message.headers));
+        .with_headers(fields::to_table(&message.headers)?);
     if let Some(id) = &p.correlation_id {
         props = props.with_correlation_id(ShortString::from(id.as_str()));
     }
@@ -253,7 +257,7 @@ fn properties(message: &Message) -> BasicProperties {
     if let Some(e) = &p.expiration {
         props = props.with_expiration(ShortString::from(e.as_str()));
     }
-    props
+    Ok(props)
 }
 
 /// Connect with the configured timeout covering TCP connect and the AMQP handshake.

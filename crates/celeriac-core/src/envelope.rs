@@ -9,41 +9,72 @@
 //! transports (and to and from Python) without translation.
 
 use base64::Engine;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use crate::error::ProtocolError;
 use crate::protocol::{Message, Properties};
 
 /// Encode a message as kombu's JSON envelope, with kombu's key order (`expiration` only when
-/// set, between `delivery_mode` and `delivery_info`).
+/// set, between `delivery_mode` and `delivery_info`). Serialized straight from borrowed parts:
+/// no copy of the headers, and their numbers written as they are.
 pub fn encode(message: &Message, exchange: &str, routing_key: &str, delivery_tag: &str) -> Vec<u8> {
     let p = &message.properties;
-    let mut props = Map::new();
-    props.insert("correlation_id".into(), json!(p.correlation_id));
-    props.insert("reply_to".into(), json!(p.reply_to));
-    props.insert("delivery_mode".into(), json!(p.delivery_mode));
-    if let Some(expiration) = &p.expiration {
-        props.insert("expiration".into(), json!(expiration));
-    }
-    props.insert("delivery_info".into(), json!({"exchange": exchange, "routing_key": routing_key}));
-    props.insert("priority".into(), json!(p.priority.unwrap_or(0)));
-    props.insert("body_encoding".into(), json!("base64"));
-    props.insert("delivery_tag".into(), json!(delivery_tag));
-    let envelope = json!({
-        "body": base64::engine::general_purpose::STANDARD.encode(&message.body),
-        "content-encoding": p.content_encoding,
-        "content-type": p.content_type,
-        "headers": Value::Object(message.headers.clone()),
-        "properties": Value::Object(props),
-    });
-    // A `Value` built from strings and numbers always serializes.
-    crate::protocol::to_python_json(&envelope).unwrap_or_default()
+    let envelope = Envelope {
+        body: base64::engine::general_purpose::STANDARD.encode(&message.body),
+        content_encoding: &p.content_encoding,
+        content_type: &p.content_type,
+        headers: &message.headers,
+        properties: EnvelopeProperties {
+            correlation_id: p.correlation_id.as_deref(),
+            reply_to: p.reply_to.as_deref(),
+            delivery_mode: p.delivery_mode,
+            expiration: p.expiration.as_deref(),
+            delivery_info: DeliveryInfo { exchange, routing_key },
+            priority: p.priority.unwrap_or(0),
+            body_encoding: "base64",
+            delivery_tag,
+        },
+    };
+    // Strings, small integers and a map of JSON values always serialize.
+    crate::pyjson::to_vec(&envelope).unwrap_or_default()
+}
+
+/// The envelope's fields in kombu's order.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    body: String,
+    #[serde(rename = "content-encoding")]
+    content_encoding: &'a str,
+    #[serde(rename = "content-type")]
+    content_type: &'a str,
+    headers: &'a Map<String, Value>,
+    properties: EnvelopeProperties<'a>,
+}
+
+#[derive(Serialize)]
+struct EnvelopeProperties<'a> {
+    correlation_id: Option<&'a str>,
+    reply_to: Option<&'a str>,
+    delivery_mode: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expiration: Option<&'a str>,
+    delivery_info: DeliveryInfo<'a>,
+    priority: u8,
+    body_encoding: &'static str,
+    delivery_tag: &'a str,
+}
+
+#[derive(Serialize)]
+struct DeliveryInfo<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
 }
 
 /// Decode kombu's JSON envelope into a message.
 pub fn decode(bytes: &[u8]) -> Result<Message, ProtocolError> {
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| ProtocolError::MalformedEnvelope(format!("not JSON: {e}")))?;
+    let value =
+        crate::pyjson::from_slice(bytes).map_err(|e| ProtocolError::MalformedEnvelope(format!("not JSON: {e}")))?;
     let Value::Object(mut env) = value else {
         return Err(ProtocolError::MalformedEnvelope("not a JSON object".into()));
     };
@@ -100,6 +131,12 @@ mod tests {
             String::from_utf8_lossy(&bytes).contains(r#""delivery_mode": 2, "expiration": "60000", "delivery_info""#)
         );
         assert_eq!(decode(&bytes).unwrap(), m);
+        // Headers holding Python's numbers go through unchanged.
+        m.headers
+            .insert("stamps".into(), crate::pyjson::from_str(r#"{"n": [NaN, 18446744073709551617, 1e+16]}"#).unwrap());
+        let bytes = encode(&m, "", "celery", "tag-1");
+        assert!(String::from_utf8_lossy(&bytes).contains(r#""stamps": {"n": [NaN, 18446744073709551617, 1e+16]}"#));
+        assert_eq!(decode(&bytes).unwrap().headers, m.headers);
     }
 
     #[test]

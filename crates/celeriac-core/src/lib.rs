@@ -3,6 +3,8 @@
 //!
 //! - [`protocol`]: Celery's message protocol v2 (headers, properties, body `[args, kwargs, embed]`)
 //!   and its JSON encoding, byte-compatible with what Python Celery publishes.
+//! - [`pyjson`]: Python's JSON exactly: integers of any size, floats as `repr` writes them, `NaN`
+//!   and `Infinity`; every JSON that crosses a boundary is read and written through it.
 //! - [`envelope`]: kombu's JSON envelope, the form a message takes in key-value transports
 //!   (the embedded SQLite broker, and Redis).
 //! - [`broker`] and [`backend`]: the two traits every transport implements.
@@ -22,9 +24,11 @@ pub mod envelope;
 pub mod error;
 pub mod panics;
 pub mod protocol;
+pub mod pyjson;
 pub mod pyrepr;
 pub mod result;
 pub mod retry;
+mod strict;
 pub mod task;
 pub mod telemetry;
 

@@ -154,13 +154,32 @@ impl TaskHeaders {
         }
     }
 
-    /// The headers as a JSON map, in Celery's order.
+    /// The headers as a JSON map, in Celery's order. Built field by field rather than through
+    /// `serde_json::to_value`, which refuses a `NaN` held in `stamps`.
     pub fn to_map(&self) -> Map<String, Value> {
-        match serde_json::to_value(self) {
-            Ok(Value::Object(map)) => map,
-            // A struct of strings, numbers and maps always serializes to an object.
-            _ => Map::new(),
-        }
+        let s = |v: &Option<String>| v.clone().map_or(Value::Null, Value::String);
+        let n = |v: &Option<Number>| v.clone().map_or(Value::Null, Value::Number);
+        let mut m = Map::with_capacity(19);
+        m.insert("lang".into(), Value::String(self.lang.clone()));
+        m.insert("task".into(), Value::String(self.task.clone()));
+        m.insert("id".into(), Value::String(self.id.clone()));
+        m.insert("shadow".into(), s(&self.shadow));
+        m.insert("eta".into(), s(&self.eta));
+        m.insert("expires".into(), s(&self.expires));
+        m.insert("group".into(), s(&self.group));
+        m.insert("group_index".into(), self.group_index.map_or(Value::Null, Value::from));
+        m.insert("retries".into(), Value::from(self.retries));
+        m.insert("timelimit".into(), Value::Array(vec![n(&self.timelimit.0), n(&self.timelimit.1)]));
+        m.insert("root_id".into(), s(&self.root_id));
+        m.insert("parent_id".into(), s(&self.parent_id));
+        m.insert("argsrepr".into(), s(&self.argsrepr));
+        m.insert("kwargsrepr".into(), s(&self.kwargsrepr));
+        m.insert("origin".into(), s(&self.origin));
+        m.insert("ignore_result".into(), Value::Bool(self.ignore_result));
+        m.insert("replaced_task_nesting".into(), Value::from(self.replaced_task_nesting));
+        m.insert("stamped_headers".into(), self.stamped_headers.clone().unwrap_or(Value::Null));
+        m.insert("stamps".into(), Value::Object(self.stamps.clone()));
+        m
     }
 
     /// Read the typed headers out of a message's header map, naming the first bad header.
@@ -540,13 +559,33 @@ pub struct TaskBody {
     pub embed: Embed,
 }
 
+impl Embed {
+    /// The embed as a JSON object, in Celery's key order.
+    pub fn to_value(&self) -> Value {
+        let v = |v: &Option<Value>| v.clone().unwrap_or(Value::Null);
+        let mut m = Map::new();
+        m.insert("callbacks".into(), v(&self.callbacks));
+        m.insert("errbacks".into(), v(&self.errbacks));
+        m.insert("chain".into(), v(&self.chain));
+        m.insert("chord".into(), v(&self.chord));
+        Value::Object(m)
+    }
+
+    /// Read an embed object; missing keys are `None`. (By hand rather than through
+    /// `serde_json::from_value`, which refuses a `NaN` inside a linked signature.)
+    pub fn from_map(mut map: Map<String, Value>) -> Self {
+        let mut take = |k: &str| map.remove(k).filter(|v| !v.is_null());
+        Embed { callbacks: take("callbacks"), errbacks: take("errbacks"), chain: take("chain"), chord: take("chord") }
+    }
+}
+
 impl TaskBody {
     /// Encode as JSON, exactly as Python's `json.dumps` would.
     pub fn to_json(&self) -> Result<Vec<u8>, ProtocolError> {
         let value = Value::Array(vec![
             Value::Array(self.args.clone()),
             Value::Object(self.kwargs.clone()),
-            serde_json::to_value(&self.embed).map_err(|e| ProtocolError::Encode(e.to_string()))?,
+            self.embed.to_value(),
         ]);
         to_python_json(&value)
     }
@@ -585,9 +624,7 @@ impl TaskBody {
         let args = body_args(parts.pop())?;
         let embed = match embed {
             None | Some(Value::Null) => Embed::default(),
-            Some(v @ Value::Object(_)) => {
-                serde_json::from_value(v).map_err(|e| ProtocolError::MalformedBody(format!("embed: {e}")))?
-            }
+            Some(Value::Object(m)) => Embed::from_map(m),
             Some(other) => return Err(ProtocolError::MalformedBody(format!("embed must be an object, got {other}"))),
         };
         Ok(TaskBody { args, kwargs, embed })
@@ -649,7 +686,7 @@ fn decode_json(body: &[u8], content_type: &str, content_encoding: &str) -> Resul
     if content_type != CONTENT_TYPE_JSON {
         return Err(ProtocolError::UnsupportedContentType(content_type.to_string()));
     }
-    serde_json::from_slice(body).map_err(|e| ProtocolError::MalformedBody(format!("not JSON: {e}")))
+    crate::pyjson::from_slice(body).map_err(|e| ProtocolError::MalformedBody(format!("not JSON: {e}")))
 }
 
 /// The headers of a protocol v1 message, read from its body as Celery's worker does
@@ -795,59 +832,9 @@ impl Message {
     }
 }
 
-/// Serialize a JSON value exactly as Python's `json.dumps(value)` does: `", "` and `": "`
-/// separators and non-ASCII characters escaped as `\uXXXX`.
+/// Serialize a JSON value exactly as Python's `json.dumps(value)` does (see [`crate::pyjson`]).
 pub fn to_python_json(value: &Value) -> Result<Vec<u8>, ProtocolError> {
-    let mut out = Vec::with_capacity(128);
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter);
-    value.serialize(&mut ser).map_err(|e| ProtocolError::Encode(e.to_string()))?;
-    Ok(out)
-}
-
-/// A `serde_json` formatter that writes what CPython's `json.dumps` writes with default options.
-struct PythonFormatter;
-
-impl serde_json::ser::Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
-    }
-
-    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
-    }
-
-    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
-        writer.write_all(b": ")
-    }
-
-    fn write_string_fragment<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-        fragment: &str,
-    ) -> std::io::Result<()> {
-        if fragment.is_ascii() {
-            return writer.write_all(fragment.as_bytes());
-        }
-        let mut buf = [0u16; 2];
-        for ch in fragment.chars() {
-            if ch.is_ascii() {
-                writer.write_all(&[ch as u8])?;
-            } else {
-                for unit in ch.encode_utf16(&mut buf) {
-                    write!(writer, "\\u{unit:04x}")?;
-                }
-            }
-        }
-        Ok(())
-    }
+    crate::pyjson::to_vec(value).map_err(|e| ProtocolError::Encode(e.to_string()))
 }
 
 #[cfg(test)]
@@ -871,6 +858,27 @@ mod tests {
         };
         let bytes = body.to_json().unwrap();
         assert_eq!(TaskBody::decode(&bytes, CONTENT_TYPE_JSON, "utf-8").unwrap(), body);
+    }
+
+    #[test]
+    fn bodies_from_python_keep_every_number() {
+        // The issue's values as Python's json.dumps writes them, in args, kwargs and a linked
+        // signature.
+        let text = concat!(
+            r#"[[18446744073709551617, 9223372036854775808, -9223372036854775809, 123456789.12345679, "#,
+            r#"5e-324, 1.7976931348623157e+308, 1e+16, 1e+22, -0.0, NaN, Infinity, -Infinity], "#,
+            r#"{"big": -18446744073709551616, "nested": [{"x": 1000000000000000000000000000000}, 0.1]}, "#,
+            r#"{"callbacks": [{"task": "t", "args": [NaN, 18446744073709551617]}], "errbacks": null, "chain": null, "chord": null}]"#
+        );
+        let body = TaskBody::decode(text.as_bytes(), CONTENT_TYPE_JSON, "utf-8").unwrap();
+        assert_eq!(body.args.len(), 12);
+        assert_eq!(String::from_utf8(body.to_json().unwrap()).unwrap(), text);
+        // A stamp holding NaN survives the headers' typed view.
+        let mut headers = TaskHeaders::new("t", "id");
+        headers.stamps.insert("s".into(), Value::Number(crate::pyjson::nan()));
+        let map = headers.to_map();
+        assert_eq!(crate::pyjson::to_string(&map["stamps"]).unwrap(), r#"{"s": NaN}"#);
+        assert_eq!(TaskHeaders::from_map(&map).unwrap(), headers);
     }
 
     #[test]

@@ -77,7 +77,12 @@ fn push(out: &mut String, value: &Value) {
         Value::Null => out.push_str("None"),
         Value::Bool(true) => out.push_str("True"),
         Value::Bool(false) => out.push_str("False"),
-        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::Number(n) => out.push_str(match n.as_str() {
+            "NaN" => "nan",
+            "Infinity" => "inf",
+            "-Infinity" => "-inf",
+            text => return out.push_str(&crate::pyjson::python_number_text(text)),
+        }),
         Value::String(s) => push_str(out, s),
         Value::Array(items) => {
             out.push('[');
@@ -122,5 +127,7 @@ mod tests {
         assert_eq!(kwargs_repr(json!({"z": 4, "b": [true, null]}).as_object().unwrap()), "{'z': 4, 'b': [True, None]}");
         assert_eq!(repr(&json!("it's")), "\"it's\"");
         assert_eq!(repr(&json!("héllo\n")), "'héllo\\n'");
+        let numbers = crate::pyjson::from_str("[18446744073709551617, 1e16, -0.0, NaN, Infinity, -Infinity]").unwrap();
+        assert_eq!(repr(&numbers), "[18446744073709551617, 1e+16, -0.0, nan, inf, -inf]");
     }
 }

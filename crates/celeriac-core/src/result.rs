@@ -97,6 +97,25 @@ impl ExceptionInfo {
         ExceptionInfo { exc_type: exc_type.into(), exc_message: json!([message.into()]), exc_module: module.into() }
     }
 
+    /// As Celery stores it: `{"exc_type", "exc_message", "exc_module"}`.
+    pub fn to_value(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("exc_type".into(), Value::String(self.exc_type.clone()));
+        m.insert("exc_message".into(), self.exc_message.clone());
+        m.insert("exc_module".into(), Value::String(self.exc_module.clone()));
+        Value::Object(m)
+    }
+
+    /// Read a stored exception (by hand: its arguments may hold any value, `NaN` included).
+    pub fn from_value(v: &Value) -> Option<Self> {
+        let m = v.as_object()?;
+        Some(ExceptionInfo {
+            exc_type: m.get("exc_type")?.as_str()?.to_string(),
+            exc_message: m.get("exc_message")?.clone(),
+            exc_module: m.get("exc_module")?.as_str()?.to_string(),
+        })
+    }
+
     /// The message as one readable string, as Python's `str(exc)` gives it: the one argument
     /// (`bad value`), the repr of the argument tuple when there are several
     /// (`('custom failure', 42)`), nothing when there are none.
@@ -116,7 +135,10 @@ impl ExceptionInfo {
 }
 
 /// A stored task result in Celery's layout.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Read with [`ResultMeta::from_json`], not serde: a derived `Deserialize` would buffer the
+/// flattened request fields and lose their numbers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ResultMeta {
     /// The state.
     pub status: TaskState,
@@ -167,24 +189,63 @@ impl ResultMeta {
         exc: &ExceptionInfo,
         traceback: Option<String>,
     ) -> Self {
-        let mut meta = Self::new(task_id, status, serde_json::to_value(exc).unwrap_or(Value::Null));
+        let mut meta = Self::new(task_id, status, exc.to_value());
         meta.traceback = traceback;
         meta
     }
 
     /// The exception, when the result holds one.
     pub fn exception_info(&self) -> Option<ExceptionInfo> {
-        serde_json::from_value(self.result.clone()).ok()
+        ExceptionInfo::from_value(&self.result)
     }
 
-    /// Encode as JSON for storage, as Celery's backends write it (Python's `json.dumps`).
+    /// Encode as JSON for storage, as Celery's backends write it (Python's `json.dumps`, numbers
+    /// included: see [`crate::pyjson`]).
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_value(self).ok().and_then(|v| crate::protocol::to_python_json(&v).ok()).unwrap_or_default()
+        crate::pyjson::to_vec(&self.to_value()).unwrap_or_default()
     }
 
-    /// Decode a stored result.
-    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
+    /// The stored object, in Celery's key order. Built by hand: `serde_json::to_value` refuses a
+    /// `NaN` in the result.
+    pub fn to_value(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("status".into(), Value::String(self.status.as_str().into()));
+        m.insert("result".into(), self.result.clone());
+        m.insert("traceback".into(), self.traceback.clone().map_or(Value::Null, Value::String));
+        m.insert("children".into(), self.children.clone());
+        m.insert("date_done".into(), self.date_done.clone().map_or(Value::Null, Value::String));
+        for (k, v) in &self.extra {
+            m.insert(k.clone(), v.clone());
+        }
+        m.insert("task_id".into(), Value::String(self.task_id.clone()));
+        Value::Object(m)
+    }
+
+    /// Decode a stored result, as Python's `json.loads` reads it (integers of any size, `NaN`).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        let value = crate::pyjson::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+        let Value::Object(mut m) = value else { return Err("not a JSON object".into()) };
+        // `shift_remove`: the request fields left in `extra` keep their stored order.
+        let mut text = |k: &str| -> Result<Option<String>, String> {
+            match m.shift_remove(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s)),
+                Some(other) => Err(format!("{k} is not a string: {other}")),
+            }
+        };
+        let status = text("status")?.ok_or("no status")?.parse::<TaskState>()?;
+        let task_id = text("task_id")?.ok_or("no task_id")?;
+        let traceback = text("traceback")?;
+        let date_done = text("date_done")?;
+        Ok(ResultMeta {
+            status,
+            result: m.shift_remove("result").unwrap_or(Value::Null),
+            traceback,
+            children: m.shift_remove("children").unwrap_or(Value::Null),
+            date_done,
+            extra: m,
+            task_id,
+        })
     }
 }
 
@@ -255,6 +316,28 @@ mod tests {
         );
         let bare = ExceptionInfo { exc_message: json!([]), ..e };
         assert!(format_traceback("t", "i", &bare, None).ends_with("[i]\nIoError\n"));
+    }
+
+    #[test]
+    fn stored_results_keep_every_number() {
+        let value =
+            crate::pyjson::from_str("[18446744073709551617, 123456789.12345679, 1e+16, -0.0, NaN, -Infinity]").unwrap();
+        let mut meta = ResultMeta::success("id", value);
+        meta.extra.insert("args".into(), crate::pyjson::from_str("[NaN, 100000000000000000000]").unwrap());
+        let text = String::from_utf8(meta.to_json()).unwrap();
+        assert!(
+            text.starts_with(r#"{"status": "SUCCESS", "result": [18446744073709551617, 123456789.12345679, 1e+16, -0.0, NaN, -Infinity], "traceback": null"#),
+            "{text}"
+        );
+        assert!(text.ends_with(r#", "args": [NaN, 100000000000000000000], "task_id": "id"}"#), "{text}");
+        let back = ResultMeta::from_json(text.as_bytes()).unwrap();
+        assert_eq!(back.to_json(), meta.to_json());
+        let exc = ExceptionInfo {
+            exc_message: crate::pyjson::from_str("[NaN]").unwrap(),
+            ..ExceptionInfo::new("E", "", "m")
+        };
+        let failed = ResultMeta::exception("id", TaskState::Failure, &exc, None);
+        assert_eq!(ResultMeta::from_json(&failed.to_json()).unwrap().exception_info().unwrap().message(), "nan");
     }
 
     #[test]

@@ -281,7 +281,13 @@ impl ArgDecoder {
     }
 
     /// Decode the parameter at `index` called `name`.
-    pub fn take<T: DeserializeOwned>(&mut self, index: usize, name: &str) -> Result<T, TaskError> {
+    ///
+    /// A `Value`, `Option<Value>` or `Number` parameter receives the argument exactly as it came. For other types
+    /// every number is checked on the way in ([`crate::strict`]): one the type cannot hold fails
+    /// with Python's `OverflowError` (an `i64` given `2**70`, an `f64` given `10**400`) or
+    /// `TypeError` (an integer type given `1.5`), naming the argument and the value; nothing is
+    /// rounded, wrapped or turned into `inf` in silence.
+    pub fn take<T: DeserializeOwned + 'static>(&mut self, index: usize, name: &str) -> Result<T, TaskError> {
         self.params = self.params.max(index + 1);
         let value = if index < self.args.len() {
             if self.kwargs.contains_key(name) {
@@ -298,8 +304,7 @@ impl ArgDecoder {
             return serde_json::from_value(Value::Null)
                 .map_err(|_| TaskError::type_error(format!("{}() missing required argument: '{name}'", self.task)));
         };
-        serde_json::from_value(value)
-            .map_err(|e| TaskError::type_error(format!("{}() argument '{name}': {e}", self.task)))
+        decode_arg(&self.task, name, value)
     }
 
     /// Check that no argument was left over.
@@ -320,9 +325,47 @@ impl ArgDecoder {
     }
 }
 
-/// Serialize a task's return value.
-pub fn to_result_value<T: Serialize>(value: T) -> Result<Value, TaskError> {
-    serde_json::to_value(value).map_err(|e| {
+/// One argument as `T`, refusing a number `T` cannot hold (see [`ArgDecoder::take`]).
+fn decode_arg<T: DeserializeOwned + 'static>(task: &str, name: &str, value: Value) -> Result<T, TaskError> {
+    let any = std::any::TypeId::of::<T>();
+    if any == std::any::TypeId::of::<serde_json::Number>() && !value.is_number() {
+        let shown = crate::pyrepr::repr(&value);
+        return Err(TaskError::type_error(format!("{task}() argument '{name}' must be a number, not {shown}")));
+    }
+    if any == std::any::TypeId::of::<Value>() || any == std::any::TypeId::of::<serde_json::Number>() {
+        return crate::pyjson::from_value(value)
+            .map_err(|e| TaskError::type_error(format!("{task}() argument '{name}': {e}")));
+    }
+    if any == std::any::TypeId::of::<Option<Value>>() {
+        let v: Option<Value> = (!value.is_null()).then_some(value);
+        let boxed: Box<dyn std::any::Any> = Box::new(v);
+        // `T` is `Option<Value>`, so the downcast succeeds.
+        return boxed
+            .downcast::<T>()
+            .map(|t| *t)
+            .map_err(|_| TaskError::type_error(format!("{task}() argument '{name}'")));
+    }
+    let problem = std::cell::Cell::new(None);
+    let shown = matches!(value, Value::Number(_)).then(|| crate::pyrepr::repr(&value));
+    T::deserialize(crate::strict::Strict::new(value, &problem)).map_err(|e| match problem.take() {
+        Some(p) => {
+            let exc = match p.kind {
+                crate::strict::ProblemKind::Overflow => "OverflowError",
+                crate::strict::ProblemKind::Type => "TypeError",
+            };
+            TaskError::new(exc, format!("{task}() argument '{name}': {}", p.message))
+        }
+        None => match shown {
+            Some(v) => TaskError::type_error(format!("{task}() argument '{name}': {e}, got {v}")),
+            None => TaskError::type_error(format!("{task}() argument '{name}': {e}")),
+        },
+    })
+}
+
+/// Serialize a task's return value. A `Value`, `Number` or float is kept exactly, `NaN` and the
+/// infinities included (see [`crate::pyjson::to_value`]).
+pub fn to_result_value<T: Serialize + 'static>(value: T) -> Result<Value, TaskError> {
+    crate::pyjson::to_value(value).map_err(|e| {
         TaskError::new("EncodeError", format!("cannot serialize the result: {e}")).with_module("kombu.exceptions")
     })
 }
@@ -444,6 +487,71 @@ mod tests {
             .contains("takes 2 positional arguments but 3"));
         assert!(decode2(json!([1]), json!({"c": 1})).unwrap_err().message.contains("unexpected keyword argument 'c'"));
         assert!(decode2(json!([1]), json!({"a": 1})).unwrap_err().message.contains("multiple values"));
+    }
+
+    fn one<T: DeserializeOwned + 'static>(text: &str) -> Result<T, TaskError> {
+        let args = match crate::pyjson::from_str(&format!("[{text}]")).unwrap() {
+            Value::Array(a) => a,
+            _ => unreachable!(),
+        };
+        let mut d = ArgDecoder::new("t", args, Map::new());
+        d.take(0, "x")
+    }
+
+    #[test]
+    fn numbers_a_rust_type_cannot_hold_are_refused_by_name_and_value() {
+        let e = one::<i64>("1180591620717411303424").unwrap_err();
+        assert_eq!(e.exc_type, "OverflowError");
+        assert_eq!(e.message, "t() argument 'x': int 1180591620717411303424 is out of range for i64");
+        assert_eq!(one::<i64>("9223372036854775807").unwrap(), i64::MAX);
+        assert_eq!(one::<i64>("9223372036854775808").unwrap_err().exc_type, "OverflowError");
+        assert_eq!(one::<i64>("-9223372036854775809").unwrap_err().exc_type, "OverflowError");
+        assert_eq!(one::<u64>("18446744073709551615").unwrap(), u64::MAX);
+        assert_eq!(one::<u8>("256").unwrap_err().exc_type, "OverflowError");
+        assert_eq!(one::<u32>("-1").unwrap_err().exc_type, "OverflowError");
+        assert_eq!(one::<i128>("-170141183460469231731687303715884105728").unwrap(), i128::MIN);
+        let e = one::<i64>("1.5").unwrap_err();
+        assert_eq!(
+            (e.exc_type.as_str(), e.message.as_str()),
+            ("TypeError", "t() argument 'x': expected an integer (i64), got float 1.5")
+        );
+        assert_eq!(one::<i64>("NaN").unwrap_err().exc_type, "TypeError");
+        // Nested: the element that does not fit is named.
+        let e = one::<Vec<i64>>("[1, 18446744073709551617]").unwrap_err();
+        assert_eq!(e.message, "t() argument 'x': int 18446744073709551617 is out of range for i64");
+        let e = one::<BTreeMap<String, Option<u16>>>(r#"{"a": null, "b": 65536}"#).unwrap_err();
+        assert_eq!(e.exc_type, "OverflowError");
+        // Floats read as Python's float(): integers round, beyond the range is an OverflowError.
+        assert_eq!(one::<f64>("18446744073709551617").unwrap(), 18446744073709551616.0);
+        assert_eq!(one::<f64>("123456789.12345679").unwrap(), 123_456_789.123_456_79);
+        assert!(one::<f64>("NaN").unwrap().is_nan());
+        assert_eq!(one::<f64>("-Infinity").unwrap(), f64::NEG_INFINITY);
+        let e = one::<f64>(&format!("1{}", "0".repeat(400))).unwrap_err();
+        assert_eq!(e.exc_type, "OverflowError");
+        assert!(e.message.contains("too large to convert to float"), "{}", e.message);
+        assert_eq!(one::<f32>("1e+300").unwrap_err().exc_type, "OverflowError");
+        assert_eq!(one::<Vec<f64>>("[1, 0.5, -0.0]").unwrap(), vec![1.0, 0.5, -0.0]);
+        // Value and Number receive the argument as it came.
+        let v: Value = one("[18446744073709551617, NaN, 1e+16]").unwrap();
+        assert_eq!(crate::pyjson::to_string(&v).unwrap(), "[18446744073709551617, NaN, 1e+16]");
+        let o: Option<Value> = one("NaN").unwrap();
+        assert_eq!(crate::pyjson::to_string(&o).unwrap(), "NaN");
+        assert_eq!(one::<Option<Value>>("null").unwrap(), None);
+        let n: serde_json::Number = one("NaN").unwrap();
+        assert_eq!(n.as_str(), "NaN");
+        assert_eq!(one::<serde_json::Number>(r#""7""#).unwrap_err().exc_type, "TypeError");
+        assert_eq!(one::<Option<i64>>("null").unwrap(), None);
+        assert_eq!(one::<String>("1").unwrap_err().exc_type, "TypeError");
+    }
+
+    #[test]
+    fn results_keep_non_finite_floats() {
+        let v = to_result_value(f64::NAN).unwrap();
+        assert_eq!(crate::pyjson::to_string(&v).unwrap(), "NaN");
+        let v =
+            to_result_value(crate::pyjson::from_str("[Infinity, 10000000000000000000000000000001]").unwrap()).unwrap();
+        assert_eq!(crate::pyjson::to_string(&v).unwrap(), "[Infinity, 10000000000000000000000000000001]");
+        assert_eq!(to_result_value(0.1f64).unwrap(), crate::pyjson::from_str("0.1").unwrap());
     }
 
     #[test]

@@ -178,7 +178,7 @@ struct Command {
 /// Read a pidbox message; `Err` carries the error reply and where to send it, if known.
 #[allow(clippy::result_large_err)] // built once per control message
 fn parse(message: &Message, hostname: &str) -> Result<Option<Command>, (String, Option<Command>)> {
-    let body: Value = match serde_json::from_slice(&message.body) {
+    let body = match celeriac_core::pyjson::from_slice(&message.body) {
         Ok(v) => v,
         Err(e) => return Err((format!("malformed control message (not JSON: {e})"), None)),
     };
@@ -262,7 +262,11 @@ async fn send_reply(ctx: &Context, exchange: &str, routing_key: &str, ticket: Va
     let mut headers = Map::new();
     headers.insert("ticket".into(), ticket);
     headers.insert("clock".into(), json!(ctx.clock.fetch_add(1, Ordering::Relaxed) + 1));
-    let body = json!({ ctx.shared.config.hostname.clone(): reply });
+    // Built by hand: `json!` would copy `reply` through `serde_json::to_value`, which refuses a
+    // `NaN` in a task's arguments.
+    let mut body = Map::new();
+    body.insert(ctx.shared.config.hostname.clone(), reply);
+    let body = Value::Object(body);
     let spec = ExchangeSpec { name: exchange.to_string(), ..reply_exchange() };
     if let Err(e) = exchanges.publish_to(&spec, routing_key, &json_message(&body, headers)).await {
         tracing::warn!(error = %e, %exchange, "could not send a control reply");
@@ -291,11 +295,13 @@ async fn dispatch(ctx: &Context, method: &str, args: &Map<String, Value>) -> Val
                 .requests()
                 .iter()
                 .filter_map(|r| match r.phase {
-                    Phase::Scheduled(eta) => Some(json!({
-                        "eta": format_datetime(eta),
-                        "priority": r.priority,
-                        "request": r.to_celery(hostname, None),
-                    })),
+                    Phase::Scheduled(eta) => {
+                        let mut entry = Map::new();
+                        entry.insert("eta".into(), Value::from(format_datetime(eta)));
+                        entry.insert("priority".into(), Value::from(r.priority));
+                        entry.insert("request".into(), r.to_celery(hostname, None));
+                        Some(Value::Object(entry))
+                    }
                     _ => None,
                 })
                 .collect(),
@@ -429,7 +435,7 @@ fn query_task(ctx: &Context, args: &Map<String, Value>) -> Value {
     for (state, requests) in [("active", active), ("reserved", held)] {
         for request in requests.as_array().into_iter().flatten() {
             if let Some(id) = request["id"].as_str().filter(|id| ids.contains(id)) {
-                found.insert(id.to_string(), json!([state, request]));
+                found.insert(id.to_string(), Value::Array(vec![Value::from(state), request.clone()]));
             }
         }
     }

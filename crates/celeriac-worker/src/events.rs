@@ -373,7 +373,7 @@ pub async fn warn_if_name_taken(broker: Arc<dyn Broker>, hostname: String, pid: 
 
 /// The events in a message body: one object, or a list of them (Celery's buffered `task.multi`).
 pub fn bodies(body: &[u8]) -> Vec<Map<String, Value>> {
-    match serde_json::from_slice::<Value>(body) {
+    match celeriac_core::pyjson::from_slice(body) {
         Ok(Value::Object(m)) => vec![m],
         Ok(Value::Array(items)) => items
             .into_iter()

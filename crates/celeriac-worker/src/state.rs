@@ -62,11 +62,13 @@ impl RequestInfo {
             Phase::Active(t) => json!(t.timestamp_micros() as f64 / 1e6),
             _ => Value::Null,
         };
-        json!({
-            "id": self.id,
-            "name": self.name,
-            "args": self.args,
-            "kwargs": self.kwargs,
+        let mut info = serde_json::Map::new();
+        info.insert("id".into(), Value::from(self.id.as_str()));
+        info.insert("name".into(), Value::from(self.name.as_str()));
+        // Inserted, not put through `json!`: serde_json's `to_value` refuses a `NaN` argument.
+        info.insert("args".into(), self.args.clone());
+        info.insert("kwargs".into(), self.kwargs.clone());
+        let rest = json!({
             "type": self.name,
             "hostname": hostname,
             "time_start": time_start,
@@ -79,7 +81,11 @@ impl RequestInfo {
                 "redelivered": self.redelivered,
             },
             "worker_pid": worker_pid,
-        })
+        });
+        if let Value::Object(rest) = rest {
+            info.extend(rest);
+        }
+        Value::Object(info)
     }
 }
 
@@ -329,6 +335,25 @@ impl WorkerState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inspect_shows_python_numbers_in_arguments() {
+        let info = RequestInfo {
+            id: "i".into(),
+            name: "t".into(),
+            args: celeriac_core::pyjson::from_str("[NaN, 18446744073709551617, 1e+16]").unwrap(),
+            kwargs: celeriac_core::pyjson::from_str(r#"{"x": -Infinity}"#).unwrap(),
+            queue: "q".into(),
+            priority: 0,
+            redelivered: false,
+            phase: Phase::Reserved,
+        };
+        let text = celeriac_core::pyjson::to_string(&info.to_celery("h", None)).unwrap();
+        assert!(
+            text.starts_with(r#"{"id": "i", "name": "t", "args": [NaN, 18446744073709551617, 1e+16], "kwargs": {"x": -Infinity}, "type": "t""#),
+            "{text}"
+        );
+    }
 
     #[test]
     fn rates_parse_as_celery_writes_them() {

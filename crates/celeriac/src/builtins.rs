@@ -4,11 +4,11 @@
 //! |---|---|
 //! | `celeriac.ping()` | returns `"pong"` |
 //! | `celeriac.noop()` | nothing, returns `null` |
-//! | `celeriac.echo(value)` | returns `value` |
-//! | `celeriac.add(x, y)` | returns `x + y` (integers stay integers) |
+//! | `celeriac.echo(value)` | returns `value`, byte for byte |
+//! | `celeriac.add(x, y)` | returns `x + y` as Python computes it: integers exact at any size, a float if either is one |
 //! | `celeriac.sleep(seconds)` | sleeps, returns `seconds` |
 //! | `celeriac.fail(message)` | fails with `RuntimeError(message)` |
-//! | `celeriac.flaky(failures)` | fails `failures` times, retried with backoff, then returns its retry count |
+//! | `celeriac.flaky(failures, value=None)` | fails `failures` times, retried with backoff, then returns `value` if given, else its retry count |
 //! | `celeriac.alloc(mb, keep)` | allocates and touches `mb` MiB; with `keep`, never frees it (a leak) |
 //! | `celeriac.hang()` | blocks forever in a futex wait (a deadlock, as inside a C library) |
 //! | `celeriac.crash()` | aborts the process running it (SIGABRT) |
@@ -37,16 +37,31 @@ pub async fn echo(value: Value) -> Value {
     value
 }
 
-/// `x + y`.
+/// `x + y`, as Python computes it: two integers add exactly, at any size
+/// (`2**63 - 1 + 1 = 9223372036854775808`); with a float on either side both are floats (an
+/// integer too large for a float is Python's `OverflowError`), and float addition may give
+/// `inf` or `nan` as Python's does.
 #[celeriac::task(name = "celeriac.add")]
 pub async fn add(x: Number, y: Number) -> Result<Number, TaskError> {
-    if let (Some(a), Some(b)) = (x.as_i64(), y.as_i64()) {
-        if let Some(sum) = a.checked_add(b) {
-            return Ok(Number::from(sum));
+    use celeriac_core::pyjson;
+    if pyjson::is_int(&x) && pyjson::is_int(&y) {
+        if let (Some(a), Some(b)) = (x.as_i64(), y.as_i64()) {
+            if let Some(sum) = a.checked_add(b) {
+                return Ok(Number::from(sum));
+            }
         }
+        let big = |n: &Number| n.as_str().parse::<num_bigint::BigInt>();
+        let sum = match (big(&x), big(&y)) {
+            (Ok(a), Ok(b)) => a + b,
+            _ => return Err(TaskError::new("ValueError", format!("cannot read {x} + {y} as integers"))),
+        };
+        return sum.to_string().parse::<Number>().map_err(|e| TaskError::new("ValueError", e.to_string()));
     }
-    let sum = x.as_f64().unwrap_or(f64::NAN) + y.as_f64().unwrap_or(f64::NAN);
-    Number::from_f64(sum).ok_or_else(|| TaskError::new("OverflowError", format!("{x} + {y} is not a finite number")))
+    let float = |n: &Number| {
+        pyjson::as_f64(n)
+            .ok_or_else(|| TaskError::new("OverflowError", format!("int {n} too large to convert to float")))
+    };
+    Ok(pyjson::float(float(&x)? + float(&y)?))
 }
 
 /// Sleeps `seconds`, returns them. Stops early (with `SoftTimeLimitExceeded`) at its soft time
@@ -68,10 +83,11 @@ pub async fn fail(message: String) -> Result<(), TaskError> {
     Err(TaskError::new("RuntimeError", message))
 }
 
-/// Fails with `FlakyError` until it has been retried `failures` times, then returns its retry
-/// count. Retries back off exponentially from 0.2 s with full jitter.
+/// Fails with `FlakyError` until it has been retried `failures` times, then returns `value` if
+/// given (so a test sees what the retries carried), else its retry count. Retries back off
+/// exponentially from 0.2 s with full jitter.
 #[celeriac::task(name = "celeriac.flaky", autoretry_for = ["FlakyError"], retry_backoff = 0.2, retry_backoff_max = 2, max_retries = 10)]
-pub async fn flaky(ctx: &TaskContext, failures: u32) -> Result<u32, TaskError> {
+pub async fn flaky(ctx: &TaskContext, failures: u32, value: Option<Value>) -> Result<Value, TaskError> {
     if ctx.retries < failures {
         return Err(TaskError::new(
             "FlakyError",
@@ -79,7 +95,7 @@ pub async fn flaky(ctx: &TaskContext, failures: u32) -> Result<u32, TaskError> {
         )
         .with_module("celeriac"));
     }
-    Ok(ctx.retries)
+    Ok(value.unwrap_or_else(|| Value::from(ctx.retries)))
 }
 
 /// Memory `celeriac.alloc` keeps on purpose.
@@ -164,5 +180,53 @@ mod tests {
         assert_eq!(call(sleep, json!([-1])).await.unwrap_err().exc_type, "ValueError");
         assert_eq!(call(flaky, json!([1])).await.unwrap_err().exc_type, "FlakyError");
         assert_eq!(call(flaky, json!([0])).await.unwrap(), json!(0));
+    }
+
+    async fn add_text(x: &str, y: &str) -> Result<String, TaskError> {
+        let args = celeriac_core::pyjson::from_str(&format!("[{x}, {y}]")).unwrap();
+        let Value::Array(args) = args else { unreachable!() };
+        let v = add.call(TaskContext::detached("id", "celeriac.add"), args, Default::default()).await?;
+        Ok(celeriac_core::pyjson::to_string(&v).unwrap())
+    }
+
+    #[tokio::test]
+    async fn add_gives_pythons_answer_for_every_number() {
+        // (x, y, what Python 3.11 json.dumps(x + y) writes, checked with target/pyenv)
+        let cases = [
+            ("9223372036854775807", "1", "9223372036854775808"),
+            ("-9223372036854775808", "-1", "-9223372036854775809"),
+            ("18446744073709551617", "18446744073709551617", "36893488147419103234"),
+            ("1000000000000000000000000000000", "-1", "999999999999999999999999999999"),
+            ("2", "3", "5"),
+            ("0.1", "0.2", "0.30000000000000004"),
+            ("1", "0.5", "1.5"),
+            ("9223372036854775807", "0.0", "9.223372036854776e+18"),
+            ("1e+16", "1", "1e+16"),
+            ("1.7976931348623157e+308", "1.7976931348623157e+308", "Infinity"),
+            ("NaN", "1", "NaN"),
+            ("Infinity", "-Infinity", "NaN"),
+            ("-0.0", "-0.0", "-0.0"),
+            ("5e-324", "5e-324", "1e-323"),
+        ];
+        for (x, y, python) in cases {
+            assert_eq!(add_text(x, y).await.unwrap(), python, "{x} + {y}");
+        }
+        let huge = format!("1{}", "0".repeat(400));
+        let e = add_text(&huge, "0.5").await.unwrap_err();
+        assert_eq!(
+            (e.exc_type.as_str(), e.message.as_str()),
+            ("OverflowError", format!("int {huge} too large to convert to float").as_str())
+        );
+        assert_eq!(add_text(&huge, &huge).await.unwrap(), format!("2{}", "0".repeat(400)));
+        assert_eq!(add_text("\"a\"", "1").await.unwrap_err().exc_type, "TypeError");
+    }
+
+    #[tokio::test]
+    async fn echo_returns_its_argument_byte_for_byte() {
+        let text = r#"[18446744073709551617, -18446744073709551616, 123456789.12345679, 5e-324, 1e+16, -0.0, NaN, Infinity, -Infinity, {"k": [1e+22]}]"#;
+        let args = celeriac_core::pyjson::from_str(&format!("[{text}]")).unwrap();
+        let Value::Array(args) = args else { unreachable!() };
+        let v = echo.call(TaskContext::detached("id", "celeriac.echo"), args, Default::default()).await.unwrap();
+        assert_eq!(celeriac_core::pyjson::to_string(&v).unwrap(), text);
     }
 }

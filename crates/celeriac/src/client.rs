@@ -194,22 +194,22 @@ impl Signature {
         s
     }
 
-    fn value<T: Serialize>(&mut self, v: T) -> Value {
-        serde_json::to_value(v).unwrap_or_else(|e| {
+    fn value<T: Serialize + 'static>(&mut self, v: T) -> Value {
+        celeriac_core::pyjson::to_value(v).unwrap_or_else(|e| {
             self.encode_error.get_or_insert_with(|| e.to_string());
             Value::Null
         })
     }
 
     /// Add a positional argument.
-    pub fn arg<T: Serialize>(mut self, v: T) -> Self {
+    pub fn arg<T: Serialize + 'static>(mut self, v: T) -> Self {
         let v = self.value(v);
         self.args.push(v);
         self
     }
 
     /// Add a keyword argument.
-    pub fn kwarg<T: Serialize>(mut self, name: impl Into<String>, v: T) -> Self {
+    pub fn kwarg<T: Serialize + 'static>(mut self, name: impl Into<String>, v: T) -> Self {
         let v = self.value(v);
         self.kwargs.insert(name.into(), v);
         self
@@ -560,9 +560,10 @@ impl AsyncResult {
     }
 
     /// Wait for the task and decode its value as `T`.
-    pub async fn get_as<T: DeserializeOwned>(&self, timeout: Option<Duration>) -> Result<T, ResultError> {
+    pub async fn get_as<T: DeserializeOwned + 'static>(&self, timeout: Option<Duration>) -> Result<T, ResultError> {
         let v = self.get(timeout).await?;
-        serde_json::from_value(v).map_err(|e| ResultError::Decode { task_id: self.id.clone(), reason: e.to_string() })
+        celeriac_core::pyjson::from_value(v)
+            .map_err(|e| ResultError::Decode { task_id: self.id.clone(), reason: e.to_string() })
     }
 
     /// Remove the stored result.

@@ -86,7 +86,7 @@ pub async fn broadcast(
         if message.headers.get("ticket").and_then(Value::as_str).is_some_and(|t| t != ticket) {
             continue;
         }
-        match serde_json::from_slice::<Value>(&message.body) {
+        match celeriac_core::pyjson::from_slice(&message.body) {
             Ok(Value::Object(nodes)) => out.extend(nodes),
             _ => tracing::warn!("ignored a reply that is not a JSON object"),
         }

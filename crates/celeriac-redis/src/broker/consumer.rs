@@ -31,7 +31,6 @@ use async_trait::async_trait;
 use celeriac_core::broker::{Acker, Consumer, Delivery};
 use celeriac_core::{envelope, BrokerError};
 use redis::aio::MultiplexedConnection;
-use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -513,7 +512,7 @@ impl Fetcher {
     /// Record a message `BRPOP` handed over in `unacked` (as kombu's `QoS.append`), retrying
     /// until Redis takes it; once stopping, push it back to the front of its list instead.
     async fn record(&mut self, popped: &mut Popped) {
-        let info = serde_json::from_slice::<Value>(&popped.raw).ok().as_ref().and_then(wire::envelope_info);
+        let info = celeriac_core::pyjson::from_slice(&popped.raw).ok().as_ref().and_then(wire::envelope_info);
         let mut backoff = FETCH_BACKOFF.0;
         let mut failing_since: Option<Instant> = None;
         loop {
@@ -594,7 +593,7 @@ impl Fetcher {
         if popped.raw.is_empty() {
             return; // put back (or lost) while stopping
         }
-        let parsed = serde_json::from_slice::<Value>(&popped.raw).ok();
+        let parsed = celeriac_core::pyjson::from_slice(&popped.raw).ok();
         let info = parsed.as_ref().and_then(wire::envelope_info);
         let (exchange, routing_key) =
             info.as_ref().map(|i| (i.exchange.clone(), i.routing_key.clone())).unwrap_or_default();
@@ -636,7 +635,7 @@ impl Fetcher {
 
     fn dead_letter(&self, popped: &Popped, tag: &str, reason: &str, task_id: Option<&str>) {
         tracing::error!(queue = %popped.queue, %reason, "dead-lettering a message that cannot be read");
-        let parsed = serde_json::from_slice::<Value>(&popped.raw).ok();
+        let parsed = celeriac_core::pyjson::from_slice(&popped.raw).ok();
         let info = parsed.as_ref().and_then(wire::envelope_info);
         let (ex, rk) = info.map(|i| (i.exchange, i.routing_key)).unwrap_or_default();
         let record = wire::dead_record(&popped.queue, task_id, reason, wire::now_ms(), &ex, &rk, &popped.raw);

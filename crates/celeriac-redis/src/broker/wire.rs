@@ -71,7 +71,7 @@ pub struct UnackedEntry {
 
 /// Parse an `unacked` hash value written by kombu or by celeriac.
 pub fn parse_unacked(value: &[u8]) -> Result<UnackedEntry, String> {
-    let parsed: Value = serde_json::from_slice(value).map_err(|e| format!("not JSON: {e}"))?;
+    let parsed = celeriac_core::pyjson::from_slice(value).map_err(|e| format!("not JSON: {e}"))?;
     let Value::Array(mut parts) = parsed else { return Err("not a JSON array".into()) };
     if parts.len() != 3 {
         return Err(format!("expected [envelope, exchange, routing_key], got {} items", parts.len()));
@@ -105,7 +105,7 @@ pub fn redelivered_payload(mut envelope: Value) -> Vec<u8> {
 /// [`redelivered_payload`] of raw envelope bytes; bytes that are not a JSON object go back as
 /// they are.
 pub fn redelivered_raw(raw: &[u8]) -> Vec<u8> {
-    match serde_json::from_slice::<Value>(raw) {
+    match celeriac_core::pyjson::from_slice(raw) {
         Ok(v @ Value::Object(_)) => redelivered_payload(v),
         _ => raw.to_vec(),
     }
@@ -134,7 +134,7 @@ pub fn dead_record(
     routing_key: &str,
     raw: &[u8],
 ) -> Vec<u8> {
-    let message = match serde_json::from_slice::<Value>(raw) {
+    let message = match celeriac_core::pyjson::from_slice(raw) {
         Ok(v) => v,
         Err(_) => Value::String(String::from_utf8_lossy(raw).into_owned()),
     };
@@ -151,7 +151,7 @@ pub fn dead_record(
 
 /// Parse a stored dead-letter record (with its id).
 pub fn parse_dead_record(bytes: &[u8]) -> Option<DeadLetter> {
-    let v: Value = serde_json::from_slice(bytes).ok()?;
+    let v = celeriac_core::pyjson::from_slice(bytes).ok()?;
     Some(DeadLetter {
         id: v.get("id")?.as_i64()?,
         queue: v.get("queue")?.as_str()?.to_string(),

@@ -4,6 +4,12 @@
 //! writes to the child's stdin; the child answers on its original stdout, which it keeps for
 //! the protocol alone (it points its own fd 1 at stderr, so a task that prints cannot corrupt
 //! the stream).
+//!
+//! A task's arguments and value cross as Python's JSON text inside a string field
+//! ([`python_json`]), written and read by [`celeriac_core::pyjson`], so every number (integers of
+//! any size, `NaN`, `Infinity`) reaches the other side as it left. Enums are externally tagged
+//! (`{"ready": {...}}`): serde's internally tagged enums buffer their fields, which loses
+//! numbers kept as text.
 
 use std::io::{Read, Write};
 
@@ -18,7 +24,7 @@ pub const MAX_FRAME: usize = 64 << 20;
 
 /// Supervisor to child.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum ToChild {
     /// Run one task.
     Run(Box<RunRequest>),
@@ -34,8 +40,10 @@ pub struct RunRequest {
     /// Task name.
     pub name: String,
     /// Positional arguments.
+    #[serde(with = "python_json")]
     pub args: Vec<Value>,
     /// Keyword arguments.
+    #[serde(with = "python_json")]
     pub kwargs: Map<String, Value>,
     /// Retries so far.
     pub retries: u32,
@@ -57,7 +65,7 @@ pub struct RunRequest {
 
 /// Child to supervisor.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum FromChild {
     /// Started and ready for work.
     Ready {
@@ -77,11 +85,12 @@ pub enum FromChild {
 
 /// How a task ended inside a child.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum ChildOutcome {
     /// Returned a value.
     Value {
         /// The value.
+        #[serde(with = "python_json")]
         value: Value,
     },
     /// Returned an error.
@@ -139,6 +148,56 @@ impl ChildOutcome {
                 Err(e)
             }
         }
+    }
+}
+
+/// A JSON value carried as its Python JSON text in a string, so no number changes on the way.
+pub mod python_json {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::{Map, Value};
+
+    /// The kinds of value carried: a value, a list or an object.
+    pub trait FromValue: Sized {
+        /// From a parsed value, or why not.
+        fn from_value(v: Value) -> Result<Self, String>;
+    }
+
+    impl FromValue for Value {
+        fn from_value(v: Value) -> Result<Self, String> {
+            Ok(v)
+        }
+    }
+
+    impl FromValue for Vec<Value> {
+        fn from_value(v: Value) -> Result<Self, String> {
+            match v {
+                Value::Array(items) => Ok(items),
+                other => Err(format!("expected a list, got {other}")),
+            }
+        }
+    }
+
+    impl FromValue for Map<String, Value> {
+        fn from_value(v: Value) -> Result<Self, String> {
+            match v {
+                Value::Object(map) => Ok(map),
+                other => Err(format!("expected an object, got {other}")),
+            }
+        }
+    }
+
+    /// Write the value as its Python JSON text.
+    pub fn serialize<T: Serialize, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+        let text = celeriac_core::pyjson::to_string(value).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&text)
+    }
+
+    /// Read the value back from its text.
+    pub fn deserialize<'de, T: FromValue, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+        let text = String::deserialize(d)?;
+        let value = celeriac_core::pyjson::from_str(&text).map_err(D::Error::custom)?;
+        T::from_value(value).map_err(D::Error::custom)
     }
 }
 
@@ -202,6 +261,50 @@ pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_cross_the_pipe_unchanged() {
+        let text = "[18446744073709551617, -9223372036854775809, 123456789.12345679, 5e-324, 1e+16, -0.0, NaN, Infinity, -Infinity]";
+        let args = match celeriac_core::pyjson::from_str(text).unwrap() {
+            Value::Array(a) => a,
+            _ => unreachable!(),
+        };
+        let kwargs = match celeriac_core::pyjson::from_str(r#"{"k": [NaN, 100000000000000000000000000000]}"#).unwrap() {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        let req = RunRequest {
+            id: "i".into(),
+            name: "n".into(),
+            args: args.clone(),
+            kwargs: kwargs.clone(),
+            retries: 1,
+            queue: "q".into(),
+            root_id: None,
+            parent_id: None,
+            group: None,
+            delivery_count: 2,
+            hostname: "h".into(),
+            soft_time_limit: Some(1.5),
+        };
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &ToChild::Run(Box::new(req))).unwrap();
+        let value = Value::Array(args.clone());
+        write_frame(&mut buf, &FromChild::Done { id: "i".into(), outcome: ChildOutcome::Value { value }, rss_kib: 9 })
+            .unwrap();
+        let mut r = &buf[..];
+        let Some(ToChild::Run(back)) = read_frame::<ToChild>(&mut r).unwrap() else { panic!("not a run frame") };
+        assert_eq!(celeriac_core::pyjson::to_string(&back.args).unwrap(), text);
+        assert_eq!(
+            celeriac_core::pyjson::to_string(&back.kwargs).unwrap(),
+            r#"{"k": [NaN, 100000000000000000000000000000]}"#
+        );
+        assert_eq!((back.retries, back.delivery_count, back.soft_time_limit), (1, 2, Some(1.5)));
+        let Some(FromChild::Done { outcome, rss_kib: 9, .. }) = read_frame::<FromChild>(&mut r).unwrap() else {
+            panic!("not a done frame")
+        };
+        assert_eq!(celeriac_core::pyjson::to_string(&outcome.into_result().unwrap()).unwrap(), text);
+    }
 
     #[test]
     fn frames_round_trip_and_end_cleanly() {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use celeriac_core::{BackendError, BrokerError, ResultMeta, TaskState};
 use clap::{Args, Parser, Subcommand};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::client::{into_value, Client, ResultError, SendOptions};
 use crate::connect::{self, ConnectError, DEFAULT_BROKER_URL};
@@ -441,10 +441,10 @@ fn parse_socket_addr(text: &str) -> Result<std::net::SocketAddr, CliError> {
     addrs.next().ok_or_else(|| bad("resolves to no address".into()))
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(flag: &str, text: &str, expected: &str) -> Result<T, CliError> {
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| CliError::usage(format!("{flag}: not valid JSON ({e}): {text}")))?;
-    serde_json::from_value(value).map_err(|_| CliError::usage(format!("{flag}: expected {expected}, got {text}")))
+/// A JSON flag read as Python's `json.loads` reads it (integers of any size, `NaN`, `Infinity`),
+/// so `--args '[18446744073709551617]'` sends that integer.
+fn parse_json(flag: &str, text: &str) -> Result<Value, CliError> {
+    celeriac_core::pyjson::from_str(text).map_err(|e| CliError::usage(format!("{flag}: not valid JSON ({e}): {text}")))
 }
 
 /// An ISO 8601 time as Celery reads it (naive = UTC).
@@ -466,8 +466,15 @@ fn parse_codec(text: &str) -> Result<celeriac_core::Codec, String> {
 }
 
 async fn send(broker_url: &str, backend_url: Option<&str>, args: SendArgs) -> CliResult {
-    let positional: Vec<Value> = parse_json("--args", &args.args, "a JSON list, e.g. [2, 3]")?;
-    let kwargs: Map<String, Value> = parse_json("--kwargs", &args.kwargs, "a JSON object, e.g. {\"x\": 1}")?;
+    let Value::Array(positional) = parse_json("--args", &args.args)? else {
+        return Err(CliError::usage(format!("--args: expected a JSON list, e.g. [2, 3], got {}", args.args)));
+    };
+    let Value::Object(kwargs) = parse_json("--kwargs", &args.kwargs)? else {
+        return Err(CliError::usage(format!(
+            "--kwargs: expected a JSON object, e.g. {{\"x\": 1}}, got {}",
+            args.kwargs
+        )));
+    };
     if let Some(c) = args.countdown {
         positive_secs("--countdown", c)?;
     }
@@ -512,12 +519,12 @@ async fn send(broker_url: &str, backend_url: Option<&str>, args: SendArgs) -> Cl
 fn print_outcome(meta: ResultMeta, json: bool) -> CliResult {
     let status = meta.status;
     if json {
-        println!("{}", serde_json::to_string(&meta).unwrap_or_default());
+        println!("{}", celeriac_core::pyjson::to_compact_string(&meta.to_value()));
         return Ok(if status == TaskState::Success { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
     match into_value(meta) {
         Ok(v) => {
-            println!("{v}");
+            println!("{}", celeriac_core::pyjson::to_compact_string(&v));
             Ok(ExitCode::SUCCESS)
         }
         Err(ResultError::Failed { exc_type, message, .. }) => {
