@@ -134,7 +134,7 @@ async fn any_number_of_held_eta_tasks_leave_the_whole_window_to_ready_tasks() {
 }
 
 /// The 1b: two workers `-c 2` on one queue; after a burst of 3,000 quick tasks (which
-/// widens the windows), 600 more paced over three seconds with a `celeriac.sleep(8)` before the
+/// widens the windows), 600 more paced over six seconds with a `celeriac.sleep(8)` before the
 /// 150th, 300th and 450th, so that three of the fleet's four slots end up busy for 8 s and at
 /// least one worker has both its slots taken. Every quick task must be done within 0.5 s of its
 /// send: what a blocked worker held goes back and the free slot takes it.
@@ -164,6 +164,7 @@ async fn quick_tasks_never_wait_behind_long_ones_while_another_worker_has_a_free
             .await;
             // The quick tasks, with three long ones among them.
             let started = Instant::now();
+            let started_utc = chrono::Utc::now();
             let mut waits = Vec::new();
             for i in 1..=600u32 {
                 if i % 150 == 0 && i < 600 && std::env::var("WINDOW_NO_SLEEP").is_err() {
@@ -175,7 +176,7 @@ async fn quick_tasks_never_wait_behind_long_ones_while_another_worker_has_a_free
                     let v = r.get(Some(Duration::from_secs(30))).await;
                     (i, v, sent.elapsed())
                 }));
-                let next = started + Duration::from_millis(5 * u64::from(i));
+                let next = started + Duration::from_millis(10 * u64::from(i));
                 tokio::time::sleep_until(next.into()).await;
             }
             let mut times = Vec::new();
@@ -204,6 +205,9 @@ async fn quick_tasks_never_wait_behind_long_ones_while_another_worker_has_a_free
             );
             if slowest > Duration::from_millis(500) {
                 let slow: Vec<_> = times.iter().rev().take(8).collect();
+                if std::env::var("WINDOW_TIMELINE").is_ok() {
+                    println!("phase started {started_utc}\n--- a\n{}\n--- b\n{}", a.dump(), b.dump());
+                }
                 failures.push(format!(
                     "{} {pool:?}: quick task {which} took {slowest:?} (p50 {:?}, p99 {:?}); slowest {slow:?}\n--- worker a:\n{}\n--- worker b:\n{}",
                     broker.name(),
