@@ -487,8 +487,9 @@ impl Worker {
                 }
                 _ = give_back_check.tick(), if adapt && !ready.is_empty() => {
                     let typical = shared.runtimes.lock().unwrap_or_else(|p| p.into_inner()).typical();
-                    let after = prefetch::give_back_after(typical);
-                    if reserve.give_back(std::time::Instant::now(), slots.available_permits(), after) {
+                    let stuck = prefetch::give_back_after(typical)
+                        .is_some_and(|after| reserve.give_back(std::time::Instant::now(), slots.available_permits(), after));
+                    if stuck {
                         // Shrink the window first, so the broker does not hand the reserve
                         // straight back, then give back what is ready (and what the transport has
                         // already received).

@@ -53,9 +53,11 @@ const RECENT: usize = 32;
 /// the worker's recent tasks, and at least [`GIVE_BACK_AFTER`]. A worker whose tasks all take
 /// 200 ms is not stuck when nothing starts for 150 ms, and keeps Celery's window; one that runs
 /// millisecond tasks is stuck after 100 ms. The typical time is a median, so a few long tasks
-/// among many quick ones (the case this is for) do not move it.
-pub fn give_back_after(typical: Option<Duration>) -> Duration {
-    typical.map_or(GIVE_BACK_AFTER, |t| (t * 2).max(GIVE_BACK_AFTER))
+/// among many quick ones (the case this is for) do not move it. Before any task has finished
+/// there is no measure of "soon": `None`, the reserve stays, as in Celery (`inspect reserved`
+/// lists it).
+pub fn give_back_after(typical: Option<Duration>) -> Option<Duration> {
+    typical.map(|t| (t * 2).max(GIVE_BACK_AFTER))
 }
 
 /// The run times of the worker's last tasks, for [`give_back_after`].
@@ -286,17 +288,17 @@ mod tests {
     #[test]
     fn the_wait_before_giving_back_follows_the_typical_task_not_the_odd_long_one() {
         let mut recent = RecentRuntimes::default();
-        assert_eq!(give_back_after(recent.typical()), GIVE_BACK_AFTER, "no task yet");
+        assert_eq!(give_back_after(recent.typical()), None, "no task yet: nothing says what soon is");
         for _ in 0..30 {
             recent.record(Duration::from_millis(1));
         }
         recent.record(Duration::from_secs(8));
         recent.record(Duration::from_secs(8));
-        assert_eq!(give_back_after(recent.typical()), GIVE_BACK_AFTER, "quick tasks with two long ones");
+        assert_eq!(give_back_after(recent.typical()), Some(GIVE_BACK_AFTER), "quick tasks with two long ones");
         for _ in 0..32 {
             recent.record(Duration::from_millis(200));
         }
-        assert_eq!(give_back_after(recent.typical()), Duration::from_millis(400), "200 ms tasks");
+        assert_eq!(give_back_after(recent.typical()), Some(Duration::from_millis(400)), "200 ms tasks");
     }
 
     #[test]
