@@ -504,7 +504,6 @@ impl Worker {
                             }
                         }
                         give_back(&shared, &mut ready).await;
-                        reserve.emptied();
                     }
                     continue;
                 }

@@ -115,11 +115,6 @@ impl Reserve {
         self.blocked = false;
     }
 
-    /// The reserve was emptied other than by starting tasks (given back, or shutdown).
-    pub fn emptied(&mut self) {
-        self.stalled_since = None;
-    }
-
     /// A slot is free again: the window may widen.
     pub fn unblock(&mut self) -> bool {
         std::mem::take(&mut self.blocked)
