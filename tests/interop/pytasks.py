@@ -58,6 +58,11 @@ def add(x, y):
     return x + y
 
 
+@app.task(name='py.tsum')
+def tsum(values):
+    return sum(values)
+
+
 @app.task(name='py.fail')
 def fail(message):
     raise ValueError(message)

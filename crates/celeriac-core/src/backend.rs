@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use crate::canvas::join::ChordPart;
 use crate::error::BackendError;
 use crate::protocol::Message;
 use crate::result::ResultMeta;
@@ -75,6 +76,27 @@ pub struct Revoke {
     pub task_id: String,
     /// When it was revoked, Unix seconds.
     pub at: f64,
+}
+
+/// How a chord header task's outcome joined its chord ([`ResultBackend::store_chord_part`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Joined {
+    /// Counted (or counted already, by an earlier run of the same task); other parts are still
+    /// to come.
+    Waiting,
+    /// Every part is in and this worker holds the claim to send the body: apply it with the
+    /// parts (in header order), then [`ResultBackend::clear_chord`] with the claim.
+    Complete {
+        /// Every part, in header order.
+        parts: Vec<ChordPart>,
+        /// The claim token, for `clear_chord`.
+        claim: String,
+    },
+    /// Every part is in and another worker holds the claim (it is sending the body now, or died
+    /// doing so and its claim will lapse): ask again later.
+    ClaimedElsewhere,
+    /// The body was sent already (or the chord failed and was settled): nothing to do.
+    Done,
 }
 
 /// The current time in Unix seconds.
@@ -135,6 +157,54 @@ pub trait ResultBackend: Send + Sync + 'static {
     async fn revokes_since(&self, since: f64) -> Result<Vec<Revoke>, BackendError> {
         let _ = since;
         Ok(Vec::new())
+    }
+
+    /// Whether this backend joins chords (counts the header tasks and tells the worker that
+    /// finishes the last one to apply the body). A client refuses to send a chord to a backend
+    /// that does not, rather than let its body never run. Default: no.
+    fn supports_chords(&self) -> bool {
+        false
+    }
+
+    /// Record how many header tasks the chord with this group id has, before any is sent
+    /// (Celery's `set_chord_size`). Default: unsupported.
+    async fn set_chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
+        let _ = (group_id, size);
+        Err(self.no_chords())
+    }
+
+    /// Store a chord header task's outcome and count it into its chord's join, in one step. A
+    /// part is counted once per task and place (a header task run twice is not counted twice),
+    /// and once every part is in, one caller at a time gets the claim to send the body
+    /// ([`Joined::Complete`]); after [`clear_chord`](Self::clear_chord) the chord is done for
+    /// every later caller. The REVOKED rule of [`store_outcome`](Self::store_outcome) applies.
+    /// Default: unsupported.
+    async fn store_chord_part(
+        &self,
+        meta: &ResultMeta,
+        reply: ReplyTo<'_>,
+        part: &ChordPart,
+    ) -> Result<(Stored, Joined), BackendError> {
+        let _ = (meta, reply, part);
+        Err(self.no_chords())
+    }
+
+    /// Forget a chord's join once its body has been sent (or the chord failed), if `claim` is
+    /// still the claim held, and mark the chord done. Default: nothing kept.
+    async fn clear_chord(&self, group_id: &str, claim: &str) -> Result<(), BackendError> {
+        let _ = (group_id, claim);
+        Ok(())
+    }
+
+    /// The error of a backend that does not join chords.
+    fn no_chords(&self) -> BackendError {
+        BackendError::Unsupported {
+            url: self.url().to_string(),
+            operation: "join a chord".into(),
+            reason:
+                "this result backend does not count chord header tasks; use a Redis or SQLite result backend for chords"
+                    .into(),
+        }
     }
 
     /// Read the result of a task, `None` when nothing is stored (PENDING).

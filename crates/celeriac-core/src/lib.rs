@@ -8,6 +8,8 @@
 //! - [`envelope`]: kombu's JSON envelope, the form a message takes in key-value transports
 //!   (the embedded SQLite broker, and Redis).
 //! - [`broker`] and [`backend`]: the two traits every transport implements.
+//! - [`canvas`]: signatures, chains, groups and chords in Celery's JSON form, and what applying
+//!   one publishes.
 //! - [`broadcast`]: fanout, direct and topic exchanges, for remote control and events.
 //! - [`task`]: the task registry, task options and the context a running task sees.
 //! - [`result`]: task states and the stored result layout (Celery's `celery-task-meta` JSON).
@@ -19,6 +21,7 @@
 pub mod backend;
 pub mod broadcast;
 pub mod broker;
+pub mod canvas;
 pub mod compression;
 pub mod envelope;
 pub mod error;

@@ -18,6 +18,12 @@
 //!   itself expiring three hours after the last revoke. Workers load it at start and read what
 //!   was added since, so a revoke outlives a restart and reaches every worker.
 //!
+//! - Chords are joined as Celery's Redis backend joins them ([`STORE_CHORD_PART`]): the header
+//!   tasks' parts in the sorted set `celery-taskset-meta-<group id>.j`, the size in `.s` (and
+//!   Celery's adjustment in `.t`), so Python and celeriac workers can share one chord's header.
+//!   Storing a part's result and counting it is one script, and a task whose final result is
+//!   already stored is not counted twice.
+//!
 //! URL: `redis://[[user]:password@]host[:port][/db][?result_expires=S&connect_timeout=S&command_timeout=S]`
 //! (the connection parameters are described in [`crate::url`]).
 
@@ -25,7 +31,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use celeriac_core::backend::{unix_now, ReplyTo, Revoke, Stored, REVOKES_MAX, REVOKE_EXPIRES};
+use celeriac_core::backend::{unix_now, Joined, ReplyTo, Revoke, Stored, REVOKES_MAX, REVOKE_EXPIRES};
+use celeriac_core::canvas::join::ChordPart;
 use celeriac_core::{BackendError, ResultBackend, ResultMeta, TaskState};
 
 use crate::conn::{Failure, Redis};
@@ -70,6 +77,87 @@ return 1
 /// The SHA-1 of [`STORE_OUTCOME`], as `SCRIPT LOAD` names it (checked against the server by the
 /// tests): the script is sent by hash, and in full only when the server does not have it yet.
 pub const STORE_OUTCOME_SHA1: &str = "7cece5677fa5967188090200a21d53cc54fe1111";
+
+/// Store a chord header task's result and count it into the chord's join as Celery 5.7's Redis
+/// backend counts it (`celery/backends/redis.py`, `on_chord_part_return` and its Lua): unless the
+/// chord is `done`, the part `[1, id, state, result]` goes into the sorted set `.j` at its
+/// `group_index`, once per `id:index` (remembered in the set `.d`); the count of `.j` against
+/// `.s` (+ `.t`) says whether every part is in; then one caller takes the claim `.c` (`SET NX`
+/// with a lease) to send the body. The expiry of the join's keys is renewed on every part.
+/// Storing the result is the same script, so no worker can die between the two; a stored
+/// REVOKED state is kept as in [`STORE_OUTCOME`].
+///
+/// `KEYS` = the result key, `.j`, `.t`, `.s`, `.d`, `.c`; `ARGV` = the result JSON, the result
+/// expiry in seconds (`""`: none), `1` when the new state is REVOKED, the member, its score, the
+/// claim token, the claim lease in seconds, `<task id>:<score>` (the member of `.d`). Returns `{written, parts in .j, .t or false, .s or
+/// false, claim}` where claim is `1` (taken), `0` (not complete, or held by another), `-1` (done).
+pub const STORE_CHORD_PART: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+local written = 1
+local revoked = false
+if cur and ARGV[3] ~= '1' then
+  revoked = string.find(cur, '^%s*{%s*"status"%s*:%s*"REVOKED"') ~= nil
+  if not revoked and string.find(cur, 'REVOKED', 1, true) then
+    local ok, meta = pcall(cjson.decode, cur)
+    revoked = ok and type(meta) == 'table' and meta.status == 'REVOKED'
+  end
+end
+if revoked then
+  written = 0
+elseif ARGV[2] == '' then
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('PUBLISH', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  redis.call('PUBLISH', KEYS[1], ARGV[1])
+end
+if redis.call('GET', KEYS[6]) == 'done' then
+  return {written, 0, false, false, -1}
+end
+if redis.call('SADD', KEYS[5], ARGV[8]) == 1 then
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
+end
+local ready = redis.call('ZCOUNT', KEYS[2], '-inf', '+inf')
+local total_diff = redis.call('GET', KEYS[3])
+local size = redis.call('GET', KEYS[4])
+if ARGV[2] ~= '' then
+  for i = 2, 5 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+end
+local claim = 0
+if size and ready == tonumber(size) + tonumber(total_diff or '0') then
+  if redis.call('SET', KEYS[6], ARGV[6], 'NX', 'EX', ARGV[7]) then claim = 1 end
+end
+return {written, ready, total_diff, size, claim}
+"#;
+
+/// Forget a chord's join and mark it done, if the claim is still this caller's (Celery 5.7's
+/// cleanup): `KEYS` = `.j`, `.t`, `.s`, `.d`, `.c`; `ARGV` = the claim token, how long the `done`
+/// mark lasts in seconds.
+pub const CLEAR_CHORD: &str = r#"
+if redis.call('GET', KEYS[5]) == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  redis.call('SET', KEYS[5], 'done', 'EX', ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// How long one worker's claim to send a chord's body lasts (it clears the chord well within
+/// it: the body's publish is bounded by the publish deadline).
+pub const CHORD_CLAIM: Duration = Duration::from_secs(30);
+
+/// How long a chord stays marked done after its body was sent (Celery 5.7: 300 s): a header task
+/// run again within it does nothing.
+pub const CHORD_DONE: Duration = Duration::from_secs(300);
+
+/// Celery's prefix of group keys (`celery-taskset-meta-<group id>`; the chord join adds `.j`,
+/// `.t`, `.s`).
+pub const GROUP_KEY_PREFIX: &str = "celery-taskset-meta-";
+
+/// The key of a group (`suffix` `""`) or of a part of its chord join (`.j`, `.t`, `.s`).
+pub fn group_key(group_id: &str, suffix: &str) -> String {
+    format!("{GROUP_KEY_PREFIX}{group_id}{suffix}")
+}
 
 /// How often a waiter re-reads the result even without a message.
 const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -161,6 +249,20 @@ impl RedisBackend {
         }
     }
 
+    /// Every part of a chord's join, in header order (the sorted set's order: `group_index`).
+    async fn chord_parts(&self, group_id: &str) -> Result<Vec<ChordPart>, BackendError> {
+        let key = &group_key(group_id, ".j");
+        let raw: Vec<Vec<u8>> = self
+            .redis
+            .run(|mut conn| async move { redis::cmd("ZRANGE").arg(key).arg(0).arg(-1).query_async(&mut conn).await })
+            .await
+            .map_err(|e| self.error(e))?;
+        raw.iter()
+            .map(|m| ChordPart::decode(group_id, m))
+            .collect::<Result<_, _>>()
+            .map_err(|reason| BackendError::Corrupt { task_id: format!("chord {group_id}"), reason })
+    }
+
     fn decode(task_id: &str, bytes: &[u8]) -> Result<ResultMeta, BackendError> {
         ResultMeta::from_json(bytes)
             .map_err(|e| BackendError::Corrupt { task_id: task_id.to_string(), reason: e.to_string() })
@@ -221,6 +323,108 @@ impl ResultBackend for RedisBackend {
 
     fn keeps_revokes(&self) -> bool {
         true
+    }
+
+    fn supports_chords(&self) -> bool {
+        true
+    }
+
+    /// `DEL .c`, then `SET <group key>.s <size>` with the result expiry (Celery 5.7's
+    /// `set_chord_size`).
+    async fn set_chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
+        let (sizes, claim) = (&group_key(group_id, ".s"), &group_key(group_id, ".c"));
+        let ttl = self.config.result_expires;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("DEL").arg(claim).ignore();
+        match ttl {
+            Some(ttl) => pipe.cmd("SET").arg(sizes).arg(size).arg("EX").arg(ttl.as_secs()).ignore(),
+            None => pipe.cmd("SET").arg(sizes).arg(size).ignore(),
+        };
+        let pipe = &pipe;
+        self.redis.run(|mut conn| async move { pipe.exec_async(&mut conn).await }).await.map_err(|e| self.error(e))
+    }
+
+    async fn store_chord_part(
+        &self,
+        meta: &ResultMeta,
+        _reply: ReplyTo<'_>,
+        part: &ChordPart,
+    ) -> Result<(Stored, Joined), BackendError> {
+        let keys = [
+            result_key(&meta.task_id),
+            group_key(&part.group_id, ".j"),
+            group_key(&part.group_id, ".t"),
+            group_key(&part.group_id, ".s"),
+            group_key(&part.group_id, ".d"),
+            group_key(&part.group_id, ".c"),
+        ];
+        let json = meta.to_json();
+        let ttl = self.config.result_expires.map(|t| t.as_secs().to_string()).unwrap_or_default();
+        let revoked = if meta.status == TaskState::Revoked { "1" } else { "0" };
+        let member = part.encode();
+        let score = part.score();
+        let dedup = format!("{}:{score}", part.task_id);
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let lease = CHORD_CLAIM.as_secs().to_string();
+        let (keys, json, ttl, member, score, token, lease, dedup) =
+            (&keys, &json, &ttl, &member, &score, &token, &lease, &dedup);
+        let (written, ready, total_diff, size, claim): (i64, i64, Option<i64>, Option<i64>, i64) = self
+            .redis
+            .run(|mut conn| async move {
+                redis::cmd("EVAL")
+                    .arg(STORE_CHORD_PART)
+                    .arg(keys.len())
+                    .arg(&keys[..])
+                    .arg(json)
+                    .arg(ttl)
+                    .arg(revoked)
+                    .arg(member)
+                    .arg(score)
+                    .arg(token)
+                    .arg(lease)
+                    .arg(dedup)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await
+            .map_err(|e| self.error(e))?;
+        let stored = if written == 1 { Stored::Written } else { Stored::KeptRevoked };
+        let joined = match claim {
+            -1 => Joined::Done,
+            1 => Joined::Complete { parts: self.chord_parts(&part.group_id).await?, claim: token.clone() },
+            // Complete by the count but not claimed: another caller holds the claim.
+            _ if size.is_some_and(|s| ready == s + total_diff.unwrap_or(0)) => Joined::ClaimedElsewhere,
+            _ => Joined::Waiting,
+        };
+        tracing::trace!(task_id = %meta.task_id, group = %part.group_id, ready, ?size, ?joined, "chord part stored");
+        Ok((stored, joined))
+    }
+
+    /// Celery 5.7's cleanup: if the claim is still ours, `DEL` `.j`, `.t`, `.s`, `.d` and mark
+    /// the chord done for [`CHORD_DONE`].
+    async fn clear_chord(&self, group_id: &str, claim: &str) -> Result<(), BackendError> {
+        let keys = [".j", ".t", ".s", ".d", ".c"].map(|suffix| group_key(group_id, suffix));
+        let done = CHORD_DONE.as_secs();
+        let keys = &keys;
+        let cleared: i64 = self
+            .redis
+            .run(|mut conn| async move {
+                redis::cmd("EVAL")
+                    .arg(CLEAR_CHORD)
+                    .arg(keys.len())
+                    .arg(&keys[..])
+                    .arg(claim)
+                    .arg(done)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await
+            .map_err(|e| self.error(e))?;
+        if cleared == 0 {
+            tracing::warn!(group = %group_id, "the chord's claim had lapsed when its body was sent: another worker may send it too");
+        }
+        Ok(())
     }
 
     async fn record_revokes(&self, task_ids: &[String], at: f64) -> Result<(), BackendError> {

@@ -16,10 +16,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use celeriac_core::backend::{ReplyTo, Revoke, Stored, REVOKES_MAX, REVOKE_EXPIRES};
+use celeriac_core::backend::{Joined, ReplyTo, Revoke, Stored, REVOKES_MAX, REVOKE_EXPIRES};
+use celeriac_core::canvas::join::ChordPart;
 use celeriac_core::{BackendError, ResultBackend, ResultMeta};
 
-use crate::db::{now_ms, Db, Op};
+use crate::db::{now_ms, Db, JoinState, Op, Outcome, PartRow};
+
+/// How long one worker's claim to send a chord's body lasts.
+const CHORD_CLAIM: Duration = Duration::from_secs(30);
 use crate::url::SqliteConfig;
 
 /// The longest pause between two deletions of expired results.
@@ -102,6 +106,77 @@ impl ResultBackend for SqliteBackend {
 
     fn keeps_revokes(&self) -> bool {
         true
+    }
+
+    fn supports_chords(&self) -> bool {
+        true
+    }
+
+    async fn set_chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
+        let (group_id, size) = (group_id.to_string(), size as i64);
+        self.db.call(|reply| Op::SetChordSize { group_id, size, reply }).await.map_err(|e| self.io(e))
+    }
+
+    async fn store_chord_part(
+        &self,
+        meta: &ResultMeta,
+        _reply: ReplyTo<'_>,
+        part: &ChordPart,
+    ) -> Result<(Stored, Joined), BackendError> {
+        self.clean_up_if_due();
+        let outcome = Outcome {
+            task_id: meta.task_id.clone(),
+            status: meta.status.as_str().to_string(),
+            meta: meta.to_json(),
+            stored_after: self.expired_before(now_ms()),
+        };
+        let row = PartRow {
+            group_id: part.group_id.clone(),
+            task_id: part.task_id.clone(),
+            index: part.group_index,
+            member: part.encode(),
+        };
+        let claim = uuid::Uuid::new_v4().simple().to_string();
+        let lease_ms = CHORD_CLAIM.as_millis() as i64;
+        let token = claim.clone();
+        let joining = self
+            .db
+            .call(|reply| Op::StoreChordPart { outcome, part: row, claim: token, lease_ms, reply })
+            .await
+            .map_err(|e| self.io(e))?;
+        let stored = if joining.written {
+            self.db.stored.notify_waiters();
+            Stored::Written
+        } else {
+            Stored::KeptRevoked
+        };
+        let joined = match joining.state {
+            JoinState::Waiting => Joined::Waiting,
+            JoinState::Done => Joined::Done,
+            JoinState::ClaimedElsewhere => Joined::ClaimedElsewhere,
+            JoinState::Claimed(members) => {
+                let parts = members
+                    .iter()
+                    .map(|m| ChordPart::decode(&part.group_id, m))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|reason| BackendError::Corrupt { task_id: format!("chord {}", part.group_id), reason })?;
+                Joined::Complete { parts, claim }
+            }
+        };
+        Ok((stored, joined))
+    }
+
+    async fn clear_chord(&self, group_id: &str, claim: &str) -> Result<(), BackendError> {
+        let (group, token) = (group_id.to_string(), claim.to_string());
+        let held = self
+            .db
+            .call(|reply| Op::ClearChord { group_id: group, claim: token, reply })
+            .await
+            .map_err(|e| self.io(e))?;
+        if !held {
+            tracing::warn!(group = %group_id, "the chord's claim had lapsed when its body was sent: another worker may send it too");
+        }
+        Ok(())
     }
 
     async fn record_revokes(&self, task_ids: &[String], at: f64) -> Result<(), BackendError> {

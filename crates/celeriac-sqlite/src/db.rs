@@ -68,6 +68,41 @@ pub enum Op {
     StoreOutcome { task_id: String, status: String, meta: Vec<u8>, stored_after: i64, reply: Reply<bool> },
     RecordRevokes { task_ids: Vec<String>, at_ms: i64, expired_before: i64, keep: usize, reply: Reply<()> },
     RevokedSince { since_ms: i64, reply: Reply<Vec<(String, i64)>> },
+    SetChordSize { group_id: String, size: i64, reply: Reply<()> },
+    StoreChordPart { outcome: Outcome, part: PartRow, claim: String, lease_ms: i64, reply: Reply<Joining> },
+    ClearChord { group_id: String, claim: String, reply: Reply<bool> },
+}
+
+/// A result to store as `StoreOutcome` stores it.
+pub struct Outcome {
+    pub task_id: String,
+    pub status: String,
+    pub meta: Vec<u8>,
+    pub stored_after: i64,
+}
+
+/// A chord header task's part: its chord, its place (`None`: after every indexed part), and
+/// Celery's member bytes.
+pub struct PartRow {
+    pub group_id: String,
+    pub task_id: String,
+    pub index: Option<i64>,
+    pub member: Vec<u8>,
+}
+
+/// What `StoreChordPart` did: whether the result was written, and the join's state.
+pub struct Joining {
+    pub written: bool,
+    pub state: JoinState,
+}
+
+/// The join after a part: still waiting, complete and claimed by the caller (with every member,
+/// in header order), complete and claimed by another, or done.
+pub enum JoinState {
+    Waiting,
+    Claimed(Vec<Vec<u8>>),
+    ClaimedElsewhere,
+    Done,
 }
 
 /// A shared handle on one database file.
@@ -173,6 +208,19 @@ fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
          CREATE INDEX IF NOT EXISTS results_expiry ON results(date_done);
          CREATE TABLE IF NOT EXISTS revoked (task_id TEXT PRIMARY KEY, revoked_at INTEGER NOT NULL);
          CREATE INDEX IF NOT EXISTS revoked_time ON revoked(revoked_at);
+         CREATE TABLE IF NOT EXISTS chords (
+             group_id TEXT PRIMARY KEY,
+             size INTEGER NOT NULL,
+             claim TEXT,
+             claim_until INTEGER NOT NULL DEFAULT 0,
+             done INTEGER NOT NULL DEFAULT 0,
+             updated_at INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS chord_parts (
+             group_id TEXT NOT NULL,
+             task_id TEXT NOT NULL,
+             idx INTEGER,
+             member BLOB NOT NULL,
+             PRIMARY KEY (group_id, task_id, idx));
          COMMIT;",
     )
 }
@@ -235,6 +283,9 @@ fn fail(op: Op, msg: &str) {
         Op::StoreOutcome { reply, .. } => drop(reply.send(Err(m))),
         Op::RecordRevokes { reply, .. } => drop(reply.send(Err(m))),
         Op::RevokedSince { reply, .. } => drop(reply.send(Err(m))),
+        Op::SetChordSize { reply, .. } => drop(reply.send(Err(m))),
+        Op::StoreChordPart { reply, .. } => drop(reply.send(Err(m))),
+        Op::ClearChord { reply, .. } => drop(reply.send(Err(m))),
         Op::Renew { .. } | Op::ExpireResults { .. } => {}
     }
 }
@@ -363,6 +414,16 @@ fn execute(tx: &rusqlite::Transaction<'_>, op: Op, rotation: usize) -> Pending {
                 Ok(n) => tracing::debug!(deleted = n, "expired results deleted"),
                 Err(e) => tracing::warn!(error = %e, "could not delete expired results"),
             }
+            // Chords untouched for as long expire with them (their parts first).
+            let chords = tx
+                .prepare_cached(
+                    "DELETE FROM chord_parts WHERE group_id IN (SELECT group_id FROM chords WHERE updated_at < ?1)",
+                )
+                .and_then(|mut s| s.execute(params![before]))
+                .and_then(|_| tx.prepare_cached("DELETE FROM chords WHERE updated_at < ?1")?.execute(params![before]));
+            if let Err(e) = chords {
+                tracing::warn!(error = %e, "could not delete expired chords");
+            }
             Box::new(|_| {})
         }
         Op::ForgetResult { task_id, reply } => {
@@ -373,16 +434,40 @@ fn execute(tx: &rusqlite::Transaction<'_>, op: Op, rotation: usize) -> Pending {
             deferred(reply, r)
         }
         Op::StoreOutcome { task_id, status, meta, stored_after, reply } => {
-            // One statement: the check and the write cannot be separated by another writer.
+            let r = store_outcome(tx, &Outcome { task_id, status, meta, stored_after });
+            deferred(reply, r)
+        }
+        Op::SetChordSize { group_id, size, reply } => {
             let r = tx
                 .prepare_cached(
-                    "INSERT INTO results(task_id, status, date_done, meta) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(task_id) DO UPDATE
-                     SET status = excluded.status, date_done = excluded.date_done, meta = excluded.meta
-                     WHERE results.status != 'REVOKED' OR excluded.status = 'REVOKED' OR results.date_done < ?5",
+                    "INSERT OR REPLACE INTO chords(group_id, size, claim, claim_until, done, updated_at)
+                     VALUES (?1, ?2, NULL, 0, 0, ?3)",
                 )
-                .and_then(|mut s| s.execute(params![task_id, status, now_ms(), meta, stored_after]))
-                .map(|changed| changed > 0);
+                .and_then(|mut s| s.execute(params![group_id, size, now_ms()]))
+                .map(|_| ());
+            deferred(reply, r)
+        }
+        Op::StoreChordPart { outcome, part, claim, lease_ms, reply } => {
+            // The result and the part in the same transaction: no worker dies between the two.
+            let r = (|| {
+                let written = store_outcome(tx, &outcome)?;
+                let state = join_part(tx, &part, &claim, lease_ms)?;
+                Ok(Joining { written, state })
+            })();
+            deferred(reply, r)
+        }
+        Op::ClearChord { group_id, claim, reply } => {
+            let r = (|| {
+                let held = tx
+                    .prepare_cached(
+                        "UPDATE chords SET done = 1, claim = NULL, updated_at = ?3 WHERE group_id = ?1 AND claim = ?2",
+                    )?
+                    .execute(params![group_id, claim, now_ms()])?;
+                if held > 0 {
+                    tx.prepare_cached("DELETE FROM chord_parts WHERE group_id = ?1")?.execute(params![group_id])?;
+                }
+                Ok(held > 0)
+            })();
             deferred(reply, r)
         }
         Op::RecordRevokes { task_ids, at_ms, expired_before, keep, reply } => {
@@ -413,6 +498,57 @@ fn execute(tx: &rusqlite::Transaction<'_>, op: Op, rotation: usize) -> Pending {
             deferred(reply, r)
         }
     }
+}
+
+/// Write a result unless the row holds an unexpired REVOKED state and the new state is not
+/// REVOKED itself; whether it wrote. One statement: the check and the write cannot be separated
+/// by another writer.
+fn store_outcome(tx: &rusqlite::Transaction<'_>, o: &Outcome) -> rusqlite::Result<bool> {
+    tx.prepare_cached(
+        "INSERT INTO results(task_id, status, date_done, meta) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(task_id) DO UPDATE
+         SET status = excluded.status, date_done = excluded.date_done, meta = excluded.meta
+         WHERE results.status != 'REVOKED' OR excluded.status = 'REVOKED' OR results.date_done < ?5",
+    )?
+    .execute(params![o.task_id, o.status, now_ms(), o.meta, o.stored_after])
+    .map(|changed| changed > 0)
+}
+
+/// Count a chord header task's part into its chord (once per task and place), as the Redis
+/// backend does: when the parts reach the chord's size, the first caller to find no live claim
+/// takes one for `lease_ms` and gets every member in header order (parts without a place last).
+fn join_part(
+    tx: &rusqlite::Transaction<'_>,
+    part: &PartRow,
+    claim: &str,
+    lease_ms: i64,
+) -> rusqlite::Result<JoinState> {
+    let now = now_ms();
+    let chord: Option<(i64, Option<String>, i64, i64)> = tx
+        .prepare_cached("SELECT size, claim, claim_until, done FROM chords WHERE group_id = ?1")?
+        .query_row(params![part.group_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .optional()?;
+    if chord.as_ref().is_some_and(|c| c.3 != 0) {
+        return Ok(JoinState::Done);
+    }
+    tx.prepare_cached("INSERT OR IGNORE INTO chord_parts(group_id, task_id, idx, member) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![part.group_id, part.task_id, part.index, part.member])?;
+    let Some((size, held, held_until, _)) = chord else { return Ok(JoinState::Waiting) };
+    let count: i64 = tx
+        .prepare_cached("SELECT count(*) FROM chord_parts WHERE group_id = ?1")?
+        .query_row(params![part.group_id], |r| r.get(0))?;
+    if count < size {
+        return Ok(JoinState::Waiting);
+    }
+    if held.is_some() && held_until > now {
+        return Ok(JoinState::ClaimedElsewhere);
+    }
+    tx.prepare_cached("UPDATE chords SET claim = ?2, claim_until = ?3, updated_at = ?3 WHERE group_id = ?1")?
+        .execute(params![part.group_id, claim, now + lease_ms])?;
+    let mut s =
+        tx.prepare_cached("SELECT member FROM chord_parts WHERE group_id = ?1 ORDER BY idx IS NULL, idx, member")?;
+    let members = s.query_map(params![part.group_id], |r| r.get::<_, Vec<u8>>(0))?.collect::<rusqlite::Result<_>>()?;
+    Ok(JoinState::Claimed(members))
 }
 
 /// Lease up to `limit` visible messages, taking queues in turn (starting at a rotating queue so

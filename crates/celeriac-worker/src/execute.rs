@@ -14,7 +14,7 @@ use std::time::Duration;
 use celeriac_core::protocol::format_datetime;
 use celeriac_core::result::{format_traceback, ExceptionInfo};
 use celeriac_core::task::TaskError;
-use celeriac_core::{ReplyTo, ResultMeta, TaskContext, TaskState};
+use celeriac_core::{ResultMeta, TaskContext, TaskState};
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use serde_json::Value;
@@ -297,6 +297,11 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
     let id = req.headers.id.clone();
     let opts = req.task.options();
     let ignore_result = req.headers.ignore_result || opts.ignore_result;
+    // The workflow the message carries (callbacks, errbacks, the rest of its chain, its chord).
+    let cont = crate::canvas::read(&req);
+    if !cont.problems.is_empty() {
+        crate::canvas::report_problems(shared, &cont.problems).await;
+    }
     if !matches!(outcome, Outcome::WorkerLost(_)) {
         shared.forget_lost(&id);
     }
@@ -318,7 +323,23 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             tracing::info!(runtime = ?runtime, "task succeeded");
             Stats::bump(&shared.stats.succeeded);
             shared.observe.succeeded(&req, &value, runtime);
-            (!ignore_result).then(|| ResultMeta::success(&id, value))
+            // Callbacks and the chain's next step go out before the result is stored, as
+            // Celery's worker sends them, so the result's `children` lists them.
+            let plans = if cont.callbacks.is_empty() && cont.chain.is_empty() {
+                Vec::new()
+            } else {
+                crate::canvas::after_success(shared, &req, &cont, &value)
+            };
+            if let Err(e) = crate::canvas::publish(shared, &plans).await {
+                tracing::error!(error = %e, "could not send the task's continuations; requeueing so it runs again");
+                Stats::bump(&shared.stats.requeued);
+                req.requeue().await;
+                return;
+            }
+            let mut meta = ResultMeta::success(&id, value);
+            meta.children = crate::canvas::children(&plans);
+            // A chord header task joins its chord even when it keeps no result (as Celery).
+            (!ignore_result || cont.chord.is_some()).then_some(meta)
         }
         Outcome::TimeLimit(limit) => {
             tracing::error!(time_limit = limit, "hard time limit exceeded");
@@ -350,8 +371,9 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 let exc = ExceptionInfo::new("WorkerLostError", reason.clone(), "billiard.exceptions");
                 let tb = traceback(&req, &exc, Some(&format!("the child running it died: {how}")));
                 shared.observe.failed(&id, &req.headers.task, &exc, Some(&tb), Some(runtime));
-                let meta = ResultMeta::exception(&id, TaskState::Failure, &exc, Some(tb));
-                if let Err(e) = crate::request::store_outcome(shared, ReplyTo::of(&req.delivery.message), &meta).await {
+                let mut meta = ResultMeta::exception(&id, TaskState::Failure, &exc, Some(tb));
+                with_request_fields(&mut meta, &req);
+                if let Err(e) = store_and_continue(shared, &req, &cont, &meta).await {
                     tracing::error!(error = %e, "could not store the result; requeueing");
                     req.requeue().await;
                     return;
@@ -420,11 +442,12 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             }
         }
     };
-    if let Some(meta) = meta {
+    if let Some(mut meta) = meta {
         // A RETRY state is informative; FAILURE is stored even for ignore_result tasks (as Celery
         // does with `store_errors_even_if_ignored` off, it would not; we keep errors visible).
-        if let Err(e) = crate::request::store_outcome(shared, ReplyTo::of(&req.delivery.message), &meta).await {
-            tracing::error!(error = %e, "could not store the result; requeueing so it runs again");
+        with_request_fields(&mut meta, &req);
+        if let Err(e) = store_and_continue(shared, &req, &cont, &meta).await {
+            tracing::error!(error = %e, "could not store the result or carry out its continuations; requeueing so it runs again");
             Stats::bump(&shared.stats.requeued);
             req.requeue().await;
             return;
@@ -433,6 +456,37 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
     if let Err(e) = req.delivery.ack().await {
         tracing::warn!(error = %e, "could not acknowledge; the broker will redeliver");
     }
+}
+
+/// Celery's request fields in a stored result: `group_id` and `parent_id`, when the message
+/// has them (`celery/backends/base.py` `_get_result_meta`).
+fn with_request_fields(meta: &mut ResultMeta, req: &Request) {
+    if let Some(group) = &req.headers.group {
+        meta.extra.insert("group_id".into(), Value::String(group.clone()));
+    }
+    if let Some(parent) = &req.headers.parent_id {
+        meta.extra.insert("parent_id".into(), Value::String(parent.clone()));
+    }
+}
+
+/// Store an outcome (joining the task's chord if it is a header task), then, for a final
+/// FAILURE, fail the rest of its chain and send its errbacks.
+async fn store_and_continue(
+    shared: &Shared,
+    req: &Request,
+    cont: &celeriac_core::canvas::continuation::Continuations,
+    meta: &ResultMeta,
+) -> Result<(), crate::canvas::ContinueError> {
+    if crate::canvas::store(shared, req, cont, meta).await? == celeriac_core::backend::Stored::KeptRevoked {
+        tracing::warn!(state = %meta.status, "the task was revoked: its stored state stays REVOKED and this outcome is not stored");
+        return Ok(());
+    }
+    if meta.status == TaskState::Failure {
+        if let Some(exc) = meta.exception_info() {
+            crate::canvas::after_failure(shared, req, cont, &exc).await?;
+        }
+    }
+    Ok(())
 }
 
 /// The traceback stored with a failure of this request (see [`format_traceback`]).

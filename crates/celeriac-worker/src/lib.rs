@@ -24,6 +24,7 @@
 //! broker for other workers (see [`prefetch`] and ARCHITECTURE.md, "The window and the
 //! acknowledgements").
 
+mod canvas;
 mod consumers;
 pub mod control;
 pub mod events;

@@ -64,6 +64,17 @@ pub async fn add(x: Number, y: Number) -> Result<Number, TaskError> {
     Ok(pyjson::float(float(&x)? + float(&y)?))
 }
 
+/// The sum of a list of numbers, as Python's `sum(values)` gives it (added one by one as
+/// [`add`] adds): the usual body of a chord, which gets the list of its header's results.
+#[celeriac::task(name = "celeriac.tsum")]
+pub async fn tsum(values: Vec<Number>) -> Result<Number, TaskError> {
+    let mut total = Number::from(0);
+    for v in values {
+        total = add::run(total, v).await?;
+    }
+    Ok(total)
+}
+
 /// Sleeps `seconds`, returns them. Stops early (with `SoftTimeLimitExceeded`) at its soft time
 /// limit.
 #[celeriac::task(name = "celeriac.sleep")]
@@ -152,7 +163,15 @@ pub async fn panic(message: String) {
 
 /// Register every built-in task.
 pub fn register(registry: &mut Registry) {
-    registry.register(ping).register(noop).register(echo).register(add).register(sleep).register(fail).register(flaky);
+    registry
+        .register(ping)
+        .register(noop)
+        .register(echo)
+        .register(add)
+        .register(tsum)
+        .register(sleep)
+        .register(fail)
+        .register(flaky);
     registry.register(alloc).register(hang).register(crash).register(panic);
 }
 

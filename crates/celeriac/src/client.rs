@@ -59,6 +59,23 @@ pub enum PublishError {
         /// The last attempt's error.
         source: BrokerError,
     },
+    /// The workflow is malformed (a chain with no task, a signature with no `task`, ...).
+    #[error("cannot send workflow {task}: {source}")]
+    Canvas {
+        /// The workflow's task name (`celery.chain`, ...).
+        task: String,
+        /// What is wrong.
+        source: celeriac_core::canvas::CanvasError,
+    },
+    /// The workflow holds a chord and the result backend cannot join chords: its body would
+    /// never run, so nothing is sent.
+    #[error("cannot send workflow {task}: it holds a chord, and the result backend {backend} cannot join chords (use a Redis or SQLite result backend)")]
+    Chord {
+        /// The workflow's task name.
+        task: String,
+        /// The backend URL.
+        backend: String,
+    },
     /// The result backend could not set up the queue the result is to come back on (`rpc://`
     /// declares the client's reply queue before the first send).
     #[error("cannot send task {task}: no reply queue for its result: {source}")]
@@ -146,6 +163,11 @@ pub struct SendOptions {
     /// compressed JSON and the `compression` header names the codec (Celery and celeriac
     /// workers decompress it).
     pub compression: Option<Codec>,
+    /// Callbacks (Celery's `link`): signature dicts applied with the task's result after it
+    /// succeeds (see [`Signature::link`]).
+    pub link: Vec<Value>,
+    /// Errbacks (Celery's `link_error`): signature dicts applied with the task's id if it fails.
+    pub link_error: Vec<Value>,
 }
 
 impl SendOptions {
@@ -172,6 +194,8 @@ pub struct Signature {
     pub kwargs: Map<String, Value>,
     /// Send options.
     pub options: SendOptions,
+    /// Takes no argument from the task before it in a chain or as a callback (Celery's `si`).
+    pub immutable: bool,
     encode_error: Option<String>,
 }
 
@@ -183,6 +207,7 @@ impl Signature {
             args: Vec::new(),
             kwargs: Map::new(),
             options: SendOptions::default(),
+            immutable: false,
             encode_error: None,
         }
     }
@@ -421,7 +446,13 @@ impl Client {
         h.kwargsrepr = Some(pyrepr::kwargs_repr(&kwargs));
         h.origin = Some(self.origin.clone());
         h.ignore_result = options.ignore_result.unwrap_or(false);
-        let body = TaskBody { args, kwargs, embed: Default::default() };
+        let list = |v: &Vec<Value>| (!v.is_empty()).then(|| Value::Array(v.clone()));
+        let embed = celeriac_core::Embed {
+            callbacks: list(&options.link),
+            errbacks: list(&options.link_error),
+            ..Default::default()
+        };
+        let body = TaskBody { args, kwargs, embed };
         let mut message = Message::new_task(&h, &body, options.priority, None)?;
         if options.ignore_result.is_none() {
             // Same place in the header order; the typed header is a bool.
@@ -454,12 +485,28 @@ impl Client {
             .await
             .map_err(|source| PublishError::ReplyQueue { task: name.to_string(), source })?;
         let id = message.task_id().unwrap_or_default().to_string();
-        self.publish_with_policy(name, &queue, &message).await?;
-        tracing::debug!(task_id = %id, task_name = %name, %queue, "task sent");
+        self.publish_message(name, &queue, &message).await?;
+        Ok(self.result(id))
+    }
+
+    /// Publish a built message under the retry policy (and its `task-sent` event, if on).
+    pub(crate) async fn publish_message(&self, name: &str, queue: &str, message: &Message) -> Result<(), PublishError> {
+        self.publish_with_policy(name, queue, message).await?;
+        tracing::debug!(task_id = message.task_id().unwrap_or_default(), task_name = %name, %queue, "task sent");
         if self.sent_events {
-            self.send_sent_event(&queue, &message).await;
+            self.send_sent_event(queue, message).await;
         }
-        Ok(AsyncResult { id, backend: self.backend.clone() })
+        Ok(())
+    }
+
+    /// The `origin` header of the messages this client sends.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The queue of a task sent with none named.
+    pub fn default_queue(&self) -> &str {
+        &self.default_queue
     }
 
     /// Publish under the retry policy: retry what may pass (unreachable, timed out, connection
@@ -517,7 +564,7 @@ impl Client {
 
     /// A handle on the result of the task with this id.
     pub fn result(&self, id: impl Into<String>) -> AsyncResult {
-        AsyncResult { id: id.into(), backend: self.backend.clone() }
+        AsyncResult { id: id.into(), backend: self.backend.clone(), client: self.clone(), parent: None }
     }
 }
 
@@ -526,6 +573,9 @@ impl Client {
 pub struct AsyncResult {
     id: String,
     backend: Arc<dyn ResultBackend>,
+    client: Client,
+    /// The result before it in a workflow, when this handle came from sending one.
+    pub(crate) parent: Option<Box<crate::canvas::ResultHandle>>,
 }
 
 impl std::fmt::Debug for AsyncResult {
@@ -564,6 +614,26 @@ impl AsyncResult {
         let v = self.get(timeout).await?;
         celeriac_core::pyjson::from_value(v)
             .map_err(|e| ResultError::Decode { task_id: self.id.clone(), reason: e.to_string() })
+    }
+
+    /// The result before this one in the workflow that was sent: a chain's previous step, a
+    /// chord body's header group. Known only to the handle returned by sending the workflow (as
+    /// in Celery, where `parent` is never read back from the backend).
+    pub fn parent(&self) -> Option<&crate::canvas::ResultHandle> {
+        self.parent.as_deref()
+    }
+
+    /// What the task sent (its stored `children`: callbacks, the next chain step, groups), as
+    /// handles; empty when the task has not finished or sent nothing.
+    pub async fn children(&self) -> Result<Vec<crate::canvas::ResultHandle>, ResultError> {
+        let Some(meta) = self.meta().await? else { return Ok(Vec::new()) };
+        let client = &self.client;
+        let items = meta.children.as_array().cloned().unwrap_or_default();
+        Ok(items
+            .iter()
+            .filter_map(celeriac_core::canvas::ResultRef::from_tuple)
+            .map(|r| crate::canvas::ResultHandle::from_ref(&r, client))
+            .collect())
     }
 
     /// Remove the stored result.

@@ -20,6 +20,7 @@
 //!
 //! Modules:
 //! - [`client`]: [`Client`], [`Signature`], [`AsyncResult`]: sending tasks and reading results;
+//! - [`canvas`]: workflows: [`canvas::chain`], [`canvas::group`], [`canvas::chord`], callbacks;
 //! - [`app`]: [`App`], the task registry plus configuration;
 //! - [`connect`]: URL → broker / result backend;
 //! - [`control`]: remote control of running workers (Celery's pidbox);
@@ -31,6 +32,7 @@ extern crate self as celeriac;
 
 pub mod app;
 pub mod builtins;
+pub mod canvas;
 pub mod cli;
 pub mod client;
 pub mod connect;

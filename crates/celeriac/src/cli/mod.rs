@@ -211,6 +211,14 @@ struct SendArgs {
     /// Use this task id.
     #[arg(long = "task-id")]
     task_id: Option<String>,
+    /// A callback: the task NAME is sent with this task's result as its first argument once it
+    /// succeeds (Celery's `link`), to the same queue. Repeatable.
+    #[arg(long = "link", value_name = "NAME")]
+    link: Vec<String>,
+    /// An errback: the task NAME is sent with this task's id if it fails (Celery's
+    /// `link_error`), to the same queue. Repeatable.
+    #[arg(long = "link-error", value_name = "NAME")]
+    link_error: Vec<String>,
     /// Also send a task-sent event (Celery's `task_send_sent_event`).
     #[arg(long = "sent-event")]
     sent_event: bool,
@@ -479,7 +487,17 @@ async fn send(broker_url: &str, backend_url: Option<&str>, args: SendArgs) -> Cl
         positive_secs("--countdown", c)?;
     }
     let timeout = positive_secs("--timeout", args.out.timeout)?;
+    let linked = |name: &String| {
+        let mut sig = crate::Signature::new(name.clone());
+        if let Some(q) = &args.queue {
+            sig = sig.queue(q.clone());
+        }
+        sig.to_canvas().0.to_value()
+    };
+    let (link, link_error) = (args.link.iter().map(linked).collect(), args.link_error.iter().map(linked).collect());
     let options = SendOptions {
+        link,
+        link_error,
         task_id: args.task_id,
         countdown: args.countdown,
         eta: args.eta.as_deref().map(|t| parse_time("--eta", t)).transpose()?,
@@ -562,11 +580,46 @@ async fn result(broker_url: &str, backend_url: Option<&str>, args: ResultArgs) -
             Ok(ExitCode::SUCCESS)
         }
         Some(m) => {
-            if !args.out.json {
-                println!("{}", m.status);
+            if args.out.json {
+                return print_outcome(m, true);
             }
-            print_outcome(m, args.out.json)
+            println!("{}", m.status);
+            let workflow = m.clone();
+            let outcome = print_outcome(m, false);
+            print_workflow(&workflow);
+            outcome
         }
+    }
+}
+
+/// The workflow a result belongs to, in text: its group, its parent, and what it sent
+/// (`children`: callbacks, the next chain step, groups with their members).
+fn print_workflow(meta: &ResultMeta) {
+    use celeriac_core::canvas::ResultRef;
+    if let Some(group) = meta.extra.get("group_id").and_then(Value::as_str) {
+        println!("group: {group}");
+    }
+    if let Some(parent) = meta.extra.get("parent_id").and_then(Value::as_str) {
+        println!("parent: {parent}");
+    }
+    fn describe(r: &ResultRef) -> String {
+        match r {
+            ResultRef::Task { id, .. } => id.clone(),
+            ResultRef::Group { id, results, .. } => {
+                format!("group {id} [{}]", results.iter().map(describe).collect::<Vec<_>>().join(", "))
+            }
+        }
+    }
+    let children: Vec<String> = meta
+        .children
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(ResultRef::from_tuple)
+        .map(|r| describe(&r))
+        .collect();
+    if !children.is_empty() {
+        println!("children: {}", children.join(", "));
     }
 }
 

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Send Celery canvas workflows from a real Python Celery client, for celeriac's tests.
+
+Uses the app of pytasks.py (CELERY_BROKER_URL, CELERY_RESULT_BACKEND). Every signature is
+routed to the queue given with --queue (or, per task-name prefix, to --py-queue for the `py.*`
+tasks of a Python worker), so the workers under test get every step.
+
+    canvas_client.py CASE --queue Q [--py-queue P] [--timeout S] [--steps N]
+
+Prints ONE JSON line: {"case": CASE, "checks": {name: {"want": ..., "got": ...}}}. A check
+whose "got" differs from its "want" is a failure the test reports. Exit status 0 whatever the
+checks say; 1 on usage errors, 2 when a result did not arrive in time (the line then says which).
+
+Cases: chain3, link, link_error, errback_chain, group100, chord100, chord_fail, nested,
+group_of_chains, mixed_chain, mixed_chord.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from celery import chain, chord, group  # noqa: E402
+from celery.result import AsyncResult, GroupResult  # noqa: E402
+
+from pytasks import app  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument('case')
+    p.add_argument('--queue', required=True)
+    p.add_argument('--py-queue')
+    p.add_argument('--timeout', type=float, default=60)
+    a = p.parse_args()
+    checks = {}
+
+    def sig(name, *args, immutable=False, **kw):
+        q = a.py_queue if name.startswith('py.') and a.py_queue else a.queue
+        s = app.signature(name, args=args, kwargs=kw, immutable=immutable)
+        return s.set(queue=q)
+
+    def check(name, want, got):
+        checks[name] = {'want': want, 'got': got}
+
+    def get(result):
+        return result.get(timeout=a.timeout, propagate=False)
+
+    def state(task_id):
+        return AsyncResult(task_id, app=app).state
+
+    def failure(result):
+        """`[type name, str(exc)]` of a failed result, as Python rebuilds it."""
+        result.get(timeout=a.timeout, propagate=False)
+        exc = result.result
+        return [type(exc).__name__, str(exc)]
+
+    case = a.case
+    if case == 'chain3':
+        c = chain(sig('celeriac.add', 1, 2), sig('celeriac.add', 10), sig('celeriac.add', 100))
+        r = c.apply_async()
+        check('result', 113, get(r))
+        check('parent', 13, get(r.parent))
+        check('grandparent', 3, get(r.parent.parent))
+        first = AsyncResult(r.parent.parent.id, app=app)
+        check('first.children', [r.parent.id], [ch.id for ch in (first.children or [])])
+    elif case == 'link':
+        cb = sig('celeriac.add', 10).freeze()
+        cb_sig = sig('celeriac.add', 10).set(task_id=cb.id)
+        eb = sig('celeriac.echo').freeze()
+        r = app.signature('celeriac.add', args=(2, 3)).set(queue=a.queue).apply_async(
+            link=cb_sig, link_error=sig('celeriac.echo').set(task_id=eb.id))
+        check('result', 5, get(r))
+        check('callback', 15, get(AsyncResult(cb.id, app=app)))
+        check('children', [cb.id], [ch.id for ch in (AsyncResult(r.id, app=app).children or [])])
+        check('callback.parent_id', r.id, AsyncResult(cb.id, app=app)._get_task_meta().get('parent_id'))
+        check('errback not sent', 'PENDING', state(eb.id))
+    elif case == 'link_error':
+        eb = sig('celeriac.echo').freeze()
+        cb = sig('celeriac.add', 1).freeze()
+        r = sig('celeriac.fail', 'boom').apply_async(
+            link_error=sig('celeriac.echo').set(task_id=eb.id), link=sig('celeriac.add', 1).set(task_id=cb.id))
+        check('failure', ['RuntimeError', 'boom'], failure(r))
+        check('errback got the failed id', r.id, get(AsyncResult(eb.id, app=app)))
+        check('callback not sent', 'PENDING', state(cb.id))
+    elif case == 'errback_chain':
+        eb = sig('celeriac.echo').freeze()
+        last = sig('celeriac.add', 5).freeze()
+        c = chain(sig('celeriac.add', 1, 1), sig('celeriac.fail', 'halfway', immutable=True),
+                  sig('celeriac.add', 5).set(task_id=last.id))
+        r = c.apply_async(link_error=sig('celeriac.echo').set(task_id=eb.id))
+        failed = r.parent
+        check('failed step', ['RuntimeError', 'halfway'], failure(failed))
+        check('first step', 2, get(r.parent.parent))
+        check('errback got the failed id', failed.id, get(AsyncResult(eb.id, app=app)))
+        check('later step failed, never ran', ['FAILURE', 'RuntimeError', 'halfway'],
+              [state(last.id)] + failure(AsyncResult(last.id, app=app)))
+    elif case == 'group100':
+        g = group(sig('celeriac.add', i, i) for i in range(100))
+        r = g.apply_async()
+        check('results', [2 * i for i in range(100)], r.get(timeout=a.timeout))
+        check('group ids', [r.id] * 3, [AsyncResult(x.id, app=app)._get_task_meta().get('group_id')
+                                         for x in r.results[:3]])
+    elif case == 'chord100':
+        c = chord((sig('celeriac.add', i, i) for i in range(100)), sig('celeriac.tsum'))
+        r = c.apply_async()
+        check('body', sum(2 * i for i in range(100)), get(r))
+        check('header', [2 * i for i in range(100)], r.parent.get(timeout=a.timeout))
+    elif case == 'chord_fail':
+        eb = sig('celeriac.echo').freeze()
+        body = sig('celeriac.tsum').on_error(sig('celeriac.echo').set(task_id=eb.id))
+        c = chord([sig('celeriac.add', 1, 1), sig('celeriac.fail', 'x'), sig('celeriac.add', 2, 2)], body)
+        r = c.apply_async()
+        got = failure(r)
+        failed_id = r.parent.results[1].id
+        check('body failure', ['ChordError', f"Dependency {failed_id} raised RuntimeError('x')"], got)
+        check('body errback got the body id', r.id, get(AsyncResult(eb.id, app=app)))
+    elif case == 'nested':
+        c = chain(sig('celeriac.add', 1, 1), group(sig('celeriac.add', 10), sig('celeriac.add', 20)),
+                  sig('celeriac.tsum'), group(sig('celeriac.add', 1), sig('celeriac.add', 2)), sig('celeriac.tsum'))
+        r = c.apply_async()
+        check('result', 71, get(r))
+    elif case == 'group_of_chains':
+        g = group(chain(sig('celeriac.add', 1, 1), sig('celeriac.add', 2)),
+                  chain(sig('celeriac.add', 3, 3), sig('celeriac.add', 4)))
+        r = g.apply_async()
+        check('results', [4, 10], r.get(timeout=a.timeout))
+    elif case == 'mixed_chain':
+        # Steps alternate between the celeriac worker (--queue) and a Python worker (--py-queue).
+        c = chain(sig('celeriac.add', 1, 2), sig('py.add', 10), sig('celeriac.add', 100), sig('py.add', 1000))
+        r = c.apply_async()
+        check('result', 1113, get(r))
+    elif case == 'mixed_chord':
+        header = [sig('celeriac.add' if i % 2 else 'py.add', i, i) for i in range(20)]
+        c = chord(header, sig('py.tsum'))
+        r = c.apply_async()
+        check('body', sum(2 * i for i in range(20)), get(r))
+    else:
+        print(f'unknown case {case!r}', file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps({'case': case, 'checks': checks}))
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except Exception as e:  # a timeout or a broken connection: say which
+        print(json.dumps({'error': f'{type(e).__name__}: {e}'}))
+        sys.exit(2)
