@@ -73,6 +73,16 @@ pub trait Broker: Send + Sync + 'static {
         })
     }
 
+    /// Set a copy of `message` aside among the dead letters with `reason`, without taking
+    /// anything from a queue: what a worker records of a message it ran but could not carry out
+    /// in full (a malformed continuation in its embed), for `celeriac dead-letters` to show.
+    /// Returns whether it was recorded. Default: `false`, the transport keeps no dead-letter
+    /// store (RabbitMQ's dead letters go to an exchange, through a rejected delivery).
+    async fn record_dead_letter(&self, queue: &str, message: &Message, reason: &str) -> Result<bool, BrokerError> {
+        let _ = (queue, message, reason);
+        Ok(false)
+    }
+
     /// How long a delivery may stay unacknowledged before the broker takes it back (RabbitMQ's
     /// `consumer_timeout` closes the channel). A worker holding an early ETA message longer than
     /// this republishes it instead. Default: no limit.

@@ -325,6 +325,20 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
+    async fn record_dead_letter(&self, queue: &str, message: &Message, reason: &str) -> Result<bool, BrokerError> {
+        let tag = uuid::Uuid::new_v4().to_string();
+        let payload = envelope::encode(message, "", queue, &tag);
+        let record = wire::dead_record(queue, message.task_id(), reason, wire::now_ms(), "", queue, &payload);
+        let cmd = scripts::eval(scripts::DEAD_LETTER, &restore::dead_keys()).arg("").arg(record).arg(queue).to_owned();
+        let cmd = &cmd;
+        self.inner
+            .redis
+            .run(|mut conn| async move { cmd.query_async::<i64>(&mut conn).await })
+            .await
+            .map_err(|e| self.inner.error(e))?;
+        Ok(true)
+    }
+
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
         if queues.is_empty() {
             return Err(BrokerError::Rejected {

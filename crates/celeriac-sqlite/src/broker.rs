@@ -58,6 +58,18 @@ impl Broker for SqliteBroker {
         Ok(())
     }
 
+    async fn record_dead_letter(&self, queue: &str, message: &Message, reason: &str) -> Result<bool, BrokerError> {
+        let tag = uuid::Uuid::new_v4().to_string();
+        let payload = envelope::encode(message, "", queue, &tag);
+        let (queue, reason) = (queue.to_string(), reason.to_string());
+        let task_id = message.task_id().map(str::to_string);
+        self.db
+            .call(|reply| Op::RecordDeadLetter { queue, task_id, reason, payload, reply })
+            .await
+            .map_err(|e| self.io(e))?;
+        Ok(true)
+    }
+
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
         if queues.is_empty() {
             return Err(BrokerError::Rejected {

@@ -57,6 +57,7 @@ pub enum Op {
     Ack { id: i64, reply: Option<Reply<()>> },
     Requeue { id: i64, owner: String, reply: Option<Reply<()>> },
     DeadLetter { id: i64, reason: String, task_id: Option<String>, reply: Option<Reply<()>> },
+    RecordDeadLetter { queue: String, task_id: Option<String>, reason: String, payload: Vec<u8>, reply: Reply<()> },
     Renew { owner: String, lease_ms: i64 },
     Purge { queue: String, reply: Reply<u64> },
     Depths { queues: Vec<String>, reply: Reply<Vec<QueueInfo>> },
@@ -277,6 +278,7 @@ fn fail(op: Op, msg: &str) {
             }
         }
         Op::Purge { reply, .. } => drop(reply.send(Err(m))),
+        Op::RecordDeadLetter { reply, .. } => drop(reply.send(Err(m))),
         Op::Depths { reply, .. } => drop(reply.send(Err(m))),
         Op::DeadLetters { reply, .. } => drop(reply.send(Err(m))),
         Op::GetResult { reply, .. } => drop(reply.send(Err(m))),
@@ -356,6 +358,16 @@ fn execute(tx: &rusqlite::Transaction<'_>, op: Op, rotation: usize) -> Pending {
                 Ok(())
             })();
             deferred_opt(reply, r)
+        }
+        Op::RecordDeadLetter { queue, task_id, reason, payload, reply } => {
+            let r = tx
+                .prepare_cached(
+                    "INSERT INTO dead_letters(queue, task_id, reason, dead_at, delivery_count, payload)
+                     VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+                )
+                .and_then(|mut s| s.execute(params![queue, task_id, reason, now_ms(), payload]))
+                .map(|_| ());
+            deferred(reply, r)
         }
         Op::Renew { owner, lease_ms } => {
             let r = tx

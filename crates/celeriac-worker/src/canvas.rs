@@ -45,7 +45,20 @@ pub(crate) fn read(req: &Request) -> Continuations {
     if e.callbacks.is_none() && e.errbacks.is_none() && e.chain.is_none() && e.chord.is_none() {
         return Continuations::default();
     }
-    Continuations::read(e)
+    let mut cont = Continuations::read(e);
+    if req.headers.group.is_none() {
+        if let Some(body) = cont.chord.take() {
+            cont.problems.push(Problem {
+                field: "chord",
+                task_id: body.task_id().map(str::to_string),
+                error: celeriac_core::canvas::CanvasError::BadEmbed {
+                    field: "chord",
+                    reason: "a chord body on a message with no group: the chord it belongs to cannot be named".into(),
+                },
+            });
+        }
+    }
+    cont
 }
 
 /// The root of the workflow this task belongs to (Celery: `root_id or id`).
@@ -66,8 +79,17 @@ fn with_sender<T>(shared: &Shared, f: impl FnOnce(&Sender<'_>) -> T) -> T {
 }
 
 /// Log (once each) and record the parts of an embed that could not be read: a FAILURE stored on
-/// the continuation's id when it has one.
-pub(crate) async fn report_problems(shared: &Shared, problems: &[Problem]) {
+/// the continuation's id when it has one, and the message among the dead letters (on the brokers
+/// that keep them) with every reason.
+pub(crate) async fn report_problems(shared: &Shared, req: &Request, problems: &[Problem]) {
+    let reasons: Vec<String> =
+        problems.iter().map(|p| format!("malformed {} continuation: {}", p.field, p.error)).collect();
+    let reason = reasons.join("; ");
+    match shared.broker.record_dead_letter(&req.delivery.queue, &req.delivery.message, &reason).await {
+        Ok(true) => tracing::info!("message recorded among the dead letters, with the reason"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "could not record the malformed continuation among the dead letters"),
+    }
     for p in problems {
         tracing::error!(field = p.field, continuation_id = p.task_id.as_deref().unwrap_or(""), reason = %p.error, "malformed continuation in the embed: not carried out");
         if let Some(id) = &p.task_id {

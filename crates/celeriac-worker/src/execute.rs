@@ -300,7 +300,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
     // The workflow the message carries (callbacks, errbacks, the rest of its chain, its chord).
     let cont = crate::canvas::read(&req);
     if !cont.problems.is_empty() {
-        crate::canvas::report_problems(shared, &cont.problems).await;
+        crate::canvas::report_problems(shared, &req, &cont.problems).await;
     }
     if !matches!(outcome, Outcome::WorkerLost(_)) {
         shared.forget_lost(&id);
