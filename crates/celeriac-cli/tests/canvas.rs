@@ -176,3 +176,68 @@ async fn malformed_embeds_on_redis_and_sqlite() {
     let w = WorkerProc::start(&sqlite.url, &["-Q", "canvas-bad", "-c", "2", "-P", "prefork"]);
     malformed_embeds_cost_nothing_but_the_bad_part(&sqlite.url, None, &w, "canvas-bad").await;
 }
+
+/// The ids of the tasks `w` logged as succeeded (from the `task{id=...}` span of each line).
+fn succeeded_ids(w: &WorkerProc) -> std::collections::HashMap<String, usize> {
+    let mut ids = std::collections::HashMap::new();
+    for line in w.matching("task succeeded") {
+        if let Some(id) = line.split("task{id=").nth(1).and_then(|rest| rest.split([' ', '}']).next()) {
+            *ids.entry(id.to_string()).or_default() += 1;
+        }
+    }
+    ids
+}
+
+/// Item 3 of the issue: a chord's body runs once, and not early, when header tasks run twice.
+/// A worker is SIGKILLed while the header runs; on RabbitMQ its acknowledgements are batched, so
+/// header tasks whose results (and chord parts) were stored but not yet acknowledged are
+/// delivered again to a second worker and run a second time. The body must run exactly once,
+/// with every part. The scenario is repeated (a new chord) until a kill caught at least one
+/// header task stored and unacknowledged, so the test never passes without exercising it.
+#[tokio::test]
+async fn a_chord_body_runs_once_when_its_header_tasks_run_twice_after_a_sigkill() {
+    use celeriac::canvas::chord;
+    use celeriac::Signature;
+    use std::time::Duration;
+    let vhost = TestVhost::new();
+    let broker = vhost.url("");
+    let backend = SharedRedisDb::get(DB).url("");
+    let queue = "canvas-kill";
+    let client = celeriac::Client::connect(&broker, Some(&backend)).await.unwrap();
+    let args = ["--result-backend", backend.as_str(), "-Q", queue, "-c", "8"];
+    let parts = 1000i64;
+    for attempt in 1..=5 {
+        let mut first = WorkerProc::start(&broker, &args);
+        let header = (0..parts).map(|i| Signature::new("celeriac.add").arg(i).arg(i).queue(queue));
+        let sent = chord(header, Signature::new("celeriac.tsum").queue(queue)).apply_async(&client).await.unwrap();
+        let celeriac::canvas::ResultHandle::Task(body) = &sent else { panic!("a chord's result is its body's") };
+        let header_ids: Vec<String> = match body.parent() {
+            Some(celeriac::canvas::ResultHandle::Group(g)) => g.results.iter().map(|r| r.id().to_string()).collect(),
+            other => panic!("the body's parent is the header group: {other:?}"),
+        };
+        // Kill once a third of the header has run.
+        common::wait_until("a third of the header to have run", Duration::from_secs(60), || {
+            first.count("task succeeded") >= parts as usize / 3
+        });
+        first.signal("KILL");
+        first.wait_exit(Duration::from_secs(10));
+        let second = WorkerProc::start(&broker, &args);
+        let total = body.get(Some(Duration::from_secs(120))).await.expect("the body's result");
+        assert_eq!(total, Value::from(parts * (parts - 1)), "the body ran with every part");
+        // Wait until nothing is left to run, then count.
+        common::wait_until("the queue to be drained and acknowledged", Duration::from_secs(60), || {
+            vhost.list("list_queues", &["name", "messages"]).iter().any(|l| l.split_whitespace().eq([queue, "0"]))
+        });
+        let (a, b) = (succeeded_ids(&first), succeeded_ids(&second));
+        let runs = |id: &str| a.get(id).copied().unwrap_or(0) + b.get(id).copied().unwrap_or(0);
+        assert_eq!(runs(body.id()), 1, "the body ran once (attempt {attempt})");
+        assert!(header_ids.iter().all(|id| runs(id) > 0), "every header task ran");
+        let twice = header_ids.iter().filter(|id| runs(id) > 1).count();
+        if twice > 0 {
+            eprintln!("attempt {attempt}: {twice} header tasks ran twice; the body ran once");
+            return;
+        }
+        eprintln!("attempt {attempt}: the kill caught no stored, unacknowledged header task; again");
+    }
+    panic!("in 5 attempts no header task ran twice: the scenario was never exercised");
+}
