@@ -470,3 +470,9 @@ async fn revokes_are_kept_with_their_time_and_expire_after_three_hours() {
     assert!(ttl > 0 && ttl <= REVOKE_EXPIRES.as_secs() as i64, "the set expires: {ttl}");
     redis::cmd("ZREM").arg(REVOKED_KEY).arg(&a).arg(&c).query_async::<()>(&mut raw().await).await.unwrap();
 }
+
+#[tokio::test]
+async fn the_chord_join_counts_each_part_once_and_gives_one_claim() {
+    let b = backend(URL).await;
+    celeriac_core::canvas::join::check_join_contract(&b).await.unwrap();
+}

@@ -260,3 +260,10 @@ async fn revokes_are_kept_in_the_file_with_their_time_and_expire_after_three_hou
     let rows: i64 = conn.query_row("SELECT COUNT(*) FROM revoked", [], |r| r.get(0)).unwrap();
     assert_eq!(rows, 2, "the expired id was deleted by the later write");
 }
+
+#[tokio::test]
+async fn the_chord_join_counts_each_part_once_and_gives_one_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = SqliteBackend::open(&url(&dir, "")).unwrap();
+    celeriac_core::canvas::join::check_join_contract(&b).await.unwrap();
+}

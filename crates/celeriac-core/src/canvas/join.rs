@@ -137,3 +137,59 @@ mod tests {
         assert_eq!(body_argument(&[ok, failed]), Err(ChordError("Dependency b raised ValueError('boom')".into())));
     }
 }
+
+/// What every [`ResultBackend`](crate::ResultBackend) that joins chords must do, checked on a
+/// real one: for backend implementers' tests (celeriac's Redis and SQLite backends run it).
+/// Uses fresh ids; returns what did not hold.
+///
+/// A chord of three: parts are counted once per task (a second store of the same part is not
+/// counted), nothing completes before the last part, the last part completes it with every part
+/// in header order and the claim, another caller then finds it claimed, and once cleared every
+/// caller finds it done.
+pub async fn check_join_contract(backend: &dyn crate::ResultBackend) -> Result<(), String> {
+    use crate::backend::Joined;
+    let gid = uuid::Uuid::new_v4().to_string();
+    let ids: Vec<String> = (0..3).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let meta = |i: usize| ResultMeta::success(&ids[i], Value::from(i as i64 * 10));
+    let part = |i: usize| ChordPart::of(&gid, Some(i as i64), &meta(i));
+    let store = |i: usize| async move {
+        backend.store_chord_part(&meta(i), Default::default(), &part(i)).await.map(|(_, joined)| joined)
+    };
+    let err = |e: crate::BackendError| e.to_string();
+    backend.set_chord_size(&gid, 3).await.map_err(err)?;
+    // Out of order, and the middle part twice (a header task run again).
+    for (step, i) in [2usize, 1, 1].into_iter().enumerate() {
+        let joined = store(i).await.map_err(err)?;
+        if joined != Joined::Waiting {
+            return Err(format!("part {i} (store {step}) of 3 must wait, got {joined:?}"));
+        }
+    }
+    let claim = match store(0).await.map_err(err)? {
+        Joined::Complete { parts, claim } => {
+            let got: Vec<(String, Value)> = parts.iter().map(|p| (p.task_id.clone(), p.result.clone())).collect();
+            let want: Vec<(String, Value)> = (0..3).map(|i| (ids[i].clone(), Value::from(i as i64 * 10))).collect();
+            if got != want {
+                return Err(format!("the complete join must hold every part once, in header order: {got:?}"));
+            }
+            claim
+        }
+        other => return Err(format!("the last part must complete the chord with the claim, got {other:?}")),
+    };
+    match store(2).await.map_err(err)? {
+        Joined::ClaimedElsewhere => {}
+        other => {
+            return Err(format!("a part stored again while the claim is held must find it claimed, got {other:?}"))
+        }
+    }
+    backend.clear_chord(&gid, &claim).await.map_err(err)?;
+    match store(0).await.map_err(err)? {
+        Joined::Done => {}
+        other => {
+            return Err(format!("a part stored again after the chord was cleared must find it done, got {other:?}"))
+        }
+    }
+    match backend.get(&ids[1]).await.map_err(err)? {
+        Some(m) if m.status == TaskState::Success => Ok(()),
+        other => Err(format!("a part's result is stored with it: {other:?}")),
+    }
+}
