@@ -1,8 +1,11 @@
-//! The command line: results and exit codes, configuration precedence, bad input.
+//! The command line: results and exit codes, configuration precedence, bad input, callbacks
+//! (`send --link/--link-error`) and the workflow lines of `result`.
 
 mod common;
 
-use common::{run_cli, TempDb, WorkerProc};
+use std::time::Duration;
+
+use common::{run_cli, wait_until, TempDb, WorkerProc};
 
 #[test]
 fn send_wait_prints_the_value_or_the_error_and_exit_code() {
@@ -25,6 +28,52 @@ fn send_wait_prints_the_value_or_the_error_and_exit_code() {
     assert_eq!(out.lines().collect::<Vec<_>>(), vec!["SUCCESS", "\"pong\""]);
     let (code, out, _) = run_cli(&["result", "no-such-id", "--broker", &db.url], &[]);
     assert_eq!((code, out.trim()), (0, "PENDING"));
+}
+
+/// The task id of a worker log line (its span: `task{id=<id> name=...}`).
+fn span_id(line: &str) -> Option<&str> {
+    line.split_once("task{id=")?.1.split(' ').next()
+}
+
+#[test]
+fn send_link_and_link_error_and_result_shows_what_a_task_sent() {
+    let db = TempDb::new("");
+    let w = WorkerProc::start(&db.url, &["-c", "2"]);
+    let result = |id: &str| run_cli(&["result", id, "--wait", "--timeout", "30", "--broker", &db.url], &[]);
+    let lines = |out: &str| out.lines().map(str::to_string).collect::<Vec<_>>();
+
+    // --link: the callback gets the value; `result` names it among the task's children.
+    let id = uuid::Uuid::new_v4().to_string();
+    let send = ["send", "celeriac.add", "--args", "[2, 3]", "--link", "celeriac.echo", "--task-id", &id, "--wait"];
+    let (code, out, err) = run_cli(&[&send[..], &["--broker", &db.url]].concat(), &[]);
+    assert_eq!((code, out.trim()), (0, "5"), "{err}");
+    let (code, out, err) = result(&id);
+    assert_eq!(code, 0, "{err}");
+    let callback = out.lines().find_map(|l| l.strip_prefix("children: ")).expect("a children: line").to_string();
+    assert_eq!(lines(&out), ["SUCCESS", "5", &format!("children: {callback}")]);
+    let (code, out, err) = result(&callback);
+    assert_eq!((code, lines(&out)), (0, lines(&format!("SUCCESS\n5\nparent: {id}"))), "{err}");
+
+    // --link-error: the errback (sent as a group of one, as Celery sends it) gets the failed id.
+    let failed = uuid::Uuid::new_v4().to_string();
+    let send =
+        ["send", "celeriac.fail", "--args", r#"["boom"]"#, "--link-error", "celeriac.echo", "--task-id", &failed];
+    let (code, _, err) = run_cli(&[&send[..], &["--wait", "--broker", &db.url]].concat(), &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("FAILURE: RuntimeError: boom"), "{err}");
+    let (code, out, _) = result(&failed);
+    assert_eq!((code, out.trim()), (1, "FAILURE"), "a failed task lists no children");
+    // The errback's id is made by the worker: the one celeriac.echo it ran besides the callback.
+    let errback = || {
+        let ran = w.matching("name=celeriac.echo");
+        ran.iter().filter_map(|l| span_id(l)).find(|i| *i != callback).map(str::to_string)
+    };
+    wait_until("the worker to run the errback", Duration::from_secs(30), || errback().is_some());
+    let errback = errback().expect("the errback's id");
+    let (code, out, err) = result(&errback);
+    let out = lines(&out);
+    assert_eq!((code, &out[..2]), (0, &["SUCCESS".to_string(), format!("\"{failed}\"")][..]), "{err}");
+    assert!(out.len() == 4 && out[2].starts_with("group: ") && out[3] == format!("parent: {failed}"), "{out:?}");
 }
 
 #[test]

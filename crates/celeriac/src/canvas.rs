@@ -26,7 +26,8 @@
 //! step before it in a chain, or a chord's header group) or a [`GroupResult`].
 //!
 //! A chord needs a result backend that joins chords (Redis, SQLite): on any other, sending one
-//! fails at once with [`PublishError::Chord`], rather than leave its body never run.
+//! (or a chain that reaches one, such as a group followed by a step) fails at once with
+//! [`PublishError::Chord`], rather than leave its body never run.
 
 use std::time::Duration;
 
@@ -126,6 +127,23 @@ impl ResultHandle {
         }
     }
 
+    /// The task, if this is one.
+    pub fn as_task(&self) -> Option<&AsyncResult> {
+        match self {
+            ResultHandle::Task(r) => Some(r),
+            ResultHandle::Group(_) => None,
+        }
+    }
+
+    /// The result before this one in the workflow that was sent: a chain's previous step, a
+    /// chord body's header group (see [`AsyncResult::parent`]).
+    pub fn parent(&self) -> Option<&ResultHandle> {
+        match self {
+            ResultHandle::Task(r) => r.parent(),
+            ResultHandle::Group(g) => g.parent.as_deref(),
+        }
+    }
+
     /// Wait for it: a task's value, or a group's list of values in order.
     pub async fn get(&self, timeout: Option<Duration>) -> Result<Value, ResultError> {
         match self {
@@ -141,9 +159,10 @@ impl ResultHandle {
                 result.parent = parent.as_ref().map(|p| Box::new(Self::from_ref(p, client)));
                 ResultHandle::Task(result)
             }
-            ResultRef::Group { id, results, .. } => ResultHandle::Group(GroupResult {
+            ResultRef::Group { id, parent, results } => ResultHandle::Group(GroupResult {
                 id: id.clone(),
                 results: results.iter().map(|r| Self::from_ref(r, client)).collect(),
+                parent: parent.as_ref().map(|p| Box::new(Self::from_ref(p, client))),
             }),
         }
     }
@@ -156,6 +175,9 @@ pub struct GroupResult {
     pub id: String,
     /// Its members, in order.
     pub results: Vec<ResultHandle>,
+    /// The result before it in the workflow that was sent (a chain's previous step), as
+    /// [`AsyncResult::parent`].
+    pub parent: Option<Box<ResultHandle>>,
 }
 
 impl GroupResult {
@@ -175,7 +197,8 @@ impl GroupResult {
 
 impl Client {
     /// Send a workflow: every message it starts with, after recording the size of each chord it
-    /// sends (refused at once when the result backend cannot join chords).
+    /// sends (refused at once when the result backend cannot join chords and the workflow runs
+    /// one, now or in a later step of a chain).
     pub async fn apply_canvas(&self, canvas: &Canvas) -> Result<ResultHandle, PublishError> {
         let name = canvas.0.task.clone();
         let no_task_options = |_: &str| None;
@@ -190,7 +213,7 @@ impl Client {
         for option in &applied.ignored_options {
             tracing::warn!(task_name = %name, %option, "option not supported by celeriac: ignored");
         }
-        if !applied.chord_sizes.is_empty() && !self.backend().supports_chords() {
+        if applied.uses_chords && !self.backend().supports_chords() {
             return Err(PublishError::Chord { task: name, backend: self.backend().url().to_string() });
         }
         for (group_id, size) in &applied.chord_sizes {

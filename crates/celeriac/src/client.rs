@@ -258,6 +258,13 @@ impl Signature {
         self
     }
 
+    /// Use this task id instead of a fresh UUID (Celery's `set(task_id=...)`): a callback,
+    /// errback or chain step whose result is to be read is given its id before it is sent.
+    pub fn task_id(mut self, id: impl Into<String>) -> Self {
+        self.options.task_id = Some(id.into());
+        self
+    }
+
     /// Send to `queue`.
     pub fn queue(mut self, queue: impl Into<String>) -> Self {
         self.options.queue = Some(queue.into());

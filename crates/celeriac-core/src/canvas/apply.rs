@@ -4,7 +4,8 @@
 //! the message itself).
 //!
 //! [`apply`] is pure: it returns an [`Applied`] plan (messages in publish order, chord sizes to
-//! record before the first of them, the result handle) and the caller carries it out, so the
+//! record before the first of them, whether a chord runs now or later, the result handle, whose
+//! ids are frozen up front as Celery's `freeze` does) and the caller carries it out, so the
 //! worker and the client send workflows the same way and the plans are tested without a broker.
 
 use chrono::{DateTime, Utc};
@@ -53,11 +54,21 @@ pub struct Applied {
     pub result: ResultRef,
     /// Options seen that celeriac does not act on, to log (`"name"` each, once).
     pub ignored_options: Vec<String>,
+    /// The workflow runs a chord, now (see [`chord_sizes`](Self::chord_sizes)) or when a worker
+    /// sends a later step of a chain: a sender whose result backend cannot join chords refuses
+    /// it (Celery's `ensure_chords_allowed`, which `prepare_steps` calls for every chord step).
+    pub uses_chords: bool,
 }
 
 impl Applied {
     fn new(result: ResultRef) -> Self {
-        Applied { chord_sizes: Vec::new(), publish: Vec::new(), result, ignored_options: Vec::new() }
+        Applied {
+            chord_sizes: Vec::new(),
+            publish: Vec::new(),
+            result,
+            ignored_options: Vec::new(),
+            uses_chords: false,
+        }
     }
 }
 
@@ -379,6 +390,7 @@ impl Call {
 pub fn apply(sig: &Signature, call: Call, sender: &Sender<'_>) -> Result<Applied, CanvasError> {
     let mut applied = Applied::new(ResultRef::task(""));
     applied.result = apply_into(sig, call, sender, &mut applied)?;
+    applied.uses_chords = !applied.chord_sizes.is_empty() || holds_chord(sig)?;
     Ok(applied)
 }
 
@@ -550,13 +562,11 @@ fn apply_chord(
     let mut body_call = options.clone();
     body_call.shift_remove("parent_id");
     body.options = merge_options(&body.options, body_call, false);
-    if body.task_id().is_none() {
-        body.set_option("task_id", Value::String(new_id()));
-    }
+    freeze(&mut body)?;
     if body.options.get("group_id").is_none_or(Value::is_null) {
         body.set_option("group_id", Value::String(gid.clone()));
     }
-    let body_result = step_result_id(&body)?.unwrap_or_default();
+    let body_result = frozen_result(&body)?;
     let members = flatten_group(header)?;
     if members.is_empty() {
         let result = apply_into(
@@ -580,12 +590,12 @@ fn apply_chord(
     let group = Signature::group(members);
     let header_result =
         apply_into(&group, Call { args: partial, options: header_options, fill: call.fill }, sender, out)?;
-    Ok(ResultRef::Task { id: body_result, parent: Some(Box::new(header_result)) })
+    Ok(body_result.after(Some(header_result)))
 }
 
 /// A chain's steps as Celery's `prepare_steps` makes them: nested chains spliced in, a group
-/// followed by another step turned into a chord with that step as its body, every step given
-/// its id (`task_id`; a chord's is its body's) in advance.
+/// followed by another step turned into a chord with that step as its body, every step frozen
+/// (given its ids in advance, see [`freeze`]).
 fn prepare_steps(tasks: Vec<Signature>) -> Result<Vec<Signature>, CanvasError> {
     let mut flat = Vec::with_capacity(tasks.len());
     for task in tasks {
@@ -605,33 +615,105 @@ fn prepare_steps(tasks: Vec<Signature>) -> Result<Vec<Signature>, CanvasError> {
                 task = chord;
             }
         }
-        match task.shape()? {
-            Shape::Chord { body, .. } if body.task_id().is_none() => {
-                let mut body = *body;
-                body.set_option("task_id", Value::String(new_id()));
-                task.kwargs.insert("body".into(), body.to_value());
-            }
-            Shape::Chord { .. } => {}
-            _ if task.task_id().is_none() => task.set_option("task_id", Value::String(new_id())),
-            _ => {}
-        }
+        freeze(&mut task)?;
         steps.push(task);
     }
     steps.reverse();
     Ok(steps)
 }
 
-/// The id a step's result will have: a task's own, a chord's body's, a chain's last step's, a
-/// group's id.
-fn step_result_id(step: &Signature) -> Result<Option<String>, CanvasError> {
-    Ok(match step.shape()? {
-        Shape::Chord { body, .. } => step_result_id(&body)?,
-        Shape::Chain(steps) => match steps.last() {
-            Some(last) => step_result_id(last)?,
-            None => None,
+/// Give `sig` the ids it will run with, as Celery's `freeze` does: a task its `task_id`; a
+/// group its id and every member theirs; a chain every step (its last step takes the chain's
+/// own `task_id`, as applying it does); a chord its body. Ids it has are kept, and a signature
+/// that had them all is left as it was. [`frozen_result`] reads the handle back. Returns
+/// whether anything was added.
+fn freeze(sig: &mut Signature) -> Result<bool, CanvasError> {
+    let list = |items: &[Signature]| Value::Array(items.iter().map(Signature::to_value).collect());
+    let mut changed = false;
+    let shape = sig.shape()?;
+    if matches!(shape, Shape::Task | Shape::Group(_)) && sig.task_id().is_none() {
+        sig.set_option("task_id", Value::String(new_id()));
+        changed = true;
+    }
+    match shape {
+        Shape::Task => {}
+        Shape::Group(mut members) => {
+            let mut inner = false;
+            for member in &mut members {
+                inner |= freeze(member)?;
+            }
+            if inner {
+                sig.kwargs.insert("tasks".into(), list(&members));
+            }
+            changed |= inner;
+        }
+        Shape::Chain(mut steps) => {
+            let mut inner = false;
+            if let (Some(id), Some(last)) = (sig.task_id().map(str::to_string), steps.last_mut()) {
+                if last.shape()? == Shape::Task && last.task_id() != Some(id.as_str()) {
+                    last.set_option("task_id", Value::String(id));
+                    inner = true;
+                }
+            }
+            for step in &mut steps {
+                inner |= freeze(step)?;
+            }
+            if inner {
+                sig.kwargs.insert("tasks".into(), list(&steps));
+            }
+            changed |= inner;
+        }
+        Shape::Chord { body, .. } => {
+            let mut body = *body;
+            if freeze(&mut body)? {
+                sig.kwargs.insert("body".into(), body.to_value());
+                changed = true;
+            }
+        }
+    }
+    Ok(changed)
+}
+
+/// The result handle of a [`freeze`]d signature: a task's, a group's with its members' (nested
+/// groups flattened, as applying it does), a chain's last step's (the steps before it its
+/// parents), a chord's body's.
+fn frozen_result(sig: &Signature) -> Result<ResultRef, CanvasError> {
+    let id = || sig.task_id().unwrap_or_default().to_string();
+    Ok(match sig.shape()? {
+        Shape::Task => ResultRef::task(id()),
+        Shape::Group(tasks) => ResultRef::Group {
+            id: id(),
+            parent: None,
+            results: flatten_group(tasks)?.iter().map(frozen_result).collect::<Result<_, _>>()?,
         },
-        _ => step.task_id().map(str::to_string),
+        Shape::Chain(steps) => {
+            let mut result: Option<ResultRef> = None;
+            for step in &steps {
+                result = Some(frozen_result(step)?.after(result));
+            }
+            result.unwrap_or_else(|| ResultRef::task(""))
+        }
+        Shape::Chord { body, .. } => frozen_result(&body)?,
     })
+}
+
+/// Whether applying `sig` runs a chord, now or when a worker sends a later step of a chain (a
+/// group followed by a step is one).
+fn holds_chord(sig: &Signature) -> Result<bool, CanvasError> {
+    let any = |sigs: Vec<Signature>| -> Result<bool, CanvasError> {
+        for s in &sigs {
+            if holds_chord(s)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    match sig.shape()? {
+        Shape::Task => Ok(false),
+        Shape::Chord { .. } => Ok(true),
+        Shape::Group(tasks) => any(tasks),
+        Shape::Chain(steps) => any(prepare_steps(steps)?),
+    }
 }
 
 /// Celery's `_chain.run`: the first step is applied with the call's arguments, the other steps
@@ -696,8 +778,7 @@ fn apply_chain(
     // The result handle: the last step, its parents the steps before it.
     let mut result: Option<ResultRef> = None;
     for step in &steps {
-        let id = step_result_id(step)?.unwrap_or_default();
-        result = Some(ResultRef::Task { id, parent: result.map(Box::new) });
+        result = Some(frozen_result(step)?.after(result));
     }
     let first = steps.remove(0);
     let mut chain = match options.shift_remove("chain") {
@@ -720,5 +801,69 @@ fn as_list(v: &Value) -> Vec<Value> {
     match v {
         Value::Array(items) => items.clone(),
         other => vec![other.clone()],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sender() -> Sender<'static> {
+        Sender { origin: "test@host", default_queue: "celery", now: Utc::now(), task_options: &|_| None }
+    }
+
+    fn add(args: Value) -> Signature {
+        Signature { args: args.as_array().unwrap().clone(), ..Signature::new("add") }
+    }
+
+    /// The messages a worker sends after the first task of `applied` succeeds with `value`.
+    fn next_step(applied: &Applied, value: Value) -> Applied {
+        let body = applied.publish[0].message.task_body().unwrap();
+        let cont = super::super::continuation::Continuations::read(&body.embed);
+        let (sig, call) = cont.after_success(&value, &applied.publish[0].task_id, "root").pop().unwrap();
+        apply(&sig, call, &sender()).unwrap()
+    }
+
+    #[test]
+    fn a_chain_ending_in_a_group_gives_the_group_with_the_ids_its_members_will_run_with() {
+        let chain =
+            Signature::chain(vec![add(json!([1, 1])), Signature::group(vec![add(json!([10])), add(json!([20]))])]);
+        let applied = apply(&chain, Call::new(), &sender()).unwrap();
+        let ResultRef::Group { id, parent, results } = &applied.result else { panic!("{:?}", applied.result) };
+        assert_eq!(parent.as_deref().map(ResultRef::id), Some(applied.publish[0].task_id.as_str()));
+        let later = next_step(&applied, json!(2));
+        let sent: Vec<&str> = later.publish.iter().map(|o| o.task_id.as_str()).collect();
+        assert_eq!(sent, results.iter().map(ResultRef::id).collect::<Vec<_>>());
+        assert_eq!(later.result.id(), id);
+        assert!(!applied.uses_chords);
+    }
+
+    #[test]
+    fn a_chord_with_a_chain_body_gives_the_body_s_last_step_after_the_header() {
+        let body = Signature::chain(vec![Signature::new("tsum"), add(json!([100]))]);
+        let chord = Signature::chord(vec![add(json!([1, 1])), add(json!([2, 2]))], body);
+        let applied = apply(&chord, Call::new(), &sender()).unwrap();
+        let body = applied.publish[0].message.task_body().unwrap();
+        let body = Signature::from_value(body.embed.chord.as_ref().unwrap()).unwrap();
+        let Ok(Shape::Chain(steps)) = body.shape() else { panic!("{body:?}") };
+        let ResultRef::Task { id, parent } = &applied.result else { panic!("{:?}", applied.result) };
+        assert_eq!(Some(id.as_str()), steps[1].task_id(), "the handle is the body's last step");
+        let first = parent.as_deref().unwrap();
+        assert_eq!(Some(first.id()), steps[0].task_id());
+        let ResultRef::Task { parent: Some(header), .. } = first else { panic!("{first:?}") };
+        assert!(matches!(**header, ResultRef::Group { .. }), "{header:?}");
+        assert!(applied.uses_chords && applied.chord_sizes.len() == 1);
+    }
+
+    #[test]
+    fn a_chain_that_reaches_a_chord_later_uses_chords_now() {
+        let steps =
+            vec![add(json!([1, 1])), Signature::group(vec![add(json!([1])), add(json!([2]))]), Signature::new("tsum")];
+        let applied = apply(&Signature::chain(steps), Call::new(), &sender()).unwrap();
+        assert!(applied.chord_sizes.is_empty() && applied.uses_chords);
+        let plain =
+            Signature::group(vec![add(json!([1, 1])), Signature::chain(vec![add(json!([1, 1])), add(json!([1]))])]);
+        assert!(!apply(&plain, Call::new(), &sender()).unwrap().uses_chords);
     }
 }

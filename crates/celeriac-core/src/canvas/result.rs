@@ -31,6 +31,23 @@ impl ResultRef {
         ResultRef::Task { id: id.into(), parent: None }
     }
 
+    /// This result with `before` put before its earliest ancestor, as Celery links a chain's
+    /// step to the one before it and a chord's body (a chain's first step, if the body is a
+    /// chain) to its header.
+    pub fn after(self, before: Option<ResultRef>) -> Self {
+        let Some(before) = before else { return self };
+        let attach = |parent: Option<Box<ResultRef>>| {
+            Some(Box::new(match parent {
+                Some(p) => p.after(Some(before)),
+                None => before,
+            }))
+        };
+        match self {
+            ResultRef::Task { id, parent } => ResultRef::Task { id, parent: attach(parent) },
+            ResultRef::Group { id, parent, results } => ResultRef::Group { id, parent: attach(parent), results },
+        }
+    }
+
     /// The task or group id.
     pub fn id(&self) -> &str {
         match self {
