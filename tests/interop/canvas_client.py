@@ -12,7 +12,7 @@ whose "got" differs from its "want" is a failure the test reports. Exit status 0
 checks say; 1 on usage errors, 2 when a result did not arrive in time (the line then says which).
 
 Cases: chain3, link, link_error, errback_chain, group100, chord100, chord_fail, nested,
-group_of_chains, mixed_chain, mixed_chord.
+group_of_chains, builtins, mixed_chain, mixed_chord.
 """
 import argparse
 import json
@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from celery import chain, chord, group  # noqa: E402
+from celery.canvas import xmap, xstarmap  # noqa: E402
 from celery.result import AsyncResult, GroupResult  # noqa: E402
 
 from pytasks import app  # noqa: E402
@@ -126,6 +127,22 @@ def main():
                   chain(sig('celeriac.add', 3, 3), sig('celeriac.add', 4)))
         r = g.apply_async()
         check('results', [4, 10], r.get(timeout=a.timeout))
+    elif case == 'builtins':
+        # The builtin tasks Celery's canvas sends as messages (celery/app/builtins.py).
+        echo, add = sig('celeriac.echo'), sig('celeriac.add')
+        mapped = xmap(echo, [1, 'two', [3]], app=app).set(queue=a.queue).apply_async()
+        check('map', [1, 'two', [3]], mapped.get(timeout=a.timeout))
+        starred = xstarmap(add, [(1, 1), (2, 2), (3, 3)], app=app).set(queue=a.queue).apply_async()
+        check('starmap', [2, 4, 6], starred.get(timeout=a.timeout))
+        r = app.send_task('celery.chunks', kwargs={'task': dict(add), 'it': [[i, i] for i in range(10)], 'n': 3}, queue=a.queue)
+        from celery.result import result_from_tuple
+        parts = result_from_tuple(r.get(timeout=a.timeout), app)
+        check('chunks', [[0, 2, 4], [6, 8, 10], [12, 14, 16], [18]], parts.get(timeout=a.timeout))
+        check('chunks children', [parts.id], [ch.id for ch in (AsyncResult(r.id, app=app).children or [])])
+        check('accumulate', 2, app.send_task('celery.accumulate', args=[1, 2, 3], kwargs={'index': 1}, queue=a.queue).get(timeout=a.timeout))
+        check('accumulate all', [1, 2, 3], app.send_task('celery.accumulate', args=[1, 2, 3], queue=a.queue).get(timeout=a.timeout))
+        chained = chain(sig('celeriac.add', 2, 3), sig('celery.accumulate', immutable=False))
+        check('accumulate in a chain', [5], chained.apply_async().get(timeout=a.timeout))
     elif case == 'mixed_chain':
         # Steps alternate between the celeriac worker (--queue) and a Python worker (--py-queue).
         c = chain(sig('celeriac.add', 1, 2), sig('py.add', 10), sig('celeriac.add', 100), sig('py.add', 1000))

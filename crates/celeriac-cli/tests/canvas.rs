@@ -49,6 +49,7 @@ const CELERIAC_CASES: &[&str] = &[
     "chord_fail",
     "nested",
     "group_of_chains",
+    "builtins",
 ];
 
 #[test]

@@ -103,7 +103,8 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
     let started = std::time::Instant::now();
     let run = async {
         match &shared.pool {
-            Some(pool) => {
+            // Celery's builtins run here: they call the application's tasks and publish.
+            Some(pool) if !crate::builtins::runs_in_worker(&req.headers.task) => {
                 let run = RunRequest {
                     id: req.headers.id.clone(),
                     name: req.headers.task.clone(),
@@ -134,7 +135,7 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
                     PoolOutcome::Aborted => Outcome::Aborted,
                 }
             }
-            None => run_in_process(&req, ctx, soft, soft_tx, hard, &mut abort).await,
+            _ => run_in_process(&req, ctx, soft, soft_tx, hard, &mut abort).await,
         }
     };
     let outcome = tokio::select! {
@@ -336,8 +337,15 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 req.requeue().await;
                 return;
             }
+            let mut children = crate::canvas::children(&plans);
+            if req.headers.task == "celery.chunks" {
+                // Its value is the group it sent, which Celery also lists among its children.
+                if let Value::Array(c) = &mut children {
+                    c.insert(0, value.clone());
+                }
+            }
             let mut meta = ResultMeta::success(&id, value);
-            meta.children = crate::canvas::children(&plans);
+            meta.children = children;
             // A chord header task joins its chord even when it keeps no result (as Celery).
             (!ignore_result || cont.chord.is_some()).then_some(meta)
         }

@@ -24,6 +24,7 @@
 //! broker for other workers (see [`prefetch`] and ARCHITECTURE.md, "The window and the
 //! acknowledgements").
 
+mod builtins;
 mod canvas;
 mod consumers;
 pub mod control;
@@ -303,6 +304,8 @@ pub struct Worker {
     backend: Arc<dyn ResultBackend>,
     stats: Arc<Stats>,
     metrics: Arc<metrics::Metrics>,
+    /// The running worker, for Celery's builtin tasks (`celery.map`, ...).
+    builtins: builtins::Link,
 }
 
 impl Worker {
@@ -313,7 +316,17 @@ impl Worker {
         broker: Arc<dyn Broker>,
         backend: Arc<dyn ResultBackend>,
     ) -> Self {
-        Worker { config, registry, broker, backend, stats: Arc::new(Stats::default()), metrics: Default::default() }
+        let link = builtins::Link::default();
+        let registry = Arc::new(builtins::with_builtins(&registry, &link));
+        Worker {
+            config,
+            registry,
+            broker,
+            backend,
+            stats: Arc::new(Stats::default()),
+            metrics: Default::default(),
+            builtins: link,
+        }
     }
 
     /// The worker's metrics (live; served on `metrics_addr` when set).
@@ -416,6 +429,7 @@ impl Worker {
             slots: slots.clone(),
             runtimes: Default::default(),
         });
+        let _ = self.builtins.set(Arc::downgrade(&shared));
         let _status_dump = spawn_status_dump(shared.clone());
         let _heartbeat = match (&events, cfg.events.worker_events) {
             (Some((d, _)), true) => {
