@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from celery import chain, chord, group  # noqa: E402
 from celery.canvas import xmap, xstarmap  # noqa: E402
-from celery.result import AsyncResult, GroupResult  # noqa: E402
+from celery.result import AsyncResult, GroupResult, ResultSet  # noqa: E402
 
 from pytasks import app  # noqa: E402
 
@@ -34,6 +34,7 @@ def main():
     p.add_argument('--queue', required=True)
     p.add_argument('--py-queue')
     p.add_argument('--timeout', type=float, default=60)
+    p.add_argument('--group-id', help='restore_group: the id of a group saved by celeriac')
     a = p.parse_args()
     checks = {}
 
@@ -101,6 +102,10 @@ def main():
         g = group(sig('celeriac.add', i, i) for i in range(100))
         r = g.apply_async()
         check('results', [2 * i for i in range(100)], r.get(timeout=a.timeout))
+        r.save()
+        restored = GroupResult.restore(r.id, app=app)
+        check('GroupResult.restore(...).get()', [2 * i for i in range(100)], restored.get(timeout=a.timeout))
+        check('ResultSet.get()', [0, 2, 4], ResultSet(r.results[:3], app=app).get(timeout=a.timeout))
         check('group ids', [r.id] * 3, [AsyncResult(x.id, app=app)._get_task_meta().get('group_id')
                                          for x in r.results[:3]])
     elif case == 'chord100':
@@ -143,6 +148,17 @@ def main():
         check('accumulate all', [1, 2, 3], app.send_task('celery.accumulate', args=[1, 2, 3], queue=a.queue).get(timeout=a.timeout))
         chained = chain(sig('celeriac.add', 2, 3), sig('celery.accumulate', immutable=False))
         check('accumulate in a chain', [5], chained.apply_async().get(timeout=a.timeout))
+    elif case == 'restore_group':
+        # A group celeriac saved (GroupResult::save), restored and read by Python.
+        restored = GroupResult.restore(a.group_id, app=app)
+        check('restored', True, restored is not None)
+        check('values', [2 * i for i in range(5)], restored.get(timeout=a.timeout) if restored else None)
+    elif case == 'save_group':
+        # A group Python saved, for celeriac to restore: its id goes out as "got" of 'id'.
+        r = group(sig('celeriac.add', i, i) for i in range(5)).apply_async()
+        r.get(timeout=a.timeout)
+        r.save()
+        check('id', r.id, r.id)
     elif case == 'mixed_chain':
         # Steps alternate between the celeriac worker (--queue) and a Python worker (--py-queue).
         c = chain(sig('celeriac.add', 1, 2), sig('py.add', 10), sig('celeriac.add', 100), sig('py.add', 1000))

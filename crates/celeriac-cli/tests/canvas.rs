@@ -16,12 +16,17 @@ use std::process::Command;
 const DB: u32 = 4;
 
 /// Run one case of `canvas_client.py`; returns its checks after asserting each one.
-fn case(broker: &str, backend: &str, case: &str, queue: &str, py_queue: Option<&str>) {
+fn case(broker: &str, backend: &str, case: &str, queue: &str, py_queue: Option<&str>) -> Value {
+    case_with(broker, backend, case, queue, py_queue, &[])
+}
+
+fn case_with(broker: &str, backend: &str, case: &str, queue: &str, py_queue: Option<&str>, extra: &[&str]) -> Value {
     let mut cmd = Command::new(venv_python());
     cmd.arg(repo().join("tests/interop/canvas_client.py")).args([case, "--queue", queue, "--timeout", "60"]);
     if let Some(q) = py_queue {
         cmd.args(["--py-queue", q]);
     }
+    cmd.args(extra);
     let out = cmd.env("CELERY_BROKER_URL", broker).env("CELERY_RESULT_BACKEND", backend).output().expect("python");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -36,6 +41,7 @@ fn case(broker: &str, backend: &str, case: &str, queue: &str, py_queue: Option<&
         .map(|(name, c)| format!("{name}: want {}, got {}", c["want"], c["got"]))
         .collect();
     assert!(failed.is_empty(), "case {case} on {broker}:\n{}", failed.join("\n"));
+    line
 }
 
 /// Every case that needs only celeriac workers.
@@ -241,4 +247,33 @@ async fn a_chord_body_runs_once_when_its_header_tasks_run_twice_after_a_sigkill(
         eprintln!("attempt {attempt}: the kill caught no stored, unacknowledged header task; again");
     }
     panic!("in 5 attempts no header task ran twice: the scenario was never exercised");
+}
+
+/// Group results saved by one side are restored by the other (`celery-taskset-meta-<id>`):
+/// celeriac's `GroupResult::save` read by Python's `GroupResult.restore(...).get()`, and a
+/// group Python saved read by `Client::restore_group`.
+#[tokio::test]
+async fn saved_groups_restore_on_both_sides() {
+    use celeriac::canvas::group;
+    use celeriac::Signature;
+    let url = SharedRedisDb::get(DB).url("");
+    let queue = "canvas-saved";
+    let _w = WorkerProc::start(&url, &["--result-backend", &url, "-Q", queue, "-c", "2"]);
+    let client = celeriac::Client::connect(&url, Some(&url)).await.unwrap();
+    let sent = group((0..5).map(|i| Signature::new("celeriac.add").arg(i).arg(i).queue(queue)))
+        .apply_async(&client)
+        .await
+        .unwrap();
+    let g = sent.as_group().expect("a group");
+    g.get(Some(std::time::Duration::from_secs(30))).await.unwrap();
+    g.save(&client).await.unwrap();
+    case_with(&url, &url, "restore_group", queue, None, &["--group-id", &g.id]);
+
+    let line = case(&url, &url, "save_group", queue, None);
+    let gid = line["checks"]["id"]["got"].as_str().expect("the saved group's id").to_string();
+    let restored = client.restore_group(&gid).await.unwrap().expect("the group Python saved");
+    assert_eq!(restored.id, gid);
+    let values = restored.get(Some(std::time::Duration::from_secs(30))).await.unwrap();
+    assert_eq!(values, (0..5).map(|i| Value::from(2 * i)).collect::<Vec<_>>());
+    assert!(client.restore_group("no-such-group").await.unwrap().is_none());
 }

@@ -196,6 +196,25 @@ pub trait ResultBackend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Save a group's result handle so any client can restore it by the group's id (Celery's
+    /// `GroupResult.save`: `celery-taskset-meta-<id>` holding `{"result": <tuple>}`, see
+    /// `celery/backends/base.py` `_save_group`). Default: unsupported.
+    async fn save_group(&self, group: &crate::canvas::ResultRef) -> Result<(), BackendError> {
+        let _ = group;
+        Err(BackendError::Unsupported {
+            url: self.url().to_string(),
+            operation: "save a group".into(),
+            reason: "this result backend keeps no group results".into(),
+        })
+    }
+
+    /// A group saved with [`save_group`](Self::save_group) (by celeriac or Celery), `None` when
+    /// there is none. Default: none.
+    async fn restore_group(&self, group_id: &str) -> Result<Option<crate::canvas::ResultRef>, BackendError> {
+        let _ = group_id;
+        Ok(None)
+    }
+
     /// The error of a backend that does not join chords.
     fn no_chords(&self) -> BackendError {
         BackendError::Unsupported {

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use celeriac_core::backend::{unix_now, Joined, ReplyTo, Revoke, Stored, REVOKES_MAX, REVOKE_EXPIRES};
 use celeriac_core::canvas::join::ChordPart;
+use celeriac_core::canvas::{read_saved_group, saved_group, ResultRef};
 use celeriac_core::{BackendError, ResultBackend, ResultMeta, TaskState};
 
 use crate::conn::{Failure, Redis};
@@ -399,6 +400,38 @@ impl ResultBackend for RedisBackend {
         };
         tracing::trace!(task_id = %meta.task_id, group = %part.group_id, ready, ?size, ?joined, "chord part stored");
         Ok((stored, joined))
+    }
+
+    /// `SET celery-taskset-meta-<id> {"result": <tuple>}` with the result expiry, and `PUBLISH`
+    /// it, as Celery's `_set_with_state` does.
+    async fn save_group(&self, group: &ResultRef) -> Result<(), BackendError> {
+        let key = &group_key(group.id(), "");
+        let value = &saved_group(group);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match self.config.result_expires {
+            Some(ttl) => pipe.cmd("SET").arg(key).arg(value).arg("EX").arg(ttl.as_secs()).ignore(),
+            None => pipe.cmd("SET").arg(key).arg(value).ignore(),
+        };
+        pipe.cmd("PUBLISH").arg(key).arg(value).ignore();
+        let pipe = &pipe;
+        self.redis.run(|mut conn| async move { pipe.exec_async(&mut conn).await }).await.map_err(|e| self.error(e))
+    }
+
+    async fn restore_group(&self, group_id: &str) -> Result<Option<ResultRef>, BackendError> {
+        let key = &group_key(group_id, "");
+        let raw: Option<Vec<u8>> = self
+            .redis
+            .run(|mut conn| async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
+            .await
+            .map_err(|e| self.error(e))?;
+        raw.map(|bytes| {
+            read_saved_group(&bytes).ok_or_else(|| BackendError::Corrupt {
+                task_id: format!("group {group_id}"),
+                reason: "not a saved group ({\"result\": [[id, parent], [members]]})".into(),
+            })
+        })
+        .transpose()
     }
 
     /// Celery 5.7's cleanup: if the claim is still ours, `DEL` `.j`, `.t`, `.s`, `.d` and mark

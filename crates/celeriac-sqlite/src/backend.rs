@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use celeriac_core::backend::{Joined, ReplyTo, Revoke, Stored, REVOKES_MAX, REVOKE_EXPIRES};
 use celeriac_core::canvas::join::ChordPart;
+use celeriac_core::canvas::{read_saved_group, saved_group, ResultRef};
 use celeriac_core::{BackendError, ResultBackend, ResultMeta};
 
 use crate::db::{now_ms, Db, JoinState, Op, Outcome, PartRow};
@@ -164,6 +165,27 @@ impl ResultBackend for SqliteBackend {
             }
         };
         Ok((stored, joined))
+    }
+
+    /// Kept in the results table under Celery's key, `celery-taskset-meta-<id>` (state `GROUP`),
+    /// so it expires with the results.
+    async fn save_group(&self, group: &ResultRef) -> Result<(), BackendError> {
+        let (task_id, meta) = (format!("celery-taskset-meta-{}", group.id()), saved_group(group));
+        let status = "GROUP".to_string();
+        self.db.call(|reply| Op::StoreResult { task_id, status, meta, reply }).await.map_err(|e| self.io(e))
+    }
+
+    async fn restore_group(&self, group_id: &str) -> Result<Option<ResultRef>, BackendError> {
+        let task_id = format!("celery-taskset-meta-{group_id}");
+        let stored_after = self.expired_before(now_ms());
+        let raw = self.db.call(|reply| Op::GetResult { task_id, stored_after, reply }).await.map_err(|e| self.io(e))?;
+        raw.map(|bytes| {
+            read_saved_group(&bytes).ok_or_else(|| BackendError::Corrupt {
+                task_id: format!("group {group_id}"),
+                reason: "not a saved group".into(),
+            })
+        })
+        .transpose()
     }
 
     async fn clear_chord(&self, group_id: &str, claim: &str) -> Result<(), BackendError> {

@@ -267,3 +267,15 @@ async fn the_chord_join_counts_each_part_once_and_gives_one_claim() {
     let b = SqliteBackend::open(&url(&dir, "")).unwrap();
     celeriac_core::canvas::join::check_join_contract(&b).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_saved_group_is_restored_by_its_id() {
+    use celeriac_core::canvas::ResultRef;
+    let dir = tempfile::tempdir().unwrap();
+    let b = SqliteBackend::open(&url(&dir, "")).unwrap();
+    let g =
+        ResultRef::Group { id: "g1".into(), parent: None, results: vec![ResultRef::task("a"), ResultRef::task("b")] };
+    assert_eq!(b.restore_group("g1").await.unwrap(), None);
+    b.save_group(&g).await.unwrap();
+    assert_eq!(b.restore_group("g1").await.unwrap(), Some(g));
+}

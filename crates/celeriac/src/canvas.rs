@@ -181,6 +181,22 @@ pub struct GroupResult {
 }
 
 impl GroupResult {
+    /// Save the group in the result backend, so any client (Python's `GroupResult.restore`,
+    /// [`Client::restore_group`]) finds it by id (Celery's `GroupResult.save`).
+    pub async fn save(&self, client: &Client) -> Result<(), ResultError> {
+        client.backend().save_group(&self.to_ref()).await.map_err(ResultError::Backend)
+    }
+
+    fn to_ref(&self) -> ResultRef {
+        fn one(h: &ResultHandle) -> ResultRef {
+            match h {
+                ResultHandle::Task(r) => ResultRef::task(r.id()),
+                ResultHandle::Group(g) => g.to_ref(),
+            }
+        }
+        ResultRef::Group { id: self.id.clone(), parent: None, results: self.results.iter().map(one).collect() }
+    }
+
     /// Wait for every member and return their values in the group's order (a member that is
     /// itself a group gives a list); the first failure, in that order, is the error. `timeout`
     /// bounds the whole wait.
@@ -196,6 +212,16 @@ impl GroupResult {
 }
 
 impl Client {
+    /// A group saved with [`GroupResult::save`] or Python's `GroupResult.save()`, `None` when
+    /// there is none (Celery's `GroupResult.restore`).
+    pub async fn restore_group(&self, group_id: &str) -> Result<Option<GroupResult>, ResultError> {
+        let saved = self.backend().restore_group(group_id).await.map_err(ResultError::Backend)?;
+        Ok(saved.map(|r| ResultHandle::from_ref(&r, self)).and_then(|h| match h {
+            ResultHandle::Group(g) => Some(g),
+            ResultHandle::Task(_) => None,
+        }))
+    }
+
     /// Send a workflow: every message it starts with, after recording the size of each chord it
     /// sends (refused at once when the result backend cannot join chords and the workflow runs
     /// one, now or in a later step of a chain).

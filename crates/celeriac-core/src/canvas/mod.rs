@@ -23,7 +23,7 @@ pub mod join;
 mod result;
 
 pub use apply::{apply, build_message, Applied, Call, CallOptions, Outgoing, Sender};
-pub use result::ResultRef;
+pub use result::{read_saved_group, saved_group, ResultRef};
 
 use serde_json::{Map, Value};
 

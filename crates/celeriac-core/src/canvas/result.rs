@@ -93,6 +93,19 @@ impl ResultRef {
     }
 }
 
+/// The stored form of a saved group (Celery's `_save_group`): `{"result": <tuple>}`.
+pub fn saved_group(group: &ResultRef) -> Vec<u8> {
+    let mut m = serde_json::Map::new();
+    m.insert("result".into(), group.as_tuple());
+    crate::pyjson::to_vec(&Value::Object(m)).unwrap_or_default()
+}
+
+/// Read a saved group back; `None` when the bytes are not one.
+pub fn read_saved_group(bytes: &[u8]) -> Option<ResultRef> {
+    let v = crate::pyjson::from_slice(bytes).ok()?;
+    ResultRef::from_tuple(v.get("result")?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +123,10 @@ mod tests {
         assert_eq!(body.as_tuple(), json!([["c", [["g", null], [[["a", null], null], [["b", null], null]]]], null]));
         assert_eq!(ResultRef::from_tuple(&body.as_tuple()), Some(body));
         assert_eq!(ResultRef::from_tuple(&json!(["x"])), None);
+        assert_eq!(read_saved_group(&saved_group(&group)), Some(group.clone()));
+        assert_eq!(
+            saved_group(&group),
+            br#"{"result": [["g", null], [[["a", null], null], [["b", null], null]]]}"#.to_vec()
+        );
     }
 }
