@@ -83,6 +83,23 @@ pub trait Broker: Send + Sync + 'static {
         Ok(false)
     }
 
+    /// Take, or renew, the lease `name` for `holder` until `ttl` from now: whether `holder`
+    /// holds it afterwards. At most one holder has a lease at a time, through the broker itself
+    /// (no other service): what lets any number of beats run with one sending. A holder that
+    /// stops renewing loses the lease when `ttl` has passed, and only then can another take it.
+    /// Default: unsupported ([`BrokerError::Rejected`]).
+    async fn lease(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool, BrokerError> {
+        let _ = (name, holder, ttl);
+        Err(BrokerError::Rejected { url: self.url().to_string(), reason: "this broker holds no leases".into() })
+    }
+
+    /// Give the lease `name` up if `holder` holds it, so another can take it at once.
+    /// Default: nothing to give up.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
+        let _ = (name, holder);
+        Ok(())
+    }
+
     /// How long a delivery may stay unacknowledged before the broker takes it back (RabbitMQ's
     /// `consumer_timeout` closes the channel). A worker holding an early ETA message longer than
     /// this republishes it instead. Default: no limit.
@@ -209,4 +226,60 @@ impl Delivery {
     pub fn into_parts(self) -> (Message, String, u32, Box<dyn Acker>) {
         (self.message, self.queue, self.delivery_count, self.acker)
     }
+}
+
+/// What every [`Broker`] that holds leases must do, checked on a real one: for transport
+/// implementers' tests (celeriac's Redis and SQLite brokers run it). Uses a fresh lease name;
+/// returns what did not hold. Takes about `3 × ttl`.
+///
+/// One holder at a time; the holder renews; another cannot take it while it is valid, can once
+/// it has lapsed, and at once after a release.
+pub async fn check_lease_contract(broker: &dyn Broker, ttl: std::time::Duration) -> Result<(), String> {
+    let name = format!("contract-{}", uuid::Uuid::new_v4().simple());
+    let err = |e: BrokerError| e.to_string();
+    let take = |holder: &'static str| {
+        let name = name.clone();
+        async move { broker.lease(&name, holder, ttl).await }
+    };
+    if !take("a").await.map_err(err)? {
+        return Err("a free lease must be taken".into());
+    }
+    if take("b").await.map_err(err)? {
+        return Err("a lease held by another must not be taken".into());
+    }
+    let started = std::time::Instant::now();
+    // Renewed by its holder past its first term: still not another's.
+    while started.elapsed() < ttl * 2 {
+        if !take("a").await.map_err(err)? {
+            return Err("the holder must be able to renew its lease".into());
+        }
+        if take("b").await.map_err(err)? {
+            return Err("a renewed lease must not be taken by another".into());
+        }
+        tokio::time::sleep(ttl / 4).await;
+    }
+    // Not renewed: lapses after its term, not before.
+    let last_renewal = std::time::Instant::now();
+    if !take("a").await.map_err(err)? {
+        return Err("the holder must be able to renew its lease".into());
+    }
+    loop {
+        let taken = take("b").await.map_err(err)?;
+        let waited = last_renewal.elapsed();
+        if taken {
+            if waited < ttl {
+                return Err(format!("another took the lease {waited:?} after its renewal, within its term of {ttl:?}"));
+            }
+            break;
+        }
+        if waited > ttl * 3 {
+            return Err(format!("a lease not renewed for {waited:?} (term {ttl:?}) was never given to another"));
+        }
+        tokio::time::sleep(ttl / 10).await;
+    }
+    broker.release_lease(&name, "b").await.map_err(err)?;
+    if !take("c").await.map_err(err)? {
+        return Err("a released lease must be free at once".into());
+    }
+    broker.release_lease(&name, "c").await.map_err(err)
 }

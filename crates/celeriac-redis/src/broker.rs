@@ -325,6 +325,34 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
+    /// A key `_celeriac.lease.<name>` holding the holder, with an expiry: taken with `SET NX PX`,
+    /// renewed by its holder only (one script).
+    async fn lease(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool, BrokerError> {
+        let key = format!("{}{name}", keys::LEASE_PREFIX);
+        let ms = ttl.as_millis().max(1) as u64;
+        let cmd = scripts::eval(scripts::LEASE, &[key]).arg(holder).arg(ms).to_owned();
+        let cmd = &cmd;
+        let held: i64 = self
+            .inner
+            .redis
+            .run(|mut conn| async move { cmd.query_async(&mut conn).await })
+            .await
+            .map_err(|e| self.inner.error(e))?;
+        Ok(held == 1)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
+        let key = format!("{}{name}", keys::LEASE_PREFIX);
+        let cmd = scripts::eval(scripts::RELEASE_LOCK, &[key]).arg(holder).to_owned();
+        let cmd = &cmd;
+        self.inner
+            .redis
+            .run(|mut conn| async move { cmd.query_async::<i64>(&mut conn).await })
+            .await
+            .map_err(|e| self.inner.error(e))?;
+        Ok(())
+    }
+
     async fn record_dead_letter(&self, queue: &str, message: &Message, reason: &str) -> Result<bool, BrokerError> {
         let tag = uuid::Uuid::new_v4().to_string();
         let payload = envelope::encode(message, "", queue, &tag);

@@ -390,3 +390,9 @@ async fn dead_letters_depths_and_purge() {
     assert_eq!(broker.purge("rb-depth").await.unwrap(), 2);
     assert_eq!(broker.queues(&["rb-depth".into()]).await.unwrap()[0].ready, 0);
 }
+
+#[tokio::test]
+async fn one_holder_at_a_time_holds_a_lease() {
+    let b = RedisBroker::open(URL).unwrap();
+    celeriac_core::broker::check_lease_contract(&b, Duration::from_millis(300)).await.unwrap();
+}

@@ -58,6 +58,17 @@ impl Broker for SqliteBroker {
         Ok(())
     }
 
+    /// A row of the `leases` table (name, holder, until), taken when free or lapsed.
+    async fn lease(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool, BrokerError> {
+        let (name, holder, ttl_ms) = (name.to_string(), holder.to_string(), ttl.as_millis().max(1) as i64);
+        self.db.call(|reply| Op::Lease { name, holder, ttl_ms, reply }).await.map_err(|e| self.io(e))
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.db.call(|reply| Op::ReleaseLease { name, holder, reply }).await.map_err(|e| self.io(e))
+    }
+
     async fn record_dead_letter(&self, queue: &str, message: &Message, reason: &str) -> Result<bool, BrokerError> {
         let tag = uuid::Uuid::new_v4().to_string();
         let payload = envelope::encode(message, "", queue, &tag);

@@ -58,6 +58,8 @@ pub enum Op {
     Requeue { id: i64, owner: String, reply: Option<Reply<()>> },
     DeadLetter { id: i64, reason: String, task_id: Option<String>, reply: Option<Reply<()>> },
     RecordDeadLetter { queue: String, task_id: Option<String>, reason: String, payload: Vec<u8>, reply: Reply<()> },
+    Lease { name: String, holder: String, ttl_ms: i64, reply: Reply<bool> },
+    ReleaseLease { name: String, holder: String, reply: Reply<()> },
     Renew { owner: String, lease_ms: i64 },
     Purge { queue: String, reply: Reply<u64> },
     Depths { queues: Vec<String>, reply: Reply<Vec<QueueInfo>> },
@@ -222,6 +224,7 @@ fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
              idx INTEGER,
              member BLOB NOT NULL,
              PRIMARY KEY (group_id, task_id, idx));
+         CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until INTEGER NOT NULL);
          COMMIT;",
     )
 }
@@ -279,6 +282,8 @@ fn fail(op: Op, msg: &str) {
         }
         Op::Purge { reply, .. } => drop(reply.send(Err(m))),
         Op::RecordDeadLetter { reply, .. } => drop(reply.send(Err(m))),
+        Op::Lease { reply, .. } => drop(reply.send(Err(m))),
+        Op::ReleaseLease { reply, .. } => drop(reply.send(Err(m))),
         Op::Depths { reply, .. } => drop(reply.send(Err(m))),
         Op::DeadLetters { reply, .. } => drop(reply.send(Err(m))),
         Op::GetResult { reply, .. } => drop(reply.send(Err(m))),
@@ -366,6 +371,30 @@ fn execute(tx: &rusqlite::Transaction<'_>, op: Op, rotation: usize) -> Pending {
                      VALUES (?1, ?2, ?3, ?4, 0, ?5)",
                 )
                 .and_then(|mut s| s.execute(params![queue, task_id, reason, now_ms(), payload]))
+                .map(|_| ());
+            deferred(reply, r)
+        }
+        Op::Lease { name, holder, ttl_ms, reply } => {
+            // Taken when free or lapsed, renewed by its holder; one statement.
+            let r = (|| {
+                let now = now_ms();
+                tx.prepare_cached(
+                    "INSERT INTO leases(name, holder, until) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, until = excluded.until
+                     WHERE leases.holder = excluded.holder OR leases.until <= ?4",
+                )?
+                .execute(params![name, holder, now + ttl_ms, now])?;
+                let held: String = tx
+                    .prepare_cached("SELECT holder FROM leases WHERE name = ?1")?
+                    .query_row(params![name], |r| r.get(0))?;
+                Ok(held == holder)
+            })();
+            deferred(reply, r)
+        }
+        Op::ReleaseLease { name, holder, reply } => {
+            let r = tx
+                .prepare_cached("DELETE FROM leases WHERE name = ?1 AND holder = ?2")
+                .and_then(|mut s| s.execute(params![name, holder]))
                 .map(|_| ());
             deferred(reply, r)
         }

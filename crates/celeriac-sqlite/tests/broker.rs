@@ -279,3 +279,10 @@ async fn a_saved_group_is_restored_by_its_id() {
     b.save_group(&g).await.unwrap();
     assert_eq!(b.restore_group("g1").await.unwrap(), Some(g));
 }
+
+#[tokio::test]
+async fn one_holder_at_a_time_holds_a_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = SqliteBroker::open(&url(&dir, "")).unwrap();
+    celeriac_core::broker::check_lease_contract(&b, Duration::from_millis(300)).await.unwrap();
+}

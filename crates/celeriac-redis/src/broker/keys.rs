@@ -42,6 +42,8 @@ pub const BINDING_PREFIX: &str = "_kombu.binding.";
 pub const BINDING_PERMANENT_PREFIX: &str = "_kombu.binding_permanent.";
 /// celeriac's dead letters: a list of JSON records, newest first.
 pub const DEAD: &str = "_celeriac.dead";
+/// Prefix of lease keys (`_celeriac.lease.<name>`: the holder, with an expiry).
+pub const LEASE_PREFIX: &str = "_celeriac.lease.";
 /// The counter that numbers dead letters.
 pub const DEAD_SEQ: &str = "_celeriac.dead.seq";
 /// Dead letters per queue: a hash of queue → count.

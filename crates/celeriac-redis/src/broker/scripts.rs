@@ -93,6 +93,18 @@ redis.call('HINCRBY', KEYS[5], ARGV[3], 1)
 return id
 "#;
 
+/// Take or renew a lease: `KEYS[1]` the lease key, `ARGV[1]` the holder, `ARGV[2]` the lease in
+/// milliseconds. The holder renews its own; anyone takes a free one; 1 if held afterwards.
+pub const LEASE: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not cur and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"#;
+
 /// Release a lock taken with `SET key token NX PX ms` if it still holds our token (redis-py's
 /// `Lock.release`, which kombu's `Mutex` uses).
 pub const RELEASE_LOCK: &str = r#"
