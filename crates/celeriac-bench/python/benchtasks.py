@@ -5,6 +5,7 @@ use, so the same messages go to either worker:
 
     celeriac.noop()      does nothing; ignore_result
     celeriac.add(x, y)   returns x + y
+    celeriac.tsum(xs)    returns sum(xs) (a chord body)
 
 Configured only from the environment (the harness sets it):
 
@@ -39,3 +40,8 @@ def noop():
 @app.task(name='celeriac.add')
 def add(x, y):
     return x + y
+
+
+@app.task(name='celeriac.tsum')
+def tsum(xs):
+    return sum(xs)

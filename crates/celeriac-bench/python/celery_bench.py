@@ -10,6 +10,12 @@
         W then N sequential `celeriac.add.apply_async((i, 1), queue=Q).get(timeout=10)`.
         Prints one JSON line: {"latencies": [seconds, ...]} (the N timed ones).
 
+    celery_bench.py canvas --chord N --chain M --queue Q [--timeout S]
+        `chord([add.s(i, i) for i in range(N)], tsum.s())` then `chain(add.s(0, 0), *[add.s(1)] * (M - 1))`,
+        every signature routed to Q, each timed from apply_async to its last result (`.get()`); either
+        is skipped when 0. Prints one JSON line:
+        {"chord_seconds": S, "chain_seconds": S, "chain_built": M, "celery": version}.
+
 Configuration: see benchtasks.py. Exit status 1 with a message on stderr on any error.
 """
 import argparse
@@ -21,7 +27,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import celery  # noqa: E402
-from benchtasks import add, noop  # noqa: E402
+from benchtasks import add, noop, tsum  # noqa: E402
+from celery import chain, chord  # noqa: E402
 
 
 def cmd_publish(ns):
@@ -51,6 +58,30 @@ def cmd_roundtrip(ns):
     print(json.dumps({'latencies': latencies, 'celery': celery.__version__}), flush=True)
 
 
+def cmd_canvas(ns):
+    out = {'celery': celery.__version__}
+    if ns.chord:
+        n = ns.chord
+        workflow = chord([add.s(i, i).set(queue=ns.queue) for i in range(n)], tsum.s().set(queue=ns.queue))
+        started = time.perf_counter()
+        value = workflow.apply_async().get(timeout=ns.timeout)
+        out['chord_seconds'] = time.perf_counter() - started
+        if value != n * (n - 1):
+            raise RuntimeError(f'the chord of {n} returned {value!r}')
+    if ns.chain:
+        m = ns.chain
+        # Built flat (chain(*sigs)): chaining with | would nest and recurse m deep.
+        steps = [add.s(0, 0).set(queue=ns.queue)] + [add.s(1).set(queue=ns.queue) for _ in range(m - 1)]
+        workflow = chain(*steps)
+        started = time.perf_counter()
+        value = workflow.apply_async().get(timeout=ns.timeout)
+        out['chain_seconds'] = time.perf_counter() - started
+        if value != m - 1:
+            raise RuntimeError(f'the chain of {m} returned {value!r}')
+        out['chain_built'] = m
+    print(json.dumps(out), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(prog='celery_bench.py')
     sub = p.add_subparsers(dest='cmd', required=True)
@@ -60,6 +91,12 @@ def main():
         s.add_argument('--warmup', type=int, default=0)
         s.add_argument('--queue', required=True)
         s.set_defaults(func=func)
+    s = sub.add_parser('canvas')
+    s.add_argument('--chord', type=int, default=0)
+    s.add_argument('--chain', type=int, default=0)
+    s.add_argument('--queue', required=True)
+    s.add_argument('--timeout', type=float, default=600)
+    s.set_defaults(func=cmd_canvas)
     ns = p.parse_args()
     try:
         ns.func(ns)

@@ -96,6 +96,12 @@ impl Vhost {
         format!("amqp://guest:guest@{}/{}", self.host, self.name)
     }
 
+    /// Turn the vhost's firehose tracer on or off (every publish copied to `amq.rabbitmq.trace`).
+    pub fn trace(&self, on: bool) -> Result<()> {
+        rabbitmqctl(&[if on { "trace_on" } else { "trace_off" }, "-p", &self.name])?;
+        Ok(())
+    }
+
     /// Ready plus unacknowledged messages of a queue, as RabbitMQ counts them (slow: a
     /// `rabbitmqctl` call; used outside timed sections).
     pub fn messages(&self, queue: &str) -> Result<u64> {

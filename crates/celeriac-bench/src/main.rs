@@ -10,7 +10,8 @@
 //! 1. publish throughput with publisher confirms, one client process;
 //! 2. drain throughput of `celeriac.noop` (ignore_result) from a pre-filled queue;
 //! 3. round-trip latency of `add` with the Redis result backend;
-//! 4. worker memory, idle and after the drain.
+//! 4. worker memory, idle and after the drain;
+//! 5. canvas: a chord of 10,000 `add` and a `tsum` body, a chain of 1,000 `add` (`--parts canvas`).
 //!
 //! The run owns a fresh RabbitMQ vhost (deleted at the end, on error and on Ctrl-C too) and Redis
 //! database 10 (emptied at the start and the end). Modules:
@@ -18,8 +19,10 @@
 //! - [`procs`]: worker processes and their memory;
 //! - [`rabbit`]: the bare lapin publisher and consumer, and the queue-depth drain timer;
 //! - [`measure`]: the measurements themselves;
+//! - [`canvas`]: the canvas part (chord and chain, and the sizes of their messages);
 //! - [`report`]: the table and the targets.
 
+mod canvas;
 mod env;
 mod measure;
 mod procs;
@@ -101,14 +104,24 @@ struct CompareArgs {
     /// Measure only celeriac and the bare client.
     #[arg(long)]
     skip_celery: bool,
-    /// Parts to run, comma-separated: publish, drain, redis, roundtrip (default all); `prefork`
-    /// is the prefork pools' half of `drain` alone.
-    #[arg(long, value_delimiter = ',', default_value = "publish,drain,redis,roundtrip")]
+    /// Parts to run, comma-separated: publish, drain, redis, roundtrip, canvas (default all);
+    /// `prefork` is the prefork pools' half of `drain` alone.
+    #[arg(long, value_delimiter = ',', default_value = "publish,drain,redis,roundtrip,canvas")]
     parts: Vec<String>,
     /// Extra argument for every `celeriac worker` (repeat the flag), e.g.
     /// `--worker-arg=--prefetch-multiplier=100`.
     #[arg(long = "worker-arg", allow_hyphen_values = true)]
     worker_args: Vec<String>,
+    /// Header tasks of the canvas part's chord (0: none).
+    #[arg(long, default_value_t = 10_000)]
+    chord: u64,
+    /// Steps of the canvas part's chain (0: none).
+    #[arg(long, default_value_t = 1_000)]
+    chain: u64,
+    /// Do not read the canvas workflows' message sizes from RabbitMQ's firehose (an untimed
+    /// second pass of each workflow, first run only).
+    #[arg(long)]
+    skip_canvas_sizes: bool,
     /// Skip Celery's solo pool drain.
     #[arg(long)]
     skip_solo: bool,
@@ -204,14 +217,16 @@ async fn compare(args: CompareArgs) -> Result<()> {
         bare_ack_every: args.bare_ack_every.max(1),
         window_rows: !args.skip_window_rows,
         prefork: !args.skip_prefork,
+        chord: args.chord,
+        chain: args.chain,
     };
     let broker_pid = env::rabbitmq_pid();
     let bench = Bench { settings: settings.clone(), vhost, redis, admin, celeriac_bin, python, celery_bin, broker_pid };
     let with_celery = !args.skip_celery;
 
     for part in &args.parts {
-        if !["publish", "drain", "prefork", "redis", "roundtrip"].contains(&part.as_str()) {
-            bail!("unknown part {part:?} (known: publish, drain, prefork, redis, roundtrip)");
+        if !["publish", "drain", "prefork", "redis", "roundtrip", "canvas"].contains(&part.as_str()) {
+            bail!("unknown part {part:?} (known: publish, drain, prefork, redis, roundtrip, canvas)");
         }
     }
     let part = |p: &str| args.parts.iter().any(|x| x == p);
@@ -240,6 +255,10 @@ async fn compare(args: CompareArgs) -> Result<()> {
             eprintln!("\n3. round trip of add with the Redis result backend (and idle worker memory)");
             run.rt = bench.round_trip(with_celery).await?;
         }
+        if part("canvas") {
+            eprintln!("\n4. canvas: a chord of {} add and a tsum body, a chain of {} add", args.chord, args.chain);
+            run.canvas = bench.canvas(with_celery, k == 1 && !args.skip_canvas_sizes).await?;
+        }
         runs.push(run);
     }
     let load_after = env::load();
@@ -253,7 +272,7 @@ async fn compare(args: CompareArgs) -> Result<()> {
         "RabbitMQ {}, Redis {}, Celery {}",
         env::rabbitmq_version(),
         bench.redis.version().unwrap_or_else(|_| "?".into()),
-        first.publish.celery_version.as_deref().unwrap_or("not run")
+        first.publish.celery_version.as_deref().or(first.canvas.celery_version.as_deref()).unwrap_or("not run")
     );
     println!(
         "counts: publish {} (Celery {}), drain {} (Celery {}), round trips {} after {} warm-up, {} publishes in flight, \
@@ -269,19 +288,38 @@ async fn compare(args: CompareArgs) -> Result<()> {
         runs.len(),
         if runs.len() == 1 { "" } else { "s (figures are medians)" }
     );
-    println!(
-        "message body: celeriac {} bytes (the bare publisher's body), Celery {}",
-        first.publish.body_bytes,
-        first.publish.celery_body_bytes.map(|b| format!("{b} bytes")).unwrap_or_else(|| "not run".into())
-    );
-    println!("round trip, bare column: a bare lapin publish of the same message waiting for its confirm (no worker)");
+    if part("canvas") {
+        println!("canvas: a chord of {} add and a tsum body, a chain of {} add steps", settings.chord, settings.chain);
+    }
+    if part("publish") {
+        println!(
+            "message body: celeriac {} bytes (the bare publisher's body), Celery {}",
+            first.publish.body_bytes,
+            first.publish.celery_body_bytes.map(|b| format!("{b} bytes")).unwrap_or_else(|| "not run".into())
+        );
+    }
+    if part("roundtrip") {
+        println!(
+            "round trip, bare column: a bare lapin publish of the same message waiting for its confirm (no worker)"
+        );
+    }
     for (k, run) in runs.iter().enumerate() {
         let prefix = if runs.len() > 1 { format!("run {}: ", k + 1) } else { String::new() };
         for line in details(run) {
             println!("{prefix}{line}");
         }
     }
-    let per_run: Vec<Vec<Row>> = runs.iter().map(|r| rows(r, &settings)).collect();
+    // Rows of the parts that did not run have no figure in any run: left out.
+    let mut per_run: Vec<Vec<Row>> = runs.iter().map(|r| rows(r, &settings)).collect();
+    let measured: Vec<bool> = (0..per_run[0].len())
+        .map(|i| {
+            per_run.iter().any(|rows| [rows[i].celeriac, rows[i].celery, rows[i].bare].iter().any(Option::is_some))
+        })
+        .collect();
+    for rows in &mut per_run {
+        let mut keep = measured.iter();
+        rows.retain(|_| keep.next().copied().unwrap_or(true));
+    }
     println!();
     print!("{}", report::table(&report::median_rows(&per_run)));
     if per_run.len() > 1 {
@@ -300,6 +338,7 @@ struct Run {
     drain: measure::DrainResults,
     redis: measure::RedisDrainResults,
     rt: measure::RoundTrip,
+    canvas: canvas::CanvasResults,
 }
 
 /// The table rows of one run.
@@ -402,6 +441,25 @@ fn rows(run: &Run, settings: &Settings) -> Vec<Row> {
     r.celery = drain.celery_rss.as_ref().map(procs::Rss::total_mib);
     r.celery_detail = drain.celery_rss.as_ref().map(rss_detail);
     rows.push(r);
+    let cv = &run.canvas;
+    let canvas_rows = [
+        ("chord of {n} add + tsum body, send → body result", settings.chord, cv.celeriac.chord, cv.celery.chord, ""),
+        ("chain of {n} add, send → last result", settings.chain, cv.celeriac.chain, cv.celery.chain, ""),
+        ("chord of {n}, both prefork", settings.chord, cv.celeriac_prefork.chord, cv.celery.chord, "prefork"),
+        ("chain of {n}, both prefork", settings.chain, cv.celeriac_prefork.chain, cv.celery.chain, "prefork"),
+    ];
+    for (measure, n, celeriac, celery, pool) in canvas_rows {
+        if celeriac.is_none() {
+            continue;
+        }
+        let measure = measure.replace("{n}", &report::thousands(n as f64));
+        let measure =
+            if pool.is_empty() { format!("{measure}, prefork -c {c} (celeriac async -c {c})") } else { measure };
+        let target = if pool.is_empty() { Target::FasterThanCelery(10.0) } else { Target::None };
+        let mut r = Row::new(&measure, Unit::Secs, target);
+        (r.celeriac, r.celery) = (celeriac, celery);
+        rows.push(r);
+    }
     if let Some(idle) = &rt.celeriac_prefork_idle {
         // The brief's target is per child; the row shows the largest child.
         let mut r = Row::new(&format!("prefork -c {c}, largest child RSS, idle"), Unit::Mib, Target::AtMost(5.0));
@@ -462,6 +520,20 @@ fn details(run: &Run) -> Vec<String> {
             plain.rate,
             (1.0 - recycling.rate / plain.rate) * 100.0
         ));
+    }
+    let cv = &run.canvas;
+    for (what, c, p) in [
+        ("chord", cv.celeriac.chord_sizes, cv.celery.chord_sizes),
+        ("chain", cv.celeriac.chain_sizes, cv.celery.chain_sizes),
+    ] {
+        let describe = |s: Option<canvas::Sizes>| s.map(|s| s.describe()).unwrap_or_else(|| "not measured".into());
+        if c.is_some() || p.is_some() {
+            out.push(format!(
+                "{what} messages published (RabbitMQ firehose): celeriac {}; Celery {}",
+                describe(c),
+                describe(p)
+            ));
+        }
     }
     if let (Some(idle), Some(after)) = (&rt.celeriac_prefork_idle, &drain.celeriac_prefork_rss) {
         out.push(format!(

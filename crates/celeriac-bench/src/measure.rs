@@ -19,9 +19,9 @@ use crate::procs::{self, Proc, Rss};
 use crate::rabbit::{self, Admin, Drain};
 
 /// How long a worker may take to start consuming.
-const START_LIMIT: Duration = Duration::from_secs(60);
+pub(crate) const START_LIMIT: Duration = Duration::from_secs(60);
 /// How long a worker may take to stop after SIGTERM.
-const STOP_LIMIT: Duration = Duration::from_secs(30);
+pub(crate) const STOP_LIMIT: Duration = Duration::from_secs(30);
 /// Idle time before reading a fresh worker's memory.
 const SETTLE: Duration = Duration::from_secs(1);
 
@@ -53,8 +53,12 @@ pub struct Settings {
     /// Also drain with the celeriac worker at the bare consumer's prefetch and the bare
     /// consumer at the worker's.
     pub window_rows: bool,
-    /// Also measure celeriac's prefork pool (drain and memory).
+    /// Also measure celeriac's prefork pool (drain and memory; the canvas part too).
     pub prefork: bool,
+    /// Header tasks of the canvas part's chord (0: no chord).
+    pub chord: u64,
+    /// Steps of the canvas part's chain (0: no chain).
+    pub chain: u64,
 }
 
 /// Who drains a queue.
@@ -210,12 +214,12 @@ impl Latency {
 }
 
 impl Bench {
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         self.vhost.url()
     }
 
     /// A `celeriac worker` on `queue` (async pool, the run's concurrency, warnings only).
-    fn celeriac_worker(&self, queue: &str, extra: &[String]) -> Result<Proc> {
+    pub(crate) fn celeriac_worker(&self, queue: &str, extra: &[String]) -> Result<Proc> {
         self.celeriac_worker_on(&self.url(), queue, extra)
     }
 
@@ -237,7 +241,7 @@ impl Bench {
     }
 
     /// A `celery worker` on `queue` with `pool` (prefork or solo) and the run's concurrency.
-    fn celery_worker(&self, queue: &str, pool: &str) -> Result<Proc> {
+    pub(crate) fn celery_worker(&self, queue: &str, pool: &str) -> Result<Proc> {
         self.celery_worker_on(&self.url(), queue, pool)
     }
 
@@ -263,7 +267,7 @@ impl Bench {
     }
 
     /// Run `celery_bench.py` with `args`; its one JSON line.
-    async fn celery_script(&self, args: &[&str], confirm: bool, limit: Duration) -> Result<Value> {
+    pub(crate) async fn celery_script(&self, args: &[&str], confirm: bool, limit: Duration) -> Result<Value> {
         let mut cmd = tokio::process::Command::new(&self.python);
         cmd.arg(python_dir().join("celery_bench.py"))
             .args(args)

@@ -19,6 +19,8 @@ pub enum Target {
     VsCelery(f64),
     /// At most this value (same unit as the row).
     AtMost(f64),
+    /// A time at most Celery's divided by this (celeriac this many times as fast).
+    FasterThanCelery(f64),
 }
 
 /// How a row's numbers are shown.
@@ -30,6 +32,8 @@ pub enum Unit {
     Ms,
     /// MiB.
     Mib,
+    /// Seconds.
+    Secs,
 }
 
 /// One measure.
@@ -64,6 +68,7 @@ impl Row {
                 Unit::PerSec => format!("{}/s", thousands(v)),
                 Unit::Ms => format!("{v:.2} ms"),
                 Unit::Mib => format!("{v:.1} MiB"),
+                Unit::Secs => format!("{v:.2} s"),
             },
         }
     }
@@ -123,6 +128,18 @@ impl Row {
                         format!("**missed** ({short}; out of reach here: the bare consumer is {ceiling:.1}× Celery)"),
                     ),
                     _ => (text, format!("**missed** ({short})")),
+                }
+            }
+            Target::FasterThanCelery(times) => {
+                let text = format!("≥ {times:.0}× as fast as Celery");
+                let (Some(c), Some(p)) = (self.celeriac, self.celery) else {
+                    return (text, "not measured".into());
+                };
+                let speedup = p / c;
+                if speedup >= times {
+                    (text, format!("**met** ({speedup:.1}×)"))
+                } else {
+                    (text, format!("**missed** ({speedup:.1}× as fast, {:.0}% short)", (1.0 - speedup / times) * 100.0))
                 }
             }
             Target::AtMost(limit) => {
@@ -261,6 +278,11 @@ mod tests {
         assert!(r.verdict().1.ends_with("out of reach here: the bare consumer is 8.3× Celery)"), "{}", r.verdict().1);
         r.bare = Some(35_000.0);
         assert_eq!(r.verdict().1, "**missed** (5.0× Celery, 50% short)");
+        let mut r = Row::new("chord", Unit::Secs, Target::FasterThanCelery(10.0));
+        (r.celeriac, r.celery) = (Some(2.0), Some(30.0));
+        assert_eq!(r.verdict().1, "**met** (15.0×)");
+        r.celeriac = Some(6.0);
+        assert_eq!(r.verdict().1, "**missed** (5.0× as fast, 50% short)");
         assert_eq!(thousands(1234567.4), "1,234,567");
         assert_eq!(thousands(999.0), "999");
     }
