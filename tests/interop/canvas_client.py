@@ -11,7 +11,7 @@ Prints ONE JSON line: {"case": CASE, "checks": {name: {"want": ..., "got": ...}}
 whose "got" differs from its "want" is a failure the test reports. Exit status 0 whatever the
 checks say; 1 on usage errors, 2 when a result did not arrive in time (the line then says which).
 
-Cases: chain3, link, link_error, errback_chain, group100, chord100, chord_fail, nested,
+Cases: chain3, link, link_error, errback_chain, unregistered, group100, chord100, chord_fail, nested,
 group_of_chains, builtins, mixed_chain, mixed_chord.
 """
 import argparse
@@ -98,6 +98,18 @@ def main():
         check('errback got the failed id', failed.id, get(AsyncResult(eb.id, app=app)))
         check('later step failed, never ran', ['FAILURE', 'RuntimeError', 'halfway'],
               [state(last.id)] + failure(AsyncResult(last.id, app=app)))
+    elif case == 'unregistered':
+        # A task no worker has, in a chain and in a chord: the workflow fails, nothing hangs.
+        eb = sig('celeriac.echo').freeze()
+        last = sig('celeriac.add', 5).freeze()
+        c = chain(sig('celeriac.add', 1, 1), sig('no.such.task'), sig('celeriac.add', 5).set(task_id=last.id))
+        r = c.apply_async(link_error=sig('celeriac.echo').set(task_id=eb.id))
+        check('failed step', 'NotRegistered', failure(r.parent)[0])
+        check('errback got the failed id', r.parent.id, get(AsyncResult(eb.id, app=app)))
+        check('later step failed', ['FAILURE', 'NotRegistered'], [state(last.id), failure(AsyncResult(last.id, app=app))[0]])
+        ch = chord([sig('celeriac.add', 1, 1), sig('no.such.task', 1)], sig('celeriac.tsum')).apply_async()
+        got = failure(ch)
+        check('chord body fails', ['ChordError', True], [got[0], got[1].startswith('Dependency ')])
     elif case == 'group100':
         g = group(sig('celeriac.add', i, i) for i in range(100))
         r = g.apply_async()

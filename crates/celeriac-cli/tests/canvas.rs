@@ -50,6 +50,7 @@ const CELERIAC_CASES: &[&str] = &[
     "link",
     "link_error",
     "errback_chain",
+    "unregistered",
     "group100",
     "chord100",
     "chord_fail",

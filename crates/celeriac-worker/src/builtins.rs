@@ -191,7 +191,7 @@ async fn chunks(
         let task_options = |name: &str| shared.registry.get(name).map(|t| t.options());
         let sender = Sender {
             origin: &shared.config.hostname,
-            default_queue: celeriac_core::DEFAULT_QUEUE,
+            default_queue: &shared.config.default_queue,
             now: chrono::Utc::now(),
             task_options: &task_options,
         };

@@ -39,8 +39,24 @@ pub(crate) enum ContinueError {
     Backend(#[from] celeriac_core::BackendError),
 }
 
-/// The embed of a request, read once (empty for the common task with no workflow).
-pub(crate) fn read(req: &Request) -> Continuations {
+/// The message a continuation comes from: its headers, its body, the message itself and the
+/// queue it came from (a [`Request`], or a message refused before it ran).
+#[derive(Clone, Copy)]
+pub(crate) struct Origin<'a> {
+    pub headers: &'a celeriac_core::TaskHeaders,
+    pub body: &'a celeriac_core::TaskBody,
+    pub message: &'a celeriac_core::Message,
+    pub queue: &'a str,
+}
+
+impl<'a> From<&'a Request> for Origin<'a> {
+    fn from(req: &'a Request) -> Self {
+        Origin { headers: &req.headers, body: &req.body, message: &req.delivery.message, queue: &req.delivery.queue }
+    }
+}
+
+/// The embed of a message, read once (empty for the common task with no workflow).
+pub(crate) fn read(req: Origin<'_>) -> Continuations {
     let e = &req.body.embed;
     if e.callbacks.is_none() && e.errbacks.is_none() && e.chain.is_none() && e.chord.is_none() {
         return Continuations::default();
@@ -62,7 +78,7 @@ pub(crate) fn read(req: &Request) -> Continuations {
 }
 
 /// The root of the workflow this task belongs to (Celery: `root_id or id`).
-fn root_of(req: &Request) -> String {
+fn root_of(req: Origin<'_>) -> String {
     req.headers.root_id.clone().unwrap_or_else(|| req.headers.id.clone())
 }
 
@@ -71,7 +87,7 @@ fn with_sender<T>(shared: &Shared, f: impl FnOnce(&Sender<'_>) -> T) -> T {
     let task_options = move |name: &str| registry.get(name).map(|t| t.options());
     let sender = Sender {
         origin: &shared.config.hostname,
-        default_queue: celeriac_core::DEFAULT_QUEUE,
+        default_queue: &shared.config.default_queue,
         now: chrono::Utc::now(),
         task_options: &task_options,
     };
@@ -81,11 +97,11 @@ fn with_sender<T>(shared: &Shared, f: impl FnOnce(&Sender<'_>) -> T) -> T {
 /// Log (once each) and record the parts of an embed that could not be read: a FAILURE stored on
 /// the continuation's id when it has one, and the message among the dead letters (on the brokers
 /// that keep them) with every reason.
-pub(crate) async fn report_problems(shared: &Shared, req: &Request, problems: &[Problem]) {
+pub(crate) async fn report_problems(shared: &Shared, req: Origin<'_>, problems: &[Problem]) {
     let reasons: Vec<String> =
         problems.iter().map(|p| format!("malformed {} continuation: {}", p.field, p.error)).collect();
     let reason = reasons.join("; ");
-    match shared.broker.record_dead_letter(&req.delivery.queue, &req.delivery.message, &reason).await {
+    match shared.broker.record_dead_letter(req.queue, req.message, &reason).await {
         Ok(true) => tracing::info!("message recorded among the dead letters, with the reason"),
         Ok(false) => {}
         Err(e) => tracing::warn!(error = %e, "could not record the malformed continuation among the dead letters"),
@@ -157,7 +173,7 @@ pub(crate) async fn publish(shared: &Shared, plans: &[Applied]) -> Result<(), Co
 
 /// After a SUCCESS: the callbacks and the next step of the chain (see
 /// [`Continuations::after_success`]). Returns the plans; their results are the task's children.
-pub(crate) fn after_success(shared: &Shared, req: &Request, cont: &Continuations, value: &Value) -> Vec<Applied> {
+pub(crate) fn after_success(shared: &Shared, req: Origin<'_>, cont: &Continuations, value: &Value) -> Vec<Applied> {
     plan(shared, cont.after_success(value, &req.headers.id, &root_of(req)))
 }
 
@@ -175,11 +191,11 @@ fn errbacks(shared: &Shared, errbacks: &[Signature], failed_id: &str, root_id: &
 /// has a `chord` body and a `group`), then carry out what the join asks for.
 pub(crate) async fn store(
     shared: &Shared,
-    req: &Request,
+    req: Origin<'_>,
     cont: &Continuations,
     meta: &ResultMeta,
 ) -> Result<Stored, ContinueError> {
-    let reply = ReplyTo::of(&req.delivery.message);
+    let reply = ReplyTo::of(req.message);
     let (Some(body), Some(group)) = (&cont.chord, &req.headers.group) else {
         return Ok(shared.backend.store_outcome(meta, reply).await?);
     };
@@ -227,7 +243,7 @@ pub(crate) async fn store(
 /// task failed, fail the body as Celery does (see [`ChordFinish`]).
 async fn finish_chord(
     shared: &Shared,
-    req: &Request,
+    req: Origin<'_>,
     body: &Signature,
     group: &str,
     parts: &[ChordPart],
@@ -292,7 +308,7 @@ async fn fail_chain(shared: &Shared, chain: &[Signature], exc: &ExceptionInfo) {
 /// After a final FAILURE: the rest of the chain fails, then the errbacks are sent.
 pub(crate) async fn after_failure(
     shared: &Shared,
-    req: &Request,
+    req: Origin<'_>,
     cont: &Continuations,
     exc: &ExceptionInfo,
 ) -> Result<(), ContinueError> {
@@ -302,4 +318,24 @@ pub(crate) async fn after_failure(
     }
     let plans = errbacks(shared, &cont.errbacks, &req.headers.id, &root_of(req));
     publish(shared, &plans).await
+}
+
+/// Store an outcome (joining the task's chord if it is a header task), then, for a final
+/// FAILURE, fail the rest of its chain and send its errbacks.
+pub(crate) async fn store_and_continue(
+    shared: &Shared,
+    origin: Origin<'_>,
+    cont: &Continuations,
+    meta: &ResultMeta,
+) -> Result<(), ContinueError> {
+    if store(shared, origin, cont, meta).await? == Stored::KeptRevoked {
+        tracing::warn!(state = %meta.status, "the task was revoked: its stored state stays REVOKED and this outcome is not stored");
+        return Ok(());
+    }
+    if meta.status == TaskState::Failure {
+        if let Some(exc) = meta.exception_info() {
+            after_failure(shared, origin, cont, &exc).await?;
+        }
+    }
+    Ok(())
 }

@@ -299,9 +299,9 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
     let opts = req.task.options();
     let ignore_result = req.headers.ignore_result || opts.ignore_result;
     // The workflow the message carries (callbacks, errbacks, the rest of its chain, its chord).
-    let cont = crate::canvas::read(&req);
+    let cont = crate::canvas::read((&req).into());
     if !cont.problems.is_empty() {
-        crate::canvas::report_problems(shared, &req, &cont.problems).await;
+        crate::canvas::report_problems(shared, (&req).into(), &cont.problems).await;
     }
     if !matches!(outcome, Outcome::WorkerLost(_)) {
         shared.forget_lost(&id);
@@ -329,7 +329,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             let plans = if cont.callbacks.is_empty() && cont.chain.is_empty() {
                 Vec::new()
             } else {
-                crate::canvas::after_success(shared, &req, &cont, &value)
+                crate::canvas::after_success(shared, (&req).into(), &cont, &value)
             };
             if let Err(e) = crate::canvas::publish(shared, &plans).await {
                 tracing::error!(error = %e, "could not send the task's continuations; requeueing so it runs again");
@@ -381,7 +381,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 shared.observe.failed(&id, &req.headers.task, &exc, Some(&tb), Some(runtime));
                 let mut meta = ResultMeta::exception(&id, TaskState::Failure, &exc, Some(tb));
                 with_request_fields(&mut meta, &req);
-                if let Err(e) = store_and_continue(shared, &req, &cont, &meta).await {
+                if let Err(e) = crate::canvas::store_and_continue(shared, (&req).into(), &cont, &meta).await {
                     tracing::error!(error = %e, "could not store the result; requeueing");
                     req.requeue().await;
                     return;
@@ -454,7 +454,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
         // A RETRY state is informative; FAILURE is stored even for ignore_result tasks (as Celery
         // does with `store_errors_even_if_ignored` off, it would not; we keep errors visible).
         with_request_fields(&mut meta, &req);
-        if let Err(e) = store_and_continue(shared, &req, &cont, &meta).await {
+        if let Err(e) = crate::canvas::store_and_continue(shared, (&req).into(), &cont, &meta).await {
             tracing::error!(error = %e, "could not store the result or carry out its continuations; requeueing so it runs again");
             Stats::bump(&shared.stats.requeued);
             req.requeue().await;
@@ -475,26 +475,6 @@ fn with_request_fields(meta: &mut ResultMeta, req: &Request) {
     if let Some(parent) = &req.headers.parent_id {
         meta.extra.insert("parent_id".into(), Value::String(parent.clone()));
     }
-}
-
-/// Store an outcome (joining the task's chord if it is a header task), then, for a final
-/// FAILURE, fail the rest of its chain and send its errbacks.
-async fn store_and_continue(
-    shared: &Shared,
-    req: &Request,
-    cont: &celeriac_core::canvas::continuation::Continuations,
-    meta: &ResultMeta,
-) -> Result<(), crate::canvas::ContinueError> {
-    if crate::canvas::store(shared, req, cont, meta).await? == celeriac_core::backend::Stored::KeptRevoked {
-        tracing::warn!(state = %meta.status, "the task was revoked: its stored state stays REVOKED and this outcome is not stored");
-        return Ok(());
-    }
-    if meta.status == TaskState::Failure {
-        if let Some(exc) = meta.exception_info() {
-            crate::canvas::after_failure(shared, req, cont, &exc).await?;
-        }
-    }
-    Ok(())
 }
 
 /// The traceback stored with a failure of this request (see [`format_traceback`]).

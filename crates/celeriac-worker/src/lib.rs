@@ -81,6 +81,10 @@ pub struct WorkerConfig {
     pub events: events::EventsConfig,
     /// Serve Prometheus metrics on this address.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The queue of a continuation (callback, chain step, chord body, errback) whose signature
+    /// names none and whose task is not registered here with one (Celery's
+    /// `task_default_queue`, default `celery`).
+    pub default_queue: String,
 }
 
 impl Default for WorkerConfig {
@@ -98,6 +102,7 @@ impl Default for WorkerConfig {
             prefork: None,
             events: events::EventsConfig::default(),
             metrics_addr: None,
+            default_queue: celeriac_core::DEFAULT_QUEUE.to_string(),
         }
     }
 }
@@ -410,6 +415,13 @@ impl Worker {
             tasks = self.registry.len(),
             "worker ready"
         );
+        if self.backend.url() == "disabled://" {
+            tracing::warn!(
+                "no result backend: results are not stored, so a client waiting on a result (a \
+                 chain's, a chord's, any .get()) waits in vain, and chords cannot be joined; start \
+                 the worker with the clients' --result-backend"
+            );
+        }
         let (abort_tx, abort_rx) = watch::channel(false);
         let slots = Arc::new(Semaphore::new(cfg.concurrency));
         let shared = Arc::new(Shared {

@@ -114,7 +114,29 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
     let Some(task) = shared.registry.get(&name) else {
         tracing::error!(task_id = %id, task_name = %name, queue = %delivery.queue, "received an unregistered task; storing NotRegistered");
         let exc = ExceptionInfo::new("NotRegistered", format!("'{name}'"), "celery.exceptions");
-        store_failure(shared, &delivery.message, &id, &exc).await;
+        // A task of a workflow fails its workflow as a failed run does: its chord counts the
+        // failure (a chord never hangs on it), the rest of its chain fails, its errbacks run.
+        let origin = crate::canvas::Origin {
+            headers: &headers,
+            body: &body,
+            message: &delivery.message,
+            queue: &delivery.queue,
+        };
+        let cont = crate::canvas::read(origin);
+        if cont.is_empty() && cont.problems.is_empty() {
+            store_failure(shared, &delivery.message, &id, &exc).await;
+        } else {
+            if !cont.problems.is_empty() {
+                crate::canvas::report_problems(shared, origin, &cont.problems).await;
+            }
+            let tb = celeriac_core::result::format_traceback(&name, &id, &exc, Some("refused before it ran"));
+            let meta = ResultMeta::exception(&id, TaskState::Failure, &exc, Some(tb));
+            if let Err(e) = crate::canvas::store_and_continue(shared, origin, &cont, &meta).await {
+                tracing::error!(task_id = %id, task_name = %name, error = %e, "could not store the failure or carry out its workflow; requeueing");
+                let _ = delivery.reject(true).await;
+                return None;
+            }
+        }
         Stats::bump(&shared.stats.failed);
         shared.observe.failed(&id, &name, &exc, None, None);
         ack(delivery, &id).await;

@@ -172,6 +172,10 @@ struct WorkerArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (host:port, e.g. 127.0.0.1:9808).
     #[arg(long = "metrics-addr", value_name = "ADDR")]
     metrics_addr: Option<String>,
+    /// Where continuations go (callbacks, chain steps, chord bodies, errbacks) whose signature
+    /// names no queue and whose task has none registered here: Celery's `task_default_queue`.
+    #[arg(long = "default-queue", value_name = "QUEUE", default_value = celeriac_core::DEFAULT_QUEUE)]
+    default_queue: String,
 }
 
 #[derive(Debug, Args)]
@@ -421,6 +425,7 @@ async fn worker(
             worker_events: !args.without_heartbeat,
         },
         metrics_addr: args.metrics_addr.as_deref().map(parse_socket_addr).transpose()?,
+        default_queue: args.default_queue,
     };
     let broker = connect::broker(broker_url)?;
     let backend = connect::backend(backend_url, broker_url)?;
