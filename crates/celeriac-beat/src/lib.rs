@@ -4,10 +4,16 @@
 //!   cron in the schedule's timezone with Vixie cron's daylight-saving rules), the runs due after
 //!   downtime, and each run's id (from the entry and its scheduled time).
 //!
-//! Work in progress (issue 14): the leader lease through the broker, the send loop, `celeriac
-//! beat` and `worker -B` come next.
+//! - [`beat`]: the loop: the leader lease through the broker ([`celeriac_core::Broker::lease`]),
+//!   the last runs kept in the broker, each due run sent once with its id.
+//!
+//! Work in progress (issue 14): `celeriac beat` and `worker -B`, RabbitMQ's lease and state,
+//! `--list`, SIGHUP, metrics come next.
 #![deny(missing_docs)]
 
+pub mod beat;
 pub mod schedule;
+
+pub use beat::{Beat, BeatConfig, BeatError, Clock, Event, SystemClock};
 
 pub use schedule::{parse, run_id, CatchUp, Entry, Schedule, ScheduleError, When};

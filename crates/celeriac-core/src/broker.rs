@@ -93,6 +93,21 @@ pub trait Broker: Send + Sync + 'static {
         Err(BrokerError::Rejected { url: self.url().to_string(), reason: "this broker holds no leases".into() })
     }
 
+    /// The last run sent of each entry of the schedule `schedule` (entry name → scheduled time,
+    /// Unix milliseconds), as [`record_runs`](Self::record_runs) kept them, where every beat
+    /// sees them. Default: unsupported.
+    async fn last_runs(&self, schedule: &str) -> Result<std::collections::HashMap<String, i64>, BrokerError> {
+        let _ = schedule;
+        Err(BrokerError::Rejected { url: self.url().to_string(), reason: "this broker keeps no beat state".into() })
+    }
+
+    /// Record the last run sent of entries of `schedule` (entry name, scheduled time in Unix
+    /// milliseconds); a time never moves back. Default: unsupported.
+    async fn record_runs(&self, schedule: &str, runs: &[(String, i64)]) -> Result<(), BrokerError> {
+        let _ = (schedule, runs);
+        Err(BrokerError::Rejected { url: self.url().to_string(), reason: "this broker keeps no beat state".into() })
+    }
+
     /// Give the lease `name` up if `holder` holds it, so another can take it at once.
     /// Default: nothing to give up.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BrokerError> {

@@ -341,6 +341,32 @@ impl Broker for RedisBroker {
         Ok(held == 1)
     }
 
+    async fn last_runs(&self, schedule: &str) -> Result<std::collections::HashMap<String, i64>, BrokerError> {
+        let key = &format!("{}{schedule}", keys::BEAT_PREFIX);
+        self.inner
+            .redis
+            .run(|mut conn| async move { redis::cmd("HGETALL").arg(key).query_async(&mut conn).await })
+            .await
+            .map_err(|e| self.inner.error(e))
+    }
+
+    async fn record_runs(&self, schedule: &str, runs: &[(String, i64)]) -> Result<(), BrokerError> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = scripts::eval(scripts::RECORD_RUNS, &[format!("{}{schedule}", keys::BEAT_PREFIX)]);
+        for (entry, at) in runs {
+            cmd.arg(entry).arg(at);
+        }
+        let cmd = &cmd;
+        self.inner
+            .redis
+            .run(|mut conn| async move { cmd.query_async::<i64>(&mut conn).await })
+            .await
+            .map_err(|e| self.inner.error(e))?;
+        Ok(())
+    }
+
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
         let key = format!("{}{name}", keys::LEASE_PREFIX);
         let cmd = scripts::eval(scripts::RELEASE_LOCK, &[key]).arg(holder).to_owned();

@@ -64,6 +64,16 @@ impl Broker for SqliteBroker {
         self.db.call(|reply| Op::Lease { name, holder, ttl_ms, reply }).await.map_err(|e| self.io(e))
     }
 
+    async fn last_runs(&self, schedule: &str) -> Result<std::collections::HashMap<String, i64>, BrokerError> {
+        let schedule = schedule.to_string();
+        self.db.call(|reply| Op::LastRuns { schedule, reply }).await.map_err(|e| self.io(e))
+    }
+
+    async fn record_runs(&self, schedule: &str, runs: &[(String, i64)]) -> Result<(), BrokerError> {
+        let (schedule, runs) = (schedule.to_string(), runs.to_vec());
+        self.db.call(|reply| Op::RecordRuns { schedule, runs, reply }).await.map_err(|e| self.io(e))
+    }
+
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
         let (name, holder) = (name.to_string(), holder.to_string());
         self.db.call(|reply| Op::ReleaseLease { name, holder, reply }).await.map_err(|e| self.io(e))

@@ -60,6 +60,8 @@ pub enum Op {
     RecordDeadLetter { queue: String, task_id: Option<String>, reason: String, payload: Vec<u8>, reply: Reply<()> },
     Lease { name: String, holder: String, ttl_ms: i64, reply: Reply<bool> },
     ReleaseLease { name: String, holder: String, reply: Reply<()> },
+    LastRuns { schedule: String, reply: Reply<HashMap<String, i64>> },
+    RecordRuns { schedule: String, runs: Vec<(String, i64)>, reply: Reply<()> },
     Renew { owner: String, lease_ms: i64 },
     Purge { queue: String, reply: Reply<u64> },
     Depths { queues: Vec<String>, reply: Reply<Vec<QueueInfo>> },
@@ -225,6 +227,9 @@ fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
              member BLOB NOT NULL,
              PRIMARY KEY (group_id, task_id, idx));
          CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, until INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS beat_runs (
+             schedule TEXT NOT NULL, entry TEXT NOT NULL, last_ms INTEGER NOT NULL,
+             PRIMARY KEY (schedule, entry));
          COMMIT;",
     )
 }
@@ -284,6 +289,8 @@ fn fail(op: Op, msg: &str) {
         Op::RecordDeadLetter { reply, .. } => drop(reply.send(Err(m))),
         Op::Lease { reply, .. } => drop(reply.send(Err(m))),
         Op::ReleaseLease { reply, .. } => drop(reply.send(Err(m))),
+        Op::LastRuns { reply, .. } => drop(reply.send(Err(m))),
+        Op::RecordRuns { reply, .. } => drop(reply.send(Err(m))),
         Op::Depths { reply, .. } => drop(reply.send(Err(m))),
         Op::DeadLetters { reply, .. } => drop(reply.send(Err(m))),
         Op::GetResult { reply, .. } => drop(reply.send(Err(m))),
@@ -388,6 +395,28 @@ fn execute(tx: &rusqlite::Transaction<'_>, op: Op, rotation: usize) -> Pending {
                     .prepare_cached("SELECT holder FROM leases WHERE name = ?1")?
                     .query_row(params![name], |r| r.get(0))?;
                 Ok(held == holder)
+            })();
+            deferred(reply, r)
+        }
+        Op::LastRuns { schedule, reply } => {
+            let r = (|| {
+                let mut s = tx.prepare_cached("SELECT entry, last_ms FROM beat_runs WHERE schedule = ?1")?;
+                let rows = s.query_map(params![schedule], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect()
+            })();
+            deferred(reply, r)
+        }
+        Op::RecordRuns { schedule, runs, reply } => {
+            let r = (|| {
+                let mut s = tx.prepare_cached(
+                    "INSERT INTO beat_runs(schedule, entry, last_ms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(schedule, entry) DO UPDATE SET last_ms = excluded.last_ms
+                     WHERE excluded.last_ms > beat_runs.last_ms",
+                )?;
+                for (entry, at) in &runs {
+                    s.execute(params![schedule, entry, at])?;
+                }
+                Ok(())
             })();
             deferred(reply, r)
         }

@@ -42,6 +42,8 @@ pub const BINDING_PREFIX: &str = "_kombu.binding.";
 pub const BINDING_PERMANENT_PREFIX: &str = "_kombu.binding_permanent.";
 /// celeriac's dead letters: a list of JSON records, newest first.
 pub const DEAD: &str = "_celeriac.dead";
+/// Prefix of beat state keys (`_celeriac.beat.<schedule>`: a hash, entry → last run in Unix ms).
+pub const BEAT_PREFIX: &str = "_celeriac.beat.";
 /// Prefix of lease keys (`_celeriac.lease.<name>`: the holder, with an expiry).
 pub const LEASE_PREFIX: &str = "_celeriac.lease.";
 /// The counter that numbers dead letters.

@@ -105,6 +105,16 @@ if not cur and redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then ret
 return 0
 "#;
 
+/// Record beat runs, never moving one back: `KEYS[1]` the schedule's hash, `ARGV` pairs of entry
+/// name and scheduled time (Unix ms).
+pub const RECORD_RUNS: &str = r#"
+for i = 1, #ARGV, 2 do
+  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
+  if tonumber(ARGV[i + 1]) > cur then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"#;
+
 /// Release a lock taken with `SET key token NX PX ms` if it still holds our token (redis-py's
 /// `Lock.release`, which kombu's `Mutex` uses).
 pub const RELEASE_LOCK: &str = r#"
