@@ -58,7 +58,7 @@ pub struct BeatConfig {
 
 impl Default for BeatConfig {
     fn default() -> Self {
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+        let host = hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into());
         BeatConfig {
             name: "default".into(),
             holder: format!("beat@{host}:{}:{}", std::process::id(), uuid::Uuid::new_v4().simple()),

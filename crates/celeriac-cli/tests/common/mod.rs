@@ -87,9 +87,15 @@ impl WorkerProc {
 
     /// Start `<program> worker --broker URL <extra>` (a copy of the binary) without waiting for it.
     pub fn spawn_program(program: &Path, url: &str, extra: &[&str]) -> Self {
+        let mut args = vec!["worker", "--broker", url];
+        args.extend_from_slice(extra);
+        Self::spawn_cli(program, &args)
+    }
+
+    /// Start `<program> <args>` (any long-running subcommand: `beat`, ...), collecting its stderr.
+    pub fn spawn_cli(program: &Path, args: &[&str]) -> Self {
         let mut child = Command::new(program)
-            .args(["worker", "--broker", url])
-            .args(extra)
+            .args(args)
             .env_remove("CELERIAC_BROKER_URL")
             .env_remove("CELERIAC_RESULT_BACKEND")
             .env("NO_COLOR", "1")

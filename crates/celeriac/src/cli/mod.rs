@@ -6,6 +6,7 @@
 //! 1 the work failed (a task's FAILURE with `--wait`), 2 bad usage or configuration, 3 broker
 //! unreachable.
 
+mod beat;
 mod demo;
 mod events;
 pub mod logging;
@@ -118,6 +119,8 @@ enum Command {
     Inspect(remote::InspectArgs),
     /// Tell running workers what to do (revoke, shutdown, pool-grow, rate-limit, ...).
     Control(remote::ControlArgs),
+    /// Send periodic tasks from a schedule file (any number of beats; one leader sends).
+    Beat(beat::BeatArgs),
 }
 
 #[derive(Debug, Args)]
@@ -307,8 +310,13 @@ pub fn main(app: App, args: impl IntoIterator<Item = OsString>) -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
-    // Commands other than `worker` only log warnings unless asked: their output is the point.
-    let worker = matches!(cli.command, Command::Worker(_));
+    // Commands other than `worker` and `beat` only log warnings unless asked: their output is
+    // the point.
+    let worker = match &cli.command {
+        Command::Worker(_) => true,
+        Command::Beat(b) => b.runs(),
+        _ => false,
+    };
     logging::init(if worker || cli.loglevel != "info" { &cli.loglevel } else { "warn" }, cli.log_format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if matches!(&cli.command, Command::Worker(w) if w.pool == "prefork") {
@@ -346,6 +354,7 @@ async fn run(app: App, cli: Cli) -> CliResult {
         Command::Demo(args) => demo::run(app, args).await,
         Command::Inspect(args) => remote::inspect(&cli.broker, args).await,
         Command::Control(args) => remote::control(&cli.broker, backend_url, args).await,
+        Command::Beat(args) => beat::run(&cli.broker, args).await,
     }
 }
 

@@ -1,0 +1,115 @@
+//! `celeriac beat` as processes: bad schedule files exit 2 with one line naming the file, the
+//! entry and the field; `--list`; three beats on one SQLite broker with the leader SIGKILLed
+//! (one message per scheduled time, each its own id, the gap no longer than the failover bound);
+//! and a real Python Celery worker running what beat sends (Redis database 4).
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{run_cli, wait_until, PyCeleryWorker, SharedRedisDb, TempDb, WorkerProc};
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn a_bad_schedule_exits_2_naming_file_entry_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TempDb::new("");
+    for (text, want) in [
+        ("[[entry]]\nname = \"a\"\ntask = \"t\"\ncron = \"99 * * * *\"\n", "entry \"a\": cron: "),
+        ("timezone = \"Nowhere/Land\"\n[[entry]]\nname = \"a\"\ntask = \"t\"\nevery = \"1s\"\n", "timezone: unknown timezone"),
+        ("[[entry]]\nname = \"a\"\ntask = \"t\"\nevery = \"fast\"\n", "entry \"a\": every: "),
+        ("[[entry]]\nname = \"a\"\ntask = \"t\"\nevery = \"1s\"\n[[entry]]\nname = \"a\"\ntask = \"t\"\nevery = \"1s\"\n", "entry \"a\": name: "),
+        ("[[entry]]\nname = \"a\"\ntask = \"t\"\nevery = \"1s\"\nwhen = 3\n", "entry \"a\": when: unknown key"),
+        ("timezone = \"UTC\"\n", "no [[entry]]"),
+    ] {
+        let file = write(dir.path(), "beat.toml", text);
+        let (code, out, err) = run_cli(&["beat", "--broker", &db.url, "--schedule", &file], &[]);
+        assert_eq!(code, 2, "{text:?}: {out}{err}");
+        let line = err.trim();
+        assert!(!line.contains('\n') && line.contains(&file) && line.contains(want), "{text:?}: {line:?}");
+    }
+}
+
+#[test]
+fn three_beats_one_sender_and_a_sigkilled_leader_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TempDb::new("");
+    let file = write(
+        dir.path(),
+        "beat.toml",
+        "[[entry]]\nname = \"tick\"\ntask = \"celeriac.noop\"\nevery = \"500ms\"\nqueue = \"beat-q\"\n",
+    );
+    let args = ["beat", "--broker", &db.url, "--schedule", &file, "--lease", "1.5"];
+    let mut beats: Vec<WorkerProc> = (0..3).map(|_| WorkerProc::spawn_cli(Path::new(common::bin()), &args)).collect();
+    let sends = |b: &WorkerProc| b.matching("sent entry=").len();
+    wait_until("a leader sending", Duration::from_secs(20), || beats.iter().any(|b| sends(b) >= 2));
+    wait_until("four seconds of sending", Duration::from_secs(20), || beats.iter().map(sends).sum::<usize>() >= 8);
+    let first = beats.iter().position(|b| b.count("leader: sending") > 0).expect("a leader");
+    beats[first].signal("KILL");
+    let killed_at = Instant::now();
+    wait_until("another leader", Duration::from_secs(10), || {
+        beats.iter().enumerate().any(|(i, b)| i != first && b.count("leader: sending") > 0)
+    });
+    let took_over = killed_at.elapsed();
+    wait_until("four more seconds", Duration::from_secs(20), || {
+        beats.iter().enumerate().filter(|(i, _)| *i != first).map(|(_, b)| sends(b)).sum::<usize>() >= 8
+    });
+    for b in &mut beats {
+        b.signal("TERM");
+    }
+    for b in &mut beats {
+        b.wait_exit(Duration::from_secs(10));
+    }
+    assert!(took_over < Duration::from_millis(1500 + 500 + 1000), "another beat led {took_over:?} after the kill");
+    let sent: Vec<String> = beats.iter().flat_map(|b| b.matching("sent entry=")).collect();
+    let ids: HashSet<String> = sent
+        .iter()
+        .filter_map(|l| l.split("task_id=").nth(1).map(|r| r.split_whitespace().next().unwrap_or("").to_string()))
+        .collect();
+    assert_eq!(ids.len(), sent.len(), "each run sent once:\n{}", sent.join("\n"));
+    // The queue holds exactly what was sent.
+    let (code, out, _) = run_cli(&["queues", "--broker", &db.url, "--json"], &[]);
+    assert_eq!(code, 0);
+    let queues: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ready = queues.as_array().unwrap().iter().find(|q| q["name"] == "beat-q").map(|q| q["ready"].as_u64().unwrap());
+    assert_eq!(ready, Some(ids.len() as u64), "{out}");
+    // --list shows the entry, its next run, and its last run.
+    let (code, out, _) = run_cli(&["beat", "--broker", &db.url, "--schedule", &file, "--list"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("tick  celeriac.noop  every 500ms  next ") && out.contains(" UTC)  last 20"), "{out}");
+}
+
+#[test]
+fn a_python_worker_runs_what_beat_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = SharedRedisDb::get(4).url("");
+    let queue = "beat-py";
+    let file = write(
+        dir.path(),
+        "beat.toml",
+        &format!(
+            "[[entry]]\nname = \"py-{}\"\ntask = \"py.add\"\nevery = \"500ms\"\nargs = [20, 22]\nqueue = \"{queue}\"\n",
+            std::process::id()
+        ),
+    );
+    let py = PyCeleryWorker::start(&url, &url, queue);
+    let mut beat = WorkerProc::spawn_cli(Path::new(common::bin()), &["beat", "--broker", &url, "--schedule", &file]);
+    wait_until("the Python worker to run beat's tasks", Duration::from_secs(30), || {
+        py.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("py.add") && l.contains("succeeded") && l.contains(": 42"))
+            .count()
+            >= 2
+    });
+    beat.signal("TERM");
+    beat.wait_exit(Duration::from_secs(10));
+}
