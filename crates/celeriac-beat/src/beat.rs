@@ -96,7 +96,7 @@ pub enum BeatError {
 
 /// A beat: a schedule, a broker, a clock.
 pub struct Beat {
-    schedule: Schedule,
+    schedule: std::sync::RwLock<Arc<Schedule>>,
     broker: Arc<dyn Broker>,
     clock: Arc<dyn Clock>,
     config: BeatConfig,
@@ -105,7 +105,18 @@ pub struct Beat {
 impl Beat {
     /// A beat; nothing happens until [`Beat::run`].
     pub fn new(schedule: Schedule, broker: Arc<dyn Broker>, clock: Arc<dyn Clock>, config: BeatConfig) -> Self {
-        Beat { schedule, broker, clock, config }
+        Beat { schedule: std::sync::RwLock::new(Arc::new(schedule)), broker, clock, config }
+    }
+
+    /// Replace the schedule (a file changed on disk, read again on SIGHUP): the loop uses the new
+    /// one from its next turn, within a third of the lease; entries keep their last runs by name.
+    pub fn replace_schedule(&self, schedule: Schedule) {
+        *self.schedule.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(schedule);
+    }
+
+    /// The schedule in use.
+    pub fn schedule(&self) -> Arc<Schedule> {
+        self.schedule.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn lease_name(&self) -> String {
@@ -169,11 +180,11 @@ impl Beat {
                 self.send_due(&mut last, until, &report).await;
                 // Sleep to the next run or the next renewal, whichever is first.
                 let now = self.clock.now();
-                let next = self
-                    .schedule
+                let schedule = self.schedule();
+                let next = schedule
                     .entries
                     .iter()
-                    .map(|e| e.next_after(self.schedule.timezone, last_of(&last, e, now)))
+                    .map(|e| e.next_after(schedule.timezone, last_of(&last, e, now)))
                     .min()
                     .map(|t| (t - now).to_std().unwrap_or_default());
                 let wake = next.map_or(renew_at, |d| (Instant::now() + d).min(renew_at));
@@ -200,10 +211,11 @@ impl Beat {
 
     /// Send every due run while the lease is valid; record each after sending it.
     async fn send_due(&self, last: &mut HashMap<String, i64>, valid_until: Instant, report: &impl Fn(Event)) {
-        let tz = self.schedule.timezone;
+        let schedule = self.schedule();
+        let tz = schedule.timezone;
         let now = self.clock.now();
         let mut fresh = Vec::new();
-        for entry in &self.schedule.entries {
+        for entry in &schedule.entries {
             if !last.contains_key(&entry.name) {
                 // Never seen: it starts with the first run after now.
                 last.insert(entry.name.clone(), now.timestamp_millis());
@@ -213,7 +225,7 @@ impl Beat {
         if let Err(e) = self.broker.record_runs(&self.config.name, &fresh).await {
             tracing::warn!(error = %e, "cannot record the schedule's new entries");
         }
-        for entry in &self.schedule.entries {
+        for entry in &schedule.entries {
             let since = last_of(last, entry, now);
             for scheduled in entry.due(tz, Some(since), now) {
                 if Instant::now() >= valid_until {

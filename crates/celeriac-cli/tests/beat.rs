@@ -113,3 +113,46 @@ fn a_python_worker_runs_what_beat_sends() {
     beat.signal("TERM");
     beat.wait_exit(Duration::from_secs(10));
 }
+
+#[test]
+fn a_worker_with_dash_b_sends_and_runs_the_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TempDb::new("");
+    let file = write(
+        dir.path(),
+        "beat.toml",
+        "[[entry]]\nname = \"inside\"\ntask = \"celeriac.add\"\nevery = \"500ms\"\nargs = [1, 2]\n",
+    );
+    let mut w = WorkerProc::start(&db.url, &["-B", "--schedule", &file, "-c", "2"]);
+    wait_until("beat's tasks to run in the worker", Duration::from_secs(30), || {
+        w.matching("task succeeded").iter().filter(|l| l.contains("celeriac.add")).count() >= 2
+    });
+    assert_eq!(w.count("leader: sending"), 1, "{}", w.dump());
+    w.signal("TERM");
+    assert!(w.wait_exit(Duration::from_secs(20)).success(), "{}", w.dump());
+    let (code, out, _) = run_cli(&["beat", "--broker", &db.url, "--schedule", &file, "--list"], &[]);
+    assert!(code == 0 && out.contains("inside  celeriac.add") && !out.contains("last never"), "{out}");
+}
+
+#[test]
+fn sighup_reloads_the_schedule_and_a_bad_one_keeps_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TempDb::new("");
+    let entry = |name: &str| format!("[[entry]]\nname = \"{name}\"\ntask = \"celeriac.noop\"\nevery = \"300ms\"\n");
+    let file = write(dir.path(), "beat.toml", &entry("a"));
+    let mut beat = WorkerProc::spawn_cli(Path::new(common::bin()), &["beat", "--broker", &db.url, "--schedule", &file]);
+    let sent = |b: &WorkerProc, name: &str| b.matching(&format!("sent entry={name} ")).len();
+    wait_until("entry a to be sent", Duration::from_secs(20), || sent(&beat, "a") >= 1);
+    write(dir.path(), "beat.toml", "[[entry]]\nname = \"a\"\ntask = \"t\"\nevery = \"often\"\n");
+    beat.signal("HUP");
+    wait_until("the bad file to be refused", Duration::from_secs(10), || beat.count("keeping the old one") == 1);
+    assert!(beat.matching("keeping the old one")[0].contains("entry \"a\": every: "), "{}", beat.dump());
+    let before = sent(&beat, "a");
+    wait_until("entry a to go on", Duration::from_secs(10), || sent(&beat, "a") > before);
+    write(dir.path(), "beat.toml", &entry("b"));
+    beat.signal("HUP");
+    wait_until("entry b to be sent", Duration::from_secs(10), || sent(&beat, "b") >= 1);
+    assert_eq!(beat.count("schedule reloaded"), 1);
+    beat.signal("TERM");
+    assert!(beat.wait_exit(Duration::from_secs(10)).success());
+}

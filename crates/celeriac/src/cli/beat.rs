@@ -47,11 +47,66 @@ impl BeatArgs {
     }
 }
 
+/// On SIGHUP, read the schedule file again: a good one replaces the schedule, a bad one is
+/// logged (naming file, entry and field) and the old schedule runs on.
+fn reload_on_sighup(beat: Arc<celeriac_beat::Beat>, file: std::path::PathBuf) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: the schedule is not reloaded");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match load(&file) {
+                Ok(s) => {
+                    tracing::info!(schedule = %file.display(), entries = s.entries.len(), "schedule reloaded");
+                    beat.replace_schedule(s);
+                }
+                Err(e) => tracing::error!(error = %e.message, "the new schedule cannot be used; keeping the old one"),
+            }
+        }
+    });
+}
+
 /// Read and check the schedule file.
 fn load(path: &std::path::Path) -> Result<celeriac_beat::Schedule, CliError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError::usage(format!("{}: cannot read the schedule: {e}", path.display())))?;
     celeriac_beat::parse(&text, &path.display().to_string()).map_err(|e| CliError::usage(e.to_string()))
+}
+
+/// A beat running inside a worker (`worker -B`).
+pub(crate) struct Running {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stop it (it gives its lease up) and wait.
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Start a beat on `broker` with the schedule in `file` (checked first: a bad file is a usage
+/// error before anything runs).
+pub(crate) fn start(
+    broker: Arc<dyn celeriac_core::Broker>,
+    file: &std::path::Path,
+    default_queue: &str,
+) -> Result<Running, CliError> {
+    let schedule = load(file)?;
+    let config = celeriac_beat::BeatConfig { default_queue: default_queue.to_string(), ..Default::default() };
+    tracing::info!(schedule = %file.display(), entries = schedule.entries.len(), holder = %config.holder, "beat starting in this worker");
+    let beat = Arc::new(celeriac_beat::Beat::new(schedule, broker, Arc::new(celeriac_beat::SystemClock), config));
+    reload_on_sighup(beat.clone(), file.to_path_buf());
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        if let Err(e) = beat.run(rx, None).await {
+            tracing::error!(error = %e, "beat stopped: the broker cannot hold its lease (use a Redis or SQLite broker)");
+        }
+    });
+    Ok(Running { stop, task })
 }
 
 pub(crate) async fn run(broker_url: &str, args: BeatArgs) -> CliResult {
@@ -85,7 +140,8 @@ pub(crate) async fn run(broker_url: &str, args: BeatArgs) -> CliResult {
         ..Default::default()
     };
     tracing::info!(schedule = %args.schedule.display(), entries = schedule.entries.len(), holder = %config.holder, broker = %broker.url(), "beat starting");
-    let beat = celeriac_beat::Beat::new(schedule, broker, Arc::new(celeriac_beat::SystemClock), config);
+    let beat = Arc::new(celeriac_beat::Beat::new(schedule, broker, Arc::new(celeriac_beat::SystemClock), config));
+    reload_on_sighup(beat.clone(), args.schedule.clone());
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

@@ -175,6 +175,13 @@ struct WorkerArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (host:port, e.g. 127.0.0.1:9808).
     #[arg(long = "metrics-addr", value_name = "ADDR")]
     metrics_addr: Option<String>,
+    /// Also run a beat in this worker (Celery's `-B`), sending the periodic tasks of
+    /// `--schedule`; any number of workers may run one, one leader sends.
+    #[arg(short = 'B', long = "beat", requires = "schedule")]
+    beat: bool,
+    /// The schedule file of `-B` (see `celeriac beat`).
+    #[arg(long, value_name = "FILE")]
+    schedule: Option<std::path::PathBuf>,
     /// Where continuations go (callbacks, chain steps, chord bodies, errbacks) whose signature
     /// names no queue and whose task has none registered here: Celery's `task_default_queue`.
     #[arg(long = "default-queue", value_name = "QUEUE", default_value = celeriac_core::DEFAULT_QUEUE)]
@@ -438,6 +445,10 @@ async fn worker(
     };
     let broker = connect::broker(broker_url)?;
     let backend = connect::backend(backend_url, broker_url)?;
+    let beat = match (args.beat, &args.schedule) {
+        (true, Some(file)) => Some(beat::start(broker.clone(), file, celeriac_core::DEFAULT_QUEUE)?),
+        _ => None,
+    };
     let shutdown = crate::Shutdown::new();
     shutdown.install_signal_handlers().map_err(|e| CliError::failed(format!("cannot install signal handlers: {e}")))?;
     let worker = crate::Worker::new(config, app.shared_registry(), broker, backend);
@@ -450,6 +461,9 @@ async fn worker(
         celeriac_worker::WorkerError::Broker(b) => CliError::from(b),
         celeriac_worker::WorkerError::Metrics(m) => CliError::usage(format!("--metrics-addr: {m}")),
     })?;
+    if let Some(beat) = beat {
+        beat.stop().await;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
