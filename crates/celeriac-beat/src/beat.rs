@@ -227,7 +227,18 @@ impl Beat {
         }
         for entry in &schedule.entries {
             let since = last_of(last, entry, now);
-            for scheduled in entry.due(tz, Some(since), now) {
+            let due = entry.due(tz, Some(since), now);
+            if due.is_empty() && entry.next_after(tz, since) <= now {
+                // Missed runs skipped (`catch_up = "skip"`): the entry goes on from the latest.
+                let latest = entry.at_or_before(tz, now).timestamp_millis();
+                tracing::info!(entry = %entry.name, "runs missed while no beat led: skipped");
+                last.insert(entry.name.clone(), latest);
+                if let Err(e) = self.broker.record_runs(&self.config.name, &[(entry.name.clone(), latest)]).await {
+                    tracing::warn!(entry = %entry.name, error = %e, "cannot record the skipped runs");
+                }
+                continue;
+            }
+            for scheduled in due {
                 if Instant::now() >= valid_until {
                     tracing::warn!("the lease ran out before every due run was sent; the next leader sends the rest");
                     return;

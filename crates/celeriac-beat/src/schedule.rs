@@ -194,7 +194,7 @@ impl Entry {
     }
 
     /// The last scheduled time at or before `t`.
-    fn at_or_before(&self, tz: Tz, t: DateTime<Utc>) -> DateTime<Utc> {
+    pub fn at_or_before(&self, tz: Tz, t: DateTime<Utc>) -> DateTime<Utc> {
         match &self.when {
             When::Every(period) => {
                 let p = period.as_millis().max(1) as i64;

@@ -156,3 +156,48 @@ fn sighup_reloads_the_schedule_and_a_bad_one_keeps_the_old() {
     beat.signal("TERM");
     assert!(beat.wait_exit(Duration::from_secs(10)).success());
 }
+
+/// A beat stopped for more than ten intervals, restarted: the runs missed meanwhile are sent by
+/// the entry's `catch_up`: once (the latest), all ten or more, or none.
+#[test]
+fn catch_up_after_downtime_sends_once_all_or_none() {
+    for (policy, check) in
+        [("once", (|n: usize| n == 1) as fn(usize) -> bool), ("all", |n| n >= 10), ("skip", |n| n == 0)]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let db = TempDb::new("");
+        let text =
+            format!("[[entry]]\nname = \"c\"\ntask = \"celeriac.noop\"\nevery = \"200ms\"\ncatch_up = \"{policy}\"\n");
+        let file = write(dir.path(), "beat.toml", &text);
+        let args = ["beat", "--broker", db.url.as_str(), "--schedule", file.as_str()];
+        let mut first = WorkerProc::spawn_cli(Path::new(common::bin()), &args);
+        wait_until("a first run", Duration::from_secs(20), || first.count("sent entry=c ") >= 1);
+        first.signal("TERM");
+        assert!(first.wait_exit(Duration::from_secs(10)).success());
+        // Down for more than ten intervals: the downtime is what is tested.
+        let stopped = Instant::now();
+        wait_until("eleven intervals of downtime", Duration::from_secs(5), || {
+            stopped.elapsed() >= Duration::from_millis(2300)
+        });
+        let restarted = chrono::Utc::now();
+        let mut second = WorkerProc::spawn_cli(Path::new(common::bin()), &args);
+        // Then one run on time, to know the catch-up is over.
+        let on_time = || second.matching("sent entry=c ").iter().any(|l| scheduled_of(l) >= restarted);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !on_time() {
+            assert!(Instant::now() < deadline, "no run after the restart ({policy}):\n{}", second.dump());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        second.signal("TERM");
+        second.wait_exit(Duration::from_secs(10));
+        let missed = second.matching("sent entry=c ").iter().filter(|l| scheduled_of(l) < restarted).count();
+        assert!(check(missed), "catch_up {policy}: {missed} missed runs sent\n{}", second.dump());
+    }
+}
+
+/// The scheduled time of a `sent` line (`scheduled=2026-11-30 11:49:41.100 UTC`).
+fn scheduled_of(line: &str) -> chrono::DateTime<chrono::Utc> {
+    let text = line.split("scheduled=").nth(1).expect("a scheduled time").trim().trim_end_matches(" UTC");
+    let naive = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f").expect("a time");
+    naive.and_utc()
+}
