@@ -1,6 +1,6 @@
 //! The AMQP publisher and the `Broker` implementation.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,8 @@ pub struct AmqpBroker {
     publisher: std::sync::RwLock<Option<Arc<Publisher>>>,
     /// Held while (re)connecting, so one task connects and the others wait for it.
     connecting: Mutex<()>,
+    /// Beat's leases held by this process (see [`crate::beat`]).
+    pub(crate) leases: crate::beat::Leases,
 }
 
 /// One connection with a confirm-mode channel, and the queues declared on it.
@@ -68,7 +70,12 @@ impl AmqpBroker {
     /// A broker for an `amqp://` URL. Nothing is connected until first use.
     pub fn open(url: &str) -> Result<Self, BrokerError> {
         let config = AmqpConfig::from_url(url).map_err(|reason| BrokerError::BadUrl { url: redact(url), reason })?;
-        Ok(AmqpBroker { config, publisher: std::sync::RwLock::new(None), connecting: Mutex::new(()) })
+        Ok(AmqpBroker {
+            config,
+            publisher: std::sync::RwLock::new(None),
+            connecting: Mutex::new(()),
+            leases: Default::default(),
+        })
     }
 
     /// The parsed configuration.
@@ -218,7 +225,7 @@ impl AmqpBroker {
     }
 
     /// A short-lived channel for administrative calls (depths, purge).
-    async fn admin<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
+    pub(crate) async fn admin<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
     where
         F: FnOnce(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, lapin::Error>>,
@@ -320,6 +327,22 @@ impl Broker for AmqpBroker {
     /// RabbitMQ's default `consumer_timeout` is 30 minutes; hold for half of it.
     fn max_unacked_hold(&self) -> Option<Duration> {
         Some(Duration::from_secs(15 * 60))
+    }
+
+    async fn lease(&self, name: &str, holder: &str, _ttl: Duration) -> Result<bool, BrokerError> {
+        self.amqp_lease(name, holder).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
+        self.amqp_release_lease(name, holder).await
+    }
+
+    async fn last_runs(&self, schedule: &str) -> Result<HashMap<String, i64>, BrokerError> {
+        self.amqp_last_runs(schedule).await
+    }
+
+    async fn record_runs(&self, schedule: &str, runs: &[(String, i64)]) -> Result<(), BrokerError> {
+        self.amqp_record_runs(schedule, runs).await
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {

@@ -14,9 +14,12 @@
 //! - [`exchanges`]: fanout, direct and topic exchanges (remote control, events): declared as
 //!   Celery declares them, consumed without acknowledgement on a connection of their own.
 //! - [`fields`]: JSON headers to AMQP field tables and back.
+//! - [`beat`]: beat's leader lease (an exclusive queue on a connection of its own) and last runs
+//!   (one message in a queue of `x-max-length` 1).
 //! - [`rpc`]: Celery's RPC result backend (`rpc://`): results published to the sending client's
 //!   reply queue, read there by correlation id.
 
+pub mod beat;
 pub mod broker;
 pub mod consumer;
 pub mod exchanges;

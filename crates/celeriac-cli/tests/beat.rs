@@ -38,15 +38,33 @@ fn a_bad_schedule_exits_2_naming_file_entry_and_field() {
 }
 
 #[test]
-fn three_beats_one_sender_and_a_sigkilled_leader_is_replaced() {
-    let dir = tempfile::tempdir().unwrap();
+fn three_beats_one_sender_and_a_sigkilled_leader_is_replaced_on_sqlite() {
     let db = TempDb::new("");
-    let file = write(
-        dir.path(),
-        "beat.toml",
-        "[[entry]]\nname = \"tick\"\ntask = \"celeriac.noop\"\nevery = \"500ms\"\nqueue = \"beat-q\"\n",
-    );
-    let args = ["beat", "--broker", &db.url, "--schedule", &file, "--lease", "1.5"];
+    three_beats_one_sender(&db.url, "beat-q");
+}
+
+#[test]
+fn three_beats_one_sender_and_a_sigkilled_leader_is_replaced_on_redis() {
+    let url = SharedRedisDb::get(4).url("");
+    three_beats_one_sender(&url, &format!("beat-q-{}", std::process::id()));
+}
+
+#[test]
+fn three_beats_one_sender_and_a_sigkilled_leader_is_replaced_on_rabbitmq() {
+    let vhost = common::TestVhost::new();
+    three_beats_one_sender(&vhost.url(""), "beat-q");
+}
+
+/// Three beats on the broker at `url`, an entry every 500 ms on `queue`; the leader SIGKILLed
+/// after a few sends; another takes over within the bound; every run sent once, and the queue
+/// holds exactly what was sent.
+fn three_beats_one_sender(url: &str, queue: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("s{}", uuid::Uuid::new_v4().simple());
+    let text =
+        format!("[[entry]]\nname = \"tick\"\ntask = \"celeriac.noop\"\nevery = \"500ms\"\nqueue = \"{queue}\"\n");
+    let file = write(dir.path(), "beat.toml", &text);
+    let args = ["beat", "--broker", url, "--schedule", &file, "--lease", "1.5", "--name", &name];
     let mut beats: Vec<WorkerProc> = (0..3).map(|_| WorkerProc::spawn_cli(Path::new(common::bin()), &args)).collect();
     let sends = |b: &WorkerProc| b.matching("sent entry=").len();
     wait_until("a leader sending", Duration::from_secs(20), || beats.iter().any(|b| sends(b) >= 2));
@@ -75,13 +93,13 @@ fn three_beats_one_sender_and_a_sigkilled_leader_is_replaced() {
         .collect();
     assert_eq!(ids.len(), sent.len(), "each run sent once:\n{}", sent.join("\n"));
     // The queue holds exactly what was sent.
-    let (code, out, _) = run_cli(&["queues", "--broker", &db.url, "--json"], &[]);
+    let (code, out, _) = run_cli(&["queues", "--broker", url, "--json", queue], &[]);
     assert_eq!(code, 0);
     let queues: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let ready = queues.as_array().unwrap().iter().find(|q| q["name"] == "beat-q").map(|q| q["ready"].as_u64().unwrap());
+    let ready = queues.as_array().unwrap().iter().find(|q| q["name"] == queue).map(|q| q["ready"].as_u64().unwrap());
     assert_eq!(ready, Some(ids.len() as u64), "{out}");
     // --list shows the entry, its next run, and its last run.
-    let (code, out, _) = run_cli(&["beat", "--broker", &db.url, "--schedule", &file, "--list"], &[]);
+    let (code, out, _) = run_cli(&["beat", "--broker", url, "--schedule", &file, "--list", "--name", &name], &[]);
     assert_eq!(code, 0);
     assert!(out.starts_with("tick  celeriac.noop  every 500ms  next ") && out.contains(" UTC)  last 20"), "{out}");
 }
