@@ -27,6 +27,9 @@ use tokio::sync::watch;
 
 use crate::schedule::{run_id, Entry, Schedule};
 
+/// The header naming a beat run (`<schedule>/<entry>`), by which a worker runs a run once.
+pub const BEAT_RUN_HEADER: &str = "celeriac_beat_run";
+
 /// The time beat reads: the system clock, or a test's.
 pub trait Clock: Send + Sync + 'static {
     /// Now.
@@ -283,8 +286,11 @@ impl Beat {
             now: self.clock.now(),
             task_options: &no_tasks,
         };
-        let (_, message) = build_message(&entry.task, entry.args.clone(), entry.kwargs.clone(), &options, &sender)
+        let (_, mut message) = build_message(&entry.task, entry.args.clone(), entry.kwargs.clone(), &options, &sender)
             .map_err(|e| e.to_string())?;
+        // Workers run a run once, however many times it is sent (celeriac_worker's
+        // `request::BEAT_RUN_HEADER`; Python workers ignore the header).
+        message.headers.insert(BEAT_RUN_HEADER.into(), format!("{}/{}", self.config.name, entry.name).into());
         let queue = entry.queue.clone().unwrap_or_else(|| self.config.default_queue.clone());
         self.broker.publish(&queue, &message).await.map_err(|e| e.to_string())?;
         Ok(task_id)

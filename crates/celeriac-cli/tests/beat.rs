@@ -219,3 +219,33 @@ fn scheduled_of(line: &str) -> chrono::DateTime<chrono::Utc> {
     let naive = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f").expect("a time");
     naive.and_utc()
 }
+
+/// A beat run sent twice (a failover resends what the dead leader sent but had not recorded):
+/// the same id and beat's header; the worker runs it once. The same message without the header
+/// runs each time it comes (the header is what makes the difference).
+#[tokio::test]
+async fn a_beat_run_sent_twice_runs_once() {
+    let db = TempDb::new("");
+    let w = WorkerProc::start(&db.url, &["-c", "2"]);
+    let client = db.client().await;
+    let send = |id: &str, beat: bool| {
+        let options = celeriac::SendOptions { task_id: Some(id.into()), ..Default::default() };
+        let mut m =
+            client.build_message("celeriac.add", vec![1.into(), 2.into()], Default::default(), &options, true).unwrap();
+        if beat {
+            m.headers.insert("celeriac_beat_run".into(), "default/tick".into());
+        }
+        m
+    };
+    for (id, beat) in [("run-once", true), ("run-twice", false)] {
+        for copy in 0..2 {
+            client.broker().publish("celery", &send(id, beat)).await.unwrap();
+            let done =
+                || w.matching(id).iter().filter(|l| l.contains("task succeeded") || l.contains("already ran")).count();
+            wait_until("the copy to be handled", Duration::from_secs(20), || done() > copy);
+        }
+    }
+    let succeeded = |id: &str| w.matching(id).iter().filter(|l| l.contains("task succeeded")).count();
+    assert_eq!((succeeded("run-once"), w.matching("already ran").len()), (1, 1), "{}", w.dump());
+    assert_eq!(succeeded("run-twice"), 2);
+}

@@ -181,6 +181,21 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
         ack(delivery, &id).await;
         return None;
     }
+    if let Some(run) = delivery.message.headers.get(BEAT_RUN_HEADER).and_then(|v| v.as_str()) {
+        // A beat run: its id is its entry's and scheduled time's, so a copy sent again across a
+        // beat failover is the same run; once a result is stored, a copy is not run again.
+        match shared.backend.get(&id).await {
+            Ok(Some(meta)) if meta.status.is_ready() => {
+                tracing::info!(task_id = %id, task_name = %name, beat_run = %run, state = %meta.status, "this beat run already ran; not running it again");
+                ack(delivery, &id).await;
+                return None;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(task_id = %id, error = %e, "cannot tell whether this beat run already ran; running it")
+            }
+        }
+    }
     let mut req = Request {
         delivery,
         headers,
@@ -194,6 +209,10 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
     req.tracked = Some(shared.state.track(&req, req.eta_in_future()));
     Some(req)
 }
+
+/// The header beat puts on the tasks it sends (`<schedule>/<entry>`): a worker runs a beat run
+/// once, however many times it was sent.
+pub const BEAT_RUN_HEADER: &str = "celeriac_beat_run";
 
 /// The content type of a message as a dead-letter log line names it, with its encoding and, when
 /// compressed, kombu's `compression` header: `application/json; utf-8`,
