@@ -7,11 +7,11 @@
 //! - [`beat`]: the loop: the leader lease through the broker ([`celeriac_core::Broker::lease`]),
 //!   the last runs kept in the broker, each due run sent once with its id.
 //!
-//! Work in progress (issue 14): `celeriac beat` and `worker -B`, RabbitMQ's lease and state,
-//! `--list`, SIGHUP, metrics come next.
+//! - [`metrics`]: runs sent per entry, leadership changes, whether this beat leads.
 #![deny(missing_docs)]
 
 pub mod beat;
+pub mod metrics;
 pub mod schedule;
 
 pub use beat::{Beat, BeatConfig, BeatError, Clock, Event, SystemClock};

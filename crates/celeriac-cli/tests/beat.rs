@@ -249,3 +249,31 @@ async fn a_beat_run_sent_twice_runs_once() {
     assert_eq!((succeeded("run-once"), w.matching("already ran").len()), (1, 1), "{}", w.dump());
     assert_eq!(succeeded("run-twice"), 2);
 }
+
+#[test]
+fn beat_metrics_count_runs_per_entry_and_leadership() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TempDb::new("");
+    let file = write(dir.path(), "beat.toml", "[[entry]]\nname = \"m\"\ntask = \"celeriac.noop\"\nevery = \"200ms\"\n");
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut beat = WorkerProc::spawn_cli(
+        Path::new(common::bin()),
+        &["beat", "--broker", &db.url, "--schedule", &file, "--metrics-addr", &addr],
+    );
+    wait_until("three runs sent", Duration::from_secs(20), || beat.matching("sent entry=m ").len() >= 3);
+    let (status, body) = common::http_get(port, "/metrics").expect("the metrics endpoint");
+    assert_eq!(status, 200);
+    let sent: u64 = body
+        .lines()
+        .find(|l| l.starts_with("celeriac_beat_runs_sent_total{entry=\"m\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{body}"));
+    assert!(sent >= 3, "{body}");
+    assert!(
+        body.contains("celeriac_beat_leader 1") && body.contains("celeriac_beat_leadership_changes_total 1"),
+        "{body}"
+    );
+    beat.signal("TERM");
+    beat.wait_exit(Duration::from_secs(10));
+}

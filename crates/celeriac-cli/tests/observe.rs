@@ -4,12 +4,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{bin, free_port, repo, run_cli, wait_until, TempDb, TestVhost, WorkerProc};
+use common::{http_get, bin, free_port, repo, run_cli, wait_until, TempDb, TestVhost, WorkerProc};
 use serde_json::{json, Value};
 
 /// A process whose stdout or stderr lines are collected.
@@ -69,18 +69,6 @@ fn tail_events(broker: &str, extra: &[&str]) -> Lines {
     let mut cmd = Command::new(bin());
     cmd.args(["events", "--broker", broker]).args(extra);
     Lines::spawn(cmd, true)
-}
-
-/// `GET path` on 127.0.0.1:port: (status, body), or None if nothing answers.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_string()))
 }
 
 fn http_json(port: u16, path: &str) -> Option<Value> {

@@ -213,25 +213,34 @@ impl Metrics {
     /// bad or busy address is an error at start-up; the server then runs until the returned
     /// handle is aborted.
     pub async fn serve(self: &Arc<Self>, addr: SocketAddr) -> Result<tokio::task::JoinHandle<()>, MetricsError> {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| MetricsError { addr, source })?;
-        let bound = listener.local_addr().unwrap_or(addr);
         let metrics = self.clone();
-        let app = axum::Router::new().fallback(move || {
-            let metrics = metrics.clone();
-            async move {
-                (
-                    [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                    metrics.encode(),
-                )
-            }
-        });
-        tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
-        Ok(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "the metrics endpoint stopped");
-            }
-        }))
+        serve_text(addr, move || metrics.encode()).await
     }
+}
+
+/// Serve what `encode` gives (Prometheus' text format) on `addr` at any path: the endpoint of
+/// [`Metrics::serve`], and of other processes' metrics (beat). Binds before returning.
+pub async fn serve_text(
+    addr: SocketAddr,
+    encode: impl Fn() -> String + Clone + Send + Sync + 'static,
+) -> Result<tokio::task::JoinHandle<()>, MetricsError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| MetricsError { addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    let app = axum::Router::new().fallback(move || {
+        let encode = encode.clone();
+        async move {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                encode(),
+            )
+        }
+    });
+    tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics endpoint stopped");
+        }
+    }))
 }
 
 /// A delivery held by the worker, counted in `tasks_prefetched` until started or dropped.

@@ -34,6 +34,10 @@ pub(crate) struct BeatArgs {
     /// The queue of entries that name none.
     #[arg(long = "default-queue", default_value = celeriac_core::DEFAULT_QUEUE)]
     default_queue: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (runs sent per entry, leadership changes,
+    /// whether this beat leads).
+    #[arg(long = "metrics-addr", value_name = "ADDR")]
+    metrics_addr: Option<String>,
     /// Print each entry with its next run (in the schedule's timezone and UTC) and its last run
     /// sent, then exit.
     #[arg(long)]
@@ -143,6 +147,24 @@ pub(crate) async fn run(broker_url: &str, args: BeatArgs) -> CliResult {
     let beat = Arc::new(celeriac_beat::Beat::new(schedule, broker, Arc::new(celeriac_beat::SystemClock), config));
     reload_on_sighup(beat.clone(), args.schedule.clone());
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let metrics = Arc::new(celeriac_beat::metrics::BeatMetrics::default());
+    let _server = match args.metrics_addr.as_deref().map(super::parse_socket_addr).transpose()? {
+        Some(addr) => {
+            let m = metrics.clone();
+            Some(
+                celeriac_worker::metrics::serve_text(addr, move || m.encode())
+                    .await
+                    .map_err(|e| CliError::usage(format!("--metrics-addr: {e}")))?,
+            )
+        }
+        None => None,
+    };
+    let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(e) = rx.recv().await {
+            metrics.observe(&e);
+        }
+    });
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -151,7 +173,9 @@ pub(crate) async fn run(broker_url: &str, args: BeatArgs) -> CliResult {
         }
         let _ = stop_tx.send(true);
     });
-    beat.run(stop, None).await.map_err(|e| CliError::usage(format!("{e} (beat needs a Redis or SQLite broker)")))?;
+    beat.run(stop, Some(events))
+        .await
+        .map_err(|e| CliError::usage(format!("{e} (beat needs a Redis or SQLite broker)")))?;
     tracing::info!("beat stopped");
     Ok(ExitCode::SUCCESS)
 }
