@@ -143,6 +143,74 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 impl Entry {
+    /// An entry running `task` every `period` (at least 1 ms), with no arguments.
+    pub fn every(name: impl Into<String>, task: impl Into<String>, period: Duration) -> Self {
+        Entry::with(name.into(), task.into(), When::Every(period.max(Duration::from_millis(1))))
+    }
+
+    /// An entry running `task` at the times of the crontab expression `expr` (in the schedule's
+    /// timezone); the error names the entry and the expression.
+    pub fn cron(name: impl Into<String>, task: impl Into<String>, expr: &str) -> Result<Self, ScheduleError> {
+        let name = name.into();
+        let cron = croner::parser::CronParser::builder().build().parse(expr).map_err(|e| ScheduleError {
+            source_name: "App::periodic".into(),
+            entry: Some(name.clone()),
+            field: Some("cron".into()),
+            reason: format!("{expr:?} is not a cron expression: {e}"),
+        })?;
+        Ok(Entry::with(name, task.into(), When::Cron { text: expr.to_string(), cron: Box::new(cron) }))
+    }
+
+    fn with(name: String, task: String, when: When) -> Self {
+        Entry {
+            name,
+            task,
+            when,
+            args: Vec::new(),
+            kwargs: Map::new(),
+            queue: None,
+            expires: None,
+            priority: None,
+            catch_up: CatchUp::Once,
+        }
+    }
+
+    /// Add a positional argument.
+    pub fn arg(mut self, value: impl Into<Value>) -> Self {
+        self.args.push(value.into());
+        self
+    }
+
+    /// Add a keyword argument.
+    pub fn kwarg(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.kwargs.insert(name.into(), value.into());
+        self
+    }
+
+    /// Send to `queue`.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// Each run expires `seconds` after its scheduled time.
+    pub fn expires(mut self, seconds: f64) -> Self {
+        self.expires = Some(seconds);
+        self
+    }
+
+    /// Send with `priority`.
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.priority = Some(priority);
+        self
+    }
+
+    /// What to send after downtime.
+    pub fn catch_up(mut self, policy: CatchUp) -> Self {
+        self.catch_up = policy;
+        self
+    }
+
     /// The first scheduled time strictly after `after`.
     pub fn next_after(&self, tz: Tz, after: DateTime<Utc>) -> DateTime<Utc> {
         match &self.when {
@@ -215,6 +283,25 @@ impl Entry {
                 cron.find_previous_occurrence(&t.with_timezone(&tz), false).ok().map(|x| x.with_timezone(&Utc))
             }
         }
+    }
+}
+
+impl Schedule {
+    /// Add entries declared elsewhere (in Rust, `App::periodic`): a name already in the schedule
+    /// is refused, named.
+    pub fn extend(&mut self, entries: &[Entry]) -> Result<(), ScheduleError> {
+        for e in entries {
+            if self.entries.iter().any(|x| x.name == e.name) {
+                return Err(ScheduleError {
+                    source_name: "App::periodic".into(),
+                    entry: Some(e.name.clone()),
+                    field: Some("name".into()),
+                    reason: "an entry of this name is also in the schedule file (names must be unique)".into(),
+                });
+            }
+            self.entries.push(e.clone());
+        }
+        Ok(())
     }
 }
 

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{http_get, bin, free_port, repo, run_cli, wait_until, TempDb, TestVhost, WorkerProc};
+use common::{bin, free_port, http_get, repo, run_cli, wait_until, TempDb, TestVhost, WorkerProc};
 use serde_json::{json, Value};
 
 /// A process whose stdout or stderr lines are collected.

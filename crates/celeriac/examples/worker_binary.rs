@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run -p celeriac --example worker_binary -- worker -Q images,celery
 //! cargo run -p celeriac --example worker_binary -- send images.thumbnail --args '["cat.png", 128]' --wait
+//! cargo run -p celeriac --example worker_binary -- beat --list   # the periodic tasks declared below
 //! ```
 
 use std::time::Duration;
@@ -35,5 +36,16 @@ async fn fetch(ctx: &TaskContext, url: String) -> Result<String, TaskError> {
 }
 
 fn main() -> std::process::ExitCode {
-    App::with_builtins().task(thumbnail).task(word_count).task(fetch).run_cli()
+    use celeriac::periodic::{Entry, Tz};
+    App::with_builtins()
+        .task(thumbnail)
+        .task(word_count)
+        .task(fetch)
+        // Sent by `worker_binary beat` (or `worker -B`), with any entries of `--schedule`.
+        .periodic(Entry::every("ping-every-minute", "celeriac.ping", Duration::from_secs(60)))
+        .periodic(
+            Entry::cron("nightly-count", "reports.word_count", "30 2 * * *").expect("a cron expression").arg("a b c"),
+        )
+        .timezone(Tz::Europe__Berlin)
+        .run_cli()
 }

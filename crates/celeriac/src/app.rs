@@ -18,12 +18,33 @@ use celeriac_core::{Registry, Task};
 #[derive(Debug, Clone, Default)]
 pub struct App {
     registry: Registry,
+    periodic: Vec<celeriac_beat::Entry>,
+    timezone: Option<chrono_tz::Tz>,
 }
 
 impl App {
     /// An app with no tasks.
     pub fn new() -> Self {
         App::default()
+    }
+
+    /// A periodic task, sent by `celeriac beat` (and `worker -B`) of this app's binary, alongside
+    /// the entries of `--schedule` (a name in both is refused at start):
+    /// `App::new().periodic(celeriac_beat::Entry::every("cleanup", "celeriac.noop", Duration::from_secs(30)))`.
+    pub fn periodic(mut self, entry: celeriac_beat::Entry) -> Self {
+        self.periodic.push(entry);
+        self
+    }
+
+    /// The timezone of this app's cron entries when no schedule file names one (default UTC).
+    pub fn timezone(mut self, tz: chrono_tz::Tz) -> Self {
+        self.timezone = Some(tz);
+        self
+    }
+
+    /// The periodic tasks declared with [`App::periodic`], and their timezone.
+    pub fn periodic_entries(&self) -> (&[celeriac_beat::Entry], Option<chrono_tz::Tz>) {
+        (&self.periodic, self.timezone)
     }
 
     /// An app with the built-in diagnostic tasks (`celeriac.ping`, `celeriac.add`, ...).

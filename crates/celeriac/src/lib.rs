@@ -46,6 +46,13 @@ pub use celeriac_core::{
 pub use celeriac_macros::task;
 pub use celeriac_worker::{Shutdown, Worker, WorkerConfig};
 pub use client::{AsyncResult, Client, PublishError, ResultError, SendOptions, Signature};
+
+/// Periodic tasks declared in Rust ([`App::periodic`]): `Entry::every`, `Entry::cron`, and the
+/// schedule's timezone ([`App::timezone`]).
+pub mod periodic {
+    pub use celeriac_beat::{CatchUp, Entry};
+    pub use chrono_tz::Tz;
+}
 pub use connect::ConnectError;
 
 /// Items used by the code `#[celeriac::task]` generates. Not a public API.

@@ -21,9 +21,10 @@ use crate::connect;
 /// `celeriac beat` options.
 #[derive(Debug, Args)]
 pub(crate) struct BeatArgs {
-    /// The schedule: a TOML file of `[[entry]]` tables (see the README).
+    /// The schedule: a TOML file of `[[entry]]` tables (see the README). Optional when the
+    /// binary declares its entries in Rust (`App::periodic`); both are used when both are given.
     #[arg(long, value_name = "FILE")]
-    schedule: std::path::PathBuf,
+    schedule: Option<std::path::PathBuf>,
     /// The schedule's name: beats with the same name share one leader and one record of the runs
     /// sent.
     #[arg(long, default_value = "default")]
@@ -53,16 +54,16 @@ impl BeatArgs {
 
 /// On SIGHUP, read the schedule file again: a good one replaces the schedule, a bad one is
 /// logged (naming file, entry and field) and the old schedule runs on.
-fn reload_on_sighup(beat: Arc<celeriac_beat::Beat>, file: std::path::PathBuf) {
+fn reload_on_sighup(beat: Arc<celeriac_beat::Beat>, file: Option<std::path::PathBuf>, app: AppEntries) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP: the schedule is not reloaded");
         return;
     };
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            match load(&file) {
+            match load(file.as_deref(), &app) {
                 Ok(s) => {
-                    tracing::info!(schedule = %file.display(), entries = s.entries.len(), "schedule reloaded");
+                    tracing::info!(entries = s.entries.len(), "schedule reloaded");
                     beat.replace_schedule(s);
                 }
                 Err(e) => tracing::error!(error = %e.message, "the new schedule cannot be used; keeping the old one"),
@@ -71,11 +72,35 @@ fn reload_on_sighup(beat: Arc<celeriac_beat::Beat>, file: std::path::PathBuf) {
     });
 }
 
-/// Read and check the schedule file.
-fn load(path: &std::path::Path) -> Result<celeriac_beat::Schedule, CliError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CliError::usage(format!("{}: cannot read the schedule: {e}", path.display())))?;
-    celeriac_beat::parse(&text, &path.display().to_string()).map_err(|e| CliError::usage(e.to_string()))
+/// The app's own entries (`App::periodic`), kept for reloads.
+#[derive(Clone, Default)]
+pub(crate) struct AppEntries {
+    entries: Vec<celeriac_beat::Entry>,
+    timezone: Option<chrono_tz::Tz>,
+}
+
+impl AppEntries {
+    pub(crate) fn of(app: &crate::App) -> Self {
+        let (entries, timezone) = app.periodic_entries();
+        AppEntries { entries: entries.to_vec(), timezone }
+    }
+}
+
+/// Read and check the schedule: the file's entries (if a file is given) and the app's.
+fn load(path: Option<&std::path::Path>, app: &AppEntries) -> Result<celeriac_beat::Schedule, CliError> {
+    let mut schedule = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError::usage(format!("{}: cannot read the schedule: {e}", path.display())))?;
+            celeriac_beat::parse(&text, &path.display().to_string()).map_err(|e| CliError::usage(e.to_string()))?
+        }
+        None if app.entries.is_empty() => {
+            return Err(CliError::usage("no schedule: give --schedule FILE (or declare entries with App::periodic)"))
+        }
+        None => celeriac_beat::Schedule { timezone: app.timezone.unwrap_or(chrono_tz::Tz::UTC), entries: Vec::new() },
+    };
+    schedule.extend(&app.entries).map_err(|e| CliError::usage(e.to_string()))?;
+    Ok(schedule)
 }
 
 /// A beat running inside a worker (`worker -B`).
@@ -96,14 +121,15 @@ impl Running {
 /// error before anything runs).
 pub(crate) fn start(
     broker: Arc<dyn celeriac_core::Broker>,
-    file: &std::path::Path,
+    file: Option<&std::path::Path>,
+    app: AppEntries,
     default_queue: &str,
 ) -> Result<Running, CliError> {
-    let schedule = load(file)?;
+    let schedule = load(file, &app)?;
     let config = celeriac_beat::BeatConfig { default_queue: default_queue.to_string(), ..Default::default() };
-    tracing::info!(schedule = %file.display(), entries = schedule.entries.len(), holder = %config.holder, "beat starting in this worker");
+    tracing::info!(entries = schedule.entries.len(), holder = %config.holder, "beat starting in this worker");
     let beat = Arc::new(celeriac_beat::Beat::new(schedule, broker, Arc::new(celeriac_beat::SystemClock), config));
-    reload_on_sighup(beat.clone(), file.to_path_buf());
+    reload_on_sighup(beat.clone(), file.map(|f| f.to_path_buf()), app);
     let (stop, rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
         if let Err(e) = beat.run(rx, None).await {
@@ -113,8 +139,8 @@ pub(crate) fn start(
     Ok(Running { stop, task })
 }
 
-pub(crate) async fn run(broker_url: &str, args: BeatArgs) -> CliResult {
-    let schedule = load(&args.schedule)?;
+pub(crate) async fn run(broker_url: &str, args: BeatArgs, app: AppEntries) -> CliResult {
+    let schedule = load(args.schedule.as_deref(), &app)?;
     let broker = connect::broker(broker_url)?;
     if args.list {
         let last = broker.last_runs(&args.name).await.unwrap_or_default();
@@ -143,9 +169,9 @@ pub(crate) async fn run(broker_url: &str, args: BeatArgs) -> CliResult {
         default_queue: args.default_queue,
         ..Default::default()
     };
-    tracing::info!(schedule = %args.schedule.display(), entries = schedule.entries.len(), holder = %config.holder, broker = %broker.url(), "beat starting");
+    tracing::info!(entries = schedule.entries.len(), holder = %config.holder, broker = %broker.url(), "beat starting");
     let beat = Arc::new(celeriac_beat::Beat::new(schedule, broker, Arc::new(celeriac_beat::SystemClock), config));
-    reload_on_sighup(beat.clone(), args.schedule.clone());
+    reload_on_sighup(beat.clone(), args.schedule.clone(), app);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let metrics = Arc::new(celeriac_beat::metrics::BeatMetrics::default());
     let _server = match args.metrics_addr.as_deref().map(super::parse_socket_addr).transpose()? {
@@ -178,4 +204,33 @@ pub(crate) async fn run(broker_url: &str, args: BeatArgs) -> CliResult {
         .map_err(|e| CliError::usage(format!("{e} (beat needs a Redis or SQLite broker)")))?;
     tracing::info!("beat stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use celeriac_beat::Entry;
+
+    #[test]
+    fn app_entries_join_the_file_and_a_name_in_both_is_refused() {
+        let app = crate::App::new()
+            .periodic(Entry::every("rust-side", "celeriac.noop", std::time::Duration::from_secs(5)).arg(1))
+            .periodic(Entry::cron("nightly", "celeriac.noop", "0 3 * * *").unwrap().queue("q"))
+            .timezone(chrono_tz::Europe::Berlin);
+        let entries = AppEntries::of(&app);
+        let alone = load(None, &entries).unwrap();
+        assert_eq!((alone.entries.len(), alone.timezone), (2, chrono_tz::Europe::Berlin));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("beat.toml");
+        std::fs::write(&file, "[[entry]]\nname = \"from-file\"\ntask = \"t\"\nevery = \"1s\"\n").unwrap();
+        assert_eq!(load(Some(&file), &entries).unwrap().entries.len(), 3);
+        std::fs::write(&file, "[[entry]]\nname = \"nightly\"\ntask = \"t\"\nevery = \"1s\"\n").unwrap();
+        let err = load(Some(&file), &entries).unwrap_err().message;
+        assert!(err.starts_with("App::periodic: entry \"nightly\": name: "), "{err}");
+        assert!(load(None, &AppEntries::default()).unwrap_err().message.contains("--schedule"));
+        assert!(Entry::cron("bad", "t", "61 * * * *")
+            .unwrap_err()
+            .to_string()
+            .starts_with("App::periodic: entry \"bad\": cron: "));
+    }
 }

@@ -177,7 +177,7 @@ struct WorkerArgs {
     metrics_addr: Option<String>,
     /// Also run a beat in this worker (Celery's `-B`), sending the periodic tasks of
     /// `--schedule`; any number of workers may run one, one leader sends.
-    #[arg(short = 'B', long = "beat", requires = "schedule")]
+    #[arg(short = 'B', long = "beat")]
     beat: bool,
     /// The schedule file of `-B` (see `celeriac beat`).
     #[arg(long, value_name = "FILE")]
@@ -361,7 +361,7 @@ async fn run(app: App, cli: Cli) -> CliResult {
         Command::Demo(args) => demo::run(app, args).await,
         Command::Inspect(args) => remote::inspect(&cli.broker, args).await,
         Command::Control(args) => remote::control(&cli.broker, backend_url, args).await,
-        Command::Beat(args) => beat::run(&cli.broker, args).await,
+        Command::Beat(args) => beat::run(&cli.broker, args, beat::AppEntries::of(&app)).await,
     }
 }
 
@@ -441,13 +441,18 @@ async fn worker(
             worker_events: !args.without_heartbeat,
         },
         metrics_addr: args.metrics_addr.as_deref().map(parse_socket_addr).transpose()?,
-        default_queue: args.default_queue,
+        default_queue: args.default_queue.clone(),
     };
     let broker = connect::broker(broker_url)?;
     let backend = connect::backend(backend_url, broker_url)?;
-    let beat = match (args.beat, &args.schedule) {
-        (true, Some(file)) => Some(beat::start(broker.clone(), file, celeriac_core::DEFAULT_QUEUE)?),
-        _ => None,
+    let beat = match args.beat {
+        true => Some(beat::start(
+            broker.clone(),
+            args.schedule.as_deref(),
+            beat::AppEntries::of(&app),
+            &args.default_queue,
+        )?),
+        false => None,
     };
     let shutdown = crate::Shutdown::new();
     shutdown.install_signal_handlers().map_err(|e| CliError::failed(format!("cannot install signal handlers: {e}")))?;
