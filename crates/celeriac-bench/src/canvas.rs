@@ -77,6 +77,7 @@ async fn celeriac_chord(client: &Client, queue: &str, n: u64) -> Result<f64> {
     let workflow = chord((0..n as i64).map(|i| add(queue, &[i, i])), body);
     let started = Instant::now();
     let handle = workflow.apply_async(client).await?;
+    eprintln!("    chord of {n}: sent in {:.3}s", started.elapsed().as_secs_f64());
     let value = handle.get(Some(limit(n))).await.context("the chord's body result")?;
     let elapsed = started.elapsed().as_secs_f64();
     ensure!(value == json!(n * n.saturating_sub(1)), "the chord of {n} returned {value}");
