@@ -148,10 +148,11 @@ const SILENT_OPTIONS: &[&str] = &[
 ];
 
 impl CallOptions {
-    /// Read the options of a call; `ignored` collects the names celeriac does not act on.
+    /// Read the options of a call; `ignored` collects the names celeriac does not act on. The
+    /// values are moved, not copied: a chain step's `chain` holds the rest of the chain.
     pub fn from_map(
         task: &str,
-        options: &Map<String, Value>,
+        options: Map<String, Value>,
         now: DateTime<Utc>,
         ignored: &mut Vec<String>,
     ) -> Result<Self, CanvasError> {
@@ -185,18 +186,19 @@ impl CallOptions {
                 other => Err(bad(name, format!("expected a time, got {}", short(other)))),
             }
         };
-        let sigs = |name: &str, v: &Value| -> Result<Vec<Value>, CanvasError> {
+        let sigs = |name: &str, v: Value| -> Result<Vec<Value>, CanvasError> {
             match v {
                 Value::Null => Ok(Vec::new()),
-                Value::Array(items) => Ok(items.clone()),
-                Value::Object(_) => Ok(vec![v.clone()]),
-                other => Err(bad(name, format!("expected signatures, got {}", short(other)))),
+                Value::Array(items) => Ok(items),
+                v @ Value::Object(_) => Ok(vec![v]),
+                other => Err(bad(name, format!("expected signatures, got {}", short(&other)))),
             }
         };
         let mut o = CallOptions::default();
         let mut routing_key = None;
-        for (name, v) in options {
-            match name.as_str() {
+        for (name, owned) in options {
+            let (name, v) = (name.as_str(), &owned);
+            match name {
                 "task_id" => o.task_id = text(name, v)?,
                 "countdown" => o.countdown = seconds(name, v)?,
                 "eta" => o.eta = time(name, v)?,
@@ -239,20 +241,20 @@ impl CallOptions {
                 "parent_id" => o.parent_id = text(name, v)?,
                 "root_id" => o.root_id = text(name, v)?,
                 "reply_to" => o.reply_to = text(name, v)?,
-                "link" => o.link = sigs(name, v)?,
-                "link_error" => o.link_error = sigs(name, v)?,
-                "chain" => o.chain = if v.is_null() { None } else { Some(sigs(name, v)?) },
-                "chord" => o.chord = (!v.is_null()).then(|| v.clone()),
+                "link" => o.link = sigs(name, owned)?,
+                "link_error" => o.link_error = sigs(name, owned)?,
+                "chain" => o.chain = if v.is_null() { None } else { Some(sigs(name, owned)?) },
+                "chord" => o.chord = (!v.is_null()).then_some(owned),
                 "retries" => o.retries = v.as_u64().unwrap_or(0) as u32,
                 "headers" => {
-                    if let Value::Object(h) = v {
-                        o.headers = h.clone();
+                    if let Value::Object(h) = owned {
+                        o.headers = h;
                     }
                 }
-                "stamped_headers" => o.stamped_headers = (!v.is_null()).then(|| v.clone()),
+                "stamped_headers" => o.stamped_headers = (!v.is_null()).then_some(owned),
                 "stamps" => {
-                    if let Value::Object(s) = v {
-                        o.stamps = s.clone();
+                    if let Value::Object(s) = owned {
+                        o.stamps = s;
                     }
                 }
                 "replaced_task_nesting" => o.replaced_task_nesting = v.as_u64().unwrap_or(0) as u32,
@@ -275,12 +277,12 @@ impl CallOptions {
 /// Build the protocol v2 message of one task call, as Celery's `as_task_v2` writes it: the id
 /// (`task_id`, else a new UUID) is also the `correlation_id`; `root_id` defaults to the id;
 /// `eta` comes from `eta` or `countdown`; the embed carries `link`, `link_error`, `chain` and
-/// `chord`.
+/// `chord` (moved out of `o`, not copied).
 pub fn build_message(
     task: &str,
     args: Vec<Value>,
     kwargs: Map<String, Value>,
-    o: &CallOptions,
+    mut o: CallOptions,
     sender: &Sender<'_>,
 ) -> Result<(String, Message), CanvasError> {
     let id = o.task_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -305,12 +307,12 @@ pub fn build_message(
     h.replaced_task_nesting = o.replaced_task_nesting;
     h.stamped_headers = o.stamped_headers.clone();
     h.stamps = o.stamps.clone();
-    let list = |v: &Vec<Value>| (!v.is_empty()).then(|| Value::Array(v.clone()));
+    let list = |v: Vec<Value>| (!v.is_empty()).then_some(Value::Array(v));
     let embed = crate::Embed {
-        callbacks: list(&o.link),
-        errbacks: list(&o.link_error),
-        chain: o.chain.clone().map(Value::Array),
-        chord: o.chord.clone(),
+        callbacks: list(std::mem::take(&mut o.link)),
+        errbacks: list(std::mem::take(&mut o.link_error)),
+        chain: o.chain.take().map(Value::Array),
+        chord: o.chord.take(),
     };
     let body = TaskBody { args, kwargs, embed };
     let mut message = Message::new_task(&h, &body, o.priority, o.reply_to.clone())
@@ -321,8 +323,8 @@ pub fn build_message(
         message.headers.insert("ignore_result".into(), Value::Null);
     }
     // Celery merges the `headers` option over its own.
-    for (k, v) in &o.headers {
-        message.headers.insert(k.clone(), v.clone());
+    for (k, v) in std::mem::take(&mut o.headers) {
+        message.headers.insert(k, v);
     }
     message.properties.expiration = o.expires.map(|at| expiration_property(at, sender.now));
     Ok((id, message))
@@ -448,14 +450,14 @@ fn apply_task(sig: &Signature, call: Call, sender: &Sender<'_>, out: &mut Applie
             options.insert(k, v);
         }
     }
-    let mut o = CallOptions::from_map(&sig.task, &options, sender.now, &mut out.ignored_options)?;
+    let mut o = CallOptions::from_map(&sig.task, options, sender.now, &mut out.ignored_options)?;
     let known = (sender.task_options)(&sig.task);
     if o.ignore_result.is_none() {
         o.ignore_result = known.as_ref().map(|t| t.ignore_result);
     }
     let queue =
         o.queue.clone().or_else(|| known.and_then(|t| t.queue)).unwrap_or_else(|| sender.default_queue.to_string());
-    let (id, message) = build_message(&sig.task, args, sig.kwargs.clone(), &o, sender)?;
+    let (id, message) = build_message(&sig.task, args, sig.kwargs.clone(), o, sender)?;
     out.publish.push(Outgoing { queue, message, task_id: id.clone(), task: sig.task.clone() });
     Ok(ResultRef::task(id))
 }
