@@ -286,7 +286,7 @@ impl Beat {
             now: self.clock.now(),
             task_options: &no_tasks,
         };
-        let (_, mut message) = build_message(&entry.task, entry.args.clone(), entry.kwargs.clone(), &options, &sender)
+        let (_, mut message) = build_message(&entry.task, entry.args.clone(), entry.kwargs.clone(), options, &sender)
             .map_err(|e| e.to_string())?;
         // Workers run a run once, however many times it is sent (celeriac_worker's
         // `request::BEAT_RUN_HEADER`; Python workers ignore the header).
