@@ -72,7 +72,7 @@ async fn three_beats_one_sender(broker: Arc<dyn Broker>) {
     let after_kill = sent.iter().find(|(t, _, _)| *t > at).map(|(t, _, _)| *t - at).expect("runs after the kill");
     assert!(after_kill < LEASE + LEASE / 3 + Duration::from_millis(400), "took over in {after_kill:?}");
     // What was sent is in the queue, once each.
-    let mut consumer = broker.consume(&[queue.clone()], 1000).await.unwrap();
+    let mut consumer = broker.consume(std::slice::from_ref(&queue), 1000).await.unwrap();
     let mut got = HashSet::new();
     while got.len() < sent.len() {
         let d = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await.expect("a message").unwrap();

@@ -113,31 +113,6 @@ pub fn exception_repr(result: &Value) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn parts_are_celerys_members() {
-        let meta = ResultMeta::success("t1", json!(4));
-        let part = ChordPart::of("g", Some(2), &meta);
-        assert_eq!(part.encode(), br#"[1, "t1", "SUCCESS", 4]"#.to_vec());
-        assert_eq!(part.score(), "2");
-        let back = ChordPart::decode("g", &part.encode()).unwrap();
-        assert_eq!((back.task_id.as_str(), back.state, back.result), ("t1", TaskState::Success, json!(4)));
-    }
-
-    #[test]
-    fn a_failed_part_is_a_chord_error_with_celerys_text() {
-        let ok = ChordPart::of("g", Some(0), &ResultMeta::success("a", json!(1)));
-        let exc = ExceptionInfo::new("ValueError", "boom", "builtins");
-        let failed = ChordPart::of("g", Some(1), &ResultMeta::exception("b", TaskState::Failure, &exc, None));
-        assert_eq!(body_argument(&[ok.clone()]), Ok(json!([1])));
-        assert_eq!(body_argument(&[ok, failed]), Err(ChordError("Dependency b raised ValueError('boom')".into())));
-    }
-}
-
 /// What every [`ResultBackend`](crate::ResultBackend) that joins chords must do, checked on a
 /// real one: for backend implementers' tests (celeriac's Redis and SQLite backends run it).
 /// Uses fresh ids; returns what did not hold.
@@ -191,5 +166,30 @@ pub async fn check_join_contract(backend: &dyn crate::ResultBackend) -> Result<(
     match backend.get(&ids[1]).await.map_err(err)? {
         Some(m) if m.status == TaskState::Success => Ok(()),
         other => Err(format!("a part's result is stored with it: {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parts_are_celerys_members() {
+        let meta = ResultMeta::success("t1", json!(4));
+        let part = ChordPart::of("g", Some(2), &meta);
+        assert_eq!(part.encode(), br#"[1, "t1", "SUCCESS", 4]"#.to_vec());
+        assert_eq!(part.score(), "2");
+        let back = ChordPart::decode("g", &part.encode()).unwrap();
+        assert_eq!((back.task_id.as_str(), back.state, back.result), ("t1", TaskState::Success, json!(4)));
+    }
+
+    #[test]
+    fn a_failed_part_is_a_chord_error_with_celerys_text() {
+        let ok = ChordPart::of("g", Some(0), &ResultMeta::success("a", json!(1)));
+        let exc = ExceptionInfo::new("ValueError", "boom", "builtins");
+        let failed = ChordPart::of("g", Some(1), &ResultMeta::exception("b", TaskState::Failure, &exc, None));
+        assert_eq!(body_argument(std::slice::from_ref(&ok)), Ok(json!([1])));
+        assert_eq!(body_argument(&[ok, failed]), Err(ChordError("Dependency b raised ValueError('boom')".into())));
     }
 }
