@@ -162,3 +162,32 @@ fn demo_runs_on_the_embedded_default_and_reports_every_outcome() {
     assert!(out.lines().any(|l| l.starts_with("retries") && l.trim_end().ends_with('2')), "{out}");
     assert!(!db.exists(), "the demo removes its file unless --keep");
 }
+
+/// A command whose reader goes away (`celeriac queues | head -0`) ends quietly, as Unix tools do:
+/// no panic, no backtrace.
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    use std::process::{Command, Stdio};
+    let db = common::TempDb::new("");
+    // Enough queues that the output outgrows the pipe's buffer.
+    for i in 0..300 {
+        let (code, _, err) = common::run_cli(
+            &["send", "--broker", &db.url, "celeriac.noop", "-Q", &format!("pipe-queue-with-a-long-name-{i:04}")],
+            &[],
+        );
+        assert_eq!(code, 0, "{err}");
+    }
+    for _ in 0..3 {
+        let mut child = Command::new(common::bin())
+            .args(["queues", "--broker", &db.url])
+            .env("RUST_BACKTRACE", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    }
+}

@@ -325,6 +325,15 @@ pub fn main(app: App, args: impl IntoIterator<Item = OsString>) -> ExitCode {
         _ => false,
     };
     logging::init(if worker || cli.loglevel != "info" { &cli.loglevel } else { "warn" }, cli.log_format);
+    if !worker {
+        // A command whose output is piped into `head` stops quietly when the reader goes, as
+        // Unix tools do, instead of panicking on the failed write (Rust ignores SIGPIPE). Not
+        // for the worker and beat, which write to sockets and must see EPIPE as an error.
+        // SAFETY: restoring the default disposition of one signal, before any thread starts.
+        let _ = unsafe {
+            nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl)
+        };
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if matches!(&cli.command, Command::Worker(w) if w.pool == "prefork") {
         // A prefork supervisor only routes messages between the broker and its children: one
