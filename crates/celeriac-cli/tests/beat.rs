@@ -197,10 +197,13 @@ fn catch_up_after_downtime_sends_once_all_or_none() {
         wait_until("eleven intervals of downtime", Duration::from_secs(5), || {
             stopped.elapsed() >= Duration::from_millis(2300)
         });
-        let restarted = chrono::Utc::now();
         let mut second = WorkerProc::spawn_cli(Path::new(common::bin()), &args);
-        // Then one run on time, to know the catch-up is over.
-        let on_time = || second.matching("sent entry=c ").iter().any(|l| scheduled_of(l) >= restarted);
+        // The runs it sends are the missed ones up to when it took the lead, then those on time;
+        // wait for one on time, to know the catch-up is over.
+        let led = || second.matching("leader: sending").first().map(|l| logged_at(l));
+        wait_until("the restarted beat to lead", Duration::from_secs(20), || led().is_some());
+        let led = led().expect("led");
+        let on_time = || second.matching("sent entry=c ").iter().any(|l| scheduled_of(l) > led);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !on_time() {
             assert!(Instant::now() < deadline, "no run after the restart ({policy}):\n{}", second.dump());
@@ -208,9 +211,15 @@ fn catch_up_after_downtime_sends_once_all_or_none() {
         }
         second.signal("TERM");
         second.wait_exit(Duration::from_secs(10));
-        let missed = second.matching("sent entry=c ").iter().filter(|l| scheduled_of(l) < restarted).count();
+        let missed = second.matching("sent entry=c ").iter().filter(|l| scheduled_of(l) <= led).count();
         assert!(check(missed), "catch_up {policy}: {missed} missed runs sent\n{}", second.dump());
     }
+}
+
+/// When a log line was written (its leading RFC 3339 timestamp).
+fn logged_at(line: &str) -> chrono::DateTime<chrono::Utc> {
+    let stamp = line.split_whitespace().next().expect("a timestamp");
+    chrono::DateTime::parse_from_rfc3339(stamp).expect("an RFC 3339 time").with_timezone(&chrono::Utc)
 }
 
 /// The scheduled time of a `sent` line (`scheduled=2026-11-30 11:49:41.100 UTC`).
