@@ -70,7 +70,7 @@ async fn three_beats_one_sender(broker: Arc<dyn Broker>) {
     let gaps: Vec<i64> = scheduled.windows(2).map(|w| (w[1] - w[0]).num_milliseconds()).filter(|g| *g != 250).collect();
     assert!(gaps.len() <= 1 && gaps.iter().all(|g| *g > 0 && *g <= bound), "gaps {gaps:?} in {scheduled:?}");
     let after_kill = sent.iter().find(|(t, _, _)| *t > at).map(|(t, _, _)| *t - at).expect("runs after the kill");
-    assert!(after_kill < LEASE + LEASE / 3 + Duration::from_millis(400), "took over in {after_kill:?}");
+    assert!(after_kill < LEASE + LEASE / 3 + Duration::from_millis(1000), "took over in {after_kill:?}");
     // What was sent is in the queue, once each.
     let mut consumer = broker.consume(std::slice::from_ref(&queue), 1000).await.unwrap();
     let mut got = HashSet::new();
