@@ -33,6 +33,7 @@ use serde_json::{Map, Number, Value};
 
 use crate::compression::{Codec, CompressionError};
 use crate::error::ProtocolError;
+use crate::pyjson::RawJson;
 
 /// JSON content type, the default serializer.
 pub const CONTENT_TYPE_JSON: &str = "application/json";
@@ -532,20 +533,31 @@ mod iso8601 {
 }
 
 /// The `embed` part of a body: workflow links, each `null` or a list/dict of signatures.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Embed {
     /// Signatures to apply with the result on success (`link`).
-    #[serde(default)]
     pub callbacks: Option<Value>,
     /// Signatures to apply on failure (`link_error`).
-    #[serde(default)]
     pub errbacks: Option<Value>,
-    /// The rest of a chain, last task first.
-    #[serde(default)]
-    pub chain: Option<Value>,
+    /// The rest of a chain, last task first, as the JSON text it arrived as: every step passes
+    /// it on minus one step, so it is decoded only where it is read
+    /// ([`crate::canvas::continuation`]).
+    pub chain: Option<RawJson>,
     /// The chord callback.
-    #[serde(default)]
     pub chord: Option<Value>,
+}
+
+/// An embed as read straight from a body, the rest of the chain left undecoded.
+#[derive(Deserialize)]
+struct WireEmbed {
+    #[serde(default)]
+    callbacks: Option<Value>,
+    #[serde(default)]
+    errbacks: Option<Value>,
+    #[serde(default)]
+    chain: Option<Box<serde_json::value::RawValue>>,
+    #[serde(default)]
+    chord: Option<Value>,
 }
 
 /// A decoded body: `[args, kwargs, embed]`.
@@ -566,7 +578,7 @@ impl Embed {
         let mut m = Map::new();
         m.insert("callbacks".into(), v(&self.callbacks));
         m.insert("errbacks".into(), v(&self.errbacks));
-        m.insert("chain".into(), v(&self.chain));
+        m.insert("chain".into(), self.chain.as_ref().and_then(|c| c.to_value().ok()).unwrap_or(Value::Null));
         m.insert("chord".into(), v(&self.chord));
         Value::Object(m)
     }
@@ -575,24 +587,73 @@ impl Embed {
     /// `serde_json::from_value`, which refuses a `NaN` inside a linked signature.)
     pub fn from_map(mut map: Map<String, Value>) -> Self {
         let mut take = |k: &str| map.remove(k).filter(|v| !v.is_null());
-        Embed { callbacks: take("callbacks"), errbacks: take("errbacks"), chain: take("chain"), chord: take("chord") }
+        Embed {
+            callbacks: take("callbacks"),
+            errbacks: take("errbacks"),
+            chain: take("chain").map(|c| RawJson::from_value(&c)),
+            chord: take("chord"),
+        }
+    }
+
+    /// Write the embed as Python's `json.dumps` writes Celery's dict (keys in Celery's order),
+    /// the rest of the chain as its text.
+    fn write_json(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        let encode = |v: &Option<Value>, out: &mut Vec<u8>| -> Result<(), ProtocolError> {
+            match v {
+                None => out.extend_from_slice(b"null"),
+                Some(v) => out.extend_from_slice(&to_python_json(v)?),
+            }
+            Ok(())
+        };
+        out.extend_from_slice(b"{\"callbacks\": ");
+        encode(&self.callbacks, out)?;
+        out.extend_from_slice(b", \"errbacks\": ");
+        encode(&self.errbacks, out)?;
+        out.extend_from_slice(b", \"chain\": ");
+        match &self.chain {
+            None => out.extend_from_slice(b"null"),
+            Some(text) => out.extend_from_slice(text.as_str().as_bytes()),
+        }
+        out.extend_from_slice(b", \"chord\": ");
+        encode(&self.chord, out)?;
+        out.push(b'}');
+        Ok(())
     }
 }
 
 impl TaskBody {
-    /// Encode as JSON, exactly as Python's `json.dumps` would.
+    /// Encode as JSON, exactly as Python's `json.dumps` would (the rest of a chain written as
+    /// the text it is held as).
     pub fn to_json(&self) -> Result<Vec<u8>, ProtocolError> {
-        let value = Value::Array(vec![
-            Value::Array(self.args.clone()),
-            Value::Object(self.kwargs.clone()),
-            self.embed.to_value(),
-        ]);
-        to_python_json(&value)
+        let chain_len = self.embed.chain.as_ref().map_or(0, |c| c.as_str().len());
+        let mut out = Vec::with_capacity(128 + chain_len);
+        out.push(b'[');
+        out.extend_from_slice(&crate::pyjson::to_vec(&self.args).map_err(|e| ProtocolError::Encode(e.to_string()))?);
+        out.extend_from_slice(b", ");
+        out.extend_from_slice(&crate::pyjson::to_vec(&self.kwargs).map_err(|e| ProtocolError::Encode(e.to_string()))?);
+        out.extend_from_slice(b", ");
+        self.embed.write_json(&mut out)?;
+        out.push(b']');
+        Ok(out)
     }
 
     /// Decode a body (already decompressed) of the given content type and encoding: a protocol
     /// v2 list `[args, kwargs, embed]`, or a protocol v1 object (see [`TaskBody::from_v1`]).
+    ///
+    /// A v2 body is read in one strict pass that leaves the rest of a chain as its text; a body
+    /// that pass refuses (a v1 object, `NaN`, a malformed part) is read as values, which names
+    /// what is wrong.
     pub fn decode(body: &[u8], content_type: &str, content_encoding: &str) -> Result<Self, ProtocolError> {
+        check_content(content_type, content_encoding)?;
+        if let Ok((args, kwargs, embed)) = serde_json::from_slice::<(Value, Value, Option<WireEmbed>)>(body) {
+            let embed = embed.map_or_else(Embed::default, |e| Embed {
+                callbacks: e.callbacks.filter(|v| !v.is_null()),
+                errbacks: e.errbacks.filter(|v| !v.is_null()),
+                chain: e.chain.filter(|c| c.get() != "null").map(RawJson::from_raw),
+                chord: e.chord.filter(|v| !v.is_null()),
+            });
+            return Self::from_parts(Some(args), Some(kwargs), embed);
+        }
         match decode_json(body, content_type, content_encoding)? {
             Value::Array(parts) => Self::from_v2(parts),
             Value::Object(fields) => Self::from_v1(fields),
@@ -611,7 +672,17 @@ impl TaskBody {
             )));
         }
         let embed = if parts.len() == 3 { parts.pop() } else { None };
-        let kwargs = match parts.pop() {
+        let embed = match embed {
+            None | Some(Value::Null) => Embed::default(),
+            Some(Value::Object(m)) => Embed::from_map(m),
+            Some(other) => return Err(ProtocolError::MalformedBody(format!("embed must be an object, got {other}"))),
+        };
+        let kwargs = parts.pop();
+        Self::from_parts(parts.pop(), kwargs, embed)
+    }
+
+    fn from_parts(args: Option<Value>, kwargs: Option<Value>, embed: Embed) -> Result<Self, ProtocolError> {
+        let kwargs = match kwargs {
             Some(Value::Object(m)) => m,
             Some(Value::Null) => Map::new(),
             other => {
@@ -621,12 +692,7 @@ impl TaskBody {
                 )))
             }
         };
-        let args = body_args(parts.pop())?;
-        let embed = match embed {
-            None | Some(Value::Null) => Embed::default(),
-            Some(Value::Object(m)) => Embed::from_map(m),
-            Some(other) => return Err(ProtocolError::MalformedBody(format!("embed must be an object, got {other}"))),
-        };
+        let args = body_args(args)?;
         Ok(TaskBody { args, kwargs, embed })
     }
 
@@ -677,8 +743,8 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-/// Check the content type and encoding, then parse the JSON body.
-fn decode_json(body: &[u8], content_type: &str, content_encoding: &str) -> Result<Value, ProtocolError> {
+/// Check the content type and encoding celeriac reads: JSON, as text.
+fn check_content(content_type: &str, content_encoding: &str) -> Result<(), ProtocolError> {
     match content_encoding.to_ascii_lowercase().as_str() {
         "utf-8" | "utf8" | "binary" | "" => {}
         other => return Err(ProtocolError::UnsupportedContentEncoding(other.to_string())),
@@ -686,6 +752,12 @@ fn decode_json(body: &[u8], content_type: &str, content_encoding: &str) -> Resul
     if content_type != CONTENT_TYPE_JSON {
         return Err(ProtocolError::UnsupportedContentType(content_type.to_string()));
     }
+    Ok(())
+}
+
+/// Check the content type and encoding, then parse the JSON body.
+fn decode_json(body: &[u8], content_type: &str, content_encoding: &str) -> Result<Value, ProtocolError> {
+    check_content(content_type, content_encoding)?;
     crate::pyjson::from_slice(body).map_err(|e| ProtocolError::MalformedBody(format!("not JSON: {e}")))
 }
 
@@ -879,6 +951,49 @@ mod tests {
         let map = headers.to_map();
         assert_eq!(crate::pyjson::to_string(&map["stamps"]).unwrap(), r#"{"s": NaN}"#);
         assert_eq!(TaskHeaders::from_map(&map).unwrap(), headers);
+    }
+
+    #[test]
+    fn the_rest_of_a_chain_passes_through_as_its_text() {
+        // Strict JSON (read in one pass, the chain left as text) and a step holding NaN (read as
+        // values, written back as Python writes it): the bytes come back unchanged either way.
+        for text in [
+            concat!(
+                r#"[[1], {}, {"callbacks": null, "errbacks": null, "chain": [{"task": "b", "args": [1E5, 1.50], "#,
+                r#""kwargs": {}, "options": {"task_id": "B"}, "subtask_type": null, "immutable": false}], "chord": null}]"#
+            ),
+            concat!(
+                r#"[[1], {}, {"callbacks": null, "errbacks": null, "chain": [{"task": "b", "args": [NaN], "#,
+                r#""kwargs": {}, "options": {}, "subtask_type": null, "immutable": false}], "chord": null}]"#
+            ),
+        ] {
+            let body = TaskBody::decode(text.as_bytes(), CONTENT_TYPE_JSON, "utf-8").unwrap();
+            let chain = body.embed.chain.as_ref().expect("a chain");
+            assert_eq!(chain.to_value().unwrap()[0]["task"], "b");
+            assert_eq!(String::from_utf8(body.to_json().unwrap()).unwrap(), text);
+        }
+        // A null chain is no chain; one that is not a list is kept for the reader to refuse.
+        let b = TaskBody::decode(br#"[[], {}, {"chain": null}]"#, CONTENT_TYPE_JSON, "utf-8").unwrap();
+        assert_eq!(b.embed, Embed::default());
+        let b = TaskBody::decode(br#"[[], {}, {"chain": {"task": "x"}}]"#, CONTENT_TYPE_JSON, "utf-8").unwrap();
+        assert_eq!(b.embed.chain.unwrap().to_value().unwrap(), json!({"task": "x"}));
+        // Written as the whole body as values is written.
+        let body = TaskBody {
+            args: vec![json!("é"), json!(0.5)],
+            kwargs: json!({"k": [1, {"a": null}]}).as_object().unwrap().clone(),
+            embed: Embed {
+                callbacks: Some(json!([{"task": "cb"}])),
+                errbacks: None,
+                chain: Some(RawJson::from_value(&json!([{"task": "n", "args": [2.0]}]))),
+                chord: Some(json!({"task": "body"})),
+            },
+        };
+        let as_values = Value::Array(vec![
+            Value::Array(body.args.clone()),
+            Value::Object(body.kwargs.clone()),
+            body.embed.to_value(),
+        ]);
+        assert_eq!(body.to_json().unwrap(), to_python_json(&as_values).unwrap());
     }
 
     #[test]

@@ -392,6 +392,66 @@ impl serde_json::ser::Formatter for PythonFormatter {
     }
 }
 
+/// JSON text carried undecoded: the rest of a chain, which every step of a chain receives and
+/// passes on minus one step, travels from message to message as the bytes it arrived as instead
+/// of being decoded into values and encoded again at every step.
+///
+/// The text is always valid Python JSON (it came out of a body [`from_slice`] accepted, or out of
+/// [`to_vec`]); it may hold `NaN` and `Infinity`, so strict readers are tried first and
+/// [`from_str`] is the fallback.
+#[derive(Debug, Clone)]
+pub struct RawJson(Box<str>);
+
+impl RawJson {
+    /// The text of `value` as [`to_vec`] writes it.
+    pub fn from_value(value: &Value) -> Self {
+        // A `Value` always serializes (its map keys are strings).
+        RawJson(to_string(value).unwrap_or_else(|_| "null".into()).into_boxed_str())
+    }
+
+    /// Text already checked to be JSON by a strict parse (`serde_json`'s `RawValue`).
+    pub fn from_raw(raw: Box<serde_json::value::RawValue>) -> Self {
+        RawJson(raw.into())
+    }
+
+    /// A JSON list written from its items' texts, in order (`[a, b, c]`, Python's separators).
+    pub fn list<'a>(items: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut text = String::from("[");
+        for (i, item) in items.into_iter().enumerate() {
+            if i > 0 {
+                text.push_str(", ");
+            }
+            text.push_str(item);
+        }
+        text.push(']');
+        RawJson(text.into_boxed_str())
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The value the text holds. Fails only on text that is not JSON, which a `RawJson` never
+    /// holds.
+    pub fn to_value(&self) -> Result<Value, serde_json::Error> {
+        from_str(&self.0)
+    }
+
+    /// The items' texts, when the text is a list that strict JSON reads (no `NaN`); `None`
+    /// otherwise (read it with [`to_value`](Self::to_value) then).
+    pub fn items(&self) -> Option<Vec<&serde_json::value::RawValue>> {
+        serde_json::from_str(&self.0).ok()
+    }
+}
+
+impl PartialEq for RawJson {
+    /// Equal when the values are (the texts may differ in spacing or number spelling).
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0 || matches!((self.to_value(), other.to_value()), (Ok(a), Ok(b)) if a == b)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -312,9 +312,9 @@ pub(crate) async fn after_failure(
     cont: &Continuations,
     exc: &ExceptionInfo,
 ) -> Result<(), ContinueError> {
-    if !cont.chain.is_empty() {
-        tracing::info!(steps = cont.chain.len(), "the chain stops here: its later steps are failed");
-        fail_chain(shared, &cont.chain, exc).await;
+    if let Some(chain) = &cont.chain {
+        tracing::info!(steps = chain.len, "the chain stops here: its later steps are failed");
+        fail_chain(shared, &chain.steps(), exc).await;
     }
     let plans = errbacks(shared, &cont.errbacks, &req.headers.id, &root_of(req));
     publish(shared, &plans).await

@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 
 use super::{short, CanvasError, ResultRef, Shape, Signature};
 use crate::protocol::{expiration_property, format_datetime, parse_datetime, seconds_number};
+use crate::pyjson::RawJson;
 use crate::{pyrepr, Message, TaskBody, TaskHeaders};
 
 /// Who sends, and where tasks go by default.
@@ -110,9 +111,9 @@ pub struct CallOptions {
     pub link: Vec<Value>,
     /// `link_error`: errbacks.
     pub link_error: Vec<Value>,
-    /// `chain`: the rest of a chain, last step first (`Some([])` is written as `[]`, as Celery's
-    /// worker passes the empty rest on).
-    pub chain: Option<Vec<Value>>,
+    /// `chain`: the rest of a chain, last step first, as JSON text (`Some([])` is written as
+    /// `[]`, as Celery's worker passes the empty rest on).
+    pub chain: Option<RawJson>,
     /// `chord`: the body of the chord this task is a header task of.
     pub chord: Option<Value>,
     /// `retries`.
@@ -243,7 +244,10 @@ impl CallOptions {
                 "reply_to" => o.reply_to = text(name, v)?,
                 "link" => o.link = sigs(name, owned)?,
                 "link_error" => o.link_error = sigs(name, owned)?,
-                "chain" => o.chain = if v.is_null() { None } else { Some(sigs(name, owned)?) },
+                "chain" => {
+                    o.chain =
+                        if v.is_null() { None } else { Some(RawJson::from_value(&Value::Array(sigs(name, owned)?))) }
+                }
                 "chord" => o.chord = (!v.is_null()).then_some(owned),
                 "retries" => o.retries = v.as_u64().unwrap_or(0) as u32,
                 "headers" => {
@@ -311,7 +315,7 @@ pub fn build_message(
     let embed = crate::Embed {
         callbacks: list(std::mem::take(&mut o.link)),
         errbacks: list(std::mem::take(&mut o.link_error)),
-        chain: o.chain.take().map(Value::Array),
+        chain: o.chain.take(),
         chord: o.chord.take(),
     };
     let body = TaskBody { args, kwargs, embed };
@@ -343,6 +347,9 @@ pub struct Call {
     /// Filled into every task message the call sends that lacks them (Celery's `send_task`
     /// fills `parent_id` and `root_id` from the task it runs in; a chord's body is sent so).
     pub fill: Map<String, Value>,
+    /// The `chain` option as JSON text (the rest of a chain a worker passes on, undecoded):
+    /// first among the options, over the signature's own.
+    pub chain: Option<RawJson>,
 }
 
 impl Call {
@@ -355,9 +362,8 @@ impl Call {
 
     /// [`with_result`](Self::with_result) for the next step of a chain, `rest` (the steps after
     /// it, last first) passed on first, in Celery's order of options.
-    pub fn next_step(result: Value, rest: Value, parent_id: &str, root_id: &str) -> Self {
-        Call { args: vec![result], ..Call::default() }
-            .option("chain", rest)
+    pub fn next_step(result: Value, rest: RawJson, parent_id: &str, root_id: &str) -> Self {
+        Call { args: vec![result], chain: Some(rest), ..Call::default() }
             .ids(parent_id, root_id)
             .option("priority", Value::Null)
     }
@@ -378,7 +384,7 @@ impl Call {
         let mut fill = Map::new();
         fill.insert("parent_id".into(), Value::String(parent_id.into()));
         fill.insert("root_id".into(), Value::String(root_id.into()));
-        Call { args, options: Map::new(), fill }
+        Call { args, options: Map::new(), fill, chain: None }
     }
 
     /// Add an option.
@@ -396,8 +402,27 @@ pub fn apply(sig: &Signature, call: Call, sender: &Sender<'_>) -> Result<Applied
     Ok(applied)
 }
 
-fn apply_into(sig: &Signature, call: Call, sender: &Sender<'_>, out: &mut Applied) -> Result<ResultRef, CanvasError> {
-    match sig.shape()? {
+fn apply_into(
+    sig: &Signature,
+    mut call: Call,
+    sender: &Sender<'_>,
+    out: &mut Applied,
+) -> Result<ResultRef, CanvasError> {
+    let shape = sig.shape()?;
+    if !matches!(shape, Shape::Task) {
+        // A group or chord step reads the chain it passes on as values.
+        if let Some(text) = call.chain.take() {
+            let rest = text.to_value().map_err(|e| CanvasError::BadEmbed {
+                field: "chain",
+                reason: format!("the rest of the chain is not JSON: {e}"),
+            })?;
+            let mut options = Map::with_capacity(call.options.len() + 1);
+            options.insert("chain".into(), rest);
+            options.extend(std::mem::take(&mut call.options));
+            call.options = options;
+        }
+    }
+    match shape {
         Shape::Task => apply_task(sig, call, sender, out),
         Shape::Group(tasks) => apply_group(sig, tasks, call, sender, out),
         Shape::Chord { header, body } => apply_chord(sig, header, *body, call, sender, out),
@@ -451,6 +476,9 @@ fn apply_task(sig: &Signature, call: Call, sender: &Sender<'_>, out: &mut Applie
         }
     }
     let mut o = CallOptions::from_map(&sig.task, options, sender.now, &mut out.ignored_options)?;
+    if call.chain.is_some() {
+        o.chain = call.chain;
+    }
     let known = (sender.task_options)(&sig.task);
     if o.ignore_result.is_none() {
         o.ignore_result = known.as_ref().map(|t| t.ignore_result);
@@ -523,7 +551,7 @@ fn apply_group(
         opts.insert("group_index".into(), Value::from(index));
         results.push(apply_into(
             member,
-            Call { args: partial.clone(), options: opts, fill: call.fill.clone() },
+            Call { args: partial.clone(), options: opts, fill: call.fill.clone(), chain: None },
             sender,
             out,
         )?);
@@ -573,7 +601,7 @@ fn apply_chord(
     if members.is_empty() {
         let result = apply_into(
             &body,
-            Call { args: vec![Value::Array(Vec::new())], options: Map::new(), fill: call.fill },
+            Call { args: vec![Value::Array(Vec::new())], options: Map::new(), fill: call.fill, chain: None },
             sender,
             out,
         )?;
@@ -591,7 +619,7 @@ fn apply_chord(
     }
     let group = Signature::group(members);
     let header_result =
-        apply_into(&group, Call { args: partial, options: header_options, fill: call.fill }, sender, out)?;
+        apply_into(&group, Call { args: partial, options: header_options, fill: call.fill, chain: None }, sender, out)?;
     Ok(body_result.after(Some(header_result)))
 }
 
@@ -795,7 +823,7 @@ fn apply_chain(
     if let Some(parent) = own.get("parent_id") {
         options.insert("parent_id".into(), parent.clone());
     }
-    apply_into(&first, Call { args: partial, options, fill: call.fill }, sender, out)?;
+    apply_into(&first, Call { args: partial, options, fill: call.fill, chain: None }, sender, out)?;
     Ok(result.expect("not empty"))
 }
 

@@ -10,6 +10,7 @@
 use serde_json::Value;
 
 use super::{Call, CanvasError, Shape, Signature};
+use crate::pyjson::RawJson;
 use crate::Embed;
 
 /// A part of an embed that could not be read.
@@ -30,8 +31,8 @@ pub struct Continuations {
     pub callbacks: Vec<Signature>,
     /// Applied (or called) after a failure (`link_error`).
     pub errbacks: Vec<Signature>,
-    /// The rest of the chain, last step first, as on the wire: the next step is the last one.
-    pub chain: Vec<Signature>,
+    /// The rest of the chain: its next step, and the steps after it as their text.
+    pub chain: Option<ChainRest>,
     /// The body of the chord this task is a header task of.
     pub chord: Option<Signature>,
     /// Parts left out, each with its reason.
@@ -44,7 +45,7 @@ impl Continuations {
         let mut c = Continuations::default();
         c.callbacks = list(&embed.callbacks, "callbacks", &mut c.problems);
         c.errbacks = list(&embed.errbacks, "errbacks", &mut c.problems);
-        c.chain = list(&embed.chain, "chain", &mut c.problems);
+        c.chain = embed.chain.as_ref().and_then(|text| ChainRest::read(text, &mut c.problems));
         if let Some(v) = &embed.chord {
             match Signature::from_value(v).and_then(|s| s.shape().map(|_| s)) {
                 Ok(sig) => c.chord = Some(sig),
@@ -74,16 +75,98 @@ impl Continuations {
                 }
             }
         }
-        if let Some((next, rest)) = self.chain.split_last() {
-            let rest = Value::Array(rest.iter().map(Signature::to_value).collect());
-            out.push((next.clone(), Call::next_step(value.clone(), rest, task_id, root_id)));
+        if let Some(chain) = &self.chain {
+            out.push((chain.next.clone(), Call::next_step(value.clone(), chain.after.clone(), task_id, root_id)));
         }
         out
     }
 
     /// Whether there is nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.callbacks.is_empty() && self.errbacks.is_empty() && self.chain.is_empty() && self.chord.is_none()
+        self.callbacks.is_empty() && self.errbacks.is_empty() && self.chain.is_none() && self.chord.is_none()
+    }
+}
+
+/// The rest of a chain as a step's message carries it (`chain`, last step first): the next step
+/// read, the steps after it kept as the JSON text they came in (each step decodes one step and
+/// passes the rest on byte for byte, so a chain of N steps costs N reads of one step, not N²).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainRest {
+    /// The next step (the list's last element).
+    pub next: Signature,
+    /// The steps after it, last first: a JSON list, possibly `[]`.
+    pub after: RawJson,
+    /// How many steps are left, the next one included.
+    pub len: usize,
+}
+
+impl ChainRest {
+    /// Read the rest of a chain: `None` when it is empty or holds no step that can be read.
+    /// A next step that cannot be read is reported in `problems` and skipped (the one before it
+    /// is next); the steps after the next one are read when their turn comes.
+    fn read(text: &RawJson, problems: &mut Vec<Problem>) -> Option<ChainRest> {
+        let bad_list = |problems: &mut Vec<Problem>, v: &Value| {
+            problems.push(Problem {
+                field: "chain",
+                task_id: id_of(v),
+                error: CanvasError::BadEmbed {
+                    field: "chain",
+                    reason: format!("expected a list of signatures, got {}", super::short(v)),
+                },
+            })
+        };
+        let read_step = |v: &Value, problems: &mut Vec<Problem>| match Signature::from_value(v)
+            .and_then(|s| s.shape().map(|_| s))
+        {
+            Ok(sig) => Some(sig),
+            Err(error) => {
+                problems.push(Problem { field: "chain", task_id: id_of(v), error });
+                None
+            }
+        };
+        if let Some(items) = text.items() {
+            // Strict JSON (the common case): decode steps from the end until one reads.
+            let mut left = items.len();
+            while left > 0 {
+                left -= 1;
+                let step = crate::pyjson::from_str(items[left].get()).unwrap_or(Value::Null);
+                if let Some(next) = read_step(&step, problems) {
+                    let after = RawJson::list(items[..left].iter().map(|i| i.get()));
+                    return Some(ChainRest { next, after, len: left + 1 });
+                }
+            }
+            return None;
+        }
+        // Text strict JSON refuses (`NaN` in a step, or not a list at all).
+        let mut steps = match text.to_value() {
+            Ok(Value::Array(steps)) => steps,
+            Ok(other) => {
+                bad_list(problems, &other);
+                return None;
+            }
+            Err(e) => {
+                bad_list(problems, &Value::String(e.to_string()));
+                return None;
+            }
+        };
+        while let Some(step) = steps.pop() {
+            if let Some(next) = read_step(&step, problems) {
+                let len = steps.len() + 1;
+                return Some(ChainRest { next, after: RawJson::from_value(&Value::Array(steps)), len });
+            }
+        }
+        None
+    }
+
+    /// Every step left, last first as on the wire (the next one last); steps after the next one
+    /// that cannot be read are left out. For failing the chain: each step's id gets the FAILURE.
+    pub fn steps(&self) -> Vec<Signature> {
+        let mut steps: Vec<Signature> = match self.after.to_value() {
+            Ok(Value::Array(items)) => items.iter().filter_map(|v| Signature::from_value(v).ok()).collect(),
+            _ => Vec::new(),
+        };
+        steps.push(self.next.clone());
+        steps
     }
 }
 
@@ -153,7 +236,7 @@ fn list(v: &Option<Value>, field: &'static str, problems: &mut Vec<Problem>) -> 
         None | Some(Value::Null) => return Vec::new(),
         Some(Value::Array(items)) => items.iter().collect(),
         // Celery accepts a single signature where a list is expected for links.
-        Some(one @ Value::Object(_)) if field != "chain" => vec![one],
+        Some(one @ Value::Object(_)) => vec![one],
         Some(other) => {
             problems.push(Problem {
                 field,
@@ -186,14 +269,49 @@ mod tests {
         let embed = Embed {
             callbacks: Some(json!([{"task": "ok"}, {"args": [1], "options": {"task_id": "cb2"}}])),
             errbacks: None,
-            chain: Some(json!({"task": "not-a-list"})),
+            chain: Some(RawJson::from_value(&json!({"task": "not-a-list"}))),
             chord: Some(json!({"task": "body", "subtask_type": "weird", "options": {"task_id": "B"}})),
         };
         let c = Continuations::read(&embed);
         assert_eq!(c.callbacks.len(), 1);
-        assert!(c.chain.is_empty() && c.chord.is_none());
+        assert!(c.chain.is_none() && c.chord.is_none());
         let fields: Vec<_> = c.problems.iter().map(|p| (p.field, p.task_id.clone())).collect();
         assert_eq!(fields, vec![("callbacks", Some("cb2".into())), ("chain", None), ("chord", Some("B".into()))]);
         assert!(matches!(c.problems[2].error, CanvasError::UnknownSubtaskType { .. }));
+    }
+
+    #[test]
+    fn the_next_step_is_read_and_the_rest_kept_as_text() {
+        let step = |id: &str| json!({"task": "add", "args": [1], "options": {"task_id": id}});
+        let text = RawJson::from_value(&json!([step("C"), step("B"), step("A")]));
+        let embed = Embed { chain: Some(text), ..Embed::default() };
+        let c = Continuations::read(&embed);
+        let chain = c.chain.as_ref().unwrap();
+        assert_eq!((chain.next.task_id(), chain.len), (Some("A"), 3));
+        assert_eq!(chain.after.to_value().unwrap(), json!([step("C"), step("B")]));
+        let ids: Vec<_> = chain.steps().iter().map(|s| s.task_id().unwrap().to_string()).collect();
+        assert_eq!(ids, ["C", "B", "A"]);
+        // Passed on as the next step's `chain`.
+        let after = c.after_success(&json!(2), "P", "R");
+        assert_eq!(after.len(), 1);
+        assert_eq!((after[0].0.task_id(), after[0].1.args.clone()), (Some("A"), vec![json!(2)]));
+        assert_eq!(after[0].1.chain.as_ref().unwrap().as_str(), chain.after.as_str());
+
+        // A next step that cannot be read is reported and skipped; NaN is read too.
+        let text = RawJson::from_value(&json!([step("B"), {"args": [], "options": {"task_id": "bad"}}]));
+        let c = Continuations::read(&Embed { chain: Some(text), ..Embed::default() });
+        assert_eq!(c.chain.as_ref().unwrap().next.task_id(), Some("B"));
+        assert_eq!(c.chain.as_ref().unwrap().after.to_value().unwrap(), json!([]));
+        assert_eq!(c.problems.iter().map(|p| p.task_id.clone()).collect::<Vec<_>>(), vec![Some("bad".to_string())]);
+        let nan = format!(r#"[{}, {{"task": "x", "args": [NaN], "options": {{"task_id": "N"}}}}]"#, step("B"));
+        let body = format!(r#"[[], {{}}, {{"chain": {nan}}}]"#);
+        let body = crate::TaskBody::decode(body.as_bytes(), crate::protocol::CONTENT_TYPE_JSON, "utf-8").unwrap();
+        let c = Continuations::read(&body.embed);
+        let chain = c.chain.unwrap();
+        assert_eq!((chain.next.task_id(), chain.next.args[0].to_string()), (Some("N"), "NaN".to_string()));
+        assert_eq!(chain.after.to_value().unwrap(), json!([step("B")]));
+        // An empty rest is no chain.
+        let c = Continuations::read(&Embed { chain: Some(RawJson::from_value(&json!([]))), ..Embed::default() });
+        assert!(c.chain.is_none() && c.problems.is_empty());
     }
 }
