@@ -8,43 +8,38 @@
 //!   sending at once. A beat that dies loses the lease when its term runs out: another takes over
 //!   within the term plus a third of it.
 //! - **Runs.** The leader reads the last run sent of each entry from the broker
-//!   ([`Broker::last_runs`]) when it takes the lease, sends what [`Entry::due`] says, and records
-//!   each run after sending it ([`Broker::record_runs`]). A new leader therefore sends each run
-//!   the old one sent but did not record a second time, with the same task id ([`run_id`]): the
-//!   same run, recognisable by its id. An entry never seen before starts at the first run after
-//!   now.
+//!   ([`Broker::last_runs`]) when it takes the lease, and keeps the entries in a queue ordered by
+//!   their next run, so each tick looks only at the entries whose time has come (10,000 entries
+//!   cost nothing between their runs). It sends what [`Entry::due`] says for each, with up to
+//!   `PUBLISH_IN_FLIGHT` (256) publishes waiting for the broker at once, then records the runs sent in
+//!   one call ([`Broker::record_runs`]). A new leader therefore sends each run the old one sent
+//!   but did not record a second time, with the same task id ([`run_id`]): the same run,
+//!   recognisable by its id. An entry never seen before starts at the first run after now.
+//! - **Time.** The schedule is read against the [`Clock`]'s wall clock and the loop waits on its
+//!   monotonic clock ([`Clock::sleep`]), so a test drives the loop with a
+//!   [`ManualClock`](crate::clock::ManualClock). A wall clock that jumps forward is downtime
+//!   (`catch_up` decides); one that jumps back does not hold the schedule up or repeat runs: the
+//!   schedule goes on from where it was until the wall clock catches up (`ScheduleTime`).
 //! - **Messages** are plain protocol v2 task messages (Python workers run them too): id from the
 //!   entry and the scheduled time, `expires` the scheduled time plus the entry's `expires`.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use celeriac_core::canvas::{build_message, CallOptions, Sender};
 use celeriac_core::{Broker, BrokerError};
 use chrono::{DateTime, TimeZone, Utc};
+use futures::StreamExt;
 use tokio::sync::watch;
+
+pub use crate::clock::{Clock, SystemClock};
 
 use crate::schedule::{run_id, Entry, Schedule};
 
 /// The header naming a beat run (`<schedule>/<entry>`), by which a worker runs a run once.
 pub const BEAT_RUN_HEADER: &str = "celeriac_beat_run";
-
-/// The time beat reads: the system clock, or a test's.
-pub trait Clock: Send + Sync + 'static {
-    /// Now.
-    fn now(&self) -> DateTime<Utc>;
-}
-
-/// The system clock.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> DateTime<Utc> {
-        Utc::now()
-    }
-}
 
 /// How a beat runs.
 #[derive(Debug, Clone)]
@@ -140,7 +135,8 @@ impl Beat {
         };
         let term = self.config.lease;
         let mut leader_until: Option<Instant> = None;
-        let mut last: HashMap<String, i64> = HashMap::new();
+        let mut plan = Plan::default();
+        let mut time = ScheduleTime::default();
         loop {
             if *stop.borrow() {
                 break;
@@ -150,7 +146,7 @@ impl Beat {
             match self.broker.lease(&self.lease_name(), &self.config.holder, term).await {
                 Ok(true) => {
                     if leader_until.is_none() {
-                        last = match self.broker.last_runs(&self.config.name).await {
+                        let last = match self.broker.last_runs(&self.config.name).await {
                             Ok(runs) => runs,
                             Err(e @ BrokerError::Rejected { .. }) => return Err(BeatError::Unsupported(e)),
                             Err(e) => {
@@ -159,6 +155,11 @@ impl Beat {
                                 continue;
                             }
                         };
+                        if let Some(latest) = last.values().max().and_then(|ms| Utc.timestamp_millis_opt(*ms).single())
+                        {
+                            time.not_before(latest, &*self.clock);
+                        }
+                        plan = Plan { last, ..Plan::default() };
                         tracing::info!(schedule = %self.config.name, holder = %self.config.holder, "leader: sending the schedule's runs");
                         report(Event::Leader);
                     }
@@ -178,22 +179,32 @@ impl Beat {
                     }
                 }
             }
-            let renew_at = asked + term / 3;
-            if let Some(until) = leader_until {
-                self.send_due(&mut last, until, &report).await;
-                // Sleep to the next run or the next renewal, whichever is first.
-                let now = self.clock.now();
-                let schedule = self.schedule();
-                let next = schedule
-                    .entries
-                    .iter()
-                    .map(|e| e.next_after(schedule.timezone, last_of(&last, e, now)))
-                    .min()
-                    .map(|t| (t - now).to_std().unwrap_or_default());
-                let wake = next.map_or(renew_at, |d| (Instant::now() + d).min(renew_at));
-                self.pause(&mut stop, wake.saturating_duration_since(Instant::now())).await;
-            } else {
-                self.pause(&mut stop, renew_at.saturating_duration_since(Instant::now())).await;
+            let renew_at = tokio::time::Instant::from_std(asked + term / 3);
+            let Some(until) = leader_until else {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(renew_at) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+                continue;
+            };
+            let all_sent = self.send_due(&mut plan, &mut time, until, &report).await;
+            // Wait for the next run (on the beat's clock) or the next renewal, whichever is
+            // first; after a run that could not be sent, for the renewal (no busy retry).
+            let next = plan
+                .next()
+                .filter(|_| all_sent)
+                .map(|t| (t - time.now(&*self.clock)).to_std().unwrap_or_default())
+                .map(|d| time.real(d));
+            let next_run = async {
+                match next {
+                    Some(d) => self.clock.sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = next_run => {}
+                _ = tokio::time::sleep_until(renew_at) => {}
+                _ = stop.wait_for(|s| *s) => {}
             }
         }
         if leader_until.is_some() {
@@ -212,63 +223,103 @@ impl Beat {
         }
     }
 
-    /// Send every due run while the lease is valid; record each after sending it.
-    async fn send_due(&self, last: &mut HashMap<String, i64>, valid_until: Instant, report: &impl Fn(Event)) {
+    /// Send every run due while the lease is valid, `PUBLISH_IN_FLIGHT` (256) at a time, then record
+    /// the runs sent in one call. Returns false if a due run was not sent (the broker failed, or
+    /// the lease ran out first).
+    async fn send_due(
+        &self,
+        plan: &mut Plan,
+        time: &mut ScheduleTime,
+        valid_until: Instant,
+        report: &impl Fn(Event),
+    ) -> bool {
         let schedule = self.schedule();
         let tz = schedule.timezone;
-        let now = self.clock.now();
-        let mut fresh = Vec::new();
-        for entry in &schedule.entries {
-            if !last.contains_key(&entry.name) {
-                // Never seen: it starts with the first run after now.
-                last.insert(entry.name.clone(), now.timestamp_millis());
-                fresh.push((entry.name.clone(), now.timestamp_millis()));
+        let now = time.now(&*self.clock);
+        let mut record = plan.follow(&schedule, now);
+        // The entries whose next run has come, and their runs (an entry's runs together,
+        // oldest first).
+        let mut popped = Vec::new();
+        let mut runs: Vec<(usize, DateTime<Utc>)> = Vec::new();
+        while let Some(&Reverse((next, i))) = plan.queue.peek() {
+            if next > now {
+                break;
             }
-        }
-        if let Err(e) = self.broker.record_runs(&self.config.name, &fresh).await {
-            tracing::warn!(error = %e, "cannot record the schedule's new entries");
-        }
-        for entry in &schedule.entries {
-            let since = last_of(last, entry, now);
+            plan.queue.pop();
+            popped.push(i);
+            let entry = &schedule.entries[i];
+            let since = last_of(&plan.last, entry, now);
             let due = entry.due(tz, Some(since), now);
-            if due.is_empty() && entry.next_after(tz, since) <= now {
+            if due.is_empty() {
                 // Missed runs skipped (`catch_up = "skip"`): the entry goes on from the latest.
                 let latest = entry.at_or_before(tz, now).timestamp_millis();
                 tracing::info!(entry = %entry.name, "runs missed while no beat led: skipped");
-                last.insert(entry.name.clone(), latest);
-                if let Err(e) = self.broker.record_runs(&self.config.name, &[(entry.name.clone(), latest)]).await {
-                    tracing::warn!(entry = %entry.name, error = %e, "cannot record the skipped runs");
-                }
+                plan.last.insert(entry.name.clone(), latest);
+                record.push((entry.name.clone(), latest));
                 continue;
             }
-            for scheduled in due {
-                if Instant::now() >= valid_until {
-                    tracing::warn!("the lease ran out before every due run was sent; the next leader sends the rest");
-                    return;
+            runs.extend(due.into_iter().map(|t| (i, t)));
+        }
+        let origin = format!("beat@{}", self.config.name);
+        let no_tasks = |_: &str| None;
+        let sender =
+            Sender { origin: &origin, default_queue: &self.config.default_queue, now, task_options: &no_tasks };
+        // Pipelined: started in order, up to PUBLISH_IN_FLIGHT waiting for their confirmations.
+        let (entries, sender) = (&schedule.entries, &sender);
+        let publishes = runs.iter().copied().map(|(i, scheduled)| async move {
+            if Instant::now() >= valid_until {
+                return Err(None);
+            }
+            self.send(&entries[i], scheduled, sender).await.map_err(Some)
+        });
+        let results: Vec<Result<String, Option<String>>> =
+            futures::stream::iter(publishes).buffered(PUBLISH_IN_FLIGHT).collect().await;
+        let (mut all_sent, mut lapsed, mut failed) = (true, false, None);
+        let mut sent = Vec::new();
+        for (&(i, scheduled), result) in runs.iter().zip(results) {
+            let entry = &schedule.entries[i];
+            if failed == Some(i) {
+                // An earlier run of this entry was not sent: the later ones are not counted,
+                // so the entry is not recorded past it.
+                continue;
+            }
+            match result {
+                Ok(task_id) => {
+                    tracing::info!(entry = %entry.name, task_id = %task_id, task_name = %entry.task, %scheduled, "sent");
+                    let at = scheduled.timestamp_millis();
+                    plan.last.insert(entry.name.clone(), at);
+                    match record.last_mut() {
+                        Some((name, t)) if *name == entry.name => *t = at,
+                        _ => record.push((entry.name.clone(), at)),
+                    }
+                    sent.push((i, scheduled, task_id));
                 }
-                match self.send(entry, scheduled).await {
-                    Ok(task_id) => {
-                        tracing::info!(entry = %entry.name, task_id = %task_id, task_name = %entry.task, %scheduled, "sent");
-                        last.insert(entry.name.clone(), scheduled.timestamp_millis());
-                        if let Err(e) = self
-                            .broker
-                            .record_runs(&self.config.name, &[(entry.name.clone(), scheduled.timestamp_millis())])
-                            .await
-                        {
-                            tracing::warn!(entry = %entry.name, error = %e, "sent, but not recorded: the next leader may send this run again, with the same id");
-                        }
-                        report(Event::Sent { entry: entry.name.clone(), scheduled, task_id });
-                    }
-                    Err(e) => {
-                        tracing::error!(entry = %entry.name, %scheduled, error = %e, "could not send; trying again at the next tick");
-                        break;
-                    }
+                Err(None) => (lapsed, failed, all_sent) = (true, Some(i), false),
+                Err(Some(e)) => {
+                    tracing::error!(entry = %entry.name, %scheduled, error = %e, "could not send; trying again at the next renewal");
+                    (failed, all_sent) = (Some(i), false);
                 }
             }
         }
+        if lapsed {
+            tracing::warn!("the lease ran out before every due run was sent; the next leader sends the rest");
+        }
+        let recorded =
+            if record.is_empty() { Ok(()) } else { self.broker.record_runs(&self.config.name, &record).await };
+        if let Err(e) = recorded {
+            tracing::warn!(runs = sent.len(), error = %e, "sent, but not recorded: the next leader may send these runs again, with the same ids");
+        }
+        for (i, scheduled, task_id) in sent {
+            report(Event::Sent { entry: schedule.entries[i].name.clone(), scheduled, task_id });
+        }
+        for i in popped {
+            let entry = &schedule.entries[i];
+            plan.queue.push(Reverse((entry.next_after(tz, last_of(&plan.last, entry, now)), i)));
+        }
+        all_sent
     }
 
-    async fn send(&self, entry: &Entry, scheduled: DateTime<Utc>) -> Result<String, String> {
+    async fn send(&self, entry: &Entry, scheduled: DateTime<Utc>, sender: &Sender<'_>) -> Result<String, String> {
         let task_id = run_id(&entry.name, scheduled);
         let expires = entry.expires.map(|s| scheduled + chrono::Duration::milliseconds((s * 1000.0) as i64));
         let options = CallOptions {
@@ -278,15 +329,7 @@ impl Beat {
             expires,
             ..CallOptions::default()
         };
-        let no_tasks = |_: &str| None;
-        let origin = format!("beat@{}", self.config.name);
-        let sender = Sender {
-            origin: &origin,
-            default_queue: &self.config.default_queue,
-            now: self.clock.now(),
-            task_options: &no_tasks,
-        };
-        let (_, mut message) = build_message(&entry.task, entry.args.clone(), entry.kwargs.clone(), options, &sender)
+        let (_, mut message) = build_message(&entry.task, entry.args.clone(), entry.kwargs.clone(), options, sender)
             .map_err(|e| e.to_string())?;
         // Workers run a run once, however many times it is sent (celeriac_worker's
         // `request::BEAT_RUN_HEADER`; Python workers ignore the header).
@@ -295,6 +338,123 @@ impl Beat {
         self.broker.publish(&queue, &message).await.map_err(|e| e.to_string())?;
         Ok(task_id)
     }
+}
+
+/// Publishes in flight at once while a tick's runs are sent, each waiting for the broker to take
+/// it (as `Client::apply_canvas`): 10,000 entries due in the same second cannot wait for 10,000
+/// confirmations one after another.
+const PUBLISH_IN_FLIGHT: usize = 256;
+
+/// A step back of the wall clock larger than this is a jump (see [`ScheduleTime`]); smaller ones
+/// (NTP slewing, clocks of two machines) only hold the next run until the clock passes it.
+const JUMP: Duration = Duration::from_secs(1);
+
+/// What the leader knows of the schedule: the last run sent of each entry, and the entries by
+/// their next run, earliest first, so a tick looks only at the entries whose time has come.
+#[derive(Default)]
+struct Plan {
+    /// The schedule the queue was built for (another one, after a reload, rebuilds it).
+    schedule: Option<Arc<Schedule>>,
+    /// Entry name → the scheduled time of its last run sent (Unix milliseconds).
+    last: HashMap<String, i64>,
+    /// (next run, index of the entry in the schedule).
+    queue: BinaryHeap<Reverse<(DateTime<Utc>, usize)>>,
+}
+
+impl Plan {
+    /// Use `schedule` (rebuilding the queue if it is not the one in use); returns the entries
+    /// never seen before, which start at `now`, to record.
+    fn follow(&mut self, schedule: &Arc<Schedule>, now: DateTime<Utc>) -> Vec<(String, i64)> {
+        if self.schedule.as_ref().is_some_and(|s| Arc::ptr_eq(s, schedule)) {
+            return Vec::new();
+        }
+        let mut fresh = Vec::new();
+        self.queue.clear();
+        for (i, entry) in schedule.entries.iter().enumerate() {
+            if !self.last.contains_key(&entry.name) {
+                // Never seen: it starts with the first run after now.
+                self.last.insert(entry.name.clone(), now.timestamp_millis());
+                fresh.push((entry.name.clone(), now.timestamp_millis()));
+            }
+            let next = entry.next_after(schedule.timezone, last_of(&self.last, entry, now));
+            self.queue.push(Reverse((next, i)));
+        }
+        self.schedule = Some(schedule.clone());
+        fresh
+    }
+
+    /// The earliest next run.
+    fn next(&self) -> Option<DateTime<Utc>> {
+        self.queue.peek().map(|Reverse((t, _))| *t)
+    }
+}
+
+/// The time the schedule is read against: the wall clock, except after it jumped back. Then
+/// the schedule's time does not step back with it: it slews, as `adjtime` does, going on from
+/// where it was at half the pace of the monotonic clock until the wall clock catches up (after
+/// twice the jump). No run is sent twice (the times already sent are not reached again), none is
+/// held up for the length of the jump (the runs come at half their pace meanwhile), and cron
+/// entries are back on the wall clock afterwards. A jump forward is downtime, which `catch_up`
+/// governs.
+#[derive(Default)]
+struct ScheduleTime {
+    /// The last time given, and the monotonic clock then.
+    last: Option<(DateTime<Utc>, Duration)>,
+    /// Whether the wall clock is behind the schedule (it jumped back): slewing.
+    behind: bool,
+}
+
+impl ScheduleTime {
+    fn now(&mut self, clock: &dyn Clock) -> DateTime<Utc> {
+        let (wall, mono) = (clock.now(), clock.monotonic());
+        let t = match self.last {
+            Some((prev, prev_mono)) => {
+                let elapsed = chrono::Duration::from_std(mono.saturating_sub(prev_mono)).unwrap_or_default();
+                if !self.behind && prev + elapsed - wall > jump() {
+                    tracing::warn!(%wall, schedule_time = %(prev + elapsed), "the wall clock went back: the schedule goes on from where it was, at half pace, until the clock catches up");
+                    self.behind = true;
+                }
+                let slewed = prev + elapsed / 2;
+                if self.behind && wall < slewed {
+                    slewed
+                } else {
+                    if self.behind {
+                        tracing::info!(%wall, "the wall clock caught up with the schedule");
+                        self.behind = false;
+                    }
+                    wall
+                }
+            }
+            None => wall,
+        };
+        self.last = Some((t, mono));
+        t
+    }
+
+    /// Never behind `t` (the latest run the broker says was sent): a new leader whose wall clock
+    /// is behind it by more than a jump (its clock went back, or is behind the last leader's)
+    /// slews from there instead of waiting for its clock to pass it.
+    fn not_before(&mut self, t: DateTime<Utc>, clock: &dyn Clock) {
+        let wall = clock.now();
+        if t - wall > jump() && self.last.is_none_or(|(prev, _)| prev < t) {
+            tracing::warn!(%wall, last_run = %t, "the wall clock is behind the last run sent: the schedule goes on from there, at half pace, until the clock catches up");
+            self.last = Some((t, clock.monotonic()));
+            self.behind = true;
+        }
+    }
+
+    /// The monotonic time until the schedule's time has moved on by `d`.
+    fn real(&self, d: Duration) -> Duration {
+        if self.behind {
+            d * 2
+        } else {
+            d
+        }
+    }
+}
+
+fn jump() -> chrono::Duration {
+    chrono::Duration::from_std(JUMP).unwrap_or_default()
 }
 
 /// The entry's last run sent, or `now` for one never seen.
