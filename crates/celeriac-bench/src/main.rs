@@ -11,7 +11,9 @@
 //! 2. drain throughput of `celeriac.noop` (ignore_result) from a pre-filled queue;
 //! 3. round-trip latency of `add` with the Redis result backend;
 //! 4. worker memory, idle and after the drain;
-//! 5. canvas: a chord of 10,000 `add` and a `tsum` body, a chain of 1,000 `add` (`--parts canvas`).
+//! 5. canvas: a chord of 10,000 `add` and a `tsum` body, a chain of 1,000 `add` (`--parts canvas`);
+//! 6. beat: one `celeriac beat` with 10,000 entries every second on RabbitMQ, Redis and SQLite,
+//!    its missed runs, CPU and memory (`--parts beat`, not in the default parts).
 //!
 //! The run owns a fresh RabbitMQ vhost (deleted at the end, on error and on Ctrl-C too) and Redis
 //! database 10 (emptied at the start and the end). Modules:
@@ -20,8 +22,10 @@
 //! - [`rabbit`]: the bare lapin publisher and consumer, and the queue-depth drain timer;
 //! - [`measure`]: the measurements themselves;
 //! - [`canvas`]: the canvas part (chord and chain, and the sizes of their messages);
+//! - [`beat`]: the beat part (runs sent against runs due, the beat's CPU and memory);
 //! - [`report`]: the table and the targets.
 
+mod beat;
 mod canvas;
 mod env;
 mod measure;
@@ -104,8 +108,8 @@ struct CompareArgs {
     /// Measure only celeriac and the bare client.
     #[arg(long)]
     skip_celery: bool,
-    /// Parts to run, comma-separated: publish, drain, redis, roundtrip, canvas (default all);
-    /// `prefork` is the prefork pools' half of `drain` alone.
+    /// Parts to run, comma-separated: publish, drain, redis, roundtrip, canvas (the default),
+    /// and beat; `prefork` is the prefork pools' half of `drain` alone.
     #[arg(long, value_delimiter = ',', default_value = "publish,drain,redis,roundtrip,canvas")]
     parts: Vec<String>,
     /// Extra argument for every `celeriac worker` (repeat the flag), e.g.
@@ -122,6 +126,15 @@ struct CompareArgs {
     /// second pass of each workflow, first run only).
     #[arg(long)]
     skip_canvas_sizes: bool,
+    /// Entries of the beat part's schedule, each every second.
+    #[arg(long, default_value_t = 10_000)]
+    beat_entries: u64,
+    /// Seconds of the beat part's timed window, per broker.
+    #[arg(long, default_value_t = 30)]
+    beat_seconds: u64,
+    /// Brokers of the beat part, comma-separated: rabbitmq, redis, sqlite.
+    #[arg(long, value_delimiter = ',', default_value = "rabbitmq,redis,sqlite")]
+    beat_brokers: Vec<String>,
     /// Skip Celery's solo pool drain.
     #[arg(long)]
     skip_solo: bool,
@@ -225,8 +238,8 @@ async fn compare(args: CompareArgs) -> Result<()> {
     let with_celery = !args.skip_celery;
 
     for part in &args.parts {
-        if !["publish", "drain", "prefork", "redis", "roundtrip", "canvas"].contains(&part.as_str()) {
-            bail!("unknown part {part:?} (known: publish, drain, prefork, redis, roundtrip, canvas)");
+        if !["publish", "drain", "prefork", "redis", "roundtrip", "canvas", "beat"].contains(&part.as_str()) {
+            bail!("unknown part {part:?} (known: publish, drain, prefork, redis, roundtrip, canvas, beat)");
         }
     }
     let part = |p: &str| args.parts.iter().any(|x| x == p);
@@ -258,6 +271,11 @@ async fn compare(args: CompareArgs) -> Result<()> {
         if part("canvas") {
             eprintln!("\n4. canvas: a chord of {} add and a tsum body, a chain of {} add", args.chord, args.chain);
             run.canvas = bench.canvas(with_celery, k == 1 && !args.skip_canvas_sizes).await?;
+        }
+        if part("beat") {
+            eprintln!("\n5. beat: {} entries every second, {} s per broker", args.beat_entries, args.beat_seconds);
+            let window = Duration::from_secs(args.beat_seconds);
+            run.beat = bench.beat(args.beat_entries, window, &args.beat_brokers).await?;
         }
         runs.push(run);
     }
@@ -320,6 +338,9 @@ async fn compare(args: CompareArgs) -> Result<()> {
         let mut keep = measured.iter();
         rows.retain(|_| keep.next().copied().unwrap_or(true));
     }
+    if per_run[0].is_empty() {
+        return Ok(());
+    }
     println!();
     print!("{}", report::table(&report::median_rows(&per_run)));
     if per_run.len() > 1 {
@@ -331,6 +352,9 @@ async fn compare(args: CompareArgs) -> Result<()> {
     Ok(())
 }
 
+/// The beat part's target: the beat process under this much of one core (issue 14).
+const BEAT_CPU_TARGET: f64 = 50.0;
+
 /// What one repetition of the measurements gave.
 #[derive(Default)]
 struct Run {
@@ -339,6 +363,7 @@ struct Run {
     redis: measure::RedisDrainResults,
     rt: measure::RoundTrip,
     canvas: canvas::CanvasResults,
+    beat: Vec<beat::BeatRun>,
 }
 
 /// The table rows of one run.
@@ -534,6 +559,13 @@ fn details(run: &Run) -> Vec<String> {
                 describe(p)
             ));
         }
+    }
+    for b in &run.beat {
+        let verdict = if b.met(BEAT_CPU_TARGET) { "met" } else { "missed" };
+        out.push(format!(
+            "{} (target: every due run sent, under {BEAT_CPU_TARGET:.0}% of one core: {verdict})",
+            b.describe()
+        ));
     }
     if let (Some(idle), Some(after)) = (&rt.celeriac_prefork_idle, &drain.celeriac_prefork_rss) {
         out.push(format!(

@@ -30,23 +30,29 @@ pub struct Proc {
 impl Proc {
     /// Start `cmd` in a new process group, collecting its stderr.
     pub fn spawn(label: &str, cmd: &mut Command) -> Result<Self> {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot start {label}: {cmd:?}"))?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let stderr = child.stderr.take().context("stderr")?;
+        let mut proc = Self::spawn_with_stderr(label, cmd, Stdio::piped())?;
+        let sink = proc.lines.clone();
+        let stderr = proc.child.get_mut().unwrap_or_else(|p| p.into_inner()).stderr.take().context("stderr")?;
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
+        Ok(proc)
+    }
+
+    /// Start `cmd` in a new process group with its stderr going to `stderr` (a file, for a
+    /// process that logs too much to keep in memory; [`Proc::tail`] is then empty).
+    pub fn spawn_with_stderr(label: &str, cmd: &mut Command, stderr: Stdio) -> Result<Self> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start {label}: {cmd:?}"))?;
         let pid = child.id();
-        Ok(Proc { label: label.to_string(), child: Mutex::new(child), pid, lines })
+        Ok(Proc { label: label.to_string(), child: Mutex::new(child), pid, lines: Arc::new(Mutex::new(Vec::new())) })
     }
 
     /// The main process id.
@@ -140,7 +146,8 @@ impl Rss {
     }
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
+/// Resident memory of one process (`VmRSS`), KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
