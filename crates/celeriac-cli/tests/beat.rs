@@ -1,6 +1,7 @@
 //! `celeriac beat` as processes: bad schedule files exit 2 with one line naming the file, the
-//! entry and the field; `--list`; three beats on one SQLite broker with the leader SIGKILLed
-//! (one message per scheduled time, each its own id, the gap no longer than the failover bound);
+//! entry and the field; `--list`; the acceptance shape on SQLite, Redis and RabbitMQ
+//! (three beats, an entry every second for 20 s, the leader SIGKILLed halfway: one message per
+//! scheduled second, each its own id, the gap no longer than the failover bound);
 //! and a real Python Celery worker running what beat sends (Redis database 4).
 
 mod common;
@@ -46,7 +47,7 @@ fn three_beats_one_sender_and_a_sigkilled_leader_is_replaced_on_sqlite() {
 #[test]
 fn three_beats_one_sender_and_a_sigkilled_leader_is_replaced_on_redis() {
     let url = SharedRedisDb::get(4).url("");
-    three_beats_one_sender(&url, &format!("beat-q-{}", std::process::id()));
+    three_beats_one_sender(&url, &format!("beat-q-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()));
 }
 
 #[test]
@@ -55,29 +56,48 @@ fn three_beats_one_sender_and_a_sigkilled_leader_is_replaced_on_rabbitmq() {
     three_beats_one_sender(&vhost.url(""), "beat-q");
 }
 
-/// Three beats on the broker at `url`, an entry every 500 ms on `queue`; the leader SIGKILLed
-/// after a few sends; another takes over within the bound; every run sent once, and the queue
-/// holds exactly what was sent.
+/// The lease of the beats of [`three_beats_one_sender`] (`celeriac beat`'s default).
+const LEASE: Duration = Duration::from_secs(3);
+
+/// The acceptance shape: three beats on the broker at `url`, an entry every 1 s on
+/// `queue`, for 20 s of runs; the leader SIGKILLed halfway (between two runs, so that it dies
+/// with every run it sent recorded). Another takes over within the failover bound (the lease
+/// and a third of it, 4 s; a second of slack for a loaded machine); the queue holds one message
+/// per scheduled second, each with its own id, and exactly the runs the beats logged; the only
+/// gap is the failover's, at most the bound and the period of the run it may have cost.
 fn three_beats_one_sender(url: &str, queue: &str) {
     let dir = tempfile::tempdir().unwrap();
     let name = format!("s{}", uuid::Uuid::new_v4().simple());
-    let text =
-        format!("[[entry]]\nname = \"tick\"\ntask = \"celeriac.noop\"\nevery = \"500ms\"\nqueue = \"{queue}\"\n");
+    let text = format!("[[entry]]\nname = \"tick\"\ntask = \"celeriac.noop\"\nevery = \"1s\"\nqueue = \"{queue}\"\n");
     let file = write(dir.path(), "beat.toml", &text);
-    let args = ["beat", "--broker", url, "--schedule", &file, "--lease", "1.5", "--name", &name];
+    let lease = LEASE.as_secs_f64().to_string();
+    let args = ["beat", "--broker", url, "--schedule", &file, "--lease", &lease, "--name", &name];
     let mut beats: Vec<WorkerProc> = (0..3).map(|_| WorkerProc::spawn_cli(Path::new(common::bin()), &args)).collect();
-    let sends = |b: &WorkerProc| b.matching("sent entry=").len();
-    wait_until("a leader sending", Duration::from_secs(20), || beats.iter().any(|b| sends(b) >= 2));
-    wait_until("four seconds of sending", Duration::from_secs(20), || beats.iter().map(sends).sum::<usize>() >= 8);
-    let first = beats.iter().position(|b| b.count("leader: sending") > 0).expect("a leader");
-    beats[first].signal("KILL");
-    let killed_at = Instant::now();
-    wait_until("another leader", Duration::from_secs(10), || {
-        beats.iter().enumerate().any(|(i, b)| i != first && b.count("leader: sending") > 0)
+    let sent = |beats: &[WorkerProc]| -> Vec<(chrono::DateTime<chrono::Utc>, String)> {
+        let mut runs: Vec<_> =
+            beats.iter().flat_map(|b| b.matching("sent entry=")).map(|l| (scheduled_of(&l), task_id_of(&l))).collect();
+        runs.sort();
+        runs
+    };
+    wait_until("a leader sending", Duration::from_secs(20), || !sent(&beats).is_empty());
+    let first = sent(&beats)[0].0;
+    // Halfway: after the run of the tenth second, between two runs.
+    wait_until("ten seconds of runs", Duration::from_secs(30), || sent(&beats).len() >= 10);
+    let latest = sent(&beats).last().unwrap().0;
+    wait_until("the middle of a second", Duration::from_secs(5), || {
+        chrono::Utc::now() >= latest + chrono::Duration::milliseconds(400)
     });
+    let leader = beats.iter().position(|b| b.count("leader: sending") > 0).expect("a leader");
+    beats[leader].signal("KILL");
+    let killed_at = Instant::now();
+    let led =
+        |beats: &[WorkerProc]| beats.iter().enumerate().any(|(i, b)| i != leader && b.count("leader: sending") > 0);
+    wait_until("another leader", Duration::from_secs(15), || led(&beats));
     let took_over = killed_at.elapsed();
-    wait_until("four more seconds", Duration::from_secs(20), || {
-        beats.iter().enumerate().filter(|(i, _)| *i != first).map(|(_, b)| sends(b)).sum::<usize>() >= 8
+    let bound = LEASE + LEASE / 3;
+    assert!(took_over < bound + Duration::from_secs(1), "another beat led {took_over:?} after the kill");
+    wait_until("twenty seconds of runs", Duration::from_secs(30), || {
+        sent(&beats).last().is_some_and(|(t, _)| *t >= first + chrono::Duration::seconds(19))
     });
     for b in &mut beats {
         b.signal("TERM");
@@ -85,23 +105,54 @@ fn three_beats_one_sender(url: &str, queue: &str) {
     for b in &mut beats {
         b.wait_exit(Duration::from_secs(10));
     }
-    assert!(took_over < Duration::from_millis(1500 + 500 + 1000), "another beat led {took_over:?} after the kill");
-    let sent: Vec<String> = beats.iter().flat_map(|b| b.matching("sent entry=")).collect();
-    let ids: HashSet<String> = sent
-        .iter()
-        .filter_map(|l| l.split("task_id=").nth(1).map(|r| r.split_whitespace().next().unwrap_or("").to_string()))
-        .collect();
-    assert_eq!(ids.len(), sent.len(), "each run sent once:\n{}", sent.join("\n"));
-    // The queue holds exactly what was sent.
-    let (code, out, _) = run_cli(&["queues", "--broker", url, "--json", queue], &[]);
-    assert_eq!(code, 0);
-    let queues: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let ready = queues.as_array().unwrap().iter().find(|q| q["name"] == queue).map(|q| q["ready"].as_u64().unwrap());
-    assert_eq!(ready, Some(ids.len() as u64), "{out}");
+    let runs = sent(&beats);
+    let logged = || runs.iter().map(|(t, id)| format!("{t} {id}")).collect::<Vec<_>>().join("\n");
+    let ids: HashSet<&String> = runs.iter().map(|(_, id)| id).collect();
+    assert_eq!(ids.len(), runs.len(), "each run sent once, with its own id:\n{}", logged());
+    // One run a second, but for the failover's gap.
+    let gaps: Vec<i64> = runs.windows(2).map(|w| (w[1].0 - w[0].0).num_milliseconds()).filter(|g| *g != 1000).collect();
+    let most = (bound + Duration::from_secs(1)).as_millis() as i64;
+    assert!(gaps.len() <= 1 && gaps.iter().all(|g| *g > 0 && *g <= most), "gaps {gaps:?} ms in\n{}", logged());
+    assert!(runs.len() > 20 - (most / 1000) as usize, "{} runs in 20 s:\n{}", runs.len(), logged());
+    // The queue holds exactly those messages, once each.
+    let in_queue = tokio::runtime::Runtime::new().unwrap().block_on(drain(url, queue, runs.len()));
+    let mut unique: Vec<&String> = in_queue.iter().collect();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), in_queue.len(), "a task id twice in the queue: {in_queue:?}");
+    assert_eq!(unique.into_iter().collect::<HashSet<_>>(), ids, "the queue holds what was sent");
     // --list shows the entry, its next run, and its last run.
     let (code, out, _) = run_cli(&["beat", "--broker", url, "--schedule", &file, "--list", "--name", &name], &[]);
     assert_eq!(code, 0);
-    assert!(out.starts_with("tick  celeriac.noop  every 500ms  next ") && out.contains(" UTC)  last 20"), "{out}");
+    assert!(out.starts_with("tick  celeriac.noop  every 1s  next ") && out.contains(" UTC)  last 20"), "{out}");
+}
+
+/// Take every message of `queue` (at least `expect`; then until the queue stays empty for half a
+/// second): their task ids.
+async fn drain(url: &str, queue: &str, expect: usize) -> Vec<String> {
+    let broker = celeriac::connect::broker(url).unwrap();
+    let mut consumer = broker.consume(&[queue.to_string()], 100).await.unwrap();
+    let mut ids = Vec::new();
+    loop {
+        let limit = if ids.len() < expect { Duration::from_secs(10) } else { Duration::from_millis(500) };
+        match tokio::time::timeout(limit, consumer.next()).await {
+            Ok(d) => {
+                let d = d.unwrap();
+                ids.push(d.message.task_id().unwrap().to_string());
+                d.ack().await.unwrap();
+            }
+            Err(_) if ids.len() < expect => panic!("{} of {expect} messages in {queue}", ids.len()),
+            Err(_) => break,
+        }
+    }
+    consumer.close().await;
+    consumer.flush().await;
+    ids
+}
+
+/// The task id of a `sent` line.
+fn task_id_of(line: &str) -> String {
+    line.split("task_id=").nth(1).and_then(|r| r.split_whitespace().next()).expect("a task id").to_string()
 }
 
 #[test]
