@@ -57,7 +57,14 @@ pub struct CanvasResults {
     pub celery: Workflows,
     /// Celery's version as reported by the script.
     pub celery_version: Option<String>,
+    /// The broker's floor for the chain: a bare lapin relay of as many messages of the same
+    /// sizes, seconds ([`crate::rabbit::bare_chain`]).
+    pub bare_chain: Option<f64>,
 }
+
+/// Bytes a step adds to a chain message when the sizes were not read: celeriac's first message
+/// of a chain of 1,000 `add` was 188.4 KiB.
+const STEP_BYTES: usize = 193;
 
 /// The deadline of one workflow: generous, as Celery takes about a minute for either here.
 fn limit(tasks: u64) -> Duration {
@@ -267,6 +274,14 @@ impl Bench {
         }
         if with_celery {
             (out.celery, out.celery_version) = self.celery_workflows(sizes).await?;
+        }
+        let chain = self.settings.chain;
+        if chain > 0 {
+            let step_bytes = out.celeriac.chain_sizes.map_or(STEP_BYTES, |s| (s.largest / chain) as usize);
+            let secs = crate::rabbit::bare_chain(&self.url(), "bench.canvas.bare", chain, step_bytes).await?;
+            eprintln!("  bare lapin: a chain of {chain} relayed ({step_bytes} bytes a step) in {secs:.3}s");
+            self.admin.delete("bench.canvas.bare").await?;
+            out.bare_chain = Some(secs);
         }
         Ok(out)
     }

@@ -468,12 +468,26 @@ fn rows(run: &Run, settings: &Settings) -> Vec<Row> {
     rows.push(r);
     let cv = &run.canvas;
     let canvas_rows = [
-        ("chord of {n} add + tsum body, send → body result", settings.chord, cv.celeriac.chord, cv.celery.chord, ""),
-        ("chain of {n} add, send → last result", settings.chain, cv.celeriac.chain, cv.celery.chain, ""),
-        ("chord of {n}, both prefork", settings.chord, cv.celeriac_prefork.chord, cv.celery.chord, "prefork"),
-        ("chain of {n}, both prefork", settings.chain, cv.celeriac_prefork.chain, cv.celery.chain, "prefork"),
+        (
+            "chord of {n} add + tsum body, send → body result",
+            settings.chord,
+            cv.celeriac.chord,
+            cv.celery.chord,
+            None,
+            "",
+        ),
+        ("chain of {n} add, send → last result", settings.chain, cv.celeriac.chain, cv.celery.chain, cv.bare_chain, ""),
+        ("chord of {n}, both prefork", settings.chord, cv.celeriac_prefork.chord, cv.celery.chord, None, "prefork"),
+        (
+            "chain of {n}, both prefork",
+            settings.chain,
+            cv.celeriac_prefork.chain,
+            cv.celery.chain,
+            cv.bare_chain,
+            "prefork",
+        ),
     ];
-    for (measure, n, celeriac, celery, pool) in canvas_rows {
+    for (measure, n, celeriac, celery, bare, pool) in canvas_rows {
         if celeriac.is_none() {
             continue;
         }
@@ -482,7 +496,7 @@ fn rows(run: &Run, settings: &Settings) -> Vec<Row> {
             if pool.is_empty() { format!("{measure}, prefork -c {c} (celeriac async -c {c})") } else { measure };
         let target = if pool.is_empty() { Target::FasterThanCelery(10.0) } else { Target::None };
         let mut r = Row::new(&measure, Unit::Secs, target);
-        (r.celeriac, r.celery) = (celeriac, celery);
+        (r.celeriac, r.celery, r.bare) = (celeriac, celery, bare);
         rows.push(r);
     }
     if let Some(idle) = &rt.celeriac_prefork_idle {

@@ -345,3 +345,60 @@ pub async fn bare_consume(url: String, queue: String, n: u64, prefetch: u16, ack
     let _ = conn.close(200, "done".into()).await;
     Ok(())
 }
+
+/// The broker's floor for a chain of `steps`: one connection relays a message through `queue`
+/// `steps` times, each a persistent publish waiting for its confirm, then its delivery and ack,
+/// as a worker passes a chain on (no JSON, no task, no result backend). Message `k` is
+/// `(steps - k) × step_bytes` long, as a chain step's message carries the steps after it.
+/// Returns the seconds from the first publish to the last delivery.
+pub async fn bare_chain(url: &str, queue: &str, steps: u64, step_bytes: usize) -> Result<f64> {
+    let conn = connect(url, "celeriac-bench bare chain").await?;
+    // A publishing channel with confirms and a consuming one whose prefetch lets the next
+    // message be delivered as soon as it is published (before the current one is acked), as a
+    // worker consumes.
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    declare(&channel, queue).await?;
+    let consuming = conn.create_channel().await?;
+    consuming.basic_qos(4, BasicQosOptions::default()).await?;
+    let mut consumer = consuming
+        .basic_consume(queue.into(), "bare-chain".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    let body = vec![b'x'; steps as usize * step_bytes];
+    let publish = |len: usize| {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into());
+        let channel = channel.clone();
+        let body = &body[..len.max(1)];
+        async move {
+            let confirm =
+                channel.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, props).await?;
+            let confirmation =
+                tokio::time::timeout(Duration::from_secs(10), confirm).await.context("no confirm in 10s")??;
+            if confirmation.is_nack() {
+                bail!("RabbitMQ nacked a message");
+            }
+            anyhow::Ok(())
+        }
+    };
+    let started = Instant::now();
+    publish(steps as usize * step_bytes).await?;
+    for k in 1..=steps {
+        let delivery = match tokio::time::timeout(Duration::from_secs(10), consumer.next()).await {
+            Ok(Some(d)) => d?,
+            Ok(None) => bail!("the bare chain's consumer was cancelled at step {k}"),
+            Err(_) => bail!("the bare chain's step {k} was not delivered within 10s"),
+        };
+        if k < steps {
+            publish((steps - k) as usize * step_bytes).await?;
+        }
+        consuming.basic_ack(delivery.delivery_tag, BasicAckOptions::default()).await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let _ = consuming.close(200, "done".into()).await;
+    let _ = channel.close(200, "done".into()).await;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(elapsed)
+}

@@ -139,7 +139,15 @@ impl Row {
                 if speedup >= times {
                     (text, format!("**met** ({speedup:.1}×)"))
                 } else {
-                    (text, format!("**missed** ({speedup:.1}× as fast, {:.0}% short)", (1.0 - speedup / times) * 100.0))
+                    let short = format!("{speedup:.1}× as fast, {:.0}% short", (1.0 - speedup / times) * 100.0);
+                    // The bare relay, doing no work, is the fastest any worker can be.
+                    match self.bare.map(|b| p / b) {
+                        Some(ceiling) if ceiling < times => (
+                            text,
+                            format!("**missed** ({short}; out of reach here: the bare relay is {ceiling:.1}× as fast as Celery)"),
+                        ),
+                        _ => (text, format!("**missed** ({short})")),
+                    }
                 }
             }
             Target::AtMost(limit) => {
@@ -283,6 +291,12 @@ mod tests {
         assert_eq!(r.verdict().1, "**met** (15.0×)");
         r.celeriac = Some(6.0);
         assert_eq!(r.verdict().1, "**missed** (5.0× as fast, 50% short)");
+        r.bare = Some(4.0);
+        assert!(
+            r.verdict().1.ends_with("out of reach here: the bare relay is 7.5× as fast as Celery)"),
+            "{}",
+            r.verdict().1
+        );
         assert_eq!(thousands(1234567.4), "1,234,567");
         assert_eq!(thousands(999.0), "999");
     }
