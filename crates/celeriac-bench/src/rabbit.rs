@@ -299,13 +299,7 @@ pub async fn bare_confirm_latency(
             props = props.with_correlation_id(id.as_str().into());
         }
         let started = Instant::now();
-        let confirm =
-            channel.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, props).await?;
-        let confirmation =
-            tokio::time::timeout(Duration::from_secs(10), confirm).await.context("no confirm in 10s")??;
-        if confirmation.is_nack() {
-            bail!("RabbitMQ nacked a message");
-        }
+        publish_confirmed(&channel, queue, body, props).await?;
         if i >= warmup {
             out.push(started.elapsed().as_secs_f64());
         }
@@ -370,18 +364,7 @@ pub async fn bare_chain(url: &str, queue: &str, steps: u64, step_bytes: usize) -
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_content_encoding("utf-8".into());
-        let channel = channel.clone();
-        let body = &body[..len.max(1)];
-        async move {
-            let confirm =
-                channel.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, props).await?;
-            let confirmation =
-                tokio::time::timeout(Duration::from_secs(10), confirm).await.context("no confirm in 10s")??;
-            if confirmation.is_nack() {
-                bail!("RabbitMQ nacked a message");
-            }
-            anyhow::Ok(())
-        }
+        publish_confirmed(&channel, queue, &body[..len.max(1)], props)
     };
     let started = Instant::now();
     publish(steps as usize * step_bytes).await?;
@@ -401,4 +384,14 @@ pub async fn bare_chain(url: &str, queue: &str, steps: u64, step_bytes: usize) -
     let _ = channel.close(200, "done".into()).await;
     let _ = conn.close(200, "done".into()).await;
     Ok(elapsed)
+}
+
+/// Publish one message to `queue` through the default exchange and wait for its confirm (10 s).
+async fn publish_confirmed(channel: &Channel, queue: &str, body: &[u8], props: BasicProperties) -> Result<()> {
+    let confirm = channel.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, props).await?;
+    let confirmation = tokio::time::timeout(Duration::from_secs(10), confirm).await.context("no confirm in 10s")??;
+    if confirmation.is_nack() {
+        bail!("RabbitMQ nacked a message");
+    }
+    Ok(())
 }
