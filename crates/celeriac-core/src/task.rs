@@ -163,6 +163,10 @@ impl TaskContext {
 pub struct RetryRequest {
     /// Delay before the retry (`None`: the task's backoff schedule).
     pub countdown: Option<Duration>,
+    /// The retry's message was already published by the task's own code (a Python task's
+    /// `self.retry()`, which sends the new message as Celery's does): the worker stores RETRY
+    /// and does not publish another.
+    pub sent: bool,
 }
 
 /// The error a task returns: a Python-style exception (type, message, module), optionally asking
@@ -183,6 +187,9 @@ pub struct TaskError {
     pub traceback: Option<String>,
     /// Set when the task asks to be retried.
     pub retry: Option<RetryRequest>,
+    /// The exception's arguments as Python has them (`exc.args`), when they are not just the
+    /// message (a Python task's exception); stored as the result's `exc_message`.
+    pub args: Option<Box<Value>>,
 }
 
 impl TaskError {
@@ -194,6 +201,7 @@ impl TaskError {
             module: "builtins".into(),
             traceback: None,
             retry: None,
+            args: None,
         }
     }
 
@@ -220,19 +228,24 @@ impl TaskError {
             message: "Retry requested".into(),
             module: "celery.exceptions".into(),
             traceback: None,
-            retry: Some(RetryRequest { countdown }),
+            retry: Some(RetryRequest { countdown, sent: false }),
+            args: None,
         }
     }
 
     /// This error, asking for a retry.
     pub fn and_retry(mut self, countdown: Option<Duration>) -> Self {
-        self.retry = Some(RetryRequest { countdown });
+        self.retry = Some(RetryRequest { countdown, sent: false });
         self
     }
 
     /// The error as Celery's stored exception.
     pub fn to_exception(&self) -> ExceptionInfo {
-        ExceptionInfo::new(self.exc_type.clone(), self.message.clone(), self.module.clone())
+        let mut exc = ExceptionInfo::new(self.exc_type.clone(), self.message.clone(), self.module.clone());
+        if let Some(args) = &self.args {
+            exc.exc_message = Value::clone(args);
+        }
+        exc
     }
 }
 
@@ -259,6 +272,7 @@ impl<E: std::error::Error + 'static> From<E> for TaskError {
             module: module.replace("::", "."),
             traceback: (!chain.is_empty()).then(|| chain.join("\n")),
             retry: None,
+            args: None,
         }
     }
 }

@@ -118,9 +118,12 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
                     delivery_count: req.delivery.delivery_count,
                     hostname: shared.config.hostname.clone(),
                     soft_time_limit: soft,
+                    request: (!pool.child_tasks().is_empty())
+                        .then(|| crate::foreign::celery_request(&req, &shared.config.hostname)),
                 };
                 drop((ctx, soft_tx));
-                match pool.run(run, hard.map(Duration::from_secs_f64), abort.clone()).await {
+                let publisher = crate::foreign::Publisher(&shared);
+                match pool.run(run, hard.map(Duration::from_secs_f64), abort.clone(), &publisher).await {
                     PoolOutcome::Done(Ok(v)) => Outcome::Value(v),
                     PoolOutcome::Done(Err(e)) if e.exc_type == "Panic" && e.module == "celeriac" => {
                         Outcome::Panicked(e.message, e.traceback)
@@ -413,7 +416,10 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             if wants_retry && may_retry {
                 let countdown =
                     err.retry.as_ref().and_then(|r| r.countdown).unwrap_or_else(|| opts.backoff.delay(retries));
-                match republish(shared, &req, countdown).await {
+                // A Python task's `self.retry()` has already sent the new message.
+                let sent = err.retry.as_ref().is_some_and(|r| r.sent);
+                let published = if sent { Ok(()) } else { republish(shared, &req, countdown).await };
+                match published {
                     Ok(()) => {
                         tracing::info!(error = %err, retry_in = ?countdown, retries = retries + 1, "task failed; retry scheduled");
                         Stats::bump(&shared.stats.retried);

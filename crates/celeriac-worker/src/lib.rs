@@ -30,6 +30,7 @@ mod consumers;
 pub mod control;
 pub mod events;
 pub mod execute;
+mod foreign;
 pub mod metrics;
 pub mod nodename;
 mod observe;
@@ -382,6 +383,14 @@ impl Worker {
         if let Some(p) = &pool {
             self.metrics.attach_pool(p.clone());
         }
+        // Children that announced their own tasks (Python children) run those, and only those.
+        let registry = match &pool {
+            Some(p) if !p.child_tasks().is_empty() => {
+                tracing::info!(tasks = p.child_tasks().len(), "the pool's children run the tasks they announced");
+                Arc::new(foreign::registry(&self.registry, p.child_tasks()))
+            }
+            _ => self.registry.clone(),
+        };
         let metrics_server = match cfg.metrics_addr {
             Some(addr) => match self.metrics.serve(addr).await {
                 Ok(h) => Some(AbortOnDrop(h.abort_handle())),
@@ -412,7 +421,7 @@ impl Worker {
             concurrency = cfg.concurrency,
             prefetch,
             broker = %self.broker.url(),
-            tasks = self.registry.len(),
+            tasks = registry.len(),
             "worker ready"
         );
         if self.backend.url() == "disabled://" {
@@ -426,7 +435,7 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(cfg.concurrency));
         let shared = Arc::new(Shared {
             config: self.config.clone(),
-            registry: self.registry.clone(),
+            registry,
             broker: self.broker.clone(),
             backend: self.backend.clone(),
             stats: self.stats.clone(),

@@ -54,7 +54,7 @@ pub fn run(registry: Arc<Registry>, parent: u32) -> ExitCode {
     };
     let mut out = BufWriter::new(protocol_out);
     let mut input = BufReader::new(std::io::stdin().lock());
-    if write_frame(&mut out, &FromChild::Ready { pid: std::process::id() }).is_err() {
+    if write_frame(&mut out, &FromChild::Ready { pid: std::process::id(), tasks: Vec::new() }).is_err() {
         return ExitCode::from(1);
     }
     let rss = proc_info::OwnRss::open();
@@ -65,6 +65,8 @@ pub fn run(registry: Arc<Registry>, parent: u32) -> ExitCode {
         };
         match msg {
             ToChild::Exit => return ExitCode::SUCCESS,
+            // Only ever an answer to a publish, which this child does not ask for.
+            ToChild::Published { .. } => continue,
             ToChild::Run(req) => {
                 let id = req.id.clone();
                 let span = tracing::error_span!("task", id = %req.id, name = %req.name, queue = %req.queue, hostname = %req.hostname);

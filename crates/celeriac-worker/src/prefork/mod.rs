@@ -56,6 +56,11 @@ pub struct PreforkConfig {
     pub max_memory_per_child_kib: Option<u64>,
     /// The program to run in child mode (default: this executable).
     pub program: PathBuf,
+    /// Its arguments (none for this executable; the module and application for a Python
+    /// child).
+    pub args: Vec<std::ffi::OsString>,
+    /// Environment added for the children (a Python child's `PYTHONPATH`).
+    pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
     /// Log filter handed to children.
     pub log_level: String,
     /// Log format handed to children (`text`, `json`).
@@ -70,6 +75,8 @@ impl PreforkConfig {
             max_tasks_per_child: None,
             max_memory_per_child_kib: None,
             program: std::env::current_exe()?,
+            args: Vec::new(),
+            env: Vec::new(),
             log_level: "warn".into(),
             log_format: "text".into(),
         })
@@ -89,6 +96,17 @@ pub enum PoolError {
         limit_kib: u64,
         /// What a fresh child uses.
         fresh_kib: u64,
+    },
+    /// A child started and said why it cannot run (a Python application that does not
+    /// import): a fault of the configuration, not worth retrying.
+    #[error("the pool child ({program}) cannot run: {reason} (it ended with {status})")]
+    ChildFailed {
+        /// The program.
+        program: String,
+        /// What the child said.
+        reason: String,
+        /// How it ended.
+        status: String,
     },
     /// A child could not be started.
     #[error("cannot start a pool child ({program}): {reason}")]
@@ -223,6 +241,14 @@ pub struct Pool {
     terminated: Mutex<std::collections::HashMap<u32, i32>>,
     /// Bumped by [`Pool::restart`]; a child of an older generation is replaced when idle.
     generation: AtomicU64,
+    /// The tasks the children announced when ready (a Python child's app).
+    child_tasks: Vec<protocol::ChildTask>,
+}
+
+/// Publishes what a task in a child asks to send ([`FromChild::Publish`]); the worker's broker.
+pub trait ChildPublisher: Send + Sync {
+    /// Publish one message; `Err` says why it could not be (given to the task as an error).
+    fn publish<'a>(&'a self, req: protocol::PublishRequest) -> futures::future::BoxFuture<'a, Result<(), String>>;
 }
 
 impl Pool {
@@ -230,8 +256,13 @@ impl Pool {
     /// child's resident set.
     pub async fn start(config: PreforkConfig) -> Result<Arc<Pool>, PoolError> {
         let mut children = Vec::with_capacity(config.processes);
+        let mut child_tasks = Vec::new();
         for slot in 0..config.processes.max(1) {
-            children.push(spawn_child(&config, slot).await?);
+            let (child, tasks) = spawn_child(&config, slot).await?;
+            if slot == 0 {
+                child_tasks = tasks;
+            }
+            children.push(child);
         }
         let fresh_rss_kib = children.iter().filter_map(|c| proc_info::rss_kib(c.pid)).max().unwrap_or(0);
         if let Some(limit) = config.max_memory_per_child_kib {
@@ -263,7 +294,14 @@ impl Pool {
             next_slot: AtomicUsize::new(n),
             terminated: Mutex::default(),
             generation: AtomicU64::new(0),
+            child_tasks,
         }))
+    }
+
+    /// The tasks the children announced when they started (empty for this executable's
+    /// children, whose tasks are the supervisor's registry).
+    pub fn child_tasks(&self) -> &[protocol::ChildTask] {
+        &self.child_tasks
     }
 
     /// The resident set of a fresh child, KiB.
@@ -299,6 +337,7 @@ impl Pool {
         req: RunRequest,
         hard: Option<Duration>,
         mut abort: watch::Receiver<bool>,
+        publisher: &dyn ChildPublisher,
     ) -> PoolOutcome {
         let permit = match self.idle_count.acquire().await {
             Ok(p) => p,
@@ -324,30 +363,41 @@ impl Pool {
                 None => std::future::pending().await,
             }
         };
-        let outcome: Result<(), String> = tokio::select! {
-            frame = read_frame_async::<FromChild>(&mut child.stdout) => match frame {
-                Ok(Some(FromChild::Done { id: done_id, outcome, rss_kib })) if done_id == id => {
-                    child.tasks += 1;
-                    let tasks = child.tasks;
-                    self.set_status(child.slot, |s| { s.task = None; s.tasks_done = tasks; s.rss_kib = rss_kib; });
-                    self.check_in(child, rss_kib);
-                    return PoolOutcome::Done(outcome.into_result());
+        let hard_timer = std::pin::pin!(hard_timer);
+        let mut hard_timer = hard_timer;
+        let outcome: Result<(), String> = loop {
+            tokio::select! {
+                frame = read_frame_async::<FromChild>(&mut child.stdout) => match frame {
+                    Ok(Some(FromChild::Done { id: done_id, outcome, rss_kib })) if done_id == id => {
+                        child.tasks += 1;
+                        let tasks = child.tasks;
+                        self.set_status(child.slot, |s| { s.task = None; s.tasks_done = tasks; s.rss_kib = rss_kib; });
+                        self.check_in(child, rss_kib);
+                        return PoolOutcome::Done(outcome.into_result());
+                    }
+                    Ok(Some(FromChild::Publish(publish))) => {
+                        // The task waits for the answer, as a Celery task waits for its publish.
+                        let error = publisher.publish(*publish).await.err();
+                        if let Err(e) = write_frame_async(&mut child.stdin, &ToChild::Published { error }).await {
+                            break Err(format!("the child's pipe broke ({e})"));
+                        }
+                    }
+                    Ok(None) => break Err(String::new()),
+                    Ok(Some(other)) => break Err(format!("the child answered out of turn: {other:?}")),
+                    Err(e) => break Err(format!("unreadable answer from the child: {e}")),
+                },
+                _ = &mut hard_timer => {
+                    proc_info::kill(child.pid);
+                    self.stats.hard_limit_kills.fetch_add(1, Ordering::Relaxed);
+                    let how = self.bury(child).await;
+                    tracing::warn!(child_exit = %how, "hard time limit: child killed and replaced");
+                    return PoolOutcome::TimeLimit;
                 }
-                Ok(None) => Err(String::new()),
-                Ok(Some(other)) => Err(format!("the child answered out of turn: {other:?}")),
-                Err(e) => Err(format!("unreadable answer from the child: {e}")),
-            },
-            _ = hard_timer => {
-                proc_info::kill(child.pid);
-                self.stats.hard_limit_kills.fetch_add(1, Ordering::Relaxed);
-                let how = self.bury(child).await;
-                tracing::warn!(child_exit = %how, "hard time limit: child killed and replaced");
-                return PoolOutcome::TimeLimit;
-            }
-            _ = async { let _ = abort.wait_for(|a| *a).await; } => {
-                proc_info::kill(child.pid);
-                self.bury(child).await;
-                return PoolOutcome::Aborted;
+                _ = async { let _ = abort.wait_for(|a| *a).await; } => {
+                    proc_info::kill(child.pid);
+                    self.bury(child).await;
+                    return PoolOutcome::Aborted;
+                }
             }
         };
         // The stream ended or broke: the child died mid-task.
@@ -434,7 +484,7 @@ impl Pool {
         let mut backoff = Duration::from_millis(100);
         loop {
             match spawn_child(&self.config, slot).await {
-                Ok(mut child) => {
+                Ok((mut child, _)) => {
                     child.generation = self.generation.load(Ordering::Relaxed);
                     if self.degraded.swap(false, Ordering::Relaxed) {
                         tracing::info!(slot, "pool child started again; pool healthy");
@@ -478,7 +528,7 @@ impl Pool {
     pub async fn grow(&self, n: usize) -> Result<(), PoolError> {
         for _ in 0..n {
             let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
-            let mut child = spawn_child(&self.config, slot).await?;
+            let (mut child, _) = spawn_child(&self.config, slot).await?;
             child.generation = self.generation.load(Ordering::Relaxed);
             let s = ChildStatus { slot, pid: child.pid, task: None, tasks_done: 0, rss_kib: self.fresh_rss_kib };
             self.status.lock().unwrap_or_else(|e| e.into_inner()).insert(slot, s);
@@ -542,26 +592,42 @@ async fn retire(mut child: ChildProc) {
     }
 }
 
-async fn spawn_child(config: &PreforkConfig, slot: usize) -> Result<ChildProc, PoolError> {
+async fn spawn_child(config: &PreforkConfig, slot: usize) -> Result<(ChildProc, Vec<protocol::ChildTask>), PoolError> {
     let err = |reason: String| PoolError::Spawn { program: config.program.display().to_string(), reason };
-    let mut process = tokio::process::Command::new(&config.program)
-        .env(child::CHILD_ENV, std::process::id().to_string())
+    let parent = std::process::id();
+    let mut command = tokio::process::Command::new(&config.program);
+    command
+        .args(&config.args)
+        .envs(config.env.iter().map(|(k, v)| (k, v)))
+        .env(child::CHILD_ENV, parent.to_string())
         .env("CELERIAC_LOG", &config.log_level)
         .env("CELERIAC_LOG_FORMAT", &config.log_format)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| err(e.to_string()))?;
+        .kill_on_drop(true);
+    // SAFETY: between fork and exec the closure makes two syscalls (prctl, getppid) and
+    // allocates nothing; the parent-death signal is set before any program (a Python
+    // interpreter, which cannot set it itself before it has started) runs.
+    unsafe {
+        command.pre_exec(move || {
+            proc_info::die_with_parent(parent).map_err(std::io::Error::other)?;
+            Ok(())
+        });
+    }
+    let mut process = command.spawn().map_err(|e| err(e.to_string()))?;
     let pid = process.id().unwrap_or(0);
     let (Some(stdin), Some(stdout)) = (process.stdin.take(), process.stdout.take()) else {
         return Err(err("no pipes to the child".into()));
     };
     let mut stdout = BufReader::new(stdout);
     match tokio::time::timeout(READY_TIMEOUT, read_frame_async::<FromChild>(&mut stdout)).await {
-        Ok(Ok(Some(FromChild::Ready { .. }))) => {
-            Ok(ChildProc { slot, pid, process, stdin, stdout, tasks: 0, generation: 0 })
+        Ok(Ok(Some(FromChild::Ready { tasks, .. }))) => {
+            Ok((ChildProc { slot, pid, process, stdin, stdout, tasks: 0, generation: 0 }, tasks))
+        }
+        Ok(Ok(Some(FromChild::Failed { reason }))) => {
+            let status = process.wait().await.map(proc_info::describe_exit).unwrap_or_default();
+            Err(PoolError::ChildFailed { program: config.program.display().to_string(), reason, status })
         }
         Ok(Ok(other)) => {
             let status = process.wait().await.map(proc_info::describe_exit).unwrap_or_default();

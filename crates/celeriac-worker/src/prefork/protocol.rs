@@ -30,6 +30,11 @@ pub enum ToChild {
     Run(Box<RunRequest>),
     /// Finish and exit.
     Exit,
+    /// The answer to a [`FromChild::Publish`]: `None` when published (confirmed), else why not.
+    Published {
+        /// Why the message could not be published.
+        error: Option<String>,
+    },
 }
 
 /// One task for a child to run.
@@ -61,6 +66,43 @@ pub struct RunRequest {
     pub hostname: String,
     /// Soft time limit, seconds: the child tells the task when it passes.
     pub soft_time_limit: Option<f64>,
+    /// Celery's request for the task (`task.request` in Python: the message's headers,
+    /// `delivery_info`, `reply_to`, `correlation_id` and the embed's `callbacks`, `errbacks`,
+    /// `chain`, `chord`), for children that run Celery tasks; a Rust child does not read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<Value>,
+}
+
+/// A task a child can run, as it announces it when ready, with the options the supervisor acts
+/// on (Celery's task attributes: `ignore_result`, `acks_late`, `reject_on_worker_lost`,
+/// `time_limit`, `soft_time_limit`, `rate_limit`, `track_started`, `queue`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChildTask {
+    /// The task's name.
+    pub name: String,
+    /// Its options; unknown ones are kept and ignored.
+    #[serde(default)]
+    pub options: Map<String, Value>,
+}
+
+/// A message a task asks the supervisor to publish (a Python task's `apply_async`, `delay`,
+/// `send_task` or `self.retry()`), as Celery's `send_task_message` would have: the body is its
+/// JSON text, headers and properties are Celery's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublishRequest {
+    /// The exchange (`""`: the default exchange).
+    #[serde(default)]
+    pub exchange: String,
+    /// The routing key (the queue, on the default exchange).
+    pub routing_key: String,
+    /// The message headers (protocol v2 task headers).
+    #[serde(with = "python_json")]
+    pub headers: Map<String, Value>,
+    /// The AMQP properties (`correlation_id`, `reply_to`, `priority`, `content_type`, ...).
+    #[serde(with = "python_json")]
+    pub properties: Map<String, Value>,
+    /// The body, serialized (`content_type`/`content_encoding` in the properties).
+    pub body: String,
 }
 
 /// Child to supervisor.
@@ -71,6 +113,17 @@ pub enum FromChild {
     Ready {
         /// The child's pid.
         pid: u32,
+        /// The tasks it runs beyond the supervisor's own registry (a Python child's app).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tasks: Vec<ChildTask>,
+    },
+    /// Publish a message for the task running now, then answer [`ToChild::Published`].
+    Publish(Box<PublishRequest>),
+    /// The child could not start (an application that does not import): why, shown to the
+    /// operator; the child exits after it.
+    Failed {
+        /// The reason, with a traceback where there is one.
+        reason: String,
     },
     /// Finished a task.
     Done {
@@ -81,6 +134,17 @@ pub enum FromChild {
         /// Resident set after the task, KiB.
         rss_kib: u64,
     },
+}
+
+/// A retry asked for by a task in a child.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RetryWire {
+    /// Seconds before the retry (`None`: the task's backoff schedule).
+    #[serde(default)]
+    pub countdown: Option<f64>,
+    /// The child already published the retry's message ([`FromChild::Publish`]).
+    #[serde(default)]
+    pub sent: bool,
 }
 
 /// How a task ended inside a child.
@@ -103,8 +167,12 @@ pub enum ChildOutcome {
         module: String,
         /// Traceback or error chain.
         traceback: Option<String>,
-        /// Asked for a retry (with this countdown in seconds, if any).
-        retry: Option<Option<f64>>,
+        /// Asked for a retry.
+        #[serde(default)]
+        retry: Option<RetryWire>,
+        /// Python's `exc.args` as their Python JSON text, when the child has them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        args: Option<String>,
     },
     /// Panicked.
     Panic {
@@ -122,11 +190,15 @@ impl ChildOutcome {
         match r {
             Ok(value) => ChildOutcome::Value { value },
             Err(e) => ChildOutcome::Error {
-                retry: e.retry.as_ref().map(|r| r.countdown.map(|d| d.as_secs_f64())),
+                retry: e
+                    .retry
+                    .as_ref()
+                    .map(|r| RetryWire { countdown: r.countdown.map(|d| d.as_secs_f64()), sent: r.sent }),
                 exc_type: e.exc_type,
                 message: e.message,
                 module: e.module,
                 traceback: e.traceback,
+                args: e.args.and_then(|a| celeriac_core::pyjson::to_string(&*a).ok()),
             },
         }
     }
@@ -135,12 +207,19 @@ impl ChildOutcome {
     pub fn into_result(self) -> Result<Value, TaskError> {
         match self {
             ChildOutcome::Value { value } => Ok(value),
-            ChildOutcome::Error { exc_type, message, module, traceback, retry } => Err(TaskError {
+            ChildOutcome::Error { exc_type, message, module, traceback, retry, args } => Err(TaskError {
                 exc_type,
                 message,
                 module,
                 traceback,
-                retry: retry.map(|c| RetryRequest { countdown: c.map(std::time::Duration::from_secs_f64) }),
+                retry: retry.map(|r| RetryRequest {
+                    countdown: r
+                        .countdown
+                        .filter(|c| c.is_finite() && *c >= 0.0)
+                        .map(std::time::Duration::from_secs_f64),
+                    sent: r.sent,
+                }),
+                args: args.and_then(|a| celeriac_core::pyjson::from_str(&a).ok()).map(Box::new),
             }),
             ChildOutcome::Panic { message, location } => {
                 let mut e = TaskError::new("Panic", message).with_module("celeriac");
@@ -286,6 +365,7 @@ mod tests {
             delivery_count: 2,
             hostname: "h".into(),
             soft_time_limit: Some(1.5),
+            request: None,
         };
         let mut buf = Vec::new();
         write_frame(&mut buf, &ToChild::Run(Box::new(req))).unwrap();
@@ -309,15 +389,25 @@ mod tests {
     #[test]
     fn frames_round_trip_and_end_cleanly() {
         let mut buf = Vec::new();
-        write_frame(&mut buf, &FromChild::Ready { pid: 7 }).unwrap();
+        write_frame(&mut buf, &FromChild::Ready { pid: 7, tasks: Vec::new() }).unwrap();
         let out = ChildOutcome::from_result(Err(TaskError::retry(Some(std::time::Duration::from_millis(1500)))));
         write_frame(&mut buf, &FromChild::Done { id: "x".into(), outcome: out, rss_kib: 3 }).unwrap();
+        // A retry with no countdown stays a retry (the task's backoff decides).
+        let out = ChildOutcome::from_result(Err(TaskError::retry(None)));
+        write_frame(&mut buf, &FromChild::Done { id: "y".into(), outcome: out, rss_kib: 3 }).unwrap();
         let mut r = &buf[..];
-        assert!(matches!(read_frame::<FromChild>(&mut r).unwrap(), Some(FromChild::Ready { pid: 7 })));
+        assert!(matches!(read_frame::<FromChild>(&mut r).unwrap(), Some(FromChild::Ready { pid: 7, .. })));
         match read_frame::<FromChild>(&mut r).unwrap() {
             Some(FromChild::Done { outcome, .. }) => {
                 let e = outcome.into_result().unwrap_err();
                 assert_eq!(e.retry.unwrap().countdown, Some(std::time::Duration::from_millis(1500)));
+            }
+            other => panic!("{other:?}"),
+        }
+        match read_frame::<FromChild>(&mut r).unwrap() {
+            Some(FromChild::Done { outcome, .. }) => {
+                let retry = outcome.into_result().unwrap_err().retry.expect("still a retry");
+                assert_eq!((retry.countdown, retry.sent), (None, false));
             }
             other => panic!("{other:?}"),
         }

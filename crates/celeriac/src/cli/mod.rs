@@ -10,6 +10,7 @@ mod beat;
 mod demo;
 mod events;
 pub mod logging;
+mod python;
 mod remote;
 
 use std::ffi::OsString;
@@ -131,10 +132,19 @@ struct WorkerArgs {
     /// Tasks run at once (default: number of CPUs).
     #[arg(short = 'c', long)]
     concurrency: Option<usize>,
-    /// Pool: `async` (tasks in this process) or `prefork` (each task in a child process:
-    /// hard kills, memory recycling, crash isolation).
-    #[arg(short = 'P', long = "pool", default_value = "async")]
-    pool: String,
+    /// Pool: `async` (tasks in this process; the default) or `prefork` (each task in a child
+    /// process: hard kills, memory recycling, crash isolation; the default with --python-app).
+    #[arg(short = 'P', long = "pool")]
+    pool: Option<String>,
+    /// Run an existing Celery app's Python tasks (MODULE:ATTR, e.g. proj.celery:app, as
+    /// `celery -A`) in prefork children under this worker: each child imports the app once and
+    /// runs the tasks handed to it; this worker consumes, stores results and supervises.
+    #[arg(long = "python-app", value_name = "MODULE:ATTR")]
+    python_app: Option<String>,
+    /// The Python interpreter of --python-app (default: $VIRTUAL_ENV's, else python3 on PATH);
+    /// it needs celery installed.
+    #[arg(long = "python", value_name = "PATH")]
+    python: Option<std::path::PathBuf>,
     /// prefork: replace a child after this many tasks.
     #[arg(long = "max-tasks-per-child")]
     max_tasks_per_child: Option<u64>,
@@ -335,7 +345,7 @@ pub fn main(app: App, args: impl IntoIterator<Item = OsString>) -> ExitCode {
         };
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if matches!(&cli.command, Command::Worker(w) if w.pool == "prefork") {
+    if matches!(&cli.command, Command::Worker(w) if w.pool.as_deref() == Some("prefork") || w.python_app.is_some()) {
         // A prefork supervisor only routes messages between the broker and its children: one
         // runtime thread does that with fewer wake-ups (about 15% less CPU per task in the
         // benchmark), leaving the cores to the children and the broker.
@@ -392,7 +402,16 @@ async fn worker(
     let hostname = celeriac_worker::nodename::expand(&args.hostname)
         .map_err(|e| CliError::usage(format!("-n/--hostname: {e}")))?;
     logging::set_hostname(&hostname);
-    let prefork = match args.pool.as_str() {
+    let pool = args.pool.as_deref().unwrap_or(if args.python_app.is_some() { "prefork" } else { "async" });
+    if args.python.is_some() && args.python_app.is_none() {
+        return Err(CliError::usage("--python names the interpreter of --python-app, which is not given"));
+    }
+    let prefork = match pool {
+        "async" if args.python_app.is_some() => {
+            return Err(CliError::usage(
+                "--python-app runs Python tasks in prefork children: use -P prefork (the default with --python-app)",
+            ));
+        }
         "async" => {
             if args.max_tasks_per_child.is_some() || args.max_memory_per_child.is_some() {
                 return Err(CliError::usage("--max-tasks-per-child and --max-memory-per-child need --pool prefork"));
@@ -414,6 +433,14 @@ async fn worker(
                 .map_err(|e| CliError::usage(format!("--max-memory-per-child: {e}")))?;
             pc.log_level = loglevel.to_string();
             pc.log_format = log_format.as_str().to_string();
+            if let Some(spec) = &args.python_app {
+                python::check_app_spec(spec)?;
+                let interpreter = python::interpreter(args.python.as_deref());
+                let version = python::check_interpreter(&interpreter)?;
+                let dir = python::install()?;
+                tracing::info!(app = %spec, python = %interpreter.display(), celery = %version, "Python children run the app's tasks");
+                (pc.program, pc.args, pc.env) = python::child_command(interpreter, spec, &dir);
+            }
             Some(pc)
         }
         other => return Err(CliError::usage(format!("--pool {other:?} is not a pool (available: async, prefork)"))),

@@ -1,0 +1,232 @@
+//! What a pool child that runs Celery's own tasks (a Python child, `--python-app`) needs from
+//! the worker: the registry entries of the tasks it announced, Celery's request dict for each
+//! task it runs (`task.request` in Python), and publishing on its behalf what its tasks send
+//! (`apply_async`, `delay`, `self.retry()`), through the worker's broker under the publish
+//! deadline.
+//!
+//! The supervisor stays the only process that talks to the broker: a child writes a
+//! `publish` frame and waits for the answer, as a Celery task waits for its publish.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use celeriac_core::{Message, Properties, Registry, Task, TaskContext, TaskError, TaskOptions};
+use futures::future::BoxFuture;
+use serde_json::{Map, Value};
+
+use crate::prefork::protocol::{ChildTask, PublishRequest};
+use crate::prefork::ChildPublisher;
+use crate::request::Request;
+use crate::Shared;
+
+/// How long one publish asked for by a child may take before the task is told it failed.
+const PUBLISH_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A task that runs only in a pool child: the supervisor knows its name and options.
+struct ChildOnly {
+    name: String,
+    options: TaskOptions,
+}
+
+impl Task for ChildOnly {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn options(&self) -> TaskOptions {
+        self.options.clone()
+    }
+
+    fn call(
+        &self,
+        _ctx: TaskContext,
+        _args: Vec<Value>,
+        _kwargs: Map<String, Value>,
+    ) -> celeriac_core::task::TaskFuture {
+        let name = self.name.clone();
+        Box::pin(async move {
+            Err(TaskError::new(
+                "NotImplementedError",
+                format!("{name} runs only in a pool child (a Python task), not in the worker's own process"),
+            ))
+        })
+    }
+}
+
+/// The options the supervisor acts on, from a child's announcement (Celery's task attributes).
+/// Retries are the child's business (Celery's `Task.retry` counts `max_retries` and sends the
+/// new message itself), so the supervisor sets no limit and no automatic retry of its own.
+fn options_of(task: &ChildTask) -> TaskOptions {
+    let o = &task.options;
+    let seconds = |k: &str| o.get(k).and_then(Value::as_f64).filter(|s| s.is_finite() && *s > 0.0);
+    TaskOptions {
+        queue: o.get("queue").and_then(Value::as_str).map(str::to_string),
+        max_retries: None,
+        autoretry_for: Vec::new(),
+        time_limit: seconds("time_limit"),
+        soft_time_limit: seconds("soft_time_limit"),
+        ignore_result: o.get("ignore_result").and_then(Value::as_bool).unwrap_or(false),
+        ..TaskOptions::default()
+    }
+}
+
+/// The registry of a worker whose children run the announced `tasks`: those tasks, and the
+/// Celery builtins the worker runs itself (`celery.*` from `registry`). The worker's other
+/// tasks are dropped: its children cannot run them.
+pub(crate) fn registry(registry: &Registry, tasks: &[ChildTask]) -> Registry {
+    let mut out = Registry::new();
+    for name in registry.names().filter(|n| crate::builtins::runs_in_worker(n)) {
+        if let Some(task) = registry.get(name) {
+            out.register_arc(task);
+        }
+    }
+    for task in tasks {
+        out.register_arc(Arc::new(ChildOnly { name: task.name.clone(), options: options_of(task) }));
+    }
+    out
+}
+
+/// Celery's request dict for `req` (what `celery/worker/request.py` hands its tracer): the
+/// message's headers, `delivery_info`, `reply_to`, `correlation_id`, `hostname`, and the embed
+/// (`callbacks`, `errbacks`, `chain`, `chord`). The worker carries out the embed itself; the
+/// child only shows it to the task.
+pub(crate) fn celery_request(req: &Request, hostname: &str) -> Value {
+    let message = &req.delivery.message;
+    let mut r: Map<String, Value> = message.headers.clone();
+    let text = |v: &Option<String>| v.as_ref().map_or(Value::Null, |s| Value::String(s.clone()));
+    r.insert("reply_to".into(), text(&message.properties.reply_to));
+    r.insert("correlation_id".into(), text(&message.properties.correlation_id));
+    r.insert("hostname".into(), Value::String(hostname.to_string()));
+    let mut delivery = Map::new();
+    delivery.insert("exchange".into(), Value::String(String::new()));
+    delivery.insert("routing_key".into(), Value::String(req.delivery.queue.clone()));
+    delivery.insert("priority".into(), message.properties.priority.map_or(Value::Null, Value::from));
+    delivery.insert("redelivered".into(), Value::Bool(req.delivery.delivery_count > 1));
+    r.insert("delivery_info".into(), Value::Object(delivery));
+    let embed = &req.body.embed;
+    let opt = |v: &Option<Value>| v.clone().unwrap_or(Value::Null);
+    r.insert("callbacks".into(), opt(&embed.callbacks));
+    r.insert("errbacks".into(), opt(&embed.errbacks));
+    r.insert("chain".into(), embed.chain.as_ref().and_then(|c| c.to_value().ok()).unwrap_or(Value::Null));
+    r.insert("chord".into(), opt(&embed.chord));
+    Value::Object(r)
+}
+
+/// Publishes for the tasks of the worker's children.
+pub(crate) struct Publisher<'a>(pub &'a Shared);
+
+impl ChildPublisher for Publisher<'_> {
+    fn publish<'b>(&'b self, req: PublishRequest) -> BoxFuture<'b, Result<(), String>> {
+        Box::pin(async move {
+            let (queue, message) = message_of(req)?;
+            let id = message.headers.get("id").and_then(Value::as_str).unwrap_or("").to_string();
+            let task = message.headers.get("task").and_then(Value::as_str).unwrap_or("").to_string();
+            match tokio::time::timeout(PUBLISH_DEADLINE, self.0.broker.publish(&queue, &message)).await {
+                Ok(Ok(())) => {
+                    tracing::debug!(sent_id = %id, sent_task = %task, queue = %queue, "published for the task");
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(format!("could not publish {task}[{id}] to {queue}: {e}")),
+                Err(_) => Err(format!("could not publish {task}[{id}] to {queue} within {PUBLISH_DEADLINE:?}")),
+            }
+        })
+    }
+}
+
+/// The queue and message of a child's publish. The queue is the routing key (Celery routes a
+/// task to the queue of that name through its same-named direct exchange, or the default
+/// exchange); another exchange is logged, and the routing key still names the queue.
+fn message_of(req: PublishRequest) -> Result<(String, Message), String> {
+    if req.routing_key.is_empty() {
+        return Err("a publish with no routing key (no queue)".into());
+    }
+    if !req.exchange.is_empty() && req.exchange != req.routing_key && req.exchange != "celery" {
+        tracing::warn!(exchange = %req.exchange, routing_key = %req.routing_key, "a task published to an exchange celeriac does not route through: sent to the queue named by the routing key");
+    }
+    let p = &req.properties;
+    let text = |k: &str| p.get(k).and_then(Value::as_str).map(str::to_string);
+    let defaults = Properties::default();
+    let properties = Properties {
+        correlation_id: text("correlation_id"),
+        reply_to: text("reply_to").filter(|r| !r.is_empty()),
+        priority: p.get("priority").and_then(Value::as_u64).map(|n| n.min(255) as u8),
+        expiration: p.get("expiration").and_then(|v| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }),
+        content_type: text("content_type").unwrap_or(defaults.content_type),
+        content_encoding: text("content_encoding").unwrap_or(defaults.content_encoding),
+        ..defaults
+    };
+    let mut ignored: Vec<&str> = p
+        .keys()
+        .map(String::as_str)
+        .filter(|k| {
+            !matches!(
+                *k,
+                "correlation_id"
+                    | "reply_to"
+                    | "priority"
+                    | "expiration"
+                    | "content_type"
+                    | "content_encoding"
+                    | "delivery_mode"
+            )
+        })
+        .collect();
+    if !ignored.is_empty() {
+        ignored.sort_unstable();
+        tracing::debug!(properties = %ignored.join(","), "message properties a child sent that celeriac does not carry");
+    }
+    let message = Message { headers: req.headers, properties, body: req.body.into_bytes() };
+    Ok((req.routing_key, message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_child_publish_becomes_a_message_on_the_routing_key_s_queue() {
+        let req = PublishRequest {
+            exchange: "celery".into(),
+            routing_key: "celery".into(),
+            headers: json!({"task": "t", "id": "I", "retries": 1}).as_object().unwrap().clone(),
+            properties: json!({"correlation_id": "I", "reply_to": "r", "priority": 3, "content_type": "application/json", "content_encoding": "utf-8", "delivery_mode": 2})
+                .as_object()
+                .unwrap()
+                .clone(),
+            body: "[[1], {}, {}]".into(),
+        };
+        let (queue, m) = message_of(req).unwrap();
+        assert_eq!(queue, "celery");
+        assert_eq!((m.properties.correlation_id.as_deref(), m.properties.priority), (Some("I"), Some(3)));
+        assert_eq!(m.body, b"[[1], {}, {}]");
+        assert_eq!(m.task_headers().unwrap().retries, 1);
+        let none = PublishRequest {
+            exchange: String::new(),
+            routing_key: String::new(),
+            headers: Map::new(),
+            properties: Map::new(),
+            body: String::new(),
+        };
+        assert!(message_of(none).unwrap_err().contains("no routing key"));
+    }
+
+    #[test]
+    fn announced_options_keep_retries_in_the_child() {
+        let t = ChildTask {
+            name: "proj.add".into(),
+            options:
+                json!({"time_limit": 5, "soft_time_limit": 3.5, "ignore_result": true, "max_retries": 2, "queue": "q"})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+        };
+        let o = options_of(&t);
+        assert_eq!((o.time_limit, o.soft_time_limit, o.ignore_result), (Some(5.0), Some(3.5), true));
+        assert_eq!((o.max_retries, o.queue.as_deref()), (None, Some("q")));
+    }
+}

@@ -1,0 +1,359 @@
+"""celeriac's Python pool child.
+
+A celeriac worker started with ``--python-app MODULE:ATTR`` runs one of these per pool slot
+(``python -m celeriac_child MODULE:ATTR``). The worker (the supervisor) consumes from the broker,
+stores results and carries out workflows; this process only imports the Celery app once and runs
+task bodies, one at a time, as Celery's worker runs them (``celery/app/trace.py``): the request
+context, the signals, ``self.retry()``, autoretry, the result encoded with kombu's JSON.
+
+The pipe protocol (the same as celeriac's Rust children speak; see ``python/README.md``): every
+frame is a 4-byte big-endian length and that many bytes of JSON. The supervisor writes to this
+process's stdin; this process answers on its original stdout, which it keeps for frames alone
+(file descriptor 1 is pointed at stderr, so a task that prints cannot break the stream).
+
+Nothing here connects to the broker: whatever a task publishes (``delay``, ``apply_async``,
+``self.retry()``) is handed to the supervisor in a ``publish`` frame, and the task waits for the
+answer, as a Celery task waits for its publish.
+"""
+
+import importlib
+import json
+import os
+import signal
+import struct
+import sys
+import time
+import traceback
+
+__all__ = ["main"]
+
+_LENGTH = struct.Struct(">I")
+#: The largest frame accepted, as the supervisor's limit.
+MAX_FRAME = 64 << 20
+
+#: Celery task attributes the supervisor acts on, announced with each task.
+_ANNOUNCED = (
+    "ignore_result",
+    "acks_late",
+    "reject_on_worker_lost",
+    "time_limit",
+    "soft_time_limit",
+    "rate_limit",
+    "track_started",
+    "max_retries",
+    "default_retry_delay",
+    "queue",
+)
+
+
+class Pipe:
+    """Frames over the supervisor's pipes."""
+
+    def __init__(self, rfile, wfile):
+        self.rfile = rfile
+        self.wfile = wfile
+
+    def _read_exact(self, n):
+        chunks = []
+        while n:
+            chunk = self.rfile.read(n)
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    def read(self):
+        """The next frame, decoded; ``None`` when the supervisor closed the pipe."""
+        head = self._read_exact(_LENGTH.size)
+        if head is None:
+            return None
+        (length,) = _LENGTH.unpack(head)
+        if length > MAX_FRAME:
+            raise ValueError("frame of %d bytes" % length)
+        body = self._read_exact(length)
+        if body is None:
+            return None
+        return json.loads(body)
+
+    def write(self, frame):
+        body = json.dumps(frame).encode("utf-8")
+        self.wfile.write(_LENGTH.pack(len(body)) + body)
+        self.wfile.flush()
+
+
+def load_app(spec):
+    """The Celery app named by ``MODULE:ATTR`` (or ``MODULE``, whose ``app`` or ``celery`` is
+    taken, as ``celery -A`` does)."""
+    from celery import Celery
+
+    module_name, _, attr = spec.partition(":")
+    obj = importlib.import_module(module_name)
+    if attr:
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    else:
+        for name in ("app", "celery"):
+            candidate = getattr(obj, name, None)
+            if isinstance(candidate, Celery):
+                obj = candidate
+                break
+    if not isinstance(obj, Celery):
+        raise TypeError("%s is not a Celery app (it is %s)" % (spec, type(obj).__name__))
+    return obj
+
+
+def _rss_kib():
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _announce(app):
+    tasks = []
+    for name, task in sorted(app.tasks.items()):
+        if name.startswith("celery."):
+            continue  # Celery's own tasks: the worker runs those it supports itself.
+        options = {}
+        for attr in _ANNOUNCED:
+            value = getattr(task, attr, None)
+            if value is not None:
+                options[attr] = value if isinstance(value, (bool, int, float, str)) else str(value)
+        tasks.append({"name": name, "options": options})
+    return tasks
+
+
+class Child:
+    """One pool child: the app, the pipe, and the task being run."""
+
+    def __init__(self, app, pipe):
+        self.app = app
+        self.pipe = pipe
+        from kombu.utils import json as kjson
+
+        self.kjson = kjson
+        self._install_publisher()
+
+    # -- publishing through the supervisor ---------------------------------------------------
+
+    def _install_publisher(self):
+        """Route the app's task messages to the supervisor (``amqp.send_task_message`` is the
+        one place Celery's ``send_task`` publishes through)."""
+        amqp = self.app.amqp
+        child = self
+
+        def send_task_message(producer, name, message, exchange=None, routing_key=None, queue=None,
+                              event_dispatcher=None, retry=None, retry_policy=None, serializer=None,
+                              delivery_mode=None, compression=None, declare=None, headers=None,
+                              exchange_type=None, timeout=None, confirm_timeout=None, **kwargs):
+            from celery import signals
+            from kombu import serialization
+
+            headers2, properties, body, _sent_event = message
+            if headers:
+                headers2.update(headers)
+            if kwargs:
+                properties.update(kwargs)
+            qname = queue
+            if queue is None and exchange is None:
+                queue = amqp.default_queue
+            if queue is not None:
+                if isinstance(queue, str):
+                    qname = queue
+                else:
+                    qname = queue.name
+            exchange = getattr(exchange, "name", exchange)
+            if not routing_key or exchange in (None, ""):
+                exchange, routing_key = "", qname
+            if compression:
+                sys.stderr.write("celeriac child: compression=%r is not applied to messages a task sends\n"
+                                 % (compression,))
+            ser = serializer or child.app.conf.task_serializer
+            content_type, content_encoding, data = serialization.dumps(body, serializer=ser)
+            if content_type != "application/json":
+                raise ValueError("celeriac sends task messages as JSON; serializer %r is not supported" % ser)
+            if isinstance(data, bytes):
+                data = data.decode(content_encoding or "utf-8")
+            properties = dict(properties)
+            properties.update(content_type=content_type, content_encoding=content_encoding,
+                              delivery_mode=delivery_mode or 2)
+            signals.before_task_publish.send(
+                sender=name, body=body, exchange=exchange, routing_key=routing_key,
+                declare=declare, headers=headers2, properties=properties, retry_policy=retry_policy)
+            child.pipe.write({"publish": {
+                "exchange": exchange or "",
+                "routing_key": routing_key,
+                "headers": child.kjson.dumps(headers2),
+                "properties": child.kjson.dumps(properties),
+                "body": data,
+            }})
+            answer = child.pipe.read()
+            if answer is None:
+                raise SystemExit(0)
+            error = answer.get("published", {}).get("error")
+            if error:
+                from kombu.exceptions import OperationalError
+                raise OperationalError(error)
+            signals.after_task_publish.send(sender=name, body=body, headers=headers2,
+                                            exchange=exchange, routing_key=routing_key)
+            return None
+
+        amqp.send_task_message = send_task_message
+
+    # -- running a task ----------------------------------------------------------------------
+
+    def run(self, req):
+        """Run one task; the ``outcome`` of its ``done`` frame."""
+        from billiard.einfo import ExceptionInfo
+        from celery import signals
+        from celery.app.task import Context
+        from celery.exceptions import Retry, SoftTimeLimitExceeded
+        from celery.utils.objects import mro_lookup
+
+        name = req["name"]
+        task = self.app.tasks.get(name)
+        if task is None:
+            return _error("NotRegistered", repr(name), "celery.exceptions", None, [repr(name)])
+        args = self.kjson.loads(req["args"])
+        kwargs = self.kjson.loads(req["kwargs"])
+        request = dict(req.get("request") or {})
+        request.update(id=req["id"], task=name, retries=req.get("retries", 0),
+                       hostname=req.get("hostname"), is_eager=False)
+        request.setdefault("root_id", req.get("root_id"))
+        request.setdefault("parent_id", req.get("parent_id"))
+        request.setdefault("group", req.get("group"))
+        ctx = Context(request, args=args, called_directly=False, kwargs=kwargs)
+        custom_call = mro_lookup(task.__class__, "__call__", stop={type(task).__mro__[-1]},
+                                 monkey_patched=["celery.app.task"]) is not None
+        fun = task if custom_call else task.run
+        soft = req.get("soft_time_limit")
+
+        def soft_limit(signum, frame):
+            raise SoftTimeLimitExceeded(soft)
+
+        task_id = req["id"]
+        state, retval, outcome = "FAILURE", None, None
+        from celery import _state
+
+        # As Celery's tracer: the context object itself on the task's request stack.
+        _state._task_stack.push(task)
+        task.request_stack.push(ctx)
+        try:
+            signals.task_prerun.send(sender=task, task_id=task_id, task=task, args=args, kwargs=kwargs)
+            if soft:
+                signal.signal(signal.SIGALRM, soft_limit)
+                signal.setitimer(signal.ITIMER_REAL, float(soft))
+            try:
+                retval = fun(*args, **kwargs)
+            finally:
+                if soft:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            try:
+                text = self.kjson.dumps(retval)
+            except Exception as exc:  # the value cannot be stored: a FAILURE naming why
+                einfo = ExceptionInfo()
+                outcome = _error("EncodeError", "the task's result cannot be encoded as JSON: %s" % exc,
+                                 "kombu.exceptions", einfo.traceback, None)
+                state = "FAILURE"
+            else:
+                state = "SUCCESS"
+                outcome = {"value": {"value": text}}
+                task.on_success(retval, task_id, args, kwargs)
+                signals.task_success.send(sender=task, result=retval)
+        except Retry as reason:
+            einfo = ExceptionInfo()
+            state, retval = "RETRY", reason
+            exc = reason.exc if isinstance(reason.exc, BaseException) else reason
+            when = reason.when
+            countdown = None
+            if isinstance(when, (int, float)):
+                countdown = float(when)
+            elif when is not None and hasattr(when, "timestamp"):
+                countdown = max(0.0, when.timestamp() - time.time())
+            task.on_retry(exc, task_id, args, kwargs, einfo)
+            signals.task_retry.send(sender=task, request=task.request, reason=reason, einfo=einfo)
+            outcome = _error_of(exc, einfo.traceback, self.kjson)
+            outcome["error"]["retry"] = {"countdown": countdown, "sent": True}
+        except BaseException as exc:  # the task's own failure, stored as Celery stores it
+            if isinstance(exc, (SystemExit, KeyboardInterrupt)) and not isinstance(exc, SoftTimeLimitExceeded):
+                raise
+            einfo = ExceptionInfo()
+            state, retval = "FAILURE", exc
+            task.on_failure(exc, task_id, args, kwargs, einfo)
+            signals.task_failure.send(sender=task, task_id=task_id, exception=exc, args=args, kwargs=kwargs,
+                                      traceback=einfo.tb, einfo=einfo)
+            outcome = _error_of(exc, einfo.traceback, self.kjson)
+        finally:
+            try:
+                task.after_return(state, retval, task_id, args, kwargs, None)
+                signals.task_postrun.send(sender=task, task_id=task_id, task=task, args=args, kwargs=kwargs,
+                                          retval=retval, state=state)
+            finally:
+                task.request_stack.pop()
+                _state._task_stack.pop()
+        return outcome
+
+
+def _error(exc_type, message, module, tb, args):
+    error = {"exc_type": exc_type, "message": message, "module": module, "traceback": tb, "retry": None}
+    if args is not None:
+        error["args"] = json.dumps(args)
+    return {"error": error}
+
+
+def _error_of(exc, tb, kjson):
+    """An exception as Celery stores it: type name, module, ``exc.args``."""
+    try:
+        args = kjson.dumps(list(exc.args))
+    except Exception:  # arguments that are not JSON: their reprs, as Celery's ensure_serializable
+        args = json.dumps([a if isinstance(a, (str, int, float, bool, type(None))) else repr(a) for a in exc.args])
+    out = _error(type(exc).__name__, str(exc), type(exc).__module__, tb, None)
+    out["error"]["args"] = args
+    return out
+
+
+def main(argv):
+    """Run the child loop; the process's exit code."""
+    if len(argv) != 1 or not argv[0]:
+        sys.stderr.write("usage: python -m celeriac_child MODULE:ATTR\n")
+        return 2
+    parent = os.environ.get("CELERIAC_PREFORK_PARENT")
+    if parent and os.getppid() != int(parent):
+        sys.stderr.write("celeriac child: the supervisor (pid %s) is gone\n" % parent)
+        return 1
+    # Frames go to the original stdout; anything the tasks print goes to stderr.
+    proto_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    # A Ctrl-C reaches the whole process group: the supervisor decides when children stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pipe = Pipe(os.fdopen(0, "rb", buffering=0), proto_out)
+    try:
+        app = load_app(argv[0])
+        app.loader.import_default_modules()
+        app.finalize(auto=True)
+        child = Child(app, pipe)
+    except BaseException:
+        reason = traceback.format_exc()
+        sys.stderr.write(reason)
+        pipe.write({"failed": {"reason": "cannot load the Celery app %s:\n%s" % (argv[0], reason)}})
+        return 3
+    from celery import signals
+
+    signals.worker_process_init.send(sender=None)
+    pipe.write({"ready": {"pid": os.getpid(), "tasks": _announce(app)}})
+    exitcode = 0
+    try:
+        while True:
+            frame = pipe.read()
+            if frame is None or frame == "exit":
+                break
+            if isinstance(frame, dict) and "run" in frame:
+                req = frame["run"]
+                outcome = child.run(req)
+                pipe.write({"done": {"id": req["id"], "outcome": outcome, "rss_kib": _rss_kib()}})
+    finally:
+        signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=exitcode)
+    return exitcode

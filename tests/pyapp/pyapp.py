@@ -1,0 +1,145 @@
+"""The Celery app the `--python-app` tests run under a celeriac worker (tests/pyapp).
+
+The broker and backend come from the environment (PYAPP_BROKER, PYAPP_BACKEND) so each test
+picks its own queue, vhost or database; `celery -A pyapp worker` runs the same app, for
+comparing what a Python worker stores.
+"""
+
+import datetime
+import decimal
+import os
+import time
+import uuid
+
+from celery import Celery, signals
+
+app = Celery(
+    "pyapp",
+    broker=os.environ.get("PYAPP_BROKER", "amqp://guest:guest@127.0.0.1:5672//"),
+    backend=os.environ.get("PYAPP_BACKEND", "redis://127.0.0.1:6379/5"),
+)
+app.conf.task_default_queue = os.environ.get("PYAPP_QUEUE", "pyapp")
+
+#: Signals seen in this process, in order (`signals_seen` returns them).
+SEEN = []
+
+
+@signals.worker_process_init.connect
+def _init(**_):
+    SEEN.append("worker_process_init")
+
+
+@signals.task_prerun.connect
+def _prerun(task_id=None, task=None, **_):
+    SEEN.append("task_prerun:%s" % task.name)
+
+
+@signals.task_postrun.connect
+def _postrun(task_id=None, task=None, state=None, **_):
+    SEEN.append("task_postrun:%s:%s" % (task.name, state))
+
+
+@signals.task_success.connect
+def _success(sender=None, **_):
+    SEEN.append("task_success:%s" % sender.name)
+
+
+@signals.task_failure.connect
+def _failure(sender=None, **_):
+    SEEN.append("task_failure:%s" % sender.name)
+
+
+@signals.task_retry.connect
+def _retry(sender=None, **_):
+    SEEN.append("task_retry:%s" % sender.name)
+
+
+@app.task
+def add(x, y):
+    return x + y
+
+
+@app.task(bind=True)
+def whoami(self):
+    r = self.request
+    return {
+        "id": r.id,
+        "task": r.task,
+        "retries": r.retries,
+        "hostname": r.hostname,
+        "root_id": r.root_id,
+        "parent_id": r.parent_id,
+        "routing_key": (r.delivery_info or {}).get("routing_key"),
+        "called_directly": r.called_directly,
+        "pid": os.getpid(),
+    }
+
+
+@app.task(bind=True, max_retries=5, default_retry_delay=0)
+def retry_twice(self, x):
+    if self.request.retries < 2:
+        raise self.retry(exc=ValueError("not yet %d" % self.request.retries), countdown=0)
+    return x * 10
+
+
+@app.task(bind=True, autoretry_for=(KeyError,), retry_kwargs={"max_retries": 3, "countdown": 0})
+def autoretry(self, key):
+    if self.request.retries < 1:
+        raise KeyError(key)
+    return "retried %d" % self.request.retries
+
+
+@app.task(bind=True, max_retries=1, default_retry_delay=0)
+def retry_forever(self):
+    raise self.retry(exc=RuntimeError("again"), countdown=0)
+
+
+@app.task
+def fail(msg):
+    raise ValueError(msg, 42)
+
+
+@app.task
+def rich():
+    return {
+        "when": datetime.datetime(2026, 11, 30, 12, 0, 0, tzinfo=datetime.timezone.utc),
+        "price": decimal.Decimal("19.99"),
+        "id": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    }
+
+
+@app.task
+def unencodable():
+    return object()
+
+
+@app.task
+def chatty():
+    print("hello from a task that prints")
+    return "printed"
+
+
+@app.task
+def fan_out(n):
+    return [add.delay(i, i).id for i in range(n)]
+
+
+@app.task
+def signals_seen():
+    return list(SEEN)
+
+
+@app.task
+def redis_get_set(key, value):
+    import redis
+
+    client = redis.Redis.from_url(os.environ.get("PYAPP_DATA_REDIS", "redis://127.0.0.1:6379/5"))
+    old = client.get(key)
+    client.set(key, value)
+    return old.decode() if old is not None else None
+
+
+@app.task
+def sleep(seconds):
+    time.sleep(seconds)
+    return seconds
