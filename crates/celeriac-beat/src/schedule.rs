@@ -317,7 +317,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<Schedule, ScheduleError> {
         text.parse().map_err(|e: toml::de::Error| err(None, None, e.to_string().trim().to_string()))?;
     let mut timezone = Tz::UTC;
     let mut raw_entries = Vec::new();
-    for (key, value) in &table {
+    for (key, value) in table {
         match key.as_str() {
             "timezone" => {
                 let name = value.as_str().ok_or_else(|| err(None, Some("timezone"), "expected a string".into()))?;
@@ -325,11 +325,10 @@ pub fn parse(text: &str, source_name: &str) -> Result<Schedule, ScheduleError> {
                     err(None, Some("timezone"), format!("unknown timezone {name:?} (an IANA name, e.g. Europe/Berlin)"))
                 })?;
             }
-            "entry" => {
-                let list =
-                    value.as_array().ok_or_else(|| err(None, Some("entry"), "expected [[entry]] tables".into()))?;
-                raw_entries = list.clone();
-            }
+            "entry" => match value {
+                toml::Value::Array(list) => raw_entries = list,
+                _ => return Err(err(None, Some("entry"), "expected [[entry]] tables".into())),
+            },
             other => return Err(err(None, Some(other), "unknown key (known: timezone, entry)".into())),
         }
     }
@@ -337,6 +336,8 @@ pub fn parse(text: &str, source_name: &str) -> Result<Schedule, ScheduleError> {
         return Err(err(None, None, "no [[entry]]: nothing to schedule".into()));
     }
     let mut entries: Vec<Entry> = Vec::with_capacity(raw_entries.len());
+    // Names seen so far: a set, as a schedule may have 100,000 entries.
+    let mut names = std::collections::HashSet::with_capacity(raw_entries.len());
     for (i, raw) in raw_entries.iter().enumerate() {
         let t = raw.as_table().ok_or_else(|| err(Some(format!("#{}", i + 1)), None, "expected a table".into()))?;
         let label = t.get("name").and_then(|v| v.as_str()).map(str::to_string).unwrap_or_else(|| format!("#{}", i + 1));
@@ -349,7 +350,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<Schedule, ScheduleError> {
             }
         };
         let name = string("name")?.ok_or_else(|| e("name", "missing".into()))?;
-        if entries.iter().any(|x| x.name == name) {
+        if !names.insert(name.clone()) {
             return Err(e("name", "a second entry with this name (names must be unique)".into()));
         }
         let task = string("task")?.ok_or_else(|| e("task", "missing".into()))?;

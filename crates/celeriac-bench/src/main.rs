@@ -126,9 +126,13 @@ struct CompareArgs {
     /// second pass of each workflow, first run only).
     #[arg(long)]
     skip_canvas_sizes: bool,
-    /// Entries of the beat part's schedule, each every second.
+    /// Entries of the beat part's schedule.
     #[arg(long, default_value_t = 10_000)]
     beat_entries: u64,
+    /// The period of every entry of the beat part, seconds (`--beat-entries 100000
+    /// --beat-period 60 --beat-seconds 150`: the other form).
+    #[arg(long, default_value_t = 1)]
+    beat_period: u64,
     /// Seconds of the beat part's timed window, per broker.
     #[arg(long, default_value_t = 30)]
     beat_seconds: u64,
@@ -273,9 +277,9 @@ async fn compare(args: CompareArgs) -> Result<()> {
             run.canvas = bench.canvas(with_celery, k == 1 && !args.skip_canvas_sizes).await?;
         }
         if part("beat") {
-            eprintln!("\n5. beat: {} entries every second, {} s per broker", args.beat_entries, args.beat_seconds);
-            let window = Duration::from_secs(args.beat_seconds);
-            run.beat = bench.beat(args.beat_entries, window, &args.beat_brokers).await?;
+            let (n, period, secs) = (args.beat_entries, args.beat_period, args.beat_seconds);
+            eprintln!("\n5. beat: {n} entries every {period} s, {secs} s per broker");
+            run.beat = bench.beat(n, period, Duration::from_secs(secs), &args.beat_brokers).await?;
         }
         runs.push(run);
     }
