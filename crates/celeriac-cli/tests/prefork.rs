@@ -6,30 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use celeriac::{SendOptions, TaskState};
-use common::{run_cli, wait_until, TempDb, TestVhost, WorkerProc};
+use common::{alive, children_of, run_cli, wait_until, TempDb, TestVhost, WorkerProc};
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
-
-/// Pids of the direct children of `pid`.
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-            }
-        }
-    }
-    out
-}
-
-/// Whether `pid` is still a live process (not gone, not a zombie).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
-        Err(_) => false,
-    }
-}
 
 async fn send(client: &celeriac::Client, name: &str, args: Value) -> String {
     let args: Vec<Value> = serde_json::from_value(args).unwrap();

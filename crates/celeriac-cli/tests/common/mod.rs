@@ -94,8 +94,14 @@ impl WorkerProc {
 
     /// Start `<program> <args>` (any long-running subcommand: `beat`, ...), collecting its stderr.
     pub fn spawn_cli(program: &Path, args: &[&str]) -> Self {
+        Self::spawn_cli_env(program, args, &[])
+    }
+
+    /// [`spawn_cli`](Self::spawn_cli) with environment variables added.
+    pub fn spawn_cli_env(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .env_remove("CELERIAC_BROKER_URL")
             .env_remove("CELERIAC_RESULT_BACKEND")
             .env("NO_COLOR", "1")
@@ -536,4 +542,25 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let (head, body) = text.split_once("\r\n\r\n")?;
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, body.to_string()))
+}
+
+/// Pids of the direct children of `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// Whether `pid` is still a live process (not gone, not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
 }

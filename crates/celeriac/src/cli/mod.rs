@@ -496,7 +496,8 @@ async fn worker(
     worker.run(shutdown).await.map_err(|e| match e {
         celeriac_worker::WorkerError::Config(m) => CliError::usage(m),
         celeriac_worker::WorkerError::Pool(
-            p @ celeriac_worker::prefork::PoolError::MemoryLimitBelowFreshChild { .. },
+            p @ (celeriac_worker::prefork::PoolError::MemoryLimitBelowFreshChild { .. }
+            | celeriac_worker::prefork::PoolError::ChildFailed { .. }),
         ) => CliError::usage(p.to_string()),
         celeriac_worker::WorkerError::Pool(p) => CliError::failed(p.to_string()),
         celeriac_worker::WorkerError::Broker(b) => CliError::from(b),

@@ -1,0 +1,260 @@
+//! `celeriac worker --python-app`: an existing Celery app's Python tasks (`tests/pyapp/pyapp.py`)
+//! run in prefork children under the celeriac supervisor, against real RabbitMQ, Redis and a
+//! real Celery worker for comparison.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{alive, bin, children_of, repo, run_cli, venv_python, wait_until, SharedRedisDb, TestVhost, WorkerProc};
+use serde_json::Value;
+
+/// This binary's Redis database (results, and the data the tasks read and write).
+const DB: u32 = 6;
+
+fn pyapp_dir() -> PathBuf {
+    repo().join("tests/pyapp")
+}
+
+/// The environment of the test app: broker, backend, the data Redis, its module path.
+fn app_env(broker: &str, backend: &str, queue: &str) -> Vec<(String, String)> {
+    vec![
+        ("PYAPP_BROKER".into(), broker.into()),
+        ("PYAPP_BACKEND".into(), backend.into()),
+        ("PYAPP_DATA_REDIS".into(), backend.into()),
+        ("PYAPP_QUEUE".into(), queue.into()),
+        ("PYTHONPATH".into(), pyapp_dir().display().to_string()),
+    ]
+}
+
+/// A celeriac worker running the test app's tasks in Python children.
+fn celeriac_python_worker(broker: &str, backend: &str, queue: &str, extra: &[&str]) -> WorkerProc {
+    let python = venv_python();
+    let python = python.to_str().unwrap();
+    let mut args = vec!["worker", "--broker", broker, "--result-backend", backend, "-Q", queue];
+    args.extend_from_slice(&["--python-app", "pyapp:app", "--python", python]);
+    args.extend_from_slice(extra);
+    let env = app_env(broker, backend, queue);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let w = WorkerProc::spawn_cli_env(std::path::Path::new(bin()), &args, &env);
+    w.wait_for_line("worker ready", Duration::from_secs(60));
+    w
+}
+
+/// Run `tests/pyapp/client.py QUEUE CASES...`; the stored metas by case.
+fn run_client(broker: &str, backend: &str, queue: &str, cases: &[&str]) -> serde_json::Map<String, Value> {
+    let out = Command::new(venv_python())
+        .arg(pyapp_dir().join("client.py"))
+        .arg(queue)
+        .args(cases)
+        .envs(app_env(broker, backend, queue))
+        .output()
+        .expect("python client");
+    assert!(
+        out.status.success(),
+        "client.py failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match serde_json::from_slice(&out.stdout) {
+        Ok(Value::Object(m)) => m,
+        other => panic!("client.py printed {other:?}"),
+    }
+}
+
+/// A real `celery worker` (prefork) of the same app, on its own queue.
+struct CeleryWorker(std::process::Child);
+
+impl CeleryWorker {
+    fn start(broker: &str, backend: &str, queue: &str) -> Self {
+        let mut child = Command::new(repo().join("target/pyenv/bin/celery"))
+            .args(["-A", "pyapp", "worker", "-P", "prefork", "-c", "2", "-Q", queue, "--loglevel=INFO"])
+            .args(["-n", &format!("pyapp-{queue}@%h")])
+            .envs(app_env(broker, backend, queue))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("celery worker");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains(" ready.") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(60)).expect("the Celery worker to be ready");
+        CeleryWorker(child)
+    }
+}
+
+impl Drop for CeleryWorker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const CASES: &[&str] = &[
+    "add",
+    "retry_twice",
+    "autoretry",
+    "retry_forever",
+    "fail",
+    "rich",
+    "unencodable",
+    "chatty",
+    "fan_out",
+    "redis_get_set:first",
+    "redis_get_set:second",
+];
+
+#[test]
+fn python_tasks_store_what_a_celery_worker_stores() {
+    let db = SharedRedisDb::get(DB);
+    let vhost = TestVhost::new();
+    let broker = vhost.url("");
+    let backend = db.url("");
+    let ours = {
+        let queue = "pyapp.celeriac";
+        let w = celeriac_python_worker(&broker, &backend, queue, &["-c", "2"]);
+        let got = run_client(&broker, &backend, queue, CASES);
+        // A task that prints does not break the pipe: its line is in the worker's log.
+        assert!(w.count("hello from a task that prints") >= 1, "{}", w.dump());
+        got
+    };
+    let theirs = {
+        let queue = "pyapp.celery";
+        let _w = CeleryWorker::start(&broker, &backend, queue);
+        run_client(&broker, &backend, queue, CASES)
+    };
+    for case in CASES {
+        let (a, b) = (&ours[*case], &theirs[*case]);
+        assert!(a.get("error").is_none(), "{case}: celeriac: {a}");
+        assert!(b.get("error").is_none(), "{case}: Celery: {b}");
+        if *case == "unencodable" {
+            // Both fail with kombu's EncodeError; the wording of the reason is each one's own.
+            assert_eq!((&a["status"], &a["result"]["exc_type"]), (&b["status"], &b["result"]["exc_type"]), "{case}");
+            assert_eq!(a["status"], "FAILURE");
+            assert!(a["result"]["exc_args"].to_string().contains("not JSON serializable"), "{case}: {a}");
+            continue;
+        }
+        assert_eq!((&a["status"], &a["result"]), (&b["status"], &b["result"]), "{case}: celeriac {a} / Celery {b}");
+        assert_eq!(a["has_traceback"], b["has_traceback"], "{case}");
+    }
+    // The values themselves, so the comparison cannot pass on two empty outputs.
+    assert_eq!(ours["add"]["result"], 5);
+    assert_eq!(ours["retry_twice"]["result"], 40);
+    assert_eq!(ours["autoretry"]["result"], "retried 1");
+    assert_eq!(ours["retry_forever"]["result"]["exc_type"], "RuntimeError");
+    assert_eq!(ours["fail"]["result"]["exc_args"], serde_json::json!(["'boom'", "42"]));
+    assert!(ours["rich"]["result"]["price"].as_str().unwrap().contains("Decimal('19.99')"), "{}", ours["rich"]);
+    assert!(ours["rich"]["result"]["when"].as_str().unwrap().starts_with("datetime.datetime(2026, 11, 30, 12, 0"));
+    assert_eq!(ours["fan_out"]["result"], serde_json::json!([0, 2, 4]));
+    assert_eq!(ours["redis_get_set:first"]["result"], Value::Null);
+    assert_eq!(ours["redis_get_set:second"]["result"], "redis_get_set:first");
+}
+
+#[test]
+fn a_python_task_sees_celerys_request_and_signals() {
+    let db = SharedRedisDb::get(DB);
+    let vhost = TestVhost::new();
+    let (broker, backend) = (vhost.url(""), db.url(""));
+    let queue = "pyapp.request";
+    let w = celeriac_python_worker(&broker, &backend, queue, &["-c", "1", "-n", "pyapp-req@%h"]);
+    let got = run_client(&broker, &backend, queue, &["whoami", "add", "fail", "signals_seen"]);
+    let me = &got["whoami"]["result"];
+    assert_eq!(me["task"], "pyapp.whoami");
+    assert!(me["hostname"].as_str().unwrap().starts_with("pyapp-req@"));
+    assert_eq!((me["retries"].as_u64(), me["routing_key"].as_str()), (Some(0), Some(queue)));
+    assert_eq!(me["called_directly"], false);
+    assert_eq!(me["root_id"], me["id"]);
+    // The task ran in a child, not in the supervisor.
+    assert_ne!(me["pid"].as_u64(), Some(u64::from(w.child.id())));
+    let seen: Vec<&str> = got["signals_seen"]["result"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    let expected = [
+        "worker_process_init",
+        "task_prerun:pyapp.whoami",
+        "task_success:pyapp.whoami",
+        "task_postrun:pyapp.whoami:SUCCESS",
+        "task_prerun:pyapp.add",
+        "task_success:pyapp.add",
+        "task_postrun:pyapp.add:SUCCESS",
+        "task_prerun:pyapp.fail",
+        "task_failure:pyapp.fail",
+        "task_postrun:pyapp.fail:FAILURE",
+        "task_prerun:pyapp.signals_seen",
+    ];
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn bad_python_apps_are_refused_with_one_clear_line() {
+    let db = SharedRedisDb::get(DB);
+    let vhost = TestVhost::new();
+    let (broker, backend) = (vhost.url(""), db.url(""));
+    let python = venv_python();
+    let python = python.to_str().unwrap();
+    let env = app_env(&broker, &backend, "pyapp.bad");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let worker = |app: &str, python: &str| {
+        let started = Instant::now();
+        let args = ["worker", "--broker", &broker, "--result-backend", &backend, "-Q", "pyapp.bad", "-c", "2"];
+        let mut args = args.to_vec();
+        args.extend_from_slice(&["--python-app", app, "--python", python]);
+        let (code, _out, err) = run_cli(&args, &env);
+        (code, err, started.elapsed())
+    };
+    // A module that does not import: its traceback, exit 2, one child tried (no restart loop).
+    let (code, err, took) = worker("broken:app", python);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("ModuleNotFoundError: No module named 'this_module_does_not_exist'"), "{err}");
+    assert_eq!(err.matches("cannot load the Celery app").count(), 1, "one child started, not a loop: {err}");
+    assert!(took < Duration::from_secs(30), "refused in {took:?}");
+    // An attribute that is not a Celery app.
+    let (code, err, _) = worker("notapp:app", python);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("notapp:app is not a Celery app (it is object)"), "{err}");
+    // A Python that is missing, and one without celery.
+    let (code, err, _) = worker("pyapp:app", "/nonexistent/python3");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot run /nonexistent/python3"), "{err}");
+    let bare = tempfile::tempdir().unwrap();
+    let ok = Command::new("python3").args(["-m", "venv", "--without-pip"]).arg(bare.path()).status().unwrap();
+    assert!(ok.success());
+    let bare_python = bare.path().join("bin/python");
+    let (code, err, _) = worker("pyapp:app", bare_python.to_str().unwrap());
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot import celery"), "{err}");
+    assert_eq!(err.trim().lines().filter(|l| l.contains("cannot import celery")).count(), 1, "{err}");
+    // A memory limit below a fresh Python child names both figures.
+    let (code, _out, err) = {
+        let args = ["worker", "--broker", &broker, "--result-backend", &backend, "-Q", "pyapp.bad", "-c", "1"];
+        let mut args = args.to_vec();
+        args.extend_from_slice(&["--python-app", "pyapp:app", "--python", python, "--max-memory-per-child", "5MB"]);
+        run_cli(&args, &env)
+    };
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--max-memory-per-child 5.0 MB is below a fresh child's"), "{err}");
+}
+
+#[test]
+fn a_killed_supervisor_leaves_no_python_child() {
+    let db = SharedRedisDb::get(DB);
+    let vhost = TestVhost::new();
+    let (broker, backend) = (vhost.url(""), db.url(""));
+    let mut w = celeriac_python_worker(&broker, &backend, "pyapp.kill", &["-c", "3"]);
+    let kids = children_of(w.child.id());
+    assert_eq!(kids.len(), 3, "three Python children: {kids:?}");
+    for pid in &kids {
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(cmdline.contains("celeriac_child"), "child {pid} is a Python child: {cmdline:?}");
+    }
+    w.child.kill().unwrap();
+    let _ = w.child.wait();
+    wait_until("every Python child to be gone", Duration::from_secs(2), || kids.iter().all(|p| !alive(*p)));
+}
