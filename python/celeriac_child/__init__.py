@@ -216,7 +216,7 @@ class Child:
         name = req["name"]
         task = self.app.tasks.get(name)
         if task is None:
-            return _error("NotRegistered", repr(name), "celery.exceptions", None, [repr(name)])
+            return _error("NotRegistered", repr(name), "celery.exceptions", None, [name])
         args = self.kjson.loads(req["args"])
         kwargs = self.kjson.loads(req["kwargs"])
         request = dict(req.get("request") or {})

@@ -185,6 +185,66 @@ async fn malformed_embeds_on_redis_and_sqlite() {
     malformed_embeds_cost_nothing_but_the_bad_part(&sqlite.url, None, &w, "canvas-bad").await;
 }
 
+/// A chord whose header tasks run on a worker without a result backend: the body cannot run, and
+/// it is failed once (its errback sent once, one error line), not once per header task.
+#[tokio::test]
+async fn a_chord_without_a_result_backend_fails_its_body_once() {
+    let db = SharedRedisDb::get(DB);
+    let url = db.url("");
+    let queue = "canvas-nobackend";
+    let w = WorkerProc::start(&url, &["--result-backend", "disabled://", "-Q", queue, "-c", "1"]);
+    let client = celeriac::Client::connect(&url, None).await.unwrap();
+    let errback = format!(
+        r#"{{"task": "celeriac.echo", "args": ["errback"], "immutable": true, "options": {{"task_id": "cv-nb-errback", "queue": "{queue}"}}}}"#
+    );
+    let body = format!(
+        r#"{{"task": "celeriac.tsum", "options": {{"task_id": "cv-nb-body", "queue": "{queue}", "link_error": [{errback}]}}}}"#
+    );
+    for i in 0..4 {
+        let id = format!("cv-nb-header-{i}");
+        let mut message = with_embed(&client, queue, &id, &id, &format!(r#"{{"chord": {body}}}"#));
+        message.headers.insert("group".into(), Value::from("cv-nb-group"));
+        message.headers.insert("group_index".into(), Value::from(i));
+        client.broker().publish(queue, &message).await.unwrap();
+    }
+    // Sent last on a one-slot worker: once it has run, every errback the header tasks sent
+    // (before their acks) has run too.
+    let sentinel = with_embed(&client, queue, "cv-nb-sentinel", "cv-nb-sentinel", "{}");
+    client.broker().publish(queue, &sentinel).await.unwrap();
+    common::wait_until("the sentinel to run", std::time::Duration::from_secs(30), || {
+        succeeded_ids(&w).contains_key("cv-nb-sentinel")
+    });
+    let ran = succeeded_ids(&w);
+    for i in 0..4 {
+        assert_eq!(ran.get(&format!("cv-nb-header-{i}")), Some(&1), "header {i}: {}", w.dump());
+    }
+    assert_eq!(ran.get("cv-nb-errback"), Some(&1), "the body's errback ran once: {}", w.dump());
+    assert_eq!(w.count("chord header task on a backend without chords"), 1, "{}", w.dump());
+}
+
+/// A callback that names no queue goes to the default queue; a worker that does not consume it
+/// says so once, with the flag that fixes it.
+#[tokio::test]
+async fn a_continuation_to_an_unconsumed_default_queue_is_reported_once() {
+    let db = SharedRedisDb::get(DB);
+    let url = db.url("");
+    let queue = "canvas-dq";
+    let w = WorkerProc::start(
+        &url,
+        &["--result-backend", &url, "-Q", queue, "-c", "1", "--default-queue", "canvas-dq-default"],
+    );
+    let client = celeriac::Client::connect(&url, Some(&url)).await.unwrap();
+    for id in ["cv-dq-1", "cv-dq-2"] {
+        let embed = format!(r#"{{"callbacks": [{{"task": "celeriac.echo", "options": {{"task_id": "{id}-cb"}}}}]}}"#);
+        client.broker().publish(queue, &with_embed(&client, queue, id, id, &embed)).await.unwrap();
+        client.result(id).get(Some(std::time::Duration::from_secs(30))).await.unwrap();
+    }
+    let depth = client.broker().queues(&["canvas-dq-default".to_string()]).await.unwrap()[0].ready;
+    assert_eq!(depth, 2, "both callbacks on the default queue");
+    assert_eq!(w.count("--default-queue"), 1, "{}", w.dump());
+    client.broker().purge("canvas-dq-default").await.unwrap();
+}
+
 /// The ids of the tasks `w` logged as succeeded (from the `task{id=...}` span of each line).
 fn succeeded_ids(w: &WorkerProc) -> std::collections::HashMap<String, usize> {
     let mut ids = std::collections::HashMap::new();
@@ -277,4 +337,11 @@ async fn saved_groups_restore_on_both_sides() {
     let values = restored.get(Some(std::time::Duration::from_secs(30))).await.unwrap();
     assert_eq!(values, (0..5).map(|i| Value::from(2 * i)).collect::<Vec<_>>());
     assert!(client.restore_group("no-such-group").await.unwrap().is_none());
+    // `celeriac result` on a saved group's id shows the group and its members' states.
+    let (code, out, err) = common::run_cli(&["result", &gid, "--broker", &url, "--result-backend", &url], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("GROUP (saved) of 5 results"), "{out}");
+    assert_eq!(out.matches(": SUCCESS").count(), 5, "{out}");
+    let (_, out, _) = common::run_cli(&["result", "no-such-group", "--broker", &url, "--result-backend", &url], &[]);
+    assert_eq!(out.trim(), "PENDING");
 }

@@ -216,6 +216,14 @@ impl TaskError {
         TaskError::new("Error", message.to_string()).with_module("celeriac")
     }
 
+    /// Celery's `NotRegistered(name)` (`celery.exceptions`): its argument is the name, its
+    /// message the name quoted, as Python's `str()` of the `KeyError` it is.
+    pub fn not_registered(name: &str) -> Self {
+        let mut e = TaskError::new("NotRegistered", format!("'{name}'")).with_module("celery.exceptions");
+        e.args = Some(Box::new(Value::Array(vec![Value::String(name.to_string())])));
+        e
+    }
+
     /// Python's `TypeError`: wrong arguments.
     pub fn type_error(message: impl Into<String>) -> Self {
         TaskError::new("TypeError", message)

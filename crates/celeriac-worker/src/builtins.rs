@@ -134,10 +134,7 @@ async fn map(
     let mut parts = named(name, &["task", "it"], args, kwargs)?.into_iter();
     let (task, it) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
     let (sig, items) = inner(name, &task, it)?;
-    let target = shared
-        .registry
-        .get(&sig.task)
-        .ok_or_else(|| TaskError::new("NotRegistered", format!("'{}'", sig.task)).with_module("celery.exceptions"))?;
+    let target = shared.registry.get(&sig.task).ok_or_else(|| TaskError::not_registered(&sig.task))?;
     let mut out = Vec::with_capacity(items.len());
     for item in items {
         let call_args = match (star, item) {

@@ -161,7 +161,8 @@ pub(crate) async fn publish(shared: &Shared, plans: &[Applied]) -> Result<(), Co
                 |reason: String| ContinueError::Publish { task: out.task.clone(), id: out.task_id.clone(), reason };
             match sent {
                 Ok(Ok(())) => {
-                    tracing::debug!(continuation = %out.task, continuation_id = %out.task_id, queue = %out.queue, "continuation sent")
+                    tracing::debug!(continuation = %out.task, continuation_id = %out.task_id, queue = %out.queue, "continuation sent");
+                    warn_default_queue_not_consumed(shared, &out.queue);
                 }
                 Ok(Err(e)) => return Err(failed(e.to_string())),
                 Err(_) => return Err(failed(format!("no confirmation within {PUBLISH_DEADLINE:?}"))),
@@ -169,6 +170,23 @@ pub(crate) async fn publish(shared: &Shared, plans: &[Applied]) -> Result<(), Co
         }
     }
     Ok(())
+}
+
+/// Once per process: a continuation went to the default queue (where those that name no queue
+/// go) and this worker does not consume it, the usual reason a workflow stops after its first
+/// step when the client's default queue is not `celery`.
+fn warn_default_queue_not_consumed(shared: &Shared, queue: &str) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let config = &shared.config;
+    if queue == config.default_queue
+        && !config.queues.iter().any(|q| q == queue)
+        && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::warn!(
+            queue,
+            "a continuation (callback, chain step, chord body or errback) went to the default queue {queue:?}, which this worker does not consume; continuations whose signature names no queue go there: if no worker consumes it, start the workers with --default-queue <the clients' default queue>"
+        );
+    }
 }
 
 /// After a SUCCESS: the callbacks and the next step of the chain (see
@@ -207,8 +225,14 @@ pub(crate) async fn store(
             "the result backend {} cannot join chords: the chord's body will not run",
             shared.backend.url()
         ));
-        tracing::error!(group = %group, body = %body.task, %error, "chord header task on a backend without chords");
-        chord_error(shared, body, &error).await?;
+        // One header task speaks for the chord (the first, or each when the sender numbered
+        // none): the body's errbacks run once, not once per header task.
+        if req.headers.group_index.is_none_or(|i| i == 0) {
+            tracing::error!(group = %group, body = %body.task, %error, "chord header task on a backend without chords");
+            chord_error(shared, body, &error).await?;
+        } else {
+            tracing::debug!(group = %group, body = %body.task, "chord header task on a backend without chords (the first header task reports it)");
+        }
         return Ok(stored);
     }
     let part = ChordPart::of(group, req.headers.group_index, meta);

@@ -113,7 +113,10 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
     };
     let Some(task) = shared.registry.get(&name) else {
         tracing::error!(task_id = %id, task_name = %name, queue = %delivery.queue, "received an unregistered task; storing NotRegistered");
-        let exc = ExceptionInfo::new("NotRegistered", format!("'{name}'"), "celery.exceptions");
+        // Celery's `NotRegistered(name)`: the name is its argument (a KeyError, so Python's
+        // `str()` quotes it).
+        let mut exc = ExceptionInfo::new("NotRegistered", format!("'{name}'"), "celery.exceptions");
+        exc.exc_message = serde_json::Value::Array(vec![serde_json::Value::String(name.clone())]);
         // A task of a workflow fails its workflow as a failed run does: its chord counts the
         // failure (a chord never hangs on it), the rest of its chain fails, its errbacks run.
         let origin = crate::canvas::Origin {

@@ -31,7 +31,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The tasks of a group run in parallel; their results come back in order.
     let parts = group((0..5).map(|i| add(i, i))).apply_async(&client).await?;
-    println!("group: {:?}", parts.as_group().expect("a group").get(timeout).await?);
+    println!("group: {}", serde_json::Value::Array(parts.as_group().expect("a group").get(timeout).await?));
 
     // A chord: the header's results, in order, go to the body.
     let total = chord((0..100).map(|i| add(i, i)), Signature::new("celeriac.tsum")).apply_async(&client).await?;

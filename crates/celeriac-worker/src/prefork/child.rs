@@ -82,9 +82,7 @@ pub fn run(registry: Arc<Registry>, parent: u32) -> ExitCode {
 
 async fn run_one(registry: &Registry, req: RunRequest) -> ChildOutcome {
     let Some(task) = registry.get(&req.name) else {
-        return ChildOutcome::from_result(Err(
-            TaskError::new("NotRegistered", format!("'{}'", req.name)).with_module("celery.exceptions")
-        ));
+        return ChildOutcome::from_result(Err(TaskError::not_registered(&req.name)));
     };
     let (soft_tx, soft_rx) = watch::channel(false);
     let mut ctx = TaskContext::detached(req.id, req.name);

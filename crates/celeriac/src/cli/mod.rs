@@ -640,8 +640,19 @@ async fn result(broker_url: &str, backend_url: Option<&str>, args: ResultArgs) -
         None => {
             if args.out.json {
                 println!("{}", serde_json::json!({"status": "PENDING", "task_id": args.id}));
-            } else {
-                println!("PENDING");
+                return Ok(ExitCode::SUCCESS);
+            }
+            // No task has this id; a group saved under it (GroupResult.save()) is shown instead.
+            match backend.restore_group(&args.id).await? {
+                Some(celeriac_core::canvas::ResultRef::Group { results, .. }) => {
+                    println!("GROUP (saved) of {} results", results.len());
+                    for member in &results {
+                        let id = member.id().to_string();
+                        let state = backend.get(&id).await?.map_or("PENDING".to_string(), |m| m.status.to_string());
+                        println!("  {id}: {state}");
+                    }
+                }
+                _ => println!("PENDING"),
             }
             Ok(ExitCode::SUCCESS)
         }
