@@ -143,13 +143,21 @@ fn python_tasks_store_what_a_celery_worker_stores() {
             assert!(a["result"]["exc_args"].to_string().contains("not JSON serializable"), "{case}: {a}");
             continue;
         }
+        if case.starts_with("retry") || *case == "autoretry" {
+            // Celery stores RETRY after its retry's message is out, so with two processes the
+            // retry can finish first and its final state be overwritten by the RETRY (seen here:
+            // a Celery autoretry left at RETRY); celeriac stores RETRY first. Their final
+            // states are checked below, not compared.
+            continue;
+        }
         assert_eq!((&a["status"], &a["result"]), (&b["status"], &b["result"]), "{case}: celeriac {a} / Celery {b}");
         assert_eq!(a["has_traceback"], b["has_traceback"], "{case}");
     }
     // The values themselves, so the comparison cannot pass on two empty outputs.
     assert_eq!(ours["add"]["result"], 5);
-    assert_eq!(ours["retry_twice"]["result"], 40);
-    assert_eq!(ours["autoretry"]["result"], "retried 1");
+    assert_eq!((&ours["retry_twice"]["status"], &ours["retry_twice"]["result"]), (&"SUCCESS".into(), &40.into()));
+    assert_eq!((&ours["autoretry"]["status"], &ours["autoretry"]["result"]), (&"SUCCESS".into(), &"retried 1".into()));
+    assert_eq!(ours["retry_forever"]["status"], "FAILURE");
     assert_eq!(ours["retry_forever"]["result"]["exc_type"], "RuntimeError");
     assert_eq!(ours["fail"]["result"]["exc_args"], serde_json::json!(["'boom'", "42"]));
     assert!(ours["rich"]["result"]["price"].as_str().unwrap().contains("Decimal('19.99')"), "{}", ours["rich"]);

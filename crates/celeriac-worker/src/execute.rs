@@ -101,6 +101,7 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
 
     tracing::info!(retries = req.headers.retries, "task received");
     let started = std::time::Instant::now();
+    let publisher = crate::foreign::Publisher::new(&shared, &req.headers.id);
     let run = async {
         match &shared.pool {
             // Celery's builtins run here: they call the application's tasks and publish.
@@ -122,7 +123,6 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
                         .then(|| crate::foreign::celery_request(&req, &shared.config.hostname)),
                 };
                 drop((ctx, soft_tx));
-                let publisher = crate::foreign::Publisher(&shared);
                 match pool.run(run, hard.map(Duration::from_secs_f64), abort.clone(), &publisher).await {
                     PoolOutcome::Done(Ok(v)) => Outcome::Value(v),
                     PoolOutcome::Done(Err(e)) if e.exc_type == "Panic" && e.module == "celeriac" => {
@@ -146,6 +146,8 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
         // `revoke --terminate` in the async pool: the task is dropped at its next await.
         Ok(signal) = terminate.wait_for(Option::is_some) => Outcome::Revoked("terminated", *signal),
     };
+    let held = publisher.into_held();
+    req.deferred = held;
     let runtime = started.elapsed();
     shared.runtimes.lock().unwrap_or_else(|p| p.into_inner()).record(runtime);
     // The slot is free as soon as the task is done; settling does not need it.
@@ -416,25 +418,42 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             if wants_retry && may_retry {
                 let countdown =
                     err.retry.as_ref().and_then(|r| r.countdown).unwrap_or_else(|| opts.backoff.delay(retries));
-                // A Python task's `self.retry()` has already sent the new message.
+                // RETRY is stored before the retry's message exists: published first, the retry
+                // could run, finish and store its final state, which the RETRY would then
+                // overwrite. A worker that dies in between runs the task again: nothing lost.
+                let exc = err.to_exception();
+                let tb = traceback(&req, &exc, err.traceback.as_deref());
+                let mut meta = ResultMeta::exception(&id, TaskState::Retry, &exc, Some(tb.clone()));
+                with_request_fields(&mut meta, &req);
+                if let Err(e) = crate::canvas::store_and_continue(shared, (&req).into(), &cont, &meta).await {
+                    tracing::error!(error = %e, "could not store the RETRY; requeueing so it runs again");
+                    Stats::bump(&shared.stats.requeued);
+                    req.requeue().await;
+                    return;
+                }
+                // A Python task's `self.retry()` sent the new message itself (held until now).
                 let sent = err.retry.as_ref().is_some_and(|r| r.sent);
-                let published = if sent { Ok(()) } else { republish(shared, &req, countdown).await };
+                let published = if sent {
+                    crate::foreign::publish_held(shared, &req.deferred).await
+                } else {
+                    republish(shared, &req, countdown).await.map_err(|e| e.to_string())
+                };
                 match published {
                     Ok(()) => {
                         tracing::info!(error = %err, retry_in = ?countdown, retries = retries + 1, "task failed; retry scheduled");
                         Stats::bump(&shared.stats.retried);
-                        let exc = err.to_exception();
-                        let tb = traceback(&req, &exc, err.traceback.as_deref());
                         shared.observe.retried(&req, &exc, Some(&tb), runtime);
-                        Some(ResultMeta::exception(&id, TaskState::Retry, &exc, Some(tb)))
+                        if let Err(e) = req.delivery.ack().await {
+                            tracing::warn!(error = %e, "could not acknowledge; the broker will redeliver");
+                        }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "could not publish the retry; requeueing the original");
                         Stats::bump(&shared.stats.requeued);
                         req.requeue().await;
-                        return;
                     }
                 }
+                return;
             } else {
                 let exc = if wants_retry && err.retry.is_some() && err.exc_type == "Retry" {
                     ExceptionInfo::new(
@@ -466,6 +485,13 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             req.requeue().await;
             return;
         }
+    }
+    // A message a child's task sent under its own id without retrying (`retry(throw=False)`).
+    if let Err(e) = crate::foreign::publish_held(shared, &req.deferred).await {
+        tracing::error!(error = %e, "could not publish what the task sent; requeueing so it runs again");
+        Stats::bump(&shared.stats.requeued);
+        req.requeue().await;
+        return;
     }
     if let Err(e) = req.delivery.ack().await {
         tracing::warn!(error = %e, "could not acknowledge; the broker will redeliver");

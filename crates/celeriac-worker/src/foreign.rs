@@ -112,23 +112,57 @@ pub(crate) fn celery_request(req: &Request, hostname: &str) -> Value {
     Value::Object(r)
 }
 
-/// Publishes for the tasks of the worker's children.
-pub(crate) struct Publisher<'a>(pub &'a Shared);
+/// Publishes for the task `own_id` running in a child. A message under the task's own id (its
+/// retry) is held, not published: the worker publishes it once the RETRY is stored
+/// ([`publish_held`]).
+pub(crate) struct Publisher<'a> {
+    shared: &'a Shared,
+    own_id: &'a str,
+    held: std::sync::Mutex<Vec<(String, Message)>>,
+}
+
+impl<'a> Publisher<'a> {
+    pub(crate) fn new(shared: &'a Shared, own_id: &'a str) -> Self {
+        Publisher { shared, own_id, held: Default::default() }
+    }
+
+    /// The messages held back (the task's retry), in the order sent.
+    pub(crate) fn into_held(self) -> Vec<(String, Message)> {
+        self.held.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Publish messages a child's task sent under its own id, after its RETRY is stored.
+pub(crate) async fn publish_held(shared: &Shared, held: &[(String, Message)]) -> Result<(), String> {
+    for (queue, message) in held {
+        publish_one(shared, queue, message).await?;
+    }
+    Ok(())
+}
+
+async fn publish_one(shared: &Shared, queue: &str, message: &Message) -> Result<(), String> {
+    let id = message.headers.get("id").and_then(Value::as_str).unwrap_or("");
+    let task = message.headers.get("task").and_then(Value::as_str).unwrap_or("");
+    match tokio::time::timeout(PUBLISH_DEADLINE, shared.broker.publish(queue, message)).await {
+        Ok(Ok(())) => {
+            tracing::debug!(sent_id = %id, sent_task = %task, queue = %queue, "published for the task");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(format!("could not publish {task}[{id}] to {queue}: {e}")),
+        Err(_) => Err(format!("could not publish {task}[{id}] to {queue} within {PUBLISH_DEADLINE:?}")),
+    }
+}
 
 impl ChildPublisher for Publisher<'_> {
     fn publish<'b>(&'b self, req: PublishRequest) -> BoxFuture<'b, Result<(), String>> {
         Box::pin(async move {
             let (queue, message) = message_of(req)?;
-            let id = message.headers.get("id").and_then(Value::as_str).unwrap_or("").to_string();
-            let task = message.headers.get("task").and_then(Value::as_str).unwrap_or("").to_string();
-            match tokio::time::timeout(PUBLISH_DEADLINE, self.0.broker.publish(&queue, &message)).await {
-                Ok(Ok(())) => {
-                    tracing::debug!(sent_id = %id, sent_task = %task, queue = %queue, "published for the task");
-                    Ok(())
-                }
-                Ok(Err(e)) => Err(format!("could not publish {task}[{id}] to {queue}: {e}")),
-                Err(_) => Err(format!("could not publish {task}[{id}] to {queue} within {PUBLISH_DEADLINE:?}")),
+            if message.headers.get("id").and_then(Value::as_str) == Some(self.own_id) {
+                tracing::debug!(queue = %queue, "the task sent a message under its own id (its retry): held until its RETRY is stored");
+                self.held.lock().unwrap_or_else(|p| p.into_inner()).push((queue, message));
+                return Ok(());
             }
+            publish_one(self.shared, &queue, &message).await
         })
     }
 }

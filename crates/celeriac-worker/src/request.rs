@@ -39,6 +39,10 @@ pub struct Request {
     pub tracked: Option<crate::state::Tracked>,
     /// Its turn under its task's rate limit is already taken (and waited for without a slot).
     pub(crate) rate_turn_taken: bool,
+    /// Messages a task in a pool child sent under its own id (a Python task's `self.retry()`),
+    /// held until its RETRY is stored: published first, the retry could finish and store its
+    /// final state before the RETRY, which would then overwrite it.
+    pub(crate) deferred: Vec<(String, celeriac_core::Message)>,
 }
 
 impl Request {
@@ -207,6 +211,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
         reserved: crate::metrics::Reserved::untracked(),
         tracked: None,
         rate_turn_taken: false,
+        deferred: Vec::new(),
     };
     shared.observe.received(&mut req);
     req.tracked = Some(shared.state.track(&req, req.eta_in_future()));
