@@ -3,7 +3,7 @@
 //! and SQLite in turn, for a timed window; does it keep up, and what does it cost?
 //!
 //! - **Kept up**: every scheduled tick (every P seconds, all entries at once: `every` runs fall
-//!   on one grid) that falls wholly inside the window should see N runs sent. The beat logs each
+//!   on one grid) whose period falls wholly inside the window should see N runs sent. The beat logs each
 //!   send (`sent entry=… scheduled=…`, its default `info` level, written to a file as a
 //!   deployment would); the log gives, per tick, the runs sent and how long after the tick the
 //!   last of them was sent (the lag). A tick with fewer than N runs lost some (`catch_up =
@@ -58,7 +58,8 @@ pub struct BeatRun {
     pub cpu_pct: f64,
     /// CPU of the broker's process over the window, % of one core (RabbitMQ, Redis).
     pub broker_cpu_pct: Option<f64>,
-    /// The busiest second of the window, % of one core.
+    /// The busiest second of the window, % of one core (above 100 when the beat's threads used
+    /// both cores).
     pub cpu_max_pct: f64,
     /// Resident memory, MiB: the largest sample and the last.
     pub rss_max_mib: f64,
@@ -211,15 +212,16 @@ impl Bench {
         let broker_cpu0 = broker_pid.map(cpu_secs);
         let (load0, opened, cpu0) = (crate::env::load(), Utc::now(), cpu_secs(pid));
         let started = Instant::now();
-        let (mut rss_max, mut rss_end, mut cpu_max, mut cpu_prev) = (0u64, 0u64, 0f64, cpu0);
+        let (mut rss_max, mut rss_end, mut cpu_max, mut cpu_prev) = (0u64, 0u64, 0f64, (cpu0, Instant::now()));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
         while started.elapsed() < window {
             tick.tick().await;
             beat.check_alive()?;
             let cpu = cpu_secs(pid);
-            cpu_max = cpu_max.max(cpu - cpu_prev);
-            cpu_prev = cpu;
+            // Per sample, over the time since the last (a sample can come late on a busy machine).
+            cpu_max = cpu_max.max((cpu - cpu_prev.0) / cpu_prev.1.elapsed().as_secs_f64());
+            cpu_prev = (cpu, Instant::now());
             rss_end = rss_kib(pid).unwrap_or(0);
             rss_max = rss_max.max(rss_end);
         }
@@ -227,10 +229,12 @@ impl Bench {
         let broker_cpu =
             broker_pid.map(cpu_secs).zip(broker_cpu0).map(|(b1, b0)| (b1 - b0) / elapsed.as_secs_f64() * 100.0);
         beat.stop(STOP_LIMIT)?;
-        // The scheduled ticks wholly inside the window.
+        // The scheduled ticks inside the window with their whole period (the time they have to be
+        // sent in before the next tick): a tick the beat is stopped in the middle of is not
+        // counted.
         let p = period as i64;
         let first = opened.timestamp().div_euclid(p) * p + p;
-        let last = (closed.timestamp() - 1).div_euclid(p) * p;
+        let last = (closed.timestamp() - p).div_euclid(p) * p;
         let all = sends(&log)?;
         let mut per_tick: std::collections::BTreeMap<i64, (u64, f64)> =
             (first..=last).step_by(period as usize).map(|s| (s, (0, 0.0))).collect();

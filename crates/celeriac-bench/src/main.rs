@@ -130,7 +130,7 @@ struct CompareArgs {
     #[arg(long, default_value_t = 10_000)]
     beat_entries: u64,
     /// The period of every entry of the beat part, seconds (`--beat-entries 100000
-    /// --beat-period 60 --beat-seconds 150`: the other form).
+    /// --beat-period 60 --beat-seconds 200`: the other form).
     #[arg(long, default_value_t = 1)]
     beat_period: u64,
     /// Seconds of the beat part's timed window, per broker.
