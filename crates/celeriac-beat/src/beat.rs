@@ -12,7 +12,8 @@
 //!   their next run, so each tick looks only at the entries whose time has come (10,000 entries
 //!   cost nothing between their runs). It sends what [`Entry::due`] says for each, with up to
 //!   `PUBLISH_IN_FLIGHT` (1,024) publishes waiting for the broker at once, then records the runs sent in
-//!   one call ([`Broker::record_runs`]). A new leader therefore sends each run the old one sent
+//!   one call ([`Broker::record_runs`]); a tick that takes longer than a third of the lease term
+//!   renews the lease as it goes. A new leader therefore sends each run the old one sent
 //!   but did not record a second time, with the same task id ([`run_id`]): the same run,
 //!   recognisable by its id. An entry never seen before starts at the first run after now.
 //! - **Time.** The schedule is read against the [`Clock`]'s wall clock and the loop waits on its
@@ -179,15 +180,18 @@ impl Beat {
                     }
                 }
             }
-            let renew_at = tokio::time::Instant::from_std(asked + term / 3);
             let Some(until) = leader_until else {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(renew_at) => {}
+                    _ = tokio::time::sleep_until((asked + term / 3).into()) => {}
                     _ = stop.wait_for(|s| *s) => {}
                 }
                 continue;
             };
-            let all_sent = self.send_due(&mut plan, &mut time, until, &report).await;
+            let mut lease = Term { asked, until };
+            let all_sent = self.send_due(&mut plan, &mut time, &mut lease, &report).await;
+            // Renewed while sending a long tick: the term and the next renewal count from then.
+            leader_until = Some(lease.until);
+            let renew_at = tokio::time::Instant::from_std(lease.asked + term / 3);
             // Wait for the next run (on the beat's clock) or the next renewal, whichever is
             // first; after a run that could not be sent, for the renewal (no busy retry).
             let next = plan
@@ -224,13 +228,15 @@ impl Beat {
     }
 
     /// Send every run due while the lease is valid, `PUBLISH_IN_FLIGHT` (1,024) at a time, then record
-    /// the runs sent in one call. Returns false if a due run was not sent (the broker failed, or
-    /// the lease ran out first).
+    /// the runs sent in one call. A tick longer than a third of the term (100,000 runs take
+    /// seconds) renews the lease as it goes, as the loop does between ticks; a renewal refused
+    /// stops the sends when the term runs out. Returns false if a due run was not sent (the
+    /// broker failed, or the lease ran out first).
     async fn send_due(
         &self,
         plan: &mut Plan,
         time: &mut ScheduleTime,
-        valid_until: Instant,
+        lease: &mut Term,
         report: &impl Fn(Event),
     ) -> bool {
         let schedule = self.schedule();
@@ -265,15 +271,38 @@ impl Beat {
         let sender =
             Sender { origin: &origin, default_queue: &self.config.default_queue, now, task_options: &no_tasks };
         // Pipelined: started in order, up to PUBLISH_IN_FLIGHT waiting for their confirmations.
-        let (entries, sender) = (&schedule.entries, &sender);
+        let valid = std::sync::Mutex::new(lease.until);
+        let (entries, sender, valid_until) = (&schedule.entries, &sender, &valid);
         let publishes = runs.iter().copied().map(|(i, scheduled)| async move {
-            if Instant::now() >= valid_until {
+            if Instant::now() >= *valid_until.lock().unwrap_or_else(|e| e.into_inner()) {
                 return Err(None);
             }
             self.send(&entries[i], scheduled, sender).await.map_err(Some)
         });
-        let results: Vec<Result<String, Option<String>>> =
-            futures::stream::iter(publishes).buffered(PUBLISH_IN_FLIGHT).collect().await;
+        let sending = futures::stream::iter(publishes).buffered(PUBLISH_IN_FLIGHT).collect::<Vec<_>>();
+        tokio::pin!(sending);
+        let term = self.config.lease;
+        let mut renew = tokio::time::interval_at((lease.asked + term / 3).into(), term / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renewing = true;
+        let results: Vec<Result<String, Option<String>>> = loop {
+            tokio::select! {
+                results = &mut sending => break results,
+                _ = renew.tick(), if renewing => {
+                    let asked = Instant::now();
+                    match self.broker.lease(&self.lease_name(), &self.config.holder, term).await {
+                        Ok(true) => {
+                            *lease = Term { asked, until: asked + term };
+                            *valid.lock().unwrap_or_else(|e| e.into_inner()) = lease.until;
+                        }
+                        Ok(false) | Err(_) => {
+                            tracing::warn!("the lease was not renewed while sending; the sends stop when its term runs out");
+                            renewing = false;
+                        }
+                    }
+                }
+            }
+        };
         let (mut all_sent, mut lapsed, mut failed) = (true, false, None);
         let mut sent = Vec::new();
         for (&(i, scheduled), result) in runs.iter().zip(results) {
@@ -338,6 +367,14 @@ impl Beat {
         self.broker.publish(&queue, &message).await.map_err(|e| e.to_string())?;
         Ok(task_id)
     }
+}
+
+/// The leader's lease: when it was last asked for, and until when it is held (counted from
+/// before the asking).
+#[derive(Debug, Clone, Copy)]
+struct Term {
+    asked: Instant,
+    until: Instant,
 }
 
 /// Publishes in flight at once while a tick's runs are sent, each waiting for the broker to take

@@ -7,6 +7,8 @@
 //!   first 02:30, not again at the second.
 //! - A wall clock jumping forward an hour sends one run for the hour (`catch_up = "once"`), not
 //!   3,600; one jumping back an hour neither repeats runs nor holds the schedule up for the hour.
+//! - A tick longer than the lease term (12,000 runs due at once, a 500 ms lease) renews the lease
+//!   as it sends: the whole tick goes out in one turn.
 //!
 //! The clock moves in steps of at most ten minutes and to each time the loop waits for, and only
 //! once the loop waits again ([`ManualClock::sleeping`]), so each step is one turn of the loop.
@@ -22,6 +24,15 @@ use tokio::sync::{mpsc, watch};
 
 /// How long the loop may take to come back to waiting, in real time.
 const TURN: Duration = Duration::from_secs(20);
+
+/// The queue the entries send to.
+const QUEUE: &str = "periodic";
+
+/// An `[[entry]]` table named `name` sending `celeriac.noop` to [`QUEUE`] (`when`: its `every`
+/// or `cron` line).
+fn entry(name: &str, when: &str) -> String {
+    format!("[[entry]]\nname = \"{name}\"\ntask = \"celeriac.noop\"\n{when}\nqueue = \"{QUEUE}\"\n")
+}
 
 fn utc(s: &str) -> DateTime<Utc> {
     s.parse().unwrap()
@@ -48,17 +59,20 @@ impl Driven {
     /// Start a beat with one entry (`when` is its `every = ...` or `cron = ...` line) on a
     /// clock reading `start`; returns once the loop leads and waits.
     async fn start(timezone: &str, when: &str, start: DateTime<Utc>) -> Driven {
+        let text = format!("timezone = \"{timezone}\"\n{}", entry("e", when));
+        // A long lease: its renewals (in real time) do not wake the loop while the test runs.
+        Driven::start_schedule(&text, start, Duration::from_secs(60)).await
+    }
+
+    /// Start a beat with the schedule `text` (entries on [`QUEUE`]) and `lease`.
+    async fn start_schedule(text: &str, start: DateTime<Utc>, lease: Duration) -> Driven {
         let dir = tempfile::tempdir().unwrap();
         let broker: Arc<dyn Broker> =
             Arc::new(celeriac_sqlite::SqliteBroker::open(&format!("sqlite://{}/b.db", dir.path().display())).unwrap());
-        let queue = "periodic".to_string();
-        let text = format!(
-            "timezone = \"{timezone}\"\n[[entry]]\nname = \"e\"\ntask = \"celeriac.noop\"\n{when}\nqueue = \"{queue}\"\n"
-        );
-        let schedule = celeriac_beat::parse(&text, "test.toml").unwrap();
+        let queue = QUEUE.to_string();
+        let schedule = celeriac_beat::parse(text, "test.toml").unwrap();
         let clock = ManualClock::new(start);
-        // A long lease: its renewals (in real time) do not wake the loop while the test runs.
-        let config = BeatConfig { lease: Duration::from_secs(60), ..BeatConfig::default() };
+        let config = BeatConfig { lease, ..BeatConfig::default() };
         let beat = Beat::new(schedule, broker.clone(), Arc::new(clock.clone()), config);
         let (stop, rx) = watch::channel(false);
         let (tx, events) = mpsc::unbounded_channel();
@@ -213,4 +227,49 @@ impl TruncSecs for DateTime<Utc> {
     fn duration_trunc_secs(self) -> Self {
         chrono::DurationRound::duration_trunc(self, chrono::Duration::seconds(1)).unwrap()
     }
+}
+
+/// What the code under test logs, while the guard lives (this thread only: a current-thread
+/// runtime runs the beat here too).
+fn capture_logs() -> (Arc<std::sync::Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+    #[derive(Clone)]
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Sink(buf.clone());
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    (buf, tracing::subscriber::set_default(subscriber))
+}
+
+/// 12,000 runs due at once take longer than a 500 ms lease term (a debug build on SQLite): the
+/// beat renews the lease while it sends, so every run of the tick goes out in that one turn, and
+/// the lease never runs out under it.
+#[tokio::test]
+async fn a_tick_longer_than_the_lease_term_renews_the_lease_as_it_goes() {
+    let (logs, _guard) = capture_logs();
+    let lease = Duration::from_millis(500);
+    let entries = 12_000;
+    let text: String = (0..entries).map(|i| entry(&format!("e{i}"), "every = \"1s\"")).collect();
+    let mut beat = Driven::start_schedule(&text, utc("2026-01-01T00:00:00.500Z"), lease).await;
+    let started = std::time::Instant::now();
+    beat.run_for(Duration::from_millis(500), Duration::from_secs(1)).await;
+    let took = started.elapsed();
+    assert!(took > lease * 2, "the tick took {took:?}: too short to test the renewal (more entries)");
+    assert_eq!(beat.sent.len(), entries, "every run of the tick sent");
+    assert!(beat.sent.iter().all(|(at, s, _)| *s == utc("2026-01-01T00:00:01Z") && at == s));
+    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
+    assert!(!logged.contains("lease"), "the lease ran out or was not renewed:\n{logged}");
+    beat.finish().await;
 }
