@@ -66,7 +66,13 @@ fn python_canvas_runs_on_celeriac_workers_redis_broker_async_pool() {
     let queue = "canvas-redis";
     let w = WorkerProc::start(&url, &["--result-backend", &url, "-Q", queue, "-c", "4"]);
     for c in CELERIAC_CASES {
-        case(&url, &url, c, queue, None);
+        let ran = std::panic::catch_unwind(|| case(&url, &url, c, queue, None));
+        if let Err(e) = ran {
+            let log = w.dump();
+            let tail: Vec<&str> = log.lines().rev().take(400).collect::<Vec<_>>().into_iter().rev().collect();
+            std::fs::write("/tmp/canvas-fail.log", &log).ok();
+            panic!("{:?}; the worker's log ends:\n{}", e.downcast_ref::<String>(), tail.join("\n"));
+        }
     }
     assert_eq!(w.count("malformed continuation"), 0, "{}", w.dump());
 }
@@ -207,13 +213,23 @@ async fn a_chord_without_a_result_backend_fails_its_body_once() {
         message.headers.insert("group_index".into(), Value::from(i));
         client.broker().publish(queue, &message).await.unwrap();
     }
-    // Sent last on a one-slot worker: once it has run, every errback the header tasks sent
-    // (before their acks) has run too.
-    let sentinel = with_embed(&client, queue, "cv-nb-sentinel", "cv-nb-sentinel", "{}");
-    client.broker().publish(queue, &sentinel).await.unwrap();
-    common::wait_until("the sentinel to run", std::time::Duration::from_secs(30), || {
-        succeeded_ids(&w).contains_key("cv-nb-sentinel")
-    });
+    // Every header task settled (acknowledged, so whatever it sent is out), then nothing left
+    // in the queue or in flight: every errback sent has run.
+    let settled = || async {
+        let q = &client.broker().queues(&[queue.to_string()]).await.unwrap()[0];
+        q.ready == 0 && q.unacked == 0
+    };
+    common::wait_until_async(
+        "the header tasks and what they sent to run",
+        std::time::Duration::from_secs(30),
+        || async {
+            let ran = succeeded_ids(&w);
+            (0..4).all(|i| ran.contains_key(&format!("cv-nb-header-{i}")))
+                && ran.contains_key("cv-nb-errback")
+                && settled().await
+        },
+    )
+    .await;
     let ran = succeeded_ids(&w);
     for i in 0..4 {
         assert_eq!(ran.get(&format!("cv-nb-header-{i}")), Some(&1), "header {i}: {}", w.dump());
