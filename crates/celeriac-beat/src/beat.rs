@@ -349,7 +349,7 @@ impl Beat {
     }
 
     async fn send(&self, entry: &Entry, scheduled: DateTime<Utc>, sender: &Sender<'_>) -> Result<String, String> {
-        let task_id = run_id(&entry.name, scheduled);
+        let task_id = run_id(&self.config.name, &entry.name, scheduled);
         let expires = entry.expires.map(|s| scheduled + chrono::Duration::milliseconds((s * 1000.0) as i64));
         let options = CallOptions {
             task_id: Some(task_id.clone()),

@@ -113,12 +113,33 @@ pub struct Schedule {
     pub entries: Vec<Entry>,
 }
 
-/// The task id of an entry's run at `scheduled`: a UUID (version 5) of the entry's name and the
-/// scheduled time, so the same run sent twice (across a failover) has the same id.
-pub fn run_id(entry: &str, scheduled: DateTime<Utc>) -> String {
+/// The task id of the run at `scheduled` of entry `entry` of the schedule `schedule` (the beats'
+/// `--name`): a UUID (version 5) of the three, so the same run sent twice (across a failover)
+/// has the same id, and two schedules with an entry of the same name never share one.
+pub fn run_id(schedule: &str, entry: &str, scheduled: DateTime<Utc>) -> String {
     const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6ce1_e2ac_b3a7_4c0e_9a52_0c7b_ea70_0001);
-    let key = format!("{entry}@{}", scheduled.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+    let key = format!("{schedule}/{entry}@{}", scheduled.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
     uuid::Uuid::new_v5(&NAMESPACE, key.as_bytes()).to_string()
+}
+
+/// Parse a crontab expression: five fields (minute hour day-of-month month day-of-week) or an
+/// `@` shorthand (`@daily`, ...), which must fire at some time (`0 0 31 2 *` never does).
+pub fn parse_cron(text: &str) -> Result<croner::Cron, String> {
+    let fields = text.split_whitespace().count();
+    if !text.trim_start().starts_with('@') && fields != 5 {
+        return Err(format!(
+            "{text:?} has {fields} fields; a cron expression has 5: minute hour day-of-month month day-of-week"
+        ));
+    }
+    let cron = croner::parser::CronParser::builder()
+        .build()
+        .parse(text)
+        .map_err(|e| format!("{text:?} is not a cron expression: {e}"))?;
+    let now = Utc::now();
+    match cron.find_next_occurrence(&now, false) {
+        Ok(next) if next < now + chrono::Duration::days(366 * 30) => Ok(cron),
+        _ => Err(format!("{text:?} never fires (no such date)")),
+    }
 }
 
 /// Parse a duration: a number and a unit, `500ms`, `30s`, `5m`, `1h`, `1d` (fractions allowed:
@@ -152,11 +173,11 @@ impl Entry {
     /// timezone); the error names the entry and the expression.
     pub fn cron(name: impl Into<String>, task: impl Into<String>, expr: &str) -> Result<Self, ScheduleError> {
         let name = name.into();
-        let cron = croner::parser::CronParser::builder().build().parse(expr).map_err(|e| ScheduleError {
+        let cron = parse_cron(expr).map_err(|reason| ScheduleError {
             source_name: "App::periodic".into(),
             entry: Some(name.clone()),
             field: Some("cron".into()),
-            reason: format!("{expr:?} is not a cron expression: {e}"),
+            reason,
         })?;
         Ok(Entry::with(name, task.into(), When::Cron { text: expr.to_string(), cron: Box::new(cron) }))
     }
@@ -357,10 +378,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<Schedule, ScheduleError> {
         let when = match (string("every")?, string("cron")?) {
             (Some(every), None) => When::Every(parse_duration(&every).map_err(|r| e("every", r))?),
             (None, Some(text)) => {
-                let cron = croner::parser::CronParser::builder()
-                    .build()
-                    .parse(&text)
-                    .map_err(|x| e("cron", format!("{text:?} is not a cron expression: {x}")))?;
+                let cron = parse_cron(&text).map_err(|r| e("cron", r))?;
                 When::Cron { text, cron: Box::new(cron) }
             }
             (Some(_), Some(_)) => return Err(e("every", "give either every or cron, not both".into())),
@@ -512,9 +530,17 @@ mod tests {
         let e = &s.entries[0];
         assert_eq!(e.next_after(s.timezone, utc("2026-03-29T00:00:10Z")), utc("2026-03-29T00:00:30Z"));
         assert_eq!(e.next_after(s.timezone, utc("2026-03-29T00:00:30Z")), utc("2026-03-29T00:01:00Z"));
-        assert_eq!(run_id("a", utc("2026-03-29T00:00:30Z")), run_id("a", utc("2026-03-29T00:00:30Z")));
-        assert_ne!(run_id("a", utc("2026-03-29T00:00:30Z")), run_id("a", utc("2026-03-29T00:01:00Z")));
-        assert_ne!(run_id("a", utc("2026-03-29T00:00:30Z")), run_id("b", utc("2026-03-29T00:00:30Z")));
+        let t = utc("2026-03-29T00:00:30Z");
+        assert_eq!(run_id("s", "a", t), run_id("s", "a", t));
+        assert_ne!(run_id("s", "a", t), run_id("s", "a", utc("2026-03-29T00:01:00Z")));
+        assert_ne!(run_id("s", "a", t), run_id("s", "b", t));
+        // Two schedules (beats of different --name) with an entry of the same name.
+        assert_ne!(run_id("s", "a", t), run_id("t", "a", t));
+        // Cron: five fields or a shorthand, and a time that exists.
+        assert!(parse_cron("@daily").is_ok() && parse_cron("30 2 * * *").is_ok());
+        assert!(parse_cron("*/10 * * * * *").unwrap_err().contains("has 6 fields"));
+        assert!(parse_cron("0 0 31 2 *").unwrap_err().contains("never fires"));
+        assert!(parse_cron("0 0 29 2 *").is_ok(), "a leap day fires every fourth year");
     }
 
     #[test]

@@ -29,6 +29,8 @@ fn a_bad_schedule_exits_2_naming_file_entry_and_field() {
         ("[[entry]]\nname = \"a\"\ntask = \"t\"\nevery = \"1s\"\n[[entry]]\nname = \"a\"\ntask = \"t\"\nevery = \"1s\"\n", "entry \"a\": name: "),
         ("[[entry]]\nname = \"a\"\ntask = \"t\"\nevery = \"1s\"\nwhen = 3\n", "entry \"a\": when: unknown key"),
         ("timezone = \"UTC\"\n", "no [[entry]]"),
+        ("[[entry]]\nname = \"a\"\ntask = \"t\"\ncron = \"0 0 31 2 *\"\n", "entry \"a\": cron: \"0 0 31 2 *\" never fires"),
+        ("[[entry]]\nname = \"a\"\ntask = \"t\"\ncron = \"0 0 1 1 * 2030\"\n", "entry \"a\": cron: \"0 0 1 1 * 2030\" has 6 fields"),
     ] {
         let file = write(dir.path(), "beat.toml", text);
         let (code, out, err) = run_cli(&["beat", "--broker", &db.url, "--schedule", &file], &[]);
@@ -36,6 +38,17 @@ fn a_bad_schedule_exits_2_naming_file_entry_and_field() {
         let line = err.trim();
         assert!(!line.contains('\n') && line.contains(&file) && line.contains(want), "{text:?}: {line:?}");
     }
+    // A lease of no time at all is refused, not a crash.
+    let file = write(dir.path(), "beat.toml", "[[entry]]\nname = \"a\"\ntask = \"t\"\nevery = \"1s\"\n");
+    let (code, out, err) = run_cli(&["beat", "--broker", &db.url, "--schedule", &file, "--lease", "0"], &[]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("--lease must be a positive number of seconds"), "{err}");
+    // --list against a broker that does not answer: exit 3, not a list of "never".
+    let port = common::free_port();
+    let unreachable = format!("redis://127.0.0.1:{port}/0");
+    let (code, out, err) = run_cli(&["beat", "--broker", &unreachable, "--schedule", &file, "--list"], &[]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(!out.contains("never"), "{out}");
 }
 
 #[test]
@@ -192,15 +205,18 @@ fn a_worker_with_dash_b_sends_and_runs_the_schedule() {
         "beat.toml",
         "[[entry]]\nname = \"inside\"\ntask = \"celeriac.add\"\nevery = \"500ms\"\nargs = [1, 2]\n",
     );
-    let mut w = WorkerProc::start(&db.url, &["-B", "--schedule", &file, "-c", "2"]);
+    let mut w = WorkerProc::start(&db.url, &["-B", "--schedule", &file, "--beat-name", "inner", "-c", "2"]);
     wait_until("beat's tasks to run in the worker", Duration::from_secs(30), || {
         w.matching("task succeeded").iter().filter(|l| l.contains("celeriac.add")).count() >= 2
     });
     assert_eq!(w.count("leader: sending"), 1, "{}", w.dump());
     w.signal("TERM");
     assert!(w.wait_exit(Duration::from_secs(20)).success(), "{}", w.dump());
-    let (code, out, _) = run_cli(&["beat", "--broker", &db.url, "--schedule", &file, "--list"], &[]);
+    // The runs are recorded under the schedule's name, --beat-name.
+    let (code, out, _) = run_cli(&["beat", "--broker", &db.url, "--schedule", &file, "--list", "--name", "inner"], &[]);
     assert!(code == 0 && out.contains("inside  celeriac.add") && !out.contains("last never"), "{out}");
+    let (code, out, _) = run_cli(&["beat", "--broker", &db.url, "--schedule", &file, "--list"], &[]);
+    assert!(code == 0 && out.contains("last never"), "the schedule \"default\" never ran: {out}");
 }
 
 #[test]

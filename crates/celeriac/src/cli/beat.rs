@@ -15,7 +15,7 @@ use std::sync::Arc;
 use chrono::{TimeZone, Utc};
 use clap::Args;
 
-use super::{positive_secs, CliError, CliResult};
+use super::{CliError, CliResult};
 use crate::connect;
 
 /// `celeriac beat` options.
@@ -124,9 +124,14 @@ pub(crate) fn start(
     file: Option<&std::path::Path>,
     app: AppEntries,
     default_queue: &str,
+    name: &str,
 ) -> Result<Running, CliError> {
     let schedule = load(file, &app)?;
-    let config = celeriac_beat::BeatConfig { default_queue: default_queue.to_string(), ..Default::default() };
+    let config = celeriac_beat::BeatConfig {
+        name: name.to_string(),
+        default_queue: default_queue.to_string(),
+        ..Default::default()
+    };
     tracing::info!(entries = schedule.entries.len(), holder = %config.holder, "beat starting in this worker");
     let beat = Arc::new(celeriac_beat::Beat::new(schedule, broker, Arc::new(celeriac_beat::SystemClock), config));
     reload_on_sighup(beat.clone(), file.map(|f| f.to_path_buf()), app);
@@ -143,7 +148,7 @@ pub(crate) async fn run(broker_url: &str, args: BeatArgs, app: AppEntries) -> Cl
     let schedule = load(args.schedule.as_deref(), &app)?;
     let broker = connect::broker(broker_url)?;
     if args.list {
-        let last = broker.last_runs(&args.name).await.unwrap_or_default();
+        let last = broker.last_runs(&args.name).await?;
         let now = Utc::now();
         for e in &schedule.entries {
             let last_run = last.get(&e.name).and_then(|ms| Utc.timestamp_millis_opt(*ms).single());
@@ -165,7 +170,10 @@ pub(crate) async fn run(broker_url: &str, args: BeatArgs, app: AppEntries) -> Cl
     }
     let config = celeriac_beat::BeatConfig {
         name: args.name,
-        lease: positive_secs("--lease", args.lease)?,
+        lease: match args.lease {
+            l if l.is_finite() && l > 0.0 => std::time::Duration::from_secs_f64(l),
+            l => return Err(CliError::usage(format!("--lease must be a positive number of seconds, got {l}"))),
+        },
         default_queue: args.default_queue,
         ..Default::default()
     };

@@ -192,6 +192,10 @@ struct WorkerArgs {
     /// The schedule file of `-B` (see `celeriac beat`).
     #[arg(long, value_name = "FILE")]
     schedule: Option<std::path::PathBuf>,
+    /// The name of `-B`'s schedule (`celeriac beat --name`): beats with the same name share one
+    /// leader and one record of runs; give each different schedule its own.
+    #[arg(long = "beat-name", value_name = "NAME", default_value = "default")]
+    beat_name: String,
     /// Where continuations go (callbacks, chain steps, chord bodies, errbacks) whose signature
     /// names no queue and whose task has none registered here: Celery's `task_default_queue`.
     #[arg(long = "default-queue", value_name = "QUEUE", default_value = celeriac_core::DEFAULT_QUEUE)]
@@ -487,8 +491,16 @@ async fn worker(
             args.schedule.as_deref(),
             beat::AppEntries::of(&app),
             &args.default_queue,
+            &args.beat_name,
         )?),
-        false => None,
+        false => {
+            if args.schedule.is_some() {
+                tracing::warn!(
+                    "--schedule is given without -B: no beat runs in this worker (add -B, or run celeriac beat)"
+                );
+            }
+            None
+        }
     };
     let shutdown = crate::Shutdown::new();
     shutdown.install_signal_handlers().map_err(|e| CliError::failed(format!("cannot install signal handlers: {e}")))?;
