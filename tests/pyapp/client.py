@@ -28,6 +28,8 @@ CASES = {
     "fan_out": lambda: pyapp.fan_out.s(3),
     "whoami": lambda: pyapp.whoami.s(),
     "signals_seen": lambda: pyapp.signals_seen.s(),
+    "sleep3": lambda: pyapp.sleep.s(3),
+    "stuck": lambda: pyapp.stuck.s(),
 }
 
 

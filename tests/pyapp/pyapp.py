@@ -8,10 +8,12 @@ comparing what a Python worker stores.
 import datetime
 import decimal
 import os
+import threading
 import time
 import uuid
 
 from celery import Celery, signals
+from celery.exceptions import SoftTimeLimitExceeded
 
 app = Celery(
     "pyapp",
@@ -143,3 +145,16 @@ def redis_get_set(key, value):
 def sleep(seconds):
     time.sleep(seconds)
     return seconds
+
+
+@app.task
+def stuck():
+    """Blocked on a lock forever (a futex wait), shrugging off the soft time limit: only the
+    hard limit ends it."""
+    lock = threading.Lock()
+    lock.acquire()
+    while True:
+        try:
+            lock.acquire()
+        except SoftTimeLimitExceeded:
+            SEEN.append("stuck: soft limit ignored")

@@ -266,3 +266,32 @@ fn a_killed_supervisor_leaves_no_python_child() {
     let _ = w.child.wait();
     wait_until("every Python child to be gone", Duration::from_secs(2), || kids.iter().all(|p| !alive(*p)));
 }
+
+#[test]
+fn python_tasks_meet_their_time_limits_and_the_app_s_tasks_are_registered() {
+    let db = SharedRedisDb::get(DB);
+    let vhost = TestVhost::new();
+    let (broker, backend) = (vhost.url(""), db.url(""));
+    let queue = "pyapp.limits";
+    let w = celeriac_python_worker(
+        &broker,
+        &backend,
+        queue,
+        &["-c", "1", "-n", "pyapp-limits@%h", "--soft-time-limit", "1", "--time-limit", "4"],
+    );
+    let got = run_client(&broker, &backend, queue, &["sleep3", "stuck", "add"]);
+    // The soft limit is raised inside the task, as Celery raises it.
+    assert_eq!(got["sleep3"]["status"], "FAILURE", "{got:?}");
+    assert_eq!(got["sleep3"]["result"]["exc_type"], "SoftTimeLimitExceeded", "{got:?}");
+    // A task stuck on a lock that ignores its soft limit is killed at the hard one; the next
+    // task runs in a fresh child.
+    assert_eq!(got["stuck"]["status"], "FAILURE", "{got:?}");
+    assert_eq!(got["stuck"]["result"]["exc_type"], "TimeLimitExceeded", "{got:?}");
+    assert_eq!(got["add"]["result"], 5, "{got:?}");
+    assert!(w.count("hard time limit") >= 1, "{}", w.dump());
+    // Remote control lists the app's tasks.
+    // The test's own vhost: this worker is the only one that answers.
+    let (code, out, err) = run_cli(&["inspect", "registered", "--broker", &broker], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("pyapp.add") && out.contains("pyapp.stuck"), "{out}{err}");
+}
