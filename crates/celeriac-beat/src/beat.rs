@@ -22,7 +22,7 @@
 //!   (`catch_up` decides); one that jumps back does not hold the schedule up or repeat runs: the
 //!   schedule goes on from where it was until the wall clock catches up (`ScheduleTime`).
 //! - **Messages** are plain protocol v2 task messages (Python workers run them too): id from the
-//!   entry and the scheduled time, `expires` the scheduled time plus the entry's `expires`.
+//!   schedule's name, the entry and the scheduled time, `expires` the scheduled time plus the entry's `expires`.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};

@@ -20,7 +20,8 @@
 //! Times:
 //! - `every` runs fall on a grid counted from the Unix epoch (`every = "30s"`: :00 and :30 of
 //!   each minute), so every beat computes the same scheduled times, and a run's id (derived from
-//!   its entry and scheduled time, [`run_id`]) is the same whichever beat sends it.
+//!   its schedule's name, entry and scheduled time, [`run_id`]) is the same whichever beat sends
+//!   it.
 //! - `cron` runs are in the schedule's timezone, computed by the `croner` crate with Vixie cron's
 //!   rules for daylight saving time: a time that does not exist on the spring-forward day runs at
 //!   the first valid instant after the gap, once; a time that occurs twice on the fall-back day
