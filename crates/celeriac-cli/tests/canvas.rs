@@ -70,7 +70,6 @@ fn python_canvas_runs_on_celeriac_workers_redis_broker_async_pool() {
         if let Err(e) = ran {
             let log = w.dump();
             let tail: Vec<&str> = log.lines().rev().take(400).collect::<Vec<_>>().into_iter().rev().collect();
-            std::fs::write("/tmp/canvas-fail.log", &log).ok();
             panic!("{:?}; the worker's log ends:\n{}", e.downcast_ref::<String>(), tail.join("\n"));
         }
     }

@@ -654,7 +654,9 @@ impl TaskBody {
             });
             return Self::from_parts(Some(args), Some(kwargs), embed);
         }
-        match decode_json(body, content_type, content_encoding)? {
+        let value =
+            crate::pyjson::from_slice(body).map_err(|e| ProtocolError::MalformedBody(format!("not JSON: {e}")))?;
+        match value {
             Value::Array(parts) => Self::from_v2(parts),
             Value::Object(fields) => Self::from_v1(fields),
             other => Err(ProtocolError::MalformedBody(format!(

@@ -172,15 +172,14 @@ pub(crate) async fn publish(shared: &Shared, plans: &[Applied]) -> Result<(), Co
     Ok(())
 }
 
-/// Once per process: a continuation went to the default queue (where those that name no queue
+/// Once per worker: a continuation went to the default queue (where those that name no queue
 /// go) and this worker does not consume it, the usual reason a workflow stops after its first
 /// step when the client's default queue is not `celery`.
 fn warn_default_queue_not_consumed(shared: &Shared, queue: &str) {
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let config = &shared.config;
     if queue == config.default_queue
         && !config.queues.iter().any(|q| q == queue)
-        && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+        && !shared.warned_default_queue.swap(true, std::sync::atomic::Ordering::Relaxed)
     {
         tracing::warn!(
             queue,

@@ -154,6 +154,8 @@ pub(crate) struct Shared {
     pub slots: Arc<Semaphore>,
     /// How long the last tasks ran (how long the ready reserve may wait for a slot).
     pub runtimes: std::sync::Mutex<prefetch::RecentRuntimes>,
+    /// Whether the unconsumed default queue was reported (`canvas`, once per worker).
+    pub warned_default_queue: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -449,6 +451,7 @@ impl Worker {
             state: Default::default(),
             slots: slots.clone(),
             runtimes: Default::default(),
+            warned_default_queue: Default::default(),
         });
         let _ = self.builtins.set(Arc::downgrade(&shared));
         let _status_dump = spawn_status_dump(shared.clone());
