@@ -78,8 +78,13 @@ class Pipe:
 
     def write(self, frame):
         body = json.dumps(frame).encode("utf-8")
-        self.wfile.write(_LENGTH.pack(len(body)) + body)
-        self.wfile.flush()
+        try:
+            self.wfile.write(_LENGTH.pack(len(body)) + body)
+            self.wfile.flush()
+        except (OSError, ValueError) as exc:  # the frame pipe is gone (a task closed it?): exit
+            sys.stderr.write("celeriac child: cannot write frames to the supervisor (fd %d): %s; exiting\n"
+                             % (self.wfile.fileno(), exc))
+            raise SystemExit(1)
 
 
 def load_app(spec):

@@ -158,3 +158,70 @@ def stuck():
             lock.acquire()
         except SoftTimeLimitExceeded:
             SEEN.append("stuck: soft limit ignored")
+
+
+# -- Tasks of the supervision tests (crates/celeriac-cli/tests/python_supervision.rs) -----------
+
+
+def _data():
+    import redis
+
+    return redis.Redis.from_url(os.environ.get("PYAPP_DATA_REDIS", "redis://127.0.0.1:6379/5"))
+
+
+@app.task(bind=True)
+def tally(self, key):
+    """Count this run under its task id in the hash `key` (a task run twice shows 2); the pid."""
+    _data().hincrby(key, self.request.id, 1)
+    return os.getpid()
+
+
+@app.task
+def slow_once(key, seconds):
+    """The first run (the one that sets `key`) sleeps `seconds`; any later run returns at once."""
+    if _data().set(key, os.getpid(), nx=True):
+        time.sleep(seconds)
+        return "first run"
+    return "run again"
+
+
+def _frame_fd():
+    """The pipe a celeriac child keeps for its frames: the one pipe above fd 2 that is not
+    stdin, stdout or stderr (the child points fd 1 at stderr)."""
+    import stat
+
+    std = {os.fstat(fd).st_ino for fd in (0, 1, 2)}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.fstat(int(name))
+        except OSError:
+            continue
+        if int(name) > 2 and stat.S_ISFIFO(st.st_mode) and st.st_ino not in std:
+            return int(name)
+    raise RuntimeError("no frame pipe in this process (not a celeriac child?)")
+
+
+@app.task
+def frame_garbage():
+    """Write what is not a frame where the child's frames go."""
+    os.write(_frame_fd(), b"this is not a frame\n")
+    return "wrote garbage"
+
+
+@app.task
+def frame_close():
+    """Close the pipe the child keeps for its frames."""
+    os.close(_frame_fd())
+    return "closed it"
+
+
+@app.task
+def loud():
+    """Print a lot, through print, sys.__stdout__ and fd 1 itself."""
+    import sys
+
+    print("x" * 200000)
+    sys.__stdout__.write("through sys.__stdout__\n")
+    sys.__stdout__.flush()
+    os.write(1, b"straight to fd 1\n")
+    return "still framed"

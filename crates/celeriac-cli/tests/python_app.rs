@@ -4,43 +4,19 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{alive, bin, children_of, repo, run_cli, venv_python, wait_until, SharedRedisDb, TestVhost, WorkerProc};
+use common::pyapp::{app_env, pyapp_dir, python_worker};
+use common::{alive, children_of, repo, run_cli, venv_python, wait_until, SharedRedisDb, TestVhost, WorkerProc};
 use serde_json::Value;
 
 /// This binary's Redis database (results, and the data the tasks read and write).
 const DB: u32 = 6;
 
-fn pyapp_dir() -> PathBuf {
-    repo().join("tests/pyapp")
-}
-
-/// The environment of the test app: broker, backend, the data Redis, its module path.
-fn app_env(broker: &str, backend: &str, queue: &str) -> Vec<(String, String)> {
-    vec![
-        ("PYAPP_BROKER".into(), broker.into()),
-        ("PYAPP_BACKEND".into(), backend.into()),
-        ("PYAPP_DATA_REDIS".into(), backend.into()),
-        ("PYAPP_QUEUE".into(), queue.into()),
-        ("PYTHONPATH".into(), pyapp_dir().display().to_string()),
-    ]
-}
-
 /// A celeriac worker running the test app's tasks in Python children.
 fn celeriac_python_worker(broker: &str, backend: &str, queue: &str, extra: &[&str]) -> WorkerProc {
-    let python = venv_python();
-    let python = python.to_str().unwrap();
-    let mut args = vec!["worker", "--broker", broker, "--result-backend", backend, "-Q", queue];
-    args.extend_from_slice(&["--python-app", "pyapp:app", "--python", python]);
-    args.extend_from_slice(extra);
-    let env = app_env(broker, backend, queue);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let w = WorkerProc::spawn_cli_env(std::path::Path::new(bin()), &args, &env);
-    w.wait_for_line("worker ready", Duration::from_secs(60));
-    w
+    python_worker(broker, backend, queue, extra)
 }
 
 /// Run `tests/pyapp/client.py QUEUE CASES...`; the stored metas by case.

@@ -2,6 +2,8 @@
 //! log lines can be waited on, and waiting on conditions with deadlines (never bare sleeps).
 #![allow(dead_code)]
 
+pub mod pyapp;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -16,7 +16,8 @@
 //!   its resident set passes `max_memory_per_child` after a task (the task itself is unaffected).
 //!   A limit below a fresh child's size is refused at start, and frequent memory recycling is
 //!   reported once a minute with the numbers.
-//! - **Worker lost**: a child that dies mid-task is replaced and the outcome says how it died.
+//! - **Worker lost**: a child that dies mid-task is replaced and the outcome says how it died;
+//!   one that breaks the frame stream (writes what is not a frame) is killed at once.
 
 pub mod child;
 pub mod proc_info;
@@ -408,8 +409,15 @@ impl Pool {
             return PoolOutcome::Terminated(signal, how);
         }
         self.stats.worker_lost.fetch_add(1, Ordering::Relaxed);
+        if detail.is_empty() {
+            return PoolOutcome::WorkerLost(self.bury(child).await);
+        }
+        // A stream that broke (not ended) comes from a child that may well be alive, e.g. a task
+        // that wrote on the frame pipe: nothing it says can be trusted any more, so it is killed
+        // now rather than waited for.
+        proc_info::kill(child.pid);
         let how = self.bury(child).await;
-        PoolOutcome::WorkerLost(if detail.is_empty() { how } else { format!("{how} ({detail})") })
+        PoolOutcome::WorkerLost(format!("{detail}; the supervisor killed it ({how})"))
     }
 
     /// Return a child to the idle set, or replace it if it has done its share.
