@@ -216,6 +216,18 @@ def frame_close():
 
 
 @app.task
+def frame_short(key):
+    """On its first run (the one that sets `key`), write on the frame pipe a frame's length and
+    only part of the body it announces."""
+    if _data().set(key, os.getpid(), nx=True):
+        import struct
+
+        os.write(_frame_fd(), struct.pack(">I", 1000) + b"abc")
+        return "wrote a short frame"
+    return "run again"
+
+
+@app.task
 def loud():
     """Print a lot, through print, sys.__stdout__ and fd 1 itself."""
     import sys

@@ -286,4 +286,12 @@ fn a_python_task_that_breaks_its_frame_pipe_loses_its_child_and_the_worker_keeps
         let now = python_children(&w);
         assert!(now.len() == 1 && now.is_disjoint(&before), "{task}: a fresh child: {now:?} (was {before:?})");
     }
+
+    // A frame's length and too little of its body: the stream is broken once the body has not
+    // followed within the deadline (10 s), not waited on forever; the task runs again.
+    let key = "pysup.pipe.short";
+    let id = send_one(&url, queue, "frame_short", json!([key]));
+    let got = wait_final(&db, std::slice::from_ref(&id), Duration::from_secs(90), &w);
+    assert_eq!((&got[0]["status"], &got[0]["result"]), (&json!("SUCCESS"), &json!("run again")), "{}", got[0]);
+    assert_eq!(w.count("whose body did not follow within"), 1, "{}", w.dump());
 }

@@ -318,7 +318,14 @@ pub async fn write_frame_async<T: Serialize>(
     w.flush().await
 }
 
+/// How long the rest of a frame may take once its length has arrived. A child writes a frame in
+/// one go, so a body that does not follow is a broken stream (a task that wrote a few bytes on
+/// the frame pipe), not a slow child: without this bound its slot would wait forever.
+pub const FRAME_BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Read one frame (async; used by the supervisor). `None` at end of stream: the child is gone.
+/// A length over [`MAX_FRAME`], a body not complete within [`FRAME_BODY_DEADLINE`] of its
+/// length, or a body that is not the JSON of a `T` is an `InvalidData` error.
 pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
     r: &mut (impl tokio::io::AsyncRead + Unpin),
 ) -> std::io::Result<Option<T>> {
@@ -333,7 +340,13 @@ pub async fn read_frame_async<T: for<'de> Deserialize<'de>>(
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("frame of {len} bytes")));
     }
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
+    match tokio::time::timeout(FRAME_BODY_DEADLINE, r.read_exact(&mut body)).await {
+        Ok(read) => read?,
+        Err(_) => {
+            let why = format!("a frame of {len} bytes whose body did not follow within {FRAME_BODY_DEADLINE:?}");
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+        }
+    };
     serde_json::from_slice(&body).map(Some).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
