@@ -176,9 +176,10 @@ def tally(self, key):
     return os.getpid()
 
 
-@app.task
+@app.task(acks_late=True, reject_on_worker_lost=True)
 def slow_once(key, seconds):
-    """The first run (the one that sets `key`) sleeps `seconds`; any later run returns at once."""
+    """The first run (the one that sets `key`) sleeps `seconds`; any later run returns at once.
+    Acknowledged late and given back if its worker is lost, so Celery too would run it again."""
     if _data().set(key, os.getpid(), nx=True):
         time.sleep(seconds)
         return "first run"
@@ -215,7 +216,7 @@ def frame_close():
     return "closed it"
 
 
-@app.task
+@app.task(acks_late=True, reject_on_worker_lost=True)
 def frame_short(key):
     """On its first run (the one that sets `key`), write on the frame pipe a frame's length and
     only part of the body it announces."""
