@@ -95,7 +95,9 @@ pub enum BeatError {
 
 /// A beat: a schedule, a broker, a clock.
 pub struct Beat {
-    schedule: std::sync::RwLock<Arc<Schedule>>,
+    schedule: std::sync::RwLock<Loaded>,
+    /// Woken by [`Beat::replace_schedule`], so the loop takes a new schedule up at once.
+    reloaded: tokio::sync::Notify,
     broker: Arc<dyn Broker>,
     clock: Arc<dyn Clock>,
     config: BeatConfig,
@@ -104,17 +106,25 @@ pub struct Beat {
 impl Beat {
     /// A beat; nothing happens until [`Beat::run`].
     pub fn new(schedule: Schedule, broker: Arc<dyn Broker>, clock: Arc<dyn Clock>, config: BeatConfig) -> Self {
-        Beat { schedule: std::sync::RwLock::new(Arc::new(schedule)), broker, clock, config }
+        let schedule = std::sync::RwLock::new(Loaded { schedule: Arc::new(schedule), at: None });
+        Beat { schedule, reloaded: tokio::sync::Notify::new(), broker, clock, config }
     }
 
-    /// Replace the schedule (a file changed on disk, read again on SIGHUP): the loop uses the new
-    /// one from its next turn, within a third of the lease; entries keep their last runs by name.
+    /// Replace the schedule (a file changed on disk, read again on SIGHUP): the loop takes it up
+    /// at once; entries keep their last runs by name, and an entry new in it starts from now
+    /// (its first run is the first after this call, even if the loop is busy until after it).
     pub fn replace_schedule(&self, schedule: Schedule) {
-        *self.schedule.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(schedule);
+        let loaded = Loaded { schedule: Arc::new(schedule), at: Some(self.clock.now()) };
+        *self.schedule.write().unwrap_or_else(|e| e.into_inner()) = loaded;
+        self.reloaded.notify_one();
     }
 
     /// The schedule in use.
     pub fn schedule(&self) -> Arc<Schedule> {
+        self.loaded().schedule
+    }
+
+    fn loaded(&self) -> Loaded {
         self.schedule.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -160,7 +170,7 @@ impl Beat {
                         {
                             time.not_before(latest, &*self.clock);
                         }
-                        plan = Plan { last, ..Plan::default() };
+                        plan = Plan { last, leading_since: Some(self.clock.now()), ..Plan::default() };
                         tracing::info!(schedule = %self.config.name, holder = %self.config.holder, "leader: sending the schedule's runs");
                         report(Event::Leader);
                     }
@@ -208,6 +218,7 @@ impl Beat {
             tokio::select! {
                 _ = next_run => {}
                 _ = tokio::time::sleep_until(renew_at) => {}
+                _ = self.reloaded.notified() => {}
                 _ = stop.wait_for(|s| *s) => {}
             }
         }
@@ -239,10 +250,12 @@ impl Beat {
         lease: &mut Term,
         report: &impl Fn(Event),
     ) -> bool {
-        let schedule = self.schedule();
+        let Loaded { schedule, at } = self.loaded();
         let tz = schedule.timezone;
         let now = time.now(&*self.clock);
-        let mut record = plan.follow(&schedule, now);
+        // A schedule given while this beat led: its new entries start from then.
+        let start = at.filter(|at| plan.leading_since.is_some_and(|since| *at >= since)).map_or(now, |at| at.min(now));
+        let mut record = plan.follow(&schedule, start, now);
         // The entries whose next run has come, and their runs (an entry's runs together,
         // oldest first).
         let mut popped = Vec::new();
@@ -369,6 +382,14 @@ impl Beat {
     }
 }
 
+/// The schedule in use, and when it was given by [`Beat::replace_schedule`] (`None`: the one the
+/// beat started with, whose new entries start when the beat takes the lead).
+#[derive(Clone)]
+struct Loaded {
+    schedule: Arc<Schedule>,
+    at: Option<DateTime<Utc>>,
+}
+
 /// The leader's lease: when it was last asked for, and until when it is held (counted from
 /// before the asking).
 #[derive(Debug, Clone, Copy)]
@@ -397,12 +418,15 @@ struct Plan {
     last: HashMap<String, i64>,
     /// (next run, index of the entry in the schedule).
     queue: BinaryHeap<Reverse<(DateTime<Utc>, usize)>>,
+    /// When this beat took the lead (the wall clock).
+    leading_since: Option<DateTime<Utc>>,
 }
 
 impl Plan {
     /// Use `schedule` (rebuilding the queue if it is not the one in use); returns the entries
-    /// never seen before, which start at `now`, to record.
-    fn follow(&mut self, schedule: &Arc<Schedule>, now: DateTime<Utc>) -> Vec<(String, i64)> {
+    /// never seen before, which start at `start` (when the schedule was loaded, or `now`), to
+    /// record.
+    fn follow(&mut self, schedule: &Arc<Schedule>, start: DateTime<Utc>, now: DateTime<Utc>) -> Vec<(String, i64)> {
         if self.schedule.as_ref().is_some_and(|s| Arc::ptr_eq(s, schedule)) {
             return Vec::new();
         }
@@ -410,9 +434,10 @@ impl Plan {
         self.queue.clear();
         for (i, entry) in schedule.entries.iter().enumerate() {
             if !self.last.contains_key(&entry.name) {
-                // Never seen: it starts with the first run after now.
-                self.last.insert(entry.name.clone(), now.timestamp_millis());
-                fresh.push((entry.name.clone(), now.timestamp_millis()));
+                // Never seen: it starts with the first run after `start`.
+                let record = Record::Started(start).encode();
+                self.last.insert(entry.name.clone(), record);
+                fresh.push((entry.name.clone(), record));
             }
             let next = entry.next_after(schedule.timezone, last_of(&self.last, entry, now));
             self.queue.push(Reverse((next, i)));
@@ -495,7 +520,43 @@ fn jump() -> chrono::Duration {
     chrono::Duration::from_std(JUMP).unwrap_or_default()
 }
 
-/// The entry's last run sent, or `now` for one never seen.
+/// The entry's last run sent (or when it was first followed, if none was), or `now` for one
+/// never seen.
 fn last_of(last: &HashMap<String, i64>, entry: &Entry, now: DateTime<Utc>) -> DateTime<Utc> {
-    last.get(&entry.name).and_then(|ms| Utc.timestamp_millis_opt(*ms).single()).unwrap_or(now)
+    last.get(&entry.name).and_then(|v| Record::decode(*v)).map_or(now, Record::time)
+}
+
+/// What the broker keeps of an entry ([`Broker::record_runs`], [`Broker::last_runs`]): one
+/// integer, the Unix milliseconds of its last run sent, or, negated, of when a leader first
+/// followed it (an entry new to the schedule, with no run yet: its runs start after then, on any
+/// leader).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record {
+    /// The scheduled time of the last run sent (or skipped by `catch_up = "skip"`).
+    Sent(DateTime<Utc>),
+    /// No run sent yet; followed since then.
+    Started(DateTime<Utc>),
+}
+
+impl Record {
+    /// The integer kept in the broker.
+    pub fn encode(self) -> i64 {
+        match self {
+            Record::Sent(t) => t.timestamp_millis(),
+            Record::Started(t) => -t.timestamp_millis(),
+        }
+    }
+
+    /// Read a kept integer (`None`: out of chrono's range).
+    pub fn decode(v: i64) -> Option<Record> {
+        let t = Utc.timestamp_millis_opt(v.checked_abs()?).single()?;
+        Some(if v < 0 { Record::Started(t) } else { Record::Sent(t) })
+    }
+
+    /// The time the entry's runs go on from.
+    pub fn time(self) -> DateTime<Utc> {
+        match self {
+            Record::Sent(t) | Record::Started(t) => t,
+        }
+    }
 }

@@ -17,7 +17,7 @@ pub mod clock;
 pub mod metrics;
 pub mod schedule;
 
-pub use beat::{Beat, BeatConfig, BeatError, Event};
+pub use beat::{Beat, BeatConfig, BeatError, Event, Record};
 pub use clock::{Clock, ManualClock, SystemClock};
 
 pub use schedule::{parse, run_id, CatchUp, Entry, Schedule, ScheduleError, When};

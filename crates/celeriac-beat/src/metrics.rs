@@ -60,13 +60,20 @@ impl BeatMetrics {
         }
     }
 
-    /// The metrics in Prometheus' text format.
+    /// The metrics in Prometheus' text format (OpenMetrics, ending with `# EOF`).
     pub fn encode(&self) -> String {
         let mut out = String::new();
+        self.encode_into(&mut out);
+        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
+        out
+    }
+
+    /// The metrics' lines without the closing `# EOF`, appended to `out`: for a process that
+    /// serves them among its own (a worker running a beat, `worker -B`).
+    pub fn encode_into(&self, out: &mut String) {
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        if let Err(e) = prometheus_client::encoding::text::encode_registry(out, &registry) {
             tracing::warn!(error = %e, "cannot encode beat's metrics");
         }
-        out
     }
 }

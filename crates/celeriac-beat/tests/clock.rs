@@ -273,3 +273,40 @@ async fn a_tick_longer_than_the_lease_term_renews_the_lease_as_it_goes() {
     assert!(!logged.contains("lease"), "the lease ran out or was not renewed:\n{logged}");
     beat.finish().await;
 }
+
+/// An entry added by a reload (SIGHUP) half a second before its first run gets that run, though
+/// the loop is asleep until its next renewal and the clock passes the run before it wakes: a
+/// new entry starts from when the schedule was given, not from when the loop next looks.
+#[tokio::test]
+async fn an_entry_added_by_a_reload_just_before_its_first_run_gets_that_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker: Arc<dyn Broker> =
+        Arc::new(celeriac_sqlite::SqliteBroker::open(&format!("sqlite://{}/b.db", dir.path().display())).unwrap());
+    let clock = ManualClock::new(utc("2026-01-01T00:00:59.500Z"));
+    let hourly = entry("hourly", "cron = \"0 * * * *\"");
+    let schedule = celeriac_beat::parse(&hourly, "test.toml").unwrap();
+    // A long lease: the loop's next renewal is 20 s of real time away.
+    let config = BeatConfig { lease: Duration::from_secs(60), ..BeatConfig::default() };
+    let beat = Arc::new(Beat::new(schedule, broker, Arc::new(clock.clone()), config));
+    let (stop, rx) = watch::channel(false);
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let task = tokio::spawn({
+        let beat = beat.clone();
+        async move { beat.run(rx, Some(tx)).await.unwrap() }
+    });
+    clock.sleeping(0, TURN).await.expect("the loop to lead and wait for the hourly run");
+    let both = format!("{hourly}{}", entry("minutely", "cron = \"* * * * *\""));
+    beat.replace_schedule(celeriac_beat::parse(&both, "test.toml").unwrap());
+    clock.advance(Duration::from_secs(1));
+    let deadline = tokio::time::Instant::now() + TURN;
+    let sent = loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(Event::Sent { entry, scheduled, .. })) => break (entry, scheduled),
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => panic!("the new entry's first run (00:01:00) was not sent"),
+        }
+    };
+    assert_eq!(sent, ("minutely".to_string(), utc("2026-01-01T00:01:00Z")));
+    let _ = stop.send(true);
+    tokio::time::timeout(TURN, task).await.expect("the beat to stop").unwrap();
+}

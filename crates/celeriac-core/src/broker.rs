@@ -102,7 +102,9 @@ pub trait Broker: Send + Sync + 'static {
     }
 
     /// Record the last run sent of entries of `schedule` (entry name, scheduled time in Unix
-    /// milliseconds); a time never moves back. Default: unsupported.
+    /// milliseconds; beat writes a negated time for an entry followed but not yet run,
+    /// `celeriac_beat::Record`); a kept value is replaced only by a larger one. Default:
+    /// unsupported.
     async fn record_runs(&self, schedule: &str, runs: &[(String, i64)]) -> Result<(), BrokerError> {
         let _ = (schedule, runs);
         Err(BrokerError::Rejected { url: self.url().to_string(), reason: "this broker keeps no beat state".into() })

@@ -93,7 +93,12 @@ pub struct Metrics {
     prefetched: Gauge,
     pool: Arc<OnceLock<Arc<Pool>>>,
     series: std::sync::RwLock<std::collections::HashMap<String, Arc<TaskSeries>>>,
+    /// Other parts of this process whose metrics each scrape adds (see [`Metrics::also_encode`]).
+    extra: Mutex<Vec<ExtraMetrics>>,
 }
+
+/// Appends metric families (OpenMetrics text, without `# EOF`) to a scrape.
+type ExtraMetrics = Box<dyn Fn(&mut String) + Send + Sync>;
 
 impl fmt::Debug for Metrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -136,6 +141,7 @@ impl Metrics {
             prefetched,
             pool,
             series: Default::default(),
+            extra: Default::default(),
         }
     }
 
@@ -199,13 +205,24 @@ impl Metrics {
         self.in_flight.get()
     }
 
+    /// Serve another part of this process's metrics with the worker's: `encode` appends its
+    /// families (OpenMetrics text without `# EOF`, e.g. `celeriac_beat::metrics::BeatMetrics::encode_into`)
+    /// to each scrape. Used by `worker -B`.
+    pub fn also_encode(&self, encode: impl Fn(&mut String) + Send + Sync + 'static) {
+        self.extra.lock().unwrap_or_else(|e| e.into_inner()).push(Box::new(encode));
+    }
+
     /// The metrics in Prometheus' text format (OpenMetrics).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        if let Err(e) = prometheus_client::encoding::text::encode_registry(&mut out, &registry) {
             tracing::warn!(error = %e, "cannot encode the metrics");
         }
+        for extra in self.extra.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            extra(&mut out);
+        }
+        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
         out
     }
 

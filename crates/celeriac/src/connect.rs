@@ -68,6 +68,11 @@ pub fn broker(url: &str) -> Result<Arc<dyn Broker>, ConnectError> {
     }
 }
 
+/// The database file of an `sqlite://` URL (`None` for other schemes or a bad URL).
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    (scheme(url) == "sqlite").then(|| celeriac_sqlite::SqliteConfig::from_url(url).ok()).flatten().map(|c| c.path)
+}
+
 /// Open the result backend at `url`; with no URL, an SQLite broker stores results in its own
 /// file and other brokers store none.
 pub fn backend(url: Option<&str>, broker_url: &str) -> Result<Arc<dyn ResultBackend>, ConnectError> {

@@ -12,7 +12,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use chrono::{TimeZone, Utc};
+use chrono::Utc;
 use clap::Args;
 
 use super::{CliError, CliResult};
@@ -103,10 +103,56 @@ fn load(path: Option<&std::path::Path>, app: &AppEntries) -> Result<celeriac_bea
     Ok(schedule)
 }
 
+/// `--list`: a table of the entries (name, task, when, next run in the schedule's timezone and
+/// in UTC, last run sent), columns aligned. An SQLite broker file that does not exist yet is not
+/// created: no run has been sent.
+async fn list(broker_url: &str, name: &str, schedule: &celeriac_beat::Schedule) -> CliResult {
+    let sqlite_missing = connect::sqlite_path(broker_url).filter(|p| !p.exists());
+    let last = match &sqlite_missing {
+        Some(_) => Default::default(),
+        None => connect::broker(broker_url)?.last_runs(name).await?,
+    };
+    let now = Utc::now();
+    let utc = |t: chrono::DateTime<Utc>| format!("{} UTC", t.format("%Y-%m-%d %H:%M:%S%.3f"));
+    let mut rows = vec![["NAME", "TASK", "WHEN", "NEXT", "NEXT (UTC)", "LAST RUN"].map(String::from)];
+    for e in &schedule.entries {
+        let record = last.get(&e.name).and_then(|v| celeriac_beat::Record::decode(*v));
+        let next = e.next_after(schedule.timezone, record.map_or(now, |r| r.time()).max(now));
+        let when = match &e.when {
+            celeriac_beat::When::Every(d) => format!("every {d:?}"),
+            celeriac_beat::When::Cron { text, .. } => format!("cron {text:?}"),
+        };
+        let last_run = match record {
+            Some(celeriac_beat::Record::Sent(t)) => utc(t),
+            Some(celeriac_beat::Record::Started(t)) => format!("never (followed since {})", utc(t)),
+            None => "never".to_string(),
+        };
+        rows.push([
+            e.name.clone(),
+            e.task.clone(),
+            when,
+            next.with_timezone(&schedule.timezone).format("%Y-%m-%d %H:%M:%S%.3f %Z").to_string(),
+            utc(next),
+            last_run,
+        ]);
+    }
+    let widths: Vec<usize> = (0..6).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    for row in &rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        println!("{}", cells.join("  ").trim_end());
+    }
+    if let Some(path) = sqlite_missing {
+        println!("(no runs recorded: {} does not exist yet)", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// A beat running inside a worker (`worker -B`).
 pub(crate) struct Running {
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    /// Its metrics, served with the worker's (`--metrics-addr`).
+    pub(crate) metrics: Arc<celeriac_beat::metrics::BeatMetrics>,
 }
 
 impl Running {
@@ -136,38 +182,35 @@ pub(crate) fn start(
     let beat = Arc::new(celeriac_beat::Beat::new(schedule, broker, Arc::new(celeriac_beat::SystemClock), config));
     reload_on_sighup(beat.clone(), file.map(|f| f.to_path_buf()), app);
     let (stop, rx) = tokio::sync::watch::channel(false);
+    let metrics = Arc::new(celeriac_beat::metrics::BeatMetrics::default());
+    let events = observe(metrics.clone());
     let task = tokio::spawn(async move {
-        if let Err(e) = beat.run(rx, None).await {
+        if let Err(e) = beat.run(rx, Some(events)).await {
             tracing::error!(error = %e, "beat stopped: the broker cannot hold its lease (use a Redis or SQLite broker)");
         }
     });
-    Ok(Running { stop, task })
+    Ok(Running { stop, task, metrics })
+}
+
+/// A beat's event channel, counted into `metrics`.
+fn observe(
+    metrics: Arc<celeriac_beat::metrics::BeatMetrics>,
+) -> tokio::sync::mpsc::UnboundedSender<celeriac_beat::Event> {
+    let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(e) = rx.recv().await {
+            metrics.observe(&e);
+        }
+    });
+    events
 }
 
 pub(crate) async fn run(broker_url: &str, args: BeatArgs, app: AppEntries) -> CliResult {
     let schedule = load(args.schedule.as_deref(), &app)?;
-    let broker = connect::broker(broker_url)?;
     if args.list {
-        let last = broker.last_runs(&args.name).await?;
-        let now = Utc::now();
-        for e in &schedule.entries {
-            let last_run = last.get(&e.name).and_then(|ms| Utc.timestamp_millis_opt(*ms).single());
-            let next = e.next_after(schedule.timezone, last_run.unwrap_or(now).max(now));
-            let when = match &e.when {
-                celeriac_beat::When::Every(d) => format!("every {d:?}"),
-                celeriac_beat::When::Cron { text, .. } => format!("cron {text:?}"),
-            };
-            println!(
-                "{}  {}  {when}  next {} ({} UTC)  last {}",
-                e.name,
-                e.task,
-                next.with_timezone(&schedule.timezone).format("%Y-%m-%d %H:%M:%S%.3f %Z"),
-                next.format("%Y-%m-%d %H:%M:%S%.3f"),
-                last_run.map_or("never".to_string(), |t| format!("{} UTC", t.format("%Y-%m-%d %H:%M:%S%.3f"))),
-            );
-        }
-        return Ok(ExitCode::SUCCESS);
+        return list(broker_url, &args.name, &schedule).await;
     }
+    let broker = connect::broker(broker_url)?;
     let config = celeriac_beat::BeatConfig {
         name: args.name,
         lease: match args.lease {
@@ -193,12 +236,7 @@ pub(crate) async fn run(broker_url: &str, args: BeatArgs, app: AppEntries) -> Cl
         }
         None => None,
     };
-    let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(e) = rx.recv().await {
-            metrics.observe(&e);
-        }
-    });
+    let events = observe(metrics);
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {

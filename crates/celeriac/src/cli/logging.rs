@@ -77,19 +77,43 @@ pub fn init(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_env("CELERIAC_LOG")
         .or_else(|_| EnvFilter::builder().parse(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter).with(ExpectedRefusals);
     match format {
         LogFormat::Text => {
             use std::io::IsTerminal;
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(filter)
+            let text = tracing_subscriber::fmt::layer()
                 .with_target(false)
                 .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-                .with_writer(std::io::stderr)
-                .try_init();
+                .with_writer(std::io::stderr);
+            let _ = registry.with(text).try_init();
         }
         LogFormat::Json => {
-            let _ = tracing_subscriber::registry().with(filter).with(JsonLines::stderr()).try_init();
+            let _ = registry.with(JsonLines::stderr()).try_init();
         }
+    }
+}
+
+/// Drops lapin's ERROR line for a channel the server closed with `RESOURCE_LOCKED` on a beat
+/// lease queue (`celeriac.lease.*`): that is a follower beat asking for the lease the leader
+/// holds, once a third of the term, and the answer is "not the leader", not an error (the beat
+/// logs leadership changes itself). Every other channel close is still logged.
+struct ExpectedRefusals;
+
+impl<S: Subscriber> Layer<S> for ExpectedRefusals {
+    fn event_enabled(&self, event: &Event<'_>, _ctx: Context<'_, S>) -> bool {
+        if !event.metadata().target().starts_with("lapin") {
+            return true;
+        }
+        struct Find(bool);
+        impl Visit for Find {
+            fn record_debug(&mut self, _field: &Field, value: &dyn std::fmt::Debug) {
+                let text = format!("{value:?}");
+                self.0 |= text.contains("RESOURCE_LOCKED") && text.contains("celeriac.lease.");
+            }
+        }
+        let mut found = Find(false);
+        event.record(&mut found);
+        !found.0
     }
 }
 

@@ -505,6 +505,10 @@ async fn worker(
     let shutdown = crate::Shutdown::new();
     shutdown.install_signal_handlers().map_err(|e| CliError::failed(format!("cannot install signal handlers: {e}")))?;
     let worker = crate::Worker::new(config, app.shared_registry(), broker, backend);
+    if let Some(beat) = &beat {
+        let m = beat.metrics.clone();
+        worker.metrics().also_encode(move |out| m.encode_into(out));
+    }
     worker.run(shutdown).await.map_err(|e| match e {
         celeriac_worker::WorkerError::Config(m) => CliError::usage(m),
         celeriac_worker::WorkerError::Pool(
