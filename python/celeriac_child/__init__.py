@@ -22,6 +22,7 @@ import os
 import signal
 import struct
 import sys
+import threading
 import time
 import traceback
 
@@ -348,7 +349,9 @@ def main(argv):
     from celery import signals
 
     signals.worker_process_init.send(sender=None)
-    pipe.write({"ready": {"pid": os.getpid(), "tasks": _announce(app)}})
+    # Tasks run on this thread: the supervisor reads /proc/<pid>/task/<tid>/ to show what a
+    # running task is blocked on.
+    pipe.write({"ready": {"pid": os.getpid(), "tasks": _announce(app), "tid": threading.get_native_id()}})
     exitcode = 0
     try:
         while True:

@@ -7,12 +7,13 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use celeriac_core::broadcast::ExchangeSpec;
 use celeriac_worker::control::{json_message, mailbox_binding, pidbox_exchange, reply_exchange};
-use common::{py_client_on, repo, run_cli, wait_until, PyCeleryWorker, SharedRedisDb, TestVhost, WorkerProc};
+use common::{
+    celery_cli as celery, py_client_on, run_cli, wait_until, PyCeleryWorker, SharedRedisDb, TestVhost, WorkerProc,
+};
 use serde_json::{json, Map, Value};
 
 const DB: u32 = 3;
@@ -24,17 +25,6 @@ fn results() -> String {
 /// A node name unique to this test run.
 fn node(tag: &str) -> String {
     format!("ctl-{tag}-{}@testhost", std::process::id())
-}
-
-/// `celery -A ctlapp -b <broker> <args>` (the real Python CLI); returns (success, stdout).
-fn celery(broker: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(repo().join("target/pyenv/bin/celery"))
-        .args(["-A", "ctlapp", "-b", broker])
-        .args(args)
-        .env("PYTHONPATH", repo().join("tests/interop"))
-        .output()
-        .expect("celery (run scripts/python-env.sh)");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `celeriac --broker <broker> <args>`; returns (exit code, stdout, stderr).

@@ -12,6 +12,7 @@
 //!   one publishes.
 //! - [`broadcast`]: fanout, direct and topic exchanges, for remote control and events.
 //! - [`task`]: the task registry, task options and the context a running task sees.
+//! - [`task_thread`]: the hook a blocking task calls on the thread it runs on (for diagnosis).
 //! - [`result`]: task states and the stored result layout (Celery's `celery-task-meta` JSON).
 //! - [`retry`]: backoff schedules for task retries.
 //! - [`error`]: typed errors.
@@ -33,6 +34,7 @@ pub mod result;
 pub mod retry;
 mod strict;
 pub mod task;
+pub mod task_thread;
 pub mod telemetry;
 
 pub use backend::{ReplyTo, ResultBackend};

@@ -206,6 +206,8 @@ fn expand(attrs: Attrs, func: ItemFn) -> syn::Result<TokenStream2> {
         quote! {
             // The panic is caught on the blocking thread, where its location was recorded.
             ::celeriac::__private::tokio::task::spawn_blocking(move || {
+                // A prefork child reports this thread as the task's (for `inspect active`).
+                ::celeriac::__private::task_thread::entered();
                 ::std::panic::catch_unwind(::std::panic::AssertUnwindSafe(|| Self::run(#ctx_arg #(#vars),*)))
                     .map_err(|p| ::celeriac::__private::panics::to_task_error(p.as_ref()))
             })

@@ -23,6 +23,11 @@
 //! task gets the signal; in the async pool the task is dropped at its next await), `shutdown`
 //! (warm), `pool_grow` / `pool_shrink`, `rate_limit`, `add_consumer`, `cancel_consumer`,
 //! `enable_events` / `disable_events` (task events on or off, as Flower asks).
+//!
+//! `active` (and `query_task`) entries are Celery's `Request.info()` plus keys of celeriac's: a
+//! running task's `runtime`, and in the prefork pool what the child's thread running it is
+//! blocked on (`worker_tid`, `proc_state`, `wchan`, `syscall`, `blocked_on`) and its
+//! `hard_time_left`; Celery's `inspect active` and Flower print or ignore them.
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -37,7 +42,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::consumers::QueueCommand;
-use crate::prefork::proc_info;
+use crate::prefork::{proc_info, TaskDiagnosis};
 use crate::state::{parse_rate, Phase, RequestInfo};
 use crate::{Shared, Shutdown};
 
@@ -396,7 +401,9 @@ async fn dispatch(ctx: &Context, method: &str, args: &Map<String, Value>) -> Val
     }
 }
 
-/// The requests in a phase, as Celery's `Request.info()`, with the pid running each.
+/// The requests in a phase, as Celery's `Request.info()`, with the pid running each; a running
+/// one also has its `runtime` and, in the prefork pool, what its child's thread is blocked on
+/// ([`diagnosis_keys`]).
 fn list(ctx: &Context, phase: impl Fn(&Phase) -> bool) -> Value {
     let children = ctx.shared.pool.as_ref().map(|p| p.children()).unwrap_or_default();
     let own = std::process::id();
@@ -408,17 +415,48 @@ fn list(ctx: &Context, phase: impl Fn(&Phase) -> bool) -> Value {
             .iter()
             .filter(|r| phase(&r.phase))
             .map(|r: &RequestInfo| {
-                let pid = match (&ctx.shared.pool, matches!(r.phase, Phase::Active(_))) {
-                    (_, false) => None,
-                    (None, true) => Some(own),
-                    (Some(_), true) => {
-                        children.iter().find(|c| c.task.as_ref().is_some_and(|t| t.id == r.id)).map(|c| c.pid)
+                let Phase::Active(started) = r.phase else { return r.to_celery(hostname, None) };
+                let (pid, extra) = match &ctx.shared.pool {
+                    None => {
+                        let runtime = (chrono::Utc::now() - started).num_microseconds().unwrap_or(0) as f64 / 1e6;
+                        (Some(own), Map::from_iter([("runtime".to_string(), json!(runtime.max(0.0)))]))
+                    }
+                    Some(_) => {
+                        let child = children.iter().find(|c| c.task.as_ref().is_some_and(|t| t.id == r.id));
+                        let extra = child.and_then(|c| c.diagnose()).map(|d| diagnosis_keys(&d)).unwrap_or_default();
+                        (child.map(|c| c.pid), extra)
                     }
                 };
-                r.to_celery(hostname, pid)
+                let mut info = r.to_celery(hostname, pid);
+                if let Value::Object(m) = &mut info {
+                    m.extend(extra);
+                }
+                info
             })
             .collect(),
     )
+}
+
+/// What celeriac adds to an `active` request of the prefork pool (Celery's clients print or
+/// ignore extra keys): `worker_tid` (the thread running the task), `runtime` and
+/// `hard_time_left` (seconds; `null` without a hard limit), `proc_state`, `wchan`, `syscall`
+/// (from `/proc/<pid>/task/<tid>/`; `null` when not sleeping in one) and `blocked_on`, the three
+/// in one phrase.
+fn diagnosis_keys(d: &TaskDiagnosis) -> Map<String, Value> {
+    let wait = d.wait.as_ref();
+    let keys = json!({
+        "worker_tid": d.tid,
+        "runtime": d.runtime,
+        "hard_time_left": d.hard_time_left,
+        "proc_state": wait.map(|w| w.state.as_str()),
+        "wchan": wait.and_then(|w| w.wchan.as_deref()),
+        "syscall": wait.and_then(|w| w.syscall.as_deref()),
+        "blocked_on": d.blocked_on(),
+    });
+    match keys {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
 }
 
 /// Celery's `query_task`: for each of `ids` this worker holds, its state (`active` or

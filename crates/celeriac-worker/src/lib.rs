@@ -184,12 +184,13 @@ fn spawn_status_dump(shared: Arc<Shared>) -> Option<tokio::task::JoinHandle<()>>
                 Some(pool) => {
                     tracing::info!(degraded = pool.degraded(), ?s, "pool status");
                     for c in pool.children() {
-                        let blocked = prefork::proc_info::describe_wait(c.pid).unwrap_or_default();
-                        match &c.task {
-                            Some(t) => tracing::info!(
-                                slot = c.slot, pid = c.pid, task_id = %t.id, task_name = %t.name,
-                                runtime = format!("{:.1}s", (chrono::Utc::now() - t.started).num_milliseconds() as f64 / 1000.0),
-                                tasks_done = c.tasks_done, rss = %prefork::format_kib(c.rss_kib), %blocked, "child busy"
+                        match c.diagnose() {
+                            Some(d) => tracing::info!(
+                                slot = c.slot, pid = c.pid, tid = d.tid, task_id = %d.id, task_name = %d.name,
+                                runtime = format!("{:.1}s", d.runtime),
+                                hard_time_left = %d.hard_time_left.map_or_else(|| "-".into(), |s| format!("{s:.1}s")),
+                                tasks_done = c.tasks_done, rss = %prefork::format_kib(c.rss_kib),
+                                blocked = %d.blocked_on(), "child busy"
                             ),
                             None => {
                                 tracing::info!(slot = c.slot, pid = c.pid, tasks_done = c.tasks_done, rss = %prefork::format_kib(c.rss_kib), "child idle")

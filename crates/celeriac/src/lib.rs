@@ -60,6 +60,7 @@ pub use connect::ConnectError;
 pub mod __private {
     pub use celeriac_core::panics;
     pub use celeriac_core::task::{to_result_value, ArgDecoder, TaskFuture};
+    pub use celeriac_core::task_thread;
     pub use serde_json::{Map, Value};
     pub use tokio;
 }

@@ -458,6 +458,18 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// The real `celery -A ctlapp -b <broker> <args>` (Celery's own CLI, `tests/interop/ctlapp.py`);
+/// returns (success, stdout).
+pub fn celery_cli(broker: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(repo().join("target/pyenv/bin/celery"))
+        .args(["-A", "ctlapp", "-b", broker])
+        .args(args)
+        .env("PYTHONPATH", repo().join("tests/interop"))
+        .output()
+        .expect("celery (run scripts/python-env.sh)");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Run `tests/interop/client.py` against the given broker and result backend; returns stdout.
 pub fn py_client_on(broker: &str, backend: &str, args: &[&str]) -> String {
     let out = Command::new(venv_python())

@@ -8,7 +8,10 @@
 //! It keeps its original stdout for the frame protocol and points fd 1 at stderr, so a task that
 //! prints cannot corrupt the stream. Then: say `Ready`, and loop: read `Run`, run the task on a
 //! single-threaded runtime (blocking tasks on its blocking pool), answer `Done` with the outcome
-//! and its resident set size. `Exit` or the end of stdin ends the loop.
+//! and its resident set size. `Exit` or the end of stdin ends the loop. `Ready` names the main
+//! thread (`gettid`), where async tasks run; a blocking task's thread is reported with a
+//! `Thread` frame when it starts ([`celeriac_core::task_thread`]), so the supervisor reads what
+//! the task itself is blocked on.
 
 use std::io::{BufReader, BufWriter};
 use std::panic::AssertUnwindSafe;
@@ -54,7 +57,15 @@ pub fn run(registry: Arc<Registry>, parent: u32) -> ExitCode {
     };
     let mut out = BufWriter::new(protocol_out);
     let mut input = BufReader::new(std::io::stdin().lock());
-    if write_frame(&mut out, &FromChild::Ready { pid: std::process::id(), tasks: Vec::new() }).is_err() {
+    // A blocking task runs on the runtime's blocking pool: its thread says so (`task_thread`),
+    // and `run_one` reports it to the supervisor.
+    let (moved_tx, mut moved_rx) = watch::channel(None);
+    celeriac_core::task_thread::listen(move || {
+        moved_tx.send_replace(Some(proc_info::thread_id()));
+    });
+    let tid = proc_info::thread_id();
+    if write_frame(&mut out, &FromChild::Ready { pid: std::process::id(), tasks: Vec::new(), tid: Some(tid) }).is_err()
+    {
         return ExitCode::from(1);
     }
     let rss = proc_info::OwnRss::open();
@@ -70,7 +81,9 @@ pub fn run(registry: Arc<Registry>, parent: u32) -> ExitCode {
             ToChild::Run(req) => {
                 let id = req.id.clone();
                 let span = tracing::error_span!("task", id = %req.id, name = %req.name, queue = %req.queue, hostname = %req.hostname);
-                let outcome = runtime.block_on(tracing::Instrument::instrument(run_one(&registry, *req), span));
+                moved_rx.mark_unchanged();
+                let moved = report_moves(&id, tid, &mut moved_rx, &mut out);
+                let outcome = runtime.block_on(tracing::Instrument::instrument(run_one(&registry, *req, moved), span));
                 let rss_kib = rss.kib().unwrap_or(0);
                 if write_frame(&mut out, &FromChild::Done { id, outcome, rss_kib }).is_err() {
                     return ExitCode::from(1);
@@ -80,7 +93,31 @@ pub fn run(registry: Arc<Registry>, parent: u32) -> ExitCode {
     }
 }
 
-async fn run_one(registry: &Registry, req: RunRequest) -> ChildOutcome {
+/// Tell the supervisor each thread other than `main` the task `id` moves to (a [`FromChild::Thread`]
+/// frame); never completes.
+async fn report_moves(
+    id: &str,
+    main: u32,
+    moved: &mut watch::Receiver<Option<u32>>,
+    out: &mut impl std::io::Write,
+) -> std::convert::Infallible {
+    loop {
+        if moved.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let tid = *moved.borrow_and_update();
+        if let Some(tid) = tid.filter(|t| *t != main) {
+            // A write that fails is the supervisor gone: the task's `Done` fails the same way.
+            let _ = write_frame(out, &FromChild::Thread { id: id.to_string(), tid });
+        }
+    }
+}
+
+async fn run_one(
+    registry: &Registry,
+    req: RunRequest,
+    moved: impl std::future::Future<Output = std::convert::Infallible>,
+) -> ChildOutcome {
     let Some(task) = registry.get(&req.name) else {
         return ChildOutcome::from_result(Err(TaskError::not_registered(&req.name)));
     };
@@ -116,5 +153,6 @@ async fn run_one(registry: &Registry, req: RunRequest) -> ChildOutcome {
             }
         },
         _ = soft => unreachable!("the soft timer never completes"),
+        never = moved => match never {},
     }
 }

@@ -177,6 +177,39 @@ pub struct ActiveTask {
     pub name: String,
     /// When it started.
     pub started: DateTime<Utc>,
+    /// The kernel id of the child's thread that runs it (the child's `Ready` thread, or the one
+    /// a `Thread` frame named).
+    pub tid: u32,
+    /// When its hard time limit kills it, if it has one.
+    pub hard_deadline: Option<DateTime<Utc>>,
+}
+
+/// A task running in a prefork child, diagnosed from `/proc` at the moment it is asked for:
+/// what `inspect active` adds to each request, the SIGUSR1 dump logs and the dashboard shows.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TaskDiagnosis {
+    /// Task id.
+    pub id: String,
+    /// Task name.
+    pub name: String,
+    /// The child's pid.
+    pub pid: u32,
+    /// The kernel id of the thread running the task (`/proc/<pid>/task/<tid>/`).
+    pub tid: u32,
+    /// Seconds since the task started.
+    pub runtime: f64,
+    /// Seconds until its hard time limit (0 once passed); `None` without one.
+    pub hard_time_left: Option<f64>,
+    /// What the thread is doing; `None` when it could not be read (the child just died).
+    pub wait: Option<proc_info::ThreadWait>,
+}
+
+impl TaskDiagnosis {
+    /// What the task is blocked on, in one phrase (`S (sleeping) in futex_wait_queue, syscall
+    /// futex`), or `?` when `/proc` could not be read.
+    pub fn blocked_on(&self) -> String {
+        self.wait.as_ref().map_or_else(|| "?".into(), proc_info::ThreadWait::summary)
+    }
 }
 
 /// One child as the supervisor sees it.
@@ -192,6 +225,24 @@ pub struct ChildStatus {
     pub tasks_done: u64,
     /// Resident set after its last task, KiB.
     pub rss_kib: u64,
+}
+
+impl ChildStatus {
+    /// Its running task diagnosed now (reads `/proc/<pid>/task/<tid>/`); `None` when idle.
+    pub fn diagnose(&self) -> Option<TaskDiagnosis> {
+        let task = self.task.as_ref()?;
+        let now = Utc::now();
+        let secs = |d: chrono::TimeDelta| d.num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
+        Some(TaskDiagnosis {
+            id: task.id.clone(),
+            name: task.name.clone(),
+            pid: self.pid,
+            tid: task.tid,
+            runtime: secs(now - task.started).max(0.0),
+            hard_time_left: task.hard_deadline.map(|d| secs(d - now).max(0.0)),
+            wait: proc_info::ThreadWait::read(self.pid, task.tid),
+        })
+    }
 }
 
 /// Pool counters.
@@ -216,6 +267,8 @@ struct ChildProc {
     stdin: ChildStdin,
     /// Buffered: a frame's length and body arrive in one read.
     stdout: BufReader<ChildStdout>,
+    /// The thread its tasks run on, as its `Ready` said.
+    tid: u32,
     tasks: u64,
     /// The pool's generation when it started: [`Pool::restart`] replaces older children.
     generation: u64,
@@ -353,7 +406,10 @@ impl Pool {
         };
         let (id, name) = (req.id.clone(), req.name.clone());
         tracing::Span::current().record("child_pid", child.pid);
-        self.set_status(child.slot, |s| s.task = Some(ActiveTask { id: id.clone(), name, started: Utc::now() }));
+        let started = Utc::now();
+        let hard_deadline = hard.and_then(|h| chrono::TimeDelta::from_std(h).ok()).map(|h| started + h);
+        let task = ActiveTask { id: id.clone(), name, started, tid: child.tid, hard_deadline };
+        self.set_status(child.slot, |s| s.task = Some(task));
         if let Err(e) = write_frame_async(&mut child.stdin, &ToChild::Run(Box::new(req))).await {
             let how = self.bury(child).await;
             return PoolOutcome::WorkerLost(format!("the child's pipe broke ({e}); it ended with {how}"));
@@ -375,6 +431,13 @@ impl Pool {
                         self.set_status(child.slot, |s| { s.task = None; s.tasks_done = tasks; s.rss_kib = rss_kib; });
                         self.check_in(child, rss_kib);
                         return PoolOutcome::Done(outcome.into_result());
+                    }
+                    Ok(Some(FromChild::Thread { id: thread_id, tid })) => {
+                        if thread_id == id {
+                            self.set_status(child.slot, |s| if let Some(t) = &mut s.task { t.tid = tid });
+                        } else {
+                            tracing::warn!(pid = child.pid, frame_task = %thread_id, tid, "a child named the thread of a task it is not running; ignored");
+                        }
                     }
                     Ok(Some(FromChild::Publish(publish))) => {
                         // The task waits for the answer, as a Celery task waits for its publish.
@@ -630,8 +693,9 @@ async fn spawn_child(config: &PreforkConfig, slot: usize) -> Result<(ChildProc, 
     };
     let mut stdout = BufReader::new(stdout);
     match tokio::time::timeout(READY_TIMEOUT, read_frame_async::<FromChild>(&mut stdout)).await {
-        Ok(Ok(Some(FromChild::Ready { tasks, .. }))) => {
-            Ok((ChildProc { slot, pid, process, stdin, stdout, tasks: 0, generation: 0 }, tasks))
+        Ok(Ok(Some(FromChild::Ready { tasks, tid, .. }))) => {
+            let tid = tid.unwrap_or(pid);
+            Ok((ChildProc { slot, pid, process, stdin, stdout, tid, tasks: 0, generation: 0 }, tasks))
         }
         Ok(Ok(Some(FromChild::Failed { reason }))) => {
             let status = process.wait().await.map(proc_info::describe_exit).unwrap_or_default();

@@ -5,7 +5,9 @@
 //! - [`rss_kib`]: a process's resident set from `/proc/<pid>/statm`; [`OwnRss`] reads this
 //!   process's own with one `pread` on a file kept open.
 //! - [`kill`]: SIGKILL a child.
-//! - [`describe_wait`]: what a process is blocked on (state, wait channel, syscall), from /proc.
+//! - [`ThreadWait`]: what one thread is blocked on (state, wait channel, syscall by name), from
+//!   `/proc/<pid>/task/<tid>/`; [`thread_id`]: `gettid`, the thread a child reports its task
+//!   runs on.
 
 use std::fs::File;
 
@@ -82,39 +84,123 @@ pub fn signal(pid: u32, signal: Signal) {
     let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), signal);
 }
 
-/// What `pid` is doing right now: scheduler state, kernel wait channel and current syscall, e.g.
-/// `S (sleeping) in futex_wait_queue, syscall futex`.
-pub fn describe_wait(pid: u32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let state = stat.lines().find_map(|l| l.strip_prefix("State:")).map(str::trim).unwrap_or("?").to_string();
-    let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
-    let syscall = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
-    let syscall = syscall.split_whitespace().next().and_then(|n| n.parse::<i64>().ok()).map(syscall_name);
-    let mut out = state;
-    if !wchan.trim().is_empty() && wchan.trim() != "0" {
-        out.push_str(&format!(" in {}", wchan.trim()));
-    }
-    if let Some(s) = syscall {
-        out.push_str(&format!(", syscall {s}"));
-    }
-    Some(out)
+/// What one thread of a process is doing right now, read from `/proc/<pid>/task/<tid>/`
+/// (`status`'s `State:` line, `wchan`, `syscall`; see proc(5)): for `inspect active`, the SIGUSR1
+/// dump and the dashboard. A hung task shows as e.g. `S (sleeping)`, wait channel
+/// `futex_wait_queue`, syscall `futex`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ThreadWait {
+    /// The scheduler state as the kernel spells it: `R (running)`, `S (sleeping)`,
+    /// `D (disk sleep)`, `T (stopped)`, `Z (zombie)`.
+    pub state: String,
+    /// The kernel function the thread sleeps in (`futex_wait_queue`, `do_epoll_wait`,
+    /// `pipe_read`); `None` when it is running, or when the kernel does not say (`0`, or
+    /// reading `wchan` is not allowed).
+    pub wchan: Option<String>,
+    /// The system call it is in, by name (`futex`, `read`; `#N` for a number not in
+    /// [`syscall_name`]'s table); `None` when it is running in user space or not in a syscall.
+    pub syscall: Option<String>,
 }
 
-/// Names of the syscalls a blocked task is usually in (x86_64 numbers).
-fn syscall_name(n: i64) -> String {
-    match n {
-        0 => "read".into(),
-        1 => "write".into(),
-        7 => "poll".into(),
-        23 => "select".into(),
-        35 => "nanosleep".into(),
-        202 => "futex".into(),
-        232 => "epoll_wait".into(),
-        230 => "clock_nanosleep".into(),
-        281 => "epoll_pwait".into(),
-        61 => "wait4".into(),
-        other => format!("#{other}"),
+impl ThreadWait {
+    /// Read thread `tid` of process `pid`; `None` when the thread is gone (or `/proc` cannot
+    /// be read).
+    pub fn read(pid: u32, tid: u32) -> Option<ThreadWait> {
+        let dir = format!("/proc/{pid}/task/{tid}");
+        let status = std::fs::read_to_string(format!("{dir}/status")).ok()?;
+        let state = status.lines().find_map(|l| l.strip_prefix("State:")).map_or("?", str::trim).to_string();
+        let wchan = std::fs::read_to_string(format!("{dir}/wchan")).ok();
+        let syscall = std::fs::read_to_string(format!("{dir}/syscall")).ok();
+        Some(ThreadWait::parse(state, wchan.as_deref(), syscall.as_deref()))
     }
+
+    /// From the texts of `State:`, `wchan` and `syscall` (its first field is the syscall's
+    /// number, `-1` when blocked outside one, or the word `running`).
+    fn parse(state: String, wchan: Option<&str>, syscall: Option<&str>) -> ThreadWait {
+        let wchan = wchan.map(str::trim).filter(|w| !w.is_empty() && *w != "0").map(str::to_string);
+        let syscall = syscall
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|n| n.parse::<i64>().ok())
+            .filter(|n| *n >= 0)
+            .map(syscall_name);
+        ThreadWait { state, wchan, syscall }
+    }
+
+    /// What it is blocked on, in one phrase: `S (sleeping) in futex_wait_queue, syscall futex`.
+    pub fn summary(&self) -> String {
+        let mut out = self.state.clone();
+        if let Some(w) = &self.wchan {
+            out.push_str(&format!(" in {w}"));
+        }
+        if let Some(s) = &self.syscall {
+            out.push_str(&format!(", syscall {s}"));
+        }
+        out
+    }
+}
+
+/// The calling thread's kernel id (`gettid(2)`): what a child reports as the thread its task
+/// runs on, and the `<tid>` of `/proc/<pid>/task/<tid>/`.
+pub fn thread_id() -> u32 {
+    nix::unistd::gettid().as_raw() as u32
+}
+
+/// The name of system call `n` on this architecture (the numbers are `libc`'s `SYS_*` for the
+/// target, so x86_64's `202` is `futex`): the calls a blocked thread is usually in, and the
+/// common others; `#N` for the rest.
+pub fn syscall_name(n: i64) -> String {
+    macro_rules! names {
+        ($($name:ident),* $(,)?) => {
+            $(if n == nix::libc::$name as i64 {
+                return stringify!($name)["SYS_".len()..].to_string();
+            })*
+        };
+    }
+    names!(
+        SYS_read,
+        SYS_write,
+        SYS_openat,
+        SYS_close,
+        SYS_pread64,
+        SYS_pwrite64,
+        SYS_readv,
+        SYS_writev,
+        SYS_ppoll,
+        SYS_pselect6,
+        SYS_epoll_pwait,
+        SYS_epoll_pwait2,
+        SYS_futex,
+        SYS_futex_waitv,
+        SYS_nanosleep,
+        SYS_clock_nanosleep,
+        SYS_wait4,
+        SYS_waitid,
+        SYS_accept4,
+        SYS_connect,
+        SYS_recvfrom,
+        SYS_sendto,
+        SYS_recvmsg,
+        SYS_sendmsg,
+        SYS_fsync,
+        SYS_fdatasync,
+        SYS_flock,
+        SYS_fcntl,
+        SYS_ioctl,
+        SYS_msgrcv,
+        SYS_semtimedop,
+        SYS_rt_sigtimedwait,
+        SYS_rt_sigsuspend,
+        SYS_io_getevents,
+        SYS_io_uring_enter,
+        SYS_mmap,
+        SYS_munmap,
+        SYS_brk,
+        SYS_madvise,
+    );
+    // Calls only the older architectures (x86_64 among them) have.
+    #[cfg(target_arch = "x86_64")]
+    names!(SYS_poll, SYS_select, SYS_epoll_wait, SYS_pause, SYS_accept, SYS_open, SYS_sendfile,);
+    format!("#{n}")
 }
 
 /// A readable exit: "exit code 1" or "signal 6 (SIGABRT)".
@@ -138,8 +224,64 @@ mod tests {
     fn reads_our_own_rss_and_state() {
         let me = std::process::id();
         assert!(rss_kib(me).unwrap() > 0);
-        assert!(describe_wait(me).unwrap().starts_with('R') || describe_wait(me).is_some());
+        assert!(ThreadWait::read(me, thread_id()).unwrap().state.starts_with('R'), "we are running");
         assert!(rss_kib(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn a_thread_blocked_on_a_condvar_is_sleeping_in_a_futex_wait() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pair = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let theirs = pair.clone();
+        let waiter = std::thread::spawn(move || {
+            tx.send(thread_id()).unwrap();
+            let (lock, cv) = &*theirs;
+            let mut done = lock.lock().unwrap();
+            while !*done {
+                done = cv.wait(done).unwrap();
+            }
+        });
+        let tid = rx.recv().unwrap();
+        let me = std::process::id();
+        assert_ne!(tid, me, "the waiter is another thread");
+        // It sleeps shortly after saying its id: poll its state with a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let wait = loop {
+            let w = ThreadWait::read(me, tid).expect("the thread is alive");
+            // The syscall is set on entry, the state and wait channel once it sleeps.
+            let asleep = w.state.starts_with('S') && w.wchan.is_some() && w.syscall.as_deref() == Some("futex");
+            if asleep || std::time::Instant::now() > deadline {
+                break w;
+            }
+            std::thread::yield_now();
+        };
+        assert!(wait.state.starts_with('S'), "{wait:?}");
+        assert_eq!(wait.syscall.as_deref(), Some("futex"), "{wait:?}");
+        assert!(wait.wchan.as_deref().is_some_and(|w| w.contains("futex")), "{wait:?}");
+        assert!(wait.summary().starts_with("S (sleeping) in futex"), "{}", wait.summary());
+        *pair.0.lock().unwrap() = true;
+        pair.1.notify_all();
+        waiter.join().unwrap();
+        assert!(ThreadWait::read(me, tid).is_none(), "a finished thread reads as gone");
+    }
+
+    #[test]
+    fn proc_texts_parse_into_a_wait() {
+        let w = ThreadWait::parse(
+            "S (sleeping)".into(),
+            Some("futex_wait_queue\n"),
+            Some("202 0x7f 0x80 0x0 0x0 0x0 0x0 0x7ffd 0x7f1\n"),
+        );
+        assert_eq!(w.summary(), "S (sleeping) in futex_wait_queue, syscall futex");
+        let running = ThreadWait::parse("R (running)".into(), Some("0"), Some("running\n"));
+        assert_eq!((running.wchan, running.syscall), (None, None));
+        let outside = ThreadWait::parse("S (sleeping)".into(), Some(""), Some("-1 0x7ffd 0x7f1\n"));
+        assert_eq!(outside.summary(), "S (sleeping)");
+        assert_eq!(syscall_name(100_000), "#100000");
+        #[cfg(target_arch = "x86_64")]
+        for (n, name) in [(0, "read"), (202, "futex"), (230, "clock_nanosleep"), (232, "epoll_wait"), (7, "poll")] {
+            assert_eq!(syscall_name(n), name);
+        }
     }
 
     #[test]

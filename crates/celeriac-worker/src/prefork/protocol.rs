@@ -116,6 +116,19 @@ pub enum FromChild {
         /// The tasks it runs beyond the supervisor's own registry (a Python child's app).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         tasks: Vec<ChildTask>,
+        /// The kernel id of the thread its tasks run on (`gettid`; Python's
+        /// `threading.get_native_id()`), whose `/proc/<pid>/task/<tid>/` says what a task is
+        /// blocked on; absent: the main thread (`tid` = `pid`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tid: Option<u32>,
+    },
+    /// The task running now moved to another thread (a Rust child's blocking task runs on the
+    /// runtime's blocking pool): `tid` is that thread's kernel id, until the task is done.
+    Thread {
+        /// The task's id.
+        id: String,
+        /// The thread's kernel id.
+        tid: u32,
     },
     /// Publish a message for the task running now, then answer [`ToChild::Published`].
     Publish(Box<PublishRequest>),
@@ -400,9 +413,23 @@ mod tests {
     }
 
     #[test]
+    fn a_child_names_the_thread_its_task_runs_on() {
+        // As the Python child writes it, and without `tid` (an older child): the main thread.
+        let ready: FromChild = serde_json::from_str(r#"{"ready": {"pid": 9, "tasks": [], "tid": 9}}"#).unwrap();
+        assert!(matches!(ready, FromChild::Ready { pid: 9, tid: Some(9), .. }), "{ready:?}");
+        let old: FromChild = serde_json::from_str(r#"{"ready": {"pid": 9}}"#).unwrap();
+        assert!(matches!(old, FromChild::Ready { tid: None, .. }), "{old:?}");
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &FromChild::Thread { id: "t".into(), tid: 12 }).unwrap();
+        assert_eq!(&buf[4..], br#"{"thread":{"id":"t","tid":12}}"#);
+        let back = read_frame::<FromChild>(&mut &buf[..]).unwrap();
+        assert!(matches!(back, Some(FromChild::Thread { ref id, tid: 12 }) if id == "t"), "{back:?}");
+    }
+
+    #[test]
     fn frames_round_trip_and_end_cleanly() {
         let mut buf = Vec::new();
-        write_frame(&mut buf, &FromChild::Ready { pid: 7, tasks: Vec::new() }).unwrap();
+        write_frame(&mut buf, &FromChild::Ready { pid: 7, tasks: Vec::new(), tid: None }).unwrap();
         let out = ChildOutcome::from_result(Err(TaskError::retry(Some(std::time::Duration::from_millis(1500)))));
         write_frame(&mut buf, &FromChild::Done { id: "x".into(), outcome: out, rss_kib: 3 }).unwrap();
         // A retry with no countdown stays a retry (the task's backoff decides).

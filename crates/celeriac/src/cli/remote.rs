@@ -42,7 +42,8 @@ pub(crate) struct InspectArgs {
 enum InspectCommand {
     /// Which workers are online.
     Ping,
-    /// Tasks running now, with the pid running each and since when.
+    /// Tasks running now: the pid and thread running each, its runtime, the time left to its
+    /// hard limit, and what it is blocked on (state, wait channel, syscall, from /proc).
     Active,
     /// Tasks taken from the broker, waiting for a slot.
     Reserved,
@@ -280,7 +281,8 @@ fn print_reply(method: &str, node: &str, reply: &Value) {
         return;
     }
     match (method, reply) {
-        ("active" | "reserved", Value::Array(tasks)) => {
+        ("active", Value::Array(tasks)) => print_active(node, tasks),
+        ("reserved", Value::Array(tasks)) => {
             println!("{node}: {} task{}", tasks.len(), if tasks.len() == 1 { "" } else { "s" });
             if !tasks.is_empty() {
                 println!("  {:<36}  {:<24}  {:>8}  {:>9}  ARGS", "ID", "NAME", "PID", "RUNTIME");
@@ -322,6 +324,35 @@ fn print_reply(method: &str, node: &str, reply: &Value) {
         }
         ("stats", Value::Object(s)) => print_stats(node, s),
         _ => println!("{node}: {reply}"),
+    }
+}
+
+/// `inspect active`: a row per running task with the pid and thread running it, its runtime,
+/// the time left to its hard limit and what it is blocked on (celeriac's prefork workers; `-`
+/// where a worker does not say, as Celery's).
+fn print_active(node: &str, tasks: &[Value]) {
+    println!("{node}: {} task{}", tasks.len(), if tasks.len() == 1 { "" } else { "s" });
+    if !tasks.is_empty() {
+        println!(
+            "  {:<36}  {:<24}  {:>8}  {:>8}  {:>9}  {:>9}  {:<48}  ARGS",
+            "ID", "NAME", "PID", "TID", "RUNTIME", "HARD IN", "BLOCKED ON"
+        );
+    }
+    let secs = |v: &Value| v.as_f64().map_or_else(|| "-".to_string(), |s| format!("{s:.1}s"));
+    for t in tasks {
+        let runtime = if t["runtime"].is_number() { secs(&t["runtime"]) } else { runtime(&t["time_start"]) };
+        println!(
+            "  {:<36}  {:<24}  {:>8}  {:>8}  {:>9}  {:>9}  {:<48}  {} {}",
+            text(&t["id"]),
+            text(&t["name"]),
+            text(&t["worker_pid"]),
+            text(&t["worker_tid"]),
+            runtime,
+            secs(&t["hard_time_left"]),
+            text(&t["blocked_on"]),
+            t["args"],
+            t["kwargs"]
+        );
     }
 }
 
