@@ -27,7 +27,7 @@
 //! `active` (and `query_task`) entries are Celery's `Request.info()` plus keys of celeriac's: a
 //! running task's `runtime`, and in the prefork pool what the child's thread running it is
 //! blocked on (`worker_tid`, `proc_state`, `wchan`, `syscall`, `blocked_on`) and its
-//! `hard_time_left`; Celery's `inspect active` and Flower print or ignore them.
+//! `hard_time_left`; Celery's `inspect active` prints them with the rest.
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
