@@ -153,6 +153,8 @@ fn a_warm_shutdown_lets_the_running_python_task_finish_and_leaves_no_child() {
     let m = meta(&db, &id).expect("the task's result is stored");
     assert_eq!((&m["status"], &m["result"]), (&json!("SUCCESS"), &json!("first run")), "{m}");
     assert_eq!(w.count("requeueing"), 0, "{}", w.dump());
+    // Each child was asked to exit and did, by itself (its `worker_process_shutdown` ran).
+    assert_eq!(w.count("a retired child did not exit"), 0, "{}", w.dump());
 }
 
 #[test]

@@ -657,9 +657,17 @@ impl Pool {
 /// Ask a child to exit; kill it if it does not within a second.
 async fn retire(mut child: ChildProc) {
     let _ = write_frame_async(&mut child.stdin, &ToChild::Exit).await;
-    if tokio::time::timeout(Duration::from_secs(1), child.process.wait()).await.is_err() {
-        proc_info::kill(child.pid);
-        let _ = child.process.wait().await;
+    match tokio::time::timeout(Duration::from_secs(1), child.process.wait()).await {
+        Ok(Ok(status)) if status.success() => {}
+        Ok(status) => {
+            let how = status.map(proc_info::describe_exit).unwrap_or_else(|e| e.to_string());
+            tracing::warn!(pid = child.pid, child_exit = %how, "a retired child did not exit cleanly");
+        }
+        Err(_) => {
+            tracing::warn!(pid = child.pid, "a retired child did not exit within 1 s of being asked: killed");
+            proc_info::kill(child.pid);
+            let _ = child.process.wait().await;
+        }
     }
 }
 
