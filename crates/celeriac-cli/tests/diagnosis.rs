@@ -153,8 +153,9 @@ fn a_python_task_stuck_on_a_lock_shows_blocked_then_is_killed_at_its_hard_limit(
     let broker = vhost.url("");
     let name = node("py");
     let results = results();
-    let (queue, hard) = ("diag.py", 10.0);
-    let w = common::pyapp::python_worker(&broker, &results, queue, &["-n", &name, "-c", "1", "--time-limit", "10"]);
+    // Long enough for both CLIs to look at it first on a loaded machine.
+    let (queue, hard) = ("diag.py", 20.0);
+    let w = common::pyapp::python_worker(&broker, &results, queue, &["-n", &name, "-c", "1", "--time-limit", "20"]);
     w.wait_for_line("remote control ready", Duration::from_secs(10));
     let id = send(&broker, "pyapp.stuck", queue);
 
@@ -168,12 +169,13 @@ fn a_python_task_stuck_on_a_lock_shows_blocked_then_is_killed_at_its_hard_limit(
     // started.
     let started = task["time_start"].as_f64().expect("time_start");
     let mut meta = Value::Null;
-    wait_until("the stuck task to be killed at its hard limit", Duration::from_secs(40), || {
+    wait_until("the stuck task to be killed at its hard limit", Duration::from_secs(60), || {
         meta = stored(&broker, &id);
         meta["status"] == "FAILURE"
     });
     assert_eq!(meta["result"]["exc_type"], "TimeLimitExceeded", "{meta}");
     let now = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
-    assert!(now - started >= hard - 0.5, "killed {:.1}s after it started, before its {hard}s limit", now - started);
+    let took = now - started;
+    assert!(took >= hard - 0.5 && took < hard + 15.0, "FAILURE seen {took:.1}s after it started, its limit {hard}s");
     assert!(w.count("hard time limit") >= 1, "{}", w.dump());
 }
