@@ -228,6 +228,17 @@ def frame_short(key):
     return "run again"
 
 
+#: What `hog` keeps: a leak, as a module-level cache that only grows.
+_HOARD = []
+
+
+@app.task
+def hog(mb):
+    """Keep `mb` more megabytes resident in this process; the pid."""
+    _HOARD.append(b"x" * (mb * 1000 * 1000))
+    return os.getpid()
+
+
 @app.task
 def loud():
     """Print a lot, through print, sys.__stdout__ and fd 1 itself."""

@@ -127,6 +127,22 @@ fn python_children_are_recycled_after_max_tasks_per_child_and_no_task_is_lost() 
     assert_eq!(w.count("pool degraded"), 0, "{}", w.dump());
 }
 
+#[test]
+fn a_python_child_over_the_memory_limit_is_replaced_after_its_task_which_still_succeeds() {
+    let (db, url) = urls();
+    let queue = "pysup.memory";
+    // A fresh Python child with the app is some tens of MB; each task leaves it 100 MB more.
+    let w = python_worker(&url, &url, queue, &["-c", "1", "--max-memory-per-child", "120MB"]);
+    let ids = send(&url, queue, "hog", json!([100]), 4);
+    let got = wait_final(&db, &ids, Duration::from_secs(120), &w);
+    assert!(got.iter().all(|m| m["status"] == "SUCCESS"), "{got:?}");
+    let pids: BTreeSet<u64> = got.iter().map(|m| m["result"].as_u64().unwrap()).collect();
+    assert_eq!(pids.len(), 4, "each task in a fresh child: {got:?}");
+    assert!(w.count("over --max-memory-per-child") >= 4, "{}", w.dump());
+    // A child replaced after every task is a thrash, reported with the figures.
+    w.wait_for_line("memory recycling thrash", Duration::from_secs(10));
+}
+
 /// Whether the data key `key` is set: a `slow_once` task sets it when its first run starts.
 fn key_set(db: &SharedRedisDb, key: &str) -> bool {
     db.cli(&["EXISTS", key]) == "1"
