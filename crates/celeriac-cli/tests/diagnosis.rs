@@ -2,12 +2,12 @@
 //! that runs it, through `celeriac inspect active` (as JSON and as the table's columns), the
 //! real `celery inspect active` (which must still parse the reply) and the SIGUSR1 dump; for a
 //! Rust child running `celeriac.hang` and for a Python child (`--python-app`) stuck on a lock,
-//! which is then killed at its hard time limit. Real RabbitMQ (a vhost per test), results in
-//! Redis database 9.
+//! which is then killed at its hard time limit; an async-pool task has its runtime and nothing
+//! read from /proc. Real RabbitMQ (a vhost per test), results in Redis database 9.
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{celery_cli as celery, run_cli, wait_until, SharedRedisDb, TestVhost, WorkerProc};
 use serde_json::{json, Value};
@@ -30,10 +30,10 @@ fn celeriac(broker: &str, args: &[&str]) -> (i32, String, String) {
     run_cli(&all, &[])
 }
 
-/// Send task `name` (no arguments) to `queue`; its id.
-fn send(broker: &str, name: &str, queue: &str) -> String {
+/// Send task `name` with positional `args` (a JSON list) to `queue`; its id.
+fn send(broker: &str, name: &str, args: &str, queue: &str) -> String {
     let results = results();
-    let (code, out, err) = celeriac(broker, &["send", name, "-Q", queue, "--result-backend", &results]);
+    let (code, out, err) = celeriac(broker, &["send", name, "--args", args, "-Q", queue, "--result-backend", &results]);
     assert_eq!(code, 0, "send {name}: {out}{err}");
     out.trim().lines().last().expect("a task id").to_string()
 }
@@ -47,18 +47,18 @@ fn entry(json_out: &str, name: &str, id: &str) -> Option<Value> {
 /// Wait until `celeriac inspect active` shows task `id` on node `name` sleeping in a futex wait;
 /// its entry then.
 fn wait_blocked_in_futex(broker: &str, name: &str, id: &str) -> Value {
-    let mut last = String::new();
-    let mut found = Value::Null;
-    wait_until(&format!("task {id} to show as blocked in a futex wait"), Duration::from_secs(30), || {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
         let (_, out, err) = celeriac(broker, &["inspect", "active", "--json", "-d", name]);
-        last = format!("{out}{err}");
-        found = entry(&out, name, id).unwrap_or(Value::Null);
+        let found = entry(&out, name, id).unwrap_or(Value::Null);
         // The syscall is set on entry, the state and wait channel once the thread sleeps.
         let asleep = found["proc_state"].as_str().is_some_and(|s| s.starts_with('S')) && found["wchan"].is_string();
-        asleep && found["syscall"] == json!("futex")
-    });
-    assert!(found.is_object(), "last reply: {last}");
-    found
+        if asleep && found["syscall"] == json!("futex") {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "task {id} not shown blocked in a futex wait within 30 s; last: {out}{err}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// What a blocked task's entry says: a sleeping thread of the child, in a futex wait, with its
@@ -131,7 +131,7 @@ fn a_hung_rust_task_shows_its_futex_wait_in_inspect_active_and_the_sigusr1_dump(
         ],
     );
     w.wait_for_line("remote control ready", Duration::from_secs(10));
-    let id = send(&broker, "celeriac.hang", "diag.rust");
+    let id = send(&broker, "celeriac.hang", "[]", "diag.rust");
 
     // The task runs on the child's blocking thread, not its main thread (idle in epoll_wait).
     let task = wait_blocked_in_futex(&broker, &name, &id);
@@ -157,7 +157,7 @@ fn a_python_task_stuck_on_a_lock_shows_blocked_then_is_killed_at_its_hard_limit(
     let (queue, hard) = ("diag.py", 20.0);
     let w = common::pyapp::python_worker(&broker, &results, queue, &["-n", &name, "-c", "1", "--time-limit", "20"]);
     w.wait_for_line("remote control ready", Duration::from_secs(10));
-    let id = send(&broker, "pyapp.stuck", queue);
+    let id = send(&broker, "pyapp.stuck", "[]", queue);
 
     // `threading.Lock().acquire()` twice: the interpreter's main thread waits on a futex.
     let task = wait_blocked_in_futex(&broker, &name, &id);
@@ -178,4 +178,31 @@ fn a_python_task_stuck_on_a_lock_shows_blocked_then_is_killed_at_its_hard_limit(
     let took = now - started;
     assert!(took >= hard - 0.5 && took < hard + 15.0, "FAILURE seen {took:.1}s after it started, its limit {hard}s");
     assert!(w.count("hard time limit") >= 1, "{}", w.dump());
+}
+
+#[test]
+fn an_async_pool_task_has_its_runtime_and_no_proc_diagnosis() {
+    let vhost = TestVhost::new();
+    let broker = vhost.url("");
+    let name = node("async");
+    let results = results();
+    let w = WorkerProc::start(&broker, &["--result-backend", &results, "-c", "2", "-n", &name, "-Q", "diag.async"]);
+    w.wait_for_line("remote control ready", Duration::from_secs(10));
+    let id = send(&broker, "celeriac.sleep", "[60]", "diag.async");
+    let mut task = Value::Null;
+    wait_until("the sleeping task to be active", Duration::from_secs(30), || {
+        let (_, out, _) = celeriac(&broker, &["inspect", "active", "--json", "-d", &name]);
+        task = entry(&out, &name, &id).unwrap_or(Value::Null);
+        task.is_object()
+    });
+    // The worker's own pid runs it; no child thread to read, so no diagnosis keys.
+    assert_eq!(task["worker_pid"], json!(w.child.id()), "{task}");
+    assert!(task["runtime"].as_f64().is_some_and(|r| r >= 0.0), "{task}");
+    for key in ["worker_tid", "blocked_on", "syscall", "hard_time_left"] {
+        assert!(task.get(key).is_none(), "{key} in an async-pool entry: {task}");
+    }
+    let (code, out, err) = celeriac(&broker, &["inspect", "active", "-d", &name]);
+    assert_eq!(code, 0, "{out}{err}");
+    let row = out.lines().find(|l| l.contains(&id)).unwrap_or_else(|| panic!("no row for {id}:\n{out}"));
+    assert!(row.contains("celeriac.sleep") && row.contains(&w.child.id().to_string()), "{row}");
 }
