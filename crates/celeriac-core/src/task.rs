@@ -51,6 +51,11 @@ pub struct TaskOptions {
     pub soft_time_limit: Option<f64>,
     /// Do not store the result.
     pub ignore_result: bool,
+    /// Celery's `rate_limit`: at most this many starts per second, minute or hour on each
+    /// worker (`"10/s"`, `"100/m"`, `"1000/h"`, a bare number per second; `None`: no limit).
+    /// The worker reads it at start-up and refuses to start on a value it cannot parse; remote
+    /// control's `rate_limit` replaces it while the worker runs.
+    pub rate_limit: Option<String>,
     /// Whether the function blocks a thread (runs on the blocking pool) rather than being async.
     pub blocking: bool,
 }
@@ -65,6 +70,7 @@ impl Default for TaskOptions {
             time_limit: None,
             soft_time_limit: None,
             ignore_result: false,
+            rate_limit: None,
             blocking: false,
         }
     }

@@ -2,7 +2,8 @@
 //!
 //! ```ignore
 //! #[celeriac::task(name = "images.resize", queue = "images", max_retries = 5,
-//!                  retry_backoff = 1.0, autoretry_for = ["IoError"], time_limit = 30)]
+//!                  retry_backoff = 1.0, autoretry_for = ["IoError"], time_limit = 30,
+//!                  rate_limit = "10/s")]
 //! async fn resize(path: String, width: u32) -> Result<String, std::io::Error> { ... }
 //! ```
 //!
@@ -35,6 +36,7 @@ struct Attrs {
     time_limit: Option<f64>,
     soft_time_limit: Option<f64>,
     ignore_result: Option<bool>,
+    rate_limit: Option<String>,
 }
 
 fn lit_f64(lit: &Lit) -> syn::Result<f64> {
@@ -53,6 +55,7 @@ fn parse_attrs(args: TokenStream) -> syn::Result<Attrs> {
         match key.as_str() {
             "name" => a.name = Some(meta.value()?.parse::<syn::LitStr>()?.value()),
             "queue" => a.queue = Some(meta.value()?.parse::<syn::LitStr>()?.value()),
+            "rate_limit" => a.rate_limit = Some(meta.value()?.parse::<syn::LitStr>()?.value()),
             "max_retries" => {
                 let e: syn::Expr = meta.value()?.parse()?;
                 a.max_retries = Some(match e {
@@ -84,7 +87,8 @@ fn parse_attrs(args: TokenStream) -> syn::Result<Attrs> {
             _ => {
                 return Err(meta.error(
                     "unknown task option (known: name, queue, max_retries, retry_backoff, retry_backoff_max, \
-                     retry_jitter, default_retry_delay, autoretry_for, time_limit, soft_time_limit, ignore_result)",
+                     retry_jitter, default_retry_delay, autoretry_for, time_limit, soft_time_limit, ignore_result, \
+                     rate_limit)",
                 ))
             }
         }
@@ -188,6 +192,10 @@ fn expand(attrs: Attrs, func: ItemFn) -> syn::Result<TokenStream2> {
     let time_limit = opt_f(attrs.time_limit);
     let soft_time_limit = opt_f(attrs.soft_time_limit);
     let ignore_result = attrs.ignore_result.unwrap_or(false);
+    let rate_limit = match &attrs.rate_limit {
+        Some(r) => quote! { ::core::option::Option::Some(::std::string::String::from(#r)) },
+        None => quote! { ::core::option::Option::None },
+    };
 
     // The original function, kept as `Type::run`.
     let mut run_fn = func.clone();
@@ -274,6 +282,7 @@ fn expand(attrs: Attrs, func: ItemFn) -> syn::Result<TokenStream2> {
                     time_limit: #time_limit,
                     soft_time_limit: #soft_time_limit,
                     ignore_result: #ignore_result,
+                    rate_limit: #rate_limit,
                     blocking: !#is_async,
                 }
             }

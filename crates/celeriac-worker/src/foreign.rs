@@ -66,6 +66,13 @@ fn options_of(task: &ChildTask) -> TaskOptions {
         time_limit: seconds("time_limit"),
         soft_time_limit: seconds("soft_time_limit"),
         ignore_result: o.get("ignore_result").and_then(Value::as_bool).unwrap_or(false),
+        // Celery's `rate_limit` attribute: the task's own, an annotation's, or the app's
+        // `task_default_rate_limit` (Celery's `Task.bind` fills it in); a number is per second.
+        rate_limit: o.get("rate_limit").and_then(|v| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }),
         ..TaskOptions::default()
     }
 }
@@ -254,7 +261,7 @@ mod tests {
         let t = ChildTask {
             name: "proj.add".into(),
             options:
-                json!({"time_limit": 5, "soft_time_limit": 3.5, "ignore_result": true, "max_retries": 2, "queue": "q"})
+                json!({"time_limit": 5, "soft_time_limit": 3.5, "ignore_result": true, "max_retries": 2, "queue": "q", "rate_limit": "2/s"})
                     .as_object()
                     .unwrap()
                     .clone(),
@@ -262,5 +269,6 @@ mod tests {
         let o = options_of(&t);
         assert_eq!((o.time_limit, o.soft_time_limit, o.ignore_result), (Some(5.0), Some(3.5), true));
         assert_eq!((o.max_retries, o.queue.as_deref()), (None, Some("q")));
+        assert_eq!(o.rate_limit.as_deref(), Some("2/s"));
     }
 }

@@ -394,6 +394,17 @@ impl Worker {
             }
             _ => self.registry.clone(),
         };
+        let state: Arc<state::WorkerState> = Default::default();
+        match state.set_declared_rate_limits(&registry) {
+            Ok(limited) if !limited.is_empty() => tracing::info!(tasks = %limited.join(" "), "rate limits"),
+            Ok(_) => {}
+            Err(e) => {
+                if let Some(p) = &pool {
+                    p.shutdown().await;
+                }
+                return Err(WorkerError::Config(e));
+            }
+        }
         let metrics_server = match cfg.metrics_addr {
             Some(addr) => match self.metrics.serve(addr).await {
                 Ok(h) => Some(AbortOnDrop(h.abort_handle())),
@@ -449,7 +460,7 @@ impl Worker {
                 metrics: self.metrics.clone(),
                 events: events.as_ref().map(|(d, _)| d.clone()),
             },
-            state: Default::default(),
+            state,
             slots: slots.clone(),
             runtimes: Default::default(),
             warned_default_queue: Default::default(),

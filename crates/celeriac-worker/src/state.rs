@@ -306,6 +306,26 @@ impl WorkerState {
         }
     }
 
+    /// Set the rate limits the registry's tasks declare ([`TaskOptions::rate_limit`]), as
+    /// Celery's worker does at start-up; the tasks limited, with their limits. A limit that does
+    /// not parse is an error naming the task and the value (Celery's worker does not start
+    /// either).
+    ///
+    /// [`TaskOptions::rate_limit`]: celeriac_core::TaskOptions::rate_limit
+    pub fn set_declared_rate_limits(&self, registry: &celeriac_core::Registry) -> Result<Vec<String>, String> {
+        let mut limited = Vec::new();
+        for name in registry.names() {
+            let Some(text) = registry.get(name).and_then(|t| t.options().rate_limit) else { continue };
+            let interval = parse_rate(&text).map_err(|e| format!("task {name}: rate_limit {e}"))?;
+            if interval.is_some() {
+                limited.push(format!("{name}={text}"));
+            }
+            self.set_rate_limit(name, &text, interval);
+        }
+        limited.sort_unstable();
+        Ok(limited)
+    }
+
     /// Set a task's time limits (remote control's `time_limit`).
     pub fn set_time_limits(&self, task: &str, limits: TimeLimits) {
         self.lock().time_limits.insert(task.to_string(), limits);
@@ -365,6 +385,37 @@ mod tests {
         assert_eq!(parse_rate("").unwrap(), None);
         assert!(parse_rate("fast").is_err());
         assert!(parse_rate("1/d").unwrap_err().contains("unit"));
+    }
+
+    #[test]
+    fn declared_rate_limits_are_set_and_bad_ones_named() {
+        struct Limited(&'static str, &'static str);
+        impl celeriac_core::Task for Limited {
+            fn name(&self) -> &str {
+                self.0
+            }
+            fn options(&self) -> celeriac_core::TaskOptions {
+                celeriac_core::TaskOptions { rate_limit: Some(self.1.into()), ..Default::default() }
+            }
+            fn call(
+                &self,
+                _: celeriac_core::TaskContext,
+                _: Vec<Value>,
+                _: serde_json::Map<String, Value>,
+            ) -> celeriac_core::task::TaskFuture {
+                Box::pin(async { Ok(Value::Null) })
+            }
+        }
+        let mut registry = celeriac_core::Registry::new();
+        registry.register_arc(Arc::new(Limited("a", "2/s")));
+        registry.register_arc(Arc::new(Limited("b", "0")));
+        let s = WorkerState::default();
+        assert_eq!(s.set_declared_rate_limits(&registry).unwrap(), vec!["a=2/s".to_string()]);
+        assert_eq!(s.rate_limit("a").as_deref(), Some("2/s"));
+        assert_eq!(s.rate_limit("b"), None);
+        registry.register_arc(Arc::new(Limited("c", "3/fortnight")));
+        let e = WorkerState::default().set_declared_rate_limits(&registry).unwrap_err();
+        assert!(e.contains("task c") && e.contains("3/fortnight"), "{e}");
     }
 
     #[test]

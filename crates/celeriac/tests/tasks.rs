@@ -26,7 +26,7 @@ async fn retry_self(ctx: &TaskContext, until: u32) -> Result<u32, TaskError> {
     Ok(ctx.retries)
 }
 
-#[celeriac::task(name = "t.give_up", max_retries = 1)]
+#[celeriac::task(name = "t.give_up", max_retries = 1, rate_limit = "1000/s")]
 async fn give_up(ctx: &TaskContext) -> Result<(), TaskError> {
     Err(ctx.retry_in(Duration::from_millis(10)))
 }
@@ -145,5 +145,6 @@ fn default_names_follow_the_module_path_and_options_are_generated() {
     assert_eq!(concat.options().queue.as_deref(), Some("texts"));
     assert!(blocking_sum.options().blocking);
     assert_eq!(give_up.options().max_retries, Some(1));
+    assert_eq!((give_up.options().rate_limit.as_deref(), concat.options().rate_limit), (Some("1000/s"), None));
     assert_eq!(concat::s("a".into(), None).args, vec![json!("a"), json!(null)]);
 }

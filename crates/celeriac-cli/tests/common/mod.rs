@@ -101,11 +101,12 @@ impl WorkerProc {
 
     /// [`spawn_cli`](Self::spawn_cli) with environment variables added.
     pub fn spawn_cli_env(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        // The ambient configuration is removed; what the test gives is kept.
         let mut child = Command::new(program)
             .args(args)
-            .envs(env.iter().copied())
             .env_remove("CELERIAC_BROKER_URL")
             .env_remove("CELERIAC_RESULT_BACKEND")
+            .envs(env.iter().copied())
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

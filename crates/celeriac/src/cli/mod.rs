@@ -2,7 +2,8 @@
 //! ([`App::run_cli`](crate::App::run_cli)).
 //!
 //! Configuration comes from flags, then the environment (`CELERIAC_BROKER_URL`,
-//! `CELERIAC_RESULT_BACKEND`), then defaults (`sqlite://celeriac.db`). Exit codes: 0 success,
+//! `CELERIAC_RESULT_BACKEND`), then, for `worker --python-app`, the Celery app's `app.conf`
+//! (`python::AppConf`), then defaults (`sqlite://celeriac.db`). Exit codes: 0 success,
 //! 1 the work failed (a task's FAILURE with `--wait`), 2 bad usage or configuration, 3 broker
 //! unreachable.
 
@@ -82,10 +83,12 @@ type CliResult = Result<ExitCode, CliError>;
 #[derive(Debug, Parser)]
 #[command(name = "celeriac", version, about = "A task queue that speaks Celery's protocol", propagate_version = true)]
 struct Cli {
-    /// Broker URL (sqlite://path.db, amqp://..., redis://host:6379/db).
-    #[arg(short = 'b', long, global = true, env = "CELERIAC_BROKER_URL", default_value = DEFAULT_BROKER_URL)]
-    broker: String,
-    /// Result backend URL (default: the broker's SQLite file; none for other brokers).
+    /// Broker URL (sqlite://path.db, amqp://..., redis://host:6379/db) [default:
+    /// sqlite://celeriac.db; with worker --python-app, the app's broker_url].
+    #[arg(short = 'b', long, global = true, env = "CELERIAC_BROKER_URL")]
+    broker: Option<String>,
+    /// Result backend URL (default: with worker --python-app the app's result_backend, else the
+    /// broker's SQLite file; none for other brokers).
     #[arg(long = "result-backend", global = true, env = "CELERIAC_RESULT_BACKEND")]
     result_backend: Option<String>,
     /// Log level: error, warn, info, debug, trace (or a filter: `info,celeriac_worker=debug`).
@@ -126,10 +129,12 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct WorkerArgs {
-    /// Queues to consume, comma-separated.
-    #[arg(short = 'Q', long = "queues", value_delimiter = ',', default_value = "celery")]
-    queues: Vec<String>,
-    /// Tasks run at once (default: number of CPUs).
+    /// Queues to consume, comma-separated [default: celery; with --python-app, the queues
+    /// Celery's worker consumes for the app: its task_queues, else its task_default_queue].
+    #[arg(short = 'Q', long = "queues", value_delimiter = ',')]
+    queues: Option<Vec<String>>,
+    /// Tasks run at once (default: with --python-app the app's worker_concurrency, else the
+    /// number of CPUs).
     #[arg(short = 'c', long)]
     concurrency: Option<usize>,
     /// Pool: `async` (tasks in this process; the default) or `prefork` (each task in a child
@@ -138,7 +143,9 @@ struct WorkerArgs {
     pool: Option<String>,
     /// Run an existing Celery app's Python tasks (MODULE:ATTR, e.g. proj.celery:app, as
     /// `celery -A`) in prefork children under this worker: each child imports the app once and
-    /// runs the tasks handed to it; this worker consumes, stores results and supervises.
+    /// runs the tasks handed to it; this worker consumes, stores results and supervises. The
+    /// app's configuration fills in what no flag or environment variable gives (broker,
+    /// backend, queues, limits); the settings celeriac does not act on are named at start-up.
     #[arg(long = "python-app", value_name = "MODULE:ATTR")]
     python_app: Option<String>,
     /// The Python interpreter of --python-app (default: $VIRTUAL_ENV's, else python3 on PATH);
@@ -156,9 +163,10 @@ struct WorkerArgs {
     /// %i/%I pool process index; a name without `@` gets `@<host>`).
     #[arg(short = 'n', long, default_value = celeriac_worker::nodename::DEFAULT_NODENAME)]
     hostname: String,
-    /// Messages reserved per slot (the prefetch window for long tasks, and its floor).
-    #[arg(long = "prefetch-multiplier", default_value_t = 4)]
-    prefetch_multiplier: usize,
+    /// Messages reserved per slot (the prefetch window for long tasks, and its floor)
+    /// [default: 4, or the --python-app app's worker_prefetch_multiplier].
+    #[arg(long = "prefetch-multiplier")]
+    prefetch_multiplier: Option<usize>,
     /// How wide the prefetch window may grow while tasks are short (it holds about 100 ms of
     /// work at the current rate); 0 keeps it at concurrency x multiplier, as Celery does.
     #[arg(long = "max-prefetch", default_value_t = celeriac_worker::DEFAULT_MAX_PREFETCH)]
@@ -197,9 +205,10 @@ struct WorkerArgs {
     #[arg(long = "beat-name", value_name = "NAME", default_value = "default")]
     beat_name: String,
     /// Where continuations go (callbacks, chain steps, chord bodies, errbacks) whose signature
-    /// names no queue and whose task has none registered here: Celery's `task_default_queue`.
-    #[arg(long = "default-queue", value_name = "QUEUE", default_value = celeriac_core::DEFAULT_QUEUE)]
-    default_queue: String,
+    /// names no queue and whose task has none registered here: Celery's `task_default_queue`
+    /// [default: celery, or the --python-app app's task_default_queue].
+    #[arg(long = "default-queue", value_name = "QUEUE")]
+    default_queue: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -373,18 +382,21 @@ pub fn main(app: App, args: impl IntoIterator<Item = OsString>) -> ExitCode {
 
 async fn run(app: App, cli: Cli) -> CliResult {
     let backend_url = cli.result_backend.as_deref();
+    let broker = cli.broker.as_deref().unwrap_or(DEFAULT_BROKER_URL);
     match cli.command {
-        Command::Worker(args) => worker(app, &cli.broker, backend_url, (&cli.loglevel, cli.log_format), args).await,
-        Command::Send(args) => send(&cli.broker, backend_url, args).await,
-        Command::Result(args) => result(&cli.broker, backend_url, args).await,
-        Command::Queues(args) => queues(&cli.broker, args).await,
-        Command::Purge(args) => purge(&cli.broker, args).await,
-        Command::DeadLetters(args) => dead_letters(&cli.broker, args).await,
-        Command::Events(args) => events::run(&cli.broker, args).await,
+        Command::Worker(args) => {
+            worker(app, cli.broker.as_deref(), backend_url, (&cli.loglevel, cli.log_format), args).await
+        }
+        Command::Send(args) => send(broker, backend_url, args).await,
+        Command::Result(args) => result(broker, backend_url, args).await,
+        Command::Queues(args) => queues(broker, args).await,
+        Command::Purge(args) => purge(broker, args).await,
+        Command::DeadLetters(args) => dead_letters(broker, args).await,
+        Command::Events(args) => events::run(broker, args).await,
         Command::Demo(args) => demo::run(app, args).await,
-        Command::Inspect(args) => remote::inspect(&cli.broker, args).await,
-        Command::Control(args) => remote::control(&cli.broker, backend_url, args).await,
-        Command::Beat(args) => beat::run(&cli.broker, args, beat::AppEntries::of(&app)).await,
+        Command::Inspect(args) => remote::inspect(broker, args).await,
+        Command::Control(args) => remote::control(broker, backend_url, args).await,
+        Command::Beat(args) => beat::run(broker, args, beat::AppEntries::of(&app)).await,
     }
 }
 
@@ -398,7 +410,7 @@ fn positive_secs(flag: &str, v: f64) -> Result<Duration, CliError> {
 
 async fn worker(
     app: App,
-    broker_url: &str,
+    broker_url: Option<&str>,
     backend_url: Option<&str>,
     (loglevel, log_format): (&str, logging::LogFormat),
     args: WorkerArgs,
@@ -410,12 +422,26 @@ async fn worker(
     if args.python.is_some() && args.python_app.is_none() {
         return Err(CliError::usage("--python names the interpreter of --python-app, which is not given"));
     }
-    let prefork = match pool {
-        "async" if args.python_app.is_some() => {
-            return Err(CliError::usage(
-                "--python-app runs Python tasks in prefork children: use -P prefork (the default with --python-app)",
-            ));
+    if pool == "async" && args.python_app.is_some() {
+        return Err(CliError::usage(
+            "--python-app runs Python tasks in prefork children: use -P prefork (the default with --python-app)",
+        ));
+    }
+    // A Python app's configuration, read once before anything else starts.
+    let python_app = match &args.python_app {
+        Some(spec) => {
+            python::check_app_spec(spec)?;
+            let interpreter = python::interpreter(args.python.as_deref());
+            let dir = python::install()?;
+            let conf = python::describe(&interpreter, spec, &dir).await?;
+            tracing::info!(app = %spec, python = %interpreter.display(), celery = %conf.celery, "Python children run the app's tasks");
+            Some((spec, interpreter, dir, conf))
         }
+        None => None,
+    };
+    let conf = python_app.as_ref().map(|(.., conf)| conf);
+    let from_app = python::FromApp(conf);
+    let prefork = match pool {
         "async" => {
             if args.max_tasks_per_child.is_some() || args.max_memory_per_child.is_some() {
                 return Err(CliError::usage("--max-tasks-per-child and --max-memory-per-child need --pool prefork"));
@@ -428,33 +454,47 @@ async fn worker(
             if args.max_tasks_per_child == Some(0) {
                 return Err(CliError::usage("--max-tasks-per-child must be at least 1"));
             }
-            pc.max_tasks_per_child = args.max_tasks_per_child;
-            pc.max_memory_per_child_kib = args
-                .max_memory_per_child
-                .as_deref()
-                .map(celeriac_worker::prefork::parse_size_kib)
-                .transpose()
-                .map_err(|e| CliError::usage(format!("--max-memory-per-child: {e}")))?;
+            pc.max_tasks_per_child = match args.max_tasks_per_child {
+                Some(n) => Some(n),
+                None => from_app.count("worker_max_tasks_per_child")?,
+            };
+            pc.max_memory_per_child_kib = match args.max_memory_per_child.as_deref() {
+                Some(text) => Some(
+                    celeriac_worker::prefork::parse_size_kib(text)
+                        .map_err(|e| CliError::usage(format!("--max-memory-per-child: {e}")))?,
+                ),
+                // Celery's worker_max_memory_per_child is in KiB.
+                None => from_app.count("worker_max_memory_per_child")?,
+            };
             pc.log_level = loglevel.to_string();
             pc.log_format = log_format.as_str().to_string();
-            if let Some(spec) = &args.python_app {
-                python::check_app_spec(spec)?;
-                let interpreter = python::interpreter(args.python.as_deref());
-                let version = python::check_interpreter(&interpreter)?;
-                let dir = python::install()?;
-                tracing::info!(app = %spec, python = %interpreter.display(), celery = %version, "Python children run the app's tasks");
-                (pc.program, pc.args, pc.env) = python::child_command(interpreter, spec, &dir);
+            if let Some((spec, interpreter, dir, _)) = &python_app {
+                (pc.program, pc.args, pc.env) = python::child_command(interpreter.clone(), spec, dir);
             }
             Some(pc)
         }
         other => return Err(CliError::usage(format!("--pool {other:?} is not a pool (available: async, prefork)"))),
     };
-    let queues: Vec<String> = args.queues.iter().map(|q| q.trim().to_string()).filter(|q| !q.is_empty()).collect();
+    let queues: Vec<String> = match &args.queues {
+        Some(given) => given.iter().map(|q| q.trim().to_string()).filter(|q| !q.is_empty()).collect(),
+        None => match conf {
+            Some(c) => {
+                tracing::info!(queues = %c.queues.join(","), from = %c.queues_from, "queues taken from the app's configuration (no -Q)");
+                c.queues.clone()
+            }
+            None => vec![celeriac_core::DEFAULT_QUEUE.to_string()],
+        },
+    };
     if queues.is_empty() {
         return Err(CliError::usage("-Q/--queues names no queue"));
     }
-    let concurrency =
-        args.concurrency.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let concurrency = match args.concurrency {
+        Some(n) => n,
+        None => from_app
+            .count("worker_concurrency")?
+            .map(|n| n as usize)
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
+    };
     if concurrency == 0 {
         return Err(CliError::usage("--concurrency must be at least 1"));
     }
@@ -465,32 +505,48 @@ async fn worker(
             }
         }
     }
+    let default_queue = match &args.default_queue {
+        Some(q) => q.clone(),
+        None => from_app.text("task_default_queue").unwrap_or(celeriac_core::DEFAULT_QUEUE).to_string(),
+    };
     let config = crate::WorkerConfig {
         queues,
         concurrency,
-        prefetch_multiplier: args.prefetch_multiplier.max(1),
+        prefetch_multiplier: match args.prefetch_multiplier {
+            Some(n) => n,
+            None => from_app.count("worker_prefetch_multiplier")?.map_or(4, |n| n as usize),
+        }
+        .max(1),
         max_prefetch: args.max_prefetch,
         shutdown_timeout: positive_secs("--shutdown-timeout", args.shutdown_timeout)?,
         hostname,
-        time_limit: args.time_limit,
-        soft_time_limit: args.soft_time_limit,
+        time_limit: args.time_limit.map_or_else(|| from_app.seconds("task_time_limit"), |v| Ok(Some(v)))?,
+        soft_time_limit: args
+            .soft_time_limit
+            .map_or_else(|| from_app.seconds("task_soft_time_limit"), |v| Ok(Some(v)))?,
         max_deliveries: args.max_deliveries.max(1),
         prefork,
         events: celeriac_worker::events::EventsConfig {
-            task_events: args.events,
+            task_events: args.events || from_app.flag("worker_send_task_events"),
             worker_events: !args.without_heartbeat,
         },
         metrics_addr: args.metrics_addr.as_deref().map(parse_socket_addr).transpose()?,
-        default_queue: args.default_queue.clone(),
+        default_queue: default_queue.clone(),
     };
-    let broker = connect::broker(broker_url)?;
-    let backend = connect::backend(backend_url, broker_url)?;
+    if let Some(c) = conf {
+        let unsupported = c.unsupported();
+        if !unsupported.is_empty() {
+            // One line naming each: nothing the app asks for is ignored silently.
+            tracing::warn!(settings = %unsupported.join(","), "the app changes settings celeriac does not act on");
+        }
+    }
+    let (broker, backend) = from_app.connect(broker_url, backend_url)?;
     let beat = match args.beat {
         true => Some(beat::start(
             broker.clone(),
             args.schedule.as_deref(),
             beat::AppEntries::of(&app),
-            &args.default_queue,
+            &default_queue,
             &args.beat_name,
         )?),
         false => {

@@ -5,20 +5,125 @@
 //! its content (`$XDG_CACHE_HOME/celeriac/python-<hash>`, else `~/.cache/...`, else the temporary
 //! directory), which is put first on the children's `PYTHONPATH`; so the binary and its children
 //! always agree on the pipe protocol, and `pip install ./python` is needed only to use the module
-//! elsewhere. Before the pool starts, the interpreter is checked to exist and to import
-//! `celery`, so a missing one is one clear line rather than a pool that cannot start.
+//! elsewhere. Before the pool starts, the interpreter runs once as
+//! `python -m celeriac_child --describe MODULE:ATTR` ([`describe`]): that checks it exists and
+//! imports `celery` (a missing one is one clear line rather than a pool that cannot start) and
+//! loads the app's configuration ([`AppConf`]), from which the worker takes what no flag or
+//! environment variable gives ([`AppConf::unsupported`] lists what it does not act on).
 
 use std::ffi::OsString;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use celeriac_core::{Broker, ResultBackend};
+
+use serde::Deserialize;
+use serde_json::Value;
 
 use super::CliError;
+use crate::connect::{self, ConnectError};
 
 /// The child module's files, relative to the directory put on `PYTHONPATH`.
 const FILES: &[(&str, &str)] = &[
     ("celeriac_child/__init__.py", include_str!("../../../../python/celeriac_child/__init__.py")),
     ("celeriac_child/__main__.py", include_str!("../../../../python/celeriac_child/__main__.py")),
+    ("celeriac_child/describe.py", include_str!("../../../../python/celeriac_child/describe.py")),
 ];
+
+/// How long loading the app to read its configuration may take.
+const DESCRIBE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Celery settings celeriac acts on when an app changes them (current names, as in
+/// `celery/app/defaults.py`): the worker takes them where no flag gives them, the supervisor
+/// enforces what the tasks announce from them, or Celery's own code in the Python children
+/// carries them out (the app is loaded as it is).
+const ACTED_ON: &[&str] = &[
+    // The worker's own configuration (`cli::worker`).
+    "broker_url",
+    "result_backend",
+    "task_queues",
+    "task_default_queue",
+    "task_time_limit",
+    "task_soft_time_limit",
+    "worker_concurrency",
+    "worker_prefetch_multiplier",
+    "worker_max_tasks_per_child",
+    "worker_max_memory_per_child",
+    "worker_send_task_events",
+    // Announced per task by the children (Celery's `Task.bind` fills the task attributes in from
+    // these), enforced by the supervisor.
+    "task_default_rate_limit",
+    "task_annotations",
+    "task_ignore_result",
+    // celeriac always acknowledges after the outcome is stored, which is what `True` asks.
+    "task_acks_late",
+    // Carried out by Celery's code in the children: task modules imported, times, what a task
+    // sends (routed by Celery's router, published through the supervisor), eager calls.
+    "imports",
+    "include",
+    "timezone",
+    "enable_utc",
+    "task_routes",
+    "task_create_missing_queues",
+    "task_default_priority",
+    "task_always_eager",
+    "task_eager_propagates",
+    "task_store_eager_result",
+];
+
+/// What the app's `app.conf` says about the worker (the JSON `--describe` prints; see
+/// `python/celeriac_child/describe.py`).
+#[derive(Debug, Deserialize)]
+pub(crate) struct AppConf {
+    /// Celery's version in that interpreter.
+    pub celery: String,
+    /// `broker_url` as Celery resolves it (with `CELERY_BROKER_URL` and the older names;
+    /// failover URLs joined by `;`); `None` when the app names none.
+    pub broker_url: Option<String>,
+    /// `result_backend`, resolved the same way.
+    pub result_backend: Option<String>,
+    /// The queues Celery's worker consumes without `-Q`: `task_queues`, else the default queue.
+    pub queues: Vec<String>,
+    /// The setting they come from: `task_queues` or `task_default_queue`.
+    pub queues_from: String,
+    /// `[as written, current name, value]` for each Celery setting the app changed from its
+    /// default (a value JSON cannot carry is its Python `repr`). The worker's settings
+    /// (`task_time_limit`, `worker_concurrency`, ...) are read from these: where one is unchanged,
+    /// Celery's default is celeriac's.
+    pub changed: Vec<(String, String, Value)>,
+}
+
+impl AppConf {
+    /// The settings the app changed that celeriac does not act on, as the app wrote them.
+    pub(crate) fn unsupported(&self) -> Vec<&str> {
+        self.changed
+            .iter()
+            .filter(|(_, name, _)| !ACTED_ON.contains(&name.as_str()))
+            .map(|(w, ..)| w.as_str())
+            .collect()
+    }
+
+    /// The value of a setting the app changed (by its current name); `None` when unchanged or
+    /// unset (`null`).
+    pub(crate) fn setting(&self, name: &str) -> Option<&Value> {
+        self.changed.iter().find(|(_, n, _)| n == name).map(|(.., v)| v).filter(|v| !v.is_null())
+    }
+
+    /// A positive number of seconds (or count) from a setting; an error naming the setting when
+    /// it is something else.
+    pub(crate) fn positive(&self, name: &str) -> Result<Option<f64>, CliError> {
+        match self.setting(name) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|n| n.is_finite() && *n > 0.0)
+                .map(Some)
+                .ok_or_else(|| CliError::usage(format!("the app's {name} must be a positive number, got {v}"))),
+        }
+    }
+}
 
 /// The interpreter to run: `--python`, else `$VIRTUAL_ENV/bin/python`, else `python3` on PATH.
 pub(crate) fn interpreter(flag: Option<&Path>) -> PathBuf {
@@ -34,21 +139,138 @@ pub(crate) fn interpreter(flag: Option<&Path>) -> PathBuf {
     PathBuf::from("python3")
 }
 
-/// Check that `python` runs and imports `celery`; its Celery version.
-pub(crate) fn check_interpreter(python: &Path) -> Result<String, CliError> {
-    let out = std::process::Command::new(python)
-        .args(["-c", "import celery, sys; sys.stdout.write(celery.__version__)"])
-        .output()
-        .map_err(|e| CliError::usage(format!("--python: cannot run {}: {e}", python.display())))?;
+/// Celery's broker when an app names none (`kombu`'s default transport, `amqp`, on this host).
+const CELERY_DEFAULT_BROKER: &str = "amqp://guest:guest@localhost:5672//";
+
+/// The worker's settings that no flag gave, from the app's configuration when there is one
+/// (`--python-app`), else nothing.
+pub(crate) struct FromApp<'a>(pub Option<&'a AppConf>);
+
+impl FromApp<'_> {
+    /// A text setting.
+    pub(crate) fn text(&self, name: &str) -> Option<&str> {
+        self.0.and_then(|c| c.setting(name)).and_then(Value::as_str)
+    }
+
+    /// A true/false setting (false when unset).
+    pub(crate) fn flag(&self, name: &str) -> bool {
+        self.0.and_then(|c| c.setting(name)).and_then(Value::as_bool).unwrap_or(false)
+    }
+
+    /// A positive number of seconds; an error naming the setting when it is something else.
+    pub(crate) fn seconds(&self, name: &str) -> Result<Option<f64>, CliError> {
+        self.0.map_or(Ok(None), |c| c.positive(name))
+    }
+
+    /// A positive whole number (a count, or KiB); an error naming the setting otherwise.
+    pub(crate) fn count(&self, name: &str) -> Result<Option<u64>, CliError> {
+        match self.seconds(name)? {
+            Some(n) if n.fract() == 0.0 && n <= u64::MAX as f64 => Ok(Some(n as u64)),
+            Some(n) => Err(CliError::usage(format!("the app's {name} must be a whole number, got {n}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// The broker and result backend: the flag's or environment's (`broker`, `backend`), else
+    /// the app's `broker_url` (Celery's default broker when the app names none) and
+    /// `result_backend`, else celeriac's defaults; opened. An app's URL
+    /// that cannot be used is an error naming the setting.
+    pub(crate) fn connect(&self, broker: Option<&str>, backend: Option<&str>) -> Result<Transports, CliError> {
+        let blame = |setting: &'static str, from_app: bool| {
+            move |e: ConnectError| {
+                let mut e = CliError::from(e);
+                if from_app {
+                    e.message =
+                        format!("the app's {setting} (give another with --{}): {}", flag_of(setting), e.message);
+                }
+                e
+            }
+        };
+        let (broker_url, broker_from_app) = match (broker, self.0) {
+            (Some(url), _) => (url.to_string(), false),
+            (None, Some(conf)) => {
+                let url = conf.broker_url.as_deref().unwrap_or(CELERY_DEFAULT_BROKER);
+                if url.contains(';') {
+                    return Err(CliError::usage(format!(
+                        "the app's broker_url names several brokers (failover: {}); celeriac connects to one: name it with --broker",
+                        connect::redact(url)
+                    )));
+                }
+                let what = if conf.broker_url.is_some() {
+                    "the app's broker_url"
+                } else {
+                    "Celery's default (the app names none)"
+                };
+                tracing::info!(broker = %connect::redact(url), "broker from {what}");
+                (url.to_string(), true)
+            }
+            (None, None) => (connect::DEFAULT_BROKER_URL.to_string(), false),
+        };
+        let (backend_url, backend_from_app) = match (backend, self.0.and_then(|c| c.result_backend.as_deref())) {
+            (Some(url), _) => (Some(url), false),
+            (None, Some(url)) => {
+                tracing::info!(result_backend = %connect::redact(url), "result backend from the app's result_backend");
+                (Some(url), true)
+            }
+            (None, None) => (None, false),
+        };
+        let opened = connect::broker(&broker_url).map_err(blame("broker_url", broker_from_app))?;
+        let backend = connect::backend(backend_url, &broker_url).map_err(blame("result_backend", backend_from_app))?;
+        Ok((opened, backend))
+    }
+}
+
+/// A worker's broker and result backend.
+pub(crate) type Transports = (Arc<dyn Broker>, Arc<dyn ResultBackend>);
+
+/// The flag that replaces a setting.
+fn flag_of(setting: &str) -> &'static str {
+    if setting == "broker_url" {
+        "broker"
+    } else {
+        "result-backend"
+    }
+}
+
+/// Run `python -m celeriac_child --describe spec` once (with the child module from
+/// `module_dir` on the path): that `python` runs and imports `celery`, and the app's
+/// configuration. Errors: the interpreter cannot run, lacks celery, or the app cannot be loaded
+/// (its traceback), or loading takes longer than a minute; each one message, exit 2.
+pub(crate) async fn describe(python: &Path, spec: &str, module_dir: &Path) -> Result<AppConf, CliError> {
+    let (program, _, env) = child_command(python.to_path_buf(), spec, module_dir);
+    let run = tokio::process::Command::new(&program)
+        .args(["-m", "celeriac_child", "--describe", spec])
+        .envs(env)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = match tokio::time::timeout(DESCRIBE_DEADLINE, run).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => return Err(CliError::usage(format!("--python: cannot run {}: {e}", python.display()))),
+        Err(_) => {
+            return Err(CliError::usage(format!(
+                "--python-app {spec}: loading the app took longer than {}s (does importing it wait on something?)",
+                DESCRIBE_DEADLINE.as_secs()
+            )))
+        }
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("cannot load the Celery app") {
+            return Err(CliError::usage(err.trim_end().to_string()));
+        }
         let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
         return Err(CliError::usage(format!(
             "--python-app: {} cannot import celery ({last}); install it there (pip install celery) or name another interpreter with --python",
             python.display()
         )));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        CliError::failed(format!(
+            "--python-app {spec}: the app's configuration could not be read ({e}): {}{err}",
+            String::from_utf8_lossy(&out.stdout)
+        ))
+    })
 }
 
 /// Check the `MODULE:ATTR` form.
@@ -119,6 +341,23 @@ pub(crate) fn child_command(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unsupported_settings_are_those_changed_that_celeriac_does_not_act_on() {
+        let conf: AppConf = serde_json::from_str(
+            r#"{"celery": "5.7.0", "broker_url": null, "result_backend": null, "queues": ["celery"],
+                "queues_from": "task_default_queue",
+                "changed": [["BROKER_URL", "broker_url", "amqp://"], ["CELERYD_TASK_SOFT_TIME_LIMIT", "task_soft_time_limit", 2],
+                            ["task_serializer", "task_serializer", "pickle"], ["worker_concurrency", "worker_concurrency", 0],
+                            ["CELERY_ACKS_ON_FAILURE_OR_TIMEOUT", "task_acks_on_failure_or_timeout", false]]}"#,
+        )
+        .unwrap();
+        assert_eq!(conf.unsupported(), ["task_serializer", "CELERY_ACKS_ON_FAILURE_OR_TIMEOUT"]);
+        assert_eq!(conf.positive("task_time_limit").unwrap(), None);
+        assert_eq!(conf.positive("task_soft_time_limit").unwrap(), Some(2.0));
+        let e = conf.positive("worker_concurrency").unwrap_err();
+        assert!(e.message.contains("worker_concurrency must be a positive number, got 0"), "{}", e.message);
+    }
 
     #[test]
     fn app_specs_are_module_and_attribute() {
