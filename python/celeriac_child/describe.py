@@ -12,7 +12,9 @@ Celery's sources followed: ``celery/app/utils.py`` (``Settings``: ``broker_url``
 changed; the worker reads its settings from those changes, an unchanged one being Celery's
 default, which is celeriac's), ``celery/app/defaults.py`` (the defaults and the older names), ``celery/app/amqp.py``
 (``Queues``: without ``-Q`` the worker consumes ``task_queues``, else ``task_default_queue``;
-``task_routes`` only routes messages, it adds no queue to consume).
+``task_routes`` only routes messages, it adds no queue to consume), kombu's ``Queue`` (what a
+queue's declaration may ask for: ``declarations`` lists, per queue, what celeriac, which declares
+and consumes a durable queue bound by its own name, does not reproduce).
 """
 
 import json
@@ -48,6 +50,22 @@ def _changed(conf):
     return sorted(out)
 
 
+def _declaration(queue):
+    """What ``queue``'s declaration asks for beyond a plain durable queue bound by its own name
+    (which is what celeriac declares and consumes), as ``key=value`` words without spaces."""
+    parts = []
+    if queue.exchange is not None and queue.exchange.type != "direct":
+        parts.append("exchange_type=%s" % queue.exchange.type)
+    if queue.queue_arguments:
+        parts.append("queue_arguments=%s" % "+".join(sorted(queue.queue_arguments)))
+    if len(queue.bindings) > 1:
+        parts.append("bindings=%d" % len(queue.bindings))
+    if not queue.durable:
+        parts.append("durable=False")
+    parts.extend("%s=True" % flag for flag in ("auto_delete", "exclusive", "no_declare") if getattr(queue, flag))
+    return parts
+
+
 def _url(value):
     """A broker or backend URL as one string; a list of failover URLs joined with ``;``."""
     if isinstance(value, (list, tuple)):
@@ -72,6 +90,7 @@ def describe(spec):
         "result_backend": _url(conf.result_backend),
         "queues": queues,
         "queues_from": "task_queues" if conf.task_queues else "task_default_queue",
+        "declarations": {q.name: d for q in app.amqp.queues.values() for d in [_declaration(q)] if d},
         "changed": _changed(conf),
     }
 

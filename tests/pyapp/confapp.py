@@ -10,13 +10,16 @@ import os
 import time
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 QUEUE = os.environ.get("CONFAPP_QUEUE", "confapp")
+#: With CONFAPP_FANOUT set, a third queue bound to a fanout exchange, whose declaration celeriac
+#: does not reproduce (it consumes queues by name).
+EXTRA = [Queue(QUEUE + ".fan", Exchange(QUEUE + ".fan", type="fanout"))] if os.environ.get("CONFAPP_FANOUT") else []
 
 app = Celery("confapp", broker=os.environ["CONFAPP_BROKER"], backend=os.environ["CONFAPP_BACKEND"])
 app.conf.update(
-    task_queues=[Queue(QUEUE + ".a"), Queue(QUEUE + ".b")],
+    task_queues=[Queue(QUEUE + ".a"), Queue(QUEUE + ".b")] + EXTRA,
     task_default_queue=QUEUE + ".a",
     task_routes={"confapp.mul": {"queue": QUEUE + ".b"}},
     task_annotations={"confapp.tick": {"rate_limit": "2/s"}},

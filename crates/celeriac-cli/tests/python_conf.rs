@@ -142,15 +142,23 @@ fn a_flag_or_the_environment_beats_the_app_s_configuration() {
 }
 
 #[test]
-fn an_app_broker_celeriac_cannot_use_is_refused_naming_the_setting() {
+fn an_unusable_app_broker_is_refused_and_a_queue_declaration_celeriac_does_not_reproduce_is_named() {
     let python = venv_python();
     let python = python.to_str().unwrap();
     let env = app_env("kafka://127.0.0.1:9092", "redis://127.0.0.1:6379/14", "pyconf.bad");
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // With a fanout queue among task_queues, which celeriac consumes by name only.
+    env.push(("CONFAPP_FANOUT", "1"));
     let (code, _out, err) = run_cli(&["worker", "--python-app", "confapp:app", "--python", python], &env);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("the app's broker_url (give another with --broker)"), "{err}");
     assert!(err.contains("kafka://127.0.0.1:9092"), "{err}");
+    // Before that, the one warning line named task_queues too, and what the queue asks for.
+    let warned: Vec<&str> = err.lines().filter(|l| l.contains("settings celeriac does not act on")).collect();
+    assert_eq!(warned.len(), 1, "{err}");
+    let settings = "result_expires,task_acks_on_failure_or_timeout,task_queues,worker_hijack_root_logger";
+    assert_eq!(field(warned[0], "settings"), Some(settings), "{}", warned[0]);
+    assert_eq!(field(warned[0], "task_queues"), Some("pyconf.bad.fan:exchange_type=fanout"), "{}", warned[0]);
     let failover = "redis://127.0.0.1:6379/14;redis://127.0.0.1:6380/14";
     let env = app_env(failover, "redis://127.0.0.1:6379/14", "pyconf.bad");
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

@@ -534,11 +534,7 @@ async fn worker(
         default_queue: default_queue.clone(),
     };
     if let Some(c) = conf {
-        let unsupported = c.unsupported();
-        if !unsupported.is_empty() {
-            // One line naming each: nothing the app asks for is ignored silently.
-            tracing::warn!(settings = %unsupported.join(","), "the app changes settings celeriac does not act on");
-        }
+        c.warn_unsupported(&config.queues);
     }
     let (broker, backend) = from_app.connect(broker_url, backend_url)?;
     let beat = match args.beat {

@@ -11,6 +11,7 @@
 //! loads the app's configuration ([`AppConf`]), from which the worker takes what no flag or
 //! environment variable gives ([`AppConf::unsupported`] lists what it does not act on).
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -88,6 +89,11 @@ pub(crate) struct AppConf {
     pub queues: Vec<String>,
     /// The setting they come from: `task_queues` or `task_default_queue`.
     pub queues_from: String,
+    /// What the declaration of each of the app's queues asks for that celeriac does not
+    /// reproduce (it declares and consumes a durable queue bound by its own name), by queue:
+    /// `exchange_type=fanout`, `queue_arguments=x-queue-type`, `durable=False`, ...
+    #[serde(default)]
+    pub declarations: BTreeMap<String, Vec<String>>,
     /// `[as written, current name, value]` for each Celery setting the app changed from its
     /// default (a value JSON cannot carry is its Python `repr`). The worker's settings
     /// (`task_time_limit`, `worker_concurrency`, ...) are read from these: where one is unchanged,
@@ -103,6 +109,29 @@ impl AppConf {
             .filter(|(_, name, _)| !ACTED_ON.contains(&name.as_str()))
             .map(|(w, ..)| w.as_str())
             .collect()
+    }
+
+    /// Log, in one warning, every setting the app changed that celeriac does not act on, and
+    /// what the declarations of the `consumed` queues ask for that celeriac does not reproduce
+    /// (`task_queues` is then named too): nothing the app asks for is ignored silently.
+    pub(crate) fn warn_unsupported(&self, consumed: &[String]) {
+        let mut settings = self.unsupported();
+        let queues: Vec<String> =
+            consumed.iter().filter_map(|q| self.declarations.get(q).map(|d| format!("{q}:{}", d.join(";")))).collect();
+        if queues.is_empty() {
+            if !settings.is_empty() {
+                tracing::warn!(settings = %settings.join(","), "the app changes settings celeriac does not act on");
+            }
+            return;
+        }
+        let written = self.changed.iter().find(|(_, n, _)| n == "task_queues").map_or("task_queues", |(w, ..)| w);
+        settings.push(written);
+        settings.sort_unstable();
+        tracing::warn!(
+            settings = %settings.join(","),
+            task_queues = %queues.join(","),
+            "the app changes settings celeriac does not act on (queues are consumed by name only)"
+        );
     }
 
     /// The value of a setting the app changed (by its current name); `None` when unchanged or
