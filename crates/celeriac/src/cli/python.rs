@@ -74,6 +74,13 @@ const ACTED_ON: &[&str] = &[
     "task_store_eager_result",
 ];
 
+/// Whether celeriac acts on a setting the app changed to `value`: one of [`ACTED_ON`], except
+/// `worker_prefetch_multiplier = 0`, Celery's "no limit", which celeriac's window does not take
+/// (its own default is used, and the setting is named as not acted on).
+fn acted_on(name: &str, value: &Value) -> bool {
+    ACTED_ON.contains(&name) && !(name == "worker_prefetch_multiplier" && value.as_f64() == Some(0.0))
+}
+
 /// What the app's `app.conf` says about the worker (the JSON `--describe` prints; see
 /// `python/celeriac_child/describe.py`).
 #[derive(Debug, Deserialize)]
@@ -104,11 +111,7 @@ pub(crate) struct AppConf {
 impl AppConf {
     /// The settings the app changed that celeriac does not act on, as the app wrote them.
     pub(crate) fn unsupported(&self) -> Vec<&str> {
-        self.changed
-            .iter()
-            .filter(|(_, name, _)| !ACTED_ON.contains(&name.as_str()))
-            .map(|(w, ..)| w.as_str())
-            .collect()
+        self.changed.iter().filter(|(_, name, value)| !acted_on(name, value)).map(|(w, ..)| w.as_str()).collect()
     }
 
     /// Log, in one warning, every setting the app changed that celeriac does not act on, and
@@ -140,15 +143,15 @@ impl AppConf {
         self.changed.iter().find(|(_, n, _)| n == name).map(|(.., v)| v).filter(|v| !v.is_null())
     }
 
-    /// A positive number of seconds (or count) from a setting; an error naming the setting when
-    /// it is something else.
+    /// A positive number of seconds (or count) from a setting; `None` for 0, which Celery reads
+    /// as unset (no limit, or its default); an error naming the setting for anything else.
     pub(crate) fn positive(&self, name: &str) -> Result<Option<f64>, CliError> {
         match self.setting(name) {
             None => Ok(None),
             Some(v) => v
                 .as_f64()
-                .filter(|n| n.is_finite() && *n > 0.0)
-                .map(Some)
+                .filter(|n| n.is_finite() && *n >= 0.0)
+                .map(|n| (n > 0.0).then_some(n))
                 .ok_or_else(|| CliError::usage(format!("the app's {name} must be a positive number, got {v}"))),
         }
     }
@@ -377,15 +380,20 @@ mod tests {
             r#"{"celery": "5.7.0", "broker_url": null, "result_backend": null, "queues": ["celery"],
                 "queues_from": "task_default_queue",
                 "changed": [["BROKER_URL", "broker_url", "amqp://"], ["CELERYD_TASK_SOFT_TIME_LIMIT", "task_soft_time_limit", 2],
-                            ["task_serializer", "task_serializer", "pickle"], ["worker_concurrency", "worker_concurrency", 0],
+                            ["task_serializer", "task_serializer", "pickle"], ["worker_concurrency", "worker_concurrency", -1],
+                            ["task_time_limit", "task_time_limit", 0], ["worker_prefetch_multiplier", "worker_prefetch_multiplier", 0],
                             ["CELERY_ACKS_ON_FAILURE_OR_TIMEOUT", "task_acks_on_failure_or_timeout", false]]}"#,
         )
         .unwrap();
-        assert_eq!(conf.unsupported(), ["task_serializer", "CELERY_ACKS_ON_FAILURE_OR_TIMEOUT"]);
-        assert_eq!(conf.positive("task_time_limit").unwrap(), None);
+        assert_eq!(
+            conf.unsupported(),
+            ["task_serializer", "worker_prefetch_multiplier", "CELERY_ACKS_ON_FAILURE_OR_TIMEOUT"]
+        );
         assert_eq!(conf.positive("task_soft_time_limit").unwrap(), Some(2.0));
         let e = conf.positive("worker_concurrency").unwrap_err();
-        assert!(e.message.contains("worker_concurrency must be a positive number, got 0"), "{}", e.message);
+        assert!(e.message.contains("worker_concurrency must be a positive number, got -1"), "{}", e.message);
+        // 0 is Celery's "unset".
+        assert_eq!(conf.positive("task_time_limit").unwrap(), None);
     }
 
     #[test]
