@@ -333,7 +333,8 @@ def main(argv):
     # Frames go to the original stdout; anything the tasks print goes to stderr.
     proto_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    # A Ctrl-C reaches the whole process group: the supervisor decides when children stop.
+    # The supervisor decides when children stop (they have a process group of their own, so a
+    # Ctrl-C does not reach them; a SIGINT sent here anyway is ignored).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     pipe = Pipe(os.fdopen(0, "rb", buffering=0), proto_out)
     try:

@@ -60,6 +60,32 @@ async fn sigterm_during_a_long_task_lets_it_finish_and_leaves_no_process() {
     wait_until("no child to remain", Duration::from_secs(2), || !kids.iter().any(|p| alive(*p)));
 }
 
+/// A signal to the worker's whole process group (a Ctrl-C in a terminal, supervisord's
+/// `stopasgroup`) is a warm shutdown: it reaches the supervisor alone, not the child running
+/// the task.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signal_to_the_worker_s_process_group_lets_the_running_task_finish() {
+    use std::os::unix::process::CommandExt;
+    for sig in ["INT", "TERM"] {
+        let db = TempDb::new("");
+        let client = db.client().await;
+        let args = ["worker", "--broker", &db.url, "-P", "prefork", "-c", "1"];
+        let mut cmd = WorkerProc::cli_command(std::path::Path::new(common::bin()), &args, &[]);
+        cmd.process_group(0);
+        let mut w = WorkerProc::spawn_command(cmd);
+        w.wait_for_line("worker ready", Duration::from_secs(30));
+        let kids = children_of(w.child.id());
+        let id = send(&client, "celeriac.sleep", json!([2])).await;
+        w.wait_for_line(&id, Duration::from_secs(20));
+        w.signal_group(sig);
+        let status = w.wait_exit(Duration::from_secs(30));
+        assert!(status.success(), "SIG{sig}: {status:?}\n{}", w.dump());
+        let meta = client.backend().get(&id).await.unwrap();
+        assert_eq!(meta.map(|m| m.status), Some(TaskState::Success), "SIG{sig}:\n{}", w.dump());
+        wait_until("no child to remain", Duration::from_secs(2), || !kids.iter().any(|p| alive(*p)));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cold_shutdown_requeues_the_running_task_and_leaves_no_process() {
     let db = TempDb::new("");

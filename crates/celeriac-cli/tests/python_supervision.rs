@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::pyapp::{app_env, pyapp_dir, python_worker, spawn_python_worker};
+use common::pyapp::{app_env, pyapp_dir, python_worker, python_worker_command, spawn_python_worker};
 use common::{alive, children_of, run_cli, venv_python, wait_until, SharedRedisDb, WorkerProc};
 use serde_json::{json, Value};
 
@@ -171,6 +171,28 @@ fn a_warm_shutdown_lets_the_running_python_task_finish_and_leaves_no_child() {
     assert_eq!(w.count("requeueing"), 0, "{}", w.dump());
     // Each child was asked to exit and did, by itself (its `worker_process_shutdown` ran).
     assert_eq!(w.count("a retired child did not exit"), 0, "{}", w.dump());
+}
+
+#[test]
+fn a_signal_to_the_worker_s_process_group_is_still_a_warm_shutdown_for_python_tasks() {
+    use std::os::unix::process::CommandExt;
+    let (db, url) = urls();
+    let queue = "pysup.group";
+    // SIGTERM to the group is supervisord's `stopasgroup`; SIGINT to it, a Ctrl-C in a terminal.
+    for sig in ["TERM", "INT"] {
+        let mut cmd = python_worker_command(&url, &url, queue, &["-c", "1"]);
+        cmd.process_group(0);
+        let mut w = WorkerProc::spawn_command(cmd);
+        w.wait_for_line("worker ready", Duration::from_secs(60));
+        let kids = python_children(&w);
+        let key = format!("pysup.group.{sig}");
+        let id = send_one(&url, queue, "slow_once", json!([key, 3]));
+        wait_until("the task to run in a child", Duration::from_secs(30), || key_set(&db, &key));
+        w.signal_group(sig);
+        exits_cleanly(&mut w, &kids);
+        let m = meta(&db, &id).expect("the task's result is stored");
+        assert_eq!((&m["status"], &m["result"]), (&json!("SUCCESS"), &json!("first run")), "SIG{sig}: {m}");
+    }
 }
 
 #[test]

@@ -101,17 +101,25 @@ impl WorkerProc {
 
     /// [`spawn_cli`](Self::spawn_cli) with environment variables added.
     pub fn spawn_cli_env(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn_command(Self::cli_command(program, args, env))
+    }
+
+    /// The command [`spawn_cli_env`](Self::spawn_cli_env) runs, to adjust before
+    /// [`spawn_command`](Self::spawn_command) (e.g. a process group of its own).
+    pub fn cli_command(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut cmd = Command::new(program);
         // The ambient configuration is removed; what the test gives is kept.
-        let mut child = Command::new(program)
-            .args(args)
+        cmd.args(args)
             .env_remove("CELERIAC_BROKER_URL")
             .env_remove("CELERIAC_RESULT_BACKEND")
             .envs(env.iter().copied())
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn worker");
+            .env("NO_COLOR", "1");
+        cmd
+    }
+
+    /// Start `cmd`, its stdout discarded and its stderr lines collected.
+    pub fn spawn_command(mut cmd: Command) -> Self {
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn worker");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("stderr");
         let sink = lines.clone();
@@ -155,6 +163,14 @@ impl WorkerProc {
             .expect("kill")
             .success();
         assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Send a signal to the process group it leads (started with a process group of its own),
+    /// as supervisord's `stopasgroup` or a terminal's Ctrl-C does.
+    pub fn signal_group(&self, sig: &str) {
+        let group = format!("-{}", self.child.id());
+        let ok = Command::new("kill").args([&format!("-{sig}"), "--", &group]).status().expect("kill").success();
+        assert!(ok, "kill -{sig} -- {group} failed");
     }
 
     /// Wait for the process to exit.

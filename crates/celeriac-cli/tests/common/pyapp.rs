@@ -2,6 +2,7 @@
 //! and a celeriac worker running its tasks in Python children.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use super::{bin, repo, venv_python, WorkerProc};
@@ -26,6 +27,11 @@ pub fn app_env(broker: &str, backend: &str, queue: &str) -> Vec<(String, String)
 /// `celeriac worker --python-app pyapp:app -Q queue <extra>` (`queue` may name several,
 /// comma-separated), not waited for.
 pub fn spawn_python_worker(broker: &str, backend: &str, queue: &str, extra: &[&str]) -> WorkerProc {
+    WorkerProc::spawn_command(python_worker_command(broker, backend, queue, extra))
+}
+
+/// The command [`spawn_python_worker`] runs.
+pub fn python_worker_command(broker: &str, backend: &str, queue: &str, extra: &[&str]) -> Command {
     let python = venv_python();
     let python = python.to_str().unwrap();
     let mut args = vec!["worker", "--broker", broker, "--result-backend", backend, "-Q", queue];
@@ -33,7 +39,7 @@ pub fn spawn_python_worker(broker: &str, backend: &str, queue: &str, extra: &[&s
     args.extend_from_slice(extra);
     let env = app_env(broker, backend, queue);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    WorkerProc::spawn_cli_env(Path::new(bin()), &args, &env)
+    WorkerProc::cli_command(Path::new(bin()), &args, &env)
 }
 
 /// [`spawn_python_worker`], waited for until it is ready (every child has loaded the app).

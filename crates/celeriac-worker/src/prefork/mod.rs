@@ -5,8 +5,11 @@
 //! broker; it hands one task at a time to an idle child over a pipe ([`protocol`]) and waits for
 //! the outcome. What the pool guarantees:
 //!
-//! - **No orphans**: children die with the supervisor (`PR_SET_PDEATHSIG`, checked after start),
-//!   are in its process group, and are killed on drop.
+//! - **No orphans**: children die with the supervisor (`PR_SET_PDEATHSIG`, checked after start)
+//!   and are killed on drop.
+//! - **Signals go to the supervisor**: each child has a process group of its own, so a signal
+//!   to the worker's group (Ctrl-C, supervisord's `stopasgroup`) does not kill running tasks
+//!   under a warm shutdown; the supervisor stops its children itself.
 //! - **No restart loops**: [`Pool::start`] returns only when every child has said `Ready`; the
 //!   worker consumes nothing before. A child that cannot start is retried with capped
 //!   exponential backoff while the pool reports itself degraded.
@@ -684,6 +687,11 @@ async fn spawn_child(config: &PreforkConfig, slot: usize) -> Result<(ChildProc, 
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        // A process group of its own: a signal to the worker's group (Ctrl-C in a terminal,
+        // supervisord's `stopasgroup`, `kill -TERM -<pgid>`) reaches the supervisor alone, which
+        // decides when children stop; otherwise a warm shutdown's SIGTERM or SIGINT would kill
+        // every running task's child at once.
+        .process_group(0)
         .kill_on_drop(true);
     // SAFETY: between fork and exec the closure makes two syscalls (prctl, getppid) and
     // allocates nothing; the parent-death signal is set before any program (a Python
