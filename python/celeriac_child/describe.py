@@ -52,12 +52,12 @@ def _changed(conf):
 
 def _declaration(queue):
     """What ``queue``'s declaration asks for beyond a plain durable queue bound by its own name
-    (which is what celeriac declares and consumes), as ``key=value`` words without spaces."""
+    (which is what celeriac declares and consumes), as ``key=value`` words; each queue argument
+    is one ``argument:KEY=VALUE`` word (the worker leaves out those its broker URL reproduces)."""
     parts = []
     if queue.exchange is not None and queue.exchange.type != "direct":
         parts.append("exchange_type=%s" % queue.exchange.type)
-    if queue.queue_arguments:
-        parts.append("queue_arguments=%s" % "+".join(sorted(queue.queue_arguments)))
+    parts.extend("argument:%s=%s" % kv for kv in sorted((queue.queue_arguments or {}).items()))
     if len(queue.bindings) > 1:
         parts.append("bindings=%d" % len(queue.bindings))
     if not queue.durable:

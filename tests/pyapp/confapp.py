@@ -3,7 +3,7 @@
 Its broker, backend and queue names come from the environment (CONFAPP_BROKER, CONFAPP_BACKEND,
 CONFAPP_QUEUE) so each test has its own; everything else is in `app.conf`, as a Celery shop
 writes it: two queues, a route, a rate limit by annotation, an app-wide hard time limit, worker
-settings celeriac takes (concurrency, prefetch multiplier) and three it does not act on.
+settings celeriac takes (concurrency, prefetch multiplier, queues' maximum priority) and three it does not act on.
 """
 
 import os
@@ -26,6 +26,7 @@ app.conf.update(
     task_time_limit=2,
     worker_concurrency=2,
     worker_prefetch_multiplier=1,
+    task_queue_max_priority=10,
     # Settings celeriac does not act on: named in its start-up warning.
     task_acks_on_failure_or_timeout=False,
     result_expires=600,

@@ -1,6 +1,7 @@
 //! `celeriac worker --python-app` reading the Celery app's configuration (`tests/pyapp/confapp.py`):
 //! broker, backend and queues from `app.conf` when no flag or environment variable names them,
-//! the app's rate limit and time limit enforced by the supervisor, and one start-up line naming
+//! its queues declared with its maximum priority, the app's rate limit and time limit enforced by
+//! the supervisor, and one start-up line naming
 //! exactly the settings celeriac does not act on. Real RabbitMQ (a vhost per test), Redis
 //! (database 14) and a real Celery client.
 
@@ -94,6 +95,13 @@ fn a_worker_with_no_flags_takes_broker_backend_queues_and_limits_from_the_app() 
     // worker_concurrency and worker_prefetch_multiplier were taken too.
     let ready = w.matching("worker ready").remove(0);
     assert_eq!((field(&ready, "concurrency"), field(&ready, "prefetch")), (Some("2"), Some("2")), "{ready}");
+    // The app's task_queue_max_priority: celeriac declares its queues as the app's clients do.
+    assert_eq!(w.count("queues declared as the app's task_queue_max_priority says"), 1, "{}", w.dump());
+    for q in ["pyconf.app.a", "pyconf.app.b"] {
+        let listed = vhost.list("list_queues", &["name", "arguments"]);
+        let line = listed.iter().find(|l| l.split_whitespace().next() == Some(q));
+        assert!(line.is_some_and(|l| l.contains("x-max-priority") && l.contains("10")), "{q}: {listed:?}");
+    }
     let vhost_id = vhost.name.rsplit('-').next().unwrap();
     assert!(field(&ready, "broker").is_some_and(|b| b.contains(vhost_id)), "the app's broker: {ready}");
 
@@ -122,6 +130,9 @@ fn a_flag_or_the_environment_beats_the_app_s_configuration() {
     // The app names a broker and a backend where nothing listens: the worker must not use them.
     let env = app_env("amqp://guest:guest@127.0.0.1:1//", "redis://127.0.0.1:1/0", "pyconf.flag");
     let (broker, backend) = (vhost.url(""), db.url(""));
+    // The worker declares its queue with the app's maximum priority, so a celeriac client says
+    // the same (RabbitMQ refuses a second declaration that differs).
+    let client_broker = vhost.url("max_priority=10");
     let w = conf_worker(
         &env,
         &["--broker", &broker, "-Q", "pyconf.flagq", "-n", "pyconf-flag@%h"],
@@ -133,7 +144,18 @@ fn a_flag_or_the_environment_beats_the_app_s_configuration() {
     let ready = w.matching("worker ready").remove(0);
     assert_eq!(field(&ready, "queues"), Some("pyconf.flagq"), "{ready}");
     let (code, out, err) = run_cli(
-        &["send", "confapp.add", "--args", "[20, 22]", "-Q", "pyconf.flagq", "--broker", &broker, "--wait", "--json"],
+        &[
+            "send",
+            "confapp.add",
+            "--args",
+            "[20, 22]",
+            "-Q",
+            "pyconf.flagq",
+            "--broker",
+            &client_broker,
+            "--wait",
+            "--json",
+        ],
         &[("CELERIAC_RESULT_BACKEND", &backend)],
     );
     assert_eq!(code, 0, "{out}{err}\n{}", w.dump());
@@ -153,10 +175,13 @@ fn an_unusable_app_broker_is_refused_and_a_queue_declaration_celeriac_does_not_r
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("the app's broker_url (give another with --broker)"), "{err}");
     assert!(err.contains("kafka://127.0.0.1:9092"), "{err}");
-    // Before that, the one warning line named task_queues too, and what the queue asks for.
+    // Before that, the one warning line named task_queues too, and what the queue asks for; on
+    // a broker other than RabbitMQ queue arguments do not count (kombu's other transports ignore
+    // them too), and task_queue_max_priority is not taken.
     let warned: Vec<&str> = err.lines().filter(|l| l.contains("settings celeriac does not act on")).collect();
     assert_eq!(warned.len(), 1, "{err}");
-    let settings = "result_expires,task_acks_on_failure_or_timeout,task_queues,worker_hijack_root_logger";
+    let settings =
+        "result_expires,task_acks_on_failure_or_timeout,task_queue_max_priority,task_queues,worker_hijack_root_logger";
     assert_eq!(field(warned[0], "settings"), Some(settings), "{}", warned[0]);
     assert_eq!(field(warned[0], "task_queues"), Some("pyconf.bad.fan:exchange_type=fanout"), "{}", warned[0]);
     let failover = "redis://127.0.0.1:6379/14;redis://127.0.0.1:6380/14";

@@ -533,10 +533,7 @@ async fn worker(
         metrics_addr: args.metrics_addr.as_deref().map(parse_socket_addr).transpose()?,
         default_queue: default_queue.clone(),
     };
-    if let Some(c) = conf {
-        c.warn_unsupported(&config.queues);
-    }
-    let (broker, backend) = from_app.connect(broker_url, backend_url)?;
+    let (broker, backend) = from_app.connect(broker_url, backend_url, &config.queues)?;
     let beat = match args.beat {
         true => Some(beat::start(
             broker.clone(),

@@ -98,7 +98,7 @@ pub(crate) struct AppConf {
     pub queues_from: String,
     /// What the declaration of each of the app's queues asks for that celeriac does not
     /// reproduce (it declares and consumes a durable queue bound by its own name), by queue:
-    /// `exchange_type=fanout`, `queue_arguments=x-queue-type`, `durable=False`, ...
+    /// `exchange_type=fanout`, `argument:x-message-ttl=60000`, `durable=False`, ...
     #[serde(default)]
     pub declarations: BTreeMap<String, Vec<String>>,
     /// `[as written, current name, value]` for each Celery setting the app changed from its
@@ -116,11 +116,27 @@ impl AppConf {
 
     /// Log, in one warning, every setting the app changed that celeriac does not act on, and
     /// what the declarations of the `consumed` queues ask for that celeriac does not reproduce
-    /// (`task_queues` is then named too): nothing the app asks for is ignored silently.
-    pub(crate) fn warn_unsupported(&self, consumed: &[String]) {
+    /// (`task_queues` is then named too), leaving out the `applied` settings (by current name)
+    /// the worker took besides [`ACTED_ON`] and the queue arguments `broker_url` reproduces:
+    /// nothing the app asks for is ignored silently.
+    pub(crate) fn warn_unsupported(&self, consumed: &[String], applied: &[&str], broker_url: &str) {
         let mut settings = self.unsupported();
-        let queues: Vec<String> =
-            consumed.iter().filter_map(|q| self.declarations.get(q).map(|d| format!("{q}:{}", d.join(";")))).collect();
+        settings.retain(|w| {
+            !self.changed.iter().any(|(written, name, _)| written == w && applied.contains(&name.as_str()))
+        });
+        let queues: Vec<String> = consumed
+            .iter()
+            .filter_map(|q| {
+                let words: Vec<&str> = self
+                    .declarations
+                    .get(q)?
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|w| !reproduced(w, broker_url))
+                    .collect();
+                (!words.is_empty()).then(|| format!("{q}:{}", words.join(";")))
+            })
+            .collect();
         if queues.is_empty() {
             if !settings.is_empty() {
                 tracing::warn!(settings = %settings.join(","), "the app changes settings celeriac does not act on");
@@ -205,9 +221,17 @@ impl FromApp<'_> {
 
     /// The broker and result backend: the flag's or environment's (`broker`, `backend`), else
     /// the app's `broker_url` (Celery's default broker when the app names none) and
-    /// `result_backend`, else celeriac's defaults; opened. An app's URL
-    /// that cannot be used is an error naming the setting.
-    pub(crate) fn connect(&self, broker: Option<&str>, backend: Option<&str>) -> Result<Transports, CliError> {
+    /// `result_backend`, else celeriac's defaults; on RabbitMQ, with the app's queue type and
+    /// maximum priority ([`AMQP_QUEUE_SETTINGS`]) unless the URL sets them. Before they are
+    /// opened, the app's settings celeriac does not act on are logged
+    /// ([`AppConf::warn_unsupported`], `consumed` being the queues consumed). An app's URL that
+    /// cannot be used is an error naming the setting.
+    pub(crate) fn connect(
+        &self,
+        broker: Option<&str>,
+        backend: Option<&str>,
+        consumed: &[String],
+    ) -> Result<Transports, CliError> {
         let blame = |setting: &'static str, from_app: bool| {
             move |e: ConnectError| {
                 let mut e = CliError::from(e);
@@ -238,6 +262,10 @@ impl FromApp<'_> {
             }
             (None, None) => (connect::DEFAULT_BROKER_URL.to_string(), false),
         };
+        let (broker_url, applied) = self.amqp_queue_settings(broker_url);
+        if let Some(conf) = self.0 {
+            conf.warn_unsupported(consumed, &applied, &broker_url);
+        }
         let (backend_url, backend_from_app) = match (backend, self.0.and_then(|c| c.result_backend.as_deref())) {
             (Some(url), _) => (Some(url), false),
             (None, Some(url)) => {
@@ -251,6 +279,63 @@ impl FromApp<'_> {
         Ok((opened, backend))
     }
 }
+
+impl FromApp<'_> {
+    /// `url` with the app's [`AMQP_QUEUE_SETTINGS`] as its parameters, when it is RabbitMQ's and
+    /// does not set them itself; the settings so taken.
+    fn amqp_queue_settings(&self, mut url: String) -> (String, Vec<&'static str>) {
+        let mut applied = Vec::new();
+        if !is_amqp(&url) {
+            return (url, applied);
+        }
+        for (setting, param) in AMQP_QUEUE_SETTINGS {
+            let Some(value) = self.0.and_then(|c| c.setting(setting)) else { continue };
+            let value = value.as_str().map_or_else(|| value.to_string(), str::to_string);
+            let query = url.split_once('?').map_or("", |(_, q)| q);
+            if query.split('&').any(|kv| kv.split('=').next() == Some(param)) {
+                continue; // the URL's own wins
+            }
+            if !url.contains('?') {
+                url.push('?');
+            } else if !url.ends_with(['?', '&']) {
+                url.push('&');
+            }
+            url.push_str(&format!("{param}={value}"));
+            tracing::info!(setting, "{param}={value}: queues declared as the app's {setting} says");
+            applied.push(*setting);
+        }
+        (url, applied)
+    }
+}
+
+/// Whether a queue declaration's word (`describe.py`) is what celeriac declares anyway with
+/// `broker_url`: a queue argument on a broker other than RabbitMQ (kombu's other transports
+/// ignore them too), or one the URL's parameters carry ([`AMQP_QUEUE_SETTINGS`]).
+fn reproduced(word: &str, broker_url: &str) -> bool {
+    let Some((key, value)) = word.strip_prefix("argument:").and_then(|kv| kv.split_once('=')) else { return false };
+    if !is_amqp(broker_url) {
+        return true;
+    }
+    let param = |name: &str| {
+        let query = broker_url.split_once('?').map_or("", |(_, q)| q);
+        query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    };
+    match key {
+        "x-max-priority" => param("max_priority") == Some(value),
+        "x-queue-type" => param("queue_type") == Some(value),
+        _ => false,
+    }
+}
+
+/// Whether `url` is a RabbitMQ broker's.
+fn is_amqp(url: &str) -> bool {
+    matches!(url.split_once("://").map(|(s, _)| s), Some("amqp" | "amqps" | "pyamqp"))
+}
+
+/// Celery settings of how queues are declared, and the RabbitMQ broker URL parameters that
+/// carry them (`celeriac_amqp::url`).
+const AMQP_QUEUE_SETTINGS: &[(&str, &str)] =
+    &[("task_default_queue_type", "queue_type"), ("task_queue_max_priority", "max_priority")];
 
 /// A worker's broker and result backend.
 pub(crate) type Transports = (Arc<dyn Broker>, Arc<dyn ResultBackend>);
@@ -394,6 +479,30 @@ mod tests {
         assert!(e.message.contains("worker_concurrency must be a positive number, got -1"), "{}", e.message);
         // 0 is Celery's "unset".
         assert_eq!(conf.positive("task_time_limit").unwrap(), None);
+    }
+
+    #[test]
+    fn the_app_s_queue_type_and_priority_go_into_a_rabbitmq_url_that_does_not_set_them() {
+        let conf: AppConf = serde_json::from_str(
+            r#"{"celery": "5.7.0", "broker_url": null, "result_backend": null, "queues": ["celery"],
+                "queues_from": "task_default_queue",
+                "changed": [["task_default_queue_type", "task_default_queue_type", "quorum"],
+                            ["task_queue_max_priority", "task_queue_max_priority", 10]]}"#,
+        )
+        .unwrap();
+        let app = FromApp(Some(&conf));
+        let both = vec!["task_default_queue_type", "task_queue_max_priority"];
+        assert_eq!(
+            app.amqp_queue_settings("amqp://h//".into()),
+            ("amqp://h//?queue_type=quorum&max_priority=10".into(), both)
+        );
+        let (url, applied) = app.amqp_queue_settings("amqp://h//?heartbeat=0&max_priority=3".into());
+        assert_eq!(
+            (url.as_str(), applied),
+            ("amqp://h//?heartbeat=0&max_priority=3&queue_type=quorum", vec!["task_default_queue_type"])
+        );
+        assert_eq!(app.amqp_queue_settings("redis://h/0".into()), ("redis://h/0".into(), vec![]));
+        assert_eq!(FromApp(None).amqp_queue_settings("amqp://h//".into()), ("amqp://h//".into(), vec![]));
     }
 
     #[test]
