@@ -121,6 +121,10 @@ fn a_worker_with_no_flags_takes_broker_backend_queues_and_limits_from_the_app() 
     assert_eq!(got["sleepy"]["status"], "FAILURE", "{got:?}");
     assert_eq!(got["sleepy"]["result"]["exc_type"], "TimeLimitExceeded", "{got:?}");
     assert!(w.matching("hard time limit exceeded").iter().any(|l| l.contains("time_limit=2.0")), "{}", w.dump());
+    // Remote control shows the rate limit, as for one set by `control rate-limit`.
+    let (code, out, err) = run_cli(&["inspect", "registered", "--broker", &vhost.url("")], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("confapp.tick [rate_limit=2/s]"), "{out}{err}");
 }
 
 #[test]
