@@ -229,18 +229,31 @@ fn a_cold_shutdown_stops_the_running_python_task_and_the_next_worker_runs_it() {
     assert_eq!((&got[0]["status"], &got[0]["result"]), (&json!("SUCCESS"), &json!("run again")), "{}", got[0]);
 }
 
+/// A worker named after `tag`, with one child, that answers remote control and runs a
+/// `slow_once` task of `seconds` on `pysup.<tag>`: (the worker, its name, its child, the task id).
+fn one_child_running_a_slow_task(
+    db: &SharedRedisDb,
+    url: &str,
+    tag: &str,
+    seconds: u64,
+) -> (WorkerProc, String, BTreeSet<u32>, String) {
+    let queue = format!("pysup.{tag}");
+    let name = format!("pysup-{tag}-{}@testhost", std::process::id());
+    let w = python_worker(url, url, &queue, &["-c", "1", "-n", &name]);
+    w.wait_for_line("remote control ready", Duration::from_secs(10));
+    let kids = python_children(&w);
+    assert_eq!(kids.len(), 1, "{kids:?}");
+    let key = format!("pysup.{tag}.started");
+    let id = send_one(url, &queue, "slow_once", json!([key, seconds]));
+    wait_until("the task to run in a child", Duration::from_secs(30), || key_set(db, &key));
+    (w, name, kids, id)
+}
+
 #[test]
 fn revoke_terminate_kills_the_python_child_stores_revoked_and_a_fresh_child_runs_the_next_task() {
     let (db, url) = urls();
     let queue = "pysup.revoke";
-    let name = format!("pysup-revoke-{}@testhost", std::process::id());
-    let w = python_worker(&url, &url, queue, &["-c", "1", "-n", &name]);
-    w.wait_for_line("remote control ready", Duration::from_secs(10));
-    let kids = python_children(&w);
-    assert_eq!(kids.len(), 1, "{kids:?}");
-    let key = "pysup.revoke.started";
-    let id = send_one(&url, queue, "slow_once", json!([key, 300]));
-    wait_until("the task to run in a child", Duration::from_secs(30), || key_set(&db, key));
+    let (w, name, kids, id) = one_child_running_a_slow_task(&db, &url, "revoke", 300);
 
     let (code, out, err) = run_cli(&["control", "revoke", "--terminate", &id, "-d", &name, "--broker", &url], &[]);
     assert_eq!(code, 0, "{out}{err}");
@@ -257,6 +270,28 @@ fn revoke_terminate_kills_the_python_child_stores_revoked_and_a_fresh_child_runs
     let now = python_children(&w);
     assert!(now.len() == 1 && now.is_disjoint(&kids), "a fresh child: {now:?} (was {kids:?})");
     assert_eq!(w.count("requeueing"), 0, "{}", w.dump());
+}
+
+#[test]
+fn a_terminate_signal_the_python_child_ignores_leaves_no_mark_on_its_next_task() {
+    let (db, url) = urls();
+    let queue = "pysup.ignored";
+    let (w, name, kids, id) = one_child_running_a_slow_task(&db, &url, "ignored", 2);
+    // A Python child ignores SIGINT (as Celery's children do): the task runs on, in that child.
+    let args = ["control", "revoke", "--terminate", "-s", "INT", &id, "-d", &name, "--broker", &url];
+    let (code, out, err) = run_cli(&args, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let lines = w.lines.clone();
+    wait_until("the task to end in its child", Duration::from_secs(30), || {
+        lines.lock().unwrap().iter().any(|l| l.contains(&id) && l.contains("task succeeded"))
+    });
+    assert_eq!(python_children(&w), kids, "the same child");
+    assert_eq!(meta(&db, &id).unwrap()["status"], "REVOKED", "a revoked task stays REVOKED");
+    // The child's next loss is a lost worker, not the termination asked for before.
+    let next = send_one(&url, queue, "frame_close", json!([]));
+    let got = wait_final(&db, std::slice::from_ref(&next), Duration::from_secs(120), &w);
+    assert_eq!(got[0]["status"], "FAILURE", "{}", got[0]);
+    assert_eq!(got[0]["result"]["exc_type"], "WorkerLostError", "{}", got[0]);
 }
 
 #[test]

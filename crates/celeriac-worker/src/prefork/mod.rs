@@ -432,6 +432,9 @@ impl Pool {
                         child.tasks += 1;
                         let tasks = child.tasks;
                         self.set_status(child.slot, |s| { s.task = None; s.tasks_done = tasks; s.rss_kib = rss_kib; });
+                        // A terminate signal the child did not die of (a task that ignores it)
+                        // must not make its next death a termination.
+                        self.take_terminated(child.pid);
                         self.check_in(child, rss_kib);
                         return PoolOutcome::Done(outcome.into_result());
                     }
@@ -469,8 +472,7 @@ impl Pool {
         };
         // The stream ended or broke: the child died mid-task.
         let detail = outcome.err().unwrap_or_default();
-        let terminated = self.terminated.lock().unwrap_or_else(|e| e.into_inner()).remove(&child.pid);
-        if let Some(signal) = terminated {
+        if let Some(signal) = self.take_terminated(child.pid) {
             let how = self.bury(child).await;
             return PoolOutcome::Terminated(signal, how);
         }
@@ -538,8 +540,14 @@ impl Pool {
         }
     }
 
+    /// The signal [`Pool::terminate`] sent to `pid`, if it did, forgotten from now on.
+    fn take_terminated(&self, pid: u32) -> Option<i32> {
+        self.terminated.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid)
+    }
+
     /// Wait for a dead or killed child and start its replacement in the background.
     async fn bury(self: &Arc<Self>, mut child: ChildProc) -> String {
+        self.take_terminated(child.pid);
         let how = match tokio::time::timeout(Duration::from_secs(5), child.process.wait()).await {
             Ok(Ok(status)) => proc_info::describe_exit(status),
             _ => {
