@@ -1,6 +1,8 @@
 //! Every supervisor guarantee, for Python children (`celeriac worker --python-app`, issue 15):
-//! recycling after `--max-tasks-per-child`, warm and cold shutdown, `revoke --terminate`, a
-//! backlog over three queues at start, and tasks that misbehave on the child's own pipe. Real
+//! recycling after `--max-tasks-per-child` and over `--max-memory-per-child`, warm shutdown (also
+//! by a signal to the worker's whole process group) and cold shutdown, `revoke --terminate`
+//! (also with a signal the child ignores), a backlog over three queues at start, and tasks that
+//! print or misbehave on the child's frame pipe. Real
 //! processes throughout: the test app `tests/pyapp/pyapp.py` published to by real Celery
 //! (`tests/pyapp/send.py`), a real Redis as broker and backend.
 
@@ -45,13 +47,13 @@ fn send_one(url: &str, queue: &str, task: &str, args: Value) -> String {
 fn metas(db: &SharedRedisDb, ids: &[String]) -> Vec<Option<Value>> {
     let mut out = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(200) {
-        let out_ = Command::new("redis-cli")
+        let reply = Command::new("redis-cli")
             .args(["-h", "127.0.0.1", "-p", "6379", "-n", &db.db.to_string(), "MGET"])
             .args(chunk.iter().map(|id| format!("celery-task-meta-{id}")))
             .output()
             .expect("redis-cli");
         // One line per key, empty for a missing one (no value holds a newline: JSON escapes it).
-        let text = String::from_utf8_lossy(&out_.stdout);
+        let text = String::from_utf8_lossy(&reply.stdout);
         let lines: Vec<&str> = text.strip_suffix('\n').unwrap_or(&text).split('\n').collect();
         assert_eq!(lines.len(), chunk.len(), "MGET answered {text:?}");
         out.extend(lines.iter().map(|l| (!l.is_empty()).then(|| serde_json::from_str(l).expect("a stored meta"))));
