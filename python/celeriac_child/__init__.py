@@ -212,17 +212,19 @@ class Child:
     # -- running a task ----------------------------------------------------------------------
 
     def run(self, req):
-        """Run one task; the ``outcome`` of its ``done`` frame."""
+        """Run one task; the ``outcome`` of its ``done`` frame, and whether the task emptied its
+        request's chain (``self.request.chain = None``, Celery's way to stop a chain)."""
         from billiard.einfo import ExceptionInfo
         from celery import signals
         from celery.app.task import Context
-        from celery.exceptions import Retry, SoftTimeLimitExceeded
+        from celery.app.task import Task as BaseTask
+        from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
         from celery.utils.objects import mro_lookup
 
         name = req["name"]
         task = self.app.tasks.get(name)
         if task is None:
-            return _error("NotRegistered", repr(name), "celery.exceptions", None, [name])
+            return _error("NotRegistered", repr(name), "celery.exceptions", None, [name]), False
         args = self.kjson.loads(req["args"])
         kwargs = self.kjson.loads(req["kwargs"])
         request = dict(req.get("request") or {})
@@ -232,7 +234,10 @@ class Child:
         request.setdefault("parent_id", req.get("parent_id"))
         request.setdefault("group", req.get("group"))
         ctx = Context(request, args=args, called_directly=False, kwargs=kwargs)
-        custom_call = mro_lookup(task.__class__, "__call__", stop={type(task).__mro__[-1]},
+        had_chain = bool(ctx.chain)
+        # As Celery's task_has_custom: only a __call__ of the app's own classes counts (Celery's
+        # Task.__call__ would run the task under a copy of the request it is given).
+        custom_call = mro_lookup(task.__class__, "__call__", stop={BaseTask, object},
                                  monkey_patched=["celery.app.task"]) is not None
         fun = task if custom_call else task.run
         soft = req.get("soft_time_limit")
@@ -269,6 +274,13 @@ class Child:
                 outcome = {"value": {"value": text}}
                 task.on_success(retval, task_id, args, kwargs)
                 signals.task_success.send(sender=task, result=retval)
+        except Ignore as exc:  # nothing stored, the message acknowledged (self.replace() ends so)
+            state, retval = "IGNORED", exc
+            outcome = _error("Ignore", str(exc), "celery.exceptions", None, None)
+        except Reject as exc:  # the message rejected; stored as FAILURE unless requeued
+            state, retval = "REJECTED", exc
+            outcome = _error("Reject", str(exc), "celery.exceptions", ExceptionInfo().traceback, None)
+            outcome["error"]["args"] = _args_json([exc.reason, bool(exc.requeue)], self.kjson)
         except Retry as reason:
             einfo = ExceptionInfo()
             state, retval = "RETRY", reason
@@ -294,13 +306,14 @@ class Child:
             outcome = _error_of(exc, einfo.traceback, self.kjson)
         finally:
             try:
-                task.after_return(state, retval, task_id, args, kwargs, None)
+                if state not in ("IGNORED", "REJECTED"):
+                    task.after_return(state, retval, task_id, args, kwargs, None)
                 signals.task_postrun.send(sender=task, task_id=task_id, task=task, args=args, kwargs=kwargs,
                                           retval=retval, state=state)
             finally:
                 task.request_stack.pop()
                 _state._task_stack.pop()
-        return outcome
+        return outcome, had_chain and not ctx.chain
 
 
 def _error(exc_type, message, module, tb, args):
@@ -310,14 +323,17 @@ def _error(exc_type, message, module, tb, args):
     return {"error": error}
 
 
+def _args_json(args, kjson):
+    try:
+        return kjson.dumps(list(args))
+    except Exception:  # arguments that are not JSON: their reprs, as Celery's ensure_serializable
+        return json.dumps([a if isinstance(a, (str, int, float, bool, type(None))) else repr(a) for a in args])
+
+
 def _error_of(exc, tb, kjson):
     """An exception as Celery stores it: type name, module, ``exc.args``."""
-    try:
-        args = kjson.dumps(list(exc.args))
-    except Exception:  # arguments that are not JSON: their reprs, as Celery's ensure_serializable
-        args = json.dumps([a if isinstance(a, (str, int, float, bool, type(None))) else repr(a) for a in exc.args])
     out = _error(type(exc).__name__, str(exc), type(exc).__module__, tb, None)
-    out["error"]["args"] = args
+    out["error"]["args"] = _args_json(exc.args, kjson)
     return out
 
 
@@ -361,8 +377,11 @@ def main(argv):
                 break
             if isinstance(frame, dict) and "run" in frame:
                 req = frame["run"]
-                outcome = child.run(req)
-                pipe.write({"done": {"id": req["id"], "outcome": outcome, "rss_kib": _rss_kib()}})
+                outcome, chain_stopped = child.run(req)
+                done = {"id": req["id"], "outcome": outcome, "rss_kib": _rss_kib()}
+                if chain_stopped:
+                    done["chain_stopped"] = True
+                pipe.write({"done": done})
     finally:
         signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=exitcode)
     return exitcode

@@ -12,6 +12,7 @@ import json
 import sys
 import uuid
 
+from celery import chain, chord, group
 from celery.result import AsyncResult
 
 import pyapp
@@ -33,9 +34,57 @@ CASES = {
 }
 
 
+def _linked(sig, kind, other):
+    """`sig` with `other` (frozen, its id known) linked as its callback or errback."""
+    other.freeze()
+    getattr(sig, kind)(other)
+    return sig, other
+
+
+def _flow_link():
+    sig, cb = _linked(pyapp.add.s(2, 2), "link", pyapp.mul.s(10))
+    r = sig.apply_async()
+    return [r.get(timeout=60), AsyncResult(cb.id).get(timeout=60)]
+
+
+def _flow_link_error():
+    sig, eb = _linked(pyapp.fail.s("x"), "link_error", pyapp.errback.s())
+    r = sig.apply_async()
+    r.get(timeout=60, propagate=False)
+    return [r.status, AsyncResult(eb.id).get(timeout=60)]
+
+
+def _flow_stop_chain():
+    r = chain(pyapp.add.s(1, 1), pyapp.stop_chain.s(), pyapp.add.s(100)).apply_async()
+    stopped = r.parent.get(timeout=60)
+    # A task sent after the chain's tail would have been: done, the tail is still PENDING.
+    sentinel = pyapp.add.delay(0, 0).get(timeout=60)
+    return [stopped, sentinel, r.status]
+
+
+#: Workflows: each returns what the client read back.
+FLOWS = {
+    "chain": lambda: (lambda r: [r.parent.parent.get(timeout=60), r.parent.get(timeout=60), r.get(timeout=60)])(
+        chain(pyapp.add.s(1, 2), pyapp.add.s(3), pyapp.add.s(4)).apply_async()),
+    "link": _flow_link,
+    "link_error": _flow_link_error,
+    "group": lambda: group(pyapp.add.s(i, i) for i in range(4)).apply_async().get(timeout=60),
+    "chord": lambda: chord([pyapp.add.s(i, i) for i in range(4)], pyapp.tsum.s()).apply_async().get(timeout=60),
+    "stop_chain": _flow_stop_chain,
+    "replaced": lambda: pyapp.replaced.delay(1).get(timeout=60),
+    "replaced_in_chain": lambda: chain(pyapp.replaced.s(1), pyapp.add.s(1)).apply_async().get(timeout=60),
+}
+
+
 def main(queue, cases, key):
     out = {}
     for case in cases:
+        if case in FLOWS:
+            try:
+                out[case] = {"value": FLOWS[case]()}
+            except Exception as exc:  # a timeout or a failure: reported, the test fails on it
+                out[case] = {"error": "%s: %s" % (type(exc).__name__, exc)}
+            continue
         if case.startswith("redis_get_set"):
             sig = pyapp.redis_get_set.s(key, case)
         else:
@@ -59,6 +108,7 @@ def main(queue, cases, key):
             "result": result,
             "has_traceback": bool(meta.get("traceback")),
             "retries_seen": getattr(r, "retries", None),
+            "id": r.id,
         }
     print(json.dumps(out, sort_keys=True, default=repr))
 

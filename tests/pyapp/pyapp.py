@@ -249,3 +249,100 @@ def loud():
     sys.__stdout__.flush()
     os.write(1, b"straight to fd 1\n")
     return "still framed"
+
+
+# -- Celery task semantics under the supervisor (crates/celeriac-cli/tests/python_semantics.rs) --
+
+
+def _die_unless(key, survive_at):
+    """Count this run in `key`; kill this process (SIGKILL) until the count reaches `survive_at`."""
+    import signal
+
+    n = _data().incr(key)
+    if n < survive_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return n
+
+
+@app.task(acks_late=True, reject_on_worker_lost=True)
+def die_requeue(key, survive_at):
+    return _die_unless(key, survive_at)
+
+
+@app.task(acks_late=True)
+def die_late(key, survive_at):
+    return _die_unless(key, survive_at)
+
+
+@app.task
+def die_early(key, survive_at):
+    return _die_unless(key, survive_at)
+
+
+@app.task
+def block_early(key):
+    """Wait (up to 60 s) for an item pushed on the list `key`."""
+    return bool(_data().blpop(key, timeout=60))
+
+
+@app.task(acks_late=True)
+def block_late(key):
+    return bool(_data().blpop(key, timeout=60))
+
+
+@app.task(bind=True)
+def progress(self, key):
+    """A custom state stored while it waits for an item on `key`."""
+    self.update_state(state="PROGRESS", meta={"step": 1})
+    return bool(_data().blpop(key, timeout=60))
+
+
+@app.task(bind=True)
+def ignored(self):
+    from celery.exceptions import Ignore
+
+    self.update_state(state="PROGRESS", meta={"step": 2})
+    raise Ignore()
+
+
+@app.task(acks_late=True)
+def rejected(key, requeue):
+    """Rejects its message the first time (`requeue` or not); returns the run count after."""
+    from celery.exceptions import Reject
+
+    n = _data().incr(key)
+    if n == 1:
+        raise Reject("first run", requeue=requeue)
+    return n
+
+
+@app.task(ignore_result=True)
+def quiet(key):
+    _data().rpush(key, "ran")
+    return "not stored"
+
+
+@app.task
+def mul(x, y):
+    return x * y
+
+
+@app.task
+def tsum(values):
+    return sum(values)
+
+
+@app.task
+def errback(task_id):
+    return "errback for a %d-character id" % len(task_id)
+
+
+@app.task(bind=True)
+def stop_chain(self, x):
+    self.request.chain = None
+    return x
+
+
+@app.task(bind=True)
+def replaced(self, x):
+    return self.replace(add.s(x, 100))

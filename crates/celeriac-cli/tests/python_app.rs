@@ -7,8 +7,8 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::pyapp::{app_env, pyapp_dir, python_worker};
-use common::{alive, children_of, repo, run_cli, venv_python, wait_until, SharedRedisDb, TestVhost, WorkerProc};
+use common::pyapp::{app_env, python_worker, run_client, CeleryWorker};
+use common::{alive, children_of, run_cli, venv_python, wait_until, SharedRedisDb, TestVhost, WorkerProc};
 use serde_json::Value;
 
 /// This binary's Redis database (results, and the data the tasks read and write).
@@ -17,62 +17,6 @@ const DB: u32 = 6;
 /// A celeriac worker running the test app's tasks in Python children.
 fn celeriac_python_worker(broker: &str, backend: &str, queue: &str, extra: &[&str]) -> WorkerProc {
     python_worker(broker, backend, queue, extra)
-}
-
-/// Run `tests/pyapp/client.py QUEUE CASES...`; the stored metas by case.
-fn run_client(broker: &str, backend: &str, queue: &str, cases: &[&str]) -> serde_json::Map<String, Value> {
-    let out = Command::new(venv_python())
-        .arg(pyapp_dir().join("client.py"))
-        .arg(queue)
-        .args(cases)
-        .envs(app_env(broker, backend, queue))
-        .output()
-        .expect("python client");
-    assert!(
-        out.status.success(),
-        "client.py failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    match serde_json::from_slice(&out.stdout) {
-        Ok(Value::Object(m)) => m,
-        other => panic!("client.py printed {other:?}"),
-    }
-}
-
-/// A real `celery worker` (prefork) of the same app, on its own queue.
-struct CeleryWorker(std::process::Child);
-
-impl CeleryWorker {
-    fn start(broker: &str, backend: &str, queue: &str) -> Self {
-        let mut child = Command::new(repo().join("target/pyenv/bin/celery"))
-            .args(["-A", "pyapp", "worker", "-P", "prefork", "-c", "2", "-Q", queue, "--loglevel=INFO"])
-            .args(["-n", &format!("pyapp-{queue}@%h")])
-            .envs(app_env(broker, backend, queue))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("celery worker");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains(" ready.") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(60)).expect("the Celery worker to be ready");
-        CeleryWorker(child)
-    }
-}
-
-impl Drop for CeleryWorker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 const CASES: &[&str] = &[

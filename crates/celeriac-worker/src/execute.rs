@@ -37,6 +37,13 @@ enum Outcome {
     Panicked(String, Option<String>),
     /// The prefork child running it died (how).
     WorkerLost(String),
+    /// The task raised Celery's `Ignore`: nothing stored, the message acknowledged.
+    Ignored,
+    /// The task raised Celery's `Reject`: the message rejected, back to its queue or not.
+    Rejected {
+        requeue: bool,
+        err: TaskError,
+    },
     /// Revoked by remote control before it ran, or terminated while it ran (the reason).
     Revoked(&'static str, Option<i32>),
     Aborted,
@@ -77,6 +84,10 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
         }
     }
     let in_flight = shared.observe.started(&mut req);
+    // A child's task that is not acks_late is acknowledged as it starts, as Celery's worker does.
+    if shared.acks.get(&req.headers.task).is_some_and(|p| !p.acks_late) {
+        req.delivery = crate::foreign::ack_early(req.delivery).await;
+    }
     let mut terminate = shared.state.start(&req.headers.id);
     let opts = req.task.options();
     // The message's limits, else those remote control set for the task, else the task's own,
@@ -123,12 +134,10 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
                         .then(|| crate::foreign::celery_request(&req, &shared.config.hostname)),
                 };
                 drop((ctx, soft_tx));
-                match pool.run(run, hard.map(Duration::from_secs_f64), abort.clone(), &publisher).await {
-                    PoolOutcome::Done(Ok(v)) => Outcome::Value(v),
-                    PoolOutcome::Done(Err(e)) if e.exc_type == "Panic" && e.module == "celeriac" => {
-                        Outcome::Panicked(e.message, e.traceback)
+                let outcome = match pool.run(run, hard.map(Duration::from_secs_f64), abort.clone(), &publisher).await {
+                    PoolOutcome::Done { result, chain_stopped } => {
+                        return (pool_result(result), chain_stopped);
                     }
-                    PoolOutcome::Done(Err(e)) => Outcome::Error(e),
                     PoolOutcome::TimeLimit => Outcome::TimeLimit(hard.unwrap_or_default()),
                     PoolOutcome::WorkerLost(how) => Outcome::WorkerLost(how),
                     PoolOutcome::Terminated(signal, how) => {
@@ -136,23 +145,39 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
                         Outcome::Revoked("terminated", Some(signal))
                     }
                     PoolOutcome::Aborted => Outcome::Aborted,
-                }
+                };
+                (outcome, false)
             }
-            _ => run_in_process(&req, ctx, soft, soft_tx, hard, &mut abort).await,
+            _ => (run_in_process(&req, ctx, soft, soft_tx, hard, &mut abort).await, false),
         }
     };
-    let outcome = tokio::select! {
+    let (outcome, chain_stopped) = tokio::select! {
         outcome = run => outcome,
         // `revoke --terminate` in the async pool: the task is dropped at its next await.
-        Ok(signal) = terminate.wait_for(Option::is_some) => Outcome::Revoked("terminated", *signal),
+        Ok(signal) = terminate.wait_for(Option::is_some) => (Outcome::Revoked("terminated", *signal), false),
     };
     let held = publisher.into_held();
     req.deferred = held;
+    req.chain_stopped = chain_stopped;
     let runtime = started.elapsed();
     shared.runtimes.lock().unwrap_or_else(|p| p.into_inner()).record(runtime);
     // The slot is free as soon as the task is done; settling does not need it.
     drop((permit, in_flight));
     settle(&shared, req, outcome, runtime).await;
+}
+
+/// How a task in a pool child ended, from its result: Celery's control exceptions (`Ignore`,
+/// `Reject`) and a Rust child's panic are told apart from other errors.
+fn pool_result(result: Result<Value, TaskError>) -> Outcome {
+    match result {
+        Ok(v) => Outcome::Value(v),
+        Err(e) if e.exc_type == "Panic" && e.module == "celeriac" => Outcome::Panicked(e.message, e.traceback),
+        Err(e) => match crate::foreign::Control::of(&e) {
+            Some(crate::foreign::Control::Ignore) => Outcome::Ignored,
+            Some(crate::foreign::Control::Reject { requeue }) => Outcome::Rejected { requeue, err: e },
+            None => Outcome::Error(e),
+        },
+    }
 }
 
 /// Run a task in this process (the async pool), under its time limits.
@@ -304,10 +329,17 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
     let opts = req.task.options();
     let ignore_result = req.headers.ignore_result || opts.ignore_result;
     // The workflow the message carries (callbacks, errbacks, the rest of its chain, its chord).
-    let cont = crate::canvas::read((&req).into());
+    let mut cont = crate::canvas::read((&req).into());
     if !cont.problems.is_empty() {
         crate::canvas::report_problems(shared, (&req).into(), &cont.problems).await;
     }
+    if req.chain_stopped && cont.chain.take().is_some() {
+        tracing::info!(
+            "the task emptied its request's chain (request.chain = None): the rest of the chain is not sent"
+        );
+    }
+    // Settled by rejecting, not acknowledging (Celery's `Reject(requeue=False)`).
+    let mut reject_after = false;
     if !matches!(outcome, Outcome::WorkerLost(_)) {
         shared.forget_lost(&id);
     }
@@ -367,19 +399,30 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             Some(ResultMeta::exception(&id, TaskState::Failure, &exc, Some(tb)))
         }
         Outcome::WorkerLost(how) => {
+            // A child's task that is not acks_late with reject_on_worker_lost is not run again:
+            // FAILURE WorkerLostError, as Celery stores it (`celery/worker/request.py`).
+            let requeues = crate::foreign::AckPolicy::requeues_lost(shared.acks.get(&req.headers.task).copied());
             // Deliveries of this message that lost their worker: those seen in this process, or
             // the broker's count, whichever is more. Both count this one. Neither is summed with
             // the other: a broker that counts (SQLite leases, quorum queues) already counts the
             // deliveries seen here, and one that only says "redelivered" (classic AMQP, Redis)
             // reports 2 for every redelivery.
             let deliveries = poison_count(shared.note_lost(&id), req.delivery.delivery_count);
-            if deliveries >= shared.config.max_deliveries {
-                let reason = format!(
-                    "Worker exited prematurely: {how}; task {}[{id}] lost its worker {deliveries} times (limit {})",
-                    req.headers.task, shared.config.max_deliveries
-                );
+            if !requeues || deliveries >= shared.config.max_deliveries {
+                let reason = if requeues {
+                    format!(
+                        "Worker exited prematurely: {how}; task {}[{id}] lost its worker {deliveries} times (limit {})",
+                        req.headers.task, shared.config.max_deliveries
+                    )
+                } else {
+                    format!("Worker exited prematurely: {how}")
+                };
                 let content_type = crate::request::content_of(&req.delivery.message);
-                tracing::error!(%content_type, %reason, "poison message: failing and dead-lettering");
+                if requeues {
+                    tracing::error!(%content_type, %reason, "poison message: failing and dead-lettering");
+                } else {
+                    tracing::error!(%reason, "the child running the task died; the task is not acks_late with reject_on_worker_lost, so it is not run again: FAILURE, as in Celery");
+                }
                 Stats::bump(&shared.stats.failed);
                 let exc = ExceptionInfo::new("WorkerLostError", reason.clone(), "billiard.exceptions");
                 let tb = traceback(&req, &exc, Some(&format!("the child running it died: {how}")));
@@ -392,6 +435,12 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                     return;
                 }
                 shared.forget_lost(&id);
+                if !requeues {
+                    if let Err(e) = req.delivery.ack().await {
+                        tracing::warn!(error = %e, "could not acknowledge; the broker will redeliver");
+                    }
+                    return;
+                }
                 Stats::bump(&shared.stats.dead_lettered);
                 if let Err(e) = req.delivery.dead_letter(&reason).await {
                     tracing::warn!(error = %e, "could not dead-letter the message");
@@ -402,6 +451,29 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             Stats::bump(&shared.stats.requeued);
             req.requeue().await;
             return;
+        }
+        Outcome::Ignored => {
+            tracing::info!(runtime = ?runtime, "task ignored (celery.exceptions.Ignore): nothing stored, the message acknowledged");
+            shared.observe.ignored(&req.headers.task, runtime);
+            None
+        }
+        Outcome::Rejected { requeue: true, err } => {
+            tracing::warn!(reason = %err.message, runtime = ?runtime, "the task rejected its message (celery.exceptions.Reject, requeue=True): back to its queue");
+            Stats::bump(&shared.stats.requeued);
+            shared.observe.rejected(&id, &req.headers.task, true);
+            req.requeue().await;
+            return;
+        }
+        Outcome::Rejected { requeue: false, err } => {
+            // Celery stores the Reject as the task's FAILURE, then rejects the message.
+            tracing::warn!(reason = %err.message, runtime = ?runtime, "the task rejected its message (celery.exceptions.Reject, requeue=False): FAILURE stored, the message dropped");
+            Stats::bump(&shared.stats.failed);
+            let exc = err.to_exception();
+            let tb = traceback(&req, &exc, err.traceback.as_deref());
+            shared.observe.failed(&id, &req.headers.task, &exc, Some(&tb), Some(runtime));
+            shared.observe.rejected(&id, &req.headers.task, false);
+            reject_after = true;
+            Some(ResultMeta::exception(&id, TaskState::Failure, &exc, Some(tb)))
         }
         Outcome::Panicked(msg, at) => {
             tracing::error!(panic = %msg, location = at.as_deref().unwrap_or("unknown"), "task panicked");
@@ -493,8 +565,9 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
         req.requeue().await;
         return;
     }
-    if let Err(e) = req.delivery.ack().await {
-        tracing::warn!(error = %e, "could not acknowledge; the broker will redeliver");
+    let settled = if reject_after { req.delivery.reject(false).await } else { req.delivery.ack().await };
+    if let Err(e) = settled {
+        tracing::warn!(error = %e, "could not settle the message; the broker will redeliver");
     }
 }
 

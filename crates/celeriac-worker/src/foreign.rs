@@ -2,15 +2,19 @@
 //! the worker: the registry entries of the tasks it announced, Celery's request dict for each
 //! task it runs (`task.request` in Python), and publishing on its behalf what its tasks send
 //! (`apply_async`, `delay`, `self.retry()`), through the worker's broker under the publish
-//! deadline.
+//! deadline; and how their messages are settled, as Celery's worker settles them
+//! (`celery/worker/request.py`): `acks_late`, `reject_on_worker_lost`, and the control
+//! exceptions `Ignore` and `Reject`.
 //!
 //! The supervisor stays the only process that talks to the broker: a child writes a
 //! `publish` frame and waits for the answer, as a Celery task waits for its publish.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use celeriac_core::{Message, Properties, Registry, Task, TaskContext, TaskError, TaskOptions};
+use celeriac_core::broker::Acker;
+use celeriac_core::{BrokerError, Delivery, Message, Properties, Registry, Task, TaskContext, TaskError, TaskOptions};
 use futures::future::BoxFuture;
 use serde_json::{Map, Value};
 
@@ -91,6 +95,108 @@ pub(crate) fn registry(registry: &Registry, tasks: &[ChildTask]) -> Registry {
         out.register_arc(Arc::new(ChildOnly { name: task.name.clone(), options: options_of(task) }));
     }
     out
+}
+
+/// How a child's task's message is settled: Celery's `acks_late` and `reject_on_worker_lost`
+/// task attributes, as `celery/worker/request.py` acts on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AckPolicy {
+    /// Acknowledged once the outcome is settled; otherwise before the task runs (Celery's
+    /// default: a task whose child dies is then not run again).
+    pub acks_late: bool,
+    /// With `acks_late`, a task whose child died is requeued (bounded by the poison guard)
+    /// instead of stored as FAILURE `WorkerLostError`.
+    pub reject_on_worker_lost: bool,
+}
+
+impl AckPolicy {
+    /// Whether a task whose child died goes back to its queue (else FAILURE `WorkerLostError`).
+    pub(crate) fn requeues_lost(policy: Option<AckPolicy>) -> bool {
+        policy.is_none_or(|p| p.acks_late && p.reject_on_worker_lost)
+    }
+}
+
+/// The settle policy of each announced task, by name (a missing attribute is Celery's default,
+/// false).
+pub(crate) fn ack_policies(tasks: &[ChildTask]) -> HashMap<String, AckPolicy> {
+    let flag = |t: &ChildTask, k: &str| t.options.get(k).and_then(Value::as_bool).unwrap_or(false);
+    tasks
+        .iter()
+        .map(|t| {
+            let policy =
+                AckPolicy { acks_late: flag(t, "acks_late"), reject_on_worker_lost: flag(t, "reject_on_worker_lost") };
+            (t.name.clone(), policy)
+        })
+        .collect()
+}
+
+/// Acknowledge a delivery before its task runs (a task that is not `acks_late`, as Celery's
+/// worker acknowledges it when the pool accepts it). What settles it afterwards does nothing,
+/// and says so where it would have given the message back.
+pub(crate) async fn ack_early(delivery: Delivery) -> Delivery {
+    let (message, queue, count, acker) = delivery.into_parts();
+    if let Err(e) = acker.ack().await {
+        tracing::warn!(error = %e, "could not acknowledge the message before the task (not acks_late) runs; the broker may deliver it again");
+    }
+    Delivery::new(message, queue, count, Box::new(AckedEarly))
+}
+
+/// The settlement of a delivery acknowledged before its task ran.
+struct AckedEarly;
+
+#[async_trait::async_trait]
+impl Acker for AckedEarly {
+    async fn ack(self: Box<Self>) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    async fn reject(self: Box<Self>, requeue: bool) -> Result<(), BrokerError> {
+        if requeue {
+            tracing::warn!("not requeued: the message was acknowledged before the task ran (the task is not acks_late, as in Celery)");
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(self: Box<Self>, reason: &str) -> Result<(), BrokerError> {
+        tracing::warn!(%reason, "not dead-lettered: the message was acknowledged before the task ran (the task is not acks_late)");
+        Ok(())
+    }
+}
+
+/// Celery's control exceptions (`celery.exceptions.Ignore`, `Reject`) raised by a task, as a
+/// child reports them: an error of that type and module; `Reject`'s `args` are
+/// `[reason, requeue]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Control {
+    /// `Ignore`: nothing stored, the message acknowledged.
+    Ignore,
+    /// `Reject(requeue=...)`: the message rejected, back to its queue or not.
+    Reject {
+        /// Back to its queue.
+        requeue: bool,
+    },
+}
+
+impl Control {
+    /// The control exception `err` is, if any.
+    pub(crate) fn of(err: &TaskError) -> Option<Control> {
+        if err.module != "celery.exceptions" {
+            return None;
+        }
+        match err.exc_type.as_str() {
+            "Ignore" => Some(Control::Ignore),
+            "Reject" => {
+                let requeue = err.args.as_deref().and_then(|a| a.get(1)).is_some_and(|r| match r {
+                    Value::Bool(b) => *b,
+                    Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+                    Value::Null => false,
+                    _ => true,
+                });
+                Some(Control::Reject { requeue })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Celery's request dict for `req` (what `celery/worker/request.py` hands its tracer): the
@@ -254,6 +360,29 @@ mod tests {
             body: String::new(),
         };
         assert!(message_of(none).unwrap_err().contains("no routing key"));
+    }
+
+    #[test]
+    fn celery_s_control_exceptions_are_told_from_errors() {
+        let err = |t: &str, m: &str, args: Value| {
+            let mut e = TaskError::new(t, "x").with_module(m);
+            e.args = Some(Box::new(args));
+            e
+        };
+        assert_eq!(Control::of(&err("Ignore", "celery.exceptions", json!([]))), Some(Control::Ignore));
+        let reject = |requeue: Value| Control::of(&err("Reject", "celery.exceptions", json!(["why", requeue])));
+        assert_eq!(reject(json!(true)), Some(Control::Reject { requeue: true }));
+        assert_eq!(reject(json!(false)), Some(Control::Reject { requeue: false }));
+        assert_eq!(reject(Value::Null), Some(Control::Reject { requeue: false }));
+        assert_eq!(Control::of(&err("Ignore", "myapp", json!([]))), None, "another module's Ignore is an error");
+        let task = |o: Value| ChildTask { name: "t".into(), options: o.as_object().unwrap().clone() };
+        let policies = ack_policies(&[task(json!({"acks_late": true, "reject_on_worker_lost": true}))]);
+        assert!(AckPolicy::requeues_lost(policies.get("t").copied()));
+        let policies = ack_policies(&[task(json!({"acks_late": true}))]);
+        assert!(!AckPolicy::requeues_lost(policies.get("t").copied()));
+        assert!(!policies["t"].reject_on_worker_lost && policies["t"].acks_late);
+        // A task the children did not announce (this binary's own): requeued, as ever.
+        assert!(AckPolicy::requeues_lost(None));
     }
 
     #[test]

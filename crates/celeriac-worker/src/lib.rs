@@ -156,6 +156,9 @@ pub(crate) struct Shared {
     pub runtimes: std::sync::Mutex<prefetch::RecentRuntimes>,
     /// Whether the unconsumed default queue was reported (`canvas`, once per worker).
     pub warned_default_queue: std::sync::atomic::AtomicBool,
+    /// How the tasks the pool's children announced are acknowledged (`acks_late`,
+    /// `reject_on_worker_lost`), by name; empty when the children run this binary's tasks.
+    pub acks: std::collections::HashMap<String, foreign::AckPolicy>,
 }
 
 impl Shared {
@@ -464,6 +467,7 @@ impl Worker {
             slots: slots.clone(),
             runtimes: Default::default(),
             warned_default_queue: Default::default(),
+            acks: pool.as_ref().map(|p| foreign::ack_policies(p.child_tasks())).unwrap_or_default(),
         });
         let _ = self.builtins.set(Arc::downgrade(&shared));
         let _status_dump = spawn_status_dump(shared.clone());

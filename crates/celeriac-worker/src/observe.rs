@@ -126,6 +126,12 @@ impl Observer {
         );
     }
 
+    /// The task raised Celery's `Ignore` (no event, as Celery sends none; counted as IGNORED).
+    pub fn ignored(&self, name: &str, runtime: Duration) {
+        self.metrics.task_done(name, "IGNORED");
+        self.metrics.observe_runtime(name, runtime);
+    }
+
     /// The task was revoked before running: expired (Celery: `task-revoked`).
     pub fn revoked(&self, id: &str, name: &str, expired: bool) {
         self.metrics.task_done(name, TaskState::Revoked.as_str());
@@ -151,9 +157,10 @@ impl Observer {
         );
     }
 
-    /// The message was refused without running: dead-lettered (Celery: `task-rejected`).
-    pub fn rejected(&self, id: &str, name: &str) {
+    /// The message was refused without running (dead-lettered), or rejected by the task itself
+    /// (Celery's `Reject`), back to its queue when `requeue` (Celery: `task-rejected`).
+    pub fn rejected(&self, id: &str, name: &str, requeue: bool) {
         self.metrics.task_done(name, "REJECTED");
-        self.task_event("task-rejected", id, vec![("requeue", Value::from(false))]);
+        self.task_event("task-rejected", id, vec![("requeue", Value::from(requeue))]);
     }
 }

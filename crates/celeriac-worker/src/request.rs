@@ -43,6 +43,9 @@ pub struct Request {
     /// held until its RETRY is stored: published first, the retry could finish and store its
     /// final state before the RETRY, which would then overwrite it.
     pub(crate) deferred: Vec<(String, celeriac_core::Message)>,
+    /// The task in a pool child emptied its request's chain (Celery's
+    /// `self.request.chain = None`): the rest of its chain is not sent.
+    pub(crate) chain_stopped: bool,
 }
 
 impl Request {
@@ -92,7 +95,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
                 _ => tracing::error!(content_type = %content_of(&delivery.message), %reason, "dead-lettering message"),
             }
             let name = delivery.message.task_name().unwrap_or("unknown").to_string();
-            shared.observe.rejected(task_id.as_deref().unwrap_or(""), &name);
+            shared.observe.rejected(task_id.as_deref().unwrap_or(""), &name, false);
             dead_letter(shared, delivery, &reason).await;
             return None;
         }
@@ -110,7 +113,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
                 &ExceptionInfo::new("InvalidTaskError", reason.clone(), "celery.exceptions"),
             )
             .await;
-            shared.observe.rejected(&id, &name);
+            shared.observe.rejected(&id, &name, false);
             dead_letter(shared, delivery, &reason).await;
             return None;
         }
@@ -212,6 +215,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
         tracked: None,
         rate_turn_taken: false,
         deferred: Vec::new(),
+        chain_stopped: false,
     };
     shared.observe.received(&mut req);
     req.tracked = Some(shared.state.track(&req, req.eta_in_future()));

@@ -1,9 +1,12 @@
 //! The `--python-app` tests' shared parts: the test app under `tests/pyapp`, its environment,
-//! and a celeriac worker running its tasks in Python children.
+//! a celeriac worker running its tasks in Python children, its client (`client.py`), and a real
+//! Celery worker of the same app to compare with.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+
+use serde_json::Value;
 
 use super::{bin, repo, venv_python, WorkerProc};
 
@@ -47,4 +50,60 @@ pub fn python_worker(broker: &str, backend: &str, queue: &str, extra: &[&str]) -
     let w = spawn_python_worker(broker, backend, queue, extra);
     w.wait_for_line("worker ready", Duration::from_secs(60));
     w
+}
+
+/// Run `tests/pyapp/client.py QUEUE CASES...`; the stored metas by case.
+pub fn run_client(broker: &str, backend: &str, queue: &str, cases: &[&str]) -> serde_json::Map<String, Value> {
+    let out = Command::new(venv_python())
+        .arg(pyapp_dir().join("client.py"))
+        .arg(queue)
+        .args(cases)
+        .envs(app_env(broker, backend, queue))
+        .output()
+        .expect("python client");
+    assert!(
+        out.status.success(),
+        "client.py failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match serde_json::from_slice(&out.stdout) {
+        Ok(Value::Object(m)) => m,
+        other => panic!("client.py printed {other:?}"),
+    }
+}
+
+/// A real `celery worker` (prefork) of the same app, on its own queue.
+pub struct CeleryWorker(std::process::Child);
+
+impl CeleryWorker {
+    pub fn start(broker: &str, backend: &str, queue: &str) -> Self {
+        let mut child = Command::new(repo().join("target/pyenv/bin/celery"))
+            .args(["-A", "pyapp", "worker", "-P", "prefork", "-c", "2", "-Q", queue, "--loglevel=INFO"])
+            .args(["-n", &format!("pyapp-{queue}@%h")])
+            .envs(app_env(broker, backend, queue))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("celery worker");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains(" ready.") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(60)).expect("the Celery worker to be ready");
+        CeleryWorker(child)
+    }
+}
+
+impl Drop for CeleryWorker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -85,7 +85,7 @@ pub fn run(registry: Arc<Registry>, parent: u32) -> ExitCode {
                 let moved = report_moves(&id, tid, &mut moved_rx, &mut out);
                 let outcome = runtime.block_on(tracing::Instrument::instrument(run_one(&registry, *req, moved), span));
                 let rss_kib = rss.kib().unwrap_or(0);
-                if write_frame(&mut out, &FromChild::Done { id, outcome, rss_kib }).is_err() {
+                if write_frame(&mut out, &FromChild::Done { id, outcome, rss_kib, chain_stopped: false }).is_err() {
                     return ExitCode::from(1);
                 }
             }

@@ -158,8 +158,14 @@ pub fn parse_size_kib(text: &str) -> Result<u64, String> {
 /// How a task handed to the pool ended.
 #[derive(Debug)]
 pub enum PoolOutcome {
-    /// The task returned.
-    Done(Result<Value, TaskError>),
+    /// The task returned (`chain_stopped`: it emptied its request's chain, see
+    /// [`FromChild::Done`]).
+    Done {
+        /// Its value or error.
+        result: Result<Value, TaskError>,
+        /// The rest of its chain is not to be sent.
+        chain_stopped: bool,
+    },
     /// Its hard time limit passed; its child was killed.
     TimeLimit,
     /// Its child died; how.
@@ -428,7 +434,7 @@ impl Pool {
         let outcome: Result<(), String> = loop {
             tokio::select! {
                 frame = read_frame_async::<FromChild>(&mut child.stdout) => match frame {
-                    Ok(Some(FromChild::Done { id: done_id, outcome, rss_kib })) if done_id == id => {
+                    Ok(Some(FromChild::Done { id: done_id, outcome, rss_kib, chain_stopped })) if done_id == id => {
                         child.tasks += 1;
                         let tasks = child.tasks;
                         self.set_status(child.slot, |s| { s.task = None; s.tasks_done = tasks; s.rss_kib = rss_kib; });
@@ -436,7 +442,7 @@ impl Pool {
                         // must not make its next death a termination.
                         self.take_terminated(child.pid);
                         self.check_in(child, rss_kib);
-                        return PoolOutcome::Done(outcome.into_result());
+                        return PoolOutcome::Done { result: outcome.into_result(), chain_stopped };
                     }
                     Ok(Some(FromChild::Thread { id: thread_id, tid })) => {
                         if thread_id == id {

@@ -146,6 +146,10 @@ pub enum FromChild {
         outcome: ChildOutcome,
         /// Resident set after the task, KiB.
         rss_kib: u64,
+        /// The task emptied its request's chain (Celery's `self.request.chain = None`): the
+        /// rest of its chain is not sent.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        chain_stopped: bool,
     },
 }
 
@@ -396,8 +400,16 @@ mod tests {
         let mut buf = Vec::new();
         write_frame(&mut buf, &ToChild::Run(Box::new(req))).unwrap();
         let value = Value::Array(args.clone());
-        write_frame(&mut buf, &FromChild::Done { id: "i".into(), outcome: ChildOutcome::Value { value }, rss_kib: 9 })
-            .unwrap();
+        write_frame(
+            &mut buf,
+            &FromChild::Done {
+                id: "i".into(),
+                outcome: ChildOutcome::Value { value },
+                rss_kib: 9,
+                chain_stopped: false,
+            },
+        )
+        .unwrap();
         let mut r = &buf[..];
         let Some(ToChild::Run(back)) = read_frame::<ToChild>(&mut r).unwrap() else { panic!("not a run frame") };
         assert_eq!(celeriac_core::pyjson::to_string(&back.args).unwrap(), text);
@@ -431,10 +443,12 @@ mod tests {
         let mut buf = Vec::new();
         write_frame(&mut buf, &FromChild::Ready { pid: 7, tasks: Vec::new(), tid: None }).unwrap();
         let out = ChildOutcome::from_result(Err(TaskError::retry(Some(std::time::Duration::from_millis(1500)))));
-        write_frame(&mut buf, &FromChild::Done { id: "x".into(), outcome: out, rss_kib: 3 }).unwrap();
+        write_frame(&mut buf, &FromChild::Done { id: "x".into(), outcome: out, rss_kib: 3, chain_stopped: false })
+            .unwrap();
         // A retry with no countdown stays a retry (the task's backoff decides).
         let out = ChildOutcome::from_result(Err(TaskError::retry(None)));
-        write_frame(&mut buf, &FromChild::Done { id: "y".into(), outcome: out, rss_kib: 3 }).unwrap();
+        write_frame(&mut buf, &FromChild::Done { id: "y".into(), outcome: out, rss_kib: 3, chain_stopped: false })
+            .unwrap();
         let mut r = &buf[..];
         assert!(matches!(read_frame::<FromChild>(&mut r).unwrap(), Some(FromChild::Ready { pid: 7, .. })));
         match read_frame::<FromChild>(&mut r).unwrap() {

@@ -58,8 +58,10 @@ const ACTED_ON: &[&str] = &[
     "task_default_rate_limit",
     "task_annotations",
     "task_ignore_result",
-    // celeriac always acknowledges after the outcome is stored, which is what `True` asks.
+    // Settling as Celery's worker does (`foreign::AckPolicy`): acknowledged as the task starts
+    // unless `acks_late`; requeued when its child dies only with `reject_on_worker_lost`.
     "task_acks_late",
+    "task_reject_on_worker_lost",
     // Carried out by Celery's code in the children: task modules imported, times, what a task
     // sends (routed by Celery's router, published through the supervisor), eager calls.
     "imports",

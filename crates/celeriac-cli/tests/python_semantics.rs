@@ -1,0 +1,292 @@
+//! Celery's task semantics for Python tasks run by `celeriac worker --python-app`
+//! (`tests/pyapp/pyapp.py`): `acks_late` and `reject_on_worker_lost` when a child dies, `Ignore`,
+//! `Reject`, `update_state`, `ignore_result`, events and metrics, and workflows (chain, link,
+//! link_error, group, chord, `self.request.chain = None`, `self.replace`) compared with a real
+//! Celery worker. Real RabbitMQ (a vhost per test), real Redis (database 1: results and the
+//! tasks' own data), real Python children.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::pyapp::{python_worker, run_client, CeleryWorker};
+use common::{bin, free_port, http_get, run_cli, wait_until, SharedRedisDb, TestVhost, WorkerProc};
+use serde_json::{json, Value};
+
+/// This binary's Redis database.
+const DB: u32 = 1;
+
+/// Send `task(*args)` to `queue` with the CLI; its id.
+fn send(broker: &str, queue: &str, task: &str, args: Value) -> String {
+    let args = args.to_string();
+    let (code, out, err) = run_cli(&["send", "--broker", broker, "-Q", queue, task, "--args", &args], &[]);
+    assert_eq!(code, 0, "send {task}: {err}");
+    out.trim().to_string()
+}
+
+/// The stored meta of `id`, if any.
+fn meta(db: &SharedRedisDb, id: &str) -> Option<Value> {
+    let text = db.cli(&["GET", &format!("celery-task-meta-{id}")]);
+    (!text.is_empty()).then(|| serde_json::from_str(&text).expect("a stored meta is JSON"))
+}
+
+/// Wait until `id`'s stored state is `state`; its meta.
+fn wait_state(db: &SharedRedisDb, w: &WorkerProc, id: &str, state: &str) -> Value {
+    wait_until(&format!("{id} to be {state}; worker log:\n{}", w.dump()), Duration::from_secs(60), || {
+        meta(db, id).is_some_and(|m| m["status"] == state)
+    });
+    meta(db, id).unwrap()
+}
+
+/// A counter the tasks keep in the data Redis.
+fn count(db: &SharedRedisDb, key: &str) -> i64 {
+    db.cli(&["GET", key]).parse().unwrap_or(0)
+}
+
+/// (ready, unacknowledged) messages of `queue` in the vhost.
+fn queue_depth(vhost: &TestVhost, queue: &str) -> (u64, u64) {
+    vhost
+        .list("list_queues", &["name", "messages_ready", "messages_unacknowledged"])
+        .iter()
+        .find_map(|l| match l.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [name, ready, unacked] if *name == queue => Some((ready.parse().ok()?, unacked.parse().ok()?)),
+            _ => None,
+        })
+        .unwrap_or((0, 0))
+}
+
+/// A unique key for the tasks' data.
+fn key(name: &str) -> String {
+    format!("pysem-{name}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// `acks_late`/`reject_on_worker_lost` as Celery's worker acts on them when the child dies
+/// (`celery/worker/request.py` `on_failure`): requeued (within the poison guard) only with both,
+/// FAILURE `WorkerLostError` after one run otherwise; a task that is not acks_late is
+/// acknowledged before it runs, an acks_late one only after.
+#[test]
+fn a_dying_python_task_is_settled_by_its_acks_late_and_reject_on_worker_lost() {
+    let db = SharedRedisDb::get(DB);
+    let vhost = TestVhost::new();
+    let (broker, backend) = (vhost.url(""), db.url(""));
+    let queue = "pysem.acks";
+    let w = python_worker(&broker, &backend, queue, &["-c", "1", "-n", "pysem-acks@%h"]);
+    // Dies on its first run, succeeds on the redelivery.
+    let (k1, k2, k3, k4) = (key("requeue-once"), key("requeue-always"), key("late"), key("early"));
+    let once = send(&broker, queue, "pyapp.die_requeue", json!([k1, 2]));
+    let m = wait_state(&db, &w, &once, "SUCCESS");
+    assert_eq!((m["result"].as_i64(), count(&db, &k1)), (Some(2), 2), "{m}");
+    // Dies every time: the poison guard stops it after --max-deliveries (3) runs.
+    let always = send(&broker, queue, "pyapp.die_requeue", json!([k2, 100]));
+    let m = wait_state(&db, &w, &always, "FAILURE");
+    assert_eq!(m["result"]["exc_type"], "WorkerLostError", "{m}");
+    assert_eq!(count(&db, &k2), 3);
+    // acks_late without reject_on_worker_lost, and not acks_late: FAILURE after the one run.
+    for (task, k) in [("pyapp.die_late", &k3), ("pyapp.die_early", &k4)] {
+        let id = send(&broker, queue, task, json!([k, 100]));
+        let m = wait_state(&db, &w, &id, "FAILURE");
+        assert_eq!(m["result"]["exc_type"], "WorkerLostError", "{task}: {m}");
+        assert!(m["result"]["exc_message"].to_string().contains("Worker exited prematurely"), "{task}: {m}");
+        assert_eq!(count(&db, k), 1, "{task} ran once");
+    }
+    assert!(w.count("is not acks_late with reject_on_worker_lost") >= 2, "{}", w.dump());
+
+    // Not acks_late: acknowledged while it still runs (blocked until the test pushes).
+    let k5 = key("block-early");
+    let early = send(&broker, queue, "pyapp.block_early", json!([k5]));
+    wait_until("the running task's message to be acknowledged", Duration::from_secs(30), || {
+        queue_depth(&vhost, queue) == (0, 0)
+    });
+    db.cli(&["RPUSH", &k5, "go"]);
+    assert_eq!(wait_state(&db, &w, &early, "SUCCESS")["result"], true);
+    // acks_late: unacknowledged while it runs, acknowledged after.
+    let k6 = key("block-late");
+    let late = send(&broker, queue, "pyapp.block_late", json!([k6]));
+    wait_until("the acks_late task to start", Duration::from_secs(30), || {
+        w.matching(&late).iter().any(|l| l.contains("task received"))
+    });
+    assert_eq!(queue_depth(&vhost, queue), (0, 1), "held unacknowledged while it runs");
+    db.cli(&["RPUSH", &k6, "go"]);
+    assert_eq!(wait_state(&db, &w, &late, "SUCCESS")["result"], true);
+    wait_until("the acks_late task's message to be acknowledged", Duration::from_secs(30), || {
+        queue_depth(&vhost, queue) == (0, 0)
+    });
+    // Every counter as it was: nothing ran again after its outcome.
+    assert_eq!([count(&db, &k1), count(&db, &k2), count(&db, &k3), count(&db, &k4)], [2, 3, 1, 1]);
+}
+
+/// `Ignore` stores nothing (a custom state stored before it stays), `Reject(requeue=True)`
+/// runs again, `Reject(requeue=False)` is a FAILURE and is not run again, `update_state` is seen
+/// while the task runs, `ignore_result=True` stores nothing; checked once the worker stopped.
+#[test]
+fn ignore_reject_update_state_and_ignore_result_are_celerys() {
+    let db = SharedRedisDb::get(DB);
+    let vhost = TestVhost::new();
+    let (broker, backend) = (vhost.url(""), db.url(""));
+    let queue = "pysem.control";
+    let mut w = python_worker(&broker, &backend, queue, &["-c", "1", "-n", "pysem-control@%h"]);
+    let (kp, kq, kr1, kr2) = (key("progress"), key("quiet"), key("reject-requeue"), key("reject-drop"));
+    let progress = send(&broker, queue, "pyapp.progress", json!([kp]));
+    let m = wait_state(&db, &w, &progress, "PROGRESS");
+    assert_eq!(m["result"], json!({"step": 1}));
+    db.cli(&["RPUSH", &kp, "go"]);
+    assert_eq!(wait_state(&db, &w, &progress, "SUCCESS")["result"], true);
+
+    let requeued = send(&broker, queue, "pyapp.rejected", json!([kr1, true]));
+    assert_eq!(wait_state(&db, &w, &requeued, "SUCCESS")["result"], 2, "ran again after its Reject");
+    let dropped = send(&broker, queue, "pyapp.rejected", json!([kr2, false]));
+    let m = wait_state(&db, &w, &dropped, "FAILURE");
+    assert_eq!((&m["result"]["exc_type"], &m["result"]["exc_module"]), (&json!("Reject"), &json!("celery.exceptions")));
+    let ignored = send(&broker, queue, "pyapp.ignored", json!([]));
+    let quiet = send(&broker, queue, "pyapp.quiet", json!([kq]));
+    wait_until("the ignore_result task to run", Duration::from_secs(30), || db.cli(&["LLEN", &kq]) == "1");
+    // Everything settled: a warm shutdown waits for it.
+    w.signal("TERM");
+    assert!(w.wait_exit(Duration::from_secs(30)).success(), "{}", w.dump());
+    assert_eq!(meta(&db, &ignored).map(|m| m["status"].clone()), Some(json!("PROGRESS")), "only its own update_state");
+    assert!(w.matching(&ignored).iter().any(|l| l.contains("task ignored")), "{}", w.dump());
+    assert_eq!(meta(&db, &quiet), None, "ignore_result stores nothing");
+    assert_eq!((count(&db, &kr1), count(&db, &kr2)), (2, 1), "Reject(requeue=False) is not run again");
+    assert_eq!(queue_depth(&vhost, queue), (0, 0));
+}
+
+/// Metric value of a line `name{labels} value`.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// With `-E`, Python tasks' events name the task and its id as a Rust task's do (read with
+/// `celeriac events --json`), and the Prometheus counters count them by name.
+#[test]
+fn python_tasks_are_in_events_and_metrics() {
+    let db = SharedRedisDb::get(DB);
+    let vhost = TestVhost::new();
+    let (broker, backend) = (vhost.url(""), db.url(""));
+    let queue = "pysem.events";
+    let mut tail = Command::new(bin())
+        .args(["events", "--json", "--broker", &broker])
+        .env_remove("CELERIAC_BROKER_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("celeriac events");
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let sink = lines.clone();
+    let stdout = tail.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&l) {
+                sink.lock().unwrap().push(v);
+            }
+        }
+    });
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let w = python_worker(&broker, &backend, queue, &["-c", "1", "-E", "-n", "pysem-ev@%h", "--metrics-addr", &addr]);
+    wait_until("the tail to see the worker", Duration::from_secs(30), || {
+        lines.lock().unwrap().iter().any(|e| e["hostname"].as_str().is_some_and(|h| h.starts_with("pysem-ev@")))
+    });
+    let got = run_client(&broker, &backend, queue, &["add", "fail", "retry_twice"]);
+    let id = |case: &str| got[case]["id"].as_str().unwrap().to_string();
+    let kinds = |id: &str| -> Vec<String> {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["uuid"] == id)
+            .map(|e| e["type"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (add, fail, retry) = (id("add"), id("fail"), id("retry_twice"));
+    // Every event of a task, in any order: a retry's own events may come before the
+    // task-retried of the run that sent it.
+    let wait_kinds = |id: &str, want: &[&str]| {
+        let sorted = |mut v: Vec<String>| {
+            v.sort_unstable();
+            v
+        };
+        let want = sorted(want.iter().map(|k| k.to_string()).collect());
+        wait_until(
+            &format!("the events of {id} {want:?}; got {:?}\n{}", kinds(id), w.dump()),
+            Duration::from_secs(30),
+            || sorted(kinds(id)) == want,
+        );
+    };
+    wait_kinds(&add, &["task-received", "task-started", "task-succeeded"]);
+    wait_kinds(&fail, &["task-received", "task-started", "task-failed"]);
+    let retried = ["task-received", "task-started", "task-retried"];
+    let all: Vec<&str> =
+        retried.iter().chain(&retried).chain(&["task-received", "task-started", "task-succeeded"]).copied().collect();
+    wait_kinds(&retry, &all);
+    let received = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|e| e["uuid"] == add.as_str() && e["type"] == "task-received")
+        .cloned()
+        .unwrap();
+    assert_eq!((&received["name"], &received["args"]), (&json!("pyapp.add"), &json!("(2, 3)")), "{received}");
+    let failed = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|e| e["uuid"] == fail.as_str() && e["type"] == "task-failed")
+        .cloned()
+        .unwrap();
+    assert!(failed["exception"].as_str().unwrap().contains("ValueError"), "{failed}");
+
+    let (status, text) = http_get(port, "/metrics").expect("the metrics endpoint answers");
+    assert_eq!(status, 200);
+    let series = |task: &str, state: &str| format!("celeriac_tasks_total{{task=\"{task}\",state=\"{state}\"}}");
+    assert_eq!(metric(&text, &series("pyapp.add", "SUCCESS")), 1.0, "{text}");
+    assert_eq!(metric(&text, &series("pyapp.fail", "FAILURE")), 1.0, "{text}");
+    assert_eq!(metric(&text, &series("pyapp.retry_twice", "RETRY")), 2.0, "{text}");
+    assert_eq!(metric(&text, &series("pyapp.retry_twice", "SUCCESS")), 1.0, "{text}");
+    let _ = tail.kill();
+    let _ = tail.wait();
+}
+
+/// Workflows of Python tasks carried out by one celeriac `--python-app` worker give what a
+/// Celery worker of the same app gives: a chain of three, a link and a link_error callback, a
+/// group, a chord, a chain stopped by `self.request.chain = None`, and `self.replace`.
+#[test]
+fn python_workflows_give_what_a_celery_worker_gives() {
+    let db = SharedRedisDb::get(DB);
+    let vhost = TestVhost::new();
+    let (broker, backend) = (vhost.url(""), db.url(""));
+    let flows = ["chain", "link", "link_error", "group", "chord", "stop_chain", "replaced", "replaced_in_chain"];
+    let ours = {
+        let queue = "pysem.canvas.celeriac";
+        // Continuations naming no queue go to the app's default queue (`task_default_queue`).
+        let w =
+            python_worker(&broker, &backend, queue, &["-c", "1", "-n", "pysem-canvas@%h", "--default-queue", queue]);
+        let got = run_client(&broker, &backend, queue, &flows);
+        for flow in flows {
+            assert!(got[flow].get("error").is_none(), "{flow}: {}\n{}", got[flow], w.dump());
+        }
+        assert!(w.count("request.chain = None") >= 1, "{got:?}\n{}", w.dump());
+        got
+    };
+    let expected = json!({
+        "chain": {"value": [3, 6, 10]},
+        "link": {"value": [4, 40]},
+        "link_error": {"value": ["FAILURE", "errback for a 36-character id"]},
+        "group": {"value": [0, 2, 4, 6]},
+        "chord": {"value": 12},
+        "stop_chain": {"value": [2, 0, "PENDING"]},
+        "replaced": {"value": 101},
+        "replaced_in_chain": {"value": 102},
+    });
+    assert_eq!(Value::Object(ours), expected);
+    let theirs = {
+        let queue = "pysem.canvas.celery";
+        let _w = CeleryWorker::start(&broker, &backend, queue);
+        run_client(&broker, &backend, queue, &flows)
+    };
+    assert_eq!(Value::Object(theirs), expected, "a Celery worker gives the same");
+}
