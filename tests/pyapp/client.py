@@ -76,9 +76,36 @@ FLOWS = {
 }
 
 
+def _settled(sig, key):
+    """Send `sig`, wait for its outcome: [state, result or exception type, runs counted in `key`]."""
+    r = sig.apply_async()
+    r.get(timeout=60, propagate=False)
+    result = r.result
+    if isinstance(result, BaseException):
+        result = type(result).__name__
+    return [r.status, result, int(pyapp._data().get(key) or 0)]
+
+
+#: How a message is settled (acks_late, reject_on_worker_lost, Reject): each given a fresh key.
+SETTLING = {
+    "die_early": lambda k: pyapp.die_early.s(k, 100),
+    "die_late": lambda k: pyapp.die_late.s(k, 100),
+    "die_requeue_once": lambda k: pyapp.die_requeue.s(k, 2),
+    "reject_requeue": lambda k: pyapp.rejected.s(k, True),
+    "reject_drop": lambda k: pyapp.rejected.s(k, False),
+}
+
+
 def main(queue, cases, key):
     out = {}
     for case in cases:
+        if case in SETTLING:
+            k = "%s-%s" % (key, case)
+            try:
+                out[case] = {"value": _settled(SETTLING[case](k), k)}
+            except Exception as exc:  # a timeout: reported, the test fails on it
+                out[case] = {"error": "%s: %s" % (type(exc).__name__, exc)}
+            continue
         if case in FLOWS:
             try:
                 out[case] = {"value": FLOWS[case]()}

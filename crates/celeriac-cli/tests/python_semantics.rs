@@ -1,8 +1,8 @@
 //! Celery's task semantics for Python tasks run by `celeriac worker --python-app`
 //! (`tests/pyapp/pyapp.py`): `acks_late` and `reject_on_worker_lost` when a child dies, `Ignore`,
 //! `Reject`, `update_state`, `ignore_result`, events and metrics, and workflows (chain, link,
-//! link_error, group, chord, `self.request.chain = None`, `self.replace`) compared with a real
-//! Celery worker. Real RabbitMQ (a vhost per test), real Redis (database 1: results and the
+//! link_error, group, chord, `self.request.chain = None`, `self.replace`); the settling and the
+//! workflows compared with a real Celery worker of the same app. Real RabbitMQ (a vhost per test), real Redis (database 1: results and the
 //! tasks' own data), real Python children.
 
 mod common;
@@ -289,4 +289,30 @@ fn python_workflows_give_what_a_celery_worker_gives() {
         run_client(&broker, &backend, queue, &flows)
     };
     assert_eq!(Value::Object(theirs), expected, "a Celery worker gives the same");
+}
+
+/// What a dying task and `Reject` leave, side by side with a real Celery worker of the same app:
+/// state, result and how many times the task ran.
+#[test]
+fn python_tasks_are_settled_as_a_celery_worker_settles_them() {
+    let db = SharedRedisDb::get(DB);
+    let vhost = TestVhost::new();
+    let (broker, backend) = (vhost.url(""), db.url(""));
+    let cases = ["die_early", "die_late", "die_requeue_once", "reject_requeue", "reject_drop"];
+    let expected = json!({
+        "die_early": {"value": ["FAILURE", "WorkerLostError", 1]},
+        "die_late": {"value": ["FAILURE", "WorkerLostError", 1]},
+        "die_requeue_once": {"value": ["SUCCESS", 2, 2]},
+        "reject_requeue": {"value": ["SUCCESS", 2, 2]},
+        "reject_drop": {"value": ["FAILURE", "Reject", 1]},
+    });
+    {
+        let queue = "pysem.settle.celeriac";
+        let w = python_worker(&broker, &backend, queue, &["-c", "2", "-n", "pysem-settle@%h"]);
+        let got = run_client(&broker, &backend, queue, &cases);
+        assert_eq!(Value::Object(got), expected, "{}", w.dump());
+    }
+    let queue = "pysem.settle.celery";
+    let _w = CeleryWorker::start(&broker, &backend, queue);
+    assert_eq!(Value::Object(run_client(&broker, &backend, queue, &cases)), expected, "a Celery worker gives the same");
 }
