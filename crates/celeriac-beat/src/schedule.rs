@@ -312,8 +312,9 @@ impl Schedule {
     /// Add entries declared elsewhere (in Rust, `App::periodic`): a name already in the schedule
     /// is refused, named.
     pub fn extend(&mut self, entries: &[Entry]) -> Result<(), ScheduleError> {
+        let mut names: std::collections::HashSet<String> = self.entries.iter().map(|x| x.name.clone()).collect();
         for e in entries {
-            if self.entries.iter().any(|x| x.name == e.name) {
+            if !names.insert(e.name.clone()) {
                 return Err(ScheduleError {
                     source_name: "App::periodic".into(),
                     entry: Some(e.name.clone()),
