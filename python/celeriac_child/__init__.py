@@ -37,6 +37,7 @@ _ANNOUNCED = (
     "ignore_result",
     "acks_late",
     "reject_on_worker_lost",
+    "retry_on_worker_lost",
     "time_limit",
     "soft_time_limit",
     "rate_limit",

@@ -91,6 +91,8 @@ SETTLING = {
     "die_early": lambda k: pyapp.die_early.s(k, 100),
     "die_late": lambda k: pyapp.die_late.s(k, 100),
     "die_requeue_once": lambda k: pyapp.die_requeue.s(k, 2),
+    "die_retry_once": lambda k: pyapp.die_retry.s(k, 2),
+    "die_retry": lambda k: pyapp.die_retry.s(k, 100),
     "reject_requeue": lambda k: pyapp.rejected.s(k, True),
     "reject_drop": lambda k: pyapp.rejected.s(k, False),
 }

@@ -279,6 +279,11 @@ def die_early(key, survive_at):
     return _die_unless(key, survive_at)
 
 
+@app.task(retry_on_worker_lost=True, max_retries=1, default_retry_delay=0)
+def die_retry(key, survive_at):
+    return _die_unless(key, survive_at)
+
+
 @app.task
 def block_early(key):
     """Wait (up to 60 s) for an item pushed on the list `key`."""

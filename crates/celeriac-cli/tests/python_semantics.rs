@@ -291,18 +291,23 @@ fn python_workflows_give_what_a_celery_worker_gives() {
     assert_eq!(Value::Object(theirs), expected, "a Celery worker gives the same");
 }
 
-/// What a dying task and `Reject` leave, side by side with a real Celery worker of the same app:
+/// What a dying task (`acks_late`, `reject_on_worker_lost`, Celery 5.7's `retry_on_worker_lost`)
+/// and `Reject` leave, side by side with a real Celery worker of the same app:
 /// state, result and how many times the task ran.
 #[test]
 fn python_tasks_are_settled_as_a_celery_worker_settles_them() {
     let db = SharedRedisDb::get(DB);
     let vhost = TestVhost::new();
     let (broker, backend) = (vhost.url(""), db.url(""));
-    let cases = ["die_early", "die_late", "die_requeue_once", "reject_requeue", "reject_drop"];
+    let cases =
+        ["die_early", "die_late", "die_requeue_once", "die_retry_once", "die_retry", "reject_requeue", "reject_drop"];
     let expected = json!({
         "die_early": {"value": ["FAILURE", "WorkerLostError", 1]},
         "die_late": {"value": ["FAILURE", "WorkerLostError", 1]},
         "die_requeue_once": {"value": ["SUCCESS", 2, 2]},
+        // retry_on_worker_lost, max_retries=1: retried once, then FAILURE.
+        "die_retry_once": {"value": ["SUCCESS", 2, 2]},
+        "die_retry": {"value": ["FAILURE", "WorkerLostError", 2]},
         "reject_requeue": {"value": ["SUCCESS", 2, 2]},
         "reject_drop": {"value": ["FAILURE", "Reject", 1]},
     });

@@ -21,6 +21,7 @@ use serde_json::Value;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
+use crate::foreign::AckPolicy;
 use crate::prefork::protocol::RunRequest;
 use crate::prefork::PoolOutcome;
 use crate::request::Request;
@@ -340,6 +341,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
     }
     // Settled by rejecting, not acknowledging (Celery's `Reject(requeue=False)`).
     let mut reject_after = false;
+    let outcome = retry_if_lost(shared, &req, outcome);
     if !matches!(outcome, Outcome::WorkerLost(_)) {
         shared.forget_lost(&id);
     }
@@ -401,7 +403,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
         Outcome::WorkerLost(how) => {
             // A child's task that is not acks_late with reject_on_worker_lost is not run again:
             // FAILURE WorkerLostError, as Celery stores it (`celery/worker/request.py`).
-            let requeues = crate::foreign::AckPolicy::requeues_lost(shared.acks.get(&req.headers.task).copied());
+            let requeues = AckPolicy::requeues_lost(shared.acks.get(&req.headers.task).copied(), req.headers.retries);
             // Deliveries of this message that lost their worker: those seen in this process, or
             // the broker's count, whichever is more. Both count this one. Neither is summed with
             // the other: a broker that counts (SQLite leases, quorum queues) already counts the
@@ -568,6 +570,24 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
     let settled = if reject_after { req.delivery.reject(false).await } else { req.delivery.ack().await };
     if let Err(e) = settled {
         tracing::warn!(error = %e, "could not settle the message; the broker will redeliver");
+    }
+}
+
+/// A child's task whose child died and that asks for it (Celery 5.7's `retry_on_worker_lost`,
+/// with retries left) is retried as `self.retry()` would: its lost worker becomes an error
+/// asking for a retry after its `default_retry_delay`.
+fn retry_if_lost(shared: &Shared, req: &Request, outcome: Outcome) -> Outcome {
+    let Outcome::WorkerLost(how) = outcome else { return outcome };
+    let policy = shared.acks.get(&req.headers.task).copied();
+    match AckPolicy::retry_lost_after(policy, req.headers.retries) {
+        Some(countdown) => {
+            tracing::warn!(child_exit = %how, "the child running the task died; retrying it (retry_on_worker_lost)");
+            let mut err = TaskError::new("WorkerLostError", format!("Worker exited prematurely: {how}"))
+                .with_module("billiard.exceptions");
+            err.retry = Some(celeriac_core::task::RetryRequest { countdown: Some(countdown), sent: false });
+            Outcome::Error(err)
+        }
+        None => Outcome::WorkerLost(how),
     }
 }
 

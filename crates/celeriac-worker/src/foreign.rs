@@ -99,7 +99,7 @@ pub(crate) fn registry(registry: &Registry, tasks: &[ChildTask]) -> Registry {
 
 /// How a child's task's message is settled: Celery's `acks_late` and `reject_on_worker_lost`
 /// task attributes, as `celery/worker/request.py` acts on them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct AckPolicy {
     /// Acknowledged once the outcome is settled; otherwise before the task runs (Celery's
     /// default: a task whose child dies is then not run again).
@@ -107,12 +107,34 @@ pub(crate) struct AckPolicy {
     /// With `acks_late`, a task whose child died is requeued (bounded by the poison guard)
     /// instead of stored as FAILURE `WorkerLostError`.
     pub reject_on_worker_lost: bool,
+    /// Celery 5.7's `retry_on_worker_lost`: a task whose child died is retried as `self.retry()`
+    /// would retry it (`max_retries`, `default_retry_delay`), before anything else is considered.
+    pub retry_on_worker_lost: bool,
+    /// The task's `max_retries` (`None`: no limit).
+    pub max_retries: Option<u32>,
+    /// The task's `default_retry_delay`, seconds.
+    pub retry_delay: f64,
 }
 
 impl AckPolicy {
-    /// Whether a task whose child died goes back to its queue (else FAILURE `WorkerLostError`).
-    pub(crate) fn requeues_lost(policy: Option<AckPolicy>) -> bool {
-        policy.is_none_or(|p| p.acks_late && p.reject_on_worker_lost)
+    /// Whether a task whose child died goes back to its queue (else FAILURE `WorkerLostError`),
+    /// after `retries` retries. As Celery, a task whose `retry_on_worker_lost` ran out of
+    /// retries is not requeued either.
+    pub(crate) fn requeues_lost(policy: Option<AckPolicy>, retries: u32) -> bool {
+        policy.is_none_or(|p| {
+            p.acks_late && p.reject_on_worker_lost && !(p.retry_on_worker_lost && p.out_of_retries(retries))
+        })
+    }
+
+    /// The delay before retrying a task whose child died, after `retries` retries, when it is
+    /// to be retried (`retry_on_worker_lost` and retries left).
+    pub(crate) fn retry_lost_after(policy: Option<AckPolicy>, retries: u32) -> Option<Duration> {
+        let p = policy.filter(|p| p.retry_on_worker_lost && !p.out_of_retries(retries))?;
+        Some(Duration::from_secs_f64(if p.retry_delay.is_finite() { p.retry_delay.max(0.0) } else { 0.0 }))
+    }
+
+    fn out_of_retries(&self, retries: u32) -> bool {
+        self.max_retries.is_some_and(|max| retries >= max)
     }
 }
 
@@ -123,8 +145,18 @@ pub(crate) fn ack_policies(tasks: &[ChildTask]) -> HashMap<String, AckPolicy> {
     tasks
         .iter()
         .map(|t| {
-            let policy =
-                AckPolicy { acks_late: flag(t, "acks_late"), reject_on_worker_lost: flag(t, "reject_on_worker_lost") };
+            let policy = AckPolicy {
+                acks_late: flag(t, "acks_late"),
+                reject_on_worker_lost: flag(t, "reject_on_worker_lost"),
+                retry_on_worker_lost: flag(t, "retry_on_worker_lost"),
+                max_retries: t
+                    .options
+                    .get("max_retries")
+                    .and_then(Value::as_u64)
+                    .map(|n| n.min(u32::MAX.into()) as u32),
+                // Celery's default `default_retry_delay`: 3 minutes.
+                retry_delay: t.options.get("default_retry_delay").and_then(Value::as_f64).unwrap_or(180.0),
+            };
             (t.name.clone(), policy)
         })
         .collect()
@@ -377,12 +409,21 @@ mod tests {
         assert_eq!(Control::of(&err("Ignore", "myapp", json!([]))), None, "another module's Ignore is an error");
         let task = |o: Value| ChildTask { name: "t".into(), options: o.as_object().unwrap().clone() };
         let policies = ack_policies(&[task(json!({"acks_late": true, "reject_on_worker_lost": true}))]);
-        assert!(AckPolicy::requeues_lost(policies.get("t").copied()));
+        assert!(AckPolicy::requeues_lost(policies.get("t").copied(), 9));
+        assert_eq!(AckPolicy::retry_lost_after(policies.get("t").copied(), 0), None);
         let policies = ack_policies(&[task(json!({"acks_late": true}))]);
-        assert!(!AckPolicy::requeues_lost(policies.get("t").copied()));
+        assert!(!AckPolicy::requeues_lost(policies.get("t").copied(), 0));
         assert!(!policies["t"].reject_on_worker_lost && policies["t"].acks_late);
         // A task the children did not announce (this binary's own): requeued, as ever.
-        assert!(AckPolicy::requeues_lost(None));
+        assert!(AckPolicy::requeues_lost(None, 0));
+        // retry_on_worker_lost: retried while retries are left, then neither retried nor requeued.
+        let policies = ack_policies(&[task(
+            json!({"acks_late": true, "reject_on_worker_lost": true, "retry_on_worker_lost": true, "max_retries": 1, "default_retry_delay": 2}),
+        )]);
+        let p = policies.get("t").copied();
+        assert_eq!(AckPolicy::retry_lost_after(p, 0), Some(Duration::from_secs(2)));
+        assert_eq!(AckPolicy::retry_lost_after(p, 1), None);
+        assert!(!AckPolicy::requeues_lost(p, 1));
     }
 
     #[test]

@@ -62,6 +62,7 @@ const ACTED_ON: &[&str] = &[
     // unless `acks_late`; requeued when its child dies only with `reject_on_worker_lost`.
     "task_acks_late",
     "task_reject_on_worker_lost",
+    "task_retry_on_worker_lost",
     // Carried out by Celery's code in the children: task modules imported, times, what a task
     // sends (routed by Celery's router, published through the supervisor), eager calls.
     "imports",
