@@ -255,6 +255,10 @@ class Child:
         task.request_stack.push(ctx)
         try:
             signals.task_prerun.send(sender=task, task_id=task_id, task=task, args=args, kwargs=kwargs)
+            if task.track_started and not _ignores_result(task, ctx):
+                # As Celery's tracer: STARTED stored by the child, through the app's backend.
+                task.backend.store_result(task_id, {"pid": os.getpid(), "hostname": ctx.hostname}, "STARTED",
+                                          request=ctx)
             if soft:
                 signal.signal(signal.SIGALRM, soft_limit)
                 signal.setitimer(signal.ITIMER_REAL, float(soft))
@@ -315,6 +319,12 @@ class Child:
                 task.request_stack.pop()
                 _state._task_stack.pop()
         return outcome, had_chain and not ctx.chain
+
+
+def _ignores_result(task, ctx):
+    """The task's ignore_result, unless the message sets it (Celery's get_actual_ignore_result)."""
+    asked = ctx.__dict__.get("ignore_result")
+    return task.ignore_result if asked is None else bool(asked)
 
 
 def _error(exc_type, message, module, tb, args):

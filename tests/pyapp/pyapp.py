@@ -302,6 +302,12 @@ def progress(self, key):
     return bool(_data().blpop(key, timeout=60))
 
 
+@app.task(track_started=True)
+def tracked(key):
+    """STARTED stored while it waits for an item on `key`."""
+    return bool(_data().blpop(key, timeout=60))
+
+
 @app.task(bind=True)
 def ignored(self):
     from celery.exceptions import Ignore

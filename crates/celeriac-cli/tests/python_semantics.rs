@@ -117,8 +117,8 @@ fn a_dying_python_task_is_settled_by_its_acks_late_and_reject_on_worker_lost() {
 }
 
 /// `Ignore` stores nothing (a custom state stored before it stays), `Reject(requeue=True)`
-/// runs again, `Reject(requeue=False)` is a FAILURE and is not run again, `update_state` is seen
-/// while the task runs, `ignore_result=True` stores nothing; checked once the worker stopped.
+/// runs again, `Reject(requeue=False)` is a FAILURE and is not run again, `update_state` and
+/// `track_started`'s STARTED are seen while the task runs, `ignore_result=True` stores nothing; checked once the worker stopped.
 #[test]
 fn ignore_reject_update_state_and_ignore_result_are_celerys() {
     let db = SharedRedisDb::get(DB);
@@ -132,6 +132,14 @@ fn ignore_reject_update_state_and_ignore_result_are_celerys() {
     assert_eq!(m["result"], json!({"step": 1}));
     db.cli(&["RPUSH", &kp, "go"]);
     assert_eq!(wait_state(&db, &w, &progress, "SUCCESS")["result"], true);
+    // track_started: STARTED with the child's pid and the worker's name while it runs.
+    let kt = key("tracked");
+    let tracked = send(&broker, queue, "pyapp.tracked", json!([kt]));
+    let m = wait_state(&db, &w, &tracked, "STARTED");
+    assert!(m["result"]["pid"].as_u64().is_some_and(|p| p != u64::from(w.child.id())), "{m}");
+    assert!(m["result"]["hostname"].as_str().is_some_and(|h| h.starts_with("pysem-control@")), "{m}");
+    db.cli(&["RPUSH", &kt, "go"]);
+    assert_eq!(wait_state(&db, &w, &tracked, "SUCCESS")["result"], true);
 
     let requeued = send(&broker, queue, "pyapp.rejected", json!([kr1, true]));
     assert_eq!(wait_state(&db, &w, &requeued, "SUCCESS")["result"], 2, "ran again after its Reject");

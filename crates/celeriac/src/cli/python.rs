@@ -63,6 +63,8 @@ const ACTED_ON: &[&str] = &[
     "task_acks_late",
     "task_reject_on_worker_lost",
     "task_retry_on_worker_lost",
+    // STARTED stored by the children, as Celery's tracer stores it.
+    "task_track_started",
     // Carried out by Celery's code in the children: task modules imported, times, what a task
     // sends (routed by Celery's router, published through the supervisor), eager calls.
     "imports",
