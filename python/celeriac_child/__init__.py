@@ -38,6 +38,8 @@ _ANNOUNCED = (
     "acks_late",
     "reject_on_worker_lost",
     "retry_on_worker_lost",
+    "acks_on_failure",
+    "acks_on_failure_or_timeout",
     "time_limit",
     "soft_time_limit",
     "rate_limit",

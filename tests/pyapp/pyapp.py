@@ -302,6 +302,12 @@ def progress(self, key):
     return bool(_data().blpop(key, timeout=60))
 
 
+@app.task(acks_late=True, acks_on_failure=False)
+def fail_rejected(msg):
+    """A FAILURE whose message is rejected (to the queue's dead-letter exchange), not acked."""
+    raise ValueError(msg)
+
+
 @app.task(track_started=True)
 def tracked(key):
     """STARTED stored while it waits for an item on `key`."""

@@ -329,3 +329,34 @@ fn python_tasks_are_settled_as_a_celery_worker_settles_them() {
     let _w = CeleryWorker::start(&broker, &backend, queue);
     assert_eq!(Value::Object(run_client(&broker, &backend, queue, &cases)), expected, "a Celery worker gives the same");
 }
+
+/// An `acks_late` task with `acks_on_failure=False`: its FAILURE is stored and its message
+/// rejected without requeue, so RabbitMQ dead-letters it (the queue's dead-letter exchange, set
+/// by a policy); a failure of a task acknowledged as usual is not.
+#[test]
+fn a_failure_not_acks_on_failure_is_rejected_to_the_dead_letter_exchange() {
+    let db = SharedRedisDb::get(DB);
+    let vhost = TestVhost::new();
+    let (broker, backend) = (vhost.url(""), db.url(""));
+    let queue = "pysem.dlx";
+    let policy = r#"{"dead-letter-exchange":"pysem.dead"}"#;
+    let ok = Command::new("rabbitmqctl")
+        .args(["set_policy", "-p", &vhost.name, "pysem-dlx", r"^pysem\.dlx$", policy, "--apply-to", "queues"])
+        .status()
+        .expect("rabbitmqctl");
+    assert!(ok.success());
+    let declare = "import sys\nfrom kombu import Connection, Exchange, Queue\nwith Connection(sys.argv[1]) as c:\n    \
+                   Queue('pysem.dead', Exchange('pysem.dead', type='fanout'))(c.default_channel).declare()\n";
+    let ok = Command::new(common::venv_python()).args(["-c", declare, &broker]).status().expect("python");
+    assert!(ok.success());
+    let mut w = python_worker(&broker, &backend, queue, &["-c", "1", "-n", "pysem-dlx@%h"]);
+    let rejected = send(&broker, queue, "pyapp.fail_rejected", json!(["no"]));
+    let acked = send(&broker, queue, "pyapp.fail", json!(["no"]));
+    for id in [&rejected, &acked] {
+        assert_eq!(wait_state(&db, &w, id, "FAILURE")["result"]["exc_type"], "ValueError");
+    }
+    w.signal("TERM");
+    assert!(w.wait_exit(Duration::from_secs(30)).success(), "{}", w.dump());
+    assert_eq!(queue_depth(&vhost, queue), (0, 0));
+    assert_eq!(queue_depth(&vhost, "pysem.dead"), (1, 0), "only the rejected one is dead-lettered");
+}

@@ -339,7 +339,8 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             "the task emptied its request's chain (request.chain = None): the rest of the chain is not sent"
         );
     }
-    // Settled by rejecting, not acknowledging (Celery's `Reject(requeue=False)`).
+    // Settled by rejecting without requeue, not acknowledging (Celery's `Reject(requeue=False)`,
+    // or a FAILURE of a task that is not `acks_on_failure`).
     let mut reject_after = false;
     let outcome = retry_if_lost(shared, &req, outcome);
     if !matches!(outcome, Outcome::WorkerLost(_)) {
@@ -438,8 +439,10 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 }
                 shared.forget_lost(&id);
                 if !requeues {
-                    if let Err(e) = req.delivery.ack().await {
-                        tracing::warn!(error = %e, "could not acknowledge; the broker will redeliver");
+                    let rejects = AckPolicy::rejects_failure(shared.acks.get(&req.headers.task).copied());
+                    let settled = if rejects { req.delivery.reject(false).await } else { req.delivery.ack().await };
+                    if let Err(e) = settled {
+                        tracing::warn!(error = %e, "could not settle the message; the broker will redeliver");
                     }
                     return;
                 }
@@ -543,6 +546,8 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 };
                 tracing::error!(error = %err, runtime = ?runtime, "task failed");
                 Stats::bump(&shared.stats.failed);
+                // An acks_late task that is not acks_on_failure: its message is rejected.
+                reject_after = AckPolicy::rejects_failure(shared.acks.get(&req.headers.task).copied());
                 let tb = traceback(&req, &exc, err.traceback.as_deref());
                 shared.observe.failed(&id, &req.headers.task, &exc, Some(&tb), Some(runtime));
                 Some(ResultMeta::exception(&id, TaskState::Failure, &exc, Some(tb)))

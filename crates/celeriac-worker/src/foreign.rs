@@ -114,6 +114,10 @@ pub(crate) struct AckPolicy {
     pub max_retries: Option<u32>,
     /// The task's `default_retry_delay`, seconds.
     pub retry_delay: f64,
+    /// With `acks_late`, a FAILURE's message is acknowledged (else rejected without requeue,
+    /// to the queue's dead-letter exchange on RabbitMQ): Celery's `acks_on_failure`, before 5.7
+    /// `acks_on_failure_or_timeout`.
+    pub acks_on_failure: bool,
 }
 
 impl AckPolicy {
@@ -131,6 +135,11 @@ impl AckPolicy {
     pub(crate) fn retry_lost_after(policy: Option<AckPolicy>, retries: u32) -> Option<Duration> {
         let p = policy.filter(|p| p.retry_on_worker_lost && !p.out_of_retries(retries))?;
         Some(Duration::from_secs_f64(if p.retry_delay.is_finite() { p.retry_delay.max(0.0) } else { 0.0 }))
+    }
+
+    /// Whether a FAILURE's message is rejected (without requeue) rather than acknowledged.
+    pub(crate) fn rejects_failure(policy: Option<AckPolicy>) -> bool {
+        policy.is_some_and(|p| p.acks_late && !p.acks_on_failure)
     }
 
     fn out_of_retries(&self, retries: u32) -> bool {
@@ -156,6 +165,10 @@ pub(crate) fn ack_policies(tasks: &[ChildTask]) -> HashMap<String, AckPolicy> {
                     .map(|n| n.min(u32::MAX.into()) as u32),
                 // Celery's default `default_retry_delay`: 3 minutes.
                 retry_delay: t.options.get("default_retry_delay").and_then(Value::as_f64).unwrap_or(180.0),
+                acks_on_failure: ["acks_on_failure", "acks_on_failure_or_timeout"]
+                    .iter()
+                    .find_map(|k| t.options.get(*k).and_then(Value::as_bool))
+                    .unwrap_or(true),
             };
             (t.name.clone(), policy)
         })
@@ -424,6 +437,11 @@ mod tests {
         assert_eq!(AckPolicy::retry_lost_after(p, 0), Some(Duration::from_secs(2)));
         assert_eq!(AckPolicy::retry_lost_after(p, 1), None);
         assert!(!AckPolicy::requeues_lost(p, 1));
+        assert!(!AckPolicy::rejects_failure(p));
+        let rejects = |o: Value| AckPolicy::rejects_failure(ack_policies(&[task(o)]).get("t").copied());
+        assert!(rejects(json!({"acks_late": true, "acks_on_failure": false})));
+        assert!(rejects(json!({"acks_late": true, "acks_on_failure_or_timeout": false})));
+        assert!(!rejects(json!({"acks_on_failure": false})), "not acks_late: acknowledged as it started");
     }
 
     #[test]

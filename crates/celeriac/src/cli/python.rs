@@ -63,6 +63,8 @@ const ACTED_ON: &[&str] = &[
     "task_acks_late",
     "task_reject_on_worker_lost",
     "task_retry_on_worker_lost",
+    // (`task_acks_on_failure_or_timeout` stays named: its timeout half is not acted on.)
+    "task_acks_on_failure",
     // STARTED stored by the children, as Celery's tracer stores it.
     "task_track_started",
     // Carried out by Celery's code in the children: task modules imported, times, what a task
