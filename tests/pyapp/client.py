@@ -73,6 +73,7 @@ FLOWS = {
     "stop_chain": _flow_stop_chain,
     "replaced": lambda: pyapp.replaced.delay(1).get(timeout=60),
     "replaced_in_chain": lambda: chain(pyapp.replaced.s(1), pyapp.add.s(1)).apply_async().get(timeout=60),
+    "replaced_by_group": lambda: pyapp.replaced_by_group.delay(3).get(timeout=60),
 }
 
 

@@ -363,3 +363,10 @@ def stop_chain(self, x):
 @app.task(bind=True)
 def replaced(self, x):
     return self.replace(add.s(x, 100))
+
+
+@app.task(bind=True)
+def replaced_by_group(self, n):
+    from celery import group
+
+    return self.replace(group(add.s(i, i) for i in range(n)))

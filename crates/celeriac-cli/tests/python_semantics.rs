@@ -267,7 +267,17 @@ fn python_workflows_give_what_a_celery_worker_gives() {
     let db = SharedRedisDb::get(DB);
     let vhost = TestVhost::new();
     let (broker, backend) = (vhost.url(""), db.url(""));
-    let flows = ["chain", "link", "link_error", "group", "chord", "stop_chain", "replaced", "replaced_in_chain"];
+    let flows = [
+        "chain",
+        "link",
+        "link_error",
+        "group",
+        "chord",
+        "stop_chain",
+        "replaced",
+        "replaced_in_chain",
+        "replaced_by_group",
+    ];
     let ours = {
         let queue = "pysem.canvas.celeriac";
         // Continuations naming no queue go to the app's default queue (`task_default_queue`).
@@ -289,6 +299,8 @@ fn python_workflows_give_what_a_celery_worker_gives() {
         "stop_chain": {"value": [2, 0, "PENDING"]},
         "replaced": {"value": 101},
         "replaced_in_chain": {"value": 102},
+        // Replaced by a group: Celery makes it a chord whose body is celery.accumulate.
+        "replaced_by_group": {"value": [0, 2, 4]},
     });
     assert_eq!(Value::Object(ours), expected);
     let theirs = {
