@@ -231,6 +231,13 @@ fn python_tasks_are_in_events_and_metrics() {
     let all: Vec<&str> =
         retried.iter().chain(&retried).chain(&["task-received", "task-started", "task-succeeded"]).copied().collect();
     wait_kinds(&retry, &all);
+    // A task that rejects its message (Reject(requeue=True)): task-rejected, then its rerun.
+    let rejected = send(&broker, queue, "pyapp.rejected", json!([key("events-reject"), true]));
+    let rerun = ["task-received", "task-started", "task-rejected", "task-received", "task-started", "task-succeeded"];
+    wait_kinds(&rejected, &rerun);
+    let ev =
+        lines.lock().unwrap().iter().find(|e| e["uuid"] == rejected.as_str() && e["type"] == "task-rejected").cloned();
+    assert_eq!(ev.map(|e| e["requeue"].clone()), Some(json!(true)));
     let received = lines
         .lock()
         .unwrap()
