@@ -37,6 +37,8 @@ pub mod cli;
 pub mod client;
 pub mod connect;
 pub mod control;
+#[cfg(feature = "dashboard")]
+pub mod dashboard;
 
 pub use app::App;
 pub use celeriac_core::{

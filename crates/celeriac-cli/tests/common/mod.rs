@@ -278,7 +278,13 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Forward 127.0.0.1:<new port> to `target`.
     pub async fn start(target: &'static str) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_on(0, target).await
+    }
+
+    /// Forward 127.0.0.1:`port` to `target` (0: a new port); the same port again after
+    /// [`stop`](Self::stop) is the broker coming back.
+    pub async fn start_on(port: u16, target: &'static str) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
         let port = listener.local_addr().unwrap().port();
         let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
         let held = conns.clone();

@@ -8,6 +8,8 @@
 //! unreachable.
 
 mod beat;
+#[cfg(feature = "dashboard")]
+mod dashboard;
 mod demo;
 mod events;
 pub mod logging;
@@ -125,6 +127,9 @@ enum Command {
     Control(remote::ControlArgs),
     /// Send periodic tasks from a schedule file (any number of beats; one leader sends).
     Beat(beat::BeatArgs),
+    /// Serve the web dashboard: workers, queues and recent tasks, live; actions with a token.
+    #[cfg(feature = "dashboard")]
+    Dashboard(dashboard::DashboardArgs),
 }
 
 #[derive(Debug, Args)]
@@ -209,6 +214,15 @@ struct WorkerArgs {
     /// [default: celery, or the --python-app app's task_default_queue].
     #[arg(long = "default-queue", value_name = "QUEUE")]
     default_queue: Option<String>,
+    /// Also serve the web dashboard at http://ADDR/ (host:port, e.g. 127.0.0.1:5555; see
+    /// `celeriac dashboard`).
+    #[cfg(feature = "dashboard")]
+    #[arg(long = "dashboard", value_name = "ADDR")]
+    dashboard: Option<String>,
+    /// The token the dashboard's actions need (without one it is read-only).
+    #[cfg(feature = "dashboard")]
+    #[arg(long = "dashboard-token", env = "CELERIAC_DASHBOARD_TOKEN", hide_env_values = true)]
+    dashboard_token: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -340,11 +354,13 @@ pub fn main(app: App, args: impl IntoIterator<Item = OsString>) -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
-    // Commands other than `worker` and `beat` only log warnings unless asked: their output is
+    // Commands other than `worker`, `beat` and `dashboard` only log warnings unless asked: their output is
     // the point.
     let worker = match &cli.command {
         Command::Worker(_) => true,
         Command::Beat(b) => b.runs(),
+        #[cfg(feature = "dashboard")]
+        Command::Dashboard(_) => true,
         _ => false,
     };
     logging::init(if worker || cli.loglevel != "info" { &cli.loglevel } else { "warn" }, cli.log_format);
@@ -397,6 +413,8 @@ async fn run(app: App, cli: Cli) -> CliResult {
         Command::Inspect(args) => remote::inspect(broker, args).await,
         Command::Control(args) => remote::control(broker, backend_url, args).await,
         Command::Beat(args) => beat::run(broker, args, beat::AppEntries::of(&app)).await,
+        #[cfg(feature = "dashboard")]
+        Command::Dashboard(args) => dashboard::run(broker, backend_url, args).await,
     }
 }
 
@@ -553,6 +571,20 @@ async fn worker(
     };
     let shutdown = crate::Shutdown::new();
     shutdown.install_signal_handlers().map_err(|e| CliError::failed(format!("cannot install signal handlers: {e}")))?;
+    #[cfg(feature = "dashboard")]
+    let _dashboard = match &args.dashboard {
+        Some(addr) => Some(
+            dashboard::start(
+                addr,
+                args.dashboard_token.clone(),
+                config.queues.clone(),
+                broker.clone(),
+                backend.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let worker = crate::Worker::new(config, app.shared_registry(), broker, backend);
     if let Some(beat) = &beat {
         let m = beat.metrics.clone();
@@ -574,12 +606,15 @@ async fn worker(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `host:port` (a name is resolved; the first address is used).
+/// `host:port` of `--metrics-addr` (a name is resolved; the first address is used).
 fn parse_socket_addr(text: &str) -> Result<std::net::SocketAddr, CliError> {
+    parse_listen("--metrics-addr", text, "127.0.0.1:9808")
+}
+
+/// `host:port` given to `flag` (a name is resolved; the first address is used).
+fn parse_listen(flag: &str, text: &str, example: &str) -> Result<std::net::SocketAddr, CliError> {
     use std::net::ToSocketAddrs;
-    let bad = |why: String| {
-        CliError::usage(format!("--metrics-addr {text:?}: {why} (expected host:port, e.g. 127.0.0.1:9808)"))
-    };
+    let bad = |why: String| CliError::usage(format!("{flag} {text:?}: {why} (expected host:port, e.g. {example})"));
     let mut addrs = text.to_socket_addrs().map_err(|e| bad(e.to_string()))?;
     addrs.next().ok_or_else(|| bad("resolves to no address".into()))
 }

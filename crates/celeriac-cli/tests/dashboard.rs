@@ -1,0 +1,335 @@
+//! The web dashboard over HTTP, against real processes: a RabbitMQ vhost per test, a celeriac
+//! prefork worker sending events (`-E`), a real Python Celery worker beside it, results in Redis
+//! database 3, and `celeriac dashboard` (or `worker --dashboard`) on a free loopback port.
+//!
+//! Covered: the JSON endpoints (workers of both kinds, tasks with their results, filters, a task
+//! by id, an unknown id as "unknown"), the server-rendered task page escaping a task whose
+//! arguments hold `<script>`, actions refused with 403 without a token (read-only), with a wrong
+//! token and from another origin, and revoke with the token terminating a `celeriac.hang` task
+//! in a prefork child, which the dashboard first shows as blocked with its wait channel and then
+//! as REVOKED; a malformed event is skipped with one log line; a broker that goes away shows
+//! "disconnected" and the dashboard recovers when it returns.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{free_port, run_cli, wait_until, PyCeleryWorker, SharedRedisDb, TcpProxy, TestVhost, WorkerProc};
+use serde_json::{json, Value};
+
+const DB: u32 = 3;
+const TOKEN: &str = "s3cret-token";
+
+fn results() -> String {
+    SharedRedisDb::get(DB).url("")
+}
+
+/// A node name unique to this test run.
+fn node(tag: &str) -> String {
+    format!("dash-{tag}-{}@testhost", std::process::id())
+}
+
+/// One HTTP/1.1 request; (status, body). `headers` are extra header lines.
+fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the dashboard");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read the answer");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, body.to_string())
+}
+
+fn get_json(port: u16, path: &str) -> (u16, Value) {
+    let (status, body) = http(port, "GET", path, &[], "");
+    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body}")))
+}
+
+/// Send task `name` with `args` (a JSON list) to `queue`; its id.
+fn send(broker: &str, name: &str, args: &str, queue: &str) -> String {
+    let results = results();
+    let (code, out, err) =
+        run_cli(&["send", name, "--args", args, "-Q", queue, "--broker", broker, "--result-backend", &results], &[]);
+    assert_eq!(code, 0, "send {name}: {out}{err}");
+    out.trim().lines().last().expect("a task id").to_string()
+}
+
+/// `celeriac dashboard` on a free port; with `token`, actions are allowed.
+fn dashboard(broker: &str, queue: &str, token: Option<&str>) -> (WorkerProc, u16) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let results = results();
+    let mut args =
+        vec!["dashboard", "--broker", broker, "--result-backend", &results, "--listen", &listen, "-Q", queue];
+    if let Some(t) = token {
+        args.extend_from_slice(&["--auth-token", t]);
+    }
+    let d = WorkerProc::spawn_cli(std::path::Path::new(common::bin()), &args);
+    d.wait_for_line("dashboard ready", Duration::from_secs(20));
+    (d, port)
+}
+
+/// Wait until task `id`'s JSON satisfies `cond`; that JSON.
+fn wait_task(port: u16, id: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    wait_until(&format!("task {id} {what}"), Duration::from_secs(30), || {
+        last = get_json(port, &format!("/api/tasks/{id}")).1;
+        cond(&last)
+    });
+    last
+}
+
+/// The worker named `name` in `/api/workers`, once `cond` holds for it.
+fn wait_worker(port: u16, name: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let mut found = Value::Null;
+    wait_until(&format!("worker {name} {what}"), Duration::from_secs(30), || {
+        let (_, workers) = get_json(port, "/api/workers");
+        found = workers
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| w["hostname"] == json!(name))
+            .cloned()
+            .unwrap_or_default();
+        cond(&found)
+    });
+    found
+}
+
+#[test]
+fn the_json_endpoints_show_both_workers_and_tasks_escape_script_and_refuse_actions_read_only() {
+    let vhost = TestVhost::new();
+    let broker = vhost.url("");
+    let results = results();
+    let name = node("json");
+    let queue = "dash.json";
+    let _w = WorkerProc::start(
+        &broker,
+        &["--result-backend", &results, "-P", "prefork", "-c", "1", "-E", "-n", &name, "-Q", queue],
+    );
+    let py = PyCeleryWorker::start(&broker, &results, "dash.py");
+    let py_name = format!("py-dash.py-{}@{}", std::process::id(), hostname());
+    let (dash, port) = dashboard(&broker, queue, None);
+
+    // Both workers, each as what it is.
+    let w = wait_worker(port, &name, "online with its pool", |w| {
+        w["online"] == json!(true) && w["children"][0]["pid"].is_u64()
+    });
+    assert_eq!((w["software"].as_str(), w["pool"].as_str()), (Some("celeriac"), Some("celeriac:prefork")), "{w}");
+    assert!(w["heartbeat_age"].as_f64().is_some_and(|a| a < 10.0), "{w}");
+    let p = wait_worker(port, &py_name, "listed", |w| w["online"] == json!(true) && !w["pool"].is_null());
+    assert_eq!(p["software"], json!("py-celery"), "{p}");
+
+    // A task appears with its result; filters select it.
+    let id = send(&broker, "celeriac.add", "[2, 3]", queue);
+    // Its state may come from the stored result first; the event brings the repr of the result.
+    let t = wait_task(port, &id, "succeeded", |t| t["state"] == json!("SUCCESS") && t["result"].is_string());
+    assert_eq!(
+        (t["name"].as_str(), t["result"].as_str(), t["worker"].as_str()),
+        (Some("celeriac.add"), Some("5"), Some(name.as_str())),
+        "{t}"
+    );
+    assert_eq!(t["args"], json!("[2, 3]"), "{t}");
+    assert_eq!(t["stored"]["result"], json!(5), "the stored result is read too: {t}");
+    let ids = |path: &str| -> Vec<Value> {
+        get_json(port, path).1["tasks"].as_array().unwrap().iter().map(|t| t["id"].clone()).collect()
+    };
+    assert!(ids("/api/tasks?state=SUCCESS&name=add").contains(&json!(id)));
+    assert!(!ids("/api/tasks?state=FAILURE").contains(&json!(id)));
+    assert!(ids(&format!("/api/tasks?worker={}", name.replace('@', "%40"))).contains(&json!(id)));
+    let (status, bad) = get_json(port, "/api/tasks?colour=red");
+    assert_eq!(status, 400, "{bad}");
+
+    // An unknown id is "unknown".
+    let (status, unknown) = get_json(port, "/api/tasks/no-such-task");
+    assert_eq!((status, unknown["state"].as_str()), (404, Some("unknown")), "{unknown}");
+
+    // Script in the arguments is text: escaped on the server-rendered page, a plain string in JSON.
+    let script = "<script>alert(1)</script>";
+    let id = send(&broker, "celeriac.echo", &json!([script]).to_string(), queue);
+    let t = wait_task(port, &id, "succeeded", |t| t["state"] == json!("SUCCESS") && t["result"].is_string());
+    assert!(t["args"].as_str().is_some_and(|a| a.contains(script)), "{t}");
+    let (status, page) = http(port, "GET", &format!("/task/{id}"), &[], "");
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{page}");
+    assert!(!page.contains(script), "unescaped script in the page:\n{page}");
+    let (_, index) = http(port, "GET", "/", &[], "");
+    assert!(index.contains("/app.js") && !index.contains(script), "{index}");
+    let (_, js) = http(port, "GET", "/app.js", &[], "");
+    assert!(!js.contains("innerHTML"), "the page builds its DOM with textContent only");
+
+    // Read-only: every action is refused, and logged with who asked.
+    for path in
+        [format!("/api/tasks/{id}/revoke"), format!("/api/tasks/{id}/retry"), format!("/api/queues/{queue}/purge")]
+    {
+        let (status, body) = http(port, "POST", &path, &[("X-Celeriac-Token", "anything")], "{}");
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.contains("read-only"), "{body}");
+    }
+    dash.wait_for_line("action refused: the dashboard is read-only", Duration::from_secs(5));
+    assert!(dash.matching("action refused").iter().all(|l| l.contains("peer=127.0.0.1:")), "{}", dash.dump());
+    let mut overview = Value::Null;
+    wait_until("the dashboard to read the broker", Duration::from_secs(10), || {
+        overview = get_json(port, "/api/overview").1;
+        overview["connected"] == json!(true)
+    });
+    assert_eq!(overview["read_only"], json!(true), "{overview}");
+    let (_, queues) = get_json(port, "/api/queues");
+    assert!(
+        queues.as_array().unwrap().iter().any(|q| q["name"] == json!(queue) && q["consumers"] == json!(1)),
+        "{queues}"
+    );
+    assert!(overview["throughput"][0]["succeeded"].as_u64().is_some_and(|n| n >= 2), "{overview}");
+    drop(py);
+}
+
+fn hostname() -> String {
+    let out = std::process::Command::new("hostname").output().expect("hostname");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn revoke_with_the_token_terminates_a_hung_prefork_task_which_then_shows_revoked() {
+    let vhost = TestVhost::new();
+    let broker = vhost.url("");
+    let results = results();
+    let name = node("revoke");
+    let queue = "dash.revoke";
+    let _w = WorkerProc::start(
+        &broker,
+        &[
+            "--result-backend",
+            &results,
+            "-P",
+            "prefork",
+            "-c",
+            "1",
+            "-E",
+            "-n",
+            &name,
+            "-Q",
+            queue,
+            "--time-limit",
+            "300",
+        ],
+    );
+    let (dash, port) = dashboard(&broker, queue, Some(TOKEN));
+    let id = send(&broker, "celeriac.hang", "[]", queue);
+
+    // The child running it is shown blocked, with its wait channel.
+    let w = wait_worker(port, &name, "blocked in a futex wait", |w| {
+        w["children"][0]["task"]["id"] == json!(id)
+            && w["children"][0]["blocked_on"].as_str().is_some_and(|b| b.contains("futex"))
+    });
+    assert!(w["children"][0]["wchan"].as_str().is_some_and(|c| c.contains("futex")), "{w}");
+    wait_task(port, &id, "started", |t| t["state"] == json!("STARTED"));
+
+    // Refused: no token, a wrong one, another origin, a malformed body.
+    let path = format!("/api/tasks/{id}/revoke");
+    let body = r#"{"terminate": true}"#;
+    for headers in [
+        vec![],
+        vec![("X-Celeriac-Token", "wrong")],
+        vec![("X-Celeriac-Token", TOKEN), ("Origin", "http://evil.example")],
+    ] {
+        let (status, answer) = http(port, "POST", &path, &headers, body);
+        assert_eq!(status, 403, "{headers:?}: {answer}");
+    }
+    let (status, answer) = http(port, "POST", &path, &[("X-Celeriac-Token", TOKEN)], "[1]");
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(get_json(port, &format!("/api/tasks/{id}")).1["state"], json!("STARTED"));
+
+    // With the token, from the page's own origin: terminated, then REVOKED.
+    let origin = format!("http://127.0.0.1:{port}");
+    let (status, answer) = http(
+        port,
+        "POST",
+        &path,
+        &[("X-Celeriac-Token", TOKEN), ("Origin", &origin), ("Content-Type", "application/json")],
+        body,
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains(&name), "the worker replied: {answer}");
+    let t = wait_task(port, &id, "revoked", |t| t["state"] == json!("REVOKED"));
+    assert_eq!(t["stored"]["status"], json!("REVOKED"), "{t}");
+    dash.wait_for_line("dashboard action", Duration::from_secs(5));
+    let logged = dash.matching("revoke asked from the dashboard");
+    assert!(logged.iter().any(|l| l.contains(&id) && l.contains("peer=127.0.0.1:")), "{}", dash.dump());
+}
+
+#[test]
+fn a_worker_serves_the_dashboard_and_a_malformed_event_is_skipped_with_one_line() {
+    let vhost = TestVhost::new();
+    let broker = vhost.url("");
+    let results = results();
+    let name = node("inworker");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let w = WorkerProc::start(
+        &broker,
+        &["--result-backend", &results, "-E", "-n", &name, "-Q", "dash.inworker", "--dashboard", &listen],
+    );
+    w.wait_for_line("dashboard ready", Duration::from_secs(10));
+    wait_worker(port, &name, "online", |w| w["online"] == json!(true));
+
+    // A bad event on celeryev: not JSON. Published with the Python client's kombu, as any
+    // process on the broker could.
+    let script = "import kombu,sys\n\
+        with kombu.Connection(sys.argv[1]) as c:\n\
+        \x20   p = c.Producer(exchange=kombu.Exchange('celeryev', type='topic'), serializer=None)\n\
+        \x20   p.publish(b'{not json', routing_key='task.succeeded', content_type='application/json', content_encoding='utf-8', declare=[kombu.Exchange('celeryev', type='topic')])\n";
+    let out = std::process::Command::new(common::venv_python()).args(["-c", script, &broker]).output().expect("python");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    w.wait_for_line("malformed event skipped", Duration::from_secs(10));
+    assert_eq!(w.count("malformed event skipped"), 1, "{}", w.dump());
+    let id = send(&broker, "celeriac.add", "[1, 1]", "dash.inworker");
+    wait_task(port, &id, "succeeded after the bad event", |t| t["state"] == json!("SUCCESS"));
+}
+
+#[test]
+fn a_broker_that_goes_away_shows_disconnected_and_the_dashboard_recovers_when_it_returns() {
+    let vhost = TestVhost::new();
+    let broker = vhost.url("");
+    let results = results();
+    let name = node("outage");
+    let queue = "dash.outage";
+    let _w = WorkerProc::start(&broker, &["--result-backend", &results, "-E", "-n", &name, "-Q", queue]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut proxy = rt.block_on(TcpProxy::start("127.0.0.1:5672"));
+    let proxy_port = proxy.port;
+    let through = format!("amqp://guest:guest@127.0.0.1:{proxy_port}/{}", vhost.name);
+    let (dash, port) = dashboard(&through, queue, None);
+    let connected = |want: bool| {
+        wait_until(&format!("connected = {want}"), Duration::from_secs(30), || {
+            get_json(port, "/api/overview").1["connected"] == json!(want)
+        })
+    };
+    connected(true);
+    wait_worker(port, &name, "online", |w| w["online"] == json!(true));
+
+    rt.block_on(proxy.stop());
+    connected(false);
+    let (_, overview) = get_json(port, "/api/overview");
+    assert!(overview["error"].is_string(), "the reason is shown: {overview}");
+    // The page is still served, from memory.
+    assert_eq!(http(port, "GET", "/api/workers", &[], "").0, 200);
+
+    let _back = rt.block_on(TcpProxy::start_on(proxy_port, "127.0.0.1:5672"));
+    connected(true);
+    dash.wait_for_line("the dashboard reads the broker", Duration::from_secs(5));
+    // Events flow again: a task sent now shows with its result.
+    let id = send(&broker, "celeriac.add", "[20, 22]", queue);
+    wait_task(port, &id, "succeeded after the outage", |t| t["result"] == json!("42"));
+}

@@ -1,0 +1,731 @@
+//! The built-in web dashboard (`celeriac dashboard`, `celeriac worker --dashboard ADDR`):
+//! workers, queues and recent tasks on one page, updated live, with actions behind a token.
+//!
+//! It reads the broker only through what the CLI uses: the events on `celeryev` (as
+//! `celeriac events`), remote control (`crate::control::broadcast`: `stats`, `active` every
+//! [`POLL`], and the actions) and `Broker::queues` (as `celeriac queues`), plus the result
+//! backend for a task's stored result. State is in memory ([`state::State`]).
+//!
+//! HTTP (axum, http1): `GET /` the page (assets embedded with `include_str!`, no CDN);
+//! `GET /api/overview`, `/api/workers`, `/api/queues`, `/api/tasks?state=&name=&worker=&limit=`,
+//! `/api/tasks/{id}` (404 with `"state": "unknown"` for an id never seen), `/task/{id}` (the
+//! task as a server-rendered page, every value HTML-escaped), `/api/stream` (server-sent events:
+//! `update` with the state's version whenever it changes, at most 4 a second).
+//! Actions (`POST`): `/api/tasks/{id}/revoke` (`{"terminate": bool}`), `/api/tasks/{id}/retry`,
+//! `/api/queues/{name}/purge`, `/api/workers/{node}/pool` (`{"grow": n}` or `{"shrink": n}`),
+//! `/api/rate_limit` (`{"task_name", "rate_limit", "worker"?}`).
+//!
+//! Safety: an action needs the configured token in the `X-Celeriac-Token` header; with no token
+//! configured every action is refused with 403 (read-only). A header cannot be set by a form or
+//! a cross-site request without CORS, which the server never grants, and an `Origin` that is not
+//! this server's `Host` is refused too (CSRF). Every action is logged with the remote address.
+//! The page builds its DOM with `textContent` only, so task arguments, results and tracebacks
+//! are shown as text.
+
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, RawQuery, State as Ax};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use celeriac_core::{Broker, ResultBackend};
+use serde_json::{json, Map, Value};
+use tokio::sync::watch;
+
+use crate::control::{broadcast, ControlError};
+use state::{State, TaskFilter};
+
+/// How often workers are asked for `stats` and `active`, and queue depths read.
+pub const POLL: Duration = Duration::from_secs(2);
+/// How long a poll waits for replies.
+const REPLY_WINDOW: Duration = Duration::from_millis(800);
+/// The header an action carries its token in.
+pub const TOKEN_HEADER: &str = "x-celeriac-token";
+
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const STYLE_CSS: &str = include_str!("assets/style.css");
+
+/// How to run a dashboard.
+#[derive(Debug, Clone)]
+pub struct DashboardConfig {
+    /// Where to listen (loopback by default in the CLI).
+    pub listen: SocketAddr,
+    /// The token actions need; `None` makes the dashboard read-only.
+    pub token: Option<String>,
+    /// Queues to show on brokers that cannot list them (RabbitMQ over AMQP); tasks' routing keys
+    /// are added as they are seen.
+    pub queues: Vec<String>,
+}
+
+/// Why the dashboard could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DashboardError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+struct Shared {
+    state: Mutex<State>,
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+    config: DashboardConfig,
+    version: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let before = s.version;
+        let r = f(&mut s);
+        if s.version != before {
+            self.version.send_replace(s.version);
+        }
+        r
+    }
+}
+
+/// A running dashboard: its address, and its tasks, stopped when this is dropped.
+pub struct Dashboard {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Dashboard {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Dashboard {
+    /// Bind `config.listen` (an error at once if it cannot), then serve, tail events and poll in
+    /// background tasks of the current runtime.
+    pub async fn start(
+        config: DashboardConfig,
+        broker: Arc<dyn Broker>,
+        backend: Arc<dyn ResultBackend>,
+    ) -> Result<Dashboard, DashboardError> {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| DashboardError::Bind { addr: config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| DashboardError::Bind { addr: config.listen, source })?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, read_only = config.token.is_none(), "the dashboard listens beyond this machine");
+        }
+        let (version, _) = watch::channel(0);
+        let shared = Arc::new(Shared { state: Mutex::new(State::default()), broker, backend, config, version });
+        let app = router(shared.clone());
+        let server = tokio::spawn(async move {
+            let service = app.into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(e) = axum::serve(listener, service).await {
+                tracing::error!(error = %e, "the dashboard's server stopped");
+            }
+        });
+        let events = tokio::spawn(tail_events(shared.clone()));
+        let poller = tokio::spawn(poll(shared.clone()));
+        tracing::info!(url = %format!("http://{addr}/"), read_only = shared.config.token.is_none(), "dashboard ready");
+        Ok(Dashboard { addr, tasks: vec![server, events, poller] })
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
+        .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
+        .route("/api/overview", get(overview))
+        .route("/api/workers", get(|Ax(s): Ax<Arc<Shared>>| async move { ok(s.with(|st| st.workers_json())) }))
+        .route("/api/queues", get(|Ax(s): Ax<Arc<Shared>>| async move { ok(s.with(|st| st.queues_json())) }))
+        .route("/api/tasks", get(tasks))
+        .route("/api/tasks/{id}", get(task))
+        .route("/task/{id}", get(task_page))
+        .route("/api/stream", get(stream))
+        .route("/api/tasks/{id}/revoke", post(revoke))
+        .route("/api/tasks/{id}/retry", post(retry))
+        .route("/api/queues/{name}/purge", post(purge))
+        .route("/api/workers/{node}/pool", post(pool))
+        .route("/api/rate_limit", post(rate_limit))
+        .with_state(shared)
+}
+
+fn asset(kind: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+}
+
+fn reply(status: StatusCode, v: Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], celeriac_core::pyjson::to_compact_string(&v)).into_response()
+}
+
+fn ok(v: Value) -> Response {
+    reply(StatusCode::OK, v)
+}
+
+fn refuse(status: StatusCode, why: impl Into<String>) -> Response {
+    reply(status, json!({"error": why.into()}))
+}
+
+/// Tail `celeryev` as `celeriac events` does; subscribe again after a loss.
+async fn tail_events(shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let Some(exchanges) = shared.broker.exchanges() else {
+            tracing::warn!(broker = %shared.broker.url(), "this broker carries no events: the dashboard shows what it polls");
+            return;
+        };
+        let spec = celeriac_worker::events::exchange(exchanges.events_as_fanout());
+        match exchanges.subscribe(&spec, &celeriac_worker::events::monitor_binding("#")).await {
+            Ok(mut sub) => {
+                backoff = Duration::from_millis(250);
+                loop {
+                    match sub.next().await {
+                        Ok(message) => apply_body(&shared, &message.body),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the event subscription ended; subscribing again");
+                            shared.with(|s| s.set_connected(Some(e.to_string())));
+                            break;
+                        }
+                    }
+                }
+                sub.close().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot subscribe to events");
+                shared.with(|s| s.set_connected(Some(e.to_string())));
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Apply one event message (an object, or a list of them as Celery's `task.multi`); each
+/// malformed one is skipped with one log line.
+fn apply_body(shared: &Shared, body: &[u8]) {
+    let items = match celeriac_core::pyjson::from_slice(body) {
+        Ok(Value::Object(m)) => vec![Value::Object(m)],
+        Ok(Value::Array(items)) => items,
+        Ok(other) => {
+            tracing::warn!(body = %other, "malformed event skipped: not a JSON object or list");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, bytes = body.len(), "malformed event skipped: not JSON");
+            return;
+        }
+    };
+    shared.with(|s| {
+        for item in items {
+            let outcome = match &item {
+                Value::Object(ev) => s.apply_event(ev).map_err(|e| e.to_string()),
+                _ => Err("not a JSON object".to_string()),
+            };
+            if let Err(why) = outcome {
+                tracing::warn!(event = %item, "malformed event skipped: {why}");
+            }
+        }
+    });
+}
+
+/// Every [`POLL`]: `stats` and `active` from every worker, then queue depths.
+async fn poll(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let outcome = poll_once(&shared).await;
+        let was = shared.with(|s| s.connected);
+        match &outcome {
+            Err(e) if was => tracing::warn!(error = %e, "the dashboard lost the broker"),
+            Err(e) => tracing::debug!(error = %e, "dashboard poll failed"),
+            Ok(()) if !was => tracing::info!("the dashboard reads the broker"),
+            Ok(()) => {}
+        }
+        shared.with(|s| s.set_connected(outcome.err()));
+    }
+}
+
+async fn poll_once(shared: &Shared) -> Result<(), String> {
+    let broker = shared.broker.as_ref();
+    for method in ["stats", "active"] {
+        match broadcast(broker, method, Map::new(), &[], REPLY_WINDOW).await {
+            Ok(replies) => shared.with(|s| s.apply_replies(method, replies)),
+            Err(ControlError::Unsupported(_)) => break,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let names = if broker.url().starts_with("amqp") {
+        let mut names = shared.config.queues.clone();
+        names.extend(shared.with(|s| s.known_queues()));
+        names.sort();
+        names.dedup();
+        names
+    } else {
+        Vec::new()
+    };
+    let row = |q: &celeriac_core::broker::QueueInfo| serde_json::to_value(q).unwrap_or(Value::Null);
+    let queues = if names.is_empty() {
+        broker.queues(&names).await.map_err(|e| e.to_string())?.iter().map(row).collect()
+    } else {
+        // One by one, so a queue that does not exist (yet) is shown as such and the others
+        // still are; only a broker that does not answer fails the poll.
+        let mut rows = Vec::new();
+        for name in names {
+            match broker.queues(std::slice::from_ref(&name)).await {
+                Ok(infos) => rows.extend(infos.iter().map(row)),
+                Err(celeriac_core::BrokerError::Rejected { reason, .. }) => {
+                    rows.push(json!({"name": name, "error": reason}))
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        rows
+    };
+    shared.with(|s| s.set_queues(queues));
+    Ok(())
+}
+
+async fn overview(Ax(s): Ax<Arc<Shared>>) -> Response {
+    let v = s.with(|st| {
+        json!({
+            "connected": st.connected,
+            "error": st.last_error,
+            "version": st.version,
+            "broker": crate::connect::redact(s.broker.url()),
+            "read_only": s.config.token.is_none(),
+            "throughput": st.throughput_json(),
+        })
+    });
+    ok(v)
+}
+
+/// `key=value&...` with `%XX` and `+` decoded.
+fn query_pairs(q: &str) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < bytes.len() => {
+                    let hex = |b: u8| (b as char).to_digit(16);
+                    match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                        (Some(h), Some(l)) => {
+                            out.push((h * 16 + l) as u8);
+                            i += 2;
+                        }
+                        _ => out.push(b'%'),
+                    }
+                }
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+async fn tasks(Ax(s): Ax<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
+    let mut filter = TaskFilter::default();
+    let mut limit = 500;
+    for (k, v) in query_pairs(q.as_deref().unwrap_or("")) {
+        let v = Some(v).filter(|v| !v.is_empty());
+        match k.as_str() {
+            "state" => filter.state = v.map(|v| v.to_uppercase()),
+            "name" => filter.name = v,
+            "worker" => filter.worker = v,
+            "limit" => match v.as_deref().map(str::parse::<usize>) {
+                Some(Ok(n)) => limit = n.min(state::MAX_TASKS),
+                Some(Err(_)) => return refuse(StatusCode::BAD_REQUEST, "limit: expected a whole number"),
+                None => {}
+            },
+            other => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown filter {other:?} (state, name, worker, limit)"),
+                )
+            }
+        }
+    }
+    ok(s.with(|st| st.tasks_json(&filter, limit)))
+}
+
+/// A task from its events, with what the result backend stored for it; `None` if neither knows
+/// it.
+async fn task_value(s: &Shared, id: &str) -> Option<Value> {
+    let mut task = s.with(|st| st.task_json(id));
+    let stored = match s.backend.get(id).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!(task_id = %id, error = %e, "no stored result");
+            None
+        }
+    };
+    if let Some(meta) = stored {
+        let t = task.get_or_insert_with(|| json!({"id": id, "child_ids": []}));
+        let v = meta.to_value();
+        t["stored"] = v;
+        if meta.status.is_ready() {
+            t["state"] = json!(meta.status.to_string());
+        }
+    }
+    task
+}
+
+async fn task(Ax(s): Ax<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    match task_value(&s, &id).await {
+        Some(t) => ok(t),
+        None => reply(StatusCode::NOT_FOUND, json!({"id": id, "state": "unknown"})),
+    }
+}
+
+/// `&`, `<`, `>`, `"` and `'` as HTML entities.
+pub fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The task's page without script: every field as escaped text.
+async fn task_page(Ax(s): Ax<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    let task = task_value(&s, &id).await;
+    let mut rows = String::new();
+    match &task {
+        Some(Value::Object(fields)) => {
+            for (k, v) in fields {
+                let v = match v {
+                    Value::String(t) => t.clone(),
+                    other => celeriac_core::pyjson::to_compact_string(other),
+                };
+                rows.push_str(&format!(
+                    "<tr><th>{}</th><td><pre>{}</pre></td></tr>\n",
+                    escape_html(k),
+                    escape_html(&v)
+                ));
+            }
+        }
+        _ => rows.push_str("<tr><th>state</th><td>unknown</td></tr>\n"),
+    }
+    let page = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>task {id}</title>\
+         <link rel=\"stylesheet\" href=\"/style.css\"></head><body><main><h1>Task {id}</h1>\
+         <p><a href=\"/#/tasks\">all tasks</a></p><table class=\"fields\">\n{rows}</table></main></body></html>",
+        id = escape_html(&id)
+    );
+    let status = if task.is_some() { StatusCode::OK } else { StatusCode::NOT_FOUND };
+    (status, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response()
+}
+
+async fn stream(Ax(s): Ax<Arc<Shared>>) -> Response {
+    let rx = s.version.subscribe();
+    let updates = futures::stream::unfold((rx, true), |(mut rx, first)| async move {
+        if !first {
+            rx.changed().await.ok()?;
+            // At most 4 updates a second: a busy worker's events are coalesced.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let version = *rx.borrow_and_update();
+        Some((
+            Ok::<_, std::convert::Infallible>(Event::default().event("update").data(version.to_string())),
+            (rx, false),
+        ))
+    });
+    Sse::new(updates).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// Let an action through only with the token, from this server's own page; log who asked.
+fn authorize(s: &Shared, headers: &HeaderMap, peer: SocketAddr, action: &str) -> Result<(), Response> {
+    let Some(token) = &s.config.token else {
+        tracing::warn!(%peer, action, "action refused: the dashboard is read-only (no --auth-token)");
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "read-only: start the dashboard with --auth-token or CELERIAC_DASHBOARD_TOKEN to allow actions",
+        ));
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        let same = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) == Some(host);
+        if !same {
+            tracing::warn!(%peer, action, origin, host, "action refused: cross-origin request");
+            return Err(refuse(StatusCode::FORBIDDEN, "cross-origin request refused"));
+        }
+    }
+    let given = headers.get(TOKEN_HEADER).map(|v| v.as_bytes()).unwrap_or(b"");
+    if !constant_time_eq(given, token.as_bytes()) {
+        tracing::warn!(%peer, action, "action refused: missing or wrong token");
+        return Err(refuse(StatusCode::FORBIDDEN, format!("a valid token is needed in the {TOKEN_HEADER} header")));
+    }
+    tracing::info!(%peer, action, "dashboard action");
+    Ok(())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The request body as a JSON object (an empty body is `{}`).
+fn body_object(body: &Bytes) -> Result<Map<String, Value>, Response> {
+    if body.is_empty() {
+        return Ok(Map::new());
+    }
+    match celeriac_core::pyjson::from_slice(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(refuse(StatusCode::BAD_REQUEST, "the body must be a JSON object")),
+    }
+}
+
+/// Broadcast an action; the workers' replies, or 502 naming why not.
+async fn act(s: &Shared, method: &str, args: Value, destination: &[String]) -> Response {
+    let args = match args {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    match broadcast(s.broker.as_ref(), method, args, destination, Duration::from_secs(2)).await {
+        Ok(replies) => ok(json!({"replies": replies.into_iter().collect::<Map<String, Value>>()})),
+        Err(e) => refuse(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+type Caller = ConnectInfo<SocketAddr>;
+
+async fn revoke(
+    Ax(s): Ax<Arc<Shared>>,
+    ConnectInfo(peer): Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers, peer, "revoke") {
+        return r;
+    }
+    let args = match body_object(&body) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let terminate = args.get("terminate").and_then(Value::as_bool).unwrap_or(false);
+    tracing::info!(%peer, task_id = %id, terminate, "revoke asked from the dashboard");
+    if s.backend.keeps_revokes() {
+        if let Err(e) = s.backend.record_revokes(std::slice::from_ref(&id), celeriac_core::backend::unix_now()).await {
+            return refuse(StatusCode::BAD_GATEWAY, format!("cannot record the revoke: {e}"));
+        }
+    }
+    act(&s, "revoke", json!({"task_id": [id], "terminate": terminate, "signal": "SIGTERM"}), &[]).await
+}
+
+async fn retry(
+    Ax(s): Ax<Arc<Shared>>,
+    ConnectInfo(peer): Caller,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers, peer, "retry") {
+        return r;
+    }
+    let Some(task) = task_value(&s, &id).await else {
+        return refuse(StatusCode::NOT_FOUND, format!("task {id} is unknown"));
+    };
+    let Some(name) = task["name"].as_str().map(str::to_string) else {
+        return refuse(StatusCode::CONFLICT, "the task's name is not known (no task-received event was seen)");
+    };
+    let (args, kwargs) = match (py_literal(task["args"].as_str()), py_literal(task["kwargs"].as_str())) {
+        (Some(Value::Array(a)), Some(Value::Object(k))) => (a, k),
+        _ => {
+            return refuse(
+                StatusCode::CONFLICT,
+                format!(
+                    "the task's arguments are known only as Python reprs ({} / {}), which are not plain literals; \
+                     resend it with `celeriac send`",
+                    task["args"], task["kwargs"]
+                ),
+            )
+        }
+    };
+    let queue = task["routing_key"].as_str().filter(|q| !q.is_empty()).map(str::to_string);
+    let client = crate::Client::new(s.broker.clone(), s.backend.clone());
+    let options = crate::client::SendOptions { queue, ..Default::default() };
+    match client.send_task(&name, args, kwargs, options).await {
+        Ok(sent) => {
+            tracing::info!(%peer, task_id = %id, new_id = %sent.id(), task_name = %name, "retried from the dashboard");
+            ok(json!({"task_id": sent.id()}))
+        }
+        Err(e) => refuse(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+/// A Python repr of plain literals (`(1, 'a', None)`, `{'x': [True]}`) as JSON: tuples become
+/// lists; anything else (objects, sets, bytes) is `None`.
+fn py_literal(text: Option<&str>) -> Option<Value> {
+    let text = text?.trim();
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| -> Option<()> {
+        if !word.is_empty() {
+            match word.as_str() {
+                "True" => out.push_str("true"),
+                "False" => out.push_str("false"),
+                "None" => out.push_str("null"),
+                w if w.parse::<f64>().is_ok() => out.push_str(w),
+                _ => return None,
+            }
+            word.clear();
+        }
+        Some(())
+    };
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' | '"' => {
+                flush(&mut word, &mut out)?;
+                let mut s = String::new();
+                loop {
+                    match chars.next()? {
+                        '\\' => match chars.next()? {
+                            'n' => s.push('\n'),
+                            't' => s.push('\t'),
+                            '\\' => s.push('\\'),
+                            '\'' => s.push('\''),
+                            '"' => s.push('"'),
+                            _ => return None,
+                        },
+                        q if q == c => break,
+                        other => s.push(other),
+                    }
+                }
+                out.push_str(&serde_json::to_string(&s).ok()?);
+            }
+            '(' => {
+                flush(&mut word, &mut out)?;
+                out.push('[');
+            }
+            ')' => {
+                flush(&mut word, &mut out)?;
+                // `(1,)`: a one-tuple's trailing comma.
+                if out.ends_with(',') {
+                    out.pop();
+                }
+                out.push(']');
+            }
+            '[' | ']' | '{' | '}' | ',' | ':' => {
+                flush(&mut word, &mut out)?;
+                out.push(c);
+            }
+            c if c.is_whitespace() => flush(&mut word, &mut out)?,
+            c => word.push(c),
+        }
+    }
+    flush(&mut word, &mut out)?;
+    celeriac_core::pyjson::from_str(&out).ok()
+}
+
+async fn purge(
+    Ax(s): Ax<Arc<Shared>>,
+    ConnectInfo(peer): Caller,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers, peer, "purge") {
+        return r;
+    }
+    match s.broker.purge(&name).await {
+        Ok(n) => {
+            tracing::info!(%peer, queue = %name, purged = n, "queue purged from the dashboard");
+            ok(json!({"purged": n}))
+        }
+        Err(e) => refuse(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+async fn pool(
+    Ax(s): Ax<Arc<Shared>>,
+    ConnectInfo(peer): Caller,
+    headers: HeaderMap,
+    Path(node): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorize(&s, &headers, peer, "pool") {
+        return r;
+    }
+    let args = match body_object(&body) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let (method, n) = match (args.get("grow").and_then(Value::as_u64), args.get("shrink").and_then(Value::as_u64)) {
+        (Some(n), None) => ("pool_grow", n),
+        (None, Some(n)) => ("pool_shrink", n),
+        _ => return refuse(StatusCode::BAD_REQUEST, "expected {\"grow\": n} or {\"shrink\": n}"),
+    };
+    tracing::info!(%peer, worker = %node, method, n, "pool change asked from the dashboard");
+    act(&s, method, json!({"n": n}), &[node]).await
+}
+
+async fn rate_limit(Ax(s): Ax<Arc<Shared>>, ConnectInfo(peer): Caller, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = authorize(&s, &headers, peer, "rate_limit") {
+        return r;
+    }
+    let args = match body_object(&body) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let (Some(task_name), Some(limit)) = (args.get("task_name").and_then(Value::as_str), args.get("rate_limit")) else {
+        return refuse(StatusCode::BAD_REQUEST, "expected {\"task_name\": ..., \"rate_limit\": \"10/m\"}");
+    };
+    let destination: Vec<String> = args.get("worker").and_then(Value::as_str).map(str::to_string).into_iter().collect();
+    tracing::info!(%peer, task_name, rate_limit = %limit, "rate limit set from the dashboard");
+    act(&s, "rate_limit", json!({"task_name": task_name, "rate_limit": limit}), &destination).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_literal_reprs_read_as_json() {
+        assert_eq!(py_literal(Some("(1, 'a', None, True)")), Some(json!([1, "a", null, true])));
+        assert_eq!(py_literal(Some("(5,)")), Some(json!([5])));
+        assert_eq!(py_literal(Some("{'x': [1.5, \"it's\"]}")), Some(json!({"x": [1.5, "it's"]})));
+        assert_eq!(py_literal(Some("[<object at 0x1>]")), None);
+        assert_eq!(py_literal(Some("{1, 2}")), None);
+    }
+
+    #[test]
+    fn queries_and_html_are_decoded_and_escaped() {
+        assert_eq!(
+            query_pairs("state=FAILURE&name=a%2Eb+c"),
+            vec![("state".into(), "FAILURE".into()), ("name".into(), "a.b c".into())]
+        );
+        assert_eq!(escape_html("<script>'&\"</script>"), "&lt;script&gt;&#39;&amp;&quot;&lt;/script&gt;");
+    }
+}
