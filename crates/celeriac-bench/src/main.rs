@@ -13,7 +13,10 @@
 //! 4. worker memory, idle and after the drain;
 //! 5. canvas: a chord of 10,000 `add` and a `tsum` body, a chain of 1,000 `add` (`--parts canvas`);
 //! 6. beat: one `celeriac beat` with 10,000 entries every second on RabbitMQ, Redis and SQLite,
-//!    its missed runs, CPU and memory (`--parts beat`, not in the default parts).
+//!    its missed runs, CPU and memory (`--parts beat`, not in the default parts);
+//! 7. Python tasks: one Celery app's no-op and Redis GET+SET tasks drained by `celeriac worker
+//!    --python-app` and by `celery worker -P prefork`, with the peak RSS of each main process
+//!    and pool child (`--parts python`, not in the default parts).
 //!
 //! The run owns a fresh RabbitMQ vhost (deleted at the end, on error and on Ctrl-C too) and Redis
 //! database 10 (emptied at the start and the end). Modules:
@@ -23,6 +26,7 @@
 //! - [`measure`]: the measurements themselves;
 //! - [`canvas`]: the canvas part (chord and chain, and the sizes of their messages);
 //! - [`beat`]: the beat part (runs sent against runs due, the beat's CPU and memory);
+//! - [`python`]: the Python part (a Celery app's tasks under celeriac's supervisor and Celery's);
 //! - [`report`]: the table and the targets.
 
 mod beat;
@@ -30,6 +34,7 @@ mod canvas;
 mod env;
 mod measure;
 mod procs;
+mod python;
 mod rabbit;
 mod report;
 
@@ -109,7 +114,7 @@ struct CompareArgs {
     #[arg(long)]
     skip_celery: bool,
     /// Parts to run, comma-separated: publish, drain, redis, roundtrip, canvas (the default),
-    /// and beat; `prefork` is the prefork pools' half of `drain` alone.
+    /// beat and python; `prefork` is the prefork pools' half of `drain` alone.
     #[arg(long, value_delimiter = ',', default_value = "publish,drain,redis,roundtrip,canvas")]
     parts: Vec<String>,
     /// Extra argument for every `celeriac worker` (repeat the flag), e.g.
@@ -242,8 +247,8 @@ async fn compare(args: CompareArgs) -> Result<()> {
     let with_celery = !args.skip_celery;
 
     for part in &args.parts {
-        if !["publish", "drain", "prefork", "redis", "roundtrip", "canvas", "beat"].contains(&part.as_str()) {
-            bail!("unknown part {part:?} (known: publish, drain, prefork, redis, roundtrip, canvas, beat)");
+        if !["publish", "drain", "prefork", "redis", "roundtrip", "canvas", "beat", "python"].contains(&part.as_str()) {
+            bail!("unknown part {part:?} (known: publish, drain, prefork, redis, roundtrip, canvas, beat, python)");
         }
     }
     let part = |p: &str| args.parts.iter().any(|x| x == p);
@@ -280,6 +285,10 @@ async fn compare(args: CompareArgs) -> Result<()> {
             let (n, period, secs) = (args.beat_entries, args.beat_period, args.beat_seconds);
             eprintln!("\n5. beat: {n} entries every {period} s, {secs} s per broker");
             run.beat = bench.beat(n, period, Duration::from_secs(secs), &args.beat_brokers).await?;
+        }
+        if part("python") {
+            eprintln!("\n6. Python tasks (benchtasks.py, pybench.*): celeriac --python-app against celery -A, prefork");
+            run.python = bench.python(with_celery).await?;
         }
         runs.push(run);
     }
@@ -368,6 +377,7 @@ struct Run {
     rt: measure::RoundTrip,
     canvas: canvas::CanvasResults,
     beat: Vec<beat::BeatRun>,
+    python: python::PythonResults,
 }
 
 /// The table rows of one run.
@@ -503,6 +513,7 @@ fn rows(run: &Run, settings: &Settings) -> Vec<Row> {
         (r.celeriac, r.celery, r.bare) = (celeriac, celery, bare);
         rows.push(r);
     }
+    rows.extend(python_rows(&run.python, c));
     if let Some(idle) = &rt.celeriac_prefork_idle {
         // The brief's target is per child; the row shows the largest child.
         let mut r = Row::new(&format!("prefork -c {c}, largest child RSS, idle"), Unit::Mib, Target::AtMost(5.0));
@@ -515,6 +526,40 @@ fn rows(run: &Run, settings: &Settings) -> Vec<Row> {
         r.celery_detail = rt.celery_idle.as_ref().map(rss_detail);
         rows.push(r);
     }
+    rows
+}
+
+/// The rows of the Python part (issue 15's targets: 3x Celery on the no-op task, a supervisor
+/// of at most 10 MB, no Python child larger than Celery's).
+fn python_rows(py: &python::PythonResults, c: usize) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let rate = |d: &Option<python::PyDrain>| d.as_ref().map(|d| d.drain.rate);
+    for (pair, what, target) in [
+        (&py.noop, "pybench.noop (no result stored)", Target::VsCelery(3.0)),
+        (&py.getset, "pybench.getset, one Redis GET+SET (result stored)", Target::None),
+    ] {
+        if pair.celeriac.is_none() {
+            continue;
+        }
+        let mut r = Row::new(
+            &format!("Python app: drain, {what}, celeriac --python-app vs celery -A, prefork -c {c}"),
+            Unit::PerSec,
+            target,
+        );
+        (r.celeriac, r.celery) = (rate(&pair.celeriac), rate(&pair.celery));
+        rows.push(r);
+    }
+    if py.noop.celeriac.is_none() {
+        return rows;
+    }
+    let mut r =
+        Row::new("Python app: supervisor (main process) RSS, peak over both drains", Unit::Mib, Target::AtMost(10.0));
+    (r.celeriac, r.celery) = (py.peak_mib(true, |p| p.main), py.peak_mib(false, |p| p.main));
+    rows.push(r);
+    let mut r = Row::new("Python app: largest pool child RSS, peak over both drains", Unit::Mib, Target::AtMostCelery);
+    (r.celeriac, r.celery) =
+        (py.peak_mib(true, procs::PeakRss::largest_child), py.peak_mib(false, procs::PeakRss::largest_child));
+    rows.push(r);
     rows
 }
 
@@ -584,6 +629,21 @@ fn details(run: &Run) -> Vec<String> {
             "{} (target: every due run sent, under {BEAT_CPU_TARGET:.0}% of one core: {verdict})",
             b.describe()
         ));
+    }
+    for (task, pair) in [("noop", &run.python.noop), ("getset", &run.python.getset)] {
+        for (side, d) in [("celeriac --python-app", &pair.celeriac), ("Celery prefork", &pair.celery)] {
+            if let Some(d) = d {
+                out.push(format!(
+                    "Python app, {task}, {side}: CPU per task: worker {:.0} µs (main process {:.0}, pool children {:.0}), \
+                     RabbitMQ {:.0} µs; RSS peaks {}",
+                    d.drain.consumer_us,
+                    d.main_us,
+                    d.drain.consumer_us - d.main_us,
+                    d.drain.broker_us,
+                    d.rss.describe()
+                ));
+            }
+        }
     }
     if let (Some(idle), Some(after)) = (&rt.celeriac_prefork_idle, &drain.celeriac_prefork_rss) {
         out.push(format!(

@@ -98,9 +98,21 @@ fn noop_options(queue: &str) -> SendOptions {
 
 /// Send `n` `celeriac.noop` to `queue` with `in_flight` sends pipelined.
 async fn send_noops(client: &Client, queue: &str, n: u64, in_flight: usize) -> Result<()> {
-    let opts = noop_options(queue);
+    send_many(client, "celeriac.noop", |_| Vec::new(), &noop_options(queue), n, in_flight).await
+}
+
+/// Send `n` tasks `name` with `opts`, the `i`th with the arguments `args(i)`, `in_flight` sends
+/// pipelined (protocol v2, confirmed).
+pub(crate) async fn send_many(
+    client: &Client,
+    name: &str,
+    args: impl Fn(u64) -> Vec<Value>,
+    opts: &SendOptions,
+    n: u64,
+    in_flight: usize,
+) -> Result<()> {
     futures::stream::iter(0..n)
-        .map(|_| client.send_task("celeriac.noop", Vec::new(), Map::new(), opts.clone()))
+        .map(|i| client.send_task(name, args(i), Map::new(), opts.clone()))
         .buffer_unordered(in_flight)
         .map_err(anyhow::Error::from)
         .try_for_each(|_| async { Ok(()) })
@@ -225,19 +237,23 @@ impl Bench {
 
     /// A `celeriac worker` on `queue` of the broker at `broker`.
     fn celeriac_worker_on(&self, broker: &str, queue: &str, extra: &[String]) -> Result<Proc> {
+        Proc::spawn(&format!("celeriac worker on {queue}"), &mut self.celeriac_command(broker, queue, extra))
+    }
+
+    /// The command line of a `celeriac worker` on `queue` of the broker at `broker`: results in
+    /// the run's Redis database, the run's concurrency and extra worker arguments, warnings only.
+    pub(crate) fn celeriac_command(&self, broker: &str, queue: &str, extra: &[String]) -> Command {
         let c = self.settings.concurrency.to_string();
-        Proc::spawn(
-            &format!("celeriac worker on {queue}"),
-            Command::new(&self.celeriac_bin)
-                .args(["worker", "--broker", broker, "--result-backend", &self.redis.url])
-                .args(["-Q", queue, "-c", &c, "-l", "warn", "-n", &format!("bench-{queue}@localhost")])
-                .args(&self.settings.worker_args)
-                .args(extra)
-                .env_remove("CELERIAC_BROKER_URL")
-                .env_remove("CELERIAC_RESULT_BACKEND")
-                .env_remove("CELERIAC_LOG")
-                .env("NO_COLOR", "1"),
-        )
+        let mut cmd = Command::new(&self.celeriac_bin);
+        cmd.args(["worker", "--broker", broker, "--result-backend", &self.redis.url])
+            .args(["-Q", queue, "-c", &c, "-l", "warn", "-n", &format!("bench-{queue}@localhost")])
+            .args(&self.settings.worker_args)
+            .args(extra)
+            .env_remove("CELERIAC_BROKER_URL")
+            .env_remove("CELERIAC_RESULT_BACKEND")
+            .env_remove("CELERIAC_LOG")
+            .env("NO_COLOR", "1");
+        cmd
     }
 
     /// A `celery worker` on `queue` with `pool` (prefork or solo) and the run's concurrency.
@@ -247,23 +263,25 @@ impl Bench {
 
     /// A `celery worker` on `queue` of the broker at `broker`.
     fn celery_worker_on(&self, broker: &str, queue: &str, pool: &str) -> Result<Proc> {
-        let c = self.settings.concurrency.to_string();
         Proc::spawn(
             &format!("celery worker -P {pool} on {queue}"),
-            Command::new(&self.celery_bin)
-                .args(["-A", "benchtasks", "worker", "-P", pool, "-c", &c, "-Q", queue, "-l", "WARNING"])
-                .args([
-                    "-n",
-                    &format!("bench-{queue}@%h"),
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                ])
-                .current_dir(python_dir())
-                .env("PYTHONPATH", python_dir())
-                .env("BENCH_BROKER_URL", broker)
-                .env("BENCH_RESULT_BACKEND", &self.redis.url),
+            &mut self.celery_command("benchtasks", broker, queue, pool),
         )
+    }
+
+    /// The command line of `celery -A app worker` (an app of `crates/celeriac-bench/python`) on
+    /// `queue` of the broker at `broker` with `pool` and the run's concurrency: no gossip,
+    /// mingle or heartbeat, results in the run's Redis database.
+    pub(crate) fn celery_command(&self, app: &str, broker: &str, queue: &str, pool: &str) -> Command {
+        let c = self.settings.concurrency.to_string();
+        let mut cmd = Command::new(&self.celery_bin);
+        cmd.args(["-A", app, "worker", "-P", pool, "-c", &c, "-Q", queue, "-l", "WARNING"])
+            .args(["-n", &format!("bench-{queue}@%h"), "--without-gossip", "--without-mingle", "--without-heartbeat"])
+            .current_dir(python_dir())
+            .env("PYTHONPATH", python_dir())
+            .env("BENCH_BROKER_URL", broker)
+            .env("BENCH_RESULT_BACKEND", &self.redis.url);
+        cmd
     }
 
     /// Run `celery_bench.py` with `args`; its one JSON line.
@@ -298,7 +316,7 @@ impl Bench {
     }
 
     /// After the ready count reached 0: wait until nothing is unacknowledged either.
-    async fn wait_all_acked(&self, queue: &str) -> Result<()> {
+    pub(crate) async fn wait_all_acked(&self, queue: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if self.vhost.messages(queue)? == 0 {
@@ -311,7 +329,7 @@ impl Bench {
         }
     }
 
-    fn drain_limit(n: u64) -> Duration {
+    pub(crate) fn drain_limit(n: u64) -> Duration {
         Duration::from_secs(60 + n / 200)
     }
 

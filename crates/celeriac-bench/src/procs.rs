@@ -8,6 +8,7 @@
 //! Memory is the resident set size (`VmRSS` in `/proc/<pid>/status`) of the main process and of
 //! each of its children.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -146,13 +147,82 @@ impl Rss {
     }
 }
 
+/// The largest resident memory seen of a process tree over several readings, KiB: of the main
+/// process (with its anonymous and file-backed parts' own peaks), and of each child by pid.
+///
+/// The pool's children are those alive at the last reading; a child seen only earlier (one
+/// replaced, or a short-lived helper such as `--python-app`'s one `--describe` run at start)
+/// is counted apart, in `gone`.
+#[derive(Debug, Clone, Default)]
+pub struct PeakRss {
+    /// The main process (`VmRSS`).
+    pub main: u64,
+    /// Its anonymous memory (`RssAnon`).
+    pub main_anon: u64,
+    /// Its file-backed pages (`RssFile`: the executable's and libraries' pages it touched).
+    pub main_file: u64,
+    /// Each child seen, by pid.
+    pub children: BTreeMap<u32, u64>,
+    /// The children alive at the last reading.
+    pub last: Vec<u32>,
+    /// Readings taken.
+    pub readings: usize,
+}
+
+impl PeakRss {
+    /// Read the tree of `pid` once (a process gone meanwhile is skipped).
+    pub fn read(&mut self, pid: u32) {
+        let field = |name: &str| status_kib(pid, name).unwrap_or(0);
+        self.main = self.main.max(field("VmRSS:"));
+        self.main_anon = self.main_anon.max(field("RssAnon:"));
+        self.main_file = self.main_file.max(field("RssFile:"));
+        self.last.clear();
+        for child in children_of(pid) {
+            if let Some(kib) = rss_kib(child) {
+                let peak = self.children.entry(child).or_default();
+                *peak = (*peak).max(kib);
+                self.last.push(child);
+            }
+        }
+        self.readings += 1;
+    }
+
+    /// The peaks of the pool's children (alive at the last reading), KiB.
+    pub fn pool(&self) -> Vec<u64> {
+        self.last.iter().filter_map(|pid| self.children.get(pid).copied()).collect()
+    }
+
+    /// The largest pool child's peak, KiB (0 with no child).
+    pub fn largest_child(&self) -> u64 {
+        self.pool().into_iter().max().unwrap_or(0)
+    }
+
+    /// "main X (anon A, file F), children Y + Z (n readings)" in MiB.
+    pub fn describe(&self) -> String {
+        let mib = |k: u64| k as f64 / 1024.0;
+        let kids: Vec<String> = self.pool().iter().map(|k| format!("{:.1}", mib(*k))).collect();
+        let gone = self.children.len() - self.last.len();
+        format!(
+            "main {:.1} MiB (anonymous {:.1}, file {:.1}), pool children {} MiB{} ({} readings)",
+            mib(self.main),
+            mib(self.main_anon),
+            mib(self.main_file),
+            if kids.is_empty() { "none".into() } else { kids.join(" + ") },
+            if gone > 0 { format!(", {gone} other child seen earlier") } else { String::new() },
+            self.readings
+        )
+    }
+}
+
 /// Resident memory of one process (`VmRSS`), KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `kB` field of `/proc/<pid>/status` (`name` with its colon), KiB.
+fn status_kib(pid: u32, name: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// The direct children of `pid` (from `/proc/*/stat`).

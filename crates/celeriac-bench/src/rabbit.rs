@@ -96,9 +96,21 @@ impl Admin {
         queue: &str,
         n: u64,
         limit: Duration,
+        alive: impl FnMut() -> Result<()>,
+        cpu: impl FnMut() -> (f64, f64),
+    ) -> Result<Drain> {
+        Drain::from_samples(n, &self.drain_samples(queue, n, limit, alive, cpu).await?)
+    }
+
+    /// The readings [`Admin::time_drain`] times a drain from, one per call of `cpu`.
+    pub async fn drain_samples(
+        &self,
+        queue: &str,
+        n: u64,
+        limit: Duration,
         mut alive: impl FnMut() -> Result<()>,
         mut cpu: impl FnMut() -> (f64, f64),
-    ) -> Result<Drain> {
+    ) -> Result<Vec<Sample>> {
         let started = Instant::now();
         let mut samples: Vec<Sample> = Vec::with_capacity(4096);
         loop {
@@ -115,7 +127,7 @@ impl Admin {
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
-        Drain::from_samples(n, &samples)
+        Ok(samples)
     }
 }
 

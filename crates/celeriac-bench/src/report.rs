@@ -21,6 +21,8 @@ pub enum Target {
     AtMost(f64),
     /// A time at most Celery's divided by this (celeriac this many times as fast).
     FasterThanCelery(f64),
+    /// At most Celery's figure (same unit as the row).
+    AtMostCelery,
 }
 
 /// How a row's numbers are shown.
@@ -148,6 +150,16 @@ impl Row {
                         ),
                         _ => (text, format!("**missed** ({short})")),
                     }
+                }
+            }
+            Target::AtMostCelery => {
+                let text = "≤ Celery".to_string();
+                match (self.celeriac, self.celery) {
+                    (Some(c), Some(p)) if c <= p => (text, "**met**".into()),
+                    (Some(c), Some(p)) => {
+                        (text, format!("**missed** by {} ({:.2}× Celery)", self.cell(Some(c - p)), c / p))
+                    }
+                    _ => (text, "not measured".into()),
                 }
             }
             Target::AtMost(limit) => {
@@ -297,6 +309,11 @@ mod tests {
             "{}",
             r.verdict().1
         );
+        let mut r = Row::new("child RSS", Unit::Mib, Target::AtMostCelery);
+        (r.celeriac, r.celery) = (Some(30.0), Some(40.0));
+        assert_eq!(r.verdict().1, "**met**");
+        r.celeriac = Some(50.0);
+        assert_eq!(r.verdict().1, "**missed** by 10.0 MiB (1.25× Celery)");
         assert_eq!(thousands(1234567.4), "1,234,567");
         assert_eq!(thousands(999.0), "999");
     }
