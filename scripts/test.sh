@@ -5,8 +5,9 @@
 #
 # 1. checks the tools it needs and fails with a clear message when one is missing;
 # 2. starts Redis and RabbitMQ on loopback if they are not running, and waits until they answer;
-# 3. creates the Python virtualenv with real Celery under target/pyenv (interop tooling);
-# 4. cargo fmt --check, clippy with warnings as errors, every test of the workspace, and builds
+# 3. installs Debian's chromium and chromium-driver when missing (the dashboard's browser test);
+# 4. creates the Python virtualenv with real Celery under target/pyenv (interop tooling);
+# 5. cargo fmt --check, clippy with warnings as errors, every test of the workspace, and builds
 #    the benchmarks and examples (they must compile; running them is `cargo bench`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -47,6 +48,15 @@ if ! port_open 5672; then
 fi
 wait_for "RabbitMQ on 127.0.0.1:5672" 120 port_open 5672
 echo "RabbitMQ: up"
+
+step "headless Chromium for the dashboard's browser test"
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    command -v apt-get >/dev/null 2>&1 || die "chromium and chromedriver are missing and apt-get is not available to install them"
+    echo "installing chromium and chromium-driver"
+    apt-get install -y chromium chromium-driver >/dev/null || { apt-get update >/dev/null && apt-get install -y chromium chromium-driver >/dev/null; } \
+        || die "could not install chromium and chromium-driver"
+fi
+echo "Chromium: $(chromedriver --version | cut -d' ' -f1-2)"
 
 step "python virtualenv with Celery (target/pyenv)"
 scripts/python-env.sh >/dev/null

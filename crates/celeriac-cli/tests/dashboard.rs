@@ -9,6 +9,12 @@
 //! in a prefork child, which the dashboard first shows as blocked with its wait channel and then
 //! as REVOKED; a malformed event is skipped with one log line; a broker that goes away shows
 //! "disconnected" and the dashboard recovers when it returns.
+//!
+//! The acceptance runs the page in a real headless Chromium (Debian's `chromium`, driven through
+//! `chromedriver`'s WebDriver HTTP API, spoken here directly): both workers appear, a task sent
+//! shows its result, a `celeriac.hang` task shows blocked with its wait channel, Terminate
+//! without the token is refused and with it the page shows REVOKED; it writes screenshots of the
+//! three main pages to `target/dashboard-screenshots/` (current copies are in `docs/`).
 
 mod common;
 
@@ -34,7 +40,7 @@ fn node(tag: &str) -> String {
 /// One HTTP/1.1 request; (status, body). `headers` are extra header lines.
 fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the dashboard");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -45,11 +51,58 @@ fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &st
     request.push_str("\r\n");
     request.push_str(body);
     stream.write_all(request.as_bytes()).unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("read the answer");
+    // Read until the answer is complete (Content-Length, the last chunk, or the end): a server
+    // may keep the connection open despite `Connection: close` (chromedriver does).
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        if let Some(done) = complete(&raw) {
+            raw.truncate(done);
+            break;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("{method} {path}: no answer: {e}"),
+        }
+    }
+    let answer = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, body.to_string())
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    (status, if chunked { dechunk(body) } else { body.to_string() })
+}
+
+/// The length of a complete HTTP answer at the start of `raw`, if it is complete.
+fn complete(raw: &[u8]) -> Option<usize> {
+    let text = String::from_utf8_lossy(raw);
+    let end = text.find("\r\n\r\n")? + 4;
+    let head = text[..end].to_ascii_lowercase();
+    if let Some(len) = head.lines().find_map(|l| l.strip_prefix("content-length:")) {
+        let len: usize = len.trim().parse().ok()?;
+        return (raw.len() >= end + len).then_some(end + len);
+    }
+    if head.contains("transfer-encoding: chunked") {
+        return text[end..]
+            .contains("\r\n0\r\n\r\n")
+            .then_some(raw.len())
+            .or_else(|| text[end..].starts_with("0\r\n\r\n").then_some(raw.len()));
+    }
+    None
+}
+
+/// A chunked HTTP/1.1 body, joined.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 fn get_json(port: u16, path: &str) -> (u16, Value) {
@@ -115,10 +168,7 @@ fn the_json_endpoints_show_both_workers_and_tasks_escape_script_and_refuse_actio
     let results = results();
     let name = node("json");
     let queue = "dash.json";
-    let _w = WorkerProc::start(
-        &broker,
-        &["--result-backend", &results, "-P", "prefork", "-c", "1", "-E", "-n", &name, "-Q", queue],
-    );
+    let _w = prefork_worker(&broker, &name, queue);
     let py = PyCeleryWorker::start(&broker, &results, "dash.py");
     let py_name = format!("py-dash.py-{}@{}", std::process::id(), hostname());
     let (dash, port) = dashboard(&broker, queue, None);
@@ -195,6 +245,14 @@ fn the_json_endpoints_show_both_workers_and_tasks_escape_script_and_refuse_actio
     drop(py);
 }
 
+/// A celeriac prefork worker of one child sending task events, on `queue`, with a hard time
+/// limit of 300 s (a `celeriac.hang` task is terminated by the test long before).
+fn prefork_worker(broker: &str, name: &str, queue: &str) -> WorkerProc {
+    let results = results();
+    let args = ["--result-backend", &results, "-P", "prefork", "-c", "1", "-E", "-n", name, "-Q", queue];
+    WorkerProc::start(broker, &[&args[..], &["--time-limit", "300"]].concat())
+}
+
 fn hostname() -> String {
     let out = std::process::Command::new("hostname").output().expect("hostname");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -204,27 +262,9 @@ fn hostname() -> String {
 fn revoke_with_the_token_terminates_a_hung_prefork_task_which_then_shows_revoked() {
     let vhost = TestVhost::new();
     let broker = vhost.url("");
-    let results = results();
     let name = node("revoke");
     let queue = "dash.revoke";
-    let _w = WorkerProc::start(
-        &broker,
-        &[
-            "--result-backend",
-            &results,
-            "-P",
-            "prefork",
-            "-c",
-            "1",
-            "-E",
-            "-n",
-            &name,
-            "-Q",
-            queue,
-            "--time-limit",
-            "300",
-        ],
-    );
+    let _w = prefork_worker(&broker, &name, queue);
     let (dash, port) = dashboard(&broker, queue, Some(TOKEN));
     let id = send(&broker, "celeriac.hang", "[]", queue);
 
@@ -332,4 +372,202 @@ fn a_broker_that_goes_away_shows_disconnected_and_the_dashboard_recovers_when_it
     // Events flow again: a task sent now shows with its result.
     let id = send(&broker, "celeriac.add", "[20, 22]", queue);
     wait_task(port, &id, "succeeded after the outage", |t| t["result"] == json!("42"));
+}
+
+/// Standard base64 (a WebDriver screenshot) to bytes.
+fn base64_decode(text: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=') {
+        let v = ALPHABET.iter().position(|a| *a == c).expect("base64") as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// A headless Chromium session through `chromedriver` (W3C WebDriver over HTTP).
+struct Browser {
+    driver: std::process::Child,
+    port: u16,
+    session: String,
+}
+
+impl Browser {
+    fn start() -> Self {
+        let port = free_port();
+        let driver = std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian's chromium-driver; scripts/test.sh installs it)");
+        let mut b = Browser { driver, port, session: String::new() };
+        wait_until("chromedriver to answer", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && b.call("GET", "/status", Value::Null)["ready"] == json!(true)
+        });
+        let caps = json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900"]
+        }}}});
+        let created = b.call("POST", "/session", caps);
+        b.session = created["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {created}")).to_string();
+        b
+    }
+
+    /// One WebDriver command; its `value`.
+    fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        let body = if body.is_null() { String::new() } else { body.to_string() };
+        let (_, answer) = http(self.port, method, path, &[("Content-Type", "application/json")], &body);
+        let v: Value = serde_json::from_str(&answer).unwrap_or_else(|e| panic!("chromedriver {path}: {e}: {answer}"));
+        v["value"].clone()
+    }
+
+    fn session_call(&self, method: &str, path: &str, body: Value) -> Value {
+        self.call(method, &format!("/session/{}{path}", self.session), body)
+    }
+
+    fn go(&self, url: &str) {
+        self.session_call("POST", "/url", json!({"url": url}));
+    }
+
+    /// Run `script` in the page; what it returns.
+    fn js(&self, script: &str) -> Value {
+        self.session_call("POST", "/execute/sync", json!({"script": script, "args": []}))
+    }
+
+    /// The page's visible text.
+    fn text(&self) -> String {
+        self.js("return document.body.innerText;").as_str().unwrap_or("").to_string()
+    }
+
+    /// Wait until `script` returns true; the page's text is shown on timeout.
+    fn wait(&self, what: &str, script: &str) {
+        let mut ok = false;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if self.js(script) == json!(true) {
+                ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(ok, "the page did not show {what} within 30 s; it shows:\n{}", self.text());
+    }
+
+    fn click(&self, css: &str) {
+        let found = self.session_call("POST", "/element", json!({"using": "css selector", "value": css}));
+        let id = found
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no {css}: {found}"));
+        self.session_call("POST", &format!("/element/{id}/click"), json!({}));
+    }
+
+    fn screenshot(&self, name: &str) -> std::path::PathBuf {
+        let png = base64_decode(self.session_call("GET", "/screenshot", Value::Null).as_str().expect("screenshot"));
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        let dir = common::repo().join("target/dashboard-screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, png).unwrap();
+        path
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = self.call("DELETE", &format!("/session/{}", self.session), Value::Null);
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+#[test]
+fn in_a_real_browser_both_workers_a_result_a_blocked_task_and_its_revoke_show() {
+    let vhost = TestVhost::new();
+    let broker = vhost.url("");
+    let results = results();
+    let name = node("browser");
+    let queue = "dash.browser";
+    let _w = prefork_worker(&broker, &name, queue);
+    let _py = PyCeleryWorker::start(&broker, &results, "dash.browserpy");
+    let py_name = format!("py-dash.browserpy-{}@{}", std::process::id(), hostname());
+    let (_dash, port) = dashboard(&broker, queue, Some(TOKEN));
+    let base = format!("http://127.0.0.1:{port}/");
+    let b = Browser::start();
+    // Confirmations are answered yes, as a user clicking OK.
+    let page = |route: &str| {
+        b.go(&format!("{base}#/{route}"));
+        b.js("window.confirm = () => true; return true;");
+    };
+
+    page("workers");
+    b.wait(
+        "both workers online",
+        &format!(
+            "const t = document.body.innerText; return t.includes({n}) && t.includes({p}) && \
+         document.querySelectorAll('tr.worker td.online').length >= 2;",
+            n = json!(name),
+            p = json!(py_name)
+        ),
+    );
+
+    let id = send(&broker, "celeriac.add", "[2, 3]", queue);
+    page(&format!("task/{id}"));
+    b.wait(
+        "the task's result",
+        "return document.getElementById('task-state')?.textContent === 'SUCCESS' \
+        && document.getElementById('task-result')?.textContent === '5';",
+    );
+    page("tasks");
+    b.wait("the task in the list", &format!("return !!document.querySelector('tr.task[data-id={}]');", json!(id)));
+    b.screenshot("tasks.png");
+
+    let hung = send(&broker, "celeriac.hang", "[]", queue);
+    page("workers");
+    b.wait(
+        "the child blocked in a futex wait",
+        &format!(
+            "return [...document.querySelectorAll('tr.child.blocked')].some(r => r.innerText.includes({h}) && \
+         /blocked on: S \\(sleeping\\) in \\S*futex\\S*, syscall futex/.test(r.innerText));",
+            h = json!(hung)
+        ),
+    );
+    b.screenshot("workers.png");
+
+    // Without the token, Terminate is refused and the task keeps running.
+    page(&format!("task/{hung}"));
+    b.wait("the hung task started", "return document.getElementById('task-state')?.textContent === 'STARTED';");
+    b.js("document.getElementById('token').value = ''; return true;");
+    b.click("#terminate");
+    b.wait(
+        "the refusal",
+        "return (document.getElementById('action-result')?.textContent || '').startsWith('refused (403)');",
+    );
+    assert!(b.text().contains("STARTED"), "{}", b.text());
+
+    // With it, the child is terminated and the page shows REVOKED.
+    b.js(&format!("document.getElementById('token').value = {}; return true;", json!(TOKEN)));
+    b.click("#terminate");
+    b.wait("REVOKED", "return document.getElementById('task-state')?.textContent === 'REVOKED';");
+    b.wait(
+        "the workers' answer",
+        "return (document.getElementById('action-result')?.textContent || '').startsWith('done');",
+    );
+    b.screenshot("task.png");
+
+    // The three pages are real pictures, not blank ones.
+    for shot in ["workers.png", "tasks.png", "task.png"] {
+        let size = std::fs::metadata(common::repo().join("target/dashboard-screenshots").join(shot)).unwrap().len();
+        assert!(size > 10_000, "{shot}: {size} bytes");
+    }
 }

@@ -34,9 +34,20 @@ function table(headers, rows) {
   return el("table", {}, el("tr", {}, ...headers.map((h) => el("th", {}, h))), ...rows);
 }
 
+// The raw answers a view was built from; an unchanged view is not rebuilt, so a button is never
+// replaced under the pointer.
+let fetched = [];
 async function getJson(path) {
   const r = await fetch(path, { cache: "no-store" });
-  return { status: r.status, body: await r.json() };
+  const raw = await r.text();
+  fetched.push(path + " " + r.status + " " + raw);
+  return { status: r.status, body: JSON.parse(raw) };
+}
+
+// What the last action answered, shown until the next one.
+let lastNote = "";
+function note() {
+  return el("p", { id: "action-result", class: "muted" }, lastNote);
 }
 
 async function action(path, body, question) {
@@ -47,8 +58,9 @@ async function action(path, body, question) {
     body: JSON.stringify(body || {}),
   });
   const answer = await r.json().catch(() => ({}));
-  const note = document.getElementById("action-result");
-  if (note) note.textContent = r.ok ? "done: " + JSON.stringify(answer) : "refused (" + r.status + "): " + (answer.error || "");
+  lastNote = r.ok ? "done: " + JSON.stringify(answer) : "refused (" + r.status + "): " + (answer.error || "");
+  const shown = document.getElementById("action-result");
+  if (shown) shown.textContent = lastNote;
   refresh();
 }
 
@@ -90,7 +102,7 @@ async function workersView() {
         " " + (t.runtime ? t.runtime.toFixed(1) + " s" : ""))));
     }
   }
-  return [el("h2", {}, "Workers"), el("p", { id: "action-result", class: "muted" }),
+  return [el("h2", {}, "Workers"), note(),
     table(["worker", "status", "heartbeat", "software", "pool", "processed", "RSS", "recycles", "hard kills", "pool size"], rows)];
 }
 
@@ -139,7 +151,7 @@ async function taskView(id) {
     el("button", { id: "revoke", onclick: () => action("/api/tasks/" + encodeURIComponent(id) + "/revoke", { terminate: false }, "Revoke " + id + "?") }, "Revoke"),
     el("button", { id: "terminate", onclick: () => action("/api/tasks/" + encodeURIComponent(id) + "/revoke", { terminate: true }, "Terminate " + id + "?") }, "Terminate"),
     el("button", { id: "retry", onclick: () => action("/api/tasks/" + encodeURIComponent(id) + "/retry", {}, "Send " + id + " again with the same arguments?") }, "Retry"));
-  return [el("h2", {}, "Task " + id), buttons, el("p", { id: "action-result", class: "muted" }), table(["", ""], rows)];
+  return [el("h2", {}, "Task " + id), buttons, note(), table(["", ""], rows)];
 }
 
 async function queuesView() {
@@ -151,7 +163,7 @@ async function queuesView() {
   const name = el("input", { placeholder: "task name" });
   const rate = el("input", { placeholder: "rate, e.g. 10/m" });
   const setRate = el("button", { onclick: () => action("/api/rate_limit", { task_name: name.value, rate_limit: rate.value }, "Set the rate limit of " + name.value + "?") }, "Set rate limit");
-  return [el("h2", {}, "Queues"), el("p", { id: "action-result", class: "muted" }),
+  return [el("h2", {}, "Queues"), note(),
     table(["queue", "ready", "scheduled", "unacked", "consumers", "dead", ""], rows),
     el("h3", {}, "Rate limit"), el("div", { class: "filters" }, name, rate, setRate)];
 }
@@ -172,7 +184,7 @@ async function header() {
   ]));
 }
 
-let busy = false, again = false;
+let busy = false, again = false, shownKey = "";
 async function refresh() {
   if (busy) { again = true; return; }
   busy = true;
@@ -180,12 +192,18 @@ async function refresh() {
     const route = location.hash.replace(/^#\//, "") || "workers";
     for (const n of ["workers", "tasks", "queues"]) document.getElementById("nav-" + n).className = route.startsWith(n) ? "current" : "";
     let parts;
+    fetched = [];
     if (route.startsWith("task/")) parts = await taskView(decodeURIComponent(route.slice(5)));
     else if (route === "tasks") parts = await tasksView();
     else if (route === "queues") parts = await queuesView();
     else parts = await workersView();
-    // Keep the focus in a filter field being typed in.
-    if (!view.contains(document.activeElement) || document.activeElement.tagName !== "INPUT") view.replaceChildren(...parts);
+    const key = route + "\n" + lastNote + "\n" + fetched.join("\n");
+    // Keep the focus in a filter field being typed in, and an unchanged view as it is.
+    const typing = view.contains(document.activeElement) && document.activeElement.tagName === "INPUT";
+    if (key !== shownKey && !typing) {
+      view.replaceChildren(...parts);
+      shownKey = key;
+    }
     await header();
   } catch (e) {
     const status = document.getElementById("status");
@@ -197,7 +215,7 @@ async function refresh() {
   }
 }
 
-window.addEventListener("hashchange", () => { view.replaceChildren(); refresh(); });
+window.addEventListener("hashchange", () => { view.replaceChildren(); shownKey = ""; lastNote = ""; refresh(); });
 const stream = new EventSource("/api/stream");
 stream.addEventListener("update", refresh);
 stream.onerror = () => { const s = document.getElementById("status"); s.textContent = "disconnected"; s.className = "status down"; };
