@@ -91,15 +91,29 @@ class Pipe:
             raise SystemExit(1)
 
 
+class AppSpecError(Exception):
+    """``MODULE:ATTR`` names no Celery app: no such module, no such attribute, or not an app.
+    Its message is the whole story (no traceback is shown for it)."""
+
+
 def load_app(spec):
     """The Celery app named by ``MODULE:ATTR`` (or ``MODULE``, whose ``app`` or ``celery`` is
-    taken, as ``celery -A`` does)."""
+    taken, as ``celery -A`` does). Raises ``AppSpecError`` when the spec names no app; an error
+    raised by the app's own code while it imports goes through as it is."""
     from celery import Celery
 
     module_name, _, attr = spec.partition(":")
-    obj = importlib.import_module(module_name)
+    try:
+        obj = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise AppSpecError("no module named %r (is its directory on PYTHONPATH, or the current directory?)"
+                               % exc.name) from None
+        raise
     if attr:
         for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise AppSpecError("%s has no attribute %r" % (getattr(obj, "__name__", repr(obj)), part))
             obj = getattr(obj, part)
     else:
         for name in ("app", "celery"):
@@ -108,8 +122,27 @@ def load_app(spec):
                 obj = candidate
                 break
     if not isinstance(obj, Celery):
-        raise TypeError("%s is not a Celery app (it is %s)" % (spec, type(obj).__name__))
+        raise AppSpecError("%s is not a Celery app (it is %s)" % (spec, type(obj).__name__))
     return obj
+
+
+def _internal_frame(frame):
+    """Whether a traceback frame is celeriac_child's or importlib's, not the app's."""
+    name = frame.filename
+    return (os.path.dirname(os.path.abspath(name)) == os.path.dirname(os.path.abspath(__file__))
+            or name.startswith("<frozen importlib") or name == importlib.__file__)
+
+
+def load_failure(spec, exc):
+    """Why ``spec`` could not be loaded: one line, ``cannot load the Celery app SPEC: Type:
+    message``; for an error raised by the app's own code, its traceback follows, without
+    celeriac_child's and importlib's frames."""
+    if isinstance(exc, AppSpecError):
+        return "cannot load the Celery app %s: %s" % (spec, exc)
+    te = traceback.TracebackException.from_exception(exc)
+    last = list(te.format_exception_only())[-1].strip()
+    te.stack = traceback.StackSummary.from_list([f for f in te.stack if not _internal_frame(f)])
+    return "cannot load the Celery app %s: %s\n%s" % (spec, last, "".join(te.format()).rstrip("\n"))
 
 
 _STATM = []  # /proc/self/statm, opened once: one pread per task (an open and a read cost ~50 µs)
@@ -376,10 +409,10 @@ def main(argv):
         app.loader.import_default_modules()
         app.finalize(auto=True)
         child = Child(app, pipe)
-    except BaseException:
-        reason = traceback.format_exc()
-        sys.stderr.write(reason)
-        pipe.write({"failed": {"reason": "cannot load the Celery app %s:\n%s" % (argv[0], reason)}})
+    except BaseException as exc:
+        reason = load_failure(argv[0], exc)
+        sys.stderr.write("celeriac child: %s\n" % reason)
+        pipe.write({"failed": {"reason": reason}})
         return 3
     from celery import signals
 

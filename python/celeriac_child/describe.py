@@ -4,8 +4,9 @@ Before it starts its pool, a celeriac worker runs this once to learn what the Ce
 ``app.conf`` says about the worker: its broker and result backend, the queues Celery's worker
 would consume without ``-Q``, its worker settings, and every setting changed from Celery's
 defaults (the worker names those it does not act on in one start-up warning). It prints one JSON
-object on its standard output and exits 0; an app that cannot be loaded is a traceback on
-standard error and exit 3, as a pool child's; an interpreter without ``celery`` exits 4.
+object on its standard output and exits 0; an app that cannot be loaded is ``load_failure``'s
+text on standard error (one line, then the traceback of an error in the app's own code) and exit
+3, as a pool child's; an interpreter without ``celery`` exits 4.
 
 Celery's sources followed: ``celery/app/utils.py`` (``Settings``: ``broker_url`` and
 ``result_backend`` with their environment variables and older names, ``table()`` for what was
@@ -106,8 +107,10 @@ def main(spec):
         return 4
     try:
         text = json.dumps(describe(spec))
-    except BaseException:
-        sys.stderr.write("cannot load the Celery app %s:\n%s" % (spec, traceback.format_exc()))
+    except BaseException as exc:
+        from celeriac_child import load_failure
+
+        sys.stderr.write(load_failure(spec, exc) + "\n")
         return 3
     out.write(text + "\n")
     out.flush()

@@ -140,13 +140,33 @@ fn bad_python_apps_are_refused_with_one_clear_line() {
     // A module that does not import: its traceback, exit 2, one child tried (no restart loop).
     let (code, err, took) = worker("broken:app", python);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("ModuleNotFoundError: No module named 'this_module_does_not_exist'"), "{err}");
+    // The first line says it all; the app's own frames follow, not celeriac_child's or importlib's.
+    let first = err.lines().find(|l| l.contains("cannot load the Celery app")).unwrap_or_default();
+    assert!(
+        first.ends_with(
+            "cannot load the Celery app broken:app: ModuleNotFoundError: No module named 'this_module_does_not_exist'"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("broken.py"), "the app's frame is shown: {err}");
+    assert!(!err.contains("celeriac_child") && !err.contains("importlib"), "{err}");
     assert_eq!(err.matches("cannot load the Celery app").count(), 1, "one child started, not a loop: {err}");
     assert!(took < Duration::from_secs(30), "refused in {took:?}");
-    // An attribute that is not a Celery app.
-    let (code, err, _) = worker("notapp:app", python);
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("notapp:app is not a Celery app (it is object)"), "{err}");
+    // A spec that names no app is one line: an attribute that is not a Celery app, one that
+    // does not exist, a module that does not exist.
+    let one_line = |app: &str, reason: &str| {
+        let (code, err, _) = worker(app, python);
+        assert_eq!(code, 2, "{err}");
+        let line = format!("error: cannot load the Celery app {app}: {reason}");
+        assert_eq!(err.trim().lines().last(), Some(line.as_str()), "{err}");
+        assert!(!err.contains("Traceback"), "{err}");
+    };
+    one_line("notapp:app", "notapp:app is not a Celery app (it is object)");
+    one_line("notapp:nosuch", "notapp has no attribute 'nosuch'");
+    one_line(
+        "no_such_module:app",
+        "no module named 'no_such_module' (is its directory on PYTHONPATH, or the current directory?)",
+    );
     // A Python that is missing, and one without celery.
     let (code, err, _) = worker("pyapp:app", "/nonexistent/python3");
     assert_eq!(code, 2, "{err}");
