@@ -176,6 +176,18 @@ impl Shared {
     }
 }
 
+/// An INFO line with a [`StatsSnapshot`](stats::StatsSnapshot)'s counters as fields of their own
+/// (`received=34 succeeded=28 ...` in text, numbers in JSON), then the given fields and message.
+macro_rules! info_with_counts {
+    ($s:expr, $($rest:tt)*) => {
+        tracing::info!(
+            received = $s.received, succeeded = $s.succeeded, failed = $s.failed, retried = $s.retried,
+            revoked = $s.revoked, dead_lettered = $s.dead_lettered, requeued = $s.requeued,
+            released = $s.released, $($rest)*
+        )
+    };
+}
+
 /// On SIGUSR1, log what every pool child is doing (pid, task, runtime, tasks done, memory, and
 /// what it is blocked on), or how many tasks run in the async pool.
 fn spawn_status_dump(shared: Arc<Shared>) -> Option<tokio::task::JoinHandle<()>> {
@@ -185,7 +197,7 @@ fn spawn_status_dump(shared: Arc<Shared>) -> Option<tokio::task::JoinHandle<()>>
             let s = shared.stats.snapshot();
             match &shared.pool {
                 Some(pool) => {
-                    tracing::info!(degraded = pool.degraded(), ?s, "pool status");
+                    info_with_counts!(s, degraded = pool.degraded(), "pool status");
                     for c in pool.children() {
                         match c.diagnose() {
                             Some(d) => tracing::info!(
@@ -201,7 +213,7 @@ fn spawn_status_dump(shared: Arc<Shared>) -> Option<tokio::task::JoinHandle<()>>
                         }
                     }
                 }
-                None => tracing::info!(?s, "async pool status"),
+                None => info_with_counts!(s, "async pool status"),
             }
         }
     }))
@@ -671,7 +683,7 @@ impl Worker {
         }
         drop(metrics_server);
         let snapshot = self.stats.snapshot();
-        tracing::info!(hostname = %cfg.hostname, ?snapshot, "worker stopped");
+        info_with_counts!(snapshot, hostname = %cfg.hostname, "worker stopped");
         Ok(snapshot)
     }
 }
