@@ -571,3 +571,77 @@ fn in_a_real_browser_both_workers_a_result_a_blocked_task_and_its_revoke_show() 
         assert!(size > 10_000, "{shot}: {size} bytes");
     }
 }
+
+#[test]
+fn with_the_token_retry_resends_a_failed_task_and_pool_rate_limit_and_purge_act() {
+    let vhost = TestVhost::new();
+    let broker = vhost.url("");
+    let name = node("actions");
+    let queue = "dash.actions";
+    let _w = prefork_worker(&broker, &name, queue);
+    let (_dash, port) = dashboard(&broker, queue, Some(TOKEN));
+    let post = |path: &str, body: &str| http(port, "POST", path, &[("X-Celeriac-Token", TOKEN)], body);
+
+    // A failure shows its exception and traceback; retry sends it again with the same arguments.
+    let id = send(&broker, "celeriac.fail", r#"["boom <b>"]"#, queue);
+    let t = wait_task(port, &id, "failed", |t| t["state"] == json!("FAILURE") && t["exception"].is_string());
+    assert!(t["exception"].as_str().is_some_and(|e| e.contains("boom <b>")), "{t}");
+    assert!(t["traceback"].as_str().is_some_and(|tb| tb.contains("RuntimeError")), "{t}");
+    // Its queue is the one its worker consumes (task events do not name it).
+    wait_worker(port, &name, "consuming its queue", |w| w["queues"] == json!([queue]));
+    let (status, answer) = post(&format!("/api/tasks/{id}/retry"), "");
+    assert_eq!(status, 200, "{answer}");
+    let again: Value = serde_json::from_str(&answer).unwrap();
+    let new_id = again["task_id"].as_str().expect("the new task's id").to_string();
+    assert_ne!(new_id, id);
+    let t = wait_task(port, &new_id, "run again", |t| t["state"] == json!("FAILURE") && t["args"].is_string());
+    assert_eq!((t["name"].as_str(), t["args"].as_str()), (Some("celeriac.fail"), Some("['boom <b>']")), "{t}");
+    let (status, answer) = post("/api/tasks/no-such-task/retry", "");
+    assert_eq!(status, 404, "{answer}");
+
+    // Pool grow and shrink, seen in the worker's stats.
+    let node_path = format!("/api/workers/{}/pool", name.replace('@', "%40"));
+    let (status, answer) = post(&node_path, r#"{"grow": 1}"#);
+    assert_eq!(status, 200, "{answer}");
+    wait_worker(port, &name, "with 2 slots", |w| {
+        w["concurrency"] == json!(2) && w["children"].as_array().is_some_and(|c| c.len() == 2)
+    });
+    let (status, answer) = post(&node_path, r#"{"shrink": 1}"#);
+    assert_eq!(status, 200, "{answer}");
+    wait_worker(port, &name, "back to 1 slot", |w| w["concurrency"] == json!(1));
+    let (status, answer) = post(&node_path, r#"{"grow": "lots"}"#);
+    assert_eq!(status, 400, "{answer}");
+
+    // A rate limit, answered by the worker.
+    let (status, answer) = post("/api/rate_limit", r#"{"task_name": "celeriac.add", "rate_limit": "10/m"}"#);
+    assert_eq!(status, 200, "{answer}");
+    let replies: Value = serde_json::from_str(&answer).unwrap();
+    assert!(replies["replies"][&name]["ok"].is_string(), "{answer}");
+
+    // Purge a queue nobody consumes.
+    for _ in 0..3 {
+        send(&broker, "celeriac.noop", "[]", "dash.idle");
+    }
+    let (status, answer) = post("/api/queues/dash.idle/purge", "");
+    assert_eq!((status, answer.as_str()), (200, r#"{"purged":3}"#));
+}
+
+#[test]
+fn on_redis_workers_tasks_and_the_task_queues_show() {
+    let broker = results();
+    let name = node("redis");
+    let queue = format!("dash.redis.{}", std::process::id());
+    let _w = WorkerProc::start(&broker, &["--result-backend", &broker, "-E", "-n", &name, "-Q", &queue]);
+    let (_dash, port) = dashboard(&broker, &queue, None);
+    wait_worker(port, &name, "online", |w| w["online"] == json!(true) && w["pool"] == json!("celeriac:async"));
+    let id = send(&broker, "celeriac.add", "[1, 2]", &queue);
+    wait_task(port, &id, "succeeded", |t| t["result"] == json!("3"));
+    // Redis lists its queues: the task queue, not those of remote control and events.
+    let mut names = Vec::new();
+    wait_until("the queue listed", Duration::from_secs(10), || {
+        let (_, queues) = get_json(port, "/api/queues");
+        names = queues.as_array().unwrap().iter().map(|q| q["name"].as_str().unwrap_or("").to_string()).collect();
+        names.contains(&queue)
+    });
+    assert!(names.iter().all(|n| !n.starts_with("celeryev.") && !n.ends_with(".celery.pidbox")), "{names:?}");
+}

@@ -3,7 +3,7 @@
 //!
 //! It reads the broker only through what the CLI uses: the events on `celeryev` (as
 //! `celeriac events`), remote control (`crate::control::broadcast`: `stats`, `active` every
-//! [`POLL`], and the actions) and `Broker::queues` (as `celeriac queues`), plus the result
+//! `active_queues` every [`POLL`], and the actions) and `Broker::queues` (as `celeriac queues`), plus the result
 //! backend for a task's stored result. State is in memory ([`state::State`]).
 //!
 //! HTTP (axum, http1): `GET /` the page (assets embedded with `include_str!`, no CDN);
@@ -242,7 +242,7 @@ fn apply_body(shared: &Shared, body: &[u8]) {
     });
 }
 
-/// Every [`POLL`]: `stats` and `active` from every worker, then queue depths.
+/// Every [`POLL`]: `stats`, `active` and `active_queues` from every worker, then queue depths.
 async fn poll(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -262,7 +262,7 @@ async fn poll(shared: Arc<Shared>) {
 
 async fn poll_once(shared: &Shared) -> Result<(), String> {
     let broker = shared.broker.as_ref();
-    for method in ["stats", "active"] {
+    for method in ["stats", "active", "active_queues"] {
         match broadcast(broker, method, Map::new(), &[], REPLY_WINDOW).await {
             Ok(replies) => shared.with(|s| s.apply_replies(method, replies)),
             Err(ControlError::Unsupported(_)) => break,
@@ -280,7 +280,8 @@ async fn poll_once(shared: &Shared) -> Result<(), String> {
     };
     let row = |q: &celeriac_core::broker::QueueInfo| serde_json::to_value(q).unwrap_or(Value::Null);
     let queues = if names.is_empty() {
-        broker.queues(&names).await.map_err(|e| e.to_string())?.iter().map(row).collect()
+        let listed = broker.queues(&names).await.map_err(|e| e.to_string())?;
+        listed.iter().filter(|q| !is_plumbing(&q.name)).map(row).collect()
     } else {
         // One by one, so a queue that does not exist (yet) is shown as such and the others
         // still are; only a broker that does not answer fails the poll.
@@ -298,6 +299,11 @@ async fn poll_once(shared: &Shared) -> Result<(), String> {
     };
     shared.with(|s| s.set_queues(queues));
     Ok(())
+}
+
+/// Queues of remote control and events (kombu's pidbox and event receivers), not of tasks.
+fn is_plumbing(queue: &str) -> bool {
+    queue.starts_with("celeryev.") || queue.ends_with(".celery.pidbox")
 }
 
 async fn overview(Ax(s): Ax<Arc<Shared>>) -> Response {
@@ -545,15 +551,22 @@ async fn revoke(
     act(&s, "revoke", json!({"task_id": [id], "terminate": terminate, "signal": "SIGTERM"}), &[]).await
 }
 
+/// Send a task again with the same name and arguments, as a new task; to the queue in the body
+/// (`{"queue": "q"}`), else the one its events named, else the one queue its worker consumes.
 async fn retry(
     Ax(s): Ax<Arc<Shared>>,
     ConnectInfo(peer): Caller,
     headers: HeaderMap,
     Path(id): Path<String>,
+    body: Bytes,
 ) -> Response {
     if let Err(r) = authorize(&s, &headers, peer, "retry") {
         return r;
     }
+    let asked = match body_object(&body) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let Some(task) = task_value(&s, &id).await else {
         return refuse(StatusCode::NOT_FOUND, format!("task {id} is unknown"));
     };
@@ -573,7 +586,22 @@ async fn retry(
             )
         }
     };
-    let queue = task["routing_key"].as_str().filter(|q| !q.is_empty()).map(str::to_string);
+    let named = |v: &Value| v.as_str().filter(|q| !q.is_empty()).map(str::to_string);
+    let queue = named(asked.get("queue").unwrap_or(&Value::Null))
+        .or_else(|| named(&task["queue"]))
+        .or_else(|| named(&task["routing_key"]))
+        .or_else(|| {
+            let worker = task["worker"].as_str().unwrap_or("");
+            let queues = s.with(|st| st.worker_queues(worker));
+            (queues.len() == 1).then(|| queues[0].clone())
+        });
+    let Some(queue) = queue else {
+        return refuse(
+            StatusCode::CONFLICT,
+            "the task's queue is not known (its worker consumes several, or none was seen): say which, {\"queue\": \"name\"}",
+        );
+    };
+    let queue = Some(queue);
     let client = crate::Client::new(s.broker.clone(), s.backend.clone());
     let options = crate::client::SendOptions { queue, ..Default::default() };
     match client.send_task(&name, args, kwargs, options).await {
@@ -718,6 +746,12 @@ mod tests {
         assert_eq!(py_literal(Some("{'x': [1.5, \"it's\"]}")), Some(json!({"x": [1.5, "it's"]})));
         assert_eq!(py_literal(Some("[<object at 0x1>]")), None);
         assert_eq!(py_literal(Some("{1, 2}")), None);
+    }
+
+    #[test]
+    fn remote_control_and_event_queues_are_not_shown() {
+        assert!(is_plumbing("celeryev.2c9b2475") && is_plumbing("w@h.celery.pidbox"));
+        assert!(is_plumbing("abc.reply.celery.pidbox") && !is_plumbing("celery") && !is_plumbing("images"));
     }
 
     #[test]

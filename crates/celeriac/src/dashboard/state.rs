@@ -43,6 +43,8 @@ struct WorkerView {
     stats: Option<Value>,
     /// The last `active` reply.
     active: Option<Value>,
+    /// The last `active_queues` reply.
+    queues: Option<Value>,
     /// Unix seconds of the last reply to a poll.
     replied: Option<f64>,
 }
@@ -197,7 +199,13 @@ impl State {
         }
     }
 
-    /// Record one poll's replies: `method` is `stats` or `active`.
+    /// The queues worker `node` said it consumes (`active_queues`), by name.
+    pub fn worker_queues(&self, node: &str) -> Vec<String> {
+        let queues = self.workers.get(node).and_then(|w| w.queues.as_ref()).and_then(Value::as_array);
+        queues.into_iter().flatten().filter_map(|q| q["name"].as_str().map(str::to_string)).collect()
+    }
+
+    /// Record one poll's replies: `method` is `stats`, `active` or `active_queues`.
     pub fn apply_replies(&mut self, method: &str, replies: Vec<(String, Value)>) {
         let at = now();
         for (node, reply) in replies {
@@ -206,6 +214,7 @@ impl State {
             match method {
                 "stats" => w.stats = Some(reply),
                 "active" => w.active = Some(reply),
+                "active_queues" => w.queues = Some(reply),
                 _ => {}
             }
         }
@@ -302,6 +311,7 @@ impl State {
                     "recycles": pool.map(|p| p["recycles"].clone()),
                     "hard_limit_kills": pool.map(|p| p["hard_limit_kills"].clone()),
                     "active": active,
+                    "queues": self.worker_queues(name),
                 })
             })
             .collect();

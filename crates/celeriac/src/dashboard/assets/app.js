@@ -76,7 +76,7 @@ async function workersView() {
       el("td", {}, w.hostname),
       el("td", { class: w.online ? "online" : "offline" }, w.online ? "online" : "offline"),
       el("td", {}, w.heartbeat_age === null ? "" : w.heartbeat_age.toFixed(1) + " s"),
-      el("td", {}, w.software + " " + text(w.version)),
+      el("td", {}, w.software + " " + text(w.version), el("br"), el("span", { class: "muted" }, (w.queues || []).join(", "))),
       el("td", {}, text(w.pool) + " x" + text(w.concurrency)),
       el("td", {}, text(w.processed)),
       el("td", {}, w.rss_kib ? Math.round(w.rss_kib / 1024) + " MiB" : ""),
@@ -103,7 +103,7 @@ async function workersView() {
     }
   }
   return [el("h2", {}, "Workers"), note(),
-    table(["worker", "status", "heartbeat", "software", "pool", "processed", "RSS", "recycles", "hard kills", "pool size"], rows)];
+    table(["worker", "status", "heartbeat", "software, queues", "pool", "processed", "RSS", "recycles", "hard kills", "pool size"], rows)];
 }
 
 const filters = { state: "", name: "", worker: "" };
