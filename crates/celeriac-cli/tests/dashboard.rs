@@ -565,6 +565,17 @@ fn in_a_real_browser_both_workers_a_result_a_blocked_task_and_its_revoke_show() 
     );
     b.screenshot("task.png");
 
+    page("queues");
+    b.wait(
+        "the queue with its consumer",
+        &format!(
+            "return [...document.querySelectorAll('tr.queue')].some(r => r.innerText.includes({q})) && \
+         document.body.innerText.includes('Dead letters');",
+            q = json!(queue)
+        ),
+    );
+    b.screenshot("queues.png");
+
     // The three pages are real pictures, not blank ones.
     for shot in ["workers.png", "tasks.png", "task.png"] {
         let size = std::fs::metadata(common::repo().join("target/dashboard-screenshots").join(shot)).unwrap().len();
@@ -644,4 +655,20 @@ fn on_redis_workers_tasks_and_the_task_queues_show() {
         names.contains(&queue)
     });
     assert!(names.iter().all(|n| !n.starts_with("celeryev.") && !n.ends_with(".celery.pidbox")), "{names:?}");
+
+    // A message without a task id is dead-lettered; the dashboard lists it with the reason.
+    let envelope = json!({
+        "body": "W1tdLCB7fSwge31d", "content-encoding": "utf-8", "content-type": "application/json",
+        "headers": {"task": "celeriac.add"},
+        "properties": {"body_encoding": "base64", "delivery_tag": "dash-dead-1", "priority": 0,
+                       "delivery_info": {"exchange": "", "routing_key": queue}},
+    });
+    SharedRedisDb::get(DB).cli(&["LPUSH", &queue, &envelope.to_string()]);
+    let mut dead = Value::Null;
+    wait_until("the dead letter listed", Duration::from_secs(15), || {
+        dead = get_json(port, "/api/dead_letters").1;
+        dead["dead_letters"].as_array().is_some_and(|d| d.iter().any(|l| l["queue"] == json!(queue)))
+    });
+    let letter = dead["dead_letters"].as_array().unwrap().iter().find(|l| l["queue"] == json!(queue)).unwrap();
+    assert!(letter["reason"].as_str().is_some_and(|r| !r.is_empty()), "{dead}");
 }

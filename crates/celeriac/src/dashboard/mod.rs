@@ -8,7 +8,7 @@
 //!
 //! HTTP (axum, http1): `GET /` the page (assets embedded with `include_str!`, no CDN);
 //! `GET /api/overview`, `/api/workers`, `/api/queues`, `/api/tasks?state=&name=&worker=&limit=`,
-//! `/api/tasks/{id}` (404 with `"state": "unknown"` for an id never seen), `/task/{id}` (the
+//! `/api/dead_letters`, `/api/tasks/{id}` (404 with `"state": "unknown"` for an id never seen), `/task/{id}` (the
 //! task as a server-rendered page, every value HTML-escaped), `/api/stream` (server-sent events:
 //! `update` with the state's version whenever it changes, at most 4 a second).
 //! Actions (`POST`): `/api/tasks/{id}/revoke` (`{"terminate": bool}`), `/api/tasks/{id}/retry`,
@@ -152,6 +152,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/overview", get(overview))
         .route("/api/workers", get(|Ax(s): Ax<Arc<Shared>>| async move { ok(s.with(|st| st.workers_json())) }))
         .route("/api/queues", get(|Ax(s): Ax<Arc<Shared>>| async move { ok(s.with(|st| st.queues_json())) }))
+        .route("/api/dead_letters", get(dead_letters))
         .route("/api/tasks", get(tasks))
         .route("/api/tasks/{id}", get(task))
         .route("/task/{id}", get(task_page))
@@ -318,6 +319,18 @@ async fn overview(Ax(s): Ax<Arc<Shared>>) -> Response {
         })
     });
     ok(v)
+}
+
+/// The 100 most recent dead letters with their reasons (`celeriac dead-letters`), read from the
+/// broker on each request; `{"unsupported": reason}` where the transport keeps none (RabbitMQ).
+async fn dead_letters(Ax(s): Ax<Arc<Shared>>) -> Response {
+    match s.broker.dead_letters(100).await {
+        Ok(dead) => ok(json!({"dead_letters": serde_json::to_value(&dead).unwrap_or(Value::Null)})),
+        Err(celeriac_core::BrokerError::Rejected { reason, .. }) => {
+            ok(json!({"dead_letters": [], "unsupported": reason}))
+        }
+        Err(e) => refuse(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
 }
 
 /// `key=value&...` with `%XX` and `+` decoded.

@@ -163,8 +163,15 @@ async function queuesView() {
   const name = el("input", { placeholder: "task name" });
   const rate = el("input", { placeholder: "rate, e.g. 10/m" });
   const setRate = el("button", { onclick: () => action("/api/rate_limit", { task_name: name.value, rate_limit: rate.value }, "Set the rate limit of " + name.value + "?") }, "Set rate limit");
+  const { body: dl } = await getJson("/api/dead_letters");
+  const deadRows = dl.dead_letters.map((d) => el("tr", { class: "dead-letter" },
+    el("td", {}, text(d.queue)),
+    el("td", {}, d.task_id ? el("a", { href: "#/task/" + encodeURIComponent(d.task_id) }, d.task_id) : ""),
+    el("td", {}, el("pre", {}, text(d.reason)))));
   return [el("h2", {}, "Queues"), note(),
     table(["queue", "ready", "scheduled", "unacked", "consumers", "dead", ""], rows),
+    el("h3", {}, "Dead letters"),
+    dl.unsupported ? el("p", { class: "muted" }, dl.unsupported) : table(["queue", "task", "reason"], deadRows),
     el("h3", {}, "Rate limit"), el("div", { class: "filters" }, name, rate, setRate)];
 }
 
