@@ -10,14 +10,19 @@ The pipe protocol (the same as celeriac's Rust children speak; see ``python/READ
 frame is a 4-byte big-endian length and that many bytes of JSON. The supervisor writes to this
 process's stdin; this process answers on its original stdout, which it keeps for frames alone
 (file descriptor 1 is pointed at stderr, so a task that prints cannot break the stream).
+Logging is set up as Celery's worker sets up its pool processes' (``setup_logging``), in the
+worker's own line format: what tasks log and print is a log line with the task's id and name.
 
 Nothing here connects to the broker: whatever a task publishes (``delay``, ``apply_async``,
 ``self.retry()``) is handed to the supervisor in a ``publish`` frame, and the task waits for the
 answer, as a Celery task waits for its publish.
 """
 
+import datetime
 import importlib
+import io
 import json
+import logging
 import os
 import signal
 import struct
@@ -143,6 +148,110 @@ def load_failure(spec, exc):
     last = list(te.format_exception_only())[-1].strip()
     te.stack = traceback.StackSummary.from_list([f for f in te.stack if not _internal_frame(f)])
     return "cannot load the Celery app %s: %s\n%s" % (spec, last, "".join(te.format()).rstrip("\n"))
+
+
+_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+           "warning": logging.WARNING, "error": logging.ERROR, "off": logging.CRITICAL + 1}
+
+
+def _log_level(spec):
+    """The Python level of the worker's ``-l`` (``CELERIAC_LOG``: a level, or a filter such as
+    ``info,celeriac_amqp=debug``, whose bare level is taken); INFO when it names none."""
+    for part in (spec or "").split(","):
+        part = part.strip().lower()
+        if part and "=" not in part:
+            return _LEVELS.get(part, logging.INFO)
+    return logging.INFO
+
+
+class LogFormatter(logging.Formatter):
+    """A log record as the worker writes its own lines (``CELERIAC_LOG_FORMAT``): text,
+    ``<ts> <LEVEL> task{id=.. name=..}: <logger>: <message>``, or one JSON object with ``ts``,
+    ``level``, ``msg``, ``target`` (the logger's name), ``pid`` and, while a task runs,
+    ``hostname``, ``task_id`` and ``task_name`` (as Celery's ``TaskFormatter`` adds the task)."""
+
+    def __init__(self, json_lines):
+        super().__init__()
+        self.json_lines = json_lines
+
+    def format(self, record):
+        from celery._state import get_current_task
+
+        ts = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        ts = ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        level = {"WARNING": "WARN", "CRITICAL": "ERROR"}.get(record.levelname, record.levelname)
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        task = get_current_task()
+        req = task.request if task is not None else None
+        in_task = req is not None and req.id is not None
+        if self.json_lines:
+            line = {"ts": ts, "level": level, "msg": msg, "target": record.name, "pid": os.getpid()}
+            if in_task:
+                if req.hostname:
+                    line["hostname"] = req.hostname
+                line.update(task_id=req.id, task_name=task.name)
+            return json.dumps(line, separators=(",", ":"))
+        span = "task{id=%s name=%s}: " % (req.id, task.name) if in_task else ""
+        return "%s %5s %s%s: %s" % (ts, level, span, record.name, msg)
+
+
+class LogWriter(io.TextIOBase):
+    """``sys.stdout``/``sys.stderr`` of the child: each line written becomes a log record of
+    ``logger`` at ``level``, as Celery's worker redirects them (``worker_redirect_stdouts``, at
+    ``worker_redirect_stdouts_level``, WARNING by default; ``celery/utils/log.py``'s
+    ``LoggingProxy``). A partial line waits for its end or a ``flush``."""
+
+    def __init__(self, logger, level):
+        super().__init__()
+        self.logger, self.level, self.pending = logger, level, ""
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        self.pending += text
+        while "\n" in self.pending:
+            line, self.pending = self.pending.split("\n", 1)
+            if line.strip():
+                self.logger.log(self.level, line)
+        return len(text)
+
+    def flush(self):
+        if self.pending.strip():
+            self.logger.log(self.level, self.pending)
+        self.pending = ""
+
+
+def setup_logging(app):
+    """Log as Celery's worker sets up its pool processes' logging, in the worker's own format: a
+    handler on the real stderr for the root logger at the worker's ``-l`` level, and what tasks
+    print (``sys.stdout``, ``sys.stderr``) as log lines of ``celery.redirected`` at
+    ``worker_redirect_stdouts_level``. An app that connects Celery's ``setup_logging`` signal
+    configures logging itself, as with Celery (its receivers are called instead); with
+    ``worker_redirect_stdouts = False`` prints are written as they are. Writes to file
+    descriptors 1 and 2 that bypass ``sys.stdout`` (C code, subprocesses) stay raw lines."""
+    from celery import signals
+
+    level = _log_level(os.environ.get("CELERIAC_LOG"))
+    if signals.setup_logging.receivers:
+        signals.setup_logging.send(sender=None, loglevel=level, logfile=None, format=None, colorize=False)
+    else:
+        handler = logging.StreamHandler(sys.__stderr__)
+        handler.setFormatter(LogFormatter(os.environ.get("CELERIAC_LOG_FORMAT") == "json"))
+        root = logging.getLogger()
+        root.handlers[:] = [handler]
+        root.setLevel(level)
+        # Celery's loggers (celery.task is get_task_logger's parent) log through the root.
+        for name in ("celery", "celery.task"):
+            logging.getLogger(name).propagate = True
+    if app.conf.worker_redirect_stdouts:
+        redirect = logging.getLevelName(str(app.conf.worker_redirect_stdouts_level).upper())
+        redirect = redirect if isinstance(redirect, int) else logging.WARNING
+        logger = logging.getLogger("celery.redirected")
+        sys.stdout = LogWriter(logger, redirect)
+        sys.stderr = LogWriter(logger, redirect)
 
 
 _STATM = []  # /proc/self/statm, opened once: one pread per task (an open and a read cost ~50 µs)
@@ -414,6 +523,7 @@ def main(argv):
         sys.stderr.write("celeriac child: %s\n" % reason)
         pipe.write({"failed": {"reason": reason}})
         return 3
+    setup_logging(app)
     from celery import signals
 
     signals.worker_process_init.send(sender=None)

@@ -14,6 +14,7 @@ import uuid
 
 from celery import Celery, signals
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.utils.log import get_task_logger
 
 app = Celery(
     "pyapp",
@@ -118,6 +119,7 @@ def unencodable():
 @app.task
 def chatty():
     print("hello from a task that prints")
+    get_task_logger(__name__).info("hello from a task that logs")
     return "printed"
 
 

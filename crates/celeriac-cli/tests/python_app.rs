@@ -190,6 +190,37 @@ fn bad_python_apps_are_refused_with_one_clear_line() {
     assert!(err.contains("--max-memory-per-child 5.0 MB is below a fresh child's"), "{err}");
 }
 
+/// What a Python task logs and prints is a log line in the worker's format, with the task's id
+/// and name (Celery's worker logs them too, and redirects prints at WARNING): with `--log-format
+/// json` every line the worker and its children write is one JSON object.
+#[test]
+fn a_python_task_s_logs_and_prints_are_log_lines_in_the_worker_s_format() {
+    let db = SharedRedisDb::get(DB);
+    let vhost = TestVhost::new();
+    let (broker, backend) = (vhost.url(""), db.url(""));
+    let queue = "pyapp.logs";
+    let w = celeriac_python_worker(&broker, &backend, queue, &["-c", "1", "--log-format", "json"]);
+    let got = run_client(&broker, &backend, queue, &["chatty"]);
+    assert_eq!(got["chatty"]["result"], "printed", "{}", got["chatty"]);
+    w.wait_for_line("hello from a task that logs", Duration::from_secs(30));
+    let lines: Vec<Value> = w
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    let find = |msg: &str| lines.iter().find(|l| l["msg"] == msg).unwrap_or_else(|| panic!("no {msg:?}: {}", w.dump()));
+    let (printed, logged) = (find("hello from a task that prints"), find("hello from a task that logs"));
+    assert_eq!((&printed["level"], &printed["target"]), (&"WARN".into(), &"celery.redirected".into()), "{printed}");
+    assert_eq!((&logged["level"], &logged["target"]), (&"INFO".into(), &"pyapp".into()), "{logged}");
+    for line in [printed, logged] {
+        assert_eq!(line["task_name"], "pyapp.chatty", "{line}");
+        assert!(line["task_id"].as_str().is_some_and(|id| id.len() == 36), "{line}");
+        assert!(line["pid"].as_u64().is_some(), "{line}");
+    }
+}
+
 #[test]
 fn a_killed_supervisor_leaves_no_python_child() {
     let db = SharedRedisDb::get(DB);

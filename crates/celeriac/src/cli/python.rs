@@ -79,6 +79,10 @@ const ACTED_ON: &[&str] = &[
     "task_always_eager",
     "task_eager_propagates",
     "task_store_eager_result",
+    // The children's logging (`celeriac_child.setup_logging`): what tasks print is logged at
+    // this level, or written as it is.
+    "worker_redirect_stdouts",
+    "worker_redirect_stdouts_level",
 ];
 
 /// Whether celeriac acts on a setting the app changed to `value`: one of [`ACTED_ON`], except
