@@ -258,6 +258,8 @@ fn python_tasks_meet_their_time_limits_and_the_app_s_tasks_are_registered() {
     // task runs in a fresh child.
     assert_eq!(got["stuck"]["status"], "FAILURE", "{got:?}");
     assert_eq!(got["stuck"]["result"]["exc_type"], "TimeLimitExceeded", "{got:?}");
+    // Its one argument is the limit in seconds, as Celery's worker stores it (`TimeLimitExceeded(4)`).
+    assert_eq!(got["stuck"]["result"]["exc_args"], serde_json::json!(["4"]), "{got:?}");
     assert_eq!(got["add"]["result"], 5, "{got:?}");
     assert!(w.count("hard time limit") >= 1, "{}", w.dump());
     // Remote control lists the app's tasks.

@@ -17,7 +17,7 @@ use celeriac_core::task::TaskError;
 use celeriac_core::{ResultMeta, TaskContext, TaskState};
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
@@ -392,11 +392,14 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
         Outcome::TimeLimit(limit) => {
             tracing::error!(time_limit = limit, "hard time limit exceeded");
             Stats::bump(&shared.stats.failed);
-            let exc = ExceptionInfo::new(
-                "TimeLimitExceeded",
-                format!("task exceeded its hard time limit of {limit}s"),
-                "billiard.exceptions",
-            );
+            // Celery's worker stores `TimeLimitExceeded(<the limit in seconds>)`
+            // (`celery/worker/request.py`, `on_timeout`): the number is its one argument.
+            let seconds = if limit.fract() == 0.0 && limit.abs() < 1e15 { json!(limit as i64) } else { json!(limit) };
+            let exc = ExceptionInfo {
+                exc_type: "TimeLimitExceeded".into(),
+                exc_message: json!([seconds]),
+                exc_module: "billiard.exceptions".into(),
+            };
             let tb = traceback(&req, &exc, Some("killed at its hard time limit"));
             shared.observe.failed(&id, &req.headers.task, &exc, Some(&tb), Some(runtime));
             Some(ResultMeta::exception(&id, TaskState::Failure, &exc, Some(tb)))
