@@ -274,7 +274,13 @@ fn revoke_with_the_token_terminates_a_hung_prefork_task_which_then_shows_revoked
             && w["children"][0]["blocked_on"].as_str().is_some_and(|b| b.contains("futex"))
     });
     assert!(w["children"][0]["wchan"].as_str().is_some_and(|c| c.contains("futex")), "{w}");
-    wait_task(port, &id, "started", |t| t["state"] == json!("STARTED"));
+    // The task itself says so too, in the list (a hung task is highlighted) and on its page.
+    let t = wait_task(port, &id, "started and blocked", |t| {
+        t["state"] == json!("STARTED") && t["blocked_on"].as_str().is_some_and(|b| b.ends_with("syscall futex"))
+    });
+    assert!(t["hard_time_left"].as_f64().is_some_and(|s| s > 0.0 && s <= 300.0), "{t}");
+    let (_, started) = get_json(port, "/api/tasks?state=STARTED");
+    assert!(started["tasks"][0]["blocked_on"].is_string(), "{started}");
 
     // Refused: no token, a wrong one, another origin, a malformed body.
     let path = format!("/api/tasks/{id}/revoke");

@@ -328,15 +328,34 @@ impl State {
             .filter_map(|id| self.tasks.get(id))
             .filter(|t| filter.matches(&t.fields))
             .take(limit)
-            .map(|t| Value::Object(t.fields.clone()))
+            .map(|t| self.with_diagnosis(Value::Object(t.fields.clone())))
             .collect();
         json!({"total": self.tasks.len(), "tasks": list})
+    }
+
+    /// A running task's diagnosis from its worker's last `active` reply (`blocked_on`, `wchan`,
+    /// `runtime`, `hard_time_left`, `worker_pid` of the child), so a hung task can be shown as
+    /// such; other tasks as they are.
+    fn with_diagnosis(&self, mut task: Value) -> Value {
+        if task["state"] != json!("STARTED") {
+            return task;
+        }
+        let worker = task["worker"].as_str().and_then(|w| self.workers.get(w));
+        let active = worker.and_then(|w| w.active.as_ref()).and_then(Value::as_array);
+        if let Some(entry) = active.into_iter().flatten().find(|a| a["id"] == task["id"]) {
+            for key in ["blocked_on", "wchan", "runtime", "hard_time_left", "worker_pid"] {
+                if !entry[key].is_null() {
+                    task[key] = entry[key].clone();
+                }
+            }
+        }
+        task
     }
 
     /// One task as its events tell it, with the ids of tasks whose events name it as parent.
     pub fn task_json(&self, id: &str) -> Option<Value> {
         let t = self.tasks.get(id)?;
-        let mut v = Value::Object(t.fields.clone());
+        let mut v = self.with_diagnosis(Value::Object(t.fields.clone()));
         let children: Vec<&String> = self
             .order
             .iter()

@@ -111,10 +111,10 @@ const filters = { state: "", name: "", worker: "" };
 async function tasksView() {
   const q = new URLSearchParams({ ...filters, limit: "200" });
   const { body } = await getJson("/api/tasks?" + q);
-  const rows = body.tasks.map((t) => el("tr", { class: "task", "data-id": t.id },
+  const rows = body.tasks.map((t) => el("tr", { class: "task" + (t.blocked_on ? " blocked" : ""), "data-id": t.id, title: t.blocked_on ? "blocked on: " + t.blocked_on : "" },
     el("td", {}, el("a", { href: "#/task/" + encodeURIComponent(t.id) }, t.id)),
     el("td", {}, text(t.name)), stateCell(t.state), el("td", {}, text(t.worker)),
-    el("td", {}, el("pre", {}, text(t.args))), el("td", {}, el("pre", {}, text(t.result || t.exception))),
+    el("td", {}, el("pre", {}, text(t.args))), el("td", {}, el("pre", {}, t.blocked_on ? "blocked on: " + t.blocked_on : text(t.result || t.exception))),
     el("td", {}, time(t.received)), el("td", {}, t.runtime ? Number(t.runtime).toFixed(3) + " s" : "")));
   const input = (key, placeholder) => {
     const i = el("input", { placeholder: placeholder, value: filters[key] });
@@ -140,6 +140,8 @@ async function taskView(id) {
     ["result", el("pre", { id: "task-result" }, text(t.result !== undefined ? t.result : stored.result))],
     ["exception", el("pre", {}, text(t.exception))],
     ["traceback", el("pre", {}, text(t.traceback || stored.traceback))],
+    ["blocked on", el("span", { id: "task-blocked" }, text(t.blocked_on))],
+    ["hard limit in", t.hard_time_left ? Number(t.hard_time_left).toFixed(1) + " s" : ""],
     ["retries", text(t.retries)],
     ["received", time(t.received)], ["started", time(t.started)], ["finished", time(t.finished)],
     ["runtime", text(t.runtime)], ["eta", text(t.eta)], ["expires", text(t.expires)],
