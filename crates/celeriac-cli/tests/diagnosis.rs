@@ -137,6 +137,8 @@ fn a_hung_rust_task_shows_its_futex_wait_in_inspect_active_and_the_sigusr1_dump(
     let task = wait_blocked_in_futex(&broker, &name, &id);
     assert_blocked_entry(&task, w.child.id(), 120.0);
     assert_ne!(task["worker_tid"], task["worker_pid"], "a blocking task's own thread: {task}");
+    // Acks late (a Rust task): its message is not acknowledged before its outcome.
+    assert_eq!(task["acknowledged"], false, "{task}");
     assert_table_shows(&broker, &name, &id);
     assert_celery_lists(&broker, &name, &id);
 
@@ -162,6 +164,8 @@ fn a_python_task_stuck_on_a_lock_shows_blocked_then_is_killed_at_its_hard_limit(
     // `threading.Lock().acquire()` twice: the interpreter's main thread waits on a futex.
     let task = wait_blocked_in_futex(&broker, &name, &id);
     assert_blocked_entry(&task, w.child.id(), hard);
+    // Not acks_late: its message was acknowledged as it started, as Celery's worker says.
+    assert_eq!(task["acknowledged"], true, "{task}");
     assert_table_shows(&broker, &name, &id);
     assert_celery_lists(&broker, &name, &id);
 

@@ -88,6 +88,7 @@ async fn run_inner(shared: Arc<Shared>, mut req: Request, permit: OwnedSemaphore
     // A child's task that is not acks_late is acknowledged as it starts, as Celery's worker does.
     if shared.acks.get(&req.headers.task).is_some_and(|p| !p.acks_late) {
         req.delivery = crate::foreign::ack_early(req.delivery).await;
+        shared.state.acknowledged(&req.headers.id);
     }
     let mut terminate = shared.state.start(&req.headers.id);
     let opts = req.task.options();

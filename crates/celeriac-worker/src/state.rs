@@ -51,6 +51,9 @@ pub struct RequestInfo {
     pub priority: u8,
     /// Delivered before.
     pub redelivered: bool,
+    /// Its message was acknowledged as it started (a `--python-app` task that is not
+    /// `acks_late`); otherwise it is acknowledged after its outcome.
+    pub acknowledged: bool,
     /// Where it is.
     pub phase: Phase,
 }
@@ -72,8 +75,8 @@ impl RequestInfo {
             "type": self.name,
             "hostname": hostname,
             "time_start": time_start,
-            // Acks late: nothing is acknowledged before its outcome is stored.
-            "acknowledged": false,
+            // Acks late unless it was acknowledged as it started (Celery's `acknowledged`).
+            "acknowledged": self.acknowledged,
             "delivery_info": {
                 "exchange": "",
                 "routing_key": self.queue,
@@ -192,11 +195,19 @@ impl WorkerState {
             queue: req.delivery.queue.clone(),
             priority: m.properties.priority.unwrap_or(0),
             redelivered: req.delivery.redelivered(),
+            acknowledged: false,
             phase: eta.map_or(Phase::Reserved, Phase::Scheduled),
         };
         let (terminate, _) = watch::channel(None);
         self.lock().requests.insert(info.id.clone(), Entry { info, terminate });
         Tracked { state: self.clone(), id: req.headers.id.clone() }
+    }
+
+    /// The request's message was acknowledged before its outcome (as it started).
+    pub fn acknowledged(&self, id: &str) {
+        if let Some(entry) = self.lock().requests.get_mut(id) {
+            entry.info.acknowledged = true;
+        }
     }
 
     /// The request starts running: counted in its task's total; returns what says when it is to
@@ -366,6 +377,7 @@ mod tests {
             queue: "q".into(),
             priority: 0,
             redelivered: false,
+            acknowledged: false,
             phase: Phase::Reserved,
         };
         let text = celeriac_core::pyjson::to_string(&info.to_celery("h", None)).unwrap();
