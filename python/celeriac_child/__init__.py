@@ -121,14 +121,37 @@ def load_app(spec):
                 raise AppSpecError("%s has no attribute %r" % (getattr(obj, "__name__", repr(obj)), part))
             obj = getattr(obj, part)
     else:
-        for name in ("app", "celery"):
-            candidate = getattr(obj, name, None)
-            if isinstance(candidate, Celery):
-                obj = candidate
-                break
+        obj = _app_in_module(obj, module_name)
     if not isinstance(obj, Celery):
         raise AppSpecError("%s is not a Celery app (it is %s)" % (spec, type(obj).__name__))
     return obj
+
+
+def _app_in_module(module, name):
+    """The app in ``module`` as ``celery -A MODULE`` finds it (``celery/app/utils.py``,
+    ``find_app``): its ``app``, else its ``celery``, else, for a package, the app of its
+    ``celery`` submodule (``-A proj`` finds ``proj/celery.py``'s app), else any Celery app among
+    its globals; the module itself when there is none."""
+    from celery import Celery
+
+    for attr in ("app", "celery"):
+        candidate = getattr(module, attr, None)
+        if isinstance(candidate, Celery):
+            return candidate
+    if getattr(module, "__path__", None):
+        try:
+            submodule = importlib.import_module(name + ".celery")
+        except ModuleNotFoundError as exc:
+            if exc.name != name + ".celery":
+                raise
+        else:
+            found = _app_in_module(submodule, name + ".celery")
+            if isinstance(found, Celery):
+                return found
+    for value in vars(module).values():
+        if isinstance(value, Celery):
+            return value
+    return module
 
 
 def _internal_frame(frame):

@@ -221,6 +221,44 @@ fn a_python_task_s_logs_and_prints_are_log_lines_in_the_worker_s_format() {
     }
 }
 
+/// `--python-app proj` finds the app as `celery -A proj` does: in a package, its `celery`
+/// submodule's `app`; a module naming none is refused in one line.
+#[test]
+fn a_package_s_app_is_found_as_celery_a_finds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("pkgproj");
+    std::fs::create_dir(&pkg).unwrap();
+    std::fs::write(pkg.join("__init__.py"), "").unwrap();
+    std::fs::write(
+        pkg.join("celery.py"),
+        "from celery import Celery\nmain = Celery('pkgproj', broker='amqp://u@h:5672/pkgvh')\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("plain.py"), "X = 1\n").unwrap();
+    let path = format!("{}:{}", dir.path().display(), common::repo().join("python").display());
+    let describe = |spec: &str| {
+        let out = Command::new(venv_python())
+            .args(["-m", "celeriac_child", "--describe", spec])
+            .env("PYTHONPATH", &path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for spec in ["pkgproj", "pkgproj.celery", "pkgproj.celery:main"] {
+        let (code, out, err) = describe(spec);
+        assert_eq!(code, Some(0), "{spec}: {err}");
+        let conf: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{spec}: {e}: {out}"));
+        assert_eq!(conf["broker_url"], "amqp://u@h:5672/pkgvh", "{spec}: {conf}");
+    }
+    let (code, _, err) = describe("plain");
+    assert_eq!(code, Some(3), "{err}");
+    assert_eq!(err.trim(), "cannot load the Celery app plain: plain is not a Celery app (it is module)");
+}
+
 #[test]
 fn a_killed_supervisor_leaves_no_python_child() {
     let db = SharedRedisDb::get(DB);

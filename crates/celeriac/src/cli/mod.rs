@@ -146,8 +146,8 @@ struct WorkerArgs {
     /// process: hard kills, memory recycling, crash isolation; the default with --python-app).
     #[arg(short = 'P', long = "pool")]
     pool: Option<String>,
-    /// Run an existing Celery app's Python tasks (MODULE:ATTR, e.g. proj.celery:app, as
-    /// `celery -A`) in prefork children under this worker: each child imports the app once and
+    /// Run an existing Celery app's Python tasks (MODULE:ATTR, e.g. proj.celery:app, or MODULE
+    /// found as `celery -A` finds it: proj finds proj/celery.py's app) in prefork children under this worker: each child imports the app once and
     /// runs the tasks handed to it; this worker consumes, stores results and supervises. The
     /// app's configuration fills in what no flag or environment variable gives (broker,
     /// backend, queues, limits); the settings celeriac does not act on are named at start-up.
