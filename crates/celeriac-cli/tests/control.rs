@@ -639,3 +639,16 @@ fn a_task_whose_stored_state_is_revoked_stays_revoked_when_a_worker_runs_it() {
     });
     assert_eq!(db.cli(&["GET", &format!("celery-task-meta-{id}")]), revoked, "the stored result is unchanged");
 }
+
+/// `inspect` on an SQLite broker (the default `-b`) is refused with the reason, exit 2, and
+/// leaves no database file behind.
+#[test]
+fn inspect_on_sqlite_is_refused_without_creating_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("nothere.db");
+    let url = format!("sqlite://{}", db.display());
+    let (code, _out, err) = run_cli(&["inspect", "active", "-b", &url], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("remote control needs an amqp:// or redis:// broker"), "{err}");
+    assert!(!db.exists(), "inspect created {}", db.display());
+}

@@ -149,6 +149,10 @@ enum ControlCommand {
 
 /// Send one command; print the replies.
 async fn call(broker_url: &str, method: &str, arguments: Value, opts: &RemoteOpts) -> CliResult {
+    // SQLite has no broadcast: refused before its database file is opened (which creates it).
+    if connect::sqlite_path(broker_url).is_some() {
+        return Err(CliError::usage(ControlError::Unsupported(broker_url.to_string()).to_string()));
+    }
     let broker = connect::broker(broker_url)?;
     let timeout: Duration = positive_secs("--timeout", opts.timeout)?;
     let arguments = match arguments {
