@@ -161,6 +161,8 @@ fn celeriac_inspect_lists_a_python_workers_task() {
     assert!(out.contains(&id) && out.contains("py.sleep"), "readable table:\n{out}");
     let (code, out, _) = celeriac(&url, &["inspect", "stats"]);
     assert!(code == 0 && out.contains("celery.concurrency"), "{out}");
+    // The reply's rusage is the worker's own process, and says so.
+    assert!(out.contains("worker process max rss "), "{out}");
 }
 
 #[test]

@@ -408,6 +408,9 @@ fn print_stats(node: &str, s: &Map<String, Value>) {
         }
     }
     if let Some(maxrss) = s.get("rusage").and_then(|r| r.get("maxrss")) {
-        println!("  max rss {} KiB", text(maxrss));
+        // Celery's `rusage.maxrss`: the worker's own process (the supervisor), not its children.
+        let children = pool.get("children").and_then(Value::as_array).is_some_and(|c| !c.is_empty());
+        let note = if children { " (its children's RSS is above)" } else { "" };
+        println!("  worker process max rss {} KiB{note}", text(maxrss));
     }
 }
