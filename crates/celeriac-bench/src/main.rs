@@ -303,7 +303,13 @@ async fn compare(args: CompareArgs) -> Result<()> {
         "RabbitMQ {}, Redis {}, Celery {}",
         env::rabbitmq_version(),
         bench.redis.version().unwrap_or_else(|_| "?".into()),
-        first.publish.celery_version.as_deref().or(first.canvas.celery_version.as_deref()).unwrap_or("not run")
+        first
+            .publish
+            .celery_version
+            .as_deref()
+            .or(first.canvas.celery_version.as_deref())
+            .or(first.python.celery_version.as_deref())
+            .unwrap_or("not run")
     );
     println!(
         "counts: publish {} (Celery {}), drain {} (Celery {}), round trips {} after {} warm-up, {} publishes in flight, \

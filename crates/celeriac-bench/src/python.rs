@@ -96,6 +96,8 @@ pub struct PythonResults {
     pub noop: PyPair,
     /// `pybench.getset`.
     pub getset: PyPair,
+    /// The version of Celery in the virtualenv (both sides import it).
+    pub celery_version: Option<String>,
 }
 
 impl PythonResults {
@@ -114,6 +116,12 @@ impl Bench {
     /// The `python` part: both tasks, both workers.
     pub async fn python(&self, with_celery: bool) -> Result<PythonResults> {
         let mut out = PythonResults::default();
+        let version = crate::env::run(
+            std::process::Command::new(&self.python).args(["-c", "import celery; print(celery.__version__)"]),
+            Duration::from_secs(30),
+        )
+        .context("the virtualenv's Python cannot import celery")?;
+        out.celery_version = Some(String::from_utf8_lossy(&version.stdout).trim().to_string());
         for (task, pair) in [(PyTask::Noop, &mut out.noop), (PyTask::GetSet, &mut out.getset)] {
             pair.celeriac = Some(self.python_drain(task, Side::Celeriac).await?);
             if with_celery {
