@@ -387,6 +387,7 @@ class Child:
         """Run one task; the ``outcome`` of its ``done`` frame, and whether the task emptied its
         request's chain (``self.request.chain = None``, Celery's way to stop a chain)."""
         from billiard.einfo import ExceptionInfo
+        from kombu.exceptions import EncodeError
         from celery import signals
         from celery.app.task import Context
         from celery.app.task import Task as BaseTask
@@ -441,10 +442,12 @@ class Child:
                     signal.setitimer(signal.ITIMER_REAL, 0)
             try:
                 text = self.kjson.dumps(retval)
-            except Exception as exc:  # the value cannot be stored: a FAILURE naming why
-                einfo = ExceptionInfo()
-                outcome = _error("EncodeError", "the task's result cannot be encoded as JSON: %s" % exc,
-                                 "kombu.exceptions", einfo.traceback, None)
+            except Exception as exc:  # the value cannot be stored: FAILURE EncodeError(exc), as
+                # kombu's serializer raises it in Celery's worker (``kombu/serialization.py``)
+                try:
+                    raise EncodeError(exc) from exc
+                except EncodeError as err:
+                    outcome = _error_of(err, ExceptionInfo().traceback, self.kjson)
                 state = "FAILURE"
             else:
                 state = "SUCCESS"
