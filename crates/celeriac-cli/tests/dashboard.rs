@@ -293,8 +293,10 @@ fn revoke_with_the_token_terminates_a_hung_prefork_task_which_then_shows_revoked
         let (status, answer) = http(port, "POST", &path, &headers, body);
         assert_eq!(status, 403, "{headers:?}: {answer}");
     }
-    let (status, answer) = http(port, "POST", &path, &[("X-Celeriac-Token", TOKEN)], "[1]");
-    assert_eq!(status, 400, "{answer}");
+    for bad in ["[1]", r#"{"terminate": "yes"}"#] {
+        let (status, answer) = http(port, "POST", &path, &[("X-Celeriac-Token", TOKEN)], bad);
+        assert_eq!(status, 400, "{bad}: {answer}");
+    }
     assert_eq!(get_json(port, &format!("/api/tasks/{id}")).1["state"], json!("STARTED"));
 
     // With the token, from the page's own origin: terminated, then REVOKED.
@@ -628,6 +630,9 @@ fn with_the_token_retry_resends_a_failed_task_and_pool_rate_limit_and_purge_act(
     wait_worker(port, &name, "back to 1 slot", |w| w["concurrency"] == json!(1));
     let (status, answer) = post(&node_path, r#"{"grow": "lots"}"#);
     assert_eq!(status, 400, "{answer}");
+
+    let (status, answer) = post("/api/rate_limit", r#"{"task_name": " ", "rate_limit": "10/m"}"#);
+    assert_eq!(status, 400, "a rate limit for no task: {answer}");
 
     // A rate limit, answered by the worker.
     let (status, answer) = post("/api/rate_limit", r#"{"task_name": "celeriac.add", "rate_limit": "10/m"}"#);

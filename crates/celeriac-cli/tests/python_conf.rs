@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{bin, repo, run_cli, venv_python, SharedRedisDb, TestVhost, WorkerProc};
@@ -57,22 +56,7 @@ fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
 
 /// Run `tests/pyapp/confclient.py CASES...` with the app's own configuration.
 fn run_client(env: &[(String, String)], cases: &[&str]) -> serde_json::Map<String, Value> {
-    let out = Command::new(venv_python())
-        .arg(pyapp_dir().join("confclient.py"))
-        .args(cases)
-        .envs(env.iter().cloned())
-        .output()
-        .expect("python client");
-    assert!(
-        out.status.success(),
-        "confclient.py failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    match serde_json::from_slice(&out.stdout) {
-        Ok(Value::Object(m)) => m,
-        other => panic!("confclient.py printed {other:?}"),
-    }
+    common::pyapp::run_script("confclient.py", cases, env)
 }
 
 #[test]

@@ -54,22 +54,28 @@ pub fn python_worker(broker: &str, backend: &str, queue: &str, extra: &[&str]) -
 
 /// Run `tests/pyapp/client.py QUEUE CASES...`; the stored metas by case.
 pub fn run_client(broker: &str, backend: &str, queue: &str, cases: &[&str]) -> serde_json::Map<String, Value> {
+    let args: Vec<&str> = std::iter::once(queue).chain(cases.iter().copied()).collect();
+    run_script("client.py", &args, &app_env(broker, backend, queue))
+}
+
+/// Run the Python script `tests/pyapp/<script>` with `args` and `env`; the JSON object it
+/// prints (it must exit 0).
+pub fn run_script(script: &str, args: &[&str], env: &[(String, String)]) -> serde_json::Map<String, Value> {
     let out = Command::new(venv_python())
-        .arg(pyapp_dir().join("client.py"))
-        .arg(queue)
-        .args(cases)
-        .envs(app_env(broker, backend, queue))
+        .arg(pyapp_dir().join(script))
+        .args(args)
+        .envs(env.iter().cloned())
         .output()
         .expect("python client");
     assert!(
         out.status.success(),
-        "client.py failed: {}\n{}",
+        "{script} failed: {}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     match serde_json::from_slice(&out.stdout) {
         Ok(Value::Object(m)) => m,
-        other => panic!("client.py printed {other:?}"),
+        other => panic!("{script} printed {other:?}"),
     }
 }
 

@@ -526,6 +526,18 @@ fn body_object(body: &Bytes) -> Result<Map<String, Value>, Response> {
     }
 }
 
+/// An action's JSON object body, once [`authorize`] let the action through.
+fn authorized_body(
+    s: &Shared,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    action: &str,
+    body: &Bytes,
+) -> Result<Map<String, Value>, Response> {
+    authorize(s, headers, peer, action)?;
+    body_object(body)
+}
+
 /// Broadcast an action; the workers' replies, or 502 naming why not.
 async fn act(s: &Shared, method: &str, args: Value, destination: &[String]) -> Response {
     let args = match args {
@@ -547,14 +559,15 @@ async fn revoke(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = authorize(&s, &headers, peer, "revoke") {
-        return r;
-    }
-    let args = match body_object(&body) {
+    let args = match authorized_body(&s, &headers, peer, "revoke", &body) {
         Ok(a) => a,
         Err(r) => return r,
     };
-    let terminate = args.get("terminate").and_then(Value::as_bool).unwrap_or(false);
+    let terminate = match args.get("terminate") {
+        None => false,
+        Some(Value::Bool(t)) => *t,
+        Some(other) => return refuse(StatusCode::BAD_REQUEST, format!("terminate must be true or false, not {other}")),
+    };
     tracing::info!(%peer, task_id = %id, terminate, "revoke asked from the dashboard");
     if s.backend.keeps_revokes() {
         if let Err(e) = s.backend.record_revokes(std::slice::from_ref(&id), celeriac_core::backend::unix_now()).await {
@@ -573,10 +586,7 @@ async fn retry(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = authorize(&s, &headers, peer, "retry") {
-        return r;
-    }
-    let asked = match body_object(&body) {
+    let asked = match authorized_body(&s, &headers, peer, "retry", &body) {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -716,10 +726,7 @@ async fn pool(
     Path(node): Path<String>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = authorize(&s, &headers, peer, "pool") {
-        return r;
-    }
-    let args = match body_object(&body) {
+    let args = match authorized_body(&s, &headers, peer, "pool", &body) {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -733,14 +740,12 @@ async fn pool(
 }
 
 async fn rate_limit(Ax(s): Ax<Arc<Shared>>, ConnectInfo(peer): Caller, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = authorize(&s, &headers, peer, "rate_limit") {
-        return r;
-    }
-    let args = match body_object(&body) {
+    let args = match authorized_body(&s, &headers, peer, "rate_limit", &body) {
         Ok(a) => a,
         Err(r) => return r,
     };
-    let (Some(task_name), Some(limit)) = (args.get("task_name").and_then(Value::as_str), args.get("rate_limit")) else {
+    let task_name = args.get("task_name").and_then(Value::as_str).filter(|t| !t.trim().is_empty());
+    let (Some(task_name), Some(limit)) = (task_name, args.get("rate_limit")) else {
         return refuse(StatusCode::BAD_REQUEST, "expected {\"task_name\": ..., \"rate_limit\": \"10/m\"}");
     };
     let destination: Vec<String> = args.get("worker").and_then(Value::as_str).map(str::to_string).into_iter().collect();
