@@ -7,8 +7,10 @@
 //! backend for a task's stored result. State is in memory ([`state::State`]).
 //!
 //! HTTP (axum, http1): `GET /` the page (assets embedded with `include_str!`, no CDN);
-//! `GET /api/overview`, `/api/workers`, `/api/queues`, `/api/tasks?state=&name=&worker=&limit=`,
-//! `/api/dead_letters`, `/api/tasks/{id}` (404 with `"state": "unknown"` for an id never seen), `/task/{id}` (the
+//! `GET /api/overview`, `/api/workers`, `/api/queues`,
+//! `/api/tasks?state=&name=&worker=&id=&offset=&limit=` (worker: a part of the node name; id: a
+//! prefix), `/api/charts` (per-minute outcomes and run-time percentiles, per-name percentiles,
+//! queue depths over the last hour), `/api/dead_letters`, `/api/tasks/{id}` (404 with `"state": "unknown"` for an id never seen), `/task/{id}` (the
 //! task as a server-rendered page, every value HTML-escaped), `/api/stream` (server-sent events:
 //! `update` with the state's version whenever it changes, at most 4 a second).
 //! Actions (`POST`): `/api/tasks/{id}/revoke` (`{"terminate": bool}`), `/api/tasks/{id}/retry`,
@@ -153,6 +155,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/workers", get(|Ax(s): Ax<Arc<Shared>>| async move { ok(s.with(|st| st.workers_json())) }))
         .route("/api/queues", get(|Ax(s): Ax<Arc<Shared>>| async move { ok(s.with(|st| st.queues_json())) }))
         .route("/api/dead_letters", get(dead_letters))
+        .route("/api/charts", get(charts))
         .route("/api/tasks", get(tasks))
         .route("/api/tasks/{id}", get(task))
         .route("/task/{id}", get(task_page))
@@ -321,6 +324,22 @@ async fn overview(Ax(s): Ax<Arc<Shared>>) -> Response {
     ok(v)
 }
 
+/// What the charts draw: `{minutes: [{minute, succeeded, failed, runtime: {count, p50, p95,
+/// p99}}], runtimes: [{name, count, p50, p95, p99}], depths: {queue: [[t, ready, unacked,
+/// scheduled]]}, poll_seconds}`; times in Unix seconds, run times in seconds (see
+/// [`State::throughput_json`], [`State::runtimes_json`], [`State::depths_json`]).
+async fn charts(Ax(s): Ax<Arc<Shared>>) -> Response {
+    let v = s.with(|st| {
+        json!({
+            "minutes": st.throughput_json(),
+            "runtimes": st.runtimes_json(),
+            "depths": st.depths_json(),
+            "poll_seconds": POLL.as_secs_f64(),
+        })
+    });
+    ok(v)
+}
+
 /// The 100 most recent dead letters with their reasons (`celeriac dead-letters`), read from the
 /// broker on each request; `{"unsupported": reason}` where the transport keeps none (RabbitMQ).
 async fn dead_letters(Ax(s): Ax<Arc<Shared>>) -> Response {
@@ -369,27 +388,36 @@ fn query_pairs(q: &str) -> Vec<(String, String)> {
 
 async fn tasks(Ax(s): Ax<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
     let mut filter = TaskFilter::default();
-    let mut limit = 500;
+    let (mut limit, mut offset) = (500, 0);
     for (k, v) in query_pairs(q.as_deref().unwrap_or("")) {
         let v = Some(v).filter(|v| !v.is_empty());
+        let whole = |v: Option<String>, what: &str| match v.as_deref().map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Some(n.min(state::MAX_TASKS))),
+            Some(Err(_)) => Err(refuse(StatusCode::BAD_REQUEST, format!("{what}: expected a whole number"))),
+            None => Ok(None),
+        };
         match k.as_str() {
             "state" => filter.state = v.map(|v| v.to_uppercase()),
             "name" => filter.name = v,
             "worker" => filter.worker = v,
-            "limit" => match v.as_deref().map(str::parse::<usize>) {
-                Some(Ok(n)) => limit = n.min(state::MAX_TASKS),
-                Some(Err(_)) => return refuse(StatusCode::BAD_REQUEST, "limit: expected a whole number"),
-                None => {}
+            "id" => filter.id = v,
+            "limit" => match whole(v, "limit") {
+                Ok(n) => limit = n.unwrap_or(limit),
+                Err(r) => return r,
+            },
+            "offset" => match whole(v, "offset") {
+                Ok(n) => offset = n.unwrap_or(0),
+                Err(r) => return r,
             },
             other => {
                 return refuse(
                     StatusCode::BAD_REQUEST,
-                    format!("unknown filter {other:?} (state, name, worker, limit)"),
+                    format!("unknown filter {other:?} (state, name, worker, id, limit, offset)"),
                 )
             }
         }
     }
-    ok(s.with(|st| st.tasks_json(&filter, limit)))
+    ok(s.with(|st| st.tasks_json(&filter, offset, limit)))
 }
 
 /// A task from its events, with what the result backend stored for it; `None` if neither knows

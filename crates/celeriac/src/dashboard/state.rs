@@ -1,12 +1,19 @@
 //! What the dashboard knows, kept in memory: workers (from heartbeats and events, and from the
-//! `stats`/`active` replies polled every few seconds), queue depths, the most recent tasks
-//! (bounded) and per-minute counts of successes and failures.
+//! `stats`/`active` replies polled every few seconds), queue depths and their history (one
+//! sample per queue per poll, the last hour), the most recent tasks (bounded), per-minute counts
+//! of successes and failures, and run-time histograms (per minute, and per task name) from
+//! which the charts' percentiles are read.
 //!
 //! Events are Celery's (`celery/events/state.py` reads the same fields): worker events
 //! `worker-online`, `worker-heartbeat`, `worker-offline`; task events `task-sent`,
 //! `task-received`, `task-started`, `task-succeeded`, `task-failed`, `task-retried`,
 //! `task-revoked`, `task-rejected`. A task's `args`/`kwargs` are the reprs the sender wrote
 //! (`argsrepr`), `result` the repr of the return value: text, shown as text.
+//!
+//! A workflow is read from the ids events carry: `root_id`/`parent_id` (every Celery worker),
+//! and the extra keys celeriac's worker adds to `task-received` (`group`, `group_index`, `chord`,
+//! `chain`, `link`, `errback`: see `celeriac_worker::observe`), from which
+//! [`State::task_json`] builds a task's `graph`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -16,8 +23,16 @@ use serde_json::{json, Map, Value};
 pub const MAX_TASKS: usize = 10_000;
 /// A worker with no heartbeat for this long is shown offline (Celery's heartbeats come every 2 s).
 pub const OFFLINE_AFTER_SECS: f64 = 10.0;
-/// Minutes of throughput kept.
-const MINUTES: usize = 60;
+/// Minutes of throughput kept, and shown (every one of them, an empty minute as zeros).
+pub const MINUTES: usize = 60;
+/// Queue depth samples kept per queue: an hour at the poller's 2 s.
+pub const DEPTH_SAMPLES: usize = 1800;
+/// Task names whose run times are kept apart; later names are counted under [`OTHER_NAMES`].
+pub const MAX_NAMES: usize = 200;
+/// The name run times of task names past [`MAX_NAMES`] are counted under.
+pub const OTHER_NAMES: &str = "(other names)";
+/// The most tasks a workflow graph holds.
+pub const MAX_GRAPH_NODES: usize = 300;
 
 /// Why an event was not applied.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -49,6 +64,83 @@ struct WorkerView {
     replied: Option<f64>,
 }
 
+/// One minute's outcomes.
+#[derive(Debug, Clone)]
+struct Minute {
+    /// Minutes since the epoch.
+    minute: i64,
+    succeeded: u64,
+    failed: u64,
+    runtimes: Histogram,
+}
+
+/// Run times in buckets growing by 2^(1/4) (each about 19% wide) from 10 µs to about 28 h, so a
+/// percentile is read within ±9.1% at a fixed cost (134 counters) however many tasks ran.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    counts: Vec<u32>,
+    n: u64,
+    min: f64,
+    max: f64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram { counts: vec![0; Self::BUCKETS], n: 0, min: f64::INFINITY, max: 0.0 }
+    }
+}
+
+impl Histogram {
+    const BUCKETS: usize = 134;
+    const LOW: f64 = 1e-5;
+
+    fn bucket(seconds: f64) -> usize {
+        if seconds <= Self::LOW {
+            return 0;
+        }
+        (((seconds / Self::LOW).log2() * 4.0).floor() as usize + 1).min(Self::BUCKETS - 1)
+    }
+
+    /// Record one run time, in seconds (a negative or non-finite one is ignored).
+    pub fn record(&mut self, seconds: f64) {
+        if !seconds.is_finite() || seconds < 0.0 {
+            return;
+        }
+        self.counts[Self::bucket(seconds)] += 1;
+        self.n += 1;
+        self.min = self.min.min(seconds);
+        self.max = self.max.max(seconds);
+    }
+
+    /// How many run times were recorded.
+    pub fn count(&self) -> u64 {
+        self.n
+    }
+
+    /// The `q` quantile (0..=1) in seconds: the middle of its bucket (geometric), kept within
+    /// the least and greatest run time seen; `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.n == 0 {
+            return None;
+        }
+        let rank = ((q * self.n as f64).ceil() as u64).clamp(1, self.n);
+        let mut seen = 0u64;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += u64::from(*c);
+            if seen >= rank {
+                let mid = if i == 0 { Self::LOW } else { Self::LOW * 2f64.powf((i as f64 - 0.5) / 4.0) };
+                return Some(mid.clamp(self.min, self.max));
+            }
+        }
+        Some(self.max)
+    }
+
+    /// `{count, p50, p95, p99}`, seconds (`null` when empty).
+    fn summary(&self) -> Value {
+        json!({"count": self.n, "p50": self.quantile(0.5), "p95": self.quantile(0.95), "p99": self.quantile(0.99)})
+    }
+}
+
 /// One task, merged from its events.
 #[derive(Debug, Clone, Default)]
 struct TaskView {
@@ -63,8 +155,12 @@ pub struct State {
     /// Task ids, oldest first, for the bound.
     order: VecDeque<String>,
     queues: Vec<Value>,
-    /// (minute since the epoch, succeeded, failed), oldest first.
-    minutes: VecDeque<(i64, u64, u64)>,
+    /// Per minute with any outcome, oldest first.
+    minutes: VecDeque<Minute>,
+    /// Run times per task name (at most [`MAX_NAMES`] names and [`OTHER_NAMES`]).
+    runtimes: BTreeMap<String, Histogram>,
+    /// Per queue: (Unix seconds, ready, unacked, scheduled), oldest first.
+    depths: BTreeMap<String, VecDeque<(f64, u64, u64, u64)>>,
     /// The broker answered the last poll.
     pub connected: bool,
     /// Why the last poll failed.
@@ -147,6 +243,7 @@ impl State {
         let f = &mut task.fields;
         f.insert("id".into(), json!(id));
         let current = text(f, "state").unwrap_or("PENDING");
+        let was_retrying = current == "RETRY";
         if kind == "task-retried" || rank(state) >= rank(current) || kind == "task-revoked" {
             f.insert("state".into(), json!(state));
         }
@@ -161,6 +258,12 @@ impl State {
             _ => "finished",
         };
         f.insert(stamp.into(), json!(at));
+        if kind == "task-received" && was_retrying {
+            // A retry's message is received again: what the earlier run ended with is not this
+            // run's (it is kept as the retry's, below).
+            f.remove("exception");
+            f.remove("traceback");
+        }
         for (k, v) in ev {
             if matches!(
                 k.as_str(),
@@ -169,33 +272,68 @@ impl State {
             {
                 continue;
             }
-            // The worker's pid is the event's, not the task's.
-            let key = if k == "pid" { "worker_pid" } else { k.as_str() };
+            // A task that retried itself is sent again by itself: Celery's retry
+            // (`celery/app/task.py`, `retry` → `signature_from_request` → `send_task`) names the
+            // running task as parent when it had none. The task is not its own parent.
+            if k == "parent_id" && v.as_str() == Some(id.as_str()) {
+                continue;
+            }
+            let key = match (kind, k.as_str()) {
+                // The worker's pid is the event's, not the task's.
+                (_, "pid") => "worker_pid",
+                // What made the task retry, kept apart from how it ended.
+                ("task-retried", "exception") => "retry_exception",
+                ("task-retried", "traceback") => "retry_traceback",
+                _ => k.as_str(),
+            };
             f.insert(key.into(), v.clone());
         }
+        if kind == "task-retried" {
+            // The run that asked for the retry was run number `retries` (0 the first).
+            let run = f.get("retries").and_then(Value::as_u64).unwrap_or(0);
+            f.insert("retry_of_run".into(), json!(run));
+        }
+        let runtime = matches!(kind, "task-succeeded" | "task-failed").then(|| number(ev, "runtime")).flatten();
+        let name = text(f, "name").map(str::to_string);
         let minute = (at / 60.0).floor() as i64;
         match kind {
-            "task-succeeded" => self.count(minute, 1, 0),
-            "task-failed" => self.count(minute, 0, 1),
+            "task-succeeded" => self.count(minute, 1, 0, runtime),
+            "task-failed" => self.count(minute, 0, 1, runtime),
             _ => {}
+        }
+        if let Some(r) = runtime {
+            let known = self.runtimes.len() < MAX_NAMES;
+            let name = name.filter(|n| known || self.runtimes.contains_key(n)).unwrap_or_else(|| OTHER_NAMES.into());
+            self.runtimes.entry(name).or_default().record(r);
         }
         self.version += 1;
         Ok(())
     }
 
-    fn count(&mut self, minute: i64, ok: u64, failed: u64) {
-        match self.minutes.iter_mut().find(|(m, ..)| *m == minute) {
-            Some(slot) => {
-                slot.1 += ok;
-                slot.2 += failed;
-            }
+    fn count(&mut self, minute: i64, ok: u64, failed: u64, runtime: Option<f64>) {
+        let slot = match self.minutes.iter().position(|m| m.minute == minute) {
+            Some(i) => i,
             None => {
-                self.minutes.push_back((minute, ok, failed));
-                self.minutes.make_contiguous().sort_by_key(|(m, ..)| *m);
+                if self.minutes.back().is_some_and(|last| minute < last.minute - MINUTES as i64) {
+                    return; // Older than every minute kept.
+                }
+                let fresh = Minute { minute, succeeded: 0, failed: 0, runtimes: Histogram::default() };
+                let at = self.minutes.partition_point(|m| m.minute < minute);
+                self.minutes.insert(at, fresh);
                 while self.minutes.len() > MINUTES {
                     self.minutes.pop_front();
                 }
+                match self.minutes.iter().position(|m| m.minute == minute) {
+                    Some(i) => i,
+                    None => return,
+                }
             }
+        };
+        let m = &mut self.minutes[slot];
+        m.succeeded += ok;
+        m.failed += failed;
+        if let Some(r) = runtime {
+            m.runtimes.record(r);
         }
     }
 
@@ -221,12 +359,31 @@ impl State {
         self.version += 1;
     }
 
-    /// Record the broker's queue depths (`Broker::queues`).
+    /// Record the broker's queue depths (`Broker::queues`: rows with `name`, `ready`, `unacked`,
+    /// `scheduled`), and a sample of each in its history; a queue not listed for an hour is
+    /// forgotten.
     pub fn set_queues(&mut self, queues: Vec<Value>) {
+        self.sample_depths(now(), &queues);
         if self.queues != queues {
             self.queues = queues;
             self.version += 1;
         }
+    }
+
+    fn sample_depths(&mut self, at: f64, queues: &[Value]) {
+        for q in queues {
+            let Some(name) = q["name"].as_str() else { continue };
+            if q.get("error").is_some() {
+                continue;
+            }
+            let n = |k: &str| q[k].as_u64().unwrap_or(0);
+            let ring = self.depths.entry(name.to_string()).or_default();
+            ring.push_back((at, n("ready"), n("unacked"), n("scheduled")));
+            while ring.len() > DEPTH_SAMPLES {
+                ring.pop_front();
+            }
+        }
+        self.depths.retain(|_, ring| ring.back().is_some_and(|s| at - s.0 < 3600.0));
     }
 
     /// Record whether the broker answered; `error` says why not.
@@ -318,19 +475,21 @@ impl State {
         Value::Array(list)
     }
 
-    /// The most recent tasks, newest first, that match every given filter (`state`, `name`,
-    /// `worker`; exact, `name` also as a substring), at most `limit`.
-    pub fn tasks_json(&self, filter: &TaskFilter, limit: usize) -> Value {
-        let list: Vec<Value> = self
-            .order
-            .iter()
-            .rev()
-            .filter_map(|id| self.tasks.get(id))
-            .filter(|t| filter.matches(&t.fields))
-            .take(limit)
-            .map(|t| self.with_diagnosis(Value::Object(t.fields.clone())))
-            .collect();
-        json!({"total": self.tasks.len(), "tasks": list})
+    /// The most recent tasks, newest first, that match every given filter (see [`TaskFilter`]),
+    /// skipping `offset` of them, at most `limit`: `{total (kept), matched, offset, tasks}`.
+    pub fn tasks_json(&self, filter: &TaskFilter, offset: usize, limit: usize) -> Value {
+        let mut matched = 0usize;
+        let mut list = Vec::new();
+        for t in self.order.iter().rev().filter_map(|id| self.tasks.get(id)) {
+            if !filter.matches(&t.fields) {
+                continue;
+            }
+            if matched >= offset && list.len() < limit {
+                list.push(self.with_diagnosis(Value::Object(t.fields.clone())));
+            }
+            matched += 1;
+        }
+        json!({"total": self.tasks.len(), "matched": matched, "offset": offset, "tasks": list})
     }
 
     /// A running task's diagnosis from its worker's last `active` reply (`blocked_on`, `wchan`,
@@ -352,17 +511,119 @@ impl State {
         task
     }
 
-    /// One task as its events tell it, with the ids of tasks whose events name it as parent.
+    /// One task as its events tell it, with the ids of tasks whose events name it as parent
+    /// (`child_ids`, never itself) and its workflow as a `graph` (see [`State::graph`]).
     pub fn task_json(&self, id: &str) -> Option<Value> {
         let t = self.tasks.get(id)?;
         let mut v = self.with_diagnosis(Value::Object(t.fields.clone()));
         let children: Vec<&String> = self
             .order
             .iter()
+            .filter(|c| c.as_str() != id)
             .filter(|c| self.tasks.get(*c).is_some_and(|t| text(&t.fields, "parent_id") == Some(id)))
             .collect();
         v["child_ids"] = json!(children);
+        v["graph"] = self.graph(id);
         Some(v)
+    }
+
+    /// The workflow task `id` is in, for drawing: every kept task of its root (`root_id`, or the
+    /// task itself), at most [`MAX_GRAPH_NODES`], and the tasks their `chain`, `chord`, `link`
+    /// and `errback` name that were not seen yet (state `PENDING`).
+    ///
+    /// `{root, nodes: [{id, name, state, group?}], edges: [{from, to, kind}], groups: [{id,
+    /// members, chord?: {id, name}}]}`; `kind` is `parent` (parent → child, from `parent_id`),
+    /// `chain` (a step → the next), `chord` (a header task → the chord's body), `link` or
+    /// `errback`.
+    pub fn graph(&self, id: &str) -> Value {
+        let root = self.tasks.get(id).and_then(|t| text(&t.fields, "root_id")).unwrap_or(id).to_string();
+        let mut ids: Vec<&str> = vec![id];
+        if root != id && self.tasks.contains_key(&root) {
+            ids.push(&root);
+        }
+        for other in self.order.iter() {
+            if ids.len() >= MAX_GRAPH_NODES {
+                break;
+            }
+            let Some(t) = self.tasks.get(other) else { continue };
+            if other != id && other != &root && text(&t.fields, "root_id") == Some(root.as_str()) {
+                ids.push(other);
+            }
+        }
+        let mut nodes: Vec<Value> = Vec::new();
+        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut edges: Vec<Value> = Vec::new();
+        let mut groups: BTreeMap<String, (Vec<String>, Option<Value>)> = BTreeMap::new();
+        let mut edge_seen: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
+        let mut edge = |from: &str, to: &str, kind: &str, edges: &mut Vec<Value>| {
+            if from != to && edge_seen.insert((from.to_string(), to.to_string())) {
+                edges.push(json!({"from": from, "to": to, "kind": kind}));
+            }
+        };
+        let mut pending: Vec<(String, Option<String>)> = Vec::new();
+        for tid in &ids {
+            let Some(t) = self.tasks.get(*tid) else { continue };
+            let f = &t.fields;
+            seen.insert(tid.to_string());
+            let group = text(f, "group").map(str::to_string);
+            nodes.push(json!({"id": tid, "name": text(f, "name"), "state": text(f, "state"), "group": group}));
+            if let Some(g) = &group {
+                let entry = groups.entry(g.clone()).or_default();
+                entry.0.push(tid.to_string());
+                if let Some(body) = f.get("chord").filter(|c| c.is_object()) {
+                    entry.1 = Some(body.clone());
+                }
+            }
+        }
+        for tid in &ids {
+            let Some(t) = self.tasks.get(*tid) else { continue };
+            let f = &t.fields;
+            let refs = |key: &str| -> Vec<(String, Option<String>)> {
+                f.get(key)
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| Some((r["id"].as_str()?.to_string(), r["name"].as_str().map(str::to_string))))
+                    .collect()
+            };
+            if let Some((next, name)) = refs("chain").into_iter().next() {
+                edge(tid, &next, "chain", &mut edges);
+                pending.push((next, name));
+            }
+            if let Some(body) = f.get("chord").filter(|c| c.is_object()) {
+                if let Some(bid) = body["id"].as_str() {
+                    edge(tid, bid, "chord", &mut edges);
+                    pending.push((bid.to_string(), body["name"].as_str().map(str::to_string)));
+                }
+            }
+            for (kind, key) in [("link", "link"), ("errback", "errback")] {
+                for (to, name) in refs(key) {
+                    edge(tid, &to, kind, &mut edges);
+                    pending.push((to, name));
+                }
+            }
+        }
+        // Parent edges last: an edge a chain or chord already drew keeps that kind.
+        for tid in &ids {
+            let parent = self.tasks.get(*tid).and_then(|t| text(&t.fields, "parent_id"));
+            if let Some(p) = parent.filter(|p| seen.contains(*p)) {
+                edge(p, tid, "parent", &mut edges);
+            }
+        }
+        for (pid, name) in pending {
+            if nodes.len() >= MAX_GRAPH_NODES {
+                break;
+            }
+            if seen.insert(pid.clone()) {
+                let state = self.tasks.get(&pid).and_then(|t| text(&t.fields, "state")).unwrap_or("PENDING");
+                nodes.push(json!({"id": pid, "name": name, "state": state}));
+            }
+        }
+        let groups: Vec<Value> = groups
+            .into_iter()
+            .map(|(gid, (members, chord))| json!({"id": gid, "members": members, "chord": chord}))
+            .collect();
+        json!({"root": root, "nodes": nodes, "edges": edges, "groups": groups})
     }
 
     /// Queue depths as the broker reported them.
@@ -370,12 +631,54 @@ impl State {
         Value::Array(self.queues.clone())
     }
 
-    /// `[{minute, succeeded, failed}]`, `minute` in Unix seconds at its start.
+    /// The last [`MINUTES`] minutes up to now's (or the latest minute an event named, if
+    /// later), every one of them: `[{minute, succeeded, failed, runtime: {count, p50, p95, p99}}]`,
+    /// `minute` in Unix seconds at its start, run times in seconds (`null` for a minute without
+    /// any), oldest first.
     pub fn throughput_json(&self) -> Value {
+        self.throughput_at(now())
+    }
+
+    fn throughput_at(&self, at: f64) -> Value {
+        let current = (at / 60.0).floor() as i64;
+        let last = self.minutes.back().map_or(current, |m| m.minute.max(current));
+        let empty = Histogram::default();
+        let list = (last - MINUTES as i64 + 1..=last)
+            .map(|minute| {
+                let m = self.minutes.iter().find(|m| m.minute == minute);
+                json!({
+                    "minute": minute * 60,
+                    "succeeded": m.map_or(0, |m| m.succeeded),
+                    "failed": m.map_or(0, |m| m.failed),
+                    "runtime": m.map_or(&empty, |m| &m.runtimes).summary(),
+                })
+            })
+            .collect();
+        Value::Array(list)
+    }
+
+    /// Run-time percentiles per task name since the dashboard started: `[{name, count, p50, p95,
+    /// p99}]` in seconds, by name.
+    pub fn runtimes_json(&self) -> Value {
         Value::Array(
-            self.minutes
+            self.runtimes
                 .iter()
-                .map(|(m, ok, failed)| json!({"minute": m * 60, "succeeded": ok, "failed": failed}))
+                .map(|(name, h)| {
+                    let mut v = h.summary();
+                    v["name"] = json!(name);
+                    v
+                })
+                .collect(),
+        )
+    }
+
+    /// Each queue's depth over the last hour: `{name: [[unix_seconds, ready, unacked,
+    /// scheduled], ...]}`, oldest first, a sample per poll.
+    pub fn depths_json(&self) -> Value {
+        Value::Object(
+            self.depths
+                .iter()
+                .map(|(name, ring)| (name.clone(), ring.iter().map(|(t, r, u, s)| json!([t, r, u, s])).collect()))
                 .collect(),
         )
     }
@@ -388,15 +691,18 @@ pub struct TaskFilter {
     pub state: Option<String>,
     /// A part of the task's name.
     pub name: Option<String>,
-    /// Exact worker node name.
+    /// A part of the worker's node name (`w1` matches `w1@host`).
     pub worker: Option<String>,
+    /// The start of the task's id.
+    pub id: Option<String>,
 }
 
 impl TaskFilter {
     fn matches(&self, f: &Map<String, Value>) -> bool {
         self.state.as_deref().is_none_or(|s| text(f, "state") == Some(s))
             && self.name.as_deref().is_none_or(|n| text(f, "name").is_some_and(|name| name.contains(n)))
-            && self.worker.as_deref().is_none_or(|w| text(f, "worker") == Some(w))
+            && self.worker.as_deref().is_none_or(|w| text(f, "worker").is_some_and(|name| name.contains(w)))
+            && self.id.as_deref().is_none_or(|p| text(f, "id").is_some_and(|id| id.starts_with(p)))
     }
 }
 
@@ -428,7 +734,11 @@ mod tests {
             (t["state"].as_str(), t["args"].as_str(), t["result"].as_str()),
             (Some("SUCCESS"), Some("(1, 2)"), Some("3"))
         );
-        assert_eq!(s.throughput_json(), json!([{"minute": 60, "succeeded": 1, "failed": 0}]));
+        let minutes = s.throughput_at(61.0);
+        assert_eq!(minutes.as_array().unwrap().len(), MINUTES);
+        assert_eq!(minutes[MINUTES - 1]["minute"], json!(60));
+        assert_eq!(minutes[MINUTES - 1]["succeeded"], json!(1));
+        assert_eq!(minutes[MINUTES - 1]["runtime"]["p50"], json!(0.1));
     }
 
     #[test]
@@ -439,7 +749,7 @@ mod tests {
             s.apply_event(&ev(json!({"type": "task-started", "hostname": "w"}))),
             Err(EventError::NoTaskId("task-started".into()))
         );
-        assert_eq!(s.tasks_json(&TaskFilter::default(), 10)["total"], json!(0));
+        assert_eq!(s.tasks_json(&TaskFilter::default(), 0, 10)["total"], json!(0));
     }
 
     #[test]
@@ -451,9 +761,151 @@ mod tests {
         }
         assert!(s.task_json("0").is_none() && s.task_json("5").is_some());
         let filter = TaskFilter { state: Some("FAILURE".into()), ..TaskFilter::default() };
-        let failed = s.tasks_json(&filter, 3);
+        let failed = s.tasks_json(&filter, 0, 3);
         assert_eq!(failed["total"], json!(MAX_TASKS));
         assert_eq!(failed["tasks"][0]["id"], json!((MAX_TASKS + 3).to_string()), "newest failure first");
         assert_eq!(failed["tasks"].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn every_minute_of_the_window_is_shown_and_run_time_percentiles_are_read() {
+        let mut s = State::default();
+        let done = |s: &mut State, id: &str, at: f64, runtime: f64, kind: &str| {
+            s.apply_event(&ev(json!({"type": kind, "hostname": "w", "uuid": id, "name": "t.x",
+                "runtime": runtime, "timestamp": at})))
+                .unwrap();
+        };
+        for i in 0..1000 {
+            done(&mut s, &format!("a{i}"), 6000.0 + (i % 50) as f64, (i + 1) as f64 / 1000.0, "task-succeeded");
+        }
+        done(&mut s, "late", 6125.0, 2.0, "task-failed");
+        let minutes = s.throughput_at(6130.0);
+        let list = minutes.as_array().unwrap();
+        assert_eq!(list.len(), MINUTES, "{minutes}");
+        let last3: Vec<(i64, u64, u64)> = list[MINUTES - 3..]
+            .iter()
+            .map(|m| (m["minute"].as_i64().unwrap(), m["succeeded"].as_u64().unwrap(), m["failed"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(last3, vec![(6000, 1000, 0), (6060, 0, 0), (6120, 0, 1)], "an empty minute is zeros");
+        assert_eq!(list[MINUTES - 2]["runtime"]["p50"], Value::Null);
+        let near = |got: &Value, want: f64| {
+            let got = got.as_f64().unwrap();
+            assert!((got - want).abs() <= want * 0.1, "{got} not within 10% of {want}");
+        };
+        let m = &list[MINUTES - 3]["runtime"];
+        near(&m["p50"], 0.5);
+        near(&m["p95"], 0.95);
+        near(&m["p99"], 0.99);
+        let per_name = s.runtimes_json();
+        assert_eq!(per_name[0]["name"], json!("t.x"));
+        assert_eq!(per_name[0]["count"], json!(1001));
+        near(&per_name[0]["p50"], 0.5);
+        assert_eq!(per_name[0]["p99"].as_f64().map(|p| p <= 2.0), Some(true));
+    }
+
+    #[test]
+    fn queue_depths_are_sampled_at_each_poll() {
+        let mut s = State::default();
+        s.set_queues(vec![json!({"name": "q", "ready": 3, "unacked": 1, "scheduled": 0})]);
+        s.set_queues(vec![
+            json!({"name": "q", "ready": 3, "unacked": 1, "scheduled": 0}),
+            json!({"name": "gone", "error": "no such queue"}),
+        ]);
+        s.set_queues(vec![json!({"name": "q", "ready": 7, "unacked": 0, "scheduled": 2})]);
+        let d = s.depths_json();
+        let q = d["q"].as_array().unwrap();
+        assert_eq!(q.len(), 3, "one sample per poll, changed or not: {d}");
+        assert_eq!((q[2][1].as_u64(), q[2][2].as_u64(), q[2][3].as_u64()), (Some(7), Some(0), Some(2)));
+        assert!(d.get("gone").is_none(), "{d}");
+    }
+
+    #[test]
+    fn a_self_retried_task_is_not_its_own_parent_and_its_retry_traceback_is_kept_apart() {
+        let mut s2 = State::default();
+        for v in [
+            json!({"type": "task-received", "hostname": "w", "uuid": "r", "name": "t.flaky", "retries": 0, "root_id": "r"}),
+            json!({"type": "task-retried", "hostname": "w", "uuid": "r", "exception": "Retry(boom)", "traceback": "Traceback: boom"}),
+            json!({"type": "task-received", "hostname": "w", "uuid": "r", "name": "t.flaky", "retries": 1, "root_id": "r", "parent_id": "r"}),
+            json!({"type": "task-succeeded", "hostname": "w", "uuid": "r", "result": "'ok'", "runtime": 0.01}),
+        ] {
+            s2.apply_event(&ev(v)).unwrap();
+        }
+        let t = s2.task_json("r").unwrap();
+        assert_eq!(t["child_ids"], json!([]), "{t}");
+        assert!(t.get("parent_id").is_none(), "{t}");
+        assert!(t.get("traceback").is_none() && t.get("exception").is_none(), "not shown as the success's: {t}");
+        assert_eq!((t["retry_traceback"].as_str(), t["retry_of_run"].as_u64()), (Some("Traceback: boom"), Some(0)));
+        assert_eq!(t["graph"]["edges"], json!([]), "no self-edge: {t}");
+        assert_eq!(t["state"], json!("SUCCESS"));
+    }
+
+    #[test]
+    fn the_worker_filter_matches_a_part_of_the_name_and_the_id_filter_a_prefix_with_paging() {
+        let mut s = State::default();
+        for i in 0..450 {
+            let host = if i % 3 == 0 { "alpha@host1" } else { "beta@host2" };
+            s.apply_event(&ev(json!({"type": "task-received", "hostname": host, "uuid": format!("{i:04}-x")})))
+                .unwrap();
+        }
+        let f = TaskFilter { worker: Some("alpha".into()), ..TaskFilter::default() };
+        let page = s.tasks_json(&f, 100, 20);
+        assert_eq!((page["matched"].as_u64(), page["tasks"].as_array().unwrap().len()), (Some(150), 20));
+        assert_eq!(page["tasks"][0]["id"], json!("0147-x"), "the 101st newest alpha task: {page}");
+        let f = TaskFilter { id: Some("001".into()), ..TaskFilter::default() };
+        let page = s.tasks_json(&f, 0, 500);
+        assert_eq!(page["matched"], json!(10));
+        assert!(
+            s.tasks_json(&TaskFilter { id: Some("x".into()), ..TaskFilter::default() }, 0, 5)["matched"] == json!(0)
+        );
+    }
+
+    #[test]
+    fn a_chain_and_a_chord_are_drawn_from_the_received_events_extra_keys() {
+        let mut s = State::default();
+        for v in [
+            // chain(a, b, c): a names the rest of the chain.
+            json!({"type": "task-received", "hostname": "w", "uuid": "a", "name": "t.a", "root_id": "a",
+                "chain": [{"id": "b", "name": "t.b"}, {"id": "c", "name": "t.c"}]}),
+            json!({"type": "task-succeeded", "hostname": "w", "uuid": "a"}),
+            json!({"type": "task-received", "hostname": "w", "uuid": "b", "name": "t.b", "root_id": "a", "parent_id": "a",
+                "chain": [{"id": "c", "name": "t.c"}]}),
+            // chord([h1, h2], body) started by b.
+            json!({"type": "task-received", "hostname": "w", "uuid": "h1", "name": "t.h", "root_id": "a", "parent_id": "b",
+                "group": "g", "group_index": 0, "chord": {"id": "body", "name": "t.sum"}}),
+            json!({"type": "task-received", "hostname": "w", "uuid": "h2", "name": "t.h", "root_id": "a", "parent_id": "b",
+                "group": "g", "group_index": 1, "chord": {"id": "body", "name": "t.sum"}}),
+        ] {
+            s.apply_event(&ev(v)).unwrap();
+        }
+        let g = &s.task_json("h1").unwrap()["graph"];
+        assert_eq!(g["root"], json!("a"));
+        let edges: Vec<(String, String, String)> = g["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["from"].as_str().unwrap().into(),
+                    e["to"].as_str().unwrap().into(),
+                    e["kind"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        for want in [
+            ("a", "b", "chain"),
+            ("b", "c", "chain"),
+            ("h1", "body", "chord"),
+            ("h2", "body", "chord"),
+            ("b", "h1", "parent"),
+        ] {
+            let want = (want.0.to_string(), want.1.to_string(), want.2.to_string());
+            assert!(edges.contains(&want), "{want:?} missing from {edges:?}");
+        }
+        let body = g["nodes"].as_array().unwrap().iter().find(|n| n["id"] == json!("body")).cloned();
+        assert_eq!(body, Some(json!({"id": "body", "name": "t.sum", "state": "PENDING"})), "not run yet");
+        assert_eq!(
+            g["groups"],
+            json!([{"id": "g", "members": ["h1", "h2"], "chord": {"id": "body", "name": "t.sum"}}])
+        );
     }
 }
