@@ -205,6 +205,70 @@ fn revoke_terminate_kills_a_running_prefork_task_and_the_worker_keeps_working() 
     assert_eq!(stats[&name]["counters"]["revoked"], json!(1), "{stats:?}");
 }
 
+/// What `celeriac result --json` reports for `id` (`{}` when it cannot be read).
+fn stored(broker: &str, id: &str) -> Value {
+    let results = results();
+    let (_, out, _) = celeriac(broker, &["--result-backend", &results, "result", id, "--json"]);
+    serde_json::from_str(out.trim()).unwrap_or_else(|_| json!({}))
+}
+
+#[test]
+fn a_plain_revoke_lets_a_running_task_finish_keeps_a_finished_result_and_discards_held_tasks() {
+    // Celery's `revoke` without terminate only remembers the ids: a task running on finishes and
+    // stores its result, a finished one keeps it, and a task not run yet (held for its ETA, or
+    // still in the queue behind the busy slot) is discarded with REVOKED stored when the worker
+    // would run it.
+    let vhost = TestVhost::new();
+    let url = vhost.url("");
+    let results = results();
+    let name = node("plainrevoke");
+    let queue = "plainrv";
+    let worker = WorkerProc::start(&url, &["--result-backend", &results, "-c", "1", "-n", &name, "-Q", queue]);
+    worker.wait_for_line("remote control ready", Duration::from_secs(10));
+
+    let finished = send(&url, "celeriac.add", "[2, 3]", queue);
+    wait_until("the first task to succeed", Duration::from_secs(20), || state_of(&url, &finished) == "SUCCESS");
+    // The countdown task is taken and held (it holds no slot); the next one waits behind the
+    // busy slot. All are revoked while the sleep runs and before the ETA.
+    let eta = py_client_on(
+        &url,
+        &results,
+        &["send", "celeriac.echo", "--args", r#"["x"]"#, "--queue", queue, "--countdown", "10"],
+    );
+    wait_until("the countdown task to be held", Duration::from_secs(20), || {
+        worker.matching(&eta).iter().any(|l| l.contains("holding until ETA"))
+    });
+    let running = send(&url, "celeriac.sleep", "[6]", queue);
+    wait_active(&url, &running);
+    let waiting = send(&url, "celeriac.add", "[1, 1]", queue);
+
+    let revoke = ["--result-backend", &results, "control", "revoke", &finished, &running, &waiting, &eta];
+    let (code, out, err) = celeriac(&url, &revoke);
+    assert!(code == 0 && out.contains("flagged as revoked"), "{out}{err}");
+    wait_until("the worker to hear the revoke", Duration::from_secs(10), || {
+        worker.count("tasks flagged as revoked") == 1
+    });
+    assert_eq!(state_of(&url, &running), "PENDING", "nothing is stored for the running task:\n{}", worker.dump());
+
+    // The running task was not terminated: it ends with its own result.
+    wait_until("the running task to end", Duration::from_secs(20), || {
+        ["SUCCESS", "FAILURE", "REVOKED"].contains(&state_of(&url, &running).as_str())
+    });
+    let got = stored(&url, &running);
+    assert_eq!((&got["status"], &got["result"]), (&json!("SUCCESS"), &json!(6.0)), "{got}\n{}", worker.dump());
+    // The finished one is untouched.
+    let got = stored(&url, &finished);
+    assert_eq!((&got["status"], &got["result"]), (&json!("SUCCESS"), &json!(5)), "{got}");
+    // The ones not run yet never run.
+    for id in [&waiting, &eta] {
+        wait_until("the held task to be discarded as revoked", Duration::from_secs(20), || {
+            state_of(&url, id) == "REVOKED"
+        });
+        assert!(worker.matching(id).iter().all(|l| !l.contains("task succeeded")), "{}", worker.dump());
+    }
+    assert_eq!(worker.count("stays REVOKED"), 0, "no outcome was refused:\n{}", worker.dump());
+}
+
 /// Publish a raw control message and collect the replies sent to our own reply queue.
 async fn raw_call(url: &str, body: Value) -> Vec<Value> {
     let broker = celeriac::connect::broker(url).unwrap();

@@ -267,7 +267,7 @@ fn revoke_with_the_token_terminates_a_hung_prefork_task_which_then_shows_revoked
     let broker = vhost.url("");
     let name = node("revoke");
     let queue = "dash.revoke";
-    let _w = prefork_worker(&broker, &name, queue);
+    let worker = prefork_worker(&broker, &name, queue);
     let (dash, port) = dashboard(&broker, queue, Some(TOKEN));
     let id = send(&broker, "celeriac.hang", "[]", queue);
 
@@ -302,8 +302,17 @@ fn revoke_with_the_token_terminates_a_hung_prefork_task_which_then_shows_revoked
     }
     assert_eq!(get_json(port, &format!("/api/tasks/{id}")).1["state"], json!("STARTED"));
 
-    // With the token, from the page's own origin: terminated, then REVOKED.
+    // A plain revoke (no terminate) does not stop a running task, and stores nothing for it:
+    // the task is still running, and shown so.
     let origin = format!("http://127.0.0.1:{port}");
+    let with_token = [("X-Celeriac-Token", TOKEN), ("Origin", origin.as_str())];
+    let (status, answer) = http(port, "POST", &path, &with_token, r#"{"terminate": false}"#);
+    assert_eq!(status, 200, "{answer}");
+    worker.wait_for_line("tasks flagged as revoked", Duration::from_secs(10));
+    let t = get_json(port, &format!("/api/tasks/{id}")).1;
+    assert_eq!((&t["state"], &t["stored"]), (&json!("STARTED"), &Value::Null), "{t}");
+
+    // With the token and terminate: the child is killed, then REVOKED.
     let (status, answer) = http(
         port,
         "POST",

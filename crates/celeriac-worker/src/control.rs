@@ -24,6 +24,12 @@
 //! (warm), `pool_grow` / `pool_shrink`, `rate_limit`, `add_consumer`, `cancel_consumer`,
 //! `enable_events` / `disable_events` (task events on or off, as Flower asks).
 //!
+//! `revoke` stores nothing for the ids it names (Celery's `celery/worker/control.py` `_revoke`):
+//! it remembers them (and records them for the fleet, [`crate::revokes`]); the worker that
+//! discards a revoked request stores REVOKED then, a running task not terminated finishes and
+//! stores its outcome, and a finished task keeps its result. A task terminated here is stored
+//! REVOKED at once, as Celery's `Request.terminate` does.
+//!
 //! `active` (and `query_task`) entries are Celery's `Request.info()` plus keys of celeriac's: a
 //! running task's `runtime`, and in the prefork pool what the child's thread running it is
 //! blocked on (`worker_tid`, `proc_state`, `wchan`, `syscall`, `blocked_on`) and its
@@ -507,14 +513,13 @@ async fn revoke(ctx: &Context, args: &Map<String, Value>) -> Value {
         Ok(s) => s.unwrap_or(nix::sys::signal::Signal::SIGTERM),
         Err(e) => return nok(e),
     };
+    // As Celery's `_revoke`: the ids are only remembered here (and recorded for other and later
+    // workers). Nothing is stored for them now: a request held or received later is discarded
+    // with REVOKED stored (`request::prepare`, `execute::run`), a running task runs on and stores
+    // its real outcome, a finished one keeps it. Only a task this worker terminates is stored
+    // REVOKED at once (Celery's `Request.terminate` -> `_announce_revoked`).
     let running = ctx.shared.state.revoke(&ids);
     crate::revokes::record(&ctx.shared, &ids).await;
-    for id in &ids {
-        let exc = ExceptionInfo::new("TaskRevokedError", "revoked", "celery.exceptions");
-        if let Err(e) = ctx.shared.backend.store(&ResultMeta::exception(id, TaskState::Revoked, &exc, None)).await {
-            tracing::warn!(task_id = %id, error = %e, "could not mark the task revoked in the result backend");
-        }
-    }
     if !terminate {
         tracing::info!(ids = %ids.join(", "), "tasks flagged as revoked");
         return ok(format!("tasks {} flagged as revoked", ids.join(", ")));
@@ -531,6 +536,12 @@ async fn revoke(ctx: &Context, args: &Map<String, Value>) -> Value {
                 ctx.shared.state.terminate(id, signal as i32);
                 terminated.push(id.clone());
             }
+        }
+    }
+    for id in &terminated {
+        let exc = ExceptionInfo::new("TaskRevokedError", "terminated", "celery.exceptions");
+        if let Err(e) = ctx.shared.backend.store(&ResultMeta::exception(id, TaskState::Revoked, &exc, None)).await {
+            tracing::warn!(task_id = %id, error = %e, "could not mark the terminated task revoked in the result backend");
         }
     }
     if terminated.is_empty() {
