@@ -8,7 +8,10 @@
 //! token and from another origin, and revoke with the token terminating a `celeriac.hang` task
 //! in a prefork child, which the dashboard first shows as blocked with its wait channel and then
 //! as REVOKED; a malformed event is skipped with one log line; a broker that goes away shows
-//! "disconnected" and the dashboard recovers when it returns.
+//! "disconnected" (one WARN line, none of lapin's) and the dashboard recovers when it returns,
+//! events included: a task run at once after "connected" shows. Bad input is answered with the
+//! reason (an unknown worker, state or queue; a capped limit), every answer carries the
+//! security headers, and the dashboard refuses an SQLite file that does not exist.
 //!
 //! The acceptance runs the page in a real headless Chromium (Debian's `chromium`, driven through
 //! `chromedriver`'s WebDriver HTTP API, spoken here directly): both workers appear, a task sent
@@ -39,6 +42,12 @@ fn node(tag: &str) -> String {
 
 /// One HTTP/1.1 request; (status, body). `headers` are extra header lines.
 fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let (status, _, body) = http_full(port, method, path, headers, body);
+    (status, body)
+}
+
+/// One HTTP/1.1 request; (status, the head's header lines in lower case, body).
+fn http_full(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the dashboard");
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut request = format!(
@@ -69,8 +78,9 @@ fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &st
     let answer = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    (status, if chunked { dechunk(body) } else { body.to_string() })
+    let head = head.to_ascii_lowercase();
+    let chunked = head.contains("transfer-encoding: chunked");
+    (status, head, if chunked { dechunk(body) } else { body.to_string() })
 }
 
 /// The length of a complete HTTP answer at the start of `raw`, if it is complete.
@@ -388,10 +398,97 @@ fn a_broker_that_goes_away_shows_disconnected_and_the_dashboard_recovers_when_it
 
     let _back = rt.block_on(TcpProxy::start_on(proxy_port, "127.0.0.1:5672"));
     connected(true);
-    dash.wait_for_line("the dashboard reads the broker", Duration::from_secs(5));
-    // Events flow again: a task sent now shows with its result.
+    // "connected" means the events are back too: a task run at once shows with its result
+    // (its events are not lost to a subscription still waiting to be made).
     let id = send(&broker, "celeriac.add", "[20, 22]", queue);
     wait_task(port, &id, "succeeded after the outage", |t| t["result"] == json!("42"));
+
+    // One line when the broker went away, one when it is back (and one at start); none of
+    // lapin's own lines for each failed try.
+    assert_eq!(dash.count("the broker went away"), 1, "{}", dash.dump());
+    assert_eq!(dash.count("the dashboard reads the broker"), 2, "{}", dash.dump());
+    assert!(dash.matching("ERROR").is_empty() && dash.matching("lapin").is_empty(), "{}", dash.dump());
+}
+
+#[test]
+fn bad_input_is_answered_with_the_reason_and_every_answer_carries_the_security_headers() {
+    let vhost = TestVhost::new();
+    let broker = vhost.url("");
+    let results = results();
+    let name = node("badinput");
+    let queue = "dash.badinput";
+    let _w = WorkerProc::start(&broker, &["--result-backend", &results, "-E", "-n", &name, "-Q", queue]);
+    let (_dash, port) = dashboard(&broker, queue, Some(TOKEN));
+    wait_worker(port, &name, "online", |w| w["online"] == json!(true));
+    let origin = format!("http://127.0.0.1:{port}");
+    let with_token = [("X-Celeriac-Token", TOKEN), ("Origin", origin.as_str())];
+
+    // A pool change for a worker nobody has seen: 404 naming it (was a 200 with no replies).
+    let (status, body) = http(port, "POST", "/api/workers/nosuch@nowhere/pool", &with_token, r#"{"grow": 1}"#);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no worker nosuch@nowhere") && body.contains(&name), "{body}");
+    let rate = r#"{"task_name": "celeriac.add", "rate_limit": "1/s", "worker": "nosuch@nowhere"}"#;
+    let (status, body) = http(port, "POST", "/api/rate_limit", &with_token, rate);
+    assert_eq!(status, 404, "{body}");
+    // A state that does not exist: 400 naming the states there are (was an empty list).
+    let (status, body) = get_json(port, "/api/tasks?state=BOGUS");
+    assert_eq!(status, 400, "{body}");
+    let why = body["error"].as_str().unwrap_or_default();
+    assert!(why.contains("BOGUS") && why.contains("SUCCESS") && why.contains("REVOKED"), "{body}");
+    // Purging a queue the broker does not have: 404 naming it (was a raw 502).
+    let (status, body) = http(port, "POST", "/api/queues/no.such.queue/purge", &with_token, "");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no queue no.such.queue"), "{body}");
+    // A huge limit is capped, and the answer says at what.
+    let (status, body) = get_json(port, "/api/tasks?limit=100000000");
+    assert_eq!((status, &body["limit"]), (200, &json!(1000)), "{body}");
+
+    // Every answer, page, script, JSON, error or refusal, carries the security headers.
+    for (method, path, headers) in [
+        ("GET", "/", &[][..]),
+        ("GET", "/app.js", &[][..]),
+        ("GET", "/api/overview", &[][..]),
+        ("GET", "/task/no-such-task", &[][..]),
+        ("GET", "/api/tasks?state=BOGUS", &[][..]),
+        ("POST", "/api/queues/x/purge", &[("X-Celeriac-Token", "wrong")][..]),
+    ] {
+        let (status, head, _) = http_full(port, method, path, headers, "");
+        assert!(status > 0, "{path}");
+        for line in [
+            "content-security-policy: default-src 'self'; script-src 'self'",
+            "frame-ancestors 'none'",
+            "x-frame-options: deny",
+            "x-content-type-options: nosniff",
+            "referrer-policy: no-referrer",
+        ] {
+            assert!(head.contains(line), "{method} {path}: no {line:?} in\n{head}");
+        }
+    }
+}
+
+#[test]
+fn the_dashboard_on_an_sqlite_file_that_does_not_exist_is_refused_without_creating_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // Named with -b.
+    let db = dir.path().join("nothere.db");
+    let url = format!("sqlite://{}", db.display());
+    let (code, _, err) = run_cli(&["dashboard", "-b", &url, "--listen", "127.0.0.1:0"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no SQLite broker database at") && err.contains("nothere.db"), "{err}");
+    assert!(!db.exists(), "the dashboard created {}", db.display());
+    // The default broker (celeriac.db in the current directory) when no -b is given.
+    let out = std::process::Command::new(common::bin())
+        .args(["dashboard", "--listen", "127.0.0.1:0"])
+        .env_remove("CELERIAC_BROKER_URL")
+        .env_remove("CELERIAC_RESULT_BACKEND")
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("celeriac.db"), "{err}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "a file was created in the current directory");
 }
 
 /// Standard base64 (a WebDriver screenshot) to bytes.

@@ -43,6 +43,18 @@ pub(crate) async fn start(
 }
 
 pub(crate) async fn run(broker_url: &str, backend_url: Option<&str>, args: DashboardArgs) -> CliResult {
+    // An SQLite database that does not exist has nothing to show, and opening it would create
+    // it (`celeriac.db` in the current directory when no -b is given).
+    if let Some(path) = connect::sqlite_path(broker_url).filter(|p| !p.exists()) {
+        return Err(CliError::usage(format!(
+            "no SQLite broker database at {}: nothing to show (name the broker with -b/--broker, \
+             or start a worker on it first)",
+            path.display()
+        )));
+    }
+    // The dashboard logs the broker's loss and return (one line each); lapin's own lines about
+    // its connection (an ERROR for each failed try) would say the same again and again.
+    super::logging::quiet_lapin();
     let broker = connect::broker(broker_url)?;
     let backend = connect::backend(backend_url, broker_url)?;
     let listen = parse_listen("--listen", &args.listen, "127.0.0.1:5555")?;

@@ -93,7 +93,16 @@ pub fn init(level: &str, format: LogFormat) {
     }
 }
 
-/// Drops lapin's ERROR line for a channel the server closed with `RESOURCE_LOCKED` on a beat
+/// Set by `celeriac dashboard`, which reports the broker's loss and return itself (one line
+/// each): lapin's own lines about the connection are dropped.
+static QUIET_LAPIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Drop lapin's log lines from now on (see [`QUIET_LAPIN`]).
+pub(crate) fn quiet_lapin() {
+    QUIET_LAPIN.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Drops every lapin line once [`quiet_lapin`] was called, and lapin's ERROR line for a channel the server closed with `RESOURCE_LOCKED` on a beat
 /// lease queue (`celeriac.lease.*`): that is a follower beat asking for the lease the leader
 /// holds, once a third of the term, and the answer is "not the leader", not an error (the beat
 /// logs leadership changes itself). Every other channel close is still logged.
@@ -103,6 +112,9 @@ impl<S: Subscriber> Layer<S> for ExpectedRefusals {
     fn event_enabled(&self, event: &Event<'_>, _ctx: Context<'_, S>) -> bool {
         if !event.metadata().target().starts_with("lapin") {
             return true;
+        }
+        if QUIET_LAPIN.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
         }
         struct Find(bool);
         impl Visit for Find {

@@ -22,7 +22,12 @@
 //! a cross-site request without CORS, which the server never grants, and an `Origin` that is not
 //! this server's `Host` is refused too (CSRF). Every action is logged with the remote address.
 //! The page builds its DOM with `textContent` only, so task arguments, results and tracebacks
-//! are shown as text.
+//! are shown as text. Every answer carries [`SECURITY_HEADERS`] (a `'self'`-only CSP, no
+//! framing, no sniffing, no referrer).
+//!
+//! Connection: "connected" only while both the poll and the event subscription are up
+//! (`Shared::link`), with one WARN line when the broker goes away and one INFO line when both
+//! are back.
 
 pub mod state;
 
@@ -48,6 +53,24 @@ use state::{State, TaskFilter};
 pub const POLL: Duration = Duration::from_secs(2);
 /// How long a poll waits for replies.
 const REPLY_WINDOW: Duration = Duration::from_millis(800);
+/// The most tasks one `/api/tasks` answer holds (`limit` above it is capped, and the answer's
+/// `limit` says so): each is a JSON copy, so an unbounded page would be a memory spike.
+pub const MAX_PAGE: usize = 1_000;
+/// The task states `/api/tasks?state=` accepts (Celery's, as task events set them).
+pub const TASK_STATES: [&str; 8] =
+    ["PENDING", "RECEIVED", "STARTED", "SUCCESS", "FAILURE", "RETRY", "REVOKED", "REJECTED"];
+/// Headers on every answer: no script or style but the dashboard's own files, not framed,
+/// no type sniffing, no referrer sent when a link is followed.
+const SECURITY_HEADERS: [(&str, &str); 4] = [
+    (
+        "content-security-policy",
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; \
+         object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    ),
+    ("x-frame-options", "DENY"),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+];
 /// The header an action carries its token in.
 pub const TOKEN_HEADER: &str = "x-celeriac-token";
 
@@ -86,9 +109,48 @@ struct Shared {
     backend: Arc<dyn ResultBackend>,
     config: DashboardConfig,
     version: watch::Sender<u64>,
+    link: Mutex<Link>,
+    /// Wakes the event tail's wait between subscriptions: a poll got through.
+    wake: tokio::sync::Notify,
+}
+
+/// What each of the dashboard's two readers last found: `None` before its first try, then
+/// `Some(None)` when up (or, for events, when the broker carries none) and `Some(Some(why))` when
+/// down. The dashboard is connected only when both are up, so the page does not say "connected"
+/// while task events are still being lost.
+#[derive(Debug, Default)]
+struct Link {
+    poll: Option<Option<String>>,
+    events: Option<Option<String>>,
+    /// What was last logged: `Some(true)` the broker is read, `Some(false)` it went away.
+    said_up: Option<bool>,
 }
 
 impl Shared {
+    /// Record what the poll or the event tail found (in `f`), then the connection state: one
+    /// WARN line when the broker goes away, one INFO line when both readers are back.
+    fn link(&self, f: impl FnOnce(&mut Link)) {
+        let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut link);
+        let error = match (&link.poll, &link.events) {
+            (Some(Some(e)), _) => Some(e.clone()),
+            (_, Some(Some(e))) => Some(format!("event subscription: {e}")),
+            (Some(None), Some(None)) => None,
+            _ => return, // A reader has not tried yet: still connecting.
+        };
+        match (&error, link.said_up) {
+            (None, Some(true)) | (Some(_), Some(false)) => {}
+            (None, _) => tracing::info!("the dashboard reads the broker: polls and events"),
+            (Some(e), _) => tracing::warn!(
+                error = %e,
+                "the broker went away: the dashboard shows what it last read, and reconnects"
+            ),
+        }
+        link.said_up = Some(error.is_none());
+        drop(link);
+        self.with(|s| s.set_connected(error));
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let before = s.version;
@@ -131,7 +193,15 @@ impl Dashboard {
             tracing::warn!(%addr, read_only = config.token.is_none(), "the dashboard listens beyond this machine");
         }
         let (version, _) = watch::channel(0);
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), broker, backend, config, version });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            broker,
+            backend,
+            config,
+            version,
+            link: Mutex::new(Link::default()),
+            wake: tokio::sync::Notify::new(),
+        });
         let app = router(shared.clone());
         let server = tokio::spawn(async move {
             let service = app.into_make_service_with_connect_info::<SocketAddr>();
@@ -166,6 +236,16 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/workers/{node}/pool", post(pool))
         .route("/api/rate_limit", post(rate_limit))
         .with_state(shared)
+        .layer(axum::middleware::map_response(secure))
+}
+
+/// Add [`SECURITY_HEADERS`] to an answer.
+async fn secure(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in SECURITY_HEADERS {
+        headers.insert(name, header::HeaderValue::from_static(value));
+    }
+    response
 }
 
 fn asset(kind: &'static str, body: &'static str) -> Response {
@@ -184,24 +264,31 @@ fn refuse(status: StatusCode, why: impl Into<String>) -> Response {
     reply(status, json!({"error": why.into()}))
 }
 
-/// Tail `celeryev` as `celeriac events` does; subscribe again after a loss.
+/// The longest wait between two tries to subscribe to events; a poll that gets through ends
+/// the wait at once.
+const EVENTS_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Tail `celeryev` as `celeriac events` does; subscribe again after a loss, within
+/// [`EVENTS_RETRY_MAX`] or as soon as a poll gets through.
 async fn tail_events(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(250);
     loop {
         let Some(exchanges) = shared.broker.exchanges() else {
             tracing::warn!(broker = %shared.broker.url(), "this broker carries no events: the dashboard shows what it polls");
+            shared.link(|l| l.events = Some(None));
             return;
         };
         let spec = celeriac_worker::events::exchange(exchanges.events_as_fanout());
         match exchanges.subscribe(&spec, &celeriac_worker::events::monitor_binding("#")).await {
             Ok(mut sub) => {
                 backoff = Duration::from_millis(250);
+                shared.link(|l| l.events = Some(None));
                 loop {
                     match sub.next().await {
                         Ok(message) => apply_body(&shared, &message.body),
                         Err(e) => {
-                            tracing::warn!(error = %e, "the event subscription ended; subscribing again");
-                            shared.with(|s| s.set_connected(Some(e.to_string())));
+                            tracing::debug!(error = %e, "the event subscription ended; subscribing again");
+                            shared.link(|l| l.events = Some(Some(e.to_string())));
                             break;
                         }
                     }
@@ -209,12 +296,15 @@ async fn tail_events(shared: Arc<Shared>) {
                 sub.close().await;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot subscribe to events");
-                shared.with(|s| s.set_connected(Some(e.to_string())));
+                tracing::debug!(error = %e, "cannot subscribe to events");
+                shared.link(|l| l.events = Some(Some(e.to_string())));
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shared.wake.notified() => {}
+        }
+        backoff = (backoff * 2).min(EVENTS_RETRY_MAX);
     }
 }
 
@@ -253,14 +343,16 @@ async fn poll(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         let outcome = poll_once(&shared).await;
-        let was = shared.with(|s| s.connected);
-        match &outcome {
-            Err(e) if was => tracing::warn!(error = %e, "the dashboard lost the broker"),
-            Err(e) => tracing::debug!(error = %e, "dashboard poll failed"),
-            Ok(()) if !was => tracing::info!("the dashboard reads the broker"),
-            Ok(()) => {}
+        if let Err(e) = &outcome {
+            tracing::debug!(error = %e, "dashboard poll failed");
         }
-        shared.with(|s| s.set_connected(outcome.err()));
+        let polled = outcome.is_ok();
+        shared.link(|l| l.poll = Some(outcome.err()));
+        let events_down = matches!(shared.link.lock().unwrap_or_else(|e| e.into_inner()).events, Some(Some(_)));
+        if polled && events_down {
+            // The poll got through, so the broker is back: the event tail subscribes now.
+            shared.wake.notify_one();
+        }
     }
 }
 
@@ -397,7 +489,15 @@ async fn tasks(Ax(s): Ax<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
             None => Ok(None),
         };
         match k.as_str() {
-            "state" => filter.state = v.map(|v| v.to_uppercase()),
+            "state" => match v.map(|v| v.to_uppercase()) {
+                Some(st) if !TASK_STATES.contains(&st.as_str()) => {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        format!("unknown state {st:?}: expected one of {}", TASK_STATES.join(", ")),
+                    )
+                }
+                st => filter.state = st,
+            },
             "name" => filter.name = v,
             "worker" => filter.worker = v,
             "id" => filter.id = v,
@@ -417,7 +517,10 @@ async fn tasks(Ax(s): Ax<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
             }
         }
     }
-    ok(s.with(|st| st.tasks_json(&filter, offset, limit)))
+    let limit = limit.min(MAX_PAGE);
+    let mut answer = s.with(|st| st.tasks_json(&filter, offset, limit));
+    answer["limit"] = json!(limit);
+    ok(answer)
 }
 
 /// A task from its events, with what the result backend stored for it; `None` if neither knows
@@ -743,8 +846,24 @@ async fn purge(
             tracing::info!(%peer, queue = %name, purged = n, "queue purged from the dashboard");
             ok(json!({"purged": n}))
         }
+        // RabbitMQ closes the channel with 404 NOT_FOUND for a queue it does not have.
+        Err(celeriac_core::BrokerError::Rejected { reason, .. }) if reason.contains("NOT_FOUND") => {
+            refuse(StatusCode::NOT_FOUND, format!("no queue {name} on this broker ({reason})"))
+        }
+        Err(celeriac_core::BrokerError::Rejected { reason, .. }) => {
+            refuse(StatusCode::CONFLICT, format!("the broker refused to purge {name}: {reason}"))
+        }
         Err(e) => refuse(StatusCode::BAD_GATEWAY, e.to_string()),
     }
+}
+
+/// `None` when every worker named was seen; else a 404 naming the unknown one and those known.
+fn unknown_worker(s: &Shared, nodes: &[String]) -> Option<Response> {
+    let (missing, all) = s.with(|st| (nodes.iter().find(|n| !st.knows_worker(n)).cloned(), st.worker_names()));
+    missing.map(|node| {
+        let all = if all.is_empty() { "none yet".to_string() } else { all.join(", ") };
+        refuse(StatusCode::NOT_FOUND, format!("no worker {node} (workers seen: {all})"))
+    })
 }
 
 async fn pool(
@@ -763,8 +882,12 @@ async fn pool(
         (None, Some(n)) => ("pool_shrink", n),
         _ => return refuse(StatusCode::BAD_REQUEST, "expected {\"grow\": n} or {\"shrink\": n}"),
     };
-    tracing::info!(%peer, worker = %node, method, n, "pool change asked from the dashboard");
-    act(&s, method, json!({"n": n}), &[node]).await
+    let node = [node];
+    if let Some(refused) = unknown_worker(&s, &node) {
+        return refused;
+    }
+    tracing::info!(%peer, worker = %node[0], method, n, "pool change asked from the dashboard");
+    act(&s, method, json!({"n": n}), &node).await
 }
 
 async fn rate_limit(Ax(s): Ax<Arc<Shared>>, ConnectInfo(peer): Caller, headers: HeaderMap, body: Bytes) -> Response {
@@ -777,6 +900,9 @@ async fn rate_limit(Ax(s): Ax<Arc<Shared>>, ConnectInfo(peer): Caller, headers: 
         return refuse(StatusCode::BAD_REQUEST, "expected {\"task_name\": ..., \"rate_limit\": \"10/m\"}");
     };
     let destination: Vec<String> = args.get("worker").and_then(Value::as_str).map(str::to_string).into_iter().collect();
+    if let Some(refused) = unknown_worker(&s, &destination) {
+        return refused;
+    }
     tracing::info!(%peer, task_name, rate_limit = %limit, "rate limit set from the dashboard");
     act(&s, "rate_limit", json!({"task_name": task_name, "rate_limit": limit}), &destination).await
 }

@@ -337,6 +337,16 @@ impl State {
         }
     }
 
+    /// Whether worker `node` was seen (an event, or a reply to a poll).
+    pub fn knows_worker(&self, node: &str) -> bool {
+        self.workers.contains_key(node)
+    }
+
+    /// The workers seen, by node name.
+    pub fn worker_names(&self) -> Vec<String> {
+        self.workers.keys().cloned().collect()
+    }
+
     /// The queues worker `node` said it consumes (`active_queues`), by name.
     pub fn worker_queues(&self, node: &str) -> Vec<String> {
         let queues = self.workers.get(node).and_then(|w| w.queues.as_ref()).and_then(Value::as_array);

@@ -12,6 +12,9 @@ function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (k === "onclick") e.addEventListener("click", v);
+    // The page's Content-Security-Policy refuses style attributes; a style set through the
+    // CSSOM is allowed.
+    else if (k === "style") e.style.cssText = v;
     else e.setAttribute(k, v);
   }
   for (const c of children) {
