@@ -11,7 +11,9 @@
 //! "disconnected" (one WARN line, none of lapin's) and the dashboard recovers when it returns,
 //! events included: a task run at once after "connected" shows. Bad input is answered with the
 //! reason (an unknown worker, state or queue; a capped limit), every answer carries the
-//! security headers, and the dashboard refuses an SQLite file that does not exist.
+//! security headers, and the dashboard refuses an SQLite file that does not exist. On RabbitMQ a
+//! queue's unacked and scheduled are what its worker holds, its rates known where the worker's
+//! events name the queue and null for a Python Celery worker's queue.
 //!
 //! The acceptance runs the page in a real headless Chromium (Debian's `chromium`, driven through
 //! `chromedriver`'s WebDriver HTTP API, spoken here directly): both workers appear, a task sent
@@ -154,21 +156,20 @@ fn wait_task(port: u16, id: &str, what: &str, cond: impl Fn(&Value) -> bool) -> 
     last
 }
 
-/// The worker named `name` in `/api/workers`, once `cond` holds for it.
-fn wait_worker(port: u16, name: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+/// The item of the list at `path` whose `key` is `value`, once `cond` holds for it.
+fn wait_listed(port: u16, path: &str, key: &str, value: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
     let mut found = Value::Null;
-    wait_until(&format!("worker {name} {what}"), Duration::from_secs(30), || {
-        let (_, workers) = get_json(port, "/api/workers");
-        found = workers
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|w| w["hostname"] == json!(name))
-            .cloned()
-            .unwrap_or_default();
+    wait_until(&format!("{value} in {path} {what}"), Duration::from_secs(30), || {
+        let (_, list) = get_json(port, path);
+        found = list.as_array().into_iter().flatten().find(|x| x[key] == json!(value)).cloned().unwrap_or_default();
         cond(&found)
     });
     found
+}
+
+/// The worker named `name` in `/api/workers`, once `cond` holds for it.
+fn wait_worker(port: u16, name: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    wait_listed(port, "/api/workers", "hostname", name, what, cond)
 }
 
 #[test]
@@ -489,6 +490,53 @@ fn the_dashboard_on_an_sqlite_file_that_does_not_exist_is_refused_without_creati
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("celeriac.db"), "{err}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "a file was created in the current directory");
+}
+
+/// The row of `queue` in `/api/queues`, once `cond` holds for it.
+fn wait_queue(port: u16, queue: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    wait_listed(port, "/api/queues", "name", queue, what, cond)
+}
+
+#[test]
+fn rabbitmq_queue_rows_count_what_workers_hold_and_rates_where_events_name_the_queue() {
+    let vhost = TestVhost::new();
+    let broker = vhost.url("");
+    let results = results();
+    let name = node("rates");
+    let (queue, py_queue) = ("dash.rates", "dash.rates.py");
+    let worker = WorkerProc::start(&broker, &["--result-backend", &results, "-E", "-c", "1", "-n", &name, "-Q", queue]);
+    let _py = PyCeleryWorker::start(&broker, &results, py_queue);
+    let (_dash, port) = dashboard(&broker, &format!("{queue},{py_queue}"), None);
+    wait_worker(port, &name, "online", |w| w["online"] == json!(true));
+
+    // Tasks taken from the queue: its rate out and in are known (celeriac's task-received
+    // events name the queue), and above zero.
+    let ids: Vec<String> = (0..5).map(|i| send(&broker, "celeriac.add", &format!("[{i}, 1]"), queue)).collect();
+    for id in &ids {
+        wait_task(port, id, "succeeded", |t| t["state"] == json!("SUCCESS"));
+    }
+    let row = wait_queue(port, queue, "with rates", |q| q["rate_out"].as_f64().is_some_and(|r| r > 0.0));
+    assert!(row["rate_in"].as_f64().is_some_and(|r| r > 0.0), "{row}");
+    // A queue a Python Celery worker consumes: its events name no queue, so its rates are
+    // unknown (null), not 0.
+    let py_row = wait_queue(port, py_queue, "with a consumer", |q| q["consumers"] == json!(1));
+    assert_eq!((py_row.get("rate_out"), py_row.get("rate_in")), (Some(&Value::Null), Some(&Value::Null)), "{py_row}");
+
+    // What the worker holds: a running task (acknowledged after it ends) and a countdown task
+    // waiting for its ETA are unacked, the latter scheduled too (RabbitMQ's passive declare
+    // counts neither: they were shown as 0).
+    let running = send(&broker, "celeriac.sleep", "[20]", queue);
+    wait_task(port, &running, "started", |t| t["state"] == json!("STARTED"));
+    let held = common::py_client_on(
+        &broker,
+        &results,
+        &["send", "celeriac.echo", "--args", r#"["x"]"#, "--queue", queue, "--countdown", "60"],
+    );
+    worker.wait_for_line("holding until ETA", Duration::from_secs(20));
+    let row = wait_queue(port, queue, "with 2 unacked, 1 scheduled", |q| {
+        q["unacked"] == json!(2) && q["scheduled"] == json!(1)
+    });
+    assert_eq!(row["ready"], json!(0), "{row} (held: {held})");
 }
 
 /// Standard base64 (a WebDriver screenshot) to bytes.

@@ -122,6 +122,8 @@ fn flower_lists_the_celeriac_worker_online_and_records_its_task() {
     assert_eq!(t["result"], "42", "{t}");
     assert!(t["worker"].as_str().is_some_and(|w| w.starts_with(prefix)), "{t}");
     assert!(t["runtime"].as_f64().is_some(), "{t}");
+    // The routing key celeriac's task-received adds (Celery's lacks it) is shown by Flower.
+    assert_eq!(t["routing_key"], "celery", "{t}");
 
     // A burst: task events then leave in lists on `task.multi`, as Celery's worker sends them;
     // Flower records every task.

@@ -58,6 +58,12 @@ impl Observer {
                 ("retries", Value::from(h.retries)),
                 ("eta", time(h.eta_time())),
                 ("expires", time(h.expires_time())),
+                // Keys of celeriac's (Celery's worker sends neither; Flower shows
+                // `routing_key` when present): the queue the message came from, which is also
+                // its routing key as `inspect`'s `delivery_info` reports it. The dashboard
+                // counts each queue's rate out with them.
+                ("queue", Value::from(req.delivery.queue.as_str())),
+                ("routing_key", Value::from(req.delivery.queue.as_str())),
             ],
         );
     }

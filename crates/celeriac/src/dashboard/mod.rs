@@ -336,7 +336,8 @@ fn apply_body(shared: &Shared, body: &[u8]) {
     });
 }
 
-/// Every [`POLL`]: `stats`, `active` and `active_queues` from every worker, then queue depths.
+/// Every [`POLL`]: `stats`, `active`, `active_queues`, `reserved` and `scheduled` from every
+/// worker (at once), then queue depths, with what the dashboard adds to them (`fill_queue_rows`).
 async fn poll(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -358,8 +359,11 @@ async fn poll(shared: Arc<Shared>) {
 
 async fn poll_once(shared: &Shared) -> Result<(), String> {
     let broker = shared.broker.as_ref();
-    for method in ["stats", "active", "active_queues"] {
-        match broadcast(broker, method, Map::new(), &[], REPLY_WINDOW).await {
+    // At once, each with its own reply queue: one reply window per poll, not one per command.
+    let methods = ["stats", "active", "active_queues", "reserved", "scheduled"];
+    let asked = methods.map(|method| broadcast(broker, method, Map::new(), &[], REPLY_WINDOW));
+    for (method, answer) in methods.into_iter().zip(futures::future::join_all(asked).await) {
+        match answer {
             Ok(replies) => shared.with(|s| s.apply_replies(method, replies)),
             Err(ControlError::Unsupported(_)) => break,
             Err(e) => return Err(e.to_string()),
@@ -393,7 +397,11 @@ async fn poll_once(shared: &Shared) -> Result<(), String> {
         }
         rows
     };
-    shared.with(|s| s.set_queues(queues));
+    let from_workers = broker.url().starts_with("amqp");
+    shared.with(|s| {
+        let rows = s.fill_queue_rows(queues, from_workers);
+        s.set_queues(rows)
+    });
     Ok(())
 }
 

@@ -60,6 +60,12 @@ struct WorkerView {
     active: Option<Value>,
     /// The last `active_queues` reply.
     queues: Option<Value>,
+    /// The last `reserved` and `scheduled` replies (what it holds unstarted), for the queues'
+    /// unacked and scheduled counts on RabbitMQ.
+    held: [Option<Value>; 2],
+    /// It sent a `task-received` naming its queue (celeriac's extra key), so its rate out of
+    /// each queue it consumes is known from its events.
+    names_queues: bool,
     /// Unix seconds of the last reply to a poll.
     replied: Option<f64>,
 }
@@ -161,6 +167,8 @@ pub struct State {
     runtimes: BTreeMap<String, Histogram>,
     /// Per queue: (Unix seconds, ready, unacked, scheduled), oldest first.
     depths: BTreeMap<String, VecDeque<(f64, u64, u64, u64)>>,
+    /// Tasks received per queue in the last minute, for the rates.
+    flow: Flow,
     /// The broker answered the last poll.
     pub connected: bool,
     /// Why the last poll failed.
@@ -230,6 +238,9 @@ impl State {
         let Some(state) = task_state(kind) else {
             return Ok(()); // Another kind of event (a future one): nothing to show.
         };
+        if kind == "task-received" {
+            self.flow.received(&mut self.workers, &host, ev, at);
+        }
         let id = text(ev, "uuid").ok_or_else(|| EventError::NoTaskId(kind.to_string()))?.to_string();
         if !self.tasks.contains_key(&id) {
             self.order.push_back(id.clone());
@@ -363,6 +374,8 @@ impl State {
                 "stats" => w.stats = Some(reply),
                 "active" => w.active = Some(reply),
                 "active_queues" => w.queues = Some(reply),
+                "reserved" => w.held[0] = Some(reply),
+                "scheduled" => w.held[1] = Some(reply),
                 _ => {}
             }
         }
@@ -694,6 +707,122 @@ impl State {
     }
 }
 
+/// How far back a queue's rates look.
+pub const RATE_WINDOW_SECS: f64 = 60.0;
+
+/// When workers received tasks from each queue (`task-received` events naming it), the last
+/// [`RATE_WINDOW_SECS`].
+#[derive(Debug, Default)]
+struct Flow {
+    received: BTreeMap<String, VecDeque<f64>>,
+}
+
+impl Flow {
+    /// A `task-received` from `host` at `at` (Unix seconds); counted for the queue it names
+    /// (`queue`, else `routing_key`), if any.
+    fn received(&mut self, workers: &mut BTreeMap<String, WorkerView>, host: &str, ev: &Map<String, Value>, at: f64) {
+        let Some(queue) = text(ev, "queue").or_else(|| text(ev, "routing_key")).filter(|q| !q.is_empty()) else {
+            return;
+        };
+        workers.entry(host.to_string()).or_default().names_queues = true;
+        let times = self.received.entry(queue.to_string()).or_default();
+        times.push_back(at);
+        while times.front().is_some_and(|t| at - t > RATE_WINDOW_SECS) {
+            times.pop_front();
+        }
+    }
+
+    /// Tasks received from `queue` in the window ending at `at`.
+    fn count(&self, queue: &str, at: f64) -> usize {
+        self.received.get(queue).map_or(0, |times| times.iter().filter(|t| at - **t <= RATE_WINDOW_SECS).count())
+    }
+}
+
+/// Per queue, what the workers said they hold of it: (unacked, scheduled). An entry counts for
+/// the queue its `delivery_info.routing_key` names; unacked unless `acknowledged` is true.
+fn held_by_workers<'a>(workers: impl Iterator<Item = &'a WorkerView>) -> BTreeMap<String, (u64, u64)> {
+    let mut held: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for w in workers {
+        let list = |v: &Option<Value>| v.as_ref().and_then(Value::as_array).cloned().unwrap_or_default();
+        // `scheduled` entries wrap the request: `{eta, priority, request}`.
+        let scheduled = list(&w.held[1]).into_iter().map(|e| e["request"].clone());
+        let taken = list(&w.active).into_iter().chain(list(&w.held[0])).map(|r| (r, false));
+        for (request, is_scheduled) in taken.chain(scheduled.map(|r| (r, true))) {
+            let Some(queue) = request["delivery_info"]["routing_key"].as_str() else { continue };
+            let counts = held.entry(queue.to_string()).or_default();
+            if request["acknowledged"] != json!(true) {
+                counts.0 += 1;
+            }
+            if is_scheduled {
+                counts.1 += 1;
+            }
+        }
+    }
+    held
+}
+
+impl State {
+    /// The broker's queue rows with what the dashboard adds: on RabbitMQ (`from_workers`, whose
+    /// passive declare gives only ready and consumers), `unacked` and `scheduled` counted from
+    /// the workers' `active`/`reserved`/`scheduled` replies (`null` when no worker answered
+    /// them); on every broker `rate_out` and `rate_in` in messages a second over the last
+    /// minute (see [`Self::rates`]).
+    pub fn fill_queue_rows(&self, mut rows: Vec<Value>, from_workers: bool) -> Vec<Value> {
+        let at = now();
+        let answered = self.workers.values().any(|w| w.held[0].is_some() && w.replied.is_some_and(|r| at - r < 10.0));
+        let held = held_by_workers(self.workers.values());
+        for row in rows.iter_mut().filter(|r| r.get("error").is_none()) {
+            let Some(name) = row["name"].as_str().map(str::to_string) else { continue };
+            if from_workers {
+                let (unacked, scheduled) = held.get(&name).copied().unwrap_or_default();
+                row["unacked"] = if answered { json!(unacked) } else { Value::Null };
+                row["scheduled"] = if answered { json!(scheduled) } else { Value::Null };
+            }
+            let (rate_out, rate_in) = self.rates(&name, row["consumers"].as_u64(), row["ready"].as_u64(), at);
+            row["rate_out"] = json!(rate_out);
+            row["rate_in"] = json!(rate_in);
+        }
+        rows
+    }
+
+    /// A queue's rates over the last minute, messages a second: out = tasks workers received from
+    /// it (their `task-received` events naming the queue), in = out + the change of its ready
+    /// count over the same time (from the depth samples, `ready_now` the newest). Out is known
+    /// when every worker consuming the queue (`active_queues`) names queues in its events and
+    /// the broker counts no other consumer; otherwise both are `None` (a Python Celery worker's
+    /// events name no queue; a worker without `-E` sends none).
+    fn rates(
+        &self,
+        queue: &str,
+        consumers: Option<u64>,
+        ready_now: Option<u64>,
+        at: f64,
+    ) -> (Option<f64>, Option<f64>) {
+        let consuming: Vec<&WorkerView> = self
+            .workers
+            .iter()
+            .filter(|(name, _)| self.worker_queues(name).iter().any(|q| q == queue))
+            .map(|(_, w)| w)
+            .collect();
+        let foreign = consumers.is_some_and(|c| c > consuming.len() as u64);
+        if foreign || consuming.iter().any(|w| !w.names_queues) {
+            return (None, None);
+        }
+        let samples = self.depths.get(queue);
+        let first = samples.and_then(|ring| ring.iter().find(|s| at - s.0 <= RATE_WINDOW_SECS));
+        // Before the first sample of the queue there is no time span to divide by.
+        let Some(&(since, ready_then, ..)) = first else { return (None, None) };
+        let span = (at - since).max(1.0);
+        let out = self.flow.count(queue, at) as f64 / span;
+        let rate_in = ready_now.map(|now| (out + (now as f64 - ready_then as f64) / span).max(0.0));
+        (Some(round2(out)), rate_in.map(round2))
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
 /// Filters of the task list; `None` matches all.
 #[derive(Debug, Default)]
 pub struct TaskFilter {
@@ -727,6 +856,40 @@ mod tests {
 
     fn ev(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn queue_rows_count_held_tasks_by_routing_key_and_rates_from_received_events() {
+        let mut s = State::default();
+        let req = |id: &str, q: &str, acked: bool| json!({"id": id, "acknowledged": acked, "delivery_info": {"routing_key": q}});
+        let row = json!({"name": "q", "ready": 4, "unacked": 0, "scheduled": 0, "consumers": 1});
+        // No worker answered yet: unknown, not 0.
+        let rows = s.fill_queue_rows(vec![row.clone()], true);
+        assert_eq!(
+            (&rows[0]["unacked"], &rows[0]["scheduled"], &rows[0]["rate_out"]),
+            (&Value::Null, &Value::Null, &Value::Null)
+        );
+
+        s.apply_replies("active_queues", vec![("w".into(), json!([{"name": "q"}]))]);
+        s.apply_replies("active", vec![("w".into(), json!([req("a", "q", false), req("b", "q", true)]))]);
+        s.apply_replies("reserved", vec![("w".into(), json!([req("c", "q", false), req("d", "other", false)]))]);
+        s.apply_replies("scheduled", vec![("w".into(), json!([{"eta": "x", "request": req("e", "q", false)}]))]);
+        let rows = s.fill_queue_rows(vec![row.clone()], true);
+        // a, c and e are unacked (b was acknowledged as it started); e is scheduled.
+        assert_eq!((&rows[0]["unacked"], &rows[0]["scheduled"]), (&json!(3), &json!(1)), "{}", rows[0]);
+        // Rates need a worker naming its queue in task-received and a depth sample to start from.
+        assert_eq!(rows[0]["rate_out"], Value::Null, "w never named a queue");
+        let t = now();
+        s.sample_depths(t - 30.0, &[json!({"name": "q", "ready": 10})]);
+        for i in 0..6 {
+            let e = json!({"type": "task-received", "hostname": "w", "uuid": format!("r{i}"), "queue": "q", "timestamp": t - 1.0});
+            s.apply_event(&ev(e)).unwrap();
+        }
+        let rows = s.fill_queue_rows(vec![row], true);
+        // 6 out in about 30 s; ready went from 10 to 4, so in = 0.2 - 0.2 = 0.
+        let out = rows[0]["rate_out"].as_f64().unwrap();
+        assert!((out - 0.2).abs() < 0.02, "{}", rows[0]);
+        assert!(rows[0]["rate_in"].as_f64().is_some_and(|r| r < 0.02), "{}", rows[0]);
     }
 
     #[test]

@@ -24,6 +24,11 @@ function el(tag, attrs, ...children) {
   return e;
 }
 
+// A number the dashboard may not know (null in the JSON): "?" then.
+function known(v) {
+  return v === null || v === undefined ? "?" : text(v);
+}
+
 function text(v) {
   if (v === null || v === undefined) return "";
   return typeof v === "string" ? v : JSON.stringify(v);
@@ -161,9 +166,9 @@ async function taskView(id) {
 
 async function queuesView() {
   const { body: queues } = await getJson("/api/queues");
-  const rows = queues.map((q) => q.error ? el("tr", { class: "queue" }, el("td", {}, q.name), el("td", { colspan: "6", class: "error" }, q.error)) : el("tr", { class: "queue" },
-    el("td", {}, q.name), el("td", {}, text(q.ready)), el("td", {}, text(q.scheduled)), el("td", {}, text(q.unacked)),
-    el("td", {}, text(q.consumers)), el("td", {}, text(q.dead)),
+  const rows = queues.map((q) => q.error ? el("tr", { class: "queue" }, el("td", {}, q.name), el("td", { colspan: "8", class: "error" }, q.error)) : el("tr", { class: "queue" },
+    el("td", {}, q.name), el("td", {}, text(q.ready)), el("td", {}, known(q.scheduled)), el("td", {}, known(q.unacked)),
+    el("td", {}, text(q.consumers)), el("td", {}, text(q.dead)), el("td", {}, known(q.rate_in)), el("td", {}, known(q.rate_out)),
     el("td", {}, el("button", { onclick: () => action("/api/queues/" + encodeURIComponent(q.name) + "/purge", {}, "Delete every ready message in " + q.name + "?") }, "Purge"))));
   const name = el("input", { placeholder: "task name" });
   const rate = el("input", { placeholder: "rate, e.g. 10/m" });
@@ -174,7 +179,7 @@ async function queuesView() {
     el("td", {}, d.task_id ? el("a", { href: "#/task/" + encodeURIComponent(d.task_id) }, d.task_id) : ""),
     el("td", {}, el("pre", {}, text(d.reason)))));
   return [el("h2", {}, "Queues"), note(),
-    table(["queue", "ready", "scheduled", "unacked", "consumers", "dead", ""], rows),
+    table(["queue", "ready", "scheduled", "unacked", "consumers", "dead", "in /s", "out /s", ""], rows),
     el("h3", {}, "Dead letters"),
     dl.unsupported ? el("p", { class: "muted" }, dl.unsupported) : table(["queue", "task", "reason"], deadRows),
     el("h3", {}, "Rate limit"), el("div", { class: "filters" }, name, rate, setRate)];
