@@ -399,6 +399,12 @@ fn a_broker_that_goes_away_shows_disconnected_and_the_dashboard_recovers_when_it
 
     let _back = rt.block_on(TcpProxy::start_on(proxy_port, "127.0.0.1:5672"));
     connected(true);
+    // Connected means subscribed: the dashboard's event queue is back, with its consumer.
+    let queues = vhost.list("list_queues", &["name", "consumers"]);
+    assert!(
+        queues.iter().any(|l| l.starts_with("celeryev.") && l.split_whitespace().nth(1) == Some("1")),
+        "connected, but no event subscription: {queues:?}"
+    );
     // "connected" means the events are back too: a task run at once shows with its result
     // (its events are not lost to a subscription still waiting to be made).
     let id = send(&broker, "celeriac.add", "[20, 22]", queue);

@@ -94,15 +94,47 @@ pub fn init(level: &str, format: LogFormat) {
 }
 
 /// Set by `celeriac dashboard`, which reports the broker's loss and return itself (one line
-/// each): lapin's own lines about the connection are dropped.
+/// each): lapin's own lines, and the subscriptions' lines about their reconnection
+/// ([`SUBSCRIPTION_LINES`]), would repeat it for each connection and each try, and are dropped.
 static QUIET_LAPIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Drop lapin's log lines from now on (see [`QUIET_LAPIN`]).
+/// What a subscription (`celeriac_amqp::exchanges`, `celeriac_redis::broker::exchanges`) logs
+/// about its connection: (target, message).
+const SUBSCRIPTION_LINES: [(&str, &str); 6] = [
+    ("celeriac_amqp::exchanges", "subscription lost its connection"),
+    ("celeriac_amqp::exchanges", "cannot resubscribe"),
+    ("celeriac_amqp::exchanges", "subscription restored"),
+    ("celeriac_redis::broker::exchanges", "lost the Redis connection; reconnecting"),
+    ("celeriac_redis::broker::exchanges", "cannot resubscribe"),
+    ("celeriac_redis::broker::exchanges", "subscription restored"),
+];
+
+/// Drop the connection lines of lapin and of subscriptions from now on (see [`QUIET_LAPIN`]).
 pub(crate) fn quiet_lapin() {
     QUIET_LAPIN.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Drops every lapin line once [`quiet_lapin`] was called, and lapin's ERROR line for a channel the server closed with `RESOURCE_LOCKED` on a beat
+/// Once [`quiet_lapin`] was called: whether `event` is a connection line of a subscription.
+fn subscription_line(event: &Event<'_>) -> bool {
+    let target = event.metadata().target();
+    if !SUBSCRIPTION_LINES.iter().any(|(t, _)| *t == target) {
+        return false;
+    }
+    struct Message(String);
+    impl Visit for Message {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.0 = format!("{value:?}");
+            }
+        }
+    }
+    let mut message = Message(String::new());
+    event.record(&mut message);
+    SUBSCRIPTION_LINES.iter().any(|(t, m)| *t == target && message.0 == *m)
+}
+
+/// Drops every lapin line and the subscriptions' connection lines once [`quiet_lapin`] was
+/// called, and lapin's ERROR line for a channel the server closed with `RESOURCE_LOCKED` on a beat
 /// lease queue (`celeriac.lease.*`): that is a follower beat asking for the lease the leader
 /// holds, once a third of the term, and the answer is "not the leader", not an error (the beat
 /// logs leadership changes itself). Every other channel close is still logged.
@@ -110,10 +142,11 @@ struct ExpectedRefusals;
 
 impl<S: Subscriber> Layer<S> for ExpectedRefusals {
     fn event_enabled(&self, event: &Event<'_>, _ctx: Context<'_, S>) -> bool {
+        let quiet = QUIET_LAPIN.load(std::sync::atomic::Ordering::Relaxed);
         if !event.metadata().target().starts_with("lapin") {
-            return true;
+            return !(quiet && subscription_line(event));
         }
-        if QUIET_LAPIN.load(std::sync::atomic::Ordering::Relaxed) {
+        if quiet {
             return false;
         }
         struct Find(bool);

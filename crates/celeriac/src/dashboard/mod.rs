@@ -110,8 +110,9 @@ struct Shared {
     config: DashboardConfig,
     version: watch::Sender<u64>,
     link: Mutex<Link>,
-    /// Wakes the event tail's wait between subscriptions: a poll got through.
-    wake: tokio::sync::Notify,
+    /// Whether the last poll got through (`None` before the first): the event tail drops its
+    /// subscription when a poll fails and subscribes again when one gets through.
+    polled: watch::Sender<Option<bool>>,
 }
 
 /// What each of the dashboard's two readers last found: `None` before its first try, then
@@ -200,7 +201,7 @@ impl Dashboard {
             config,
             version,
             link: Mutex::new(Link::default()),
-            wake: tokio::sync::Notify::new(),
+            polled: watch::channel(None).0,
         });
         let app = router(shared.clone());
         let server = tokio::spawn(async move {
@@ -264,31 +265,44 @@ fn refuse(status: StatusCode, why: impl Into<String>) -> Response {
     reply(status, json!({"error": why.into()}))
 }
 
-/// The longest wait between two tries to subscribe to events; a poll that gets through ends
-/// the wait at once.
+/// The longest wait between two tries to subscribe to events while polls get through.
 const EVENTS_RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// Tail `celeryev` as `celeriac events` does; subscribe again after a loss, within
-/// [`EVENTS_RETRY_MAX`] or as soon as a poll gets through.
+/// Tail `celeryev` as `celeriac events` does. The subscription follows the poll: it is made
+/// while polls get through (at start, before the first), dropped when one fails (the broker went
+/// away; the transport's own reconnection waits up to 30 s, and the events sent meanwhile would
+/// be lost while the page says "connected"), and made again as soon as a poll gets through; a
+/// failed try is retried within [`EVENTS_RETRY_MAX`].
 async fn tail_events(shared: Arc<Shared>) {
+    let Some(exchanges) = shared.broker.exchanges() else {
+        tracing::warn!(broker = %shared.broker.url(), "this broker carries no events: the dashboard shows what it polls");
+        shared.link(|l| l.events = Some(None));
+        return;
+    };
+    let spec = celeriac_worker::events::exchange(exchanges.events_as_fanout());
+    let mut polled = shared.polled.subscribe();
     let mut backoff = Duration::from_millis(250);
     loop {
-        let Some(exchanges) = shared.broker.exchanges() else {
-            tracing::warn!(broker = %shared.broker.url(), "this broker carries no events: the dashboard shows what it polls");
-            shared.link(|l| l.events = Some(None));
-            return;
-        };
-        let spec = celeriac_worker::events::exchange(exchanges.events_as_fanout());
+        if polled.wait_for(|ok| *ok != Some(false)).await.is_err() {
+            return; // The dashboard is gone.
+        }
         match exchanges.subscribe(&spec, &celeriac_worker::events::monitor_binding("#")).await {
             Ok(mut sub) => {
                 backoff = Duration::from_millis(250);
                 shared.link(|l| l.events = Some(None));
                 loop {
-                    match sub.next().await {
-                        Ok(message) => apply_body(&shared, &message.body),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "the event subscription ended; subscribing again");
-                            shared.link(|l| l.events = Some(Some(e.to_string())));
+                    tokio::select! {
+                        next = sub.next() => match next {
+                            Ok(message) => apply_body(&shared, &message.body),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "the event subscription ended; subscribing again");
+                                shared.link(|l| l.events = Some(Some(e.to_string())));
+                                break;
+                            }
+                        },
+                        _ = polled.wait_for(|ok| *ok == Some(false)) => {
+                            tracing::debug!("a poll failed: the event subscription is dropped until one gets through");
+                            shared.link(|l| l.events = Some(Some("the broker went away".into())));
                             break;
                         }
                     }
@@ -298,13 +312,10 @@ async fn tail_events(shared: Arc<Shared>) {
             Err(e) => {
                 tracing::debug!(error = %e, "cannot subscribe to events");
                 shared.link(|l| l.events = Some(Some(e.to_string())));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(EVENTS_RETRY_MAX);
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shared.wake.notified() => {}
-        }
-        backoff = (backoff * 2).min(EVENTS_RETRY_MAX);
     }
 }
 
@@ -349,11 +360,7 @@ async fn poll(shared: Arc<Shared>) {
         }
         let polled = outcome.is_ok();
         shared.link(|l| l.poll = Some(outcome.err()));
-        let events_down = matches!(shared.link.lock().unwrap_or_else(|e| e.into_inner()).events, Some(Some(_)));
-        if polled && events_down {
-            // The poll got through, so the broker is back: the event tail subscribes now.
-            shared.wake.notify_one();
-        }
+        shared.polled.send_replace(Some(polled));
     }
 }
 
