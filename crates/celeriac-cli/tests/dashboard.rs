@@ -13,13 +13,17 @@
 //! reason (an unknown worker, state or queue; a capped limit), every answer carries the
 //! security headers, and the dashboard refuses an SQLite file that does not exist. On RabbitMQ a
 //! queue's unacked and scheduled are what its worker holds, its rates known where the worker's
-//! events name the queue and null for a Python Celery worker's queue.
+//! events name the queue and null for a Python Celery worker's queue. A chain and a
+//! chord run by a celeriac worker show as the membership and edges of their graph; a task a
+//! Celery worker retried is not its own parent and its success shows no retry traceback as its
+//! own; a task past its soft limit is hung; a Celery prefork worker's pool pids and peak RSS.
 //!
 //! The acceptance runs the page in a real headless Chromium (Debian's `chromium`, driven through
 //! `chromedriver`'s WebDriver HTTP API, spoken here directly): both workers appear, a task sent
 //! shows its result, a `celeriac.hang` task shows blocked with its wait channel, Terminate
-//! without the token is refused and with it the page shows REVOKED; it writes screenshots of the
-//! three main pages to `target/dashboard-screenshots/` (current copies are in `docs/`).
+//! without the token is refused and with it the page shows REVOKED; filters apply as typed; a
+//! chord's graph and the charts are drawn; it writes screenshots of the pages to
+//! `target/dashboard-screenshots/` (current copies are in `docs/`).
 
 mod common;
 
@@ -180,7 +184,7 @@ fn the_json_endpoints_show_both_workers_and_tasks_escape_script_and_refuse_actio
     let name = node("json");
     let queue = "dash.json";
     let _w = prefork_worker(&broker, &name, queue);
-    let py = PyCeleryWorker::start(&broker, &results, "dash.py");
+    let py = PyCeleryWorker::start_pool(&broker, &results, "dash.py", &["-P", "prefork", "-c", "2"]);
     let py_name = format!("py-dash.py-{}@{}", std::process::id(), hostname());
     let (dash, port) = dashboard(&broker, queue, None);
 
@@ -192,6 +196,12 @@ fn the_json_endpoints_show_both_workers_and_tasks_escape_script_and_refuse_actio
     assert!(w["heartbeat_age"].as_f64().is_some_and(|a| a < 10.0), "{w}");
     let p = wait_worker(port, &py_name, "listed", |w| w["online"] == json!(true) && !w["pool"].is_null());
     assert_eq!(p["software"], json!("py-celery"), "{p}");
+    // What a Celery worker's stats give: its pool's pids and its own peak RSS; the rest is not
+    // reported (null), not blank.
+    let children = p["children"].as_array().unwrap();
+    assert_eq!(children.len(), 2, "{p}");
+    assert!(children.iter().all(|c| c["pid"].is_u64() && c["rss_kib"].is_null()), "{p}");
+    assert!(p["peak_rss_kib"].as_u64().is_some_and(|k| k > 10_000), "{p}");
 
     // A task appears with its result; filters select it.
     let id = send(&broker, "celeriac.add", "[2, 3]", queue);
@@ -210,6 +220,12 @@ fn the_json_endpoints_show_both_workers_and_tasks_escape_script_and_refuse_actio
     assert!(ids("/api/tasks?state=SUCCESS&name=add").contains(&json!(id)));
     assert!(!ids("/api/tasks?state=FAILURE").contains(&json!(id)));
     assert!(ids(&format!("/api/tasks?worker={}", name.replace('@', "%40"))).contains(&json!(id)));
+    // The worker by a part of its name, the id by its start.
+    assert!(ids("/api/tasks?worker=dash-json").contains(&json!(id)));
+    assert!(!ids("/api/tasks?worker=py-dash").contains(&json!(id)));
+    assert_eq!(ids(&format!("/api/tasks?id={}", &id[..8])), vec![json!(id)]);
+    let (_, paged) = get_json(port, "/api/tasks?offset=1&limit=5");
+    assert_eq!((paged["matched"].as_u64(), paged["tasks"].as_array().map(Vec::len)), (Some(1), Some(0)), "{paged}");
     let (status, bad) = get_json(port, "/api/tasks?colour=red");
     assert_eq!(status, 400, "{bad}");
 
@@ -262,9 +278,14 @@ fn the_json_endpoints_show_both_workers_and_tasks_escape_script_and_refuse_actio
 /// A celeriac prefork worker of one child sending task events, on `queue`, with a hard time
 /// limit of 300 s (a `celeriac.hang` task is terminated by the test long before).
 fn prefork_worker(broker: &str, name: &str, queue: &str) -> WorkerProc {
+    prefork_worker_with(broker, name, queue, &[])
+}
+
+/// [`prefork_worker`] with more options.
+fn prefork_worker_with(broker: &str, name: &str, queue: &str, extra: &[&str]) -> WorkerProc {
     let results = results();
     let args = ["--result-backend", &results, "-P", "prefork", "-c", "1", "-E", "-n", name, "-Q", queue];
-    WorkerProc::start(broker, &[&args[..], &["--time-limit", "300"]].concat())
+    WorkerProc::start(broker, &[&args[..], &["--time-limit", "300"], extra].concat())
 }
 
 fn hostname() -> String {
@@ -278,7 +299,8 @@ fn revoke_with_the_token_terminates_a_hung_prefork_task_which_then_shows_revoked
     let broker = vhost.url("");
     let name = node("revoke");
     let queue = "dash.revoke";
-    let worker = prefork_worker(&broker, &name, queue);
+    // A soft limit of 1 s, which a task blocked in a futex wait cannot notice.
+    let worker = prefork_worker_with(&broker, &name, queue, &["--soft-time-limit", "1"]);
     let (dash, port) = dashboard(&broker, queue, Some(TOKEN));
     let id = send(&broker, "celeriac.hang", "[]", queue);
 
@@ -295,6 +317,13 @@ fn revoke_with_the_token_terminates_a_hung_prefork_task_which_then_shows_revoked
     assert!(t["hard_time_left"].as_f64().is_some_and(|s| s > 0.0 && s <= 300.0), "{t}");
     let (_, started) = get_json(port, "/api/tasks?state=STARTED");
     assert!(started["tasks"][0]["blocked_on"].is_string(), "{started}");
+    // Past its soft limit it is hung, in the list too.
+    let t = wait_task(port, &id, "hung past its soft limit", |t| {
+        t["hung"].as_str().is_some_and(|h| h.starts_with("past its soft time limit by"))
+    });
+    assert!(t["soft_time_left"].as_f64().is_some_and(|s| s < 0.0), "{t}");
+    let (_, started) = get_json(port, "/api/tasks?state=STARTED");
+    assert!(started["tasks"][0]["hung"].is_string(), "{started}");
 
     // Refused: no token, a wrong one, another origin, a malformed body.
     let path = format!("/api/tasks/{id}/revoke");
@@ -333,8 +362,10 @@ fn revoke_with_the_token_terminates_a_hung_prefork_task_which_then_shows_revoked
     );
     assert_eq!(status, 200, "{answer}");
     assert!(answer.contains(&name), "the worker replied: {answer}");
-    let t = wait_task(port, &id, "revoked", |t| t["state"] == json!("REVOKED"));
-    assert_eq!(t["stored"]["status"], json!("REVOKED"), "{t}");
+    // The event and the stored result may come in either order.
+    wait_task(port, &id, "revoked, and stored so", |t| {
+        t["state"] == json!("REVOKED") && t["stored"]["status"] == json!("REVOKED")
+    });
     dash.wait_for_line("dashboard action", Duration::from_secs(5));
     let logged = dash.matching("revoke asked from the dashboard");
     assert!(logged.iter().any(|l| l.contains(&id) && l.contains("peer=127.0.0.1:")), "{}", dash.dump());
@@ -545,6 +576,118 @@ fn rabbitmq_queue_rows_count_what_workers_hold_and_rates_where_events_name_the_q
     assert_eq!(row["ready"], json!(0), "{row} (held: {held})");
 }
 
+/// A RabbitMQ vhost of its own, its URL, a node name and the queue `dash.<tag>`.
+fn on_a_vhost(tag: &str) -> (TestVhost, String, String, String) {
+    let vhost = TestVhost::new();
+    let broker = vhost.url("");
+    (vhost, broker, node(tag), format!("dash.{tag}"))
+}
+
+/// ids that say what they are, unique to this run.
+fn ids(tag: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{tag}-{i}-{}-{}", std::process::id(), common::free_port())).collect()
+}
+
+/// chain(add(1, 1), add(2), add(3)) and chord([add(1, 1), add(2, 2)], tsum) sent by celeriac's
+/// client with known ids; (chain ids, chord header ids, chord body id).
+fn send_chain_and_chord(broker: &str, queue: &str) -> (Vec<String>, Vec<String>, String) {
+    use celeriac::canvas::{chain, chord};
+    use celeriac::Signature;
+    let (steps, header, body) = (ids("step", 3), ids("head", 2), ids("body", 1).remove(0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = celeriac::Client::connect(broker, Some(&results())).await.unwrap();
+        let add = |args: &[i64], id: &str| {
+            args.iter().fold(Signature::new("celeriac.add"), |s, a| s.arg(*a)).queue(queue).task_id(id)
+        };
+        chain([add(&[1, 1], &steps[0]), add(&[2], &steps[1]), add(&[3], &steps[2])])
+            .apply_async(&client)
+            .await
+            .unwrap();
+        let heads = [add(&[1, 1], &header[0]), add(&[2, 2], &header[1])];
+        chord(heads, Signature::new("celeriac.tsum").queue(queue).task_id(&body)).apply_async(&client).await.unwrap();
+    });
+    (steps, header, body)
+}
+
+/// The edges of a task's graph as (from, to, kind).
+fn edges(t: &Value) -> Vec<(String, String, String)> {
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    t["graph"]["edges"].as_array().into_iter().flatten().map(|e| (s(&e["from"]), s(&e["to"]), s(&e["kind"]))).collect()
+}
+
+#[test]
+fn a_chain_and_a_chord_run_on_a_celeriac_worker_show_their_membership_and_links() {
+    let (_vhost, broker, name, queue) = on_a_vhost("flow");
+    let queue = queue.as_str();
+    let _w = WorkerProc::start(&broker, &["--result-backend", &results(), "-E", "-n", &name, "-Q", queue]);
+    let (_dash, port) = dashboard(&broker, queue, None);
+    wait_worker(port, &name, "online", |w| w["online"] == json!(true));
+    let (steps, header, body) = send_chain_and_chord(&broker, queue);
+
+    // The chain: each step names the steps after it; the graph links them in order.
+    let first = wait_task(port, &steps[0], "succeeded", |t| t["state"] == json!("SUCCESS"));
+    let chain: Vec<&str> = first["chain"].as_array().unwrap().iter().filter_map(|r| r["id"].as_str()).collect();
+    assert_eq!(chain, [steps[1].as_str(), steps[2].as_str()], "the next steps, next first: {first}");
+    assert_eq!(first["chain"][0]["name"], json!("celeriac.add"), "{first}");
+    let last = wait_task(port, &steps[2], "succeeded", |t| t["result"] == json!("7"));
+    assert_eq!(last["parent_id"].as_str(), Some(steps[1].as_str()), "{last}");
+    let middle =
+        wait_task(port, &steps[1], "with its graph", |t| t["graph"]["nodes"].as_array().is_some_and(|n| n.len() == 3));
+    let e = edges(&middle);
+    for (from, to) in [(&steps[0], &steps[1]), (&steps[1], &steps[2])] {
+        assert!(e.contains(&(from.clone(), to.clone(), "chain".into())), "{from} -> {to} in {e:?}");
+    }
+    assert_eq!(middle["child_ids"], json!([steps[2]]), "{middle}");
+
+    // The chord: each header task is in the group and names the body; the body ran.
+    let done = wait_task(port, &body, "succeeded", |t| t["result"] == json!("6"));
+    assert_eq!(done["name"], json!("celeriac.tsum"), "{done}");
+    let head = wait_task(port, &header[0], "with both header tasks in its group", |t| {
+        t["graph"]["groups"][0]["members"].as_array().is_some_and(|m| m.len() == 2)
+    });
+    assert_eq!(head["chord"], json!({"id": body, "name": "celeriac.tsum"}), "{head}");
+    assert!(head["group"].is_string() && head["group_index"] == json!(0), "{head}");
+    assert_eq!(head["graph"]["groups"][0]["chord"]["id"], json!(body), "{head}");
+    let e = edges(&head);
+    for h in &header {
+        assert!(e.contains(&(h.clone(), body.clone(), "chord".into())), "{h} -> body in {e:?}");
+    }
+    let body_node = head["graph"]["nodes"].as_array().unwrap().iter().find(|n| n["id"] == json!(body)).cloned();
+    assert_eq!(body_node.map(|n| n["state"].clone()), Some(json!("SUCCESS")), "{head}");
+}
+
+#[test]
+fn a_task_a_celery_worker_retried_is_not_its_own_parent_and_its_success_shows_no_retry_traceback_as_its_own() {
+    let vhost = TestVhost::new();
+    let broker = vhost.url("");
+    let queue = "dash.retry";
+    let _celery = common::pyapp::CeleryWorker::start_with(&broker, &results(), queue, &["-E"]);
+    let (_dash, port) = dashboard(&broker, queue, None);
+    let env = common::pyapp::app_env(&broker, &results(), queue);
+    let out = std::process::Command::new(common::venv_python())
+        .arg(common::pyapp::pyapp_dir().join("send.py"))
+        .args([queue, "retry_twice", "[4]"])
+        .envs(env)
+        .output()
+        .expect("send.py");
+    let sent: Vec<String> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("send.py: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let id = &sent[0];
+    // Celery's retry sends the task again with the same id and, as it had no parent, itself as
+    // the parent (`celery/app/task.py` `retry` → `signature_from_request` → `send_task`).
+    let t = wait_task(port, id, "succeeded after two retries", |t| t["result"] == json!("40"));
+    assert_eq!(t["retries"], json!(2), "{t}");
+    assert!(t["parent_id"].is_null(), "not its own parent: {t}");
+    assert_eq!(t["child_ids"], json!([]), "not its own child: {t}");
+    assert_eq!(t["graph"]["edges"], json!([]), "{t}");
+    // The success has no traceback; the one that asked for the last retry is labelled as such.
+    assert!(t["traceback"].is_null() && t["exception"].is_null(), "{t}");
+    assert!(t["retry_exception"].as_str().is_some_and(|e| e.contains("not yet 1")), "{t}");
+    assert_eq!(t["retry_number"], json!(2), "{t}");
+    assert_eq!(t["graph"]["nodes"][0]["state"], json!("SUCCESS"), "a late task-retried does not undo the end: {t}");
+}
+
 /// Standard base64 (a WebDriver screenshot) to bytes.
 fn base64_decode(text: &str) -> Vec<u8> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -631,17 +774,25 @@ impl Browser {
         assert!(ok, "the page did not show {what} within 30 s; it shows:\n{}", self.text());
     }
 
-    fn click(&self, css: &str) {
+    /// The WebDriver id of the element `css`.
+    fn element(&self, css: &str) -> String {
         let found = self.session_call("POST", "/element", json!({"using": "css selector", "value": css}));
-        let id = found
-            .as_object()
-            .and_then(|o| o.values().next())
-            .and_then(Value::as_str)
-            .unwrap_or_else(|| panic!("no {css}: {found}"));
-        self.session_call("POST", &format!("/element/{id}/click"), json!({}));
+        let id = found.as_object().and_then(|o| o.values().next()).and_then(Value::as_str);
+        id.unwrap_or_else(|| panic!("no {css}: {found}")).to_string()
     }
 
+    fn click(&self, css: &str) {
+        self.session_call("POST", &format!("/element/{}/click", self.element(css)), json!({}));
+    }
+
+    /// Type `text` into the element `css` as a user would (key by key, the focus staying there).
+    fn type_into(&self, css: &str, text: &str) {
+        self.session_call("POST", &format!("/element/{}/value", self.element(css)), json!({"text": text}));
+    }
+
+    /// A picture of the page once its header says it reads the broker.
     fn screenshot(&self, name: &str) -> std::path::PathBuf {
+        self.wait("connected", "return document.getElementById('status')?.textContent === 'connected';");
         let png = base64_decode(self.session_call("GET", "/screenshot", Value::Null).as_str().expect("screenshot"));
         assert!(png.starts_with(b"\x89PNG"), "a PNG");
         let dir = common::repo().join("target/dashboard-screenshots");
@@ -701,7 +852,55 @@ fn in_a_real_browser_both_workers_a_result_a_blocked_task_and_its_revoke_show() 
     );
     page("tasks");
     b.wait("the task in the list", &format!("return !!document.querySelector('tr.task[data-id={}]');", json!(id)));
+    b.wait(
+        "its run time in ms or µs",
+        &format!(
+            "return /\\d (ms|µs)$/.test(document.querySelector('tr.task[data-id={}] td.runtime').textContent);",
+            json!(id)
+        ),
+    );
     b.screenshot("tasks.png");
+    // A filter applies as it is typed, the field keeping the focus (no change event, no blur).
+    b.type_into("#filter-worker", "no-such-worker");
+    b.wait(
+        "the list filtered while typing",
+        "return document.getElementById('task-count')?.textContent.startsWith('showing 0 of 0') \
+         && document.activeElement.id === 'filter-worker' && !document.querySelector('tr.task');",
+    );
+    b.js("document.getElementById('filter-worker').value = ''; return true;");
+    b.type_into("#filter-worker", "browser");
+    b.wait("the list back", &format!("return !!document.querySelector('tr.task[data-id={}]');", json!(id)));
+
+    // A chord header's page draws the workflow: the group box, an edge to the body per header task.
+    let (_steps, header, body) = send_chain_and_chord(&broker, queue);
+    page(&format!("task/{}", header[0]));
+    b.wait(
+        "the chord's graph",
+        &format!(
+            "return document.querySelectorAll('#workflow-graph g.group-box').length === 1 \
+             && document.querySelectorAll('#workflow-graph path.edge-chord').length === 2 \
+             && document.querySelector('#workflow-graph g.node-box[data-id={b}]')?.dataset.state === 'SUCCESS' \
+             && document.getElementById('task-chord')?.textContent.includes({b});",
+            b = json!(body)
+        ),
+    );
+    b.screenshot("workflow.png");
+
+    // The charts: every minute of the hour as a bar pair, labelled axes, percentiles, queue depth.
+    page("charts");
+    b.wait(
+        "the charts",
+        &format!(
+            "const t = document.getElementById('chart-throughput'); return !!t \
+             && t.querySelectorAll('rect.bar').length === 120 \
+             && t.textContent.includes('tasks / min') && t.textContent.includes('time (UTC), last hour') \
+             && document.querySelectorAll('#chart-runtime path.series').length >= 1 \
+             && !!document.getElementById({d}) \
+             && [...document.querySelectorAll('tr.runtime-row')].some(r => r.textContent.includes('celeriac.add'));",
+            d = json!(format!("chart-depth-{queue}"))
+        ),
+    );
+    b.screenshot("charts.png");
 
     let hung = send(&broker, "celeriac.hang", "[]", queue);
     page("workers");
@@ -713,7 +912,18 @@ fn in_a_real_browser_both_workers_a_result_a_blocked_task_and_its_revoke_show() 
             h = json!(hung)
         ),
     );
+    // A Celery worker's figures are its peak RSS; what its stats do not give says so.
+    b.wait(
+        "the Python worker's peak RSS and its child's RSS not reported",
+        "const t = document.body.innerText; return /peak \\d+ MiB/.test(t) && t.includes('RSS not reported');",
+    );
     b.screenshot("workers.png");
+    // The hung task is highlighted in the list once it has slept in its futex for 5 s.
+    page("tasks");
+    b.wait(
+        "the hung task highlighted",
+        &format!("return !!document.querySelector('tr.task.hung[data-id={}]');", json!(hung)),
+    );
 
     // Without the token, Terminate is refused and the task keeps running.
     page(&format!("task/{hung}"));
@@ -748,7 +958,7 @@ fn in_a_real_browser_both_workers_a_result_a_blocked_task_and_its_revoke_show() 
     b.screenshot("queues.png");
 
     // The three pages are real pictures, not blank ones.
-    for shot in ["workers.png", "tasks.png", "task.png"] {
+    for shot in ["workers.png", "tasks.png", "task.png", "charts.png", "workflow.png"] {
         let size = std::fs::metadata(common::repo().join("target/dashboard-screenshots").join(shot)).unwrap().len();
         assert!(size > 10_000, "{shot}: {size} bytes");
     }

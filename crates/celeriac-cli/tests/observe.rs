@@ -141,6 +141,22 @@ fn flower_lists_the_celeriac_worker_online_and_records_its_task() {
         http_json(port, "/api/tasks").is_some_and(|v| burst.iter().all(|id| v[id.as_str()]["state"] == "SUCCESS"))
     });
 
+    // A chain: its first step's task-received carries the workflow keys of celeriac's (`chain`,
+    // a list of objects); Flower still records both steps, the second with its parent.
+    let steps = [format!("flower-a-{port}"), format!("flower-b-{port}")];
+    rt.block_on(async {
+        let client = celeriac::Client::connect(&url, Some("disabled://")).await.unwrap();
+        let add = |x: i64, id: &str| celeriac::Signature::new("celeriac.add").arg(x).arg(1).task_id(id);
+        let second = celeriac::Signature::new("celeriac.add").arg(2).task_id(&steps[1]);
+        celeriac::canvas::chain([add(1, &steps[0]), second]).apply_async(&client).await.unwrap();
+    });
+    wait_until("Flower to record both steps of the chain", Duration::from_secs(30), || {
+        http_json(port, "/api/tasks").is_some_and(|v| steps.iter().all(|id| v[id.as_str()]["state"] == "SUCCESS"))
+    });
+    let second = task(&steps[1]).unwrap();
+    assert_eq!((&second["parent_id"], &second["result"]), (&json!(steps[0]), &json!("4")), "{second}");
+    assert!(flower.find(|l| l.contains("Traceback")).is_none(), "{}", flower.dump());
+
     worker.signal("TERM");
     assert!(worker.wait_exit(Duration::from_secs(20)).success());
     wait_until("Flower to see the worker go offline", Duration::from_secs(20), || alive(false));

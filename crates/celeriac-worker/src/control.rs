@@ -32,8 +32,8 @@
 //!
 //! `active` (and `query_task`) entries are Celery's `Request.info()` plus keys of celeriac's: a
 //! running task's `runtime`, and in the prefork pool what the child's thread running it is
-//! blocked on (`worker_tid`, `proc_state`, `wchan`, `syscall`, `blocked_on`) and its
-//! `hard_time_left`; Celery's `inspect active` prints them with the rest.
+//! blocked on (`worker_tid`, `proc_state`, `wchan`, `syscall`, `blocked_on`), its
+//! `hard_time_left` and `soft_time_left`; Celery's `inspect active` prints them with the rest.
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -445,7 +445,8 @@ fn list(ctx: &Context, phase: impl Fn(&Phase) -> bool) -> Value {
 
 /// What celeriac adds to an `active` request of the prefork pool (Celery's clients print or
 /// ignore extra keys): `worker_tid` (the thread running the task), `runtime` and
-/// `hard_time_left` (seconds; `null` without a hard limit), `proc_state`, `wchan`, `syscall`
+/// `hard_time_left` (seconds; `null` without a hard limit), `soft_time_left` (seconds, negative
+/// once passed; `null` without a soft limit), `proc_state`, `wchan`, `syscall`
 /// (from `/proc/<pid>/task/<tid>/`; `null` when not sleeping in one) and `blocked_on`, the three
 /// in one phrase.
 fn diagnosis_keys(d: &TaskDiagnosis) -> Map<String, Value> {
@@ -454,6 +455,7 @@ fn diagnosis_keys(d: &TaskDiagnosis) -> Map<String, Value> {
         "worker_tid": d.tid,
         "runtime": d.runtime,
         "hard_time_left": d.hard_time_left,
+        "soft_time_left": d.soft_time_left,
         "proc_state": wait.map(|w| w.state.as_str()),
         "wchan": wait.and_then(|w| w.wchan.as_deref()),
         "syscall": wait.and_then(|w| w.syscall.as_deref()),

@@ -15,6 +15,58 @@ use crate::events::{exception_repr, Dispatcher};
 use crate::metrics::{InFlight, Metrics};
 use crate::request::Request;
 
+/// What a task message says of its workflow beyond `root_id`/`parent_id`, as extra keys of
+/// `task-received` (Celery's readers, `celery/events/state.py` and Flower, keep unknown keys as
+/// they are): `group` (the `group` header) and `group_index`; `chord`, the chord body a header
+/// task joins (`{"id", "name"}`); `chain`, the steps after this one, next first (`[{"id",
+/// "name"}]`); `link` and `errback`, the callbacks' and errbacks' `[{"id", "name"}]`. An id is a
+/// signature's `options.task_id` (set once the canvas was frozen, as every applied one is), a
+/// name its `task`. Keys with nothing to say are left out.
+fn workflow_fields(req: &Request) -> Vec<(&'static str, Value)> {
+    fn reference(sig: &Value) -> Option<Value> {
+        let id = sig.pointer("/options/task_id").and_then(Value::as_str)?;
+        let name = sig.get("task").and_then(Value::as_str).unwrap_or("");
+        Some(serde_json::json!({"id": id, "name": name}))
+    }
+    fn references(sigs: Option<&Value>) -> Option<Value> {
+        let list: Vec<Value> = match sigs? {
+            Value::Array(items) => items.iter().filter_map(reference).collect(),
+            one @ Value::Object(_) => reference(one).into_iter().collect(),
+            _ => Vec::new(),
+        };
+        (!list.is_empty()).then_some(Value::Array(list))
+    }
+    let (h, embed) = (&req.headers, &req.body.embed);
+    let mut out = Vec::new();
+    if let Some(g) = &h.group {
+        out.push(("group", Value::from(g.as_str())));
+        if let Some(i) = h.group_index {
+            out.push(("group_index", Value::from(i)));
+        }
+    }
+    if let Some(body) = embed.chord.as_ref().and_then(reference) {
+        out.push(("chord", body));
+    }
+    // The rest of a chain travels last step first.
+    let chain = embed.chain.as_ref().and_then(|c| c.to_value().ok()).map(|v| match v {
+        Value::Array(mut steps) => {
+            steps.reverse();
+            Value::Array(steps)
+        }
+        other => other,
+    });
+    if let Some(steps) = references(chain.as_ref()) {
+        out.push(("chain", steps));
+    }
+    if let Some(links) = references(embed.callbacks.as_ref()) {
+        out.push(("link", links));
+    }
+    if let Some(errbacks) = references(embed.errbacks.as_ref()) {
+        out.push(("errback", errbacks));
+    }
+    out
+}
+
 /// The worker's observers.
 pub(crate) struct Observer {
     pub metrics: Arc<Metrics>,
@@ -36,36 +88,34 @@ impl Observer {
         }
         let h = &req.headers;
         let time = |t: Option<chrono::DateTime<Utc>>| t.map(|t| Value::from(t.to_rfc3339())).unwrap_or(Value::Null);
-        self.task_event(
-            "task-received",
-            &h.id,
-            vec![
-                ("name", Value::from(h.task.as_str())),
-                (
-                    "args",
-                    Value::from(
-                        h.argsrepr.clone().unwrap_or_else(|| celeriac_core::pyrepr::args_repr(&req.body.args, true)),
-                    ),
+        let mut fields = vec![
+            ("name", Value::from(h.task.as_str())),
+            (
+                "args",
+                Value::from(
+                    h.argsrepr.clone().unwrap_or_else(|| celeriac_core::pyrepr::args_repr(&req.body.args, true)),
                 ),
-                (
-                    "kwargs",
-                    Value::from(
-                        h.kwargsrepr.clone().unwrap_or_else(|| celeriac_core::pyrepr::kwargs_repr(&req.body.kwargs)),
-                    ),
+            ),
+            (
+                "kwargs",
+                Value::from(
+                    h.kwargsrepr.clone().unwrap_or_else(|| celeriac_core::pyrepr::kwargs_repr(&req.body.kwargs)),
                 ),
-                ("root_id", h.root_id.clone().map(Value::from).unwrap_or(Value::Null)),
-                ("parent_id", h.parent_id.clone().map(Value::from).unwrap_or(Value::Null)),
-                ("retries", Value::from(h.retries)),
-                ("eta", time(h.eta_time())),
-                ("expires", time(h.expires_time())),
-                // Keys of celeriac's (Celery's worker sends neither; Flower shows
-                // `routing_key` when present): the queue the message came from, which is also
-                // its routing key as `inspect`'s `delivery_info` reports it. The dashboard
-                // counts each queue's rate out with them.
-                ("queue", Value::from(req.delivery.queue.as_str())),
-                ("routing_key", Value::from(req.delivery.queue.as_str())),
-            ],
-        );
+            ),
+            ("root_id", h.root_id.clone().map(Value::from).unwrap_or(Value::Null)),
+            ("parent_id", h.parent_id.clone().map(Value::from).unwrap_or(Value::Null)),
+            ("retries", Value::from(h.retries)),
+            ("eta", time(h.eta_time())),
+            ("expires", time(h.expires_time())),
+            // Keys of celeriac's (Celery's worker sends neither; Flower shows
+            // `routing_key` when present): the queue the message came from, which is also
+            // its routing key as `inspect`'s `delivery_info` reports it. The dashboard
+            // counts each queue's rate out with them.
+            ("queue", Value::from(req.delivery.queue.as_str())),
+            ("routing_key", Value::from(req.delivery.queue.as_str())),
+        ];
+        fields.extend(workflow_fields(req));
+        self.task_event("task-received", &h.id, fields);
     }
 
     /// The task starts running (Celery: `task-started`); the guard counts it as in flight.
@@ -108,14 +158,15 @@ impl Observer {
         if let Some(r) = runtime {
             self.metrics.observe_runtime(name, r);
         }
-        self.task_event(
-            "task-failed",
-            id,
-            vec![
-                ("exception", Value::from(exception_repr(exc))),
-                ("traceback", traceback.map(Value::from).unwrap_or(Value::Null)),
-            ],
-        );
+        let mut fields = vec![
+            ("exception", Value::from(exception_repr(exc))),
+            ("traceback", traceback.map(Value::from).unwrap_or(Value::Null)),
+        ];
+        // An extra key (Celery's `task-failed` has none): the dashboard's run-time percentiles.
+        if let Some(r) = runtime {
+            fields.push(("runtime", Value::from(r.as_secs_f64())));
+        }
+        self.task_event("task-failed", id, fields);
     }
 
     /// A retry was scheduled (Celery: `task-retried`).

@@ -84,9 +84,15 @@ pub struct CeleryWorker(std::process::Child);
 
 impl CeleryWorker {
     pub fn start(broker: &str, backend: &str, queue: &str) -> Self {
+        Self::start_with(broker, backend, queue, &[])
+    }
+
+    /// With more options (`-E`: task events).
+    pub fn start_with(broker: &str, backend: &str, queue: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(repo().join("target/pyenv/bin/celery"))
             .args(["-A", "pyapp", "worker", "-P", "prefork", "-c", "2", "-Q", queue, "--loglevel=INFO"])
             .args(["-n", &format!("pyapp-{queue}@%h")])
+            .args(extra)
             .envs(app_env(broker, backend, queue))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())

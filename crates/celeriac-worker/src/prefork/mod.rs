@@ -191,6 +191,8 @@ pub struct ActiveTask {
     pub tid: u32,
     /// When its hard time limit kills it, if it has one.
     pub hard_deadline: Option<DateTime<Utc>>,
+    /// When its soft time limit is (or was) due, if it has one.
+    pub soft_deadline: Option<DateTime<Utc>>,
 }
 
 /// A task running in a prefork child, diagnosed from `/proc` at the moment it is asked for:
@@ -209,6 +211,9 @@ pub struct TaskDiagnosis {
     pub runtime: f64,
     /// Seconds until its hard time limit (0 once passed); `None` without one.
     pub hard_time_left: Option<f64>,
+    /// Seconds until its soft time limit, negative once passed (a task still running past it
+    /// ignored or missed the signal: the dashboard shows it as hung); `None` without one.
+    pub soft_time_left: Option<f64>,
     /// What the thread is doing; `None` when it could not be read (the child just died).
     pub wait: Option<proc_info::ThreadWait>,
 }
@@ -249,6 +254,7 @@ impl ChildStatus {
             tid: task.tid,
             runtime: secs(now - task.started).max(0.0),
             hard_time_left: task.hard_deadline.map(|d| secs(d - now).max(0.0)),
+            soft_time_left: task.soft_deadline.map(|d| secs(d - now)),
             wait: proc_info::ThreadWait::read(self.pid, task.tid),
         })
     }
@@ -417,7 +423,11 @@ impl Pool {
         tracing::Span::current().record("child_pid", child.pid);
         let started = Utc::now();
         let hard_deadline = hard.and_then(|h| chrono::TimeDelta::from_std(h).ok()).map(|h| started + h);
-        let task = ActiveTask { id: id.clone(), name, started, tid: child.tid, hard_deadline };
+        let soft_deadline = req
+            .soft_time_limit
+            .and_then(|s| chrono::TimeDelta::from_std(Duration::try_from_secs_f64(s).ok()?).ok())
+            .map(|s| started + s);
+        let task = ActiveTask { id: id.clone(), name, started, tid: child.tid, hard_deadline, soft_deadline };
         self.set_status(child.slot, |s| s.task = Some(task));
         if let Err(e) = write_frame_async(&mut child.stdin, &ToChild::Run(Box::new(req))).await {
             let how = self.bury(child).await;

@@ -31,6 +31,8 @@ pub const DEPTH_SAMPLES: usize = 1800;
 pub const MAX_NAMES: usize = 200;
 /// The name run times of task names past [`MAX_NAMES`] are counted under.
 pub const OTHER_NAMES: &str = "(other names)";
+/// A running task asleep in one system call this long (seconds of run time) is shown as hung.
+pub const HUNG_AFTER_SECS: f64 = 5.0;
 /// The most tasks a workflow graph holds.
 pub const MAX_GRAPH_NODES: usize = 300;
 
@@ -254,26 +256,29 @@ impl State {
         let f = &mut task.fields;
         f.insert("id".into(), json!(id));
         let current = text(f, "state").unwrap_or("PENDING");
-        let was_retrying = current == "RETRY";
-        if kind == "task-retried" || rank(state) >= rank(current) || kind == "task-revoked" {
+        // A retry starts the task over, unless it already ended: a prefork Celery worker sends
+        // `task-retried` from its main process once the child reported, and the retried
+        // message may have run to its end on another child by then (Celery's own
+        // `celery/events/state.py` keeps a ready state against a lower one too).
+        let over = kind == "task-retried" && rank(current) < 3;
+        if over || rank(state) >= rank(current) || kind == "task-revoked" {
             f.insert("state".into(), json!(state));
         }
         if kind != "task-sent" {
             f.insert("worker".into(), json!(host));
         }
+        // Of several retries, the latest (by its timestamp) is the one shown.
+        let latest_retry = kind == "task-retried" && number(f, "retried_at").is_none_or(|r| at >= r);
         let stamp = match kind {
             "task-sent" => "sent",
             "task-received" => "received",
             "task-started" => "started",
-            "task-retried" => "retried_at",
+            "task-retried" if latest_retry => "retried_at",
+            "task-retried" => "",
             _ => "finished",
         };
-        f.insert(stamp.into(), json!(at));
-        if kind == "task-received" && was_retrying {
-            // A retry's message is received again: what the earlier run ended with is not this
-            // run's (it is kept as the retry's, below).
-            f.remove("exception");
-            f.remove("traceback");
+        if !stamp.is_empty() {
+            f.insert(stamp.into(), json!(at));
         }
         for (k, v) in ev {
             if matches!(
@@ -293,6 +298,7 @@ impl State {
                 // The worker's pid is the event's, not the task's.
                 (_, "pid") => "worker_pid",
                 // What made the task retry, kept apart from how it ended.
+                ("task-retried", "exception" | "traceback") if !latest_retry => continue,
                 ("task-retried", "exception") => "retry_exception",
                 ("task-retried", "traceback") => "retry_traceback",
                 _ => k.as_str(),
@@ -300,9 +306,9 @@ impl State {
             f.insert(key.into(), v.clone());
         }
         if kind == "task-retried" {
-            // The run that asked for the retry was run number `retries` (0 the first).
-            let run = f.get("retries").and_then(Value::as_u64).unwrap_or(0);
-            f.insert("retry_of_run".into(), json!(run));
+            // Retries seen; the traceback kept is the latest's, so it is that of retry N.
+            let n = f.get("retry_number").and_then(Value::as_u64).unwrap_or(0) + 1;
+            f.insert("retry_number".into(), json!(n));
         }
         let runtime = matches!(kind, "task-succeeded" | "task-failed").then(|| number(ev, "runtime")).flatten();
         let name = text(f, "name").map(str::to_string);
@@ -457,8 +463,24 @@ impl State {
                         None => "unknown",
                     });
                 let active: Vec<Value> = w.active.as_ref().and_then(Value::as_array).cloned().unwrap_or_default();
+                // A Celery prefork pool lists its processes' pids only
+                // (`celery/concurrency/prefork.py` `_get_info`): RSS and tasks done are not
+                // reported (`null`); the task each runs is the `active` entry of its pid.
+                let python_children: Option<Vec<Value>> = pool.and_then(|p| p["processes"].as_array()).map(|pids| {
+                    pids.iter()
+                        .enumerate()
+                        .map(|(slot, pid)| {
+                            let task = active
+                                .iter()
+                                .find(|t| t["worker_pid"] == *pid)
+                                .map(|t| json!({"id": t["id"], "name": t["name"]}));
+                            json!({"slot": slot, "pid": pid, "rss_kib": null, "tasks_done": null, "task": task})
+                        })
+                        .collect()
+                });
                 let children: Vec<Value> = pool
                     .and_then(|p| p["children"].as_array())
+                    .or(python_children.as_ref())
                     .map(|cs| {
                         cs.iter()
                             .map(|c| {
@@ -487,6 +509,10 @@ impl State {
                     "active_count": w.heartbeat_fields.get("active").cloned().unwrap_or_else(|| json!(active.len())),
                     "loadavg": w.heartbeat_fields.get("loadavg").cloned(),
                     "rss_kib": stats.map(|s| s["rss_kib"].clone()),
+                    // `getrusage(RUSAGE_SELF).ru_maxrss` (KiB on Linux) of the worker's own
+                    // process, the one figure a Celery worker's `stats` gives
+                    // (`celery/worker/worker.py` `rusage`).
+                    "peak_rss_kib": stats.map(|s| s["rusage"]["maxrss"].clone()),
                     "children": children,
                     "recycles": pool.map(|p| p["recycles"].clone()),
                     "hard_limit_kills": pool.map(|p| p["hard_limit_kills"].clone()),
@@ -525,10 +551,22 @@ impl State {
         let worker = task["worker"].as_str().and_then(|w| self.workers.get(w));
         let active = worker.and_then(|w| w.active.as_ref()).and_then(Value::as_array);
         if let Some(entry) = active.into_iter().flatten().find(|a| a["id"] == task["id"]) {
-            for key in ["blocked_on", "wchan", "runtime", "hard_time_left", "worker_pid"] {
+            for key in [
+                "blocked_on",
+                "wchan",
+                "syscall",
+                "proc_state",
+                "runtime",
+                "hard_time_left",
+                "soft_time_left",
+                "worker_pid",
+            ] {
                 if !entry[key].is_null() {
                     task[key] = entry[key].clone();
                 }
+            }
+            if let Some(why) = hung(entry) {
+                task["hung"] = json!(why);
             }
         }
         task
@@ -572,6 +610,22 @@ impl State {
             if other != id && other != &root && text(&t.fields, "root_id") == Some(root.as_str()) {
                 ids.push(other);
             }
+        }
+        // The other members of its groups: a group applied on its own makes each member a root.
+        let in_groups: std::collections::HashSet<&str> =
+            ids.iter().filter_map(|i| self.tasks.get(*i)).filter_map(|t| text(&t.fields, "group")).collect();
+        if !in_groups.is_empty() {
+            let known: std::collections::HashSet<&str> = ids.iter().copied().collect();
+            let more: Vec<&str> = self
+                .order
+                .iter()
+                .filter(|o| !known.contains(o.as_str()))
+                .filter(|o| {
+                    self.tasks.get(*o).and_then(|t| text(&t.fields, "group")).is_some_and(|g| in_groups.contains(g))
+                })
+                .map(String::as_str)
+                .collect();
+            ids.extend(more.into_iter().take(MAX_GRAPH_NODES.saturating_sub(ids.len())));
         }
         let mut nodes: Vec<Value> = Vec::new();
         let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
@@ -642,9 +696,15 @@ impl State {
                 nodes.push(json!({"id": pid, "name": name, "state": state}));
             }
         }
+        // A chord's body carries the header's group id (Celery's `chord` sets it) but is not a
+        // member of the header.
         let groups: Vec<Value> = groups
             .into_iter()
-            .map(|(gid, (members, chord))| json!({"id": gid, "members": members, "chord": chord}))
+            .map(|(gid, (mut members, chord))| {
+                let body = chord.as_ref().and_then(|c| c["id"].as_str());
+                members.retain(|m| Some(m.as_str()) != body);
+                json!({"id": gid, "members": members, "chord": chord})
+            })
             .collect();
         json!({"root": root, "nodes": nodes, "edges": edges, "groups": groups})
     }
@@ -821,6 +881,22 @@ impl State {
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
+}
+
+/// Why a running task (an `active` entry with celeriac's diagnosis) looks hung, if it does: it
+/// is past its soft time limit, or it has slept in one system call (`S` or `D` with a
+/// `syscall`) for at least [`HUNG_AFTER_SECS`] of running.
+fn hung(active: &Value) -> Option<String> {
+    if let Some(left) = active["soft_time_left"].as_f64().filter(|l| *l < 0.0) {
+        return Some(format!("past its soft time limit by {:.1} s", -left));
+    }
+    let runtime = active["runtime"].as_f64()?;
+    let sleeping = active["proc_state"].as_str().is_some_and(|s| s.starts_with('S') || s.starts_with('D'));
+    let in_syscall = active["syscall"].as_str().is_some_and(|s| !s.is_empty());
+    (sleeping && in_syscall && runtime >= HUNG_AFTER_SECS).then(|| {
+        let on = active["blocked_on"].as_str().unwrap_or("?");
+        format!("blocked for {runtime:.0} s: {on}")
+    })
 }
 
 /// Filters of the task list; `None` matches all.
@@ -1007,9 +1083,29 @@ mod tests {
         assert_eq!(t["child_ids"], json!([]), "{t}");
         assert!(t.get("parent_id").is_none(), "{t}");
         assert!(t.get("traceback").is_none() && t.get("exception").is_none(), "not shown as the success's: {t}");
-        assert_eq!((t["retry_traceback"].as_str(), t["retry_of_run"].as_u64()), (Some("Traceback: boom"), Some(0)));
+        assert_eq!((t["retry_traceback"].as_str(), t["retry_number"].as_u64()), (Some("Traceback: boom"), Some(1)));
         assert_eq!(t["graph"]["edges"], json!([]), "no self-edge: {t}");
         assert_eq!(t["state"], json!("SUCCESS"));
+
+        // As a prefork Celery worker sends them: the second retry's event after the success.
+        let mut s = State::default();
+        for (kind, at, extra) in [
+            ("task-received", 1.0, json!({"retries": 0})),
+            ("task-retried", 2.0, json!({"exception": "ValueError('not yet 0')"})),
+            ("task-received", 3.0, json!({"retries": 1, "parent_id": "p"})),
+            ("task-received", 5.0, json!({"retries": 2, "parent_id": "p"})),
+            ("task-succeeded", 6.0, json!({"result": "40"})),
+            ("task-retried", 4.0, json!({"exception": "ValueError('not yet 1')"})),
+        ] {
+            let mut e = json!({"type": kind, "hostname": "w", "uuid": "x", "timestamp": at});
+            e.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            s.apply_event(&ev(e)).unwrap();
+        }
+        let t = s.task_json("x").unwrap();
+        assert_eq!(t["state"], json!("SUCCESS"), "a late retry does not undo the end: {t}");
+        assert_eq!(t["retry_exception"], json!("ValueError('not yet 1')"), "{t}");
+        assert_eq!((t["retry_number"].as_u64(), t["parent_id"].as_str()), (Some(2), Some("p")));
+        assert_eq!(t["graph"]["nodes"][0]["state"], json!("SUCCESS"));
     }
 
     #[test]
@@ -1045,7 +1141,7 @@ mod tests {
             // chord([h1, h2], body) started by b.
             json!({"type": "task-received", "hostname": "w", "uuid": "h1", "name": "t.h", "root_id": "a", "parent_id": "b",
                 "group": "g", "group_index": 0, "chord": {"id": "body", "name": "t.sum"}}),
-            json!({"type": "task-received", "hostname": "w", "uuid": "h2", "name": "t.h", "root_id": "a", "parent_id": "b",
+            json!({"type": "task-received", "hostname": "w", "uuid": "h2", "name": "t.h", "root_id": "h2",
                 "group": "g", "group_index": 1, "chord": {"id": "body", "name": "t.sum"}}),
         ] {
             s.apply_event(&ev(v)).unwrap();
@@ -1080,5 +1176,48 @@ mod tests {
             g["groups"],
             json!([{"id": "g", "members": ["h1", "h2"], "chord": {"id": "body", "name": "t.sum"}}])
         );
+    }
+
+    #[test]
+    fn a_python_celery_workers_processes_and_peak_rss_are_shown_from_its_stats() {
+        let mut s = State::default();
+        let stats = json!({"pid": 10, "pool": {"implementation": "celery.concurrency.prefork:TaskPool",
+            "max-concurrency": 2, "processes": [11, 12]}, "rusage": {"maxrss": 40960}});
+        s.apply_replies("stats", vec![("py@h".into(), stats)]);
+        s.apply_replies("active", vec![("py@h".into(), json!([{"id": "t1", "name": "app.slow", "worker_pid": 12}]))]);
+        let w = &s.workers_json()[0];
+        assert_eq!(w["peak_rss_kib"], json!(40960));
+        assert_eq!(w["software"], json!("py-celery"));
+        let children = w["children"].as_array().unwrap();
+        assert_eq!(children.len(), 2, "{w}");
+        assert_eq!(
+            (&children[0]["pid"], &children[0]["rss_kib"], &children[0]["task"]),
+            (&json!(11), &Value::Null, &Value::Null)
+        );
+        assert_eq!(children[1]["task"], json!({"id": "t1", "name": "app.slow"}));
+    }
+
+    #[test]
+    fn a_task_past_its_soft_limit_or_asleep_in_a_syscall_is_hung() {
+        let mut s = State::default();
+        for id in ["soft", "futex", "busy", "young"] {
+            s.apply_event(&ev(json!({"type": "task-started", "hostname": "w", "uuid": id}))).unwrap();
+        }
+        s.apply_replies(
+            "active",
+            vec![(
+                "w".into(),
+                json!([
+                    {"id": "soft", "runtime": 3.0, "soft_time_left": -1.5, "proc_state": "R (running)"},
+                    {"id": "futex", "runtime": 9.0, "proc_state": "S (sleeping)", "syscall": "futex", "blocked_on": "S (sleeping) in futex_wait, syscall futex"},
+                    {"id": "busy", "runtime": 9.0, "proc_state": "R (running)", "syscall": null},
+                    {"id": "young", "runtime": 1.0, "proc_state": "S (sleeping)", "syscall": "futex"},
+                ]),
+            )],
+        );
+        let hung = |id: &str| s.task_json(id).unwrap()["hung"].as_str().map(str::to_string);
+        assert_eq!(hung("soft").as_deref(), Some("past its soft time limit by 1.5 s"));
+        assert!(hung("futex").is_some_and(|h| h.contains("syscall futex")));
+        assert_eq!((hung("busy"), hung("young")), (None, None));
     }
 }
