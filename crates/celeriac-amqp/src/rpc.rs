@@ -199,7 +199,7 @@ impl ResultBackend for RpcBackend {
         &self.url
     }
 
-    /// With no task message at hand (a revoke by remote control) there is no queue to send to.
+    /// With no task message at hand (a terminate by remote control) there is no queue to send to.
     async fn store(&self, meta: &ResultMeta) -> Result<(), BackendError> {
         tracing::info!(
             task_id = %meta.task_id,

@@ -1027,7 +1027,7 @@ fn on_redis_workers_tasks_and_the_task_queues_show() {
     let name = node("redis");
     let queue = format!("dash.redis.{}", std::process::id());
     let _w = WorkerProc::start(&broker, &["--result-backend", &broker, "-E", "-n", &name, "-Q", &queue]);
-    let (_dash, port) = dashboard(&broker, &queue, None);
+    let (_dash, port) = dashboard(&broker, &queue, Some(TOKEN));
     wait_worker(port, &name, "online", |w| w["online"] == json!(true) && w["pool"] == json!("celeriac:async"));
     let id = send(&broker, "celeriac.add", "[1, 2]", &queue);
     wait_task(port, &id, "succeeded", |t| t["result"] == json!("3"));
@@ -1039,6 +1039,12 @@ fn on_redis_workers_tasks_and_the_task_queues_show() {
         names.contains(&queue)
     });
     assert!(names.iter().all(|n| !n.starts_with("celeryev.") && !n.ends_with(".celery.pidbox")), "{names:?}");
+    // Purging a queue Redis does not have is a 404 naming it, not "0 purged".
+    let origin = format!("http://127.0.0.1:{port}");
+    let with_token = [("X-Celeriac-Token", TOKEN), ("Origin", origin.as_str())];
+    let (status, body) = http(port, "POST", "/api/queues/no.such.queue/purge", &with_token, "");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no queue no.such.queue") && body.contains(&queue), "{body}");
 
     // A message without a task id is dead-lettered; the dashboard lists it with the reason.
     let envelope = json!({

@@ -856,6 +856,19 @@ async fn purge(
     if let Err(r) = authorize(&s, &headers, peer, "purge") {
         return r;
     }
+    // Redis and SQLite purge a queue they do not have as an empty one; they list theirs, so an
+    // unknown name is said to be one (RabbitMQ refuses it itself, below).
+    if !s.broker.url().starts_with("amqp") {
+        if let Ok(listed) = s.broker.queues(&[]).await {
+            if !listed.iter().any(|q| q.name == name) {
+                let names: Vec<&str> = listed.iter().map(|q| q.name.as_str()).filter(|q| !is_plumbing(q)).collect();
+                return refuse(
+                    StatusCode::NOT_FOUND,
+                    format!("no queue {name} on this broker (queues: {})", names.join(", ")),
+                );
+            }
+        }
+    }
     match s.broker.purge(&name).await {
         Ok(n) => {
             tracing::info!(%peer, queue = %name, purged = n, "queue purged from the dashboard");
