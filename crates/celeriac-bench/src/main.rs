@@ -16,7 +16,11 @@
 //!    its missed runs, CPU and memory (`--parts beat`, not in the default parts);
 //! 7. Python tasks: one Celery app's no-op and Redis GET+SET tasks drained by `celeriac worker
 //!    --python-app` and by `celery worker -P prefork`, with the peak RSS of each main process
-//!    and pool child (`--parts python`, not in the default parts).
+//!    and pool child (`--parts python`, not in the default parts);
+//! 8. the dashboard: a worker with `-E` draining no-op tasks at full speed, alone, with
+//!    `celeriac dashboard` watching, and with a client refetching as the page does; the
+//!    worker's rate in each case, the dashboard's CPU and memory (`--parts dashboard`, not in
+//!    the default parts).
 //!
 //! The run owns a fresh RabbitMQ vhost (deleted at the end, on error and on Ctrl-C too) and Redis
 //! database 10 (emptied at the start and the end). Modules:
@@ -27,10 +31,12 @@
 //! - [`canvas`]: the canvas part (chord and chain, and the sizes of their messages);
 //! - [`beat`]: the beat part (runs sent against runs due, the beat's CPU and memory);
 //! - [`python`]: the Python part (a Celery app's tasks under celeriac's supervisor and Celery's);
+//! - [`dashboard`]: the dashboard part (what watching a busy worker costs, and costs the worker);
 //! - [`report`]: the table and the targets.
 
 mod beat;
 mod canvas;
+mod dashboard;
 mod env;
 mod measure;
 mod procs;
@@ -114,7 +120,7 @@ struct CompareArgs {
     #[arg(long)]
     skip_celery: bool,
     /// Parts to run, comma-separated: publish, drain, redis, roundtrip, canvas (the default),
-    /// beat and python; `prefork` is the prefork pools' half of `drain` alone.
+    /// beat, python and dashboard; `prefork` is the prefork pools' half of `drain` alone.
     #[arg(long, value_delimiter = ',', default_value = "publish,drain,redis,roundtrip,canvas")]
     parts: Vec<String>,
     /// Extra argument for every `celeriac worker` (repeat the flag), e.g.
@@ -144,6 +150,13 @@ struct CompareArgs {
     /// Brokers of the beat part, comma-separated: rabbitmq, redis, sqlite.
     #[arg(long, value_delimiter = ',', default_value = "rabbitmq,redis,sqlite")]
     beat_brokers: Vec<String>,
+    /// Tasks each case of the dashboard part drains (at least 100,000: the dashboard keeps the
+    /// last 10,000).
+    #[arg(long, default_value_t = 200_000)]
+    dashboard_tasks: u64,
+    /// Brokers of the dashboard part, comma-separated: rabbitmq, redis.
+    #[arg(long, value_delimiter = ',', default_value = "rabbitmq,redis")]
+    dashboard_brokers: Vec<String>,
     /// Skip Celery's solo pool drain.
     #[arg(long)]
     skip_solo: bool,
@@ -247,8 +260,12 @@ async fn compare(args: CompareArgs) -> Result<()> {
     let with_celery = !args.skip_celery;
 
     for part in &args.parts {
-        if !["publish", "drain", "prefork", "redis", "roundtrip", "canvas", "beat", "python"].contains(&part.as_str()) {
-            bail!("unknown part {part:?} (known: publish, drain, prefork, redis, roundtrip, canvas, beat, python)");
+        if !["publish", "drain", "prefork", "redis", "roundtrip", "canvas", "beat", "python", "dashboard"]
+            .contains(&part.as_str())
+        {
+            bail!(
+                "unknown part {part:?} (known: publish, drain, prefork, redis, roundtrip, canvas, beat, python, dashboard)"
+            );
         }
     }
     let part = |p: &str| args.parts.iter().any(|x| x == p);
@@ -289,6 +306,13 @@ async fn compare(args: CompareArgs) -> Result<()> {
         if part("python") {
             eprintln!("\n6. Python tasks (benchtasks.py, pybench.*): celeriac --python-app against celery -A, prefork");
             run.python = bench.python(with_celery).await?;
+        }
+        if part("dashboard") {
+            let n = args.dashboard_tasks;
+            eprintln!(
+                "\n7. dashboard: {n} no-op tasks drained by a worker, with and without -E and a dashboard watching"
+            );
+            run.dashboard = bench.dashboard(n, &args.dashboard_brokers).await?;
         }
         runs.push(run);
     }
@@ -346,6 +370,12 @@ async fn compare(args: CompareArgs) -> Result<()> {
             println!("{prefix}{line}");
         }
     }
+    if part("dashboard") {
+        let all: Vec<Vec<dashboard::CaseRun>> = runs.iter().map(|r| r.dashboard.clone()).collect();
+        for line in dashboard::report(&all) {
+            println!("{line}");
+        }
+    }
     // Rows of the parts that did not run have no figure in any run: left out.
     let mut per_run: Vec<Vec<Row>> = runs.iter().map(|r| rows(r, &settings)).collect();
     let measured: Vec<bool> = (0..per_run[0].len())
@@ -384,6 +414,7 @@ struct Run {
     canvas: canvas::CanvasResults,
     beat: Vec<beat::BeatRun>,
     python: python::PythonResults,
+    dashboard: Vec<dashboard::CaseRun>,
 }
 
 /// The table rows of one run.
@@ -651,6 +682,7 @@ fn details(run: &Run) -> Vec<String> {
             }
         }
     }
+    out.extend(run.dashboard.iter().map(dashboard::CaseRun::describe));
     if let (Some(idle), Some(after)) = (&rt.celeriac_prefork_idle, &drain.celeriac_prefork_rss) {
         out.push(format!(
             "celeriac prefork worker RSS: idle {}; after its drain {}",

@@ -97,7 +97,7 @@ fn noop_options(queue: &str) -> SendOptions {
 }
 
 /// Send `n` `celeriac.noop` to `queue` with `in_flight` sends pipelined.
-async fn send_noops(client: &Client, queue: &str, n: u64, in_flight: usize) -> Result<()> {
+pub(crate) async fn send_noops(client: &Client, queue: &str, n: u64, in_flight: usize) -> Result<()> {
     send_many(client, "celeriac.noop", |_| Vec::new(), &noop_options(queue), n, in_flight).await
 }
 

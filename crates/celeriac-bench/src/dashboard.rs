@@ -1,0 +1,662 @@
+//! The dashboard part (issue 16, item 4): what `celeriac dashboard` costs while it watches a
+//! worker at full speed, and what it costs the worker.
+//!
+//! For each broker (RabbitMQ, Redis) the same drain is timed four times, each on a queue of its
+//! own pre-filled with `--dashboard-tasks` `celeriac.noop` (ignore_result), so the worker runs at
+//! its maximum and its events are a steady stream for as long as the drain lasts:
+//!
+//! 1. `plain`: the worker without `-E` (worker events only), the reference;
+//! 2. `events`: the worker with `-E` and nobody listening but the exchange;
+//! 3. `dashboard`: the same with `celeriac dashboard` watching (started first, so it sees every
+//!    event);
+//! 4. `dashboard+client`: the same with a client holding the dashboard's `/api/stream` open and
+//!    refetching as the page's tasks view does on each `update` (`assets/app.js`: `refresh()`
+//!    fetches the first page of the task list, `/api/tasks?state=&name=&worker=&id=&offset=0&limit=200`,
+//!    then `/api/overview`; updates that come during a refresh make one more; and one every 5 s
+//!    regardless).
+//!
+//! Measured: the worker's rate over the steady part of the drain (the queue's depth from 90% to
+//! 10% of the fill, as every drain of the benchmark); the dashboard's CPU over the same window
+//! (`/proc/<pid>/stat` utime + stime, in % of one core); its resident memory (`VmRSS`) before
+//! the worker starts, at its peak, at the end of the window, and after every event was applied
+//! (it then holds its 10,000 most recent tasks), with its CPU while it holds them; whether every
+//! `task-succeeded` reached it (the sum of `/api/overview`'s per-minute successes) and how long
+//! after the queue emptied. Each wait has a deadline.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::measure::{Bench, STOP_LIMIT};
+use crate::procs::{cpu_secs, rss_kib, Proc};
+use crate::rabbit::{self, Drain, Sample};
+
+/// What the page fetches on each update of its tasks view (the largest answer it asks for).
+const TASKS_VIEW: &str = "/api/tasks?state=&name=&worker=&id=&offset=0&limit=200";
+/// What the page fetches after every view (the header).
+const OVERVIEW: &str = "/api/overview";
+/// The page refreshes this often even without an update.
+const PAGE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long the dashboard's memory and CPU are watched once it holds its tasks.
+const HOLD: Duration = Duration::from_secs(6);
+/// The most tasks the dashboard keeps (`celeriac::dashboard::state::MAX_TASKS`).
+const KEPT: u64 = 10_000;
+
+/// One of the four configurations timed on each broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Case {
+    /// The worker without `-E`.
+    Plain,
+    /// The worker with `-E`, no dashboard.
+    Events,
+    /// The worker with `-E` and a dashboard watching.
+    Dashboard,
+    /// The same, and a client on the dashboard's stream refetching as the page does.
+    DashboardClient,
+}
+
+impl Case {
+    /// Every case, in the order they run.
+    pub const ALL: [Case; 4] = [Case::Plain, Case::Events, Case::Dashboard, Case::DashboardClient];
+
+    /// A short name (queue names, logs).
+    pub fn name(self) -> &'static str {
+        match self {
+            Case::Plain => "plain",
+            Case::Events => "events",
+            Case::Dashboard => "dashboard",
+            Case::DashboardClient => "dashboard+client",
+        }
+    }
+
+    /// What runs, for the table.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Case::Plain => "worker without -E (reference)",
+            Case::Events => "worker -E, no dashboard",
+            Case::Dashboard => "worker -E, dashboard watching",
+            Case::DashboardClient => "worker -E, dashboard and a page's client",
+        }
+    }
+
+    fn dashboard(self) -> bool {
+        matches!(self, Case::Dashboard | Case::DashboardClient)
+    }
+}
+
+/// What the dashboard process cost in one case.
+#[derive(Debug, Clone, Default)]
+pub struct DashCost {
+    /// CPU over the steady window of the drain, % of one core.
+    pub cpu_pct: f64,
+    /// RSS once it was ready, before the worker started, MiB.
+    pub rss_start_mib: f64,
+    /// The largest RSS seen (drain, catching up, holding), MiB.
+    pub rss_peak_mib: f64,
+    /// RSS at the end of the steady window, MiB.
+    pub rss_steady_mib: f64,
+    /// RSS at the end of the hold (every event applied, its tasks kept), MiB.
+    pub rss_held_mib: f64,
+    /// CPU while holding them (the poller, and the client's refetches if any), % of one core.
+    pub cpu_held_pct: f64,
+    /// Tasks it keeps at the end (`/api/tasks` `total`).
+    pub held: u64,
+    /// Successes it counted (the sum of `/api/overview`'s per-minute counts).
+    pub succeeded: u64,
+    /// Seconds after the queue emptied until it had counted every task's success; `None` if it
+    /// never did within the deadline.
+    pub caught_up_secs: Option<f64>,
+}
+
+/// What the page-like client did.
+#[derive(Debug, Clone, Default)]
+pub struct ClientStats {
+    /// `update` events received.
+    pub updates: u64,
+    /// Refreshes made (each: the tasks view, then the overview).
+    pub refreshes: u64,
+    /// Bytes of the answers, in all.
+    pub bytes: u64,
+    /// The slowest refresh, milliseconds.
+    pub slowest_ms: f64,
+    /// The mean refresh, milliseconds.
+    pub mean_ms: f64,
+}
+
+/// One case on one broker.
+#[derive(Debug, Clone)]
+pub struct CaseRun {
+    /// `rabbitmq` or `redis`.
+    pub broker: String,
+    /// Which configuration.
+    pub case: Case,
+    /// The worker's drain.
+    pub drain: Drain,
+    /// The dashboard's cost (cases with a dashboard).
+    pub dash: Option<DashCost>,
+    /// The client's work (the last case).
+    pub client: Option<ClientStats>,
+    /// Events the worker said it dropped because its event queue was full (the largest count it
+    /// logged: it logs at 1, 2, 4, 8, ...; so at least this many).
+    pub worker_dropped: u64,
+}
+
+impl CaseRun {
+    /// One line of figures.
+    pub fn describe(&self) -> String {
+        let mut line = format!(
+            "dashboard part, {} broker, {}: worker {}, at least {} events dropped by the worker",
+            self.broker,
+            self.case.name(),
+            self.drain.describe(),
+            self.worker_dropped
+        );
+        if let Some(d) = &self.dash {
+            line.push_str(&format!(
+                "; dashboard CPU {:.1}% of one core over the window, {:.1}% while holding {} tasks; RSS ready {:.1} MiB, \
+                 end of window {:.1}, peak {:.1}, holding {:.1} MiB; {} successes counted, {}",
+                d.cpu_pct,
+                d.cpu_held_pct,
+                d.held,
+                d.rss_start_mib,
+                d.rss_steady_mib,
+                d.rss_peak_mib,
+                d.rss_held_mib,
+                d.succeeded,
+                d.caught_up_secs
+                    .map_or("never all within the deadline".to_string(), |s| format!("all {s:.1} s after the queue emptied"))
+            ));
+        }
+        if let Some(c) = &self.client {
+            line.push_str(&format!(
+                "; client: {} updates, {} refreshes ({:.1} MiB fetched, mean {:.1} ms, slowest {:.0} ms)",
+                c.updates,
+                c.refreshes,
+                c.bytes as f64 / 1024.0 / 1024.0,
+                c.mean_ms,
+                c.slowest_ms
+            ));
+        }
+        line
+    }
+}
+
+/// Where a drain runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum On {
+    Rabbit,
+    Redis,
+}
+
+impl Bench {
+    /// The dashboard part on each of `brokers` (`rabbitmq`, `redis`), every [`Case`] in turn,
+    /// draining `n` tasks each.
+    pub async fn dashboard(&self, n: u64, brokers: &[String]) -> Result<Vec<CaseRun>> {
+        ensure!(n >= 10 * KEPT, "--dashboard-tasks must be at least {} (the dashboard keeps {KEPT})", 10 * KEPT);
+        let mut out = Vec::new();
+        for broker in brokers {
+            let on = match broker.as_str() {
+                "rabbitmq" => On::Rabbit,
+                "redis" => On::Redis,
+                other => bail!("unknown dashboard broker {other:?} (known: rabbitmq, redis)"),
+            };
+            for case in Case::ALL {
+                let run = self.dashboard_case(on, broker, case, n).await?;
+                eprintln!("  {}", run.describe());
+                out.push(run);
+            }
+        }
+        Ok(out)
+    }
+
+    fn broker_url(&self, on: On) -> String {
+        match on {
+            On::Rabbit => self.url(),
+            On::Redis => self.redis.url.clone(),
+        }
+    }
+
+    /// Ready messages of `queue`.
+    async fn ready(&self, on: On, conn: &mut Option<redis::Connection>, queue: &str) -> Result<u64> {
+        match on {
+            On::Rabbit => Ok(u64::from(self.admin.depth(queue).await?.0)),
+            On::Redis => {
+                let conn = conn.as_mut().context("no Redis connection")?;
+                Ok(redis::cmd("LLEN").arg(queue).query(conn)?)
+            }
+        }
+    }
+
+    async fn dashboard_case(&self, on: On, broker: &str, case: Case, n: u64) -> Result<CaseRun> {
+        let queue = format!("bench.dash.{}", case.name().replace('+', "-"));
+        let url = self.broker_url(on);
+        let mut conn = match on {
+            On::Rabbit => None,
+            On::Redis => Some(self.redis.connection()?),
+        };
+        // Fill.
+        let started = Instant::now();
+        if on == On::Rabbit {
+            self.admin.declare(&queue).await?;
+        }
+        let client = celeriac::Client::connect(&url, None).await?;
+        crate::measure::send_noops(&client, &queue, n, self.settings.in_flight).await?;
+        drop(client);
+        let ready = self.ready(on, &mut conn, &queue).await?;
+        ensure!(ready == n, "queue {queue} holds {ready} messages after publishing {n}");
+        eprintln!("  filled {queue} ({broker}) with {n} messages in {:.2}s", started.elapsed().as_secs_f64());
+
+        // The dashboard first, so that it sees every event; then the client.
+        let dash = if case.dashboard() { Some(self.start_dashboard(&url, &queue).await?) } else { None };
+        let (dash_pid, dash_addr) = match &dash {
+            Some((p, addr)) => (Some(p.pid()), Some(*addr)),
+            None => (None, None),
+        };
+        let rss_start = dash_pid.and_then(rss_kib).unwrap_or(0);
+        let client = match (case, dash_addr) {
+            (Case::DashboardClient, Some(addr)) => Some(PageClient::start(addr).await?),
+            _ => None,
+        };
+
+        // The worker, and the drain.
+        let extra: Vec<String> = if case == Case::Plain { Vec::new() } else { vec!["-E".into()] };
+        let worker = Proc::spawn(
+            &format!("celeriac worker on {queue} ({broker})"),
+            &mut self.celeriac_command(&url, &queue, &extra),
+        )?;
+        let broker_pid = match on {
+            On::Rabbit => self.broker_pid,
+            On::Redis => self.redis.pid(),
+        };
+        let broker_cpu = || broker_pid.map(cpu_secs).unwrap_or(0.0);
+        let limit = Self::drain_limit(n);
+        let drain_started = Instant::now();
+        let mut samples: Vec<Sample> = Vec::with_capacity(8192);
+        // The dashboard's (CPU seconds, RSS KiB) at each sample.
+        let mut dash_samples: Vec<(f64, u64)> = Vec::with_capacity(8192);
+        loop {
+            let ready = self.ready(on, &mut conn, &queue).await?;
+            let at = Instant::now();
+            samples.push(Sample { at, ready, consumer_cpu: worker.tree_cpu(), broker_cpu: broker_cpu() });
+            if let Some(pid) = dash_pid {
+                dash_samples.push((cpu_secs(pid), rss_kib(pid).unwrap_or(0)));
+            }
+            if ready == 0 {
+                break;
+            }
+            worker.check_alive()?;
+            if let Some((p, _)) = &dash {
+                p.check_alive()?;
+            }
+            ensure!(at - drain_started < limit, "queue {queue} still holds {ready} of {n} messages after {limit:?}");
+            tokio::time::sleep(rabbit::POLL_INTERVAL).await;
+        }
+        let emptied = Instant::now();
+        let drain = Drain::from_samples(n, &samples)?;
+        match on {
+            On::Rabbit => self.wait_all_acked(&queue).await?,
+            On::Redis => {
+                let conn = conn.as_mut().context("no Redis connection")?;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while redis::cmd("HLEN").arg("unacked").query::<u64>(conn)? > 0 {
+                    ensure!(
+                        Instant::now() < deadline,
+                        "Redis: messages still unacknowledged 60s after {queue} emptied"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+
+        let mut cost = None;
+        if let (Some((proc, addr)), Some(pid)) = (&dash, dash_pid) {
+            // The steady window is the drain's: from the first reading at 90% of the fill to the
+            // first at 10%.
+            let hi = samples.iter().position(|s| s.ready * 10 <= n * 9).context("no reading at 90%")?;
+            let lo = samples.iter().position(|s| s.ready * 10 <= n).context("no reading at 10%")?;
+            let span = samples[lo].at.duration_since(samples[hi].at).as_secs_f64();
+            let cpu_pct = (dash_samples[lo].0 - dash_samples[hi].0) / span * 100.0;
+            let mut peak = dash_samples.iter().map(|s| s.1).max().unwrap_or(0);
+            // Every success counted, or a deadline.
+            let deadline = emptied + Duration::from_secs(60);
+            let (caught_up, succeeded) = loop {
+                proc.check_alive()?;
+                peak = peak.max(rss_kib(pid).unwrap_or(0));
+                let (status, body) = http_get(*addr, OVERVIEW).await?;
+                ensure!(status == 200, "the dashboard answered {status} to {OVERVIEW}");
+                let succeeded = successes(&body)?;
+                if succeeded >= n {
+                    break (Some(emptied.elapsed().as_secs_f64()), succeeded);
+                }
+                if Instant::now() >= deadline {
+                    break (None, succeeded);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            // Holding its tasks: memory and CPU for a while (the poller runs, the client fetches).
+            let (hold_cpu0, hold_started) = (cpu_secs(pid), Instant::now());
+            let mut held_rss = 0;
+            while hold_started.elapsed() < HOLD {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                held_rss = rss_kib(pid).unwrap_or(0);
+                peak = peak.max(held_rss);
+            }
+            let cpu_held_pct = (cpu_secs(pid) - hold_cpu0) / hold_started.elapsed().as_secs_f64() * 100.0;
+            let (status, body) = http_get(*addr, "/api/tasks?limit=1").await?;
+            ensure!(status == 200, "the dashboard answered {status} to /api/tasks");
+            let held = serde_json::from_slice::<Value>(&body)?["total"].as_u64().unwrap_or(0);
+            let mib = |k: u64| k as f64 / 1024.0;
+            cost = Some(DashCost {
+                cpu_pct,
+                rss_start_mib: mib(rss_start),
+                rss_peak_mib: mib(peak),
+                rss_steady_mib: mib(dash_samples[lo].1),
+                rss_held_mib: mib(held_rss),
+                cpu_held_pct,
+                held,
+                succeeded,
+                caught_up_secs: caught_up,
+            });
+        }
+        let client = match client {
+            Some(c) => Some(c.stop().await?),
+            None => None,
+        };
+        let worker_dropped = dropped(&worker.tail(usize::MAX));
+        worker.stop(STOP_LIMIT)?;
+        if let Some((proc, _)) = dash {
+            proc.stop(STOP_LIMIT)?;
+        }
+        match on {
+            On::Rabbit => self.admin.delete(&queue).await?,
+            On::Redis => {
+                let conn = conn.as_mut().context("no Redis connection")?;
+                redis::cmd("DEL").arg(&queue).query::<()>(conn)?;
+            }
+        }
+        Ok(CaseRun { broker: broker.to_string(), case, drain, dash: cost, client, worker_dropped })
+    }
+
+    /// Start `celeriac dashboard` on a free loopback port, watching `queue` of `url`; wait until
+    /// it has answered a poll (`connected`).
+    async fn start_dashboard(&self, url: &str, queue: &str) -> Result<(Proc, SocketAddr)> {
+        let mut cmd = Command::new(&self.celeriac_bin);
+        cmd.args(["dashboard", "--broker", url, "--result-backend", &self.redis.url])
+            .args(["--listen", "127.0.0.1:0", "-Q", queue, "-l", "warn"])
+            .env_remove("CELERIAC_BROKER_URL")
+            .env_remove("CELERIAC_RESULT_BACKEND")
+            .env_remove("CELERIAC_DASHBOARD_TOKEN")
+            .env_remove("CELERIAC_LOG")
+            .env("NO_COLOR", "1");
+        let proc = Proc::spawn("celeriac dashboard", &mut cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            proc.check_alive()?;
+            let said = proc.tail(50);
+            let addr = said
+                .lines()
+                .find_map(|l| l.strip_prefix("dashboard at http://"))
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+            if let Some(addr) = addr {
+                break addr;
+            }
+            ensure!(Instant::now() < deadline, "the dashboard did not say where it listens within 30 s:\n{said}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        loop {
+            proc.check_alive()?;
+            if let Ok((200, body)) = http_get(addr, OVERVIEW).await {
+                if serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["connected"].as_bool()) == Some(true) {
+                    break;
+                }
+            }
+            ensure!(Instant::now() < deadline, "the dashboard was not connected to {url} within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok((proc, addr))
+    }
+}
+
+/// The largest `dropped=N` of the worker's "events dropped" warnings (0 without one).
+fn dropped(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("events dropped"))
+        .filter_map(|l| l.split("dropped=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The successes `/api/overview` counted (its `throughput`: `[{minute, succeeded, failed}]`).
+fn successes(overview: &[u8]) -> Result<u64> {
+    let v: Value = serde_json::from_slice(overview).context("the overview is not JSON")?;
+    let minutes = v["throughput"].as_array().context("the overview has no throughput list")?;
+    Ok(minutes.iter().filter_map(|m| m["succeeded"].as_u64()).sum())
+}
+
+/// `GET path` on a new connection (`Connection: close`): the status and the body (the
+/// dashboard's JSON answers carry a `Content-Length`, never chunks).
+async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>)> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        anyhow::Ok(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .with_context(|| format!("GET {path} on the dashboard took over 10 s"))??;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").context("an HTTP answer without a header end")?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("an HTTP answer without a status: {head}"))?;
+    Ok((status, raw[split + 4..].to_vec()))
+}
+
+/// A client that behaves as the dashboard's page on its tasks view: it holds `/api/stream`
+/// open and, on each `update` (coalesced while a refresh runs) and every [`PAGE_INTERVAL`],
+/// fetches [`TASKS_VIEW`] then [`OVERVIEW`].
+struct PageClient {
+    reader: tokio::task::JoinHandle<Result<()>>,
+    fetcher: tokio::task::JoinHandle<Result<ClientStats>>,
+    updates: Arc<AtomicU64>,
+    stop: Arc<tokio::sync::Notify>,
+}
+
+impl PageClient {
+    async fn start(addr: SocketAddr) -> Result<Self> {
+        let mut stream = TcpStream::connect(addr).await.context("connecting to the dashboard's stream")?;
+        stream
+            .write_all(
+                format!("GET /api/stream HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n").as_bytes(),
+            )
+            .await?;
+        let update = Arc::new(tokio::sync::Notify::new());
+        let updates = Arc::new(AtomicU64::new(0));
+        let reader = {
+            let (update, updates) = (update.clone(), updates.clone());
+            tokio::spawn(async move {
+                // Chunked transfer: an event's lines come whole in one chunk; the chunks' size
+                // lines do not look like them.
+                let mut lines = BufReader::new(stream).lines();
+                while let Some(line) = lines.next_line().await? {
+                    if line.trim() == "event: update" {
+                        updates.fetch_add(1, Ordering::Relaxed);
+                        update.notify_one();
+                    }
+                }
+                bail!("the dashboard closed its stream")
+            })
+        };
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let fetcher = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut stats = ClientStats::default();
+                let mut total_ms = 0.0;
+                let mut tick = tokio::time::interval(PAGE_INTERVAL);
+                loop {
+                    tokio::select! {
+                        _ = update.notified() => {}
+                        _ = tick.tick() => {}
+                        _ = stop.notified() => break,
+                    }
+                    let started = Instant::now();
+                    for path in [TASKS_VIEW, OVERVIEW] {
+                        let (status, body) = http_get(addr, path).await?;
+                        ensure!(status == 200, "the dashboard answered {status} to {path}");
+                        stats.bytes += body.len() as u64;
+                    }
+                    let ms = started.elapsed().as_secs_f64() * 1e3;
+                    total_ms += ms;
+                    stats.slowest_ms = stats.slowest_ms.max(ms);
+                    stats.refreshes += 1;
+                }
+                stats.mean_ms = if stats.refreshes > 0 { total_ms / stats.refreshes as f64 } else { 0.0 };
+                Ok(stats)
+            })
+        };
+        Ok(PageClient { reader, fetcher, updates, stop })
+    }
+
+    /// Stop refreshing; what it did. An error if the stream or a fetch failed meanwhile.
+    async fn stop(self) -> Result<ClientStats> {
+        if self.reader.is_finished() {
+            self.reader.await.context("the stream reader")??;
+            bail!("the stream reader stopped");
+        }
+        self.reader.abort();
+        self.stop.notify_one();
+        let mut stats = tokio::time::timeout(Duration::from_secs(30), self.fetcher)
+            .await
+            .context("the page client did not stop within 30 s")?
+            .context("the page client")??;
+        stats.updates = self.updates.load(Ordering::Relaxed);
+        Ok(stats)
+    }
+}
+
+/// The median of some figures (`NaN` with none).
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The issue's targets: the dashboard under this much of one core, this much memory, and the
+/// worker slowed by less than this fraction.
+const CPU_TARGET_PCT: f64 = 20.0;
+const RSS_TARGET_MB: f64 = 100.0;
+const SLOWDOWN_TARGET: f64 = 0.05;
+
+/// The part's table (medians over the runs) and the verdicts, as Markdown lines.
+pub fn report(runs: &[Vec<CaseRun>]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut brokers: Vec<&str> = runs.iter().flatten().map(|r| r.broker.as_str()).collect();
+    brokers.dedup();
+    brokers.sort_unstable();
+    brokers.dedup();
+    for broker in brokers {
+        let of = |case: Case| -> Vec<&CaseRun> {
+            runs.iter().flatten().filter(|r| r.broker == broker && r.case == case).collect()
+        };
+        let rate = |case: Case| median(of(case).iter().map(|r| r.drain.rate).collect());
+        let dash = |case: Case, f: fn(&DashCost) -> f64| {
+            median(of(case).iter().filter_map(|r| r.dash.as_ref()).map(f).collect())
+        };
+        let events = rate(Case::Events);
+        out.push(String::new());
+        out.push(format!(
+            "Dashboard part, {broker} broker ({} run{}, medians):",
+            runs.len(),
+            if runs.len() == 1 { "" } else { "s" }
+        ));
+        out.push(String::new());
+        out.push(
+            "| case | worker drain | against -E alone | worker CPU per task | dashboard CPU, steady | RSS ready / end of \
+             window / peak / holding 10,000 | CPU holding | every success counted | events the worker dropped |"
+                .into(),
+        );
+        out.push("|---|---|---|---|---|---|---|---|---|".into());
+        for case in Case::ALL {
+            let runs_of = of(case);
+            if runs_of.is_empty() {
+                continue;
+            }
+            let r = rate(case);
+            let against =
+                if case == Case::Events { "—".to_string() } else { format!("{:+.1}%", (r / events - 1.0) * 100.0) };
+            let us = median(runs_of.iter().map(|r| r.drain.consumer_us).collect());
+            let (cpu, rss, held_cpu, caught) = if case.dashboard() {
+                let caught: Vec<String> = runs_of
+                    .iter()
+                    .filter_map(|r| r.dash.as_ref())
+                    .map(|d| d.caught_up_secs.map_or("no".to_string(), |s| format!("{s:.1} s after")))
+                    .collect();
+                (
+                    format!("{:.1}%", dash(case, |d| d.cpu_pct)),
+                    format!(
+                        "{:.1} / {:.1} / {:.1} / {:.1} MiB",
+                        dash(case, |d| d.rss_start_mib),
+                        dash(case, |d| d.rss_steady_mib),
+                        dash(case, |d| d.rss_peak_mib),
+                        dash(case, |d| d.rss_held_mib)
+                    ),
+                    format!("{:.1}%", dash(case, |d| d.cpu_held_pct)),
+                    caught.join(", "),
+                )
+            } else {
+                ("—".into(), "—".into(), "—".into(), "—".into())
+            };
+            let dropped: Vec<String> = runs_of
+                .iter()
+                .map(|r| if r.worker_dropped == 0 { "0".into() } else { format!("≥ {}", r.worker_dropped) })
+                .collect();
+            out.push(format!(
+                "| {} | {}/s | {against} | {us:.0} µs | {cpu} | {rss} | {held_cpu} | {caught} | {} |",
+                case.describe(),
+                crate::report::thousands(r),
+                dropped.join(", ")
+            ));
+        }
+        out.push(String::new());
+        for case in [Case::Dashboard, Case::DashboardClient] {
+            if of(case).is_empty() {
+                continue;
+            }
+            let cpu = dash(case, |d| d.cpu_pct);
+            let peak_mb = dash(case, |d| d.rss_peak_mib) * 1.048_576;
+            let slowdown = 1.0 - rate(case) / events;
+            let verdict = |ok: bool| if ok { "met" } else { "missed" };
+            out.push(format!(
+                "{} ({} broker, worker at {}/s): dashboard CPU {cpu:.1}% of one core (target under {CPU_TARGET_PCT:.0}%: {}); \
+                 peak RSS {peak_mb:.0} MB (target under {RSS_TARGET_MB:.0} MB: {}); worker slowed by {:.1}% against -E alone \
+                 (target under {:.0}%: {})",
+                case.describe(),
+                broker,
+                crate::report::thousands(rate(case)),
+                verdict(cpu < CPU_TARGET_PCT),
+                verdict(peak_mb < RSS_TARGET_MB),
+                slowdown * 100.0,
+                SLOWDOWN_TARGET * 100.0,
+                verdict(slowdown < SLOWDOWN_TARGET),
+            ));
+        }
+    }
+    out
+}
