@@ -40,11 +40,13 @@ MAX_FRAME = 64 << 20
 #: Celery task attributes the supervisor acts on, announced with each task.
 _ANNOUNCED = (
     "ignore_result",
+    "store_errors_even_if_ignored",
     "acks_late",
     "reject_on_worker_lost",
     "retry_on_worker_lost",
     "acks_on_failure",
     "acks_on_failure_or_timeout",
+    "acks_on_timeout",
     "time_limit",
     "soft_time_limit",
     "rate_limit",
@@ -387,6 +389,7 @@ class Child:
         """Run one task; the ``outcome`` of its ``done`` frame, and whether the task emptied its
         request's chain (``self.request.chain = None``, Celery's way to stop a chain)."""
         from billiard.einfo import ExceptionInfo
+        from kombu import serialization
         from kombu.exceptions import EncodeError
         from celery import signals
         from celery.app.task import Context
@@ -442,10 +445,15 @@ class Child:
                     signal.setitimer(signal.ITIMER_REAL, 0)
             try:
                 text = self.kjson.dumps(retval)
-            except Exception as exc:  # the value cannot be stored: FAILURE EncodeError(exc), as
-                # kombu's serializer raises it in Celery's worker (``kombu/serialization.py``)
+            except Exception:
+                text = None
+            if text is None:  # the value cannot be stored: FAILURE EncodeError, raised by
+                # kombu's serializer as in Celery's worker (``kombu/serialization.py``), so its
+                # traceback has the same shape (the encoder's error, then kombu's EncodeError);
+                # encoded again outside the first error's handler, which would be chained too
                 try:
-                    raise EncodeError(exc) from exc
+                    serialization.dumps(retval, serializer="json")
+                    raise EncodeError("the value could be encoded only on a second try")
                 except EncodeError as err:
                     outcome = _error_of(err, ExceptionInfo().traceback, self.kjson)
                 state = "FAILURE"

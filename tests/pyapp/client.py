@@ -10,6 +10,7 @@ are compared by the Rust test.
 
 import json
 import sys
+import time
 import uuid
 
 from celery import chain, chord, group
@@ -31,6 +32,7 @@ CASES = {
     "signals_seen": lambda: pyapp.signals_seen.s(),
     "sleep3": lambda: pyapp.sleep.s(3),
     "stuck": lambda: pyapp.stuck.s(),
+    "over_limit": lambda: pyapp.over_limit.s(),
 }
 
 
@@ -99,9 +101,42 @@ SETTLING = {
 }
 
 
+def _timed_out(sig, key, final):
+    """Send `sig`, wait (60 s at most) for its state to be `final`: [state, result or exception
+    type, runs counted in `key`, whether the stored traceback is null]."""
+    r = sig.apply_async()
+    deadline = time.monotonic() + 60
+    while pyapp.app.backend.get_task_meta(r.id)["status"] != final and time.monotonic() < deadline:
+        time.sleep(0.1)
+    meta = pyapp.app.backend.get_task_meta(r.id)
+    result = meta.get("result")
+    if isinstance(result, BaseException):
+        result = type(result).__name__
+    return [meta["status"], result, int(pyapp._data().get(key) or 0), meta.get("traceback") is None]
+
+
+#: A task killed at its hard time limit, acks_late: acknowledged, or (not acks_on_timeout)
+#: requeued and run again; each with the state to wait for.
+TIMED_OUT = {
+    "timeout_late": (lambda k: pyapp.timeout_late.s(k), "FAILURE"),
+    "timeout_requeue": (lambda k: pyapp.timeout_requeue.s(k), "SUCCESS"),
+}
+
+
+def _tb_shape(tb):
+    """A traceback's unindented lines: its headers, each exception's `Type: message` and the
+    lines between chained exceptions (frames differ between workers; the shape does not)."""
+    return [line for line in tb.splitlines() if not line.startswith(" ")] if tb else None
+
+
 def main(queue, cases, key):
     out = {}
     for case in cases:
+        if case in TIMED_OUT:
+            k = "%s-%s" % (key, case)
+            make, final = TIMED_OUT[case]
+            out[case] = {"value": _timed_out(make(k), k, final)}
+            continue
         if case in SETTLING:
             k = "%s-%s" % (key, case)
             try:
@@ -137,6 +172,7 @@ def main(queue, cases, key):
             "status": meta["status"],
             "result": result,
             "has_traceback": bool(meta.get("traceback")),
+            "tb_shape": _tb_shape(meta.get("traceback")),
             "retries_seen": getattr(r, "retries", None),
             "id": r.id,
         }

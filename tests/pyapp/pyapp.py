@@ -372,3 +372,57 @@ def replaced_by_group(self, n):
     from celery import group
 
     return self.replace(group(add.s(i, i) for i in range(n)))
+
+
+# -- Gaps closed after the first cut (python_semantics.rs, python_app.rs) -----------------------
+
+
+def _slow_first_run(key):
+    """Count this run in `key`; the first run outlives any hard limit (30 s); the count."""
+    n = _data().incr(key)
+    if n == 1:
+        time.sleep(30)
+    return n
+
+
+@app.task(acks_late=True, time_limit=2)
+def timeout_late(key):
+    """Killed at its hard limit on its first run: FAILURE, acknowledged (acks_on_timeout)."""
+    return _slow_first_run(key)
+
+
+@app.task(acks_late=True, acks_on_failure_or_timeout=False, time_limit=2)
+def timeout_requeue(key):
+    """Killed at its hard limit on its first run: FAILURE stored, then requeued and run again."""
+    return _slow_first_run(key)
+
+
+@app.task(time_limit=1)
+def over_limit():
+    time.sleep(30)
+
+
+@app.task(ignore_result=True)
+def quiet_fail(key):
+    _data().rpush(key, "ran")
+    raise ValueError("not stored")
+
+
+@app.task(ignore_result=True, store_errors_even_if_ignored=True)
+def quiet_fail_kept(key):
+    _data().rpush(key, "ran")
+    raise ValueError("stored all the same")
+
+
+@app.task(bind=True)
+def progress_for(self, seconds):
+    """A custom state, then `seconds` of work (no Redis: for the rpc:// backend's test)."""
+    self.update_state(state="PROGRESS", meta={"step": 1})
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(track_started=True)
+def tracked_for(seconds):
+    time.sleep(seconds)
+    return seconds

@@ -262,6 +262,7 @@ fn to_delivery(d: lapin::message::Delivery, settle: mpsc::UnboundedSender<Settle
         .unwrap_or(if d.redelivered { 2 } else { 1 });
     let queue = d.routing_key.as_str().to_string();
     Delivery::new(message, queue, count, Box::new(AmqpAcker { tag: d.delivery_tag, settle, settled: false }))
+        .with_route(d.exchange.as_str(), d.routing_key.as_str())
 }
 
 struct AmqpAcker {

@@ -31,6 +31,7 @@ const CASES: &[&str] = &[
     "fan_out",
     "redis_get_set:first",
     "redis_get_set:second",
+    "over_limit",
 ];
 
 #[test]
@@ -65,7 +66,20 @@ fn python_tasks_store_what_a_celery_worker_stores() {
         }
         assert_eq!((&a["status"], &a["result"]), (&b["status"], &b["result"]), "{case}: celeriac {a} / Celery {b}");
         assert_eq!(a["has_traceback"], b["has_traceback"], "{case}");
+        // The traceback's shape (headers, `Type: message` lines, what chains them).
+        assert_eq!(a["tb_shape"], b["tb_shape"], "{case}: celeriac {a} / Celery {b}");
     }
+    // Killed at its hard limit: no traceback stored, as Celery's worker stores it.
+    assert_eq!(ours["over_limit"]["result"]["exc_type"], "TimeLimitExceeded", "{}", ours["over_limit"]);
+    assert_eq!(ours["over_limit"]["tb_shape"], Value::Null);
+    // EncodeError: the encoder's TypeError, then kombu's EncodeError raised while handling it.
+    let shape = ours["unencodable"]["tb_shape"].to_string();
+    assert!(
+        shape.contains("TypeError: Object of type object is not JSON serializable")
+            && shape.contains("During handling of the above exception, another exception occurred:")
+            && shape.contains("kombu.exceptions.EncodeError: Object of type object is not JSON serializable"),
+        "{shape}"
+    );
     // The values themselves, so the comparison cannot pass on two empty outputs.
     assert_eq!(ours["add"]["result"], 5);
     // kombu's EncodeError wrapping the TypeError, as Celery's worker stores it.

@@ -118,7 +118,9 @@ fn a_dying_python_task_is_settled_by_its_acks_late_and_reject_on_worker_lost() {
 
 /// `Ignore` stores nothing (a custom state stored before it stays), `Reject(requeue=True)`
 /// runs again, `Reject(requeue=False)` is a FAILURE and is not run again, `update_state` and
-/// `track_started`'s STARTED are seen while the task runs, `ignore_result=True` stores nothing; checked once the worker stopped.
+/// `track_started`'s STARTED are seen while the task runs, `ignore_result=True` stores nothing,
+/// not even a FAILURE unless `store_errors_even_if_ignored` (as Celery's worker, which stores
+/// nothing for such a task); checked once the worker stopped.
 #[test]
 fn ignore_reject_update_state_and_ignore_result_are_celerys() {
     let db = SharedRedisDb::get(DB);
@@ -148,13 +150,24 @@ fn ignore_reject_update_state_and_ignore_result_are_celerys() {
     assert_eq!((&m["result"]["exc_type"], &m["result"]["exc_module"]), (&json!("Reject"), &json!("celery.exceptions")));
     let ignored = send(&broker, queue, "pyapp.ignored", json!([]));
     let quiet = send(&broker, queue, "pyapp.quiet", json!([kq]));
-    wait_until("the ignore_result task to run", Duration::from_secs(30), || db.cli(&["LLEN", &kq]) == "1");
+    // ignore_result tasks that fail: nothing stored (Celery's store_errors), unless
+    // store_errors_even_if_ignored.
+    let (kf, kk) = (key("quiet-fail"), key("quiet-fail-kept"));
+    let quiet_fail = send(&broker, queue, "pyapp.quiet_fail", json!([kf]));
+    let quiet_kept = send(&broker, queue, "pyapp.quiet_fail_kept", json!([kk]));
+    let m = wait_state(&db, &w, &quiet_kept, "FAILURE");
+    assert_eq!(m["result"]["exc_type"], "ValueError", "{m}");
+    wait_until("the ignore_result tasks to run", Duration::from_secs(30), || {
+        [&kq, &kf].iter().all(|k| db.cli(&["LLEN", k]) == "1")
+    });
     // Everything settled: a warm shutdown waits for it.
     w.signal("TERM");
     assert!(w.wait_exit(Duration::from_secs(30)).success(), "{}", w.dump());
     assert_eq!(meta(&db, &ignored).map(|m| m["status"].clone()), Some(json!("PROGRESS")), "only its own update_state");
     assert!(w.matching(&ignored).iter().any(|l| l.contains("task ignored")), "{}", w.dump());
     assert_eq!(meta(&db, &quiet), None, "ignore_result stores nothing");
+    assert_eq!(meta(&db, &quiet_fail), None, "nor its FAILURE: {}", w.dump());
+    assert!(w.matching(&quiet_fail).iter().any(|l| l.contains("task failed")), "{}", w.dump());
     assert_eq!((count(&db, &kr1), count(&db, &kr2)), (2, 1), "Reject(requeue=False) is not run again");
     assert_eq!(queue_depth(&vhost, queue), (0, 0));
 }
@@ -318,16 +331,26 @@ fn python_workflows_give_what_a_celery_worker_gives() {
     assert_eq!(Value::Object(theirs), expected, "a Celery worker gives the same");
 }
 
-/// What a dying task (`acks_late`, `reject_on_worker_lost`, Celery 5.7's `retry_on_worker_lost`)
-/// and `Reject` leave, side by side with a real Celery worker of the same app:
-/// state, result and how many times the task ran.
+/// What a dying task (`acks_late`, `reject_on_worker_lost`, Celery 5.7's `retry_on_worker_lost`),
+/// `Reject`, and an `acks_late` task killed at its hard time limit (`acks_on_timeout` or not)
+/// leave, side by side with a real Celery worker of the same app: state, result and how many
+/// times the task ran.
 #[test]
 fn python_tasks_are_settled_as_a_celery_worker_settles_them() {
     let db = SharedRedisDb::get(DB);
     let vhost = TestVhost::new();
     let (broker, backend) = (vhost.url(""), db.url(""));
-    let cases =
-        ["die_early", "die_late", "die_requeue_once", "die_retry_once", "die_retry", "reject_requeue", "reject_drop"];
+    let cases = [
+        "die_early",
+        "die_late",
+        "die_requeue_once",
+        "die_retry_once",
+        "die_retry",
+        "reject_requeue",
+        "reject_drop",
+        "timeout_late",
+        "timeout_requeue",
+    ];
     let expected = json!({
         "die_early": {"value": ["FAILURE", "WorkerLostError", 1]},
         "die_late": {"value": ["FAILURE", "WorkerLostError", 1]},
@@ -337,6 +360,10 @@ fn python_tasks_are_settled_as_a_celery_worker_settles_them() {
         "die_retry": {"value": ["FAILURE", "WorkerLostError", 2]},
         "reject_requeue": {"value": ["SUCCESS", 2, 2]},
         "reject_drop": {"value": ["FAILURE", "Reject", 1]},
+        // Killed at its hard limit (acks_late): acknowledged after its FAILURE, stored with no
+        // traceback; not acks_on_timeout (acks_on_failure_or_timeout=False): requeued, run again.
+        "timeout_late": {"value": ["FAILURE", "TimeLimitExceeded", 1, true]},
+        "timeout_requeue": {"value": ["SUCCESS", 2, 2, true]},
     });
     {
         let queue = "pysem.settle.celeriac";
@@ -378,4 +405,88 @@ fn a_failure_not_acks_on_failure_is_rejected_to_the_dead_letter_exchange() {
     assert!(w.wait_exit(Duration::from_secs(30)).success(), "{}", w.dump());
     assert_eq!(queue_depth(&vhost, queue), (0, 0));
     assert_eq!(queue_depth(&vhost, "pysem.dead"), (1, 0), "only the rejected one is dead-lettered");
+}
+
+/// What Celery's remote control shows of a `--python-app` worker, side by side with a Celery
+/// worker of the same app: `inspect active` gives the exchange and routing key the message was
+/// sent with (here an exchange bound to the queue, not the default one), and `inspect registered` lists
+/// no `celery.*` task unless asked for Celery's builtins, then those celeriac runs. And
+/// `celeriac inspect` takes its broker from the app, as `celery -A pyapp inspect` does, when
+/// given `--python-app` and no `--broker`.
+#[test]
+fn remote_control_shows_a_python_worker_as_celery_s_shows_its_own() {
+    let db = SharedRedisDb::get(DB);
+    let vhost = TestVhost::new();
+    let (broker, backend) = (vhost.url(""), db.url(""));
+    let host = |q: &str| format!("{q}@{}", common::hostname());
+    let ask = |queue: &str, node: &str, k: &str| {
+        let env = common::pyapp::app_env(&broker, &backend, queue);
+        common::pyapp::run_script("inspectclient.py", &[queue, node, k], &env)
+    };
+    let (q1, q2) = ("pysem.inspect.celeriac", "pysem.inspect.celery");
+    let (k1, k2) = (key("inspect-celeriac"), key("inspect-celery"));
+    let w = python_worker(&broker, &backend, q1, &["-c", "1", "-n", "pysem-inspect@%h"]);
+    let ours = ask(q1, &host("pysem-inspect"), &k1);
+    // `celeriac inspect --python-app`: the broker is the app's (PYAPP_BROKER), no --broker given.
+    let python = common::venv_python();
+    let env = common::pyapp::app_env(&broker, &backend, q1);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let node = host("pysem-inspect");
+    let args = ["inspect", "active", "--json", "-d", &node, "--python-app", "pyapp:app", "--python"];
+    let mut args = args.to_vec();
+    args.push(python.to_str().unwrap());
+    let (code, out, err) = run_cli(&args, &env);
+    assert_eq!(code, 0, "{out}{err}");
+    let id = ours["id"].as_str().unwrap();
+    assert!(out.contains(id), "celeriac inspect --python-app finds the running task: {out}{err}");
+    // Released at once: its BLPOP fails with a socket timeout after about 5 s in a child.
+    db.cli(&["RPUSH", &k1, "go"]);
+    assert_eq!(wait_state(&db, &w, id, "SUCCESS")["result"], true);
+    let theirs = {
+        let _celery = CeleryWorker::start(&broker, &backend, q2);
+        let theirs = ask(q2, &host(&format!("pyapp-{q2}")), &k2);
+        db.cli(&["RPUSH", &k2, "go"]);
+        theirs
+    };
+    // The route of the message, as Celery's worker shows its own.
+    assert_eq!(theirs["delivery_info"]["exchange"], format!("{q2}.x"), "{theirs:?}");
+    assert_eq!(theirs["delivery_info"]["routing_key"], q2, "{theirs:?}");
+    assert_eq!(ours["delivery_info"]["exchange"], format!("{q1}.x"), "{ours:?}");
+    assert_eq!(ours["delivery_info"]["routing_key"], q1, "{ours:?}");
+    // registered: the same list; with builtins, Celery's less the five celeriac does not run
+    // (see celeriac-worker's builtins.rs).
+    assert_eq!(ours["registered"], theirs["registered"]);
+    assert!(ours["registered"].as_array().is_some_and(|r| r.iter().any(|t| t == "pyapp.add")), "{ours:?}");
+    let not_run = ["celery.backend_cleanup", "celery.chain", "celery.chord", "celery.chord_unlock", "celery.group"];
+    let expected: Vec<&Value> =
+        theirs["builtins"].as_array().unwrap().iter().filter(|t| !not_run.iter().any(|n| *t == n)).collect();
+    assert_eq!(ours["builtins"].as_array().unwrap().iter().collect::<Vec<_>>(), expected);
+    assert!(expected.iter().any(|t| *t == "celery.chunks"), "{theirs:?}");
+}
+
+/// With Celery's RPC result backend (`rpc://`), what a running Python task stores through the
+/// app's backend (`self.update_state`, `track_started`'s STARTED) reaches the client's reply
+/// queue, as from a Celery worker of the same app: the client reads PROGRESS and STARTED while the
+/// task runs, then its result.
+#[test]
+fn update_state_and_track_started_reach_an_rpc_client() {
+    let vhost = TestVhost::new();
+    let broker = vhost.url("");
+    let expected = json!({
+        "progress_for": {"seen": true, "keys": ["step"], "meta": {"step": 1}, "result": 2},
+        "tracked_for": {"seen": true, "keys": ["hostname", "pid"], "meta": null, "result": 2},
+    });
+    let run = |queue: &str| {
+        let env = common::pyapp::app_env(&broker, "rpc://", queue);
+        let case = |case: &str| Value::Object(common::pyapp::run_script("rpcclient.py", &[queue, case], &env));
+        json!({"progress_for": case("progress_for"), "tracked_for": case("tracked_for")})
+    };
+    {
+        let queue = "pysem.rpc.celeriac";
+        let w = python_worker(&broker, "rpc://", queue, &["-c", "1", "-n", "pysem-rpc@%h"]);
+        assert_eq!(run(queue), expected, "{}", w.dump());
+    }
+    let queue = "pysem.rpc.celery";
+    let _w = CeleryWorker::start(&broker, "rpc://", queue);
+    assert_eq!(run(queue), expected, "a Celery worker gives the same");
 }

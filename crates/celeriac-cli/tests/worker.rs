@@ -178,8 +178,33 @@ async fn hard_time_limit_fails_the_task_and_the_worker_goes_on() {
     let meta = client.backend().wait(&slow, Some(Duration::from_secs(20))).await.unwrap();
     assert_eq!(meta.status, TaskState::Failure);
     assert_eq!(meta.exception_info().unwrap().exc_type, "TimeLimitExceeded");
+    // No traceback, as Celery's worker stores a task killed at its hard limit.
+    assert_eq!(meta.traceback, None, "{meta:?}");
     let meta = client.backend().wait(&next, Some(Duration::from_secs(20))).await.unwrap();
     assert_eq!(meta.result, json!(2));
+}
+
+/// A task sent with `ignore_result` that fails stores nothing, as Celery's worker (its
+/// `store_errors` is off unless the task has `store_errors_even_if_ignored`); the same failure
+/// sent without it is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_of_a_task_that_ignores_its_result_is_not_stored() {
+    let db = TempDb::new("");
+    let client = db.client().await;
+    let opts = SendOptions { ignore_result: Some(true), ..SendOptions::default() };
+    let quiet = client.send_task("celeriac.fail", vec![json!("quiet")], Map::new(), opts).await.expect("send");
+    let quiet = quiet.id().to_string();
+    let kept = send(&client, "celeriac.fail", json!(["kept"])).await;
+    let mut w = WorkerProc::start(&db.url, &["-c", "1"]);
+    let meta = client.backend().wait(&kept, Some(Duration::from_secs(20))).await.unwrap();
+    assert_eq!(meta.status, TaskState::Failure);
+    common::wait_until("the ignore_result task to fail", Duration::from_secs(20), || {
+        w.matching(&quiet).iter().any(|l| l.contains("task failed"))
+    });
+    // A warm shutdown waits for every outcome to be settled.
+    w.signal("TERM");
+    assert!(w.wait_exit(Duration::from_secs(30)).success(), "{}", w.dump());
+    assert!(client.backend().get(&quiet).await.unwrap().is_none(), "{}", w.dump());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -192,6 +192,12 @@ pub struct Delivery {
     pub message: Message,
     /// The queue it came from.
     pub queue: String,
+    /// The exchange it was published to, as the transport saw it (`""`: the default exchange,
+    /// or a transport that keeps none). Celery's `delivery_info["exchange"]`.
+    pub exchange: String,
+    /// The routing key it was published with (the queue's name unless the transport says
+    /// otherwise). Celery's `delivery_info["routing_key"]`.
+    pub routing_key: String,
     /// How many times it has been delivered, this time included (1 on first delivery). Transports
     /// that only know "redelivered or not" report 1 or 2.
     pub delivery_count: u32,
@@ -209,9 +215,23 @@ impl std::fmt::Debug for Delivery {
 }
 
 impl Delivery {
-    /// Wrap a message with the transport's settlement handle.
+    /// Wrap a message with the transport's settlement handle. Its route is the default
+    /// exchange and the queue's name until [`Delivery::with_route`] says otherwise.
     pub fn new(message: Message, queue: impl Into<String>, delivery_count: u32, acker: Box<dyn Acker>) -> Self {
-        Delivery { message, queue: queue.into(), delivery_count, acker }
+        let queue = queue.into();
+        Delivery { message, routing_key: queue.clone(), queue, exchange: String::new(), delivery_count, acker }
+    }
+
+    /// The exchange and routing key the message was published with, as the transport knows
+    /// them (AMQP's `basic.deliver`, kombu's `delivery_info` in a Redis envelope). An empty
+    /// routing key keeps the queue's name.
+    pub fn with_route(mut self, exchange: impl Into<String>, routing_key: impl Into<String>) -> Self {
+        self.exchange = exchange.into();
+        let routing_key = routing_key.into();
+        if !routing_key.is_empty() {
+            self.routing_key = routing_key;
+        }
+        self
     }
 
     /// Whether this message was delivered before.

@@ -49,8 +49,12 @@ pub struct TaskOptions {
     pub time_limit: Option<f64>,
     /// Soft time limit in seconds.
     pub soft_time_limit: Option<f64>,
-    /// Do not store the result.
+    /// Do not store the result: no SUCCESS, nor, unless `store_errors_even_if_ignored`, a
+    /// FAILURE, RETRY or REVOKED (Celery's `ignore_result`, `celery/app/trace.py`).
     pub ignore_result: bool,
+    /// With `ignore_result`, still store a FAILURE, RETRY or REVOKED (Celery's
+    /// `store_errors_even_if_ignored`, false by default).
+    pub store_errors_even_if_ignored: bool,
     /// Celery's `rate_limit`: at most this many starts per second, minute or hour on each
     /// worker (`"10/s"`, `"100/m"`, `"1000/h"`, a bare number per second; `None`: no limit).
     /// The worker reads it at start-up and refuses to start on a value it cannot parse; remote
@@ -70,6 +74,7 @@ impl Default for TaskOptions {
             time_limit: None,
             soft_time_limit: None,
             ignore_result: false,
+            store_errors_even_if_ignored: false,
             rate_limit: None,
             blocking: false,
         }

@@ -36,6 +36,7 @@ struct Attrs {
     time_limit: Option<f64>,
     soft_time_limit: Option<f64>,
     ignore_result: Option<bool>,
+    store_errors_even_if_ignored: Option<bool>,
     rate_limit: Option<String>,
 }
 
@@ -71,6 +72,9 @@ fn parse_attrs(args: TokenStream) -> syn::Result<Attrs> {
             "soft_time_limit" => a.soft_time_limit = Some(lit_f64(&meta.value()?.parse()?)?),
             "retry_jitter" => a.retry_jitter = Some(meta.value()?.parse::<syn::LitBool>()?.value),
             "ignore_result" => a.ignore_result = Some(meta.value()?.parse::<syn::LitBool>()?.value),
+            "store_errors_even_if_ignored" => {
+                a.store_errors_even_if_ignored = Some(meta.value()?.parse::<syn::LitBool>()?.value)
+            }
             "autoretry_for" => {
                 let arr: syn::ExprArray = meta.value()?.parse()?;
                 for e in arr.elems {
@@ -88,7 +92,7 @@ fn parse_attrs(args: TokenStream) -> syn::Result<Attrs> {
                 return Err(meta.error(
                     "unknown task option (known: name, queue, max_retries, retry_backoff, retry_backoff_max, \
                      retry_jitter, default_retry_delay, autoretry_for, time_limit, soft_time_limit, ignore_result, \
-                     rate_limit)",
+                     store_errors_even_if_ignored, rate_limit)",
                 ))
             }
         }
@@ -192,6 +196,7 @@ fn expand(attrs: Attrs, func: ItemFn) -> syn::Result<TokenStream2> {
     let time_limit = opt_f(attrs.time_limit);
     let soft_time_limit = opt_f(attrs.soft_time_limit);
     let ignore_result = attrs.ignore_result.unwrap_or(false);
+    let store_errors_even_if_ignored = attrs.store_errors_even_if_ignored.unwrap_or(false);
     let rate_limit = match &attrs.rate_limit {
         Some(r) => quote! { ::core::option::Option::Some(::std::string::String::from(#r)) },
         None => quote! { ::core::option::Option::None },
@@ -282,6 +287,7 @@ fn expand(attrs: Attrs, func: ItemFn) -> syn::Result<TokenStream2> {
                     time_limit: #time_limit,
                     soft_time_limit: #soft_time_limit,
                     ignore_result: #ignore_result,
+                    store_errors_even_if_ignored: #store_errors_even_if_ignored,
                     rate_limit: #rate_limit,
                     blocking: !#is_async,
                 }

@@ -13,9 +13,18 @@
 //! both may come as keyword or positional arguments. These run in the worker's process in both
 //! pools (the prefork children know the application's tasks only): the inner calls of
 //! `celery.map` and `celery.starmap` are the tasks' own code, blocking ones on the blocking
-//! thread pool. `celery.group`, `celery.chain` and `celery.chord` are never sent by Celery 5;
-//! `celery.chord_unlock` is sent only with result backends celeriac does not read (Celery's
-//! database backends), and `celery.backend_cleanup` by beat: those are not registered.
+//! thread pool.
+//!
+//! These four are what remote control's `registered` lists with `builtins` (Celery lists its
+//! nine; without `builtins` neither lists any). The other five are not registered, so a message
+//! naming one is refused as an unknown task rather than listed and then not carried out:
+//! `celery.group`, `celery.chain` and `celery.chord` are "no longer used" in Celery 5 (its canvas
+//! never sends them; `celery.chain` only raises `NotImplementedError`); `celery.chord_unlock`
+//! polls a chord's parts for result backends without a join of their own (Celery's database,
+//! RPC and cache backends), while celeriac joins chords in its backends (`store_chord_part`);
+//! `celery.backend_cleanup` is what Celery's beat sends daily to a backend that needs sweeping
+//! (`app.backend.cleanup()`): celeriac's Redis results expire by themselves and its SQLite
+//! backend deletes expired rows as it stores, so there is no sweep for it to run.
 
 use std::sync::{Arc, OnceLock, Weak};
 

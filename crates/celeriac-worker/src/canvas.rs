@@ -334,8 +334,9 @@ pub(crate) async fn after_failure(
     req: Origin<'_>,
     cont: &Continuations,
     exc: &ExceptionInfo,
+    store_result: bool,
 ) -> Result<(), ContinueError> {
-    if let Some(chain) = &cont.chain {
+    if let Some(chain) = cont.chain.as_ref().filter(|_| store_result) {
         tracing::info!(steps = chain.len, "the chain stops here: its later steps are failed");
         fail_chain(shared, &chain.steps(), exc).await;
     }
@@ -345,19 +346,29 @@ pub(crate) async fn after_failure(
 
 /// Store an outcome (joining the task's chord if it is a header task), then, for a final
 /// FAILURE, fail the rest of its chain and send its errbacks.
+///
+/// With `store_result` false (a task that ignores its result and does not keep its errors,
+/// Celery's `store_errors` off), nothing is stored for the task nor for the later steps of its
+/// chain, and its errbacks are still sent, as Celery's `mark_as_failure(store_result=False)`;
+/// a chord header task's outcome is stored all the same, since its join is that store.
 pub(crate) async fn store_and_continue(
     shared: &Shared,
     origin: Origin<'_>,
     cont: &Continuations,
     meta: &ResultMeta,
+    store_result: bool,
 ) -> Result<(), ContinueError> {
-    if store(shared, origin, cont, meta).await? == Stored::KeptRevoked {
+    let store_result = store_result || cont.chord.is_some();
+    if store_result && store(shared, origin, cont, meta).await? == Stored::KeptRevoked {
         tracing::warn!(state = %meta.status, "the task was revoked: its stored state stays REVOKED and this outcome is not stored");
         return Ok(());
     }
+    if !store_result {
+        tracing::debug!(state = %meta.status, "not stored: the task ignores its result (ignore_result, without store_errors_even_if_ignored)");
+    }
     if meta.status == TaskState::Failure {
         if let Some(exc) = meta.exception_info() {
-            after_failure(shared, origin, cont, &exc).await?;
+            after_failure(shared, origin, cont, &exc, store_result).await?;
         }
     }
     Ok(())

@@ -334,10 +334,14 @@ async fn dispatch(ctx: &Context, method: &str, args: &Map<String, Value>) -> Val
         }
         "stats" => stats(ctx),
         "registered" | "dump_tasks" => {
+            // As Celery's `registered`: its builtins (`celery.*`) only when asked for; those
+            // listed are the ones this worker runs (see `crate::builtins`).
+            let builtins = args.get("builtins").is_some_and(|b| b.as_bool().unwrap_or(!b.is_null()));
             let mut names: Vec<String> = ctx
                 .shared
                 .registry
                 .names()
+                .filter(|n| builtins || !n.starts_with("celery."))
                 .map(|n| match ctx.shared.state.rate_limit(n) {
                     Some(r) => format!("{n} [rate_limit={r}]"),
                     None => n.to_string(),

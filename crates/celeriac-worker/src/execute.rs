@@ -14,7 +14,7 @@ use std::time::Duration;
 use celeriac_core::protocol::format_datetime;
 use celeriac_core::result::{format_traceback, ExceptionInfo};
 use celeriac_core::task::TaskError;
-use celeriac_core::{ResultMeta, TaskContext, TaskState};
+use celeriac_core::{ReplyTo, ResultMeta, TaskContext, TaskState};
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use serde_json::{json, Value};
@@ -330,6 +330,10 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
     let id = req.headers.id.clone();
     let opts = req.task.options();
     let ignore_result = req.headers.ignore_result || opts.ignore_result;
+    // Celery's `store_errors` (`celery/app/trace.py`, `celery/worker/request.py`): a task that
+    // ignores its result stores no FAILURE, RETRY or REVOKED either, unless it keeps its errors
+    // (`store_errors_even_if_ignored`); its errbacks are still sent.
+    let store_errors = !ignore_result || opts.store_errors_even_if_ignored;
     // The workflow the message carries (callbacks, errbacks, the rest of its chain, its chord).
     let mut cont = crate::canvas::read((&req).into());
     if !cont.problems.is_empty() {
@@ -344,7 +348,8 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
     // or a FAILURE of a task that is not `acks_on_failure`).
     let mut reject_after = false;
     let outcome = retry_if_lost(shared, &req, outcome);
-    if !matches!(outcome, Outcome::WorkerLost(_)) {
+    // Losses (a dead child, a hard time limit that requeues) are counted for the poison guard.
+    if !matches!(outcome, Outcome::WorkerLost(_) | Outcome::TimeLimit(_)) {
         shared.forget_lost(&id);
     }
     let meta = match outcome {
@@ -403,7 +408,50 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             };
             let tb = traceback(&req, &exc, Some("killed at its hard time limit"));
             shared.observe.failed(&id, &req.headers.task, &exc, Some(&tb), Some(runtime));
-            Some(ResultMeta::exception(&id, TaskState::Failure, &exc, Some(tb)))
+            // Stored with no traceback, as Celery's worker stores it (the task's frames died
+            // with its process); the event above carries ours.
+            let mut meta = ResultMeta::exception(&id, TaskState::Failure, &exc, None);
+            let policy = shared.acks.get(&req.headers.task).copied();
+            if !AckPolicy::requeues_timeout(policy) {
+                // Acknowledged (Celery's `acks_on_timeout`, which is not `acks_on_failure`).
+                shared.forget_lost(&id);
+                Some(meta)
+            } else {
+                // An acks_late task that is not acks_on_timeout: Celery's worker stores the
+                // FAILURE and requeues the message (`on_timeout`, `on_failure`), so the task runs
+                // again; celeriac bounds that with the poison guard. The errbacks and the rest of
+                // the chain wait for the outcome of a run that is not requeued.
+                let deliveries = poison_count(shared.note_lost(&id), req.delivery.delivery_count);
+                with_request_fields(&mut meta, &req);
+                if deliveries >= shared.config.max_deliveries {
+                    shared.forget_lost(&id);
+                    let reason = format!(
+                        "task {}[{id}] was killed at its hard time limit {deliveries} times (limit {})",
+                        req.headers.task, shared.config.max_deliveries
+                    );
+                    tracing::error!(%reason, "poison message: failing and dead-lettering");
+                    let stored = crate::canvas::store_and_continue(shared, (&req).into(), &cont, &meta, store_errors);
+                    if let Err(e) = stored.await {
+                        tracing::error!(error = %e, "could not store the result; requeueing");
+                        req.requeue().await;
+                        return;
+                    }
+                    Stats::bump(&shared.stats.dead_lettered);
+                    if let Err(e) = req.delivery.dead_letter(&reason).await {
+                        tracing::warn!(error = %e, "could not dead-letter the message");
+                    }
+                    return;
+                }
+                if store_errors {
+                    if let Err(e) = shared.backend.store_outcome(&meta, ReplyTo::of(&req.delivery.message)).await {
+                        tracing::warn!(error = %e, "could not store the FAILURE of the timed-out run");
+                    }
+                }
+                tracing::warn!(times = deliveries, "acks_late and not acks_on_timeout: FAILURE stored and the message requeued, as Celery's worker does");
+                Stats::bump(&shared.stats.requeued);
+                req.requeue().await;
+                return;
+            }
         }
         Outcome::WorkerLost(how) => {
             // A child's task that is not acks_late with reject_on_worker_lost is not run again:
@@ -436,7 +484,9 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 shared.observe.failed(&id, &req.headers.task, &exc, Some(&tb), Some(runtime));
                 let mut meta = ResultMeta::exception(&id, TaskState::Failure, &exc, Some(tb));
                 with_request_fields(&mut meta, &req);
-                if let Err(e) = crate::canvas::store_and_continue(shared, (&req).into(), &cont, &meta).await {
+                if let Err(e) =
+                    crate::canvas::store_and_continue(shared, (&req).into(), &cont, &meta, store_errors).await
+                {
                     tracing::error!(error = %e, "could not store the result; requeueing");
                     req.requeue().await;
                     return;
@@ -506,7 +556,9 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
                 let tb = traceback(&req, &exc, err.traceback.as_deref());
                 let mut meta = ResultMeta::exception(&id, TaskState::Retry, &exc, Some(tb.clone()));
                 with_request_fields(&mut meta, &req);
-                if let Err(e) = crate::canvas::store_and_continue(shared, (&req).into(), &cont, &meta).await {
+                if let Err(e) =
+                    crate::canvas::store_and_continue(shared, (&req).into(), &cont, &meta, store_errors).await
+                {
                     tracing::error!(error = %e, "could not store the RETRY; requeueing so it runs again");
                     Stats::bump(&shared.stats.requeued);
                     req.requeue().await;
@@ -559,10 +611,10 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
         }
     };
     if let Some(mut meta) = meta {
-        // A RETRY state is informative; FAILURE is stored even for ignore_result tasks (as Celery
-        // does with `store_errors_even_if_ignored` off, it would not; we keep errors visible).
+        // A SUCCESS here is one to store; another state only when the task keeps its errors.
+        let store = meta.status == TaskState::Success || store_errors;
         with_request_fields(&mut meta, &req);
-        if let Err(e) = crate::canvas::store_and_continue(shared, (&req).into(), &cont, &meta).await {
+        if let Err(e) = crate::canvas::store_and_continue(shared, (&req).into(), &cont, &meta, store).await {
             tracing::error!(error = %e, "could not store the result or carry out its continuations; requeueing so it runs again");
             Stats::bump(&shared.stats.requeued);
             req.requeue().await;
@@ -611,9 +663,14 @@ fn with_request_fields(meta: &mut ResultMeta, req: &Request) {
     }
 }
 
-/// The traceback stored with a failure of this request (see [`format_traceback`]).
+/// The traceback stored with a failure of this request: a Python child's own, as it came
+/// (Celery's `ExceptionInfo.traceback`, the text Celery's worker stores), else
+/// [`format_traceback`]'s with `detail`.
 fn traceback(req: &Request, exc: &ExceptionInfo, detail: Option<&str>) -> String {
-    format_traceback(&req.headers.task, &req.headers.id, exc, detail)
+    match detail {
+        Some(tb) if tb.starts_with("Traceback (most recent call last):") => tb.to_string(),
+        _ => format_traceback(&req.headers.task, &req.headers.id, exc, detail),
+    }
 }
 
 /// How many deliveries of a message lost their worker, from the losses this process saw and the

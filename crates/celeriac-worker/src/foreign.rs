@@ -70,6 +70,7 @@ fn options_of(task: &ChildTask) -> TaskOptions {
         time_limit: seconds("time_limit"),
         soft_time_limit: seconds("soft_time_limit"),
         ignore_result: o.get("ignore_result").and_then(Value::as_bool).unwrap_or(false),
+        store_errors_even_if_ignored: o.get("store_errors_even_if_ignored").and_then(Value::as_bool).unwrap_or(false),
         // Celery's `rate_limit` attribute: the task's own, an annotation's, or the app's
         // `task_default_rate_limit` (Celery's `Task.bind` fills it in); a number is per second.
         rate_limit: o.get("rate_limit").and_then(|v| match v {
@@ -118,6 +119,10 @@ pub(crate) struct AckPolicy {
     /// to the queue's dead-letter exchange on RabbitMQ): Celery's `acks_on_failure`, before 5.7
     /// `acks_on_failure_or_timeout`.
     pub acks_on_failure: bool,
+    /// With `acks_late`, the message of a task killed at its hard time limit is acknowledged
+    /// after its FAILURE is stored (else requeued): Celery 5.7's `acks_on_timeout`, before it
+    /// `acks_on_failure_or_timeout`.
+    pub acks_on_timeout: bool,
 }
 
 impl AckPolicy {
@@ -135,6 +140,14 @@ impl AckPolicy {
     pub(crate) fn retry_lost_after(policy: Option<AckPolicy>, retries: u32) -> Option<Duration> {
         let p = policy.filter(|p| p.retry_on_worker_lost && !p.out_of_retries(retries))?;
         Some(Duration::from_secs_f64(if p.retry_delay.is_finite() { p.retry_delay.max(0.0) } else { 0.0 }))
+    }
+
+    /// Whether the message of a task killed at its hard time limit is requeued (after its
+    /// FAILURE is stored) rather than acknowledged: `acks_late` without `acks_on_timeout`, as
+    /// `celery/worker/request.py` (`on_failure`, `on_timeout`). A task no child announced (a
+    /// Rust task) is acknowledged, Celery's default.
+    pub(crate) fn requeues_timeout(policy: Option<AckPolicy>) -> bool {
+        policy.is_some_and(|p| p.acks_late && !p.acks_on_timeout)
     }
 
     /// Whether a FAILURE's message is rejected (without requeue) rather than acknowledged.
@@ -169,6 +182,10 @@ pub(crate) fn ack_policies(tasks: &[ChildTask]) -> HashMap<String, AckPolicy> {
                     .iter()
                     .find_map(|k| t.options.get(*k).and_then(Value::as_bool))
                     .unwrap_or(true),
+                acks_on_timeout: ["acks_on_timeout", "acks_on_failure_or_timeout"]
+                    .iter()
+                    .find_map(|k| t.options.get(*k).and_then(Value::as_bool))
+                    .unwrap_or(true),
             };
             (t.name.clone(), policy)
         })
@@ -179,11 +196,12 @@ pub(crate) fn ack_policies(tasks: &[ChildTask]) -> HashMap<String, AckPolicy> {
 /// worker acknowledges it when the pool accepts it). What settles it afterwards does nothing,
 /// and says so where it would have given the message back.
 pub(crate) async fn ack_early(delivery: Delivery) -> Delivery {
+    let (exchange, routing_key) = (delivery.exchange.clone(), delivery.routing_key.clone());
     let (message, queue, count, acker) = delivery.into_parts();
     if let Err(e) = acker.ack().await {
         tracing::warn!(error = %e, "could not acknowledge the message before the task (not acks_late) runs; the broker may deliver it again");
     }
-    Delivery::new(message, queue, count, Box::new(AckedEarly))
+    Delivery::new(message, queue, count, Box::new(AckedEarly)).with_route(exchange, routing_key)
 }
 
 /// The settlement of a delivery acknowledged before its task ran.
@@ -256,8 +274,8 @@ pub(crate) fn celery_request(req: &Request, hostname: &str) -> Value {
     r.insert("correlation_id".into(), text(&message.properties.correlation_id));
     r.insert("hostname".into(), Value::String(hostname.to_string()));
     let mut delivery = Map::new();
-    delivery.insert("exchange".into(), Value::String(String::new()));
-    delivery.insert("routing_key".into(), Value::String(req.delivery.queue.clone()));
+    delivery.insert("exchange".into(), Value::String(req.delivery.exchange.clone()));
+    delivery.insert("routing_key".into(), Value::String(req.delivery.routing_key.clone()));
     delivery.insert("priority".into(), message.properties.priority.map_or(Value::Null, Value::from));
     delivery.insert("redelivered".into(), Value::Bool(req.delivery.delivery_count > 1));
     r.insert("delivery_info".into(), Value::Object(delivery));
@@ -442,6 +460,13 @@ mod tests {
         assert!(rejects(json!({"acks_late": true, "acks_on_failure": false})));
         assert!(rejects(json!({"acks_late": true, "acks_on_failure_or_timeout": false})));
         assert!(!rejects(json!({"acks_on_failure": false})), "not acks_late: acknowledged as it started");
+        let requeues = |o: Value| AckPolicy::requeues_timeout(ack_policies(&[task(o)]).get("t").copied());
+        assert!(requeues(json!({"acks_late": true, "acks_on_timeout": false})));
+        assert!(requeues(json!({"acks_late": true, "acks_on_failure_or_timeout": false})));
+        assert!(!requeues(json!({"acks_late": true, "acks_on_failure": false})), "acks_on_failure is not for timeouts");
+        assert!(!requeues(json!({"acks_late": true})));
+        assert!(!requeues(json!({"acks_on_timeout": false})), "not acks_late: acknowledged as it started");
+        assert!(!AckPolicy::requeues_timeout(None), "a Rust task: acknowledged, Celery's default");
     }
 
     #[test]

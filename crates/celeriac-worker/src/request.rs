@@ -141,7 +141,7 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
             }
             let tb = celeriac_core::result::format_traceback(&name, &id, &exc, Some("refused before it ran"));
             let meta = ResultMeta::exception(&id, TaskState::Failure, &exc, Some(tb));
-            if let Err(e) = crate::canvas::store_and_continue(shared, origin, &cont, &meta).await {
+            if let Err(e) = crate::canvas::store_and_continue(shared, origin, &cont, &meta, true).await {
                 tracing::error!(task_id = %id, task_name = %name, error = %e, "could not store the failure or carry out its workflow; requeueing");
                 let _ = delivery.reject(true).await;
                 return None;

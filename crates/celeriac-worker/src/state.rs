@@ -47,6 +47,10 @@ pub struct RequestInfo {
     pub kwargs: Value,
     /// The queue it came from.
     pub queue: String,
+    /// The exchange its message was published to (`""`: the default exchange).
+    pub exchange: String,
+    /// The routing key its message was published with.
+    pub routing_key: String,
     /// Message priority.
     pub priority: u8,
     /// Delivered before.
@@ -78,8 +82,8 @@ impl RequestInfo {
             // Acks late unless it was acknowledged as it started (Celery's `acknowledged`).
             "acknowledged": self.acknowledged,
             "delivery_info": {
-                "exchange": "",
-                "routing_key": self.queue,
+                "exchange": self.exchange,
+                "routing_key": self.routing_key,
                 "priority": self.priority,
                 "redelivered": self.redelivered,
             },
@@ -193,6 +197,8 @@ impl WorkerState {
             args: Value::Array(req.body.args.clone()),
             kwargs: Value::Object(req.body.kwargs.clone()),
             queue: req.delivery.queue.clone(),
+            exchange: req.delivery.exchange.clone(),
+            routing_key: req.delivery.routing_key.clone(),
             priority: m.properties.priority.unwrap_or(0),
             redelivered: req.delivery.redelivered(),
             acknowledged: false,
@@ -375,6 +381,8 @@ mod tests {
             args: celeriac_core::pyjson::from_str("[NaN, 18446744073709551617, 1e+16]").unwrap(),
             kwargs: celeriac_core::pyjson::from_str(r#"{"x": -Infinity}"#).unwrap(),
             queue: "q".into(),
+            exchange: String::new(),
+            routing_key: "q".into(),
             priority: 0,
             redelivered: false,
             acknowledged: false,

@@ -367,6 +367,12 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// This machine's host name, as a node name's `%h` expands it.
+pub fn hostname() -> String {
+    let out = Command::new("hostname").output().expect("hostname");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// The virtualenv's Python, with Celery (made by `scripts/python-env.sh`; the test command runs it).
 pub fn venv_python() -> PathBuf {
     let py = repo().join("target/pyenv/bin/python");

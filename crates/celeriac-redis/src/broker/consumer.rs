@@ -622,13 +622,15 @@ impl Fetcher {
             queue: popped.queue.clone(),
             key: keys::queue_key(&popped.queue, step),
             task_id: message.task_id().map(str::to_string),
-            exchange,
-            routing_key,
+            exchange: exchange.clone(),
+            routing_key: routing_key.clone(),
             raw: popped.raw,
             permit: Some(permit),
             settled: false,
         };
-        let delivery = Delivery::new(message, popped.queue, if redelivered { 2 } else { 1 }, Box::new(acker));
+        // kombu's `delivery_info` in the envelope: the exchange and routing key it was sent with.
+        let delivery = Delivery::new(message, popped.queue, if redelivered { 2 } else { 1 }, Box::new(acker))
+            .with_route(exchange, routing_key);
         // A closed channel drops the delivery, which puts it back at the front of its queue.
         let _ = self.tx.send(delivery);
     }

@@ -410,8 +410,8 @@ async fn run(app: App, cli: Cli) -> CliResult {
         Command::DeadLetters(args) => dead_letters(broker, args).await,
         Command::Events(args) => events::run(broker, args).await,
         Command::Demo(args) => demo::run(app, args).await,
-        Command::Inspect(args) => remote::inspect(broker, args).await,
-        Command::Control(args) => remote::control(broker, backend_url, args).await,
+        Command::Inspect(args) => remote::inspect(cli.broker.as_deref(), backend_url, args).await,
+        Command::Control(args) => remote::control(cli.broker.as_deref(), backend_url, args).await,
         Command::Beat(args) => beat::run(broker, args, beat::AppEntries::of(&app)).await,
         #[cfg(feature = "dashboard")]
         Command::Dashboard(args) => dashboard::run(broker, backend_url, args).await,

@@ -253,26 +253,7 @@ impl FromApp<'_> {
                 e
             }
         };
-        let (broker_url, broker_from_app) = match (broker, self.0) {
-            (Some(url), _) => (url.to_string(), false),
-            (None, Some(conf)) => {
-                let url = conf.broker_url.as_deref().unwrap_or(CELERY_DEFAULT_BROKER);
-                if url.contains(';') {
-                    return Err(CliError::usage(format!(
-                        "the app's broker_url names several brokers (failover: {}); celeriac connects to one: name it with --broker",
-                        connect::redact(url)
-                    )));
-                }
-                let what = if conf.broker_url.is_some() {
-                    "the app's broker_url"
-                } else {
-                    "Celery's default (the app names none)"
-                };
-                tracing::info!(broker = %connect::redact(url), "broker from {what}");
-                (url.to_string(), true)
-            }
-            (None, None) => (connect::DEFAULT_BROKER_URL.to_string(), false),
-        };
+        let (broker_url, broker_from_app) = self.broker_url(broker)?;
         let (broker_url, applied) = self.amqp_queue_settings(broker_url);
         if let Some(conf) = self.0 {
             conf.warn_unsupported(consumed, &applied, &broker_url);
@@ -292,6 +273,32 @@ impl FromApp<'_> {
 }
 
 impl FromApp<'_> {
+    /// The broker URL: `broker` (the flag's or environment's), else the app's `broker_url`
+    /// (Celery's default broker when the app names none), else celeriac's default; and whether
+    /// it is the app's. An app naming several brokers (failover) is an error.
+    pub(crate) fn broker_url(&self, broker: Option<&str>) -> Result<(String, bool), CliError> {
+        Ok(match (broker, self.0) {
+            (Some(url), _) => (url.to_string(), false),
+            (None, Some(conf)) => {
+                let url = conf.broker_url.as_deref().unwrap_or(CELERY_DEFAULT_BROKER);
+                if url.contains(';') {
+                    return Err(CliError::usage(format!(
+                        "the app's broker_url names several brokers (failover: {}); celeriac connects to one: name it with --broker",
+                        connect::redact(url)
+                    )));
+                }
+                let what = if conf.broker_url.is_some() {
+                    "the app's broker_url"
+                } else {
+                    "Celery's default (the app names none)"
+                };
+                tracing::info!(broker = %connect::redact(url), "broker from {what}");
+                (url.to_string(), true)
+            }
+            (None, None) => (connect::DEFAULT_BROKER_URL.to_string(), false),
+        })
+    }
+
     /// `url` with the app's [`AMQP_QUEUE_SETTINGS`] as its parameters, when it is RabbitMQ's and
     /// does not set them itself; the settings so taken.
     fn amqp_queue_settings(&self, mut url: String) -> (String, Vec<&'static str>) {

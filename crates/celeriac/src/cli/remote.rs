@@ -28,6 +28,45 @@ pub(crate) struct RemoteOpts {
     /// Print each node's reply as JSON (an object keyed by node name).
     #[arg(short = 'j', long, global = true)]
     json: bool,
+    /// Take the broker (and result backend) from this Celery app's configuration when neither
+    /// --broker nor CELERIAC_BROKER_URL names one, as `celery -A proj inspect` does (MODULE:ATTR,
+    /// or MODULE found as `celery -A` finds it; read as worker --python-app reads it).
+    #[arg(long = "python-app", value_name = "MODULE:ATTR", global = true)]
+    python_app: Option<String>,
+    /// The Python interpreter of --python-app (default: $VIRTUAL_ENV's, else python3 on PATH).
+    #[arg(long = "python", value_name = "PATH", global = true)]
+    python: Option<std::path::PathBuf>,
+}
+
+impl RemoteOpts {
+    /// The broker and result backend URLs: `broker` and `backend` (flags or environment), else
+    /// with --python-app the app's `broker_url` and `result_backend` (read once with `python -m
+    /// celeriac_child --describe`, as the worker reads them; not read when the flags give all
+    /// that is needed: the broker, and the backend if `needs_backend`), else celeriac's default
+    /// broker.
+    async fn urls(
+        &self,
+        broker: Option<&str>,
+        backend: Option<&str>,
+        needs_backend: bool,
+    ) -> Result<(String, Option<String>), CliError> {
+        let Some(spec) = &self.python_app else {
+            if self.python.is_some() {
+                return Err(CliError::usage("--python names the interpreter of --python-app, which is not given"));
+            }
+            return Ok((broker.unwrap_or(connect::DEFAULT_BROKER_URL).to_string(), backend.map(str::to_string)));
+        };
+        if let Some(broker) = broker.filter(|_| backend.is_some() || !needs_backend) {
+            return Ok((broker.to_string(), backend.map(str::to_string)));
+        }
+        super::python::check_app_spec(spec)?;
+        let interpreter = super::python::interpreter(self.python.as_deref());
+        let dir = super::python::install()?;
+        let conf = super::python::describe(&interpreter, spec, &dir).await?;
+        let (broker, _) = super::python::FromApp(Some(&conf)).broker_url(broker)?;
+        let backend = backend.map(str::to_string).or(conf.result_backend);
+        Ok((broker, backend))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -51,8 +90,12 @@ enum InspectCommand {
     Scheduled,
     /// Pool, children, totals, broker, resource usage.
     Stats,
-    /// Registered task names.
-    Registered,
+    /// Registered task names (without Celery's builtins, `celery.*`, unless --builtins).
+    Registered {
+        /// Also list the Celery builtins the workers run (Celery's `builtins` argument).
+        #[arg(long)]
+        builtins: bool,
+    },
     /// Queues consumed.
     #[command(name = "active_queues", alias = "active-queues")]
     ActiveQueues,
@@ -184,8 +227,10 @@ async fn call(broker_url: &str, method: &str, arguments: Value, opts: &RemoteOpt
     Ok(ExitCode::SUCCESS)
 }
 
-/// `celeriac inspect ...`.
-pub(crate) async fn inspect(broker_url: &str, args: InspectArgs) -> CliResult {
+/// `celeriac inspect ...` (`broker`, `backend`: the flags' or the environment's).
+pub(crate) async fn inspect(broker: Option<&str>, backend: Option<&str>, args: InspectArgs) -> CliResult {
+    let (broker_url, _) = args.opts.urls(broker, backend, false).await?;
+    let broker_url = broker_url.as_str();
     let mut arguments = json!({});
     let method = match args.command {
         InspectCommand::QueryTask { ids } => {
@@ -197,7 +242,12 @@ pub(crate) async fn inspect(broker_url: &str, args: InspectArgs) -> CliResult {
         InspectCommand::Reserved => "reserved",
         InspectCommand::Scheduled => "scheduled",
         InspectCommand::Stats => "stats",
-        InspectCommand::Registered => "registered",
+        InspectCommand::Registered { builtins } => {
+            if builtins {
+                arguments = json!({ "builtins": true });
+            }
+            "registered"
+        }
         InspectCommand::ActiveQueues => "active_queues",
         InspectCommand::Revoked => "revoked",
     };
@@ -222,7 +272,9 @@ async fn record_revokes(broker_url: &str, backend_url: Option<&str>, ids: &[Stri
 }
 
 /// `celeriac control ...`.
-pub(crate) async fn control(broker_url: &str, backend_url: Option<&str>, args: ControlArgs) -> CliResult {
+pub(crate) async fn control(broker: Option<&str>, backend: Option<&str>, args: ControlArgs) -> CliResult {
+    let (broker_url, backend_url) = args.opts.urls(broker, backend, true).await?;
+    let (broker_url, backend_url) = (broker_url.as_str(), backend_url.as_deref());
     let (method, arguments) = match args.command {
         ControlCommand::Revoke { ids, terminate, signal } => {
             let recorded = record_revokes(broker_url, backend_url, &ids).await?;
