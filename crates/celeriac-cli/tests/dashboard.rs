@@ -21,7 +21,8 @@
 //! The acceptance runs the page in a real headless Chromium (Debian's `chromium`, driven through
 //! `chromedriver`'s WebDriver HTTP API, spoken here directly): both workers appear, a task sent
 //! shows its result, a `celeriac.hang` task shows blocked with its wait channel, Terminate
-//! without the token is refused and with it the page shows REVOKED; filters apply as typed; a
+//! without the token is refused and with it the page shows REVOKED; filters apply as typed, more
+//! than 200 tasks are paged with the count; a
 //! chord's graph and the charts are drawn; it writes screenshots of the pages to
 //! `target/dashboard-screenshots/` (current copies are in `docs/`).
 
@@ -870,6 +871,28 @@ fn in_a_real_browser_both_workers_a_result_a_blocked_task_and_its_revoke_show() 
     b.js("document.getElementById('filter-worker').value = ''; return true;");
     b.type_into("#filter-worker", "browser");
     b.wait("the list back", &format!("return !!document.querySelector('tr.task[data-id={}]');", json!(id)));
+
+    // More than a page: 200 shown with the count, the next ones a click away.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = celeriac::Client::connect(&broker, Some(&results)).await.unwrap();
+        for _ in 0..210 {
+            let options = celeriac::client::SendOptions { queue: Some(queue.to_string()), ..Default::default() };
+            client.send_task("celeriac.noop", vec![], Default::default(), options).await.unwrap();
+        }
+    });
+    b.wait(
+        "the first page of 200",
+        "return /^showing 1–200 of (\\d+) matching/.test(document.getElementById('task-count')?.textContent) \
+         && Number(document.getElementById('task-count').textContent.match(/of (\\d+)/)[1]) >= 211 \
+         && document.querySelectorAll('tr.task').length === 200 && !!document.getElementById('page-older');",
+    );
+    b.click("#page-older");
+    b.wait(
+        "the second page",
+        "return /^showing 201–/.test(document.getElementById('task-count')?.textContent) \
+         && !!document.getElementById('page-newer') && document.querySelectorAll('tr.task').length >= 11;",
+    );
 
     // A chord header's page draws the workflow: the group box, an edge to the body per header task.
     let (_steps, header, body) = send_chain_and_chord(&broker, queue);

@@ -479,7 +479,8 @@ async function refresh() {
   }
 }
 
-window.addEventListener("hashchange", () => { view.replaceChildren(); shownKey = ""; lastNote = ""; refresh(); });
+// Another page: the task list opens at its first page again (its filters are kept).
+window.addEventListener("hashchange", () => { view.replaceChildren(); shownKey = ""; lastNote = ""; listOffset = 0; refresh(); });
 const stream = new EventSource("/api/stream");
 stream.addEventListener("update", refresh);
 stream.onerror = () => { const s = document.getElementById("status"); s.textContent = "disconnected"; s.className = "status down"; };
