@@ -17,6 +17,9 @@
 //! chord run by a celeriac worker show as the membership and edges of their graph; a task a
 //! Celery worker retried is not its own parent and its success shows no retry traceback as its
 //! own; a task past its soft limit is hung; a Celery prefork worker's pool pids and peak RSS.
+//! On an SQLite file (no events, no remote control): a plain revoke is recorded and a worker
+//! started later discards the task as REVOKED, terminate and a bad rate limit are 400, and purge
+//! keeps a countdown task.
 //!
 //! The acceptance runs the page in a real headless Chromium (Debian's `chromium`, driven through
 //! `chromedriver`'s WebDriver HTTP API, spoken here directly): both workers appear, a task sent
@@ -1029,6 +1032,8 @@ fn with_the_token_retry_resends_a_failed_task_and_pool_rate_limit_and_purge_act(
 
     let (status, answer) = post("/api/rate_limit", r#"{"task_name": " ", "rate_limit": "10/m"}"#);
     assert_eq!(status, 400, "a rate limit for no task: {answer}");
+    let (status, answer) = post("/api/rate_limit", r#"{"task_name": "celeriac.add", "rate_limit": "abc"}"#);
+    assert_eq!(status, 400, "a rate limit that is not one is refused before the broadcast: {answer}");
 
     // A rate limit, answered by the worker.
     let (status, answer) = post("/api/rate_limit", r#"{"task_name": "celeriac.add", "rate_limit": "10/m"}"#);
@@ -1084,4 +1089,61 @@ fn on_redis_workers_tasks_and_the_task_queues_show() {
     });
     let letter = dead["dead_letters"].as_array().unwrap().iter().find(|l| l["queue"] == json!(queue)).unwrap();
     assert!(letter["reason"].as_str().is_some_and(|r| !r.is_empty()), "{dead}");
+}
+
+#[test]
+fn on_sqlite_a_revoke_is_recorded_terminate_refused_a_bad_rate_limit_is_400_and_purge_keeps_countdown_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("dash.db").display());
+    let send_sqlite = |extra: &[&str]| {
+        let mut args = vec!["send", "celeriac.noop", "--broker", &url];
+        args.extend_from_slice(extra);
+        let (code, out, err) = run_cli(&args, &[]);
+        assert_eq!(code, 0, "send: {out}{err}");
+        out.trim().lines().last().expect("a task id").to_string()
+    };
+    let doomed = send_sqlite(&[]);
+    let later = send_sqlite(&["--countdown", "3600"]);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let dash = WorkerProc::spawn_cli(
+        std::path::Path::new(common::bin()),
+        &["dashboard", "--broker", &url, "--listen", &listen, "--auth-token", TOKEN],
+    );
+    dash.wait_for_line("dashboard ready", Duration::from_secs(20));
+    let post = |path: &str, body: &str| http(port, "POST", path, &[("X-Celeriac-Token", TOKEN)], body);
+
+    // Terminate cannot reach a worker without remote control: refused before anything is recorded.
+    let (status, answer) = post(&format!("/api/tasks/{doomed}/revoke"), r#"{"terminate": true}"#);
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("terminate needs remote control"), "{answer}");
+    // A plain revoke is recorded in the result backend, and said so (was a 502 after recording it).
+    let (status, answer) = post(&format!("/api/tasks/{doomed}/revoke"), "");
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("recorded in the result backend"), "{answer}");
+    dash.wait_for_line("revoke recorded in the result backend", Duration::from_secs(5));
+
+    // A bad rate limit is a 400 naming it, before any broadcast (was 502: no remote control).
+    let (status, answer) = post("/api/rate_limit", r#"{"task_name": "celeriac.noop", "rate_limit": "abc"}"#);
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("invalid rate limit") && answer.contains("abc"), "{answer}");
+    assert_eq!(dash.count("rate limit refused"), 1, "{}", dash.dump());
+
+    // A worker started now learns the revoke from the file and discards the task as REVOKED.
+    {
+        let _w = WorkerProc::start(&url, &["-c", "1"]);
+        wait_until(&format!("{doomed} stored REVOKED"), Duration::from_secs(30), || {
+            run_cli(&["result", &doomed, "--json", "--broker", &url], &[]).1.contains("REVOKED")
+        });
+    }
+
+    // Purge removes ready messages only: the countdown task stays, as RabbitMQ's queue.purge leaves
+    // what a worker holds until its ETA.
+    let ready = send_sqlite(&[]);
+    let (status, answer) = post("/api/queues/celery/purge", "");
+    assert_eq!((status, answer.as_str()), (200, r#"{"purged":1}"#), "{ready} {later}");
+    let (code, out, err) = run_cli(&["queues", "--json", "--broker", &url], &[]);
+    assert_eq!(code, 0, "{err}");
+    let q: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((q[0]["ready"].as_u64(), q[0]["scheduled"].as_u64()), (Some(0), Some(1)), "{out}");
 }

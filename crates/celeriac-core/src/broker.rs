@@ -56,7 +56,8 @@ pub trait Broker: Send + Sync + 'static {
     /// Start consuming from the given queues, with at most `prefetch` deliveries unsettled.
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError>;
 
-    /// Remove every message ready in the queue; returns how many were removed.
+    /// Remove every message ready in the queue (as RabbitMQ's `queue.purge`: not those a consumer
+    /// holds, nor those scheduled for a later ETA); returns how many were removed.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError>;
 
     /// Depths of the given queues, or of every queue the broker knows when `queues` is empty.

@@ -436,8 +436,10 @@ fn execute(tx: &rusqlite::Transaction<'_>, op: Op, rotation: usize) -> Pending {
         }
         Op::Purge { queue, reply } => {
             let r = tx
-                .prepare_cached("DELETE FROM messages WHERE queue = ?1 AND owner IS NULL")
-                .and_then(|mut s| s.execute(params![queue]))
+                // Ready only, as RabbitMQ's queue.purge: not what a worker holds (owner set) nor
+                // what is scheduled for later (an ETA or countdown, visible_at in the future).
+                .prepare_cached("DELETE FROM messages WHERE queue = ?1 AND owner IS NULL AND visible_at <= ?2")
+                .and_then(|mut s| s.execute(params![queue, now_ms()]))
                 .map(|n| n as u64);
             deferred(reply, r)
         }

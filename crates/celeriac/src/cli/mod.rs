@@ -316,7 +316,8 @@ struct QueuesArgs {
 
 #[derive(Debug, Args)]
 struct PurgeArgs {
-    /// Queues to purge, comma-separated.
+    /// Queues to purge, comma-separated. Only ready messages are removed: not those a worker
+    /// holds, nor countdown/ETA tasks waiting for their time (as RabbitMQ's queue.purge).
     #[arg(short = 'Q', long = "queues", value_delimiter = ',', default_value = "celery")]
     queues: Vec<String>,
     /// Do not ask for confirmation.

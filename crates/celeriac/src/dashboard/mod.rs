@@ -690,9 +690,22 @@ async fn act(s: &Shared, method: &str, args: Value, destination: &[String]) -> R
         Value::Object(m) => m,
         _ => Map::new(),
     };
+    // The target as the log line names it: the task ids, task name and limit, or pool size asked.
+    let target = Value::Object(args.clone());
+    let to = if destination.is_empty() { "every worker".to_string() } else { destination.join(", ") };
     match broadcast(s.broker.as_ref(), method, args, destination, Duration::from_secs(2)).await {
-        Ok(replies) => ok(json!({"replies": replies.into_iter().collect::<Map<String, Value>>()})),
-        Err(e) => refuse(StatusCode::BAD_GATEWAY, e.to_string()),
+        Ok(replies) => {
+            let answered: Vec<String> = replies
+                .iter()
+                .map(|(node, r)| format!("{node}: {}", r.get("ok").or_else(|| r.get("error")).unwrap_or(r)))
+                .collect();
+            tracing::info!(action = method, %target, to, replies = %answered.join("; "), "dashboard action carried out");
+            ok(json!({"replies": replies.into_iter().collect::<Map<String, Value>>()}))
+        }
+        Err(e) => {
+            tracing::warn!(action = method, %target, to, status = 502, error = %e, "dashboard action refused");
+            refuse(StatusCode::BAD_GATEWAY, e.to_string())
+        }
     }
 }
 
@@ -715,9 +728,28 @@ async fn revoke(
         Some(other) => return refuse(StatusCode::BAD_REQUEST, format!("terminate must be true or false, not {other}")),
     };
     tracing::info!(%peer, task_id = %id, terminate, "revoke asked from the dashboard");
+    let remote_control = s.broker.exchanges().is_some();
+    if !remote_control && (terminate || !s.backend.keeps_revokes()) {
+        // Refused before anything is recorded: without remote control only the result backend's
+        // record reaches the workers, and that record cannot terminate a running task.
+        let why = if terminate {
+            "terminate needs remote control (an amqp:// or redis:// broker); a plain revoke is recorded in the result backend"
+        } else {
+            "revoke needs remote control (an amqp:// or redis:// broker) or a result backend that keeps revokes"
+        };
+        tracing::warn!(%peer, task_id = %id, terminate, status = 400, "revoke refused: {why}");
+        return refuse(StatusCode::BAD_REQUEST, why);
+    }
     if s.backend.keeps_revokes() {
         if let Err(e) = s.backend.record_revokes(std::slice::from_ref(&id), celeriac_core::backend::unix_now()).await {
+            tracing::warn!(%peer, task_id = %id, error = %e, status = 502, "revoke refused: cannot record it");
             return refuse(StatusCode::BAD_GATEWAY, format!("cannot record the revoke: {e}"));
+        }
+        if !remote_control {
+            tracing::info!(%peer, task_id = %id, "revoke recorded in the result backend (no remote control on this broker)");
+            return ok(json!({
+                "recorded": "recorded in the result backend; workers apply it when they next read it (this broker has no remote control)"
+            }));
         }
     }
     act(&s, "revoke", json!({"task_id": [id], "terminate": terminate, "signal": "SIGTERM"}), &[]).await
@@ -927,6 +959,22 @@ async fn rate_limit(Ax(s): Ax<Arc<Shared>>, ConnectInfo(peer): Caller, headers: 
     let (Some(task_name), Some(limit)) = (task_name, args.get("rate_limit")) else {
         return refuse(StatusCode::BAD_REQUEST, "expected {\"task_name\": ..., \"rate_limit\": \"10/m\"}");
     };
+    // Checked here as the worker checks it (Celery's `celery/utils/time.py` `rate`), so a bad
+    // limit is one 400 before anything is broadcast, not each worker's error.
+    let text = match limit {
+        Value::String(t) => t.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Null => String::new(),
+        other => format!("{other}"),
+    };
+    let limit_ok = matches!(limit, Value::String(_) | Value::Number(_) | Value::Null);
+    if let Err(why) = celeriac_worker::state::parse_rate(&text).and_then(|r| match limit_ok {
+        true => Ok(r),
+        false => Err(format!("{text} is not a rate limit (e.g. 10/s, 100/m, 1000/h)")),
+    }) {
+        tracing::warn!(%peer, task_name, rate_limit = %limit, status = 400, "rate limit refused: {why}");
+        return refuse(StatusCode::BAD_REQUEST, format!("invalid rate limit: {why}"));
+    }
     let destination: Vec<String> = args.get("worker").and_then(Value::as_str).map(str::to_string).into_iter().collect();
     if let Some(refused) = unknown_worker(&s, &destination) {
         return refused;

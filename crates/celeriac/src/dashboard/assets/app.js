@@ -49,6 +49,7 @@ function answerText(a) {
   if (a.replies) return Object.entries(a.replies).map(([node, r]) => node + ": " + (r.ok || r.error || text(r))).join("; ") || "no worker replied";
   if (a.task_id) return "sent as task " + a.task_id;
   if (a.purged !== undefined) return "purged " + a.purged + " messages";
+  if (a.recorded) return a.recorded;
   return text(a);
 }
 
