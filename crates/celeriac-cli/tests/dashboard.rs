@@ -19,7 +19,8 @@
 //! own; a task past its soft limit is hung; a Celery prefork worker's pool pids and peak RSS.
 //! On an SQLite file (no events, no remote control): a plain revoke is recorded and a worker
 //! started later discards the task as REVOKED, terminate and a bad rate limit are 400, and purge
-//! keeps a countdown task.
+//! keeps a countdown task; a finished, a failed and a running (held) task are read from the file,
+//! with the consumer holding the running one.
 //!
 //! The acceptance runs the page in a real headless Chromium (Debian's `chromium`, driven through
 //! `chromedriver`'s WebDriver HTTP API, spoken here directly): both workers appear, a task sent
@@ -1146,4 +1147,48 @@ fn on_sqlite_a_revoke_is_recorded_terminate_refused_a_bad_rate_limit_is_400_and_
     assert_eq!(code, 0, "{err}");
     let q: Value = serde_json::from_str(&out).unwrap();
     assert_eq!((q[0]["ready"].as_u64(), q[0]["scheduled"].as_u64()), (Some(0), Some(1)), "{out}");
+}
+
+#[test]
+fn on_sqlite_the_file_shows_a_finished_and_a_running_task_and_the_consumer_holding_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("tasks.db").display());
+    let _w = WorkerProc::start(&url, &["-c", "2"]);
+    let send_sqlite = |name: &str, args: &str| {
+        let (code, out, err) = run_cli(&["send", name, "--args", args, "--broker", &url], &[]);
+        assert_eq!(code, 0, "send: {out}{err}");
+        out.trim().lines().last().expect("a task id").to_string()
+    };
+    let done = send_sqlite("celeriac.add", "[2, 3]");
+    let failed = send_sqlite("celeriac.fail", r#"["no"]"#);
+    let running = send_sqlite("celeriac.hang", "[]");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let dash = WorkerProc::spawn_cli(
+        std::path::Path::new(common::bin()),
+        &["dashboard", "--broker", &url, "--listen", &listen],
+    );
+    dash.wait_for_line("dashboard ready", Duration::from_secs(20));
+
+    // Read from the file: the results table and the messages table (held by the worker).
+    let t = wait_task(port, &done, "succeeded", |t| t["state"] == json!("SUCCESS"));
+    assert_eq!(t["result"], json!("5"), "{t}");
+    let t = wait_task(port, &failed, "failed", |t| t["state"] == json!("FAILURE"));
+    assert!(t["exception"].as_str().is_some_and(|e| e.contains("no")), "{t}");
+    assert!(t["traceback"].is_string(), "{t}");
+    let t = wait_task(port, &running, "held by the worker", |t| t["state"] == json!("RECEIVED"));
+    assert_eq!(t["name"], json!("celeriac.hang"), "{t}");
+    let held_by = t["worker"].as_str().expect("the consumer holding it").to_string();
+    assert!(held_by.starts_with("consumer "), "{t}");
+    let (_, list) = get_json(port, "/api/tasks");
+    assert!(list["matched"].as_u64().is_some_and(|n| n >= 3), "{list}");
+
+    // What the file tells of workers, and what it cannot.
+    let (status, file) = get_json(port, "/api/file");
+    assert_eq!(status, 200);
+    assert!(file["note"].as_str().is_some_and(|n| n.contains("idle workers are not listed")), "{file}");
+    assert_eq!(file["consumers"][0]["consumer"], json!(held_by), "{file}");
+    assert!(file["consumers"][0]["holding"].as_u64().is_some_and(|n| n >= 1), "{file}");
+    // Read, never written: the dashboard's own rows are not created.
+    assert_eq!(dash.count("skipped"), 0, "{}", dash.dump());
 }

@@ -18,12 +18,16 @@
 //!   delivered before its time.
 //! - [`backend`]: results in Celery's JSON layout, one row per task; expired results read as
 //!   missing and their rows are deleted by a later store.
+//! - [`snapshot`]: the newest messages and results, read through a read-only connection, for a
+//!   monitor (the dashboard) that has no events on this broker.
 
 mod backend;
 mod broker;
 mod db;
+pub mod snapshot;
 mod url;
 
 pub use backend::SqliteBackend;
 pub use broker::SqliteBroker;
+pub use snapshot::{read_snapshot, Snapshot, StoredMessage, StoredResult};
 pub use url::SqliteConfig;

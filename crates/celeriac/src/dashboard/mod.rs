@@ -4,10 +4,12 @@
 //! It reads the broker only through what the CLI uses: the events on `celeryev` (as
 //! `celeriac events`), remote control (`crate::control::broadcast`: `stats`, `active` every
 //! `active_queues` every [`POLL`], and the actions) and `Broker::queues` (as `celeriac queues`), plus the result
-//! backend for a task's stored result. State is in memory ([`state::State`]).
+//! backend for a task's stored result; on an SQLite broker, the file itself ([`file`]). State is
+//! in memory ([`state::State`]).
 //!
 //! HTTP (axum, http1): `GET /` the page (assets embedded with `include_str!`, no CDN);
-//! `GET /api/overview`, `/api/workers`, `/api/queues`,
+//! `GET /api/overview`, `/api/workers`, `/api/queues`, `/api/file` (SQLite: the consumers holding
+//! messages and what the file cannot show),
 //! `/api/tasks?state=&name=&worker=&id=&offset=&limit=` (worker: a part of the node name; id: a
 //! prefix), `/api/charts` (per-minute outcomes and run-time percentiles, per-name percentiles,
 //! queue depths over the last hour), `/api/dead_letters`, `/api/tasks/{id}` (404 with `"state": "unknown"` for an id never seen), `/task/{id}` (the
@@ -29,6 +31,7 @@
 //! (`Shared::link`), with one WARN line when the broker goes away and one INFO line when both
 //! are back.
 
+mod file;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -113,6 +116,9 @@ struct Shared {
     /// Whether the last poll got through (`None` before the first): the event tail drops its
     /// subscription when a poll fails and subscribes again when one gets through.
     polled: watch::Sender<Option<bool>>,
+    /// On an SQLite broker, what the file last told beyond tasks: `{note, consumers}`
+    /// ([`file::Reading::summary`]); `None` on other brokers.
+    file: Mutex<Option<Value>>,
 }
 
 /// What each of the dashboard's two readers last found: `None` before its first try, then
@@ -202,6 +208,7 @@ impl Dashboard {
             version,
             link: Mutex::new(Link::default()),
             polled: watch::channel(None).0,
+            file: Mutex::new(None),
         });
         let app = router(shared.clone());
         let server = tokio::spawn(async move {
@@ -223,6 +230,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
         .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
         .route("/api/overview", get(overview))
+        .route("/api/file", get(file_summary))
         .route("/api/workers", get(|Ax(s): Ax<Arc<Shared>>| async move { ok(s.with(|st| st.workers_json())) }))
         .route("/api/queues", get(|Ax(s): Ax<Arc<Shared>>| async move { ok(s.with(|st| st.queues_json())) }))
         .route("/api/dead_letters", get(dead_letters))
@@ -352,9 +360,26 @@ fn apply_body(shared: &Shared, body: &[u8]) {
 async fn poll(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut file = crate::connect::sqlite_path(shared.broker.url()).map(file::FileReader::new);
     loop {
         tick.tick().await;
-        let outcome = poll_once(&shared).await;
+        let mut outcome = poll_once(&shared).await;
+        if let (Some(reader), Ok(())) = (file.as_mut(), &outcome) {
+            outcome = match reader.poll().await {
+                Ok(reading) => {
+                    shared.with(|st| {
+                        for ev in &reading.events {
+                            if let Err(e) = st.apply_event(ev) {
+                                tracing::warn!(error = %e, "a row of the SQLite file skipped");
+                            }
+                        }
+                    });
+                    *shared.file.lock().unwrap_or_else(|e| e.into_inner()) = Some(reading.summary);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+        }
         if let Err(e) = &outcome {
             tracing::debug!(error = %e, "dashboard poll failed");
         }
@@ -415,6 +440,12 @@ async fn poll_once(shared: &Shared) -> Result<(), String> {
 /// Queues of remote control and events (kombu's pidbox and event receivers), not of tasks.
 fn is_plumbing(queue: &str) -> bool {
     queue.starts_with("celeryev.") || queue.ends_with(".celery.pidbox")
+}
+
+/// On an SQLite broker, what its file tells beyond tasks: `{note, consumers: [{consumer, holding,
+/// queues}]}` (see [`file`]); `{}` on other brokers.
+async fn file_summary(Ax(s): Ax<Arc<Shared>>) -> Response {
+    ok(s.file.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_else(|| json!({})))
 }
 
 async fn overview(Ax(s): Ax<Arc<Shared>>) -> Response {

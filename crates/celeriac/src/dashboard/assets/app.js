@@ -229,7 +229,12 @@ async function workersView() {
         " " + (t.runtime ? t.runtime.toFixed(1) + " s" : ""))));
     }
   }
-  return [el("h2", {}, "Workers"), note(),
+  // On SQLite: what the file cannot tell, and the consumers holding its messages.
+  const { body: file } = await getJson("/api/file");
+  const fromFile = file.note ? [el("p", { id: "file-note", class: "muted" }, file.note),
+    table(["consumer (from the SQLite file)", "messages held", "queues"], file.consumers.map((c) =>
+      el("tr", { class: "consumer" }, el("td", {}, c.consumer), el("td", {}, text(c.holding)), el("td", {}, c.queues.join(", ")))))] : [];
+  return [el("h2", {}, "Workers"), note(), ...fromFile,
     table(["worker", "status", "heartbeat", "software, queues", "pool", "processed", "RSS", "recycles", "hard kills", "pool size"], rows)];
 }
 
@@ -265,7 +270,8 @@ async function tasksView() {
     listOffset > 0 ? turn("page-newer", "← newer " + PAGE, listOffset - PAGE) : null,
     listOffset + body.tasks.length < body.matched ? turn("page-older", "older " + PAGE + " →", listOffset + PAGE) : null);
   const shown = body.tasks.length ? (listOffset + 1) + "–" + (listOffset + body.tasks.length) : "0";
-  return [el("h2", {}, "Tasks"),
+  const { body: file } = await getJson("/api/file");
+  return [el("h2", {}, "Tasks"), file.note ? el("p", { id: "file-note", class: "muted" }, file.note) : null,
     el("div", { class: "filters" }, input("state", "state (e.g. FAILURE)"), input("name", "name contains"),
       input("worker", "worker contains"), input("id", "id starts with (Enter opens)")),
     el("p", { id: "task-count", class: "muted" }, "showing " + shown + " of " + body.matched + " matching, " + body.total + " kept"),
