@@ -20,7 +20,9 @@
 //! On an SQLite file (no events, no remote control): a plain revoke is recorded and a worker
 //! started later discards the task as REVOKED, terminate and a bad rate limit are 400, and purge
 //! keeps a countdown task; a finished, a failed and a running (held) task are read from the file,
-//! with the consumer holding the running one.
+//! with the consumer holding the running one. In Chromium on that file: Enter on an id prefix
+//! one task has opens it, an unknown state shows the 400's message, and a refused action's
+//! answer is replaced by the next action's.
 //!
 //! The acceptance runs the page in a real headless Chromium (Debian's `chromium`, driven through
 //! `chromedriver`'s WebDriver HTTP API, spoken here directly): both workers appear, a task sent
@@ -1191,4 +1193,70 @@ fn on_sqlite_the_file_shows_a_finished_and_a_running_task_and_the_consumer_holdi
     assert!(file["consumers"][0]["holding"].as_u64().is_some_and(|n| n >= 1), "{file}");
     // Read, never written: the dashboard's own rows are not created.
     assert_eq!(dash.count("skipped"), 0, "{}", dash.dump());
+}
+
+#[test]
+fn in_a_real_browser_enter_opens_the_one_match_a_refused_filter_shows_why_and_each_action_replaces_the_last_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("page.db").display());
+    let _w = WorkerProc::start(&url, &["-c", "2"]);
+    let send_sqlite = |name: &str, args: &str| {
+        let (code, out, err) = run_cli(&["send", name, "--args", args, "--broker", &url], &[]);
+        assert_eq!(code, 0, "send: {out}{err}");
+        out.trim().lines().last().expect("a task id").to_string()
+    };
+    let failed = send_sqlite("celeriac.fail", r#"["no"]"#);
+    for i in 0..2 {
+        send_sqlite("celeriac.add", &format!("[{i}, 1]"));
+    }
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let dash = WorkerProc::spawn_cli(
+        std::path::Path::new(common::bin()),
+        &["dashboard", "--broker", &url, "--listen", &listen, "--auth-token", TOKEN],
+    );
+    dash.wait_for_line("dashboard ready", Duration::from_secs(20));
+    wait_task(port, &failed, "failed", |t| t["state"] == json!("FAILURE"));
+
+    let b = Browser::start();
+    b.go(&format!("http://127.0.0.1:{port}/#/tasks"));
+    b.js("window.confirm = () => true; return true;");
+    b.wait("the three tasks", "return document.querySelectorAll('tr.task').length === 3;");
+    b.wait(
+        "what SQLite cannot show",
+        "return (document.getElementById('file-note')?.textContent || '').includes('SQLite');",
+    );
+
+    // An unknown state: the server's 400 is shown, not the previous results.
+    b.type_into("#filter-state", "BOGUS");
+    b.wait(
+        "the refusal of the state",
+        "return (document.getElementById('filter-error')?.textContent || '').startsWith('refused (400)') \
+         && document.querySelectorAll('tr.task').length === 0;",
+    );
+    b.js("const i = document.getElementById('filter-state'); i.value = ''; i.dispatchEvent(new Event('input')); return true;");
+    b.wait(
+        "the list again",
+        "return !document.getElementById('filter-error') && document.querySelectorAll('tr.task').length === 3;",
+    );
+
+    // Enter on a prefix only one task has opens that task (was '#/task/<prefix>', "unknown").
+    b.type_into("#filter-id", &format!("{}\u{E007}", &failed[..8]));
+    b.wait(
+        "the task the prefix names",
+        &format!("return location.hash === '#/task/{failed}' && document.getElementById('task-state')?.textContent === 'FAILURE';"),
+    );
+
+    // A refused action's answer is replaced by the next one's success.
+    b.type_into("#token", TOKEN);
+    b.click("#terminate");
+    b.wait(
+        "terminate refused",
+        "return (document.getElementById('action-result')?.textContent || '').startsWith('refused (400)');",
+    );
+    b.click("#revoke");
+    b.wait(
+        "the revoke recorded, the refusal gone",
+        "return (document.getElementById('action-result')?.textContent || '').startsWith('done: recorded in the result backend');",
+    );
 }

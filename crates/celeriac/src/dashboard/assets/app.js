@@ -178,6 +178,10 @@ function note() {
 
 async function action(path, body, question) {
   if (question && !window.confirm(question)) return;
+  // Each action's answer replaces the last one's: an earlier refusal never stays beside a success.
+  lastNote = "sending…";
+  const pending = document.getElementById("action-result");
+  if (pending) pending.textContent = lastNote;
   const r = await fetch(path, {
     method: "POST",
     headers: { "Content-Type": "application/json", "X-Celeriac-Token": tokenInput.value },
@@ -246,7 +250,10 @@ let filterTimer = null;
 
 async function tasksView() {
   const q = new URLSearchParams({ ...filters, offset: String(listOffset), limit: String(PAGE) });
-  const { body } = await getJson("/api/tasks?" + q);
+  const { status, body } = await getJson("/api/tasks?" + q);
+  // A filter the server refuses (an unknown state) shows why, not the previous results.
+  const refused = status !== 200 ? el("p", { id: "filter-error", class: "error" }, "refused (" + status + "): " + text(body.error)) : null;
+  if (refused) { body.tasks = []; body.matched = 0; }
   const rows = body.tasks.map((t) => el("tr", { class: "task" + (t.hung ? " hung" : ""), "data-id": t.id, title: t.hung ? "hung: " + t.hung : "" },
     el("td", {}, el("a", { href: "#/task/" + encodeURIComponent(t.id) }, t.id)),
     el("td", {}, text(t.name)), stateCell(t.state), el("td", {}, text(t.worker)),
@@ -260,8 +267,15 @@ async function tasksView() {
       clearTimeout(filterTimer);
       filterTimer = setTimeout(() => { filters[key] = i.value.trim(); listOffset = 0; refresh(); }, 300);
     });
-    if (key === "id") i.addEventListener("keydown", (e) => {
-      if (e.key === "Enter" && i.value.trim()) location.hash = "#/task/" + encodeURIComponent(i.value.trim());
+    // Enter opens the task the prefix names when exactly one matches; else the list is filtered.
+    if (key === "id") i.addEventListener("keydown", async (e) => {
+      const prefix = i.value.trim();
+      if (e.key !== "Enter" || !prefix) return;
+      clearTimeout(filterTimer);
+      const r = await fetch("/api/tasks?" + new URLSearchParams({ ...filters, id: prefix, limit: "2" }), { cache: "no-store" });
+      const found = r.ok ? await r.json() : { tasks: [] };
+      if (found.tasks.length === 1 && found.matched === 1) location.hash = "#/task/" + encodeURIComponent(found.tasks[0].id);
+      else { filters.id = prefix; listOffset = 0; refresh(); }
     });
     return i;
   };
@@ -274,7 +288,7 @@ async function tasksView() {
   return [el("h2", {}, "Tasks"), file.note ? el("p", { id: "file-note", class: "muted" }, file.note) : null,
     el("div", { class: "filters" }, input("state", "state (e.g. FAILURE)"), input("name", "name contains"),
       input("worker", "worker contains"), input("id", "id starts with (Enter opens)")),
-    el("p", { id: "task-count", class: "muted" }, "showing " + shown + " of " + body.matched + " matching, " + body.total + " kept"),
+    refused, el("p", { id: "task-count", class: "muted" }, "showing " + shown + " of " + body.matched + " matching, " + body.total + " kept"),
     table(["id", "name", "state", "worker", "args", "result", "received", "run time"], rows), pages];
 }
 
@@ -422,8 +436,8 @@ async function queuesView() {
     el("td", {}, q.name), el("td", {}, text(q.ready)), el("td", {}, known(q.scheduled)), el("td", {}, known(q.unacked)),
     el("td", {}, text(q.consumers)), el("td", {}, text(q.dead)), el("td", {}, known(q.rate_in)), el("td", {}, known(q.rate_out)),
     el("td", {}, el("button", { onclick: () => action("/api/queues/" + encodeURIComponent(q.name) + "/purge", {}, "Delete every ready message in " + q.name + "?") }, "Purge"))));
-  const name = el("input", { placeholder: "task name" });
-  const rate = el("input", { placeholder: "rate, e.g. 10/m" });
+  const name = el("input", { placeholder: "task name", id: "rate-task" });
+  const rate = el("input", { placeholder: "rate, e.g. 10/m", id: "rate-value" });
   const setRate = el("button", { onclick: () => action("/api/rate_limit", { task_name: name.value, rate_limit: rate.value }, "Set the rate limit of " + name.value + "?") }, "Set rate limit");
   const { body: dl } = await getJson("/api/dead_letters");
   const deadRows = dl.dead_letters.map((d) => el("tr", { class: "dead-letter" },
@@ -440,7 +454,8 @@ async function queuesView() {
 async function header() {
   const { body: o } = await getJson("/api/overview");
   const status = document.getElementById("status");
-  status.textContent = o.connected ? "connected" : "disconnected";
+  // The reason is shown as text, not only as a tooltip.
+  status.textContent = o.connected ? "connected" : "disconnected" + (o.error ? ": " + o.error : "");
   status.className = "status " + (o.connected ? "ok" : "down");
   status.title = o.error || "";
   document.getElementById("broker").textContent = o.broker;
