@@ -1094,26 +1094,35 @@ fn on_redis_workers_tasks_and_the_task_queues_show() {
     assert!(letter["reason"].as_str().is_some_and(|r| !r.is_empty()), "{dead}");
 }
 
+/// Send `name` with `args` (a JSON list) and `extra` options to the SQLite broker at `url`; its id.
+fn send_sqlite(url: &str, name: &str, args: &str, extra: &[&str]) -> String {
+    let mut argv = vec!["send", name, "--args", args, "--broker", url];
+    argv.extend_from_slice(extra);
+    let (code, out, err) = run_cli(&argv, &[]);
+    assert_eq!(code, 0, "send: {out}{err}");
+    out.trim().lines().last().expect("a task id").to_string()
+}
+
+/// `celeriac dashboard` on the SQLite broker at `url` (results in the same file), with `token`.
+fn sqlite_dashboard(url: &str, token: Option<&str>) -> (WorkerProc, u16) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["dashboard", "--broker", url, "--listen", &listen];
+    if let Some(t) = token {
+        args.extend_from_slice(&["--auth-token", t]);
+    }
+    let d = WorkerProc::spawn_cli(std::path::Path::new(common::bin()), &args);
+    d.wait_for_line("dashboard ready", Duration::from_secs(20));
+    (d, port)
+}
+
 #[test]
 fn on_sqlite_a_revoke_is_recorded_terminate_refused_a_bad_rate_limit_is_400_and_purge_keeps_countdown_tasks() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("dash.db").display());
-    let send_sqlite = |extra: &[&str]| {
-        let mut args = vec!["send", "celeriac.noop", "--broker", &url];
-        args.extend_from_slice(extra);
-        let (code, out, err) = run_cli(&args, &[]);
-        assert_eq!(code, 0, "send: {out}{err}");
-        out.trim().lines().last().expect("a task id").to_string()
-    };
-    let doomed = send_sqlite(&[]);
-    let later = send_sqlite(&["--countdown", "3600"]);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let dash = WorkerProc::spawn_cli(
-        std::path::Path::new(common::bin()),
-        &["dashboard", "--broker", &url, "--listen", &listen, "--auth-token", TOKEN],
-    );
-    dash.wait_for_line("dashboard ready", Duration::from_secs(20));
+    let doomed = send_sqlite(&url, "celeriac.noop", "[]", &[]);
+    let later = send_sqlite(&url, "celeriac.noop", "[]", &["--countdown", "3600"]);
+    let (dash, port) = sqlite_dashboard(&url, Some(TOKEN));
     let post = |path: &str, body: &str| http(port, "POST", path, &[("X-Celeriac-Token", TOKEN)], body);
 
     // Terminate cannot reach a worker without remote control: refused before anything is recorded.
@@ -1142,7 +1151,7 @@ fn on_sqlite_a_revoke_is_recorded_terminate_refused_a_bad_rate_limit_is_400_and_
 
     // Purge removes ready messages only: the countdown task stays, as RabbitMQ's queue.purge leaves
     // what a worker holds until its ETA.
-    let ready = send_sqlite(&[]);
+    let ready = send_sqlite(&url, "celeriac.noop", "[]", &[]);
     let (status, answer) = post("/api/queues/celery/purge", "");
     assert_eq!((status, answer.as_str()), (200, r#"{"purged":1}"#), "{ready} {later}");
     let (code, out, err) = run_cli(&["queues", "--json", "--broker", &url], &[]);
@@ -1156,26 +1165,17 @@ fn on_sqlite_the_file_shows_a_finished_and_a_running_task_and_the_consumer_holdi
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("tasks.db").display());
     let _w = WorkerProc::start(&url, &["-c", "2"]);
-    let send_sqlite = |name: &str, args: &str| {
-        let (code, out, err) = run_cli(&["send", name, "--args", args, "--broker", &url], &[]);
-        assert_eq!(code, 0, "send: {out}{err}");
-        out.trim().lines().last().expect("a task id").to_string()
-    };
-    let done = send_sqlite("celeriac.add", "[2, 3]");
-    let failed = send_sqlite("celeriac.fail", r#"["no"]"#);
-    let running = send_sqlite("celeriac.hang", "[]");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let dash = WorkerProc::spawn_cli(
-        std::path::Path::new(common::bin()),
-        &["dashboard", "--broker", &url, "--listen", &listen],
-    );
-    dash.wait_for_line("dashboard ready", Duration::from_secs(20));
+    let done = send_sqlite(&url, "celeriac.add", "[2, 3]", &[]);
+    let failed = send_sqlite(&url, "celeriac.fail", r#"["no"]"#, &[]);
+    let running = send_sqlite(&url, "celeriac.hang", "[]", &[]);
+    let (dash, port) = sqlite_dashboard(&url, None);
 
     // Read from the file: the results table and the messages table (held by the worker).
-    let t = wait_task(port, &done, "succeeded", |t| t["state"] == json!("SUCCESS"));
+    // (A task not read yet is answered from the result backend, as `stored` only: wait for the
+    // file's `result`/`exception`.)
+    let t = wait_task(port, &done, "read from the file", |t| t["state"] == json!("SUCCESS") && t["result"].is_string());
     assert_eq!(t["result"], json!("5"), "{t}");
-    let t = wait_task(port, &failed, "failed", |t| t["state"] == json!("FAILURE"));
+    let t = wait_task(port, &failed, "failed", |t| t["state"] == json!("FAILURE") && t["exception"].is_string());
     assert!(t["exception"].as_str().is_some_and(|e| e.contains("no")), "{t}");
     assert!(t["traceback"].is_string(), "{t}");
     let t = wait_task(port, &running, "held by the worker", |t| t["state"] == json!("RECEIVED"));
@@ -1200,22 +1200,11 @@ fn in_a_real_browser_enter_opens_the_one_match_a_refused_filter_shows_why_and_ea
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("page.db").display());
     let _w = WorkerProc::start(&url, &["-c", "2"]);
-    let send_sqlite = |name: &str, args: &str| {
-        let (code, out, err) = run_cli(&["send", name, "--args", args, "--broker", &url], &[]);
-        assert_eq!(code, 0, "send: {out}{err}");
-        out.trim().lines().last().expect("a task id").to_string()
-    };
-    let failed = send_sqlite("celeriac.fail", r#"["no"]"#);
+    let failed = send_sqlite(&url, "celeriac.fail", r#"["no"]"#, &[]);
     for i in 0..2 {
-        send_sqlite("celeriac.add", &format!("[{i}, 1]"));
+        send_sqlite(&url, "celeriac.add", &format!("[{i}, 1]"), &[]);
     }
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let dash = WorkerProc::spawn_cli(
-        std::path::Path::new(common::bin()),
-        &["dashboard", "--broker", &url, "--listen", &listen, "--auth-token", TOKEN],
-    );
-    dash.wait_for_line("dashboard ready", Duration::from_secs(20));
+    let (_dash, port) = sqlite_dashboard(&url, Some(TOKEN));
     wait_task(port, &failed, "failed", |t| t["state"] == json!("FAILURE"));
 
     let b = Browser::start();
