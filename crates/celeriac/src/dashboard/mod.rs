@@ -594,7 +594,11 @@ async fn task_value(s: &Shared, id: &str) -> Option<Value> {
 async fn task(Ax(s): Ax<Arc<Shared>>, Path(id): Path<String>) -> Response {
     match task_value(&s, &id).await {
         Some(t) => ok(t),
-        None => reply(StatusCode::NOT_FOUND, json!({"id": id, "state": "unknown"})),
+        // A group's id is no task's: its members, when any is kept (`group_members`, empty if not).
+        None => {
+            let members = s.with(|st| st.group_members(&id));
+            reply(StatusCode::NOT_FOUND, json!({"id": id, "state": "unknown", "group_members": members}))
+        }
     }
 }
 

@@ -504,7 +504,13 @@ impl State {
                     "version": w.heartbeat_fields.get("sw_ver").cloned().or_else(|| stats.map(|s| s["sw_ver"].clone())),
                     "pid": stats.map(|s| s["pid"].clone()).or_else(|| w.heartbeat_fields.get("pid").cloned()),
                     "pool": pool.map(|p| p["implementation"].clone()),
-                    "concurrency": pool.map(|p| p["max-concurrency"].clone()),
+                    // A Celery prefork pool keeps `max-concurrency` at its start value after
+                    // `pool_grow`/`pool_shrink` (`celery/concurrency/prefork.py` `_get_info`
+                    // reports `self.limit`); its `processes` are the pool as it is now.
+                    "concurrency": pool.map(|p| match (software, p["processes"].as_array()) {
+                        ("py-celery", Some(pids)) => json!(pids.len()),
+                        _ => p["max-concurrency"].clone(),
+                    }),
                     "processed": w.heartbeat_fields.get("processed").cloned(),
                     "active_count": w.heartbeat_fields.get("active").cloned().unwrap_or_else(|| json!(active.len())),
                     "loadavg": w.heartbeat_fields.get("loadavg").cloned(),
@@ -570,6 +576,17 @@ impl State {
             }
         }
         task
+    }
+
+    /// The kept tasks whose events name `group` as their group: `[{id, name, state}]`, oldest
+    /// first (empty when none is kept).
+    pub fn group_members(&self, group: &str) -> Vec<Value> {
+        self.order
+            .iter()
+            .filter_map(|id| self.tasks.get(id).map(|t| (id, &t.fields)))
+            .filter(|(_, f)| text(f, "group") == Some(group))
+            .map(|(id, f)| json!({"id": id, "name": f.get("name"), "state": f.get("state")}))
+            .collect()
     }
 
     /// One task as its events tell it, with the ids of tasks whose events name it as parent
@@ -1195,6 +1212,27 @@ mod tests {
             (&json!(11), &Value::Null, &Value::Null)
         );
         assert_eq!(children[1]["task"], json!({"id": "t1", "name": "app.slow"}));
+    }
+
+    #[test]
+    fn a_grown_celery_pool_reads_its_size_from_the_processes_and_a_group_id_lists_its_members() {
+        let mut s = State::default();
+        s.apply_event(&ev(json!({"type": "worker-heartbeat", "hostname": "py@h", "sw_ident": "py-celery"}))).unwrap();
+        // Celery's stats after pool_grow: max-concurrency is still the start value.
+        let stats = json!({"pid": 10, "pool": {"implementation": "celery.concurrency.prefork:TaskPool",
+            "max-concurrency": 1, "processes": [11, 12]}});
+        s.apply_replies("stats", vec![("py@h".into(), stats)]);
+        let w = &s.workers_json()[0];
+        assert_eq!((&w["concurrency"], w["children"].as_array().map(Vec::len)), (&json!(2), Some(2)), "{w}");
+
+        for (id, index) in [("m1", 0), ("m2", 1)] {
+            let received = json!({"type": "task-received", "hostname": "py@h", "uuid": id, "name": "t.add",
+                "group": "g1", "group_index": index});
+            s.apply_event(&ev(received)).unwrap();
+        }
+        let members = s.group_members("g1");
+        assert_eq!(members.iter().map(|m| m["id"].as_str().unwrap()).collect::<Vec<_>>(), ["m1", "m2"]);
+        assert!(s.group_members("nothing").is_empty());
     }
 
     #[test]

@@ -256,7 +256,7 @@ async function tasksView() {
   if (refused) { body.tasks = []; body.matched = 0; }
   const rows = body.tasks.map((t) => el("tr", { class: "task" + (t.hung ? " hung" : ""), "data-id": t.id, title: t.hung ? "hung: " + t.hung : "" },
     el("td", {}, el("a", { href: "#/task/" + encodeURIComponent(t.id) }, t.id)),
-    el("td", {}, text(t.name)), stateCell(t.state), el("td", {}, text(t.worker)),
+    el("td", {}, text(t.name) || "—"), stateCell(t.state), el("td", {}, text(t.worker)),
     el("td", {}, el("pre", {}, text(t.args))),
     el("td", {}, el("pre", {}, t.hung ? "hung: " + t.hung : text(t.result || t.exception))),
     el("td", {}, time(t.received)), el("td", { class: "runtime" }, duration(t.runtime))));
@@ -362,14 +362,23 @@ function workflowGraph(g, current) {
 
 async function taskView(id) {
   const { status, body: t } = await getJson("/api/tasks/" + encodeURIComponent(id));
-  if (status === 404) return [el("h2", {}, "Task " + id), el("p", { id: "task-state", class: "state" }, "unknown")];
+  if (status === 404) {
+    // A group's id: its members when the dashboard keeps any, else say what the id may be.
+    const members = t.group_members || [];
+    return [el("h2", {}, "Task " + id), el("p", { id: "task-state", class: "state" }, "unknown"),
+      members.length
+        ? el("div", { id: "group-members" }, el("p", {}, "This is the id of a group; its members:"),
+          table(["id", "name", "state"], members.map((m) => el("tr", {}, el("td", {}, el("a", { href: "#/task/" + encodeURIComponent(m.id) }, m.id)),
+            el("td", {}, m.name || "—"), stateCell(m.state)))))
+        : el("p", { id: "group-members", class: "muted" }, "No task with this id is kept, nor any task of a group with this id.")];
+  }
   const stored = t.stored || {};
   const link = (x) => el("a", { href: "#/task/" + encodeURIComponent(x) }, x);
   const refs = (list) => el("span", {}, ...(list || []).map((r) => el("span", {}, link(r.id), " (" + text(r.name) + ") ")));
   const final = ["SUCCESS", "FAILURE", "REVOKED", "REJECTED"].includes(t.state);
   const rows = [
     ["state", el("span", { id: "task-state", class: "state state-" + t.state }, t.state)],
-    ["name", text(t.name)], ["worker", text(t.worker)],
+    ["name", el("span", { id: "task-name" }, text(t.name || stored.name) || "—")], ["worker", text(t.worker)],
     ["args", el("pre", {}, text(t.args))], ["kwargs", el("pre", {}, text(t.kwargs))],
     ["result", el("pre", { id: "task-result" }, t.result !== undefined ? text(t.result) : human(stored.result))],
     ["exception", el("pre", {}, text(t.exception))],
@@ -416,10 +425,10 @@ async function chartsView() {
     x0, x1, yFormat: duration,
     lines: [["p50", "#1565c0"], ["p95", "#ef6c00"], ["p99", "#c62828"]].map(([p, color]) => ({ label: p, color,
       points: minutes.map((m) => [m.minute + 30, m.runtime[p]]) })) }));
-  const now = Date.now() / 1000;
+  // The same hour as the other charts.
   for (const [queue, samples] of Object.entries(c.depths)) {
     out.push(chart({ id: "chart-depth-" + queue, title: "Queue " + queue + ": depth at each poll (every " + c.poll_seconds + " s)",
-      yLabel: "messages", xLabel: "time (UTC), last hour", x0: now - 3600, x1: now, yFormat: (v) => String(Math.round(v)), whole: true,
+      yLabel: "messages", xLabel: "time (UTC), last hour", x0, x1, yFormat: (v) => String(Math.round(v)), whole: true,
       lines: [["ready", 1, "#1565c0"], ["unacked", 2, "#ef6c00"], ["scheduled", 3, "#8e24aa"]].map(([label, i, color]) => ({ label, color,
         points: samples.map((s) => [s[0], s[i]]) })) }));
   }
