@@ -1157,6 +1157,11 @@ fn on_sqlite_a_revoke_is_recorded_terminate_refused_a_bad_rate_limit_is_400_and_
     let ready = send_sqlite(&url, "celeriac.noop", "[]", &[]);
     let (status, answer) = post("/api/queues/celery/purge", "");
     assert_eq!((status, answer.as_str()), (200, r#"{"purged":1}"#), "{ready} {later}");
+    // Each action's line names its target and outcome.
+    dash.wait_for_line("path=/api/queues/celery/purge status=200", Duration::from_secs(5));
+    let (status, _) = post("/api/queues/no.such.queue/purge", "");
+    assert_eq!(status, 404);
+    dash.wait_for_line("refused path=/api/queues/no.such.queue/purge status=404", Duration::from_secs(5));
     let (code, out, err) = run_cli(&["queues", "--json", "--broker", &url], &[]);
     assert_eq!(code, 0, "{err}");
     let q: Value = serde_json::from_str(&out).unwrap();
@@ -1250,6 +1255,17 @@ fn in_a_real_browser_enter_opens_the_one_match_a_refused_filter_shows_why_and_ea
     b.wait(
         "the revoke recorded, the refusal gone",
         "return (document.getElementById('action-result')?.textContent || '').startsWith('done: recorded in the result backend');",
+    );
+
+    // The rate-limit action shows its answer.
+    b.go(&format!("http://127.0.0.1:{port}/#/queues"));
+    b.wait("the queues page", "return !!document.getElementById('rate-task');");
+    b.type_into("#rate-task", "celeriac.add");
+    b.type_into("#rate-value", "abc");
+    b.click("#set-rate");
+    b.wait(
+        "the rate limit refused",
+        "return (document.getElementById('action-result')?.textContent || '').startsWith('refused (400): invalid rate limit');",
     );
 
     // An id no kept task has, nor any group: said so, beside "unknown".

@@ -245,7 +245,26 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/workers/{node}/pool", post(pool))
         .route("/api/rate_limit", post(rate_limit))
         .with_state(shared)
+        .layer(axum::middleware::from_fn(log_action))
         .layer(axum::middleware::map_response(secure))
+}
+
+/// One line per action answered: its path (which names the task, queue or worker; a rate
+/// limit's task and limit are in its own line) and its outcome, carried out or refused with the
+/// status.
+async fn log_action(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if request.method() != axum::http::Method::POST {
+        return next.run(request).await;
+    }
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    if response.status().is_success() {
+        tracing::info!(path = %path, status, "dashboard action answered: carried out");
+    } else {
+        tracing::warn!(path = %path, status, "dashboard action answered: refused");
+    }
+    response
 }
 
 /// Add [`SECURITY_HEADERS`] to an answer.

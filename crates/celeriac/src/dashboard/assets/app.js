@@ -447,7 +447,7 @@ async function queuesView() {
     el("td", {}, el("button", { onclick: () => action("/api/queues/" + encodeURIComponent(q.name) + "/purge", {}, "Delete every ready message in " + q.name + "?") }, "Purge"))));
   const name = el("input", { placeholder: "task name", id: "rate-task" });
   const rate = el("input", { placeholder: "rate, e.g. 10/m", id: "rate-value" });
-  const setRate = el("button", { onclick: () => action("/api/rate_limit", { task_name: name.value, rate_limit: rate.value }, "Set the rate limit of " + name.value + "?") }, "Set rate limit");
+  const setRate = el("button", { id: "set-rate", onclick: () => action("/api/rate_limit", { task_name: name.value, rate_limit: rate.value }, "Set the rate limit of " + name.value + "?") }, "Set rate limit");
   const { body: dl } = await getJson("/api/dead_letters");
   const deadRows = dl.dead_letters.map((d) => el("tr", { class: "dead-letter" },
     el("td", {}, text(d.queue)),
