@@ -22,7 +22,9 @@
 //! keeps a countdown task; a finished, a failed and a running (held) task are read from the file,
 //! with the consumer holding the running one. In Chromium on that file: Enter on an id prefix
 //! one task has opens it, an unknown state shows the 400's message, and a refused action's
-//! answer is replaced by the next action's; an id no task or group has says so.
+//! answer is replaced by the next action's, the rate-limit action shows its answer; an id no
+//! task or group has says so; the queue-depth chart spans the other charts' hour; the header
+//! says why it is disconnected (the file removed).
 //!
 //! The acceptance runs the page in a real headless Chromium (Debian's `chromium`, driven through
 //! `chromedriver`'s WebDriver HTTP API, spoken here directly): both workers appear, a task sent
@@ -1273,5 +1275,26 @@ fn in_a_real_browser_enter_opens_the_one_match_a_refused_filter_shows_why_and_ea
     b.wait(
         "what the id may be",
         "return (document.getElementById('group-members')?.textContent || '').includes('nor any task of a group');",
+    );
+
+    // The queue-depth chart's time axis is the other charts' hour: the same labels at the same places.
+    b.go(&format!("http://127.0.0.1:{port}/#/charts"));
+    b.wait("the depth chart", "return !!document.getElementById('chart-depth-celery');");
+    let axis = "const axis = (id) => [...document.querySelectorAll('#' + id + ' text.tick')]\
+        .filter((t) => t.textContent.includes(':')).map((t) => t.textContent + '@' + t.getAttribute('x')).join(' ');";
+    let (depth, throughput) = (
+        b.js(&format!("{axis} return axis('chart-depth-celery');")),
+        b.js(&format!("{axis} return axis('chart-throughput');")),
+    );
+    assert!(depth.as_str().is_some_and(|d| d.contains(':')), "{depth}");
+    assert_eq!(depth, throughput, "the depth chart spans another hour");
+
+    // The header says why it is disconnected, as text: the file is gone.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", dir.path().join("page.db").display()));
+    }
+    b.wait(
+        "the reason of the disconnection",
+        "return (document.getElementById('status')?.textContent || '').startsWith('disconnected: cannot read');",
     );
 }
