@@ -157,6 +157,10 @@ struct CompareArgs {
     /// Brokers of the dashboard part, comma-separated: rabbitmq, redis.
     #[arg(long, value_delimiter = ',', default_value = "rabbitmq,redis")]
     dashboard_brokers: Vec<String>,
+    /// Cases of the dashboard part, comma-separated (default: all): plain, events, dashboard,
+    /// dashboard+client.
+    #[arg(long, value_delimiter = ',')]
+    dashboard_cases: Vec<String>,
     /// Skip Celery's solo pool drain.
     #[arg(long)]
     skip_solo: bool,
@@ -312,7 +316,7 @@ async fn compare(args: CompareArgs) -> Result<()> {
             eprintln!(
                 "\n7. dashboard: {n} no-op tasks drained by a worker, with and without -E and a dashboard watching"
             );
-            run.dashboard = bench.dashboard(n, &args.dashboard_brokers).await?;
+            run.dashboard = bench.dashboard(n, &args.dashboard_brokers, &args.dashboard_cases).await?;
         }
         runs.push(run);
     }

@@ -381,6 +381,13 @@ pub fn main(app: App, args: impl IntoIterator<Item = OsString>) -> ExitCode {
         // benchmark), leaving the cores to the children and the broker.
         builder.worker_threads(1);
     }
+    #[cfg(feature = "dashboard")]
+    if matches!(&cli.command, Command::Dashboard(_)) {
+        // `celeriac dashboard` needs an eighth of one core beside a worker at 10,000 tasks a
+        // second: one runtime thread is enough, and its resident memory was the lower in the
+        // runs measured (docs/benchmarks.md, "The dashboard watching a busy worker").
+        builder.worker_threads(1);
+    }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

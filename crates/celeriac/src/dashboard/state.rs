@@ -15,8 +15,12 @@
 //! `chain`, `link`, `errback`: see `celeriac_worker::observe`), from which
 //! [`State::task_json`] builds a task's `graph`.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 /// How many tasks are kept; the oldest is forgotten first.
@@ -149,19 +153,335 @@ impl Histogram {
     }
 }
 
-/// One task, merged from its events.
-#[derive(Debug, Clone, Default)]
+/// The longest `args`, `kwargs`, `result` and `exception` repr kept, in bytes (Celery's worker
+/// cuts `argsrepr` and a result's repr at 1,024 already: `celery/app/amqp.py`,
+/// `celery/app/trace.py`); longer ones are cut at a character boundary and end with `…`.
+pub const MAX_REPR: usize = 4096;
+/// The longest traceback kept, in bytes.
+pub const MAX_TRACEBACK: usize = 16384;
+
+/// A task's state as its events put it (Celery's `TASK_EVENT_TO_STATE`): the result backend's
+/// states (`celeriac_core::TaskState`) and `REJECTED`, which only an event tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum EventState {
+    #[default]
+    Pending,
+    Received,
+    Started,
+    Success,
+    Failure,
+    Retry,
+    Revoked,
+    Rejected,
+}
+
+impl EventState {
+    /// The state a task event's type puts the task in.
+    fn of_event(kind: &str) -> Option<Self> {
+        Some(match kind {
+            "task-sent" => Self::Pending,
+            "task-received" => Self::Received,
+            "task-started" => Self::Started,
+            "task-succeeded" => Self::Success,
+            "task-failed" => Self::Failure,
+            "task-retried" => Self::Retry,
+            "task-revoked" => Self::Revoked,
+            "task-rejected" => Self::Rejected,
+            _ => return None,
+        })
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Received => "RECEIVED",
+            Self::Started => "STARTED",
+            Self::Success => "SUCCESS",
+            Self::Failure => "FAILURE",
+            Self::Retry => "RETRY",
+            Self::Revoked => "REVOKED",
+            Self::Rejected => "REJECTED",
+        }
+    }
+
+    /// Later states win over earlier ones when events come out of order (a `task-started` after
+    /// a `task-succeeded` from a batch); a retry starts the task over.
+    fn rank(self) -> u8 {
+        match self {
+            Self::Pending => 0,
+            Self::Received | Self::Retry => 1,
+            Self::Started => 2,
+            _ => 3,
+        }
+    }
+}
+
+/// One event as it came, its values still JSON text: parsed once, each value read only where it
+/// is used, strings borrowed from the message unless they hold escapes.
+#[derive(Debug, Default)]
+pub struct RawEvent<'a> {
+    pairs: Vec<(Cow<'a, str>, Cow<'a, RawValue>)>,
+}
+
+/// A JSON string, borrowed where it has no escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(Visit)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawEvent<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = RawEvent<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<RawEvent<'de>, A::Error> {
+                let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(16));
+                while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    pairs.push((key, Cow::Borrowed(value)));
+                }
+                Ok(RawEvent { pairs })
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+impl<'a> RawEvent<'a> {
+    /// One event from a JSON object already parsed (the event's values written back as JSON;
+    /// a value JSON cannot hold, Python's `NaN`, reads as `null`).
+    pub fn from_map(ev: &Map<String, Value>) -> RawEvent<'static> {
+        let raw = |v: &Value| {
+            serde_json::value::to_raw_value(v)
+                .ok()
+                .filter(|r| serde_json::from_str::<&RawValue>(r.get()).is_ok())
+                .unwrap_or_else(|| RawValue::from_string("null".into()).unwrap_or_default())
+        };
+        RawEvent { pairs: ev.iter().map(|(k, v)| (Cow::Owned(k.clone()), Cow::Owned(raw(v)))).collect() }
+    }
+
+    fn get(&self, key: &str) -> Option<&RawValue> {
+        // The last of a repeated key, as a JSON object read into a map keeps.
+        self.pairs.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_ref())
+    }
+
+    /// The value of `key` if it is a string.
+    fn text(&self, key: &str) -> Option<Cow<'_, str>> {
+        self.get(key).and_then(text_of)
+    }
+
+    /// The value of `key` if it is a number.
+    fn number(&self, key: &str) -> Option<f64> {
+        self.get(key).and_then(number_of)
+    }
+}
+
+fn text_of(raw: &RawValue) -> Option<Cow<'_, str>> {
+    serde_json::from_str::<Text<'_>>(raw.get()).ok().map(|t| t.0)
+}
+
+fn number_of(raw: &RawValue) -> Option<f64> {
+    let t = raw.get();
+    if t.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        t.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// The events of one `celeryev` message: an object, or a list of them (Celery's `task.multi`),
+/// each with its JSON text (for a log line); an error names why the body is not that, and each
+/// item that is not an object is an error of its own.
+pub type Events<'a> = Vec<Result<(RawEvent<'a>, &'a str), String>>;
+
+/// Read a `celeryev` message's body into its events (see [`Events`]).
+pub fn parse_body(body: &[u8]) -> Result<Events<'_>, String> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {
+            let one: &RawValue = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+            let ev: RawEvent<'_> = serde_json::from_str(one.get()).map_err(|e| format!("not JSON: {e}"))?;
+            Ok(vec![Ok((ev, one.get()))])
+        }
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+            Ok(items
+                .into_iter()
+                .map(|item| {
+                    let text = item.get();
+                    match serde_json::from_str::<RawEvent<'_>>(text) {
+                        Ok(ev) => Ok((ev, text)),
+                        Err(_) => Err(format!("not a JSON object: {text}")),
+                    }
+                })
+                .collect())
+        }
+        _ => Err("not a JSON object or list".into()),
+    }
+}
+
+/// One task, merged from its events: what the page reads as typed fields, names and hosts
+/// shared, every other field as the JSON text it came as.
+#[derive(Debug, Clone)]
 struct TaskView {
-    fields: Map<String, Value>,
+    id: Arc<str>,
+    state: EventState,
+    name: Option<Arc<str>>,
+    worker: Option<Arc<str>>,
+    /// Unix seconds: `sent`, `received`, `started`, `retried_at`, `finished`.
+    times: [Option<f64>; 5],
+    runtime: Option<f64>,
+    /// `args`, `kwargs`, `result`, `exception`, `traceback`, `retry_exception`,
+    /// `retry_traceback`: text, bounded ([`MAX_REPR`], [`MAX_TRACEBACK`]).
+    texts: [Option<Box<str>>; 7],
+    root_id: Option<Box<str>>,
+    parent_id: Option<Box<str>>,
+    group: Option<Box<str>>,
+    queue: Option<Arc<str>>,
+    routing_key: Option<Arc<str>>,
+    /// Retries seen (`retry_number`).
+    retries_seen: u32,
+    /// Every other field, by name, as its JSON text (`worker_pid`, `retries`, `eta`, `chord`, ...).
+    other: Vec<(Arc<str>, Box<RawValue>)>,
+}
+
+const TIME_KEYS: [&str; 5] = ["sent", "received", "started", "retried_at", "finished"];
+const TEXT_KEYS: [&str; 7] =
+    ["args", "kwargs", "result", "exception", "traceback", "retry_exception", "retry_traceback"];
+
+/// `text` cut to `max` bytes at a character boundary, with `…` when cut.
+fn bounded(text: &str, max: usize) -> Box<str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into_boxed_str()
+}
+
+impl TaskView {
+    fn new(id: Arc<str>) -> Self {
+        TaskView {
+            id,
+            state: EventState::Pending,
+            name: None,
+            worker: None,
+            times: [None; 5],
+            runtime: None,
+            texts: Default::default(),
+            root_id: None,
+            parent_id: None,
+            group: None,
+            queue: None,
+            routing_key: None,
+            retries_seen: 0,
+            other: Vec::new(),
+        }
+    }
+
+    /// A field kept as JSON text (`chord`, `chain`, `link`, ...), read.
+    fn value(&self, key: &str) -> Option<Value> {
+        let raw = self.other.iter().find(|(k, _)| &**k == key)?;
+        serde_json::from_str(raw.1.get()).ok()
+    }
+
+    fn set_other(&mut self, key: Arc<str>, raw: &RawValue) {
+        match self.other.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = raw.to_owned(),
+            None => self.other.push((key, raw.to_owned())),
+        }
+    }
+
+    /// Every field as the JSON the API serves.
+    fn to_map(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("id".into(), json!(&*self.id));
+        m.insert("state".into(), json!(self.state.as_str()));
+        let texts = [
+            ("worker", self.worker.as_deref()),
+            ("name", self.name.as_deref()),
+            ("root_id", self.root_id.as_deref()),
+            ("parent_id", self.parent_id.as_deref()),
+            ("group", self.group.as_deref()),
+            ("queue", self.queue.as_deref()),
+            ("routing_key", self.routing_key.as_deref()),
+        ];
+        for (k, v) in texts.into_iter().chain(TEXT_KEYS.iter().copied().zip(self.texts.iter().map(|t| t.as_deref()))) {
+            if let Some(v) = v {
+                m.insert(k.into(), json!(v));
+            }
+        }
+        for (k, t) in TIME_KEYS.iter().zip(self.times) {
+            if let Some(t) = t {
+                m.insert((*k).into(), json!(t));
+            }
+        }
+        if let Some(r) = self.runtime {
+            m.insert("runtime".into(), json!(r));
+        }
+        if self.retries_seen > 0 {
+            m.insert("retry_number".into(), json!(self.retries_seen));
+        }
+        for (k, raw) in &self.other {
+            m.insert(k.to_string(), serde_json::from_str(raw.get()).unwrap_or(Value::Null));
+        }
+        m
+    }
+}
+
+/// Task names, worker names, queues and field names, each held once however many tasks name it.
+#[derive(Debug, Default)]
+struct Names(std::collections::HashSet<Arc<str>>);
+
+impl Names {
+    /// At most this many are shared; past it a name is held by each task (names are few: a
+    /// flood of distinct ones must not grow this for ever).
+    const MAX: usize = 10_000;
+
+    fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.0.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = name.into();
+        if self.0.len() < Self::MAX {
+            self.0.insert(n.clone());
+        }
+        n
+    }
 }
 
 /// Everything the dashboard shows.
 #[derive(Debug, Default)]
 pub struct State {
     workers: BTreeMap<String, WorkerView>,
-    tasks: HashMap<String, TaskView>,
+    tasks: HashMap<Arc<str>, TaskView>,
     /// Task ids, oldest first, for the bound.
-    order: VecDeque<String>,
+    order: VecDeque<Arc<str>>,
+    /// Names shared by the tasks.
+    names: Names,
     queues: Vec<Value>,
     /// Per minute with any outcome, oldest first.
     minutes: VecDeque<Minute>,
@@ -179,57 +499,28 @@ pub struct State {
     pub version: u64,
 }
 
-fn text<'a>(m: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
-    m.get(key).and_then(Value::as_str)
-}
-
-fn number(m: &Map<String, Value>, key: &str) -> Option<f64> {
-    m.get(key).and_then(Value::as_f64)
-}
-
-/// A task event's type → the state it puts the task in (Celery's `TASK_EVENT_TO_STATE`).
-fn task_state(kind: &str) -> Option<&'static str> {
-    Some(match kind {
-        "task-sent" => "PENDING",
-        "task-received" => "RECEIVED",
-        "task-started" => "STARTED",
-        "task-succeeded" => "SUCCESS",
-        "task-failed" => "FAILURE",
-        "task-retried" => "RETRY",
-        "task-revoked" => "REVOKED",
-        "task-rejected" => "REJECTED",
-        _ => return None,
-    })
-}
-
-/// Later states win over earlier ones when events come out of order (a `task-started` after a
-/// `task-succeeded` from a batch); a retry starts the task over.
-fn rank(state: &str) -> u8 {
-    match state {
-        "PENDING" => 0,
-        "RECEIVED" => 1,
-        "STARTED" => 2,
-        "RETRY" => 1,
-        _ => 3,
-    }
-}
-
 impl State {
-    /// Apply one event body (a JSON object from `celeryev`).
+    /// Apply one event body (a JSON object from `celeryev`, already parsed).
     pub fn apply_event(&mut self, ev: &Map<String, Value>) -> Result<(), EventError> {
-        let kind = text(ev, "type").ok_or(EventError::Missing("type"))?;
-        let host = text(ev, "hostname").ok_or(EventError::Missing("hostname"))?.to_string();
-        let at = number(ev, "timestamp").unwrap_or_else(now);
+        self.apply(&RawEvent::from_map(ev))
+    }
+
+    /// Apply one event (see [`parse_body`]).
+    pub fn apply(&mut self, ev: &RawEvent<'_>) -> Result<(), EventError> {
+        let kind = ev.text("type").ok_or(EventError::Missing("type"))?;
+        let host = ev.text("hostname").ok_or(EventError::Missing("hostname"))?;
+        let at = ev.number("timestamp").unwrap_or_else(now);
         if let Some(rest) = kind.strip_prefix("worker-") {
-            let w = self.workers.entry(host).or_default();
+            let w = self.workers.entry(host.into_owned()).or_default();
             match rest {
                 "offline" => w.said_offline = true,
                 _ => {
                     w.said_offline = false;
                     w.heartbeat = Some(at);
-                    for (k, v) in ev {
-                        if !matches!(k.as_str(), "type" | "hostname" | "clock" | "utcoffset") {
-                            w.heartbeat_fields.insert(k.clone(), v.clone());
+                    for (k, v) in &ev.pairs {
+                        if !matches!(k.as_ref(), "type" | "hostname" | "clock" | "utcoffset") {
+                            let v = serde_json::from_str(v.get()).unwrap_or(Value::Null);
+                            w.heartbeat_fields.insert(k.to_string(), v);
                         }
                     }
                 }
@@ -237,91 +528,111 @@ impl State {
             self.version += 1;
             return Ok(());
         }
-        let Some(state) = task_state(kind) else {
+        let Some(state) = EventState::of_event(&kind) else {
             return Ok(()); // Another kind of event (a future one): nothing to show.
         };
         if kind == "task-received" {
-            self.flow.received(&mut self.workers, &host, ev, at);
+            let queue = ev.text("queue").or_else(|| ev.text("routing_key"));
+            self.flow.received(&mut self.workers, &host, queue.as_deref(), at);
         }
-        let id = text(ev, "uuid").ok_or_else(|| EventError::NoTaskId(kind.to_string()))?.to_string();
-        if !self.tasks.contains_key(&id) {
-            self.order.push_back(id.clone());
+        let id = ev.text("uuid").ok_or_else(|| EventError::NoTaskId(kind.to_string()))?;
+        if !self.tasks.contains_key(id.as_ref()) {
+            let key: Arc<str> = id.as_ref().into();
+            self.order.push_back(key.clone());
+            self.tasks.insert(key.clone(), TaskView::new(key));
             while self.order.len() > MAX_TASKS {
                 if let Some(old) = self.order.pop_front() {
                     self.tasks.remove(&old);
                 }
             }
         }
-        let task = self.tasks.entry(id.clone()).or_default();
-        let f = &mut task.fields;
-        f.insert("id".into(), json!(id));
-        let current = text(f, "state").unwrap_or("PENDING");
+        let names = &mut self.names;
+        let Some(t) = self.tasks.get_mut(id.as_ref()) else { return Ok(()) };
+        let current = t.state;
         // A retry starts the task over, unless it already ended: a prefork Celery worker sends
         // `task-retried` from its main process once the child reported, and the retried
         // message may have run to its end on another child by then (Celery's own
         // `celery/events/state.py` keeps a ready state against a lower one too).
-        let over = kind == "task-retried" && rank(current) < 3;
-        if over || rank(state) >= rank(current) || kind == "task-revoked" {
-            f.insert("state".into(), json!(state));
+        let over = kind == "task-retried" && current.rank() < 3;
+        if over || state.rank() >= current.rank() || kind == "task-revoked" {
+            t.state = state;
         }
         if kind != "task-sent" {
-            f.insert("worker".into(), json!(host));
+            t.worker = Some(names.get(&host));
         }
         // Of several retries, the latest (by its timestamp) is the one shown.
-        let latest_retry = kind == "task-retried" && number(f, "retried_at").is_none_or(|r| at >= r);
-        let stamp = match kind {
-            "task-sent" => "sent",
-            "task-received" => "received",
-            "task-started" => "started",
-            "task-retried" if latest_retry => "retried_at",
-            "task-retried" => "",
-            _ => "finished",
+        let latest_retry = kind == "task-retried" && t.times[3].is_none_or(|r| at >= r);
+        let stamp = match kind.as_ref() {
+            "task-sent" => Some(0),
+            "task-received" => Some(1),
+            "task-started" => Some(2),
+            "task-retried" if latest_retry => Some(3),
+            "task-retried" => None,
+            _ => Some(4),
         };
-        if !stamp.is_empty() {
-            f.insert(stamp.into(), json!(at));
+        if let Some(i) = stamp {
+            t.times[i] = Some(at);
         }
-        for (k, v) in ev {
+        for (k, v) in &ev.pairs {
             if matches!(
-                k.as_str(),
+                k.as_ref(),
                 "type" | "hostname" | "clock" | "utcoffset" | "timestamp" | "uuid" | "local_received"
-            ) || v.is_null()
+            ) || v.get() == "null"
             {
                 continue;
             }
-            // A task that retried itself is sent again by itself: Celery's retry
-            // (`celery/app/task.py`, `retry` → `signature_from_request` → `send_task`) names the
-            // running task as parent when it had none. The task is not its own parent.
-            if k == "parent_id" && v.as_str() == Some(id.as_str()) {
-                continue;
-            }
-            let key = match (kind, k.as_str()) {
+            let key = match (kind.as_ref(), k.as_ref()) {
                 // The worker's pid is the event's, not the task's.
                 (_, "pid") => "worker_pid",
                 // What made the task retry, kept apart from how it ended.
                 ("task-retried", "exception" | "traceback") if !latest_retry => continue,
                 ("task-retried", "exception") => "retry_exception",
                 ("task-retried", "traceback") => "retry_traceback",
-                _ => k.as_str(),
+                (_, k) => k,
             };
-            f.insert(key.into(), v.clone());
+            let text = text_of(v);
+            match (key, text) {
+                // A task that retried itself is sent again by itself: Celery's retry
+                // (`celery/app/task.py`, `retry` → `signature_from_request` → `send_task`) names
+                // the running task as parent when it had none. The task is not its own parent.
+                ("parent_id", Some(p)) if p == id => {}
+                ("parent_id", Some(p)) => t.parent_id = Some(p.as_ref().into()),
+                ("root_id", Some(r)) => t.root_id = Some(r.as_ref().into()),
+                ("group", Some(g)) => t.group = Some(g.as_ref().into()),
+                ("name", Some(n)) => t.name = Some(names.get(&n)),
+                ("queue", Some(q)) => t.queue = Some(names.get(&q)),
+                ("routing_key", Some(q)) => t.routing_key = Some(names.get(&q)),
+                (key, Some(text)) if TEXT_KEYS.contains(&key) => {
+                    let i = TEXT_KEYS.iter().position(|k| *k == key).unwrap_or(0);
+                    let max = if key.ends_with("traceback") { MAX_TRACEBACK } else { MAX_REPR };
+                    t.texts[i] = Some(bounded(&text, max));
+                }
+                ("runtime", _) if number_of(v).is_some() => t.runtime = number_of(v),
+                (key, _) => t.set_other(names.get(key), v),
+            }
         }
         if kind == "task-retried" {
             // Retries seen; the traceback kept is the latest's, so it is that of retry N.
-            let n = f.get("retry_number").and_then(Value::as_u64).unwrap_or(0) + 1;
-            f.insert("retry_number".into(), json!(n));
+            t.retries_seen += 1;
         }
-        let runtime = matches!(kind, "task-succeeded" | "task-failed").then(|| number(ev, "runtime")).flatten();
-        let name = text(f, "name").map(str::to_string);
+        let runtime = matches!(kind.as_ref(), "task-succeeded" | "task-failed").then(|| ev.number("runtime")).flatten();
+        let name = t.name.clone();
         let minute = (at / 60.0).floor() as i64;
-        match kind {
+        match kind.as_ref() {
             "task-succeeded" => self.count(minute, 1, 0, runtime),
             "task-failed" => self.count(minute, 0, 1, runtime),
             _ => {}
         }
         if let Some(r) = runtime {
             let known = self.runtimes.len() < MAX_NAMES;
-            let name = name.filter(|n| known || self.runtimes.contains_key(n)).unwrap_or_else(|| OTHER_NAMES.into());
-            self.runtimes.entry(name).or_default().record(r);
+            let name: &str = match &name {
+                Some(n) if known || self.runtimes.contains_key(&**n) => n,
+                _ => OTHER_NAMES,
+            };
+            match self.runtimes.get_mut(name) {
+                Some(h) => h.record(r),
+                None => self.runtimes.entry(name.to_string()).or_default().record(r),
+            }
         }
         self.version += 1;
         Ok(())
@@ -431,7 +742,7 @@ impl State {
         let mut names: Vec<String> = self
             .tasks
             .values()
-            .filter_map(|t| text(&t.fields, "routing_key").map(str::to_string))
+            .filter_map(|t| t.routing_key.as_deref().map(str::to_string))
             .filter(|q| !q.is_empty())
             .collect();
         names.sort();
@@ -536,11 +847,11 @@ impl State {
         let mut matched = 0usize;
         let mut list = Vec::new();
         for t in self.order.iter().rev().filter_map(|id| self.tasks.get(id)) {
-            if !filter.matches(&t.fields) {
+            if !filter.matches(t) {
                 continue;
             }
             if matched >= offset && list.len() < limit {
-                list.push(self.with_diagnosis(Value::Object(t.fields.clone())));
+                list.push(self.with_diagnosis(Value::Object(t.to_map())));
             }
             matched += 1;
         }
@@ -583,9 +894,9 @@ impl State {
     pub fn group_members(&self, group: &str) -> Vec<Value> {
         self.order
             .iter()
-            .filter_map(|id| self.tasks.get(id).map(|t| (id, &t.fields)))
-            .filter(|(_, f)| text(f, "group") == Some(group))
-            .map(|(id, f)| json!({"id": id, "name": f.get("name"), "state": f.get("state")}))
+            .filter_map(|id| self.tasks.get(id))
+            .filter(|t| t.group.as_deref() == Some(group))
+            .map(|t| json!({"id": &*t.id, "name": t.name.as_deref(), "state": t.state.as_str()}))
             .collect()
     }
 
@@ -593,12 +904,13 @@ impl State {
     /// (`child_ids`, never itself) and its workflow as a `graph` (see [`State::graph`]).
     pub fn task_json(&self, id: &str) -> Option<Value> {
         let t = self.tasks.get(id)?;
-        let mut v = self.with_diagnosis(Value::Object(t.fields.clone()));
-        let children: Vec<&String> = self
+        let mut v = self.with_diagnosis(Value::Object(t.to_map()));
+        let children: Vec<&str> = self
             .order
             .iter()
-            .filter(|c| c.as_str() != id)
-            .filter(|c| self.tasks.get(*c).is_some_and(|t| text(&t.fields, "parent_id") == Some(id)))
+            .filter(|c| &***c != id)
+            .filter(|c| self.tasks.get(*c).is_some_and(|t| t.parent_id.as_deref() == Some(id)))
+            .map(|c| &**c)
             .collect();
         v["child_ids"] = json!(children);
         v["graph"] = self.graph(id);
@@ -614,9 +926,9 @@ impl State {
     /// `chain` (a step → the next), `chord` (a header task → the chord's body), `link` or
     /// `errback`.
     pub fn graph(&self, id: &str) -> Value {
-        let root = self.tasks.get(id).and_then(|t| text(&t.fields, "root_id")).unwrap_or(id).to_string();
+        let root = self.tasks.get(id).and_then(|t| t.root_id.as_deref()).unwrap_or(id).to_string();
         let mut ids: Vec<&str> = vec![id];
-        if root != id && self.tasks.contains_key(&root) {
+        if root != id && self.tasks.contains_key(root.as_str()) {
             ids.push(&root);
         }
         for other in self.order.iter() {
@@ -624,23 +936,21 @@ impl State {
                 break;
             }
             let Some(t) = self.tasks.get(other) else { continue };
-            if other != id && other != &root && text(&t.fields, "root_id") == Some(root.as_str()) {
+            if &**other != id && **other != *root && t.root_id.as_deref() == Some(root.as_str()) {
                 ids.push(other);
             }
         }
         // The other members of its groups: a group applied on its own makes each member a root.
         let in_groups: std::collections::HashSet<&str> =
-            ids.iter().filter_map(|i| self.tasks.get(*i)).filter_map(|t| text(&t.fields, "group")).collect();
+            ids.iter().filter_map(|i| self.tasks.get(*i)).filter_map(|t| t.group.as_deref()).collect();
         if !in_groups.is_empty() {
             let known: std::collections::HashSet<&str> = ids.iter().copied().collect();
             let more: Vec<&str> = self
                 .order
                 .iter()
-                .filter(|o| !known.contains(o.as_str()))
-                .filter(|o| {
-                    self.tasks.get(*o).and_then(|t| text(&t.fields, "group")).is_some_and(|g| in_groups.contains(g))
-                })
-                .map(String::as_str)
+                .filter(|o| !known.contains(&***o))
+                .filter(|o| self.tasks.get(*o).and_then(|t| t.group.as_deref()).is_some_and(|g| in_groups.contains(g)))
+                .map(|o| &**o)
                 .collect();
             ids.extend(more.into_iter().take(MAX_GRAPH_NODES.saturating_sub(ids.len())));
         }
@@ -657,23 +967,22 @@ impl State {
         let mut pending: Vec<(String, Option<String>)> = Vec::new();
         for tid in &ids {
             let Some(t) = self.tasks.get(*tid) else { continue };
-            let f = &t.fields;
             seen.insert(tid.to_string());
-            let group = text(f, "group").map(str::to_string);
-            nodes.push(json!({"id": tid, "name": text(f, "name"), "state": text(f, "state"), "group": group}));
+            let group = t.group.as_deref().map(str::to_string);
+            nodes.push(json!({"id": tid, "name": t.name.as_deref(), "state": t.state.as_str(), "group": group}));
             if let Some(g) = &group {
                 let entry = groups.entry(g.clone()).or_default();
                 entry.0.push(tid.to_string());
-                if let Some(body) = f.get("chord").filter(|c| c.is_object()) {
-                    entry.1 = Some(body.clone());
+                if let Some(body) = t.value("chord").filter(|c| c.is_object()) {
+                    entry.1 = Some(body);
                 }
             }
         }
         for tid in &ids {
             let Some(t) = self.tasks.get(*tid) else { continue };
-            let f = &t.fields;
             let refs = |key: &str| -> Vec<(String, Option<String>)> {
-                f.get(key)
+                t.value(key)
+                    .as_ref()
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
@@ -684,7 +993,7 @@ impl State {
                 edge(tid, &next, "chain", &mut edges);
                 pending.push((next, name));
             }
-            if let Some(body) = f.get("chord").filter(|c| c.is_object()) {
+            if let Some(body) = t.value("chord").filter(|c| c.is_object()) {
                 if let Some(bid) = body["id"].as_str() {
                     edge(tid, bid, "chord", &mut edges);
                     pending.push((bid.to_string(), body["name"].as_str().map(str::to_string)));
@@ -699,7 +1008,7 @@ impl State {
         }
         // Parent edges last: an edge a chain or chord already drew keeps that kind.
         for tid in &ids {
-            let parent = self.tasks.get(*tid).and_then(|t| text(&t.fields, "parent_id"));
+            let parent = self.tasks.get(*tid).and_then(|t| t.parent_id.as_deref());
             if let Some(p) = parent.filter(|p| seen.contains(*p)) {
                 edge(p, tid, "parent", &mut edges);
             }
@@ -709,7 +1018,7 @@ impl State {
                 break;
             }
             if seen.insert(pid.clone()) {
-                let state = self.tasks.get(&pid).and_then(|t| text(&t.fields, "state")).unwrap_or("PENDING");
+                let state = self.tasks.get(pid.as_str()).map_or("PENDING", |t| t.state.as_str());
                 nodes.push(json!({"id": pid, "name": name, "state": state}));
             }
         }
@@ -796,9 +1105,9 @@ struct Flow {
 
 impl Flow {
     /// A `task-received` from `host` at `at` (Unix seconds); counted for the queue it names
-    /// (`queue`, else `routing_key`), if any.
-    fn received(&mut self, workers: &mut BTreeMap<String, WorkerView>, host: &str, ev: &Map<String, Value>, at: f64) {
-        let Some(queue) = text(ev, "queue").or_else(|| text(ev, "routing_key")).filter(|q| !q.is_empty()) else {
+    /// (its `queue`, else its `routing_key`), if any.
+    fn received(&mut self, workers: &mut BTreeMap<String, WorkerView>, host: &str, queue: Option<&str>, at: f64) {
+        let Some(queue) = queue.filter(|q| !q.is_empty()) else {
             return;
         };
         workers.entry(host.to_string()).or_default().names_queues = true;
@@ -930,11 +1239,11 @@ pub struct TaskFilter {
 }
 
 impl TaskFilter {
-    fn matches(&self, f: &Map<String, Value>) -> bool {
-        self.state.as_deref().is_none_or(|s| text(f, "state") == Some(s))
-            && self.name.as_deref().is_none_or(|n| text(f, "name").is_some_and(|name| name.contains(n)))
-            && self.worker.as_deref().is_none_or(|w| text(f, "worker").is_some_and(|name| name.contains(w)))
-            && self.id.as_deref().is_none_or(|p| text(f, "id").is_some_and(|id| id.starts_with(p)))
+    fn matches(&self, t: &TaskView) -> bool {
+        self.state.as_deref().is_none_or(|s| t.state.as_str() == s)
+            && self.name.as_deref().is_none_or(|n| t.name.as_deref().is_some_and(|name| name.contains(n)))
+            && self.worker.as_deref().is_none_or(|w| t.worker.as_deref().is_some_and(|name| name.contains(w)))
+            && self.id.as_deref().is_none_or(|p| t.id.starts_with(p))
     }
 }
 
@@ -1016,6 +1325,40 @@ mod tests {
             Err(EventError::NoTaskId("task-started".into()))
         );
         assert_eq!(s.tasks_json(&TaskFilter::default(), 0, 10)["total"], json!(0));
+    }
+
+    #[test]
+    fn a_multi_body_is_read_in_place_and_each_bad_item_is_refused_on_its_own() {
+        let body = br#"[{"type": "task-received", "hostname": "w", "uuid": "a", "name": "t.x", "args": "(\"q\", 1)", "pid": 7, "retries": 0, "chord": {"id": "b", "name": "t.y"}, "timestamp": 60.0},
+            5,
+            {"type": "task-succeeded", "hostname": "w", "uuid": "a", "result": "None", "runtime": 0.25, "timestamp": 61.0},
+            {"hostname": "w"}]"#;
+        let items = parse_body(body).unwrap();
+        assert_eq!(items.len(), 4);
+        assert_eq!(items[1].as_ref().err().map(String::as_str), Some("not a JSON object: 5"));
+        let mut s = State::default();
+        let outcomes: Vec<_> = items.into_iter().flatten().map(|(ev, _)| s.apply(&ev)).collect();
+        assert_eq!(outcomes, vec![Ok(()), Ok(()), Err(EventError::Missing("type"))]);
+        let t = s.task_json("a").unwrap();
+        assert_eq!(t["args"], json!("(\"q\", 1)"), "an escaped string is read whole");
+        assert_eq!((&t["state"], &t["worker_pid"], &t["retries"]), (&json!("SUCCESS"), &json!(7), &json!(0)));
+        assert_eq!((&t["runtime"], &t["chord"]["id"], &t["received"]), (&json!(0.25), &json!("b"), &json!(60.0)));
+        assert_eq!(parse_body(b" 3").err().as_deref(), Some("not a JSON object or list"));
+        assert!(parse_body(b"{\"type\": ").unwrap_err().starts_with("not JSON"));
+    }
+
+    #[test]
+    fn long_reprs_and_tracebacks_are_cut_at_their_bounds() {
+        let mut s = State::default();
+        let long = "é".repeat(MAX_REPR); // two bytes each
+        s.apply_event(&ev(json!({"type": "task-failed", "hostname": "w", "uuid": "a", "args": long,
+            "exception": "E()", "traceback": "x".repeat(MAX_TRACEBACK + 10)})))
+            .unwrap();
+        let t = s.task_json("a").unwrap();
+        let args = t["args"].as_str().unwrap();
+        assert!(args.ends_with('…') && args.len() <= MAX_REPR + '…'.len_utf8(), "{}", args.len());
+        assert_eq!(t["traceback"].as_str().unwrap().chars().count(), MAX_TRACEBACK + 1);
+        assert_eq!(t["exception"], json!("E()"));
     }
 
     #[test]
