@@ -38,7 +38,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{free_port, run_cli, wait_until, PyCeleryWorker, SharedRedisDb, TcpProxy, TestVhost, WorkerProc};
 use serde_json::{json, Value};
@@ -161,23 +161,32 @@ fn dashboard(broker: &str, queue: &str, token: Option<&str>) -> (WorkerProc, u16
 
 /// Wait until task `id`'s JSON satisfies `cond`; that JSON.
 fn wait_task(port: u16, id: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
-    let mut last = Value::Null;
-    wait_until(&format!("task {id} {what}"), Duration::from_secs(30), || {
-        last = get_json(port, &format!("/api/tasks/{id}")).1;
-        cond(&last)
-    });
-    last
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let last = get_json(port, &format!("/api/tasks/{id}")).1;
+        if cond(&last) {
+            return last;
+        }
+        assert!(Instant::now() < deadline, "timed out after 30 s waiting for task {id} {what}; last seen: {last}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The item of the list at `path` whose `key` is `value`, once `cond` holds for it.
 fn wait_listed(port: u16, path: &str, key: &str, value: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
-    let mut found = Value::Null;
-    wait_until(&format!("{value} in {path} {what}"), Duration::from_secs(30), || {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
         let (_, list) = get_json(port, path);
-        found = list.as_array().into_iter().flatten().find(|x| x[key] == json!(value)).cloned().unwrap_or_default();
-        cond(&found)
-    });
-    found
+        let found = list.as_array().into_iter().flatten().find(|x| x[key] == json!(value)).cloned().unwrap_or_default();
+        if cond(&found) {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after 30 s waiting for {value} in {path} {what}; last seen: {found}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The worker named `name` in `/api/workers`, once `cond` holds for it.

@@ -119,6 +119,10 @@ struct Shared {
     /// On an SQLite broker, what the file last told beyond tasks: `{note, consumers}`
     /// ([`file::Reading::summary`]); `None` on other brokers.
     file: Mutex<Option<Value>>,
+    /// Whether the event tail has tried to subscribe once (up, down, or no events on this
+    /// broker): "dashboard ready" waits for it, so a task sent once the dashboard says it is
+    /// ready has its events seen.
+    events_tried: watch::Sender<bool>,
 }
 
 /// What each of the dashboard's two readers last found: `None` before its first try, then
@@ -139,6 +143,9 @@ impl Shared {
     fn link(&self, f: impl FnOnce(&mut Link)) {
         let mut link = self.link.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut link);
+        if link.events.is_some() {
+            self.events_tried.send_replace(true);
+        }
         let error = match (&link.poll, &link.events) {
             (Some(Some(e)), _) => Some(e.clone()),
             (_, Some(Some(e))) => Some(format!("event subscription: {e}")),
@@ -209,6 +216,7 @@ impl Dashboard {
             link: Mutex::new(Link::default()),
             polled: watch::channel(None).0,
             file: Mutex::new(None),
+            events_tried: watch::channel(false).0,
         });
         let app = router(shared.clone());
         let server = tokio::spawn(async move {
@@ -219,6 +227,12 @@ impl Dashboard {
         });
         let events = tokio::spawn(tail_events(shared.clone()));
         let poller = tokio::spawn(poll(shared.clone()));
+        // "Ready" once the event subscription is up (or has failed, or the broker has no events):
+        // before it, a task's events would be lost while the page already answers.
+        let mut tried = shared.events_tried.subscribe();
+        if tokio::time::timeout(READY_WAIT, tried.wait_for(|t| *t)).await.is_err() {
+            tracing::warn!(waited = ?READY_WAIT, "the event subscription is not up yet: events sent meanwhile are not seen");
+        }
         tracing::info!(url = %format!("http://{addr}/"), read_only = shared.config.token.is_none(), "dashboard ready");
         Ok(Dashboard { addr, tasks: vec![server, events, poller] })
     }
@@ -292,6 +306,8 @@ fn refuse(status: StatusCode, why: impl Into<String>) -> Response {
     reply(status, json!({"error": why.into()}))
 }
 
+/// How long "dashboard ready" waits for the event subscription's first try.
+const READY_WAIT: Duration = Duration::from_secs(10);
 /// The longest wait between two tries to subscribe to events while polls get through.
 const EVENTS_RETRY_MAX: Duration = Duration::from_secs(2);
 
