@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use celeriac_core::broadcast::ExchangeSpec;
 use celeriac_worker::control::{json_message, mailbox_binding, pidbox_exchange, reply_exchange};
-use common::{
-    celery_cli as celery, py_client_on, run_cli, wait_until, PyCeleryWorker, SharedRedisDb, TestVhost, WorkerProc,
-};
+use common::{celery_cli, py_client_on, run_cli, wait_until, PyCeleryWorker, SharedRedisDb, TestVhost, WorkerProc};
 use serde_json::{json, Map, Value};
 
 const DB: u32 = 3;
@@ -27,11 +25,28 @@ fn node(tag: &str) -> String {
     format!("ctl-{tag}-{}@testhost", std::process::id())
 }
 
+/// A remote command naming its nodes (`-d`) waits up to 10 s for their replies unless it says
+/// otherwise: it stops at the last named node's reply, and on a loaded machine the default 1 s
+/// can pass before a worker answers. `args` with that timeout added.
+fn named_nodes_wait_longer<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = args.to_vec();
+    let timed = args.iter().any(|a| matches!(*a, "-t" | "--timeout"));
+    if args.contains(&"-d") && !timed {
+        all.extend(["--timeout", "10"]);
+    }
+    all
+}
+
 /// `celeriac --broker <broker> <args>`; returns (exit code, stdout, stderr).
 fn celeriac(broker: &str, args: &[&str]) -> (i32, String, String) {
     let mut all = vec!["--broker", broker];
-    all.extend_from_slice(args);
+    all.extend(named_nodes_wait_longer(args));
     run_cli(&all, &[])
+}
+
+/// Celery's own CLI (`celery -A ctlapp -b <broker> <args>`); returns (success, stdout).
+fn celery(broker: &str, args: &[&str]) -> (bool, String) {
+    celery_cli(broker, &named_nodes_wait_longer(args))
 }
 
 /// Send a task with the celeriac CLI; returns its id.
@@ -85,34 +100,37 @@ fn python_celery_inspect_lists_a_celeriac_worker_and_its_running_task() {
         WorkerProc::start(&url, &["--result-backend", &results, "-P", "prefork", "-c", "2", "-n", &name, "-Q", "pyq"]);
     worker.wait_for_line("remote control ready", Duration::from_secs(10));
 
-    let (ok, out) = celery(&url, &["inspect", "ping"]);
+    // Named, so Celery's CLI stops waiting at the node's reply.
+    let (ok, out) = celery(&url, &["inspect", "ping", "-d", &name]);
     assert!(ok && out.contains(&name) && out.contains("pong"), "celery inspect ping:\n{out}");
 
-    let id = send(&url, "celeriac.sleep", "[20]", "pyq");
+    // The tasks sleep far longer than the test runs (it terminates one; the worker's exit ends the
+    // rest), so on a loaded machine none ends before it is looked at.
+    let id = send(&url, "celeriac.sleep", "[300]", "pyq");
     wait_active(&url, &id);
-    let (ok, out) = celery(&url, &["inspect", "active", "--json"]);
+    let (ok, out) = celery(&url, &["inspect", "active", "--json", "-d", &name]);
     assert!(ok, "celery inspect active --json:\n{out}");
     let replies: Value = serde_json::from_str(out.trim()).expect("JSON from celery inspect --json");
     let tasks = replies[&name].as_array().unwrap_or_else(|| panic!("no reply from {name}: {out}"));
     let task = tasks.iter().find(|t| t["id"] == json!(id)).unwrap_or_else(|| panic!("{id} not listed: {out}"));
     assert_eq!(task["name"], json!("celeriac.sleep"));
-    assert_eq!(task["args"], json!([20]));
+    assert_eq!(task["args"], json!([300]));
     assert_eq!(task["hostname"], json!(name));
     assert!(task["time_start"].as_f64().is_some(), "{task}");
     let pid = task["worker_pid"].as_u64().expect("worker_pid") as u32;
     assert_ne!(pid, worker.child.id(), "the prefork child's pid, not the supervisor's");
 
     // The readable form Celery prints lists it too.
-    let (ok, out) = celery(&url, &["inspect", "active"]);
+    let (ok, out) = celery(&url, &["inspect", "active", "-d", &name]);
     assert!(ok && out.contains(&id) && out.contains("celeriac.sleep"), "{out}");
 
     // `query_task` names the state and the request of each held task. With both slots busy, the
     // third task waits in the worker: reserved.
-    let busy = send(&url, "celeriac.sleep", "[20]", "pyq");
-    let waiting = send(&url, "celeriac.sleep", "[20]", "pyq");
+    let busy = send(&url, "celeriac.sleep", "[300]", "pyq");
+    let waiting = send(&url, "celeriac.sleep", "[300]", "pyq");
     wait_active(&url, &busy);
     let query = |ids: &[&str]| {
-        let mut args = vec!["inspect", "query_task"];
+        let mut args = vec!["inspect", "query_task", "-d", &name];
         args.extend_from_slice(ids);
         args.push("--json");
         let (code, out, err) = celeriac(&url, &args);
@@ -122,7 +140,7 @@ fn python_celery_inspect_lists_a_celeriac_worker_and_its_running_task() {
     wait_until("the third task to be reserved", Duration::from_secs(20), || {
         query(&[&waiting])[&waiting][0] == "reserved"
     });
-    let (ok, out) = celery(&url, &["inspect", "query_task", &id, &waiting, "no-such-task", "--json"]);
+    let (ok, out) = celery(&url, &["inspect", "query_task", &id, &waiting, "no-such-task", "--json", "-d", &name]);
     assert!(ok, "celery inspect query_task:\n{out}");
     let replies: Value = serde_json::from_str(out.trim()).expect("JSON from celery inspect query_task --json");
     let found = replies[&name].as_object().unwrap_or_else(|| panic!("no reply from {name}: {out}"));
@@ -130,7 +148,7 @@ fn python_celery_inspect_lists_a_celeriac_worker_and_its_running_task() {
     assert_eq!((&found[&id][0], &found[&id][1]["name"]), (&json!("active"), &json!("celeriac.sleep")));
     assert_eq!((&found[&waiting][0], &found[&waiting][1]["id"]), (&json!("reserved"), &json!(waiting)));
     assert_eq!(query(&["no-such-task"]), json!({}));
-    let (code, out, _) = celeriac(&url, &["inspect", "query_task", &waiting]);
+    let (code, out, _) = celeriac(&url, &["inspect", "query_task", &waiting, "-d", &name]);
     assert!(code == 0 && out.contains(&waiting) && out.contains("reserved"), "readable query_task:\n{out}");
 
     // Celery's `control terminate` (a list of ids, a signal name) reaches the prefork child.
@@ -547,8 +565,10 @@ fn pool_restart_replaces_every_child_without_interrupting_a_task() {
     let worker =
         WorkerProc::start(&url, &["--result-backend", &results, "-P", "prefork", "-c", "2", "-n", &name, "-Q", "rq"]);
     worker.wait_for_line("remote control ready", Duration::from_secs(10));
+    // Asked of this node alone, so the reply is waited for up to 10 s and no longer than it takes.
     let pids = || -> Vec<u64> {
-        let stats = inspect_json(&url, "stats");
+        let (_, out, _) = celeriac(&url, &["inspect", "stats", "--json", "-d", &name]);
+        let stats = serde_json::from_str::<Value>(out.trim()).unwrap_or_default();
         stats
             .get(&name)
             .and_then(|s| s["pool"]["processes"].as_array().cloned())
@@ -557,19 +577,25 @@ fn pool_restart_replaces_every_child_without_interrupting_a_task() {
             .filter_map(Value::as_u64)
             .collect()
     };
-    let before = pids();
-    assert_eq!(before.len(), 2, "two children: {before:?}");
+    let mut before = Vec::new();
+    wait_until("the stats to list two children", Duration::from_secs(20), || {
+        before = pids();
+        before.len() == 2
+    });
 
-    let long = send(&url, "celeriac.sleep", "[3]", "rq");
+    // The task must still run when the restart arrives and when the idle child's replacement is
+    // seen: on a loaded machine Celery's CLI alone can take seconds to start, so it sleeps 15 s.
+    let long = send(&url, "celeriac.sleep", "[15]", "rq");
     let busy = wait_active(&url, &long)["worker_pid"].as_u64().expect("the busy child's pid");
     let (ok, out) = celery(&url, &["control", "pool_restart", "-d", &name]);
     assert!(ok && out.contains("reload started"), "celery control pool_restart:\n{out}");
     // The idle child is replaced at once, the busy one only after its task: the task succeeds.
-    wait_until("the idle child to be replaced", Duration::from_secs(20), || {
+    wait_until("the idle child to be replaced while the busy one runs its task", Duration::from_secs(20), || {
+        assert_ne!(state_of(&url, &long), "SUCCESS", "the task ended before the idle child was seen replaced");
         let now = pids();
         now.len() == 2 && now.contains(&busy) && now.iter().any(|p| !before.contains(p))
     });
-    wait_until("the task to succeed in the old child", Duration::from_secs(20), || state_of(&url, &long) == "SUCCESS");
+    wait_until("the task to succeed in the old child", Duration::from_secs(40), || state_of(&url, &long) == "SUCCESS");
     wait_until("every child to be new", Duration::from_secs(20), || {
         let now = pids();
         now.len() == 2 && now.iter().all(|p| !before.contains(p))

@@ -4,7 +4,9 @@
 //! (also with a signal the child ignores), a backlog over three queues at start, and tasks that
 //! print or misbehave on the child's frame pipe. Real
 //! processes throughout: the test app `tests/pyapp/pyapp.py` published to by real Celery
-//! (`tests/pyapp/send.py`), a real Redis as broker and backend.
+//! (`tests/pyapp/send.py`), a real Redis as broker and backend: a server of each test's own
+//! (`PrivateRedis`), as the tasks' data keys and the flush of a shared database would otherwise
+//! be seen by every test of the binary, and by a run of the same binary elsewhere on the machine.
 
 mod common;
 
@@ -13,17 +15,25 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::pyapp::{app_env, pyapp_dir, python_worker, python_worker_command, spawn_python_worker};
-use common::{alive, children_of, run_cli, venv_python, wait_until, SharedRedisDb, WorkerProc};
+use common::{alive, children_of, run_cli, venv_python, wait_until, PrivateRedis, WorkerProc};
 use serde_json::{json, Value};
 
-/// This binary's Redis database: broker, results, and the data the tasks write.
-const DB: u32 = 15;
+/// The test's own Redis server; its database 0 holds the broker's queues, the results and the
+/// data the tasks write. Stopped when dropped.
+struct Db(PrivateRedis);
 
-/// Broker and backend URLs (the same Redis database).
-fn urls() -> (SharedRedisDb, String) {
-    let db = SharedRedisDb::get(DB);
-    let url = db.url("");
-    (db, url)
+impl Db {
+    /// A command on the database.
+    fn cli(&self, args: &[&str]) -> String {
+        self.0.cli(0, args)
+    }
+}
+
+/// A Redis server of the test's own, and its URL as broker and backend.
+fn urls() -> (Db, String) {
+    let server = PrivateRedis::start_volatile();
+    let url = server.url(0);
+    (Db(server), url)
 }
 
 /// Publish `count` messages of `pyapp.<task>(*args)` with real Celery, round robin over the
@@ -44,11 +54,11 @@ fn send_one(url: &str, queue: &str, task: &str, args: Value) -> String {
 }
 
 /// The stored metas of `ids` (Celery's `celery-task-meta-<id>` keys), `None` where none is.
-fn metas(db: &SharedRedisDb, ids: &[String]) -> Vec<Option<Value>> {
+fn metas(db: &Db, ids: &[String]) -> Vec<Option<Value>> {
     let mut out = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(200) {
         let reply = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", "6379", "-n", &db.db.to_string(), "MGET"])
+            .args(["-h", "127.0.0.1", "-p", &db.0.port.to_string(), "-n", "0", "MGET"])
             .args(chunk.iter().map(|id| format!("celery-task-meta-{id}")))
             .output()
             .expect("redis-cli");
@@ -61,12 +71,12 @@ fn metas(db: &SharedRedisDb, ids: &[String]) -> Vec<Option<Value>> {
     out
 }
 
-fn meta(db: &SharedRedisDb, id: &str) -> Option<Value> {
+fn meta(db: &Db, id: &str) -> Option<Value> {
     metas(db, &[id.to_string()]).remove(0)
 }
 
 /// Wait until every one of `ids` has a final state stored; their metas.
-fn wait_final(db: &SharedRedisDb, ids: &[String], timeout: Duration, w: &WorkerProc) -> Vec<Value> {
+fn wait_final(db: &Db, ids: &[String], timeout: Duration, w: &WorkerProc) -> Vec<Value> {
     let is_final =
         |m: &Option<Value>| m.as_ref().is_some_and(|m| !matches!(m["status"].as_str(), Some("RETRY" | "STARTED")));
     let deadline = Instant::now() + timeout;
@@ -92,7 +102,7 @@ fn python_children(w: &WorkerProc) -> BTreeSet<u32> {
 }
 
 /// The `Redis HGETALL` of `key` as a map.
-fn hash(db: &SharedRedisDb, key: &str) -> BTreeMap<String, u64> {
+fn hash(db: &Db, key: &str) -> BTreeMap<String, u64> {
     let text = db.cli(&["HGETALL", key]);
     let lines: Vec<&str> = text.lines().collect();
     lines.chunks(2).filter(|p| p.len() == 2).map(|p| (p[0].to_string(), p[1].parse().unwrap())).collect()
@@ -146,7 +156,7 @@ fn a_python_child_over_the_memory_limit_is_replaced_after_its_task_which_still_s
 }
 
 /// Whether the data key `key` is set: a `slow_once` task sets it when its first run starts.
-fn key_set(db: &SharedRedisDb, key: &str) -> bool {
+fn key_set(db: &Db, key: &str) -> bool {
     db.cli(&["EXISTS", key]) == "1"
 }
 
@@ -154,7 +164,7 @@ fn key_set(db: &SharedRedisDb, key: &str) -> bool {
 fn exits_cleanly(w: &mut WorkerProc, kids: &BTreeSet<u32>) {
     let status = w.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "{status:?}\n{}", w.dump());
-    wait_until("no Python child to remain", Duration::from_secs(2), || kids.iter().all(|p| !alive(*p)));
+    wait_until("no Python child to remain", Duration::from_secs(10), || kids.iter().all(|p| !alive(*p)));
 }
 
 #[test]
@@ -234,7 +244,7 @@ fn a_cold_shutdown_stops_the_running_python_task_and_the_next_worker_runs_it() {
 /// A worker named after `tag`, with one child, that answers remote control and runs a
 /// `slow_once` task of `seconds` on `pysup.<tag>`: (the worker, its name, its child, the task id).
 fn one_child_running_a_slow_task(
-    db: &SharedRedisDb,
+    db: &Db,
     url: &str,
     tag: &str,
     seconds: u64,

@@ -426,26 +426,41 @@ impl SharedRedisDb {
     }
 }
 
-/// A `redis-server` of the test's own, on a free port, keeping its data on disk (append-only
-/// file, fsync on every write) in a temporary directory, so it can be killed and restarted with
-/// nothing lost.
+/// A `redis-server` of the test's own, on a free port: with [`PrivateRedis::start`] keeping its
+/// data on disk (append-only file, fsync on every write) in a temporary directory, so it can be
+/// killed and restarted with nothing lost; with [`PrivateRedis::start_volatile`] in memory only.
+/// No other test, in this binary or in another run on the machine, sees its keys or flushes them.
 pub struct PrivateRedis {
     pub port: u16,
     dir: tempfile::TempDir,
+    durable: bool,
     child: Option<Child>,
 }
 
 impl PrivateRedis {
+    /// A server that keeps every write on disk (see [`PrivateRedis::restart`]).
     pub fn start() -> Self {
-        let mut server = PrivateRedis { port: free_port(), dir: tempfile::tempdir().expect("tempdir"), child: None };
+        Self::start_with(true)
+    }
+
+    /// A server that keeps nothing on disk: for isolation alone.
+    pub fn start_volatile() -> Self {
+        Self::start_with(false)
+    }
+
+    fn start_with(durable: bool) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut server = PrivateRedis { port: free_port(), dir, durable, child: None };
         server.launch();
         server
     }
 
     fn launch(&mut self) {
+        let appendonly: &[&str] =
+            if self.durable { &["--appendonly", "yes", "--appendfsync", "always"] } else { &["--appendonly", "no"] };
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(appendonly)
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -478,6 +493,11 @@ impl PrivateRedis {
     /// `redis://127.0.0.1:<port>/<db>`.
     pub fn url(&self, db: u32) -> String {
         format!("redis://127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A command on database `db` of this server.
+    pub fn cli(&self, db: u32, args: &[&str]) -> String {
+        redis_cli(self.port, db, args)
     }
 }
 
