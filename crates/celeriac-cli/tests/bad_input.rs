@@ -141,7 +141,7 @@ async fn a_message_redelivered_past_the_limit_is_failed_as_worker_lost_and_dead_
     let meta = client.backend().wait(&id, Some(Duration::from_secs(20))).await.unwrap();
     assert_eq!(meta.status, TaskState::Failure);
     assert_eq!(meta.exception_info().unwrap().exc_type, "WorkerLostError");
-    w.wait_for_line("poison message", Duration::from_secs(5));
+    w.wait_for_line("poison message", Duration::from_secs(20));
     // The line is logged before the message is set aside: wait for the dead letter itself.
     common::wait_until_async("the dead letter", Duration::from_secs(10), || async {
         !client.broker().dead_letters(10).await.unwrap().is_empty()

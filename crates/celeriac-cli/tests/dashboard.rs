@@ -155,7 +155,7 @@ fn dashboard(broker: &str, queue: &str, token: Option<&str>) -> (WorkerProc, u16
         args.extend_from_slice(&["--auth-token", t]);
     }
     let d = WorkerProc::spawn_cli(std::path::Path::new(common::bin()), &args);
-    d.wait_for_line("dashboard ready", Duration::from_secs(20));
+    d.wait_for_line("dashboard ready", Duration::from_secs(30));
     (d, port)
 }
 
@@ -273,7 +273,7 @@ fn the_json_endpoints_show_both_workers_and_tasks_escape_script_and_refuse_actio
         assert_eq!(status, 403, "{path}: {body}");
         assert!(body.contains("read-only"), "{body}");
     }
-    dash.wait_for_line("action refused: the dashboard is read-only", Duration::from_secs(5));
+    dash.wait_for_line("action refused: the dashboard is read-only", Duration::from_secs(20));
     assert!(dash.matching("action refused").iter().all(|l| l.contains("peer=127.0.0.1:")), "{}", dash.dump());
     let mut overview = Value::Null;
     wait_until("the dashboard to read the broker", Duration::from_secs(10), || {
@@ -384,7 +384,7 @@ fn revoke_with_the_token_terminates_a_hung_prefork_task_which_then_shows_revoked
     wait_task(port, &id, "revoked, and stored so", |t| {
         t["state"] == json!("REVOKED") && t["stored"]["status"] == json!("REVOKED")
     });
-    dash.wait_for_line("dashboard action", Duration::from_secs(5));
+    dash.wait_for_line("dashboard action", Duration::from_secs(20));
     let logged = dash.matching("revoke asked from the dashboard");
     assert!(logged.iter().any(|l| l.contains(&id) && l.contains("peer=127.0.0.1:")), "{}", dash.dump());
 }
@@ -1030,7 +1030,12 @@ fn with_the_token_retry_resends_a_failed_task_and_pool_rate_limit_and_purge_act(
     let again: Value = serde_json::from_str(&answer).unwrap();
     let new_id = again["task_id"].as_str().expect("the new task's id").to_string();
     assert_ne!(new_id, id);
-    let t = wait_task(port, &new_id, "run again", |t| t["state"] == json!("FAILURE") && t["args"].is_string());
+    // Listed at once with what was sent, before any event of the worker's about it.
+    let (status, t) = get_json(port, &format!("/api/tasks/{new_id}"));
+    assert_eq!(status, 200, "{t}");
+    assert_eq!((t["name"].as_str(), t["args"].as_str()), (Some("celeriac.fail"), Some("['boom <b>']")), "{t}");
+    // Its failure is known from its events or, if they were lost, from its stored result.
+    let t = wait_task(port, &new_id, "run again", |t| t["state"] == json!("FAILURE") && t["exception"].is_string());
     assert_eq!((t["name"].as_str(), t["args"].as_str()), (Some("celeriac.fail"), Some("['boom <b>']")), "{t}");
     let (status, answer) = post("/api/tasks/no-such-task/retry", "");
     assert_eq!(status, 404, "{answer}");
@@ -1127,7 +1132,7 @@ fn sqlite_dashboard(url: &str, token: Option<&str>) -> (WorkerProc, u16) {
         args.extend_from_slice(&["--auth-token", t]);
     }
     let d = WorkerProc::spawn_cli(std::path::Path::new(common::bin()), &args);
-    d.wait_for_line("dashboard ready", Duration::from_secs(20));
+    d.wait_for_line("dashboard ready", Duration::from_secs(30));
     (d, port)
 }
 
@@ -1148,14 +1153,14 @@ fn on_sqlite_a_revoke_is_recorded_terminate_refused_a_bad_rate_limit_is_400_and_
     let (status, answer) = post(&format!("/api/tasks/{doomed}/revoke"), "");
     assert_eq!(status, 200, "{answer}");
     assert!(answer.contains("recorded in the result backend"), "{answer}");
-    dash.wait_for_line("revoke recorded in the result backend", Duration::from_secs(5));
+    dash.wait_for_line("revoke recorded in the result backend", Duration::from_secs(20));
 
     // A bad rate limit is a 400 naming it, before any broadcast (was 502: no remote control).
     let (status, answer) = post("/api/rate_limit", r#"{"task_name": "celeriac.noop", "rate_limit": "abc"}"#);
     assert_eq!(status, 400, "{answer}");
     assert!(answer.contains("invalid rate limit") && answer.contains("abc"), "{answer}");
     // The log line names the target and the outcome.
-    dash.wait_for_line("rate limit refused", Duration::from_secs(5));
+    dash.wait_for_line("rate limit refused", Duration::from_secs(20));
     let line = dash.matching("rate limit refused").join("\n");
     assert!(line.contains("celeriac.noop") && line.contains("abc") && line.contains("status=400"), "{line}");
 
@@ -1173,10 +1178,10 @@ fn on_sqlite_a_revoke_is_recorded_terminate_refused_a_bad_rate_limit_is_400_and_
     let (status, answer) = post("/api/queues/celery/purge", "");
     assert_eq!((status, answer.as_str()), (200, r#"{"purged":1}"#), "{ready} {later}");
     // Each action's line names its target and outcome.
-    dash.wait_for_line("path=/api/queues/celery/purge status=200", Duration::from_secs(5));
+    dash.wait_for_line("path=/api/queues/celery/purge status=200", Duration::from_secs(20));
     let (status, _) = post("/api/queues/no.such.queue/purge", "");
     assert_eq!(status, 404);
-    dash.wait_for_line("refused path=/api/queues/no.such.queue/purge status=404", Duration::from_secs(5));
+    dash.wait_for_line("refused path=/api/queues/no.such.queue/purge status=404", Duration::from_secs(20));
     let (code, out, err) = run_cli(&["queues", "--json", "--broker", &url], &[]);
     assert_eq!(code, 0, "{err}");
     let q: Value = serde_json::from_str(&out).unwrap();

@@ -130,7 +130,7 @@ fn a_hung_rust_task_shows_its_futex_wait_in_inspect_active_and_the_sigusr1_dump(
             "120",
         ],
     );
-    w.wait_for_line("remote control ready", Duration::from_secs(10));
+    w.wait_for_line("remote control ready", Duration::from_secs(30));
     let id = send(&broker, "celeriac.hang", "[]", "diag.rust");
 
     // The task runs on the child's blocking thread, not its main thread (idle in epoll_wait).
@@ -158,7 +158,7 @@ fn a_python_task_stuck_on_a_lock_shows_blocked_then_is_killed_at_its_hard_limit(
     // Long enough for both CLIs to look at it first on a loaded machine.
     let (queue, hard) = ("diag.py", 20.0);
     let w = common::pyapp::python_worker(&broker, &results, queue, &["-n", &name, "-c", "1", "--time-limit", "20"]);
-    w.wait_for_line("remote control ready", Duration::from_secs(10));
+    w.wait_for_line("remote control ready", Duration::from_secs(30));
     let id = send(&broker, "pyapp.stuck", "[]", queue);
 
     // `threading.Lock().acquire()` twice: the interpreter's main thread waits on a futex.
@@ -191,7 +191,7 @@ fn an_async_pool_task_has_its_runtime_and_no_proc_diagnosis() {
     let name = node("async");
     let results = results();
     let w = WorkerProc::start(&broker, &["--result-backend", &results, "-c", "2", "-n", &name, "-Q", "diag.async"]);
-    w.wait_for_line("remote control ready", Duration::from_secs(10));
+    w.wait_for_line("remote control ready", Duration::from_secs(30));
     let id = send(&broker, "celeriac.sleep", "[60]", "diag.async");
     let mut task = Value::Null;
     wait_until("the sleeping task to be active", Duration::from_secs(30), || {

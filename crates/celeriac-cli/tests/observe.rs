@@ -324,7 +324,7 @@ async fn metrics_count_exactly_the_tasks_run() {
         assert_eq!(metric(&text, failed), f64::from(2 * round), "{text}");
         assert_eq!(metric(&text, "celeriac_tasks_prefetched"), 0.0, "{text}");
     }
-    wait_until("in-flight back to 0", Duration::from_secs(5), || {
+    wait_until("in-flight back to 0", Duration::from_secs(20), || {
         metric(&scrape().1, "celeriac_tasks_in_flight") == 0.0
     });
 }

@@ -40,9 +40,9 @@ async fn sigkill_of_the_supervisor_leaves_no_children_even_hung_ones() {
         lines.lock().unwrap().iter().filter(|l| l.contains("task received")).count() == 4
     });
     w.signal("KILL");
-    w.wait_exit(Duration::from_secs(5));
+    w.wait_exit(Duration::from_secs(10));
     let killed = Instant::now();
-    wait_until("every child to die with its supervisor", Duration::from_secs(2), || !kids.iter().any(|p| alive(*p)));
+    wait_until("every child to die with its supervisor", Duration::from_secs(10), || !kids.iter().any(|p| alive(*p)));
     println!("hung children gone {:?} after the supervisor's SIGKILL", killed.elapsed());
 }
 
@@ -57,7 +57,7 @@ async fn sigterm_during_a_long_task_lets_it_finish_and_leaves_no_process() {
     let status = w.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status:?}\n{}", w.dump());
     assert_eq!(client.backend().get(&id).await.unwrap().unwrap().status, TaskState::Success);
-    wait_until("no child to remain", Duration::from_secs(2), || !kids.iter().any(|p| alive(*p)));
+    wait_until("no child to remain", Duration::from_secs(10), || !kids.iter().any(|p| alive(*p)));
 }
 
 /// A signal to the worker's whole process group (a Ctrl-C in a terminal, supervisord's
@@ -82,7 +82,7 @@ async fn a_signal_to_the_worker_s_process_group_lets_the_running_task_finish() {
         assert!(status.success(), "SIG{sig}: {status:?}\n{}", w.dump());
         let meta = client.backend().get(&id).await.unwrap();
         assert_eq!(meta.map(|m| m.status), Some(TaskState::Success), "SIG{sig}:\n{}", w.dump());
-        wait_until("no child to remain", Duration::from_secs(2), || !kids.iter().any(|p| alive(*p)));
+        wait_until("no child to remain", Duration::from_secs(10), || !kids.iter().any(|p| alive(*p)));
     }
 }
 
@@ -101,7 +101,7 @@ async fn a_cold_shutdown_requeues_the_running_task_and_leaves_no_process() {
     assert!(client.backend().get(&id).await.unwrap().is_none());
     let q = client.broker().queues(&["celery".into()]).await.unwrap();
     assert_eq!((q[0].ready, q[0].unacked), (1, 0), "{q:?}");
-    wait_until("no child to remain", Duration::from_secs(2), || !kids.iter().any(|p| alive(*p)));
+    wait_until("no child to remain", Duration::from_secs(10), || !kids.iter().any(|p| alive(*p)));
 }
 
 #[test]

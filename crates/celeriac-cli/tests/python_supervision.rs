@@ -252,7 +252,7 @@ fn one_child_running_a_slow_task(
     let queue = format!("pysup.{tag}");
     let name = format!("pysup-{tag}-{}@testhost", std::process::id());
     let w = python_worker(url, url, &queue, &["-c", "1", "-n", &name]);
-    w.wait_for_line("remote control ready", Duration::from_secs(10));
+    w.wait_for_line("remote control ready", Duration::from_secs(30));
     let kids = python_children(&w);
     assert_eq!(kids.len(), 1, "{kids:?}");
     let key = format!("pysup.{tag}.started");

@@ -490,7 +490,7 @@ async fn a_task_ignoring_a_lone_soft_time_limit_keeps_running_in_both_pools() {
         let mut args = vec!["-Q", queue.as_str(), "-n", name.as_str(), "--soft-time-limit", "0.5"];
         args.extend_from_slice(pool);
         let w = WorkerProc::start(&url, &args);
-        w.wait_for_line("remote control ready", Duration::from_secs(10));
+        w.wait_for_line("remote control ready", Duration::from_secs(30));
         let c = client(&url, &url).await;
         let id = send(&c, "celeriac.hang", json!([]), to(&queue)).await.unwrap();
         wait_until_async("the soft limit to pass", Duration::from_secs(20), || {

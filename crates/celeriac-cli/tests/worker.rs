@@ -223,6 +223,6 @@ async fn a_revoke_recorded_on_an_sqlite_broker_reaches_a_running_worker_before_t
     w.wait_for_line("revoked task ids learnt from the result backend", Duration::from_secs(15));
     let meta = client.backend().wait(&id, Some(Duration::from_secs(30))).await.unwrap();
     assert_eq!(meta.status, TaskState::Revoked);
-    w.wait_for_line("task was revoked; not running it", Duration::from_secs(5));
+    w.wait_for_line("task was revoked; not running it", Duration::from_secs(20));
     assert!(w.matching(&id).iter().all(|l| !l.contains("task succeeded")), "{}", w.dump());
 }

@@ -628,7 +628,9 @@ async fn tasks(Ax(s): Ax<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
 }
 
 /// A task from its events, with what the result backend stored for it; `None` if neither knows
-/// it.
+/// it. A ready stored state is the task's state, and the stored outcome fills what its events
+/// did not say (a `task-failed` or `task-succeeded` the dashboard did not get): `exception` as
+/// Python's repr of the stored exception, `traceback`, `result` as the repr of the stored value.
 async fn task_value(s: &Shared, id: &str) -> Option<Value> {
     let mut task = s.with(|st| st.task_json(id));
     let stored = match s.backend.get(id).await {
@@ -644,9 +646,27 @@ async fn task_value(s: &Shared, id: &str) -> Option<Value> {
         t["stored"] = v;
         if meta.status.is_ready() {
             t["state"] = json!(meta.status.to_string());
+            fill_from_stored(t, &meta);
         }
     }
     task
+}
+
+/// The outcome fields of a ready task its events did not give, from its stored result.
+fn fill_from_stored(t: &mut Value, meta: &celeriac_core::ResultMeta) {
+    let unknown = |t: &Value, key: &str| !t[key].is_string();
+    if meta.status == celeriac_core::TaskState::Success {
+        if unknown(t, "result") {
+            t["result"] = json!(celeriac_core::pyrepr::repr(&meta.result));
+        }
+        return;
+    }
+    if meta.exception_info().is_some() && unknown(t, "exception") {
+        t["exception"] = json!(celeriac_core::canvas::join::exception_repr(&meta.result));
+    }
+    if let Some(tb) = meta.traceback.as_deref().filter(|_| unknown(t, "traceback")) {
+        t["traceback"] = json!(tb);
+    }
 }
 
 async fn task(Ax(s): Ax<Arc<Shared>>, Path(id): Path<String>) -> Response {
@@ -895,12 +915,31 @@ async fn retry(
             "the task's queue is not known (its worker consumes several, or none was seen): say which, {\"queue\": \"name\"}",
         );
     };
+    let options_queue = queue.clone();
     let queue = Some(queue);
     let client = crate::Client::new(s.broker.clone(), s.backend.clone());
     let options = crate::client::SendOptions { queue, ..Default::default() };
     match client.send_task(&name, args, kwargs, options).await {
         Ok(sent) => {
             tracing::info!(%peer, task_id = %id, new_id = %sent.id(), task_name = %name, "retried from the dashboard");
+            // What was sent is known here: the new task is listed at once, with its name and
+            // arguments, whether or not a worker's events about it arrive.
+            let mut ev = Map::new();
+            for (k, v) in [
+                ("type", json!("task-sent")),
+                ("hostname", json!("")),
+                ("uuid", json!(sent.id())),
+                ("name", json!(name)),
+                ("args", task["args"].clone()),
+                ("kwargs", task["kwargs"].clone()),
+                ("queue", json!(options_queue)),
+                ("timestamp", json!(state::now())),
+            ] {
+                ev.insert(k.into(), v);
+            }
+            if let Err(e) = s.with(|st| st.apply_event(&ev)) {
+                tracing::warn!(task_id = %sent.id(), error = %e, "the retried task could not be listed");
+            }
             ok(json!({"task_id": sent.id()}))
         }
         Err(e) => refuse(StatusCode::BAD_GATEWAY, e.to_string()),
@@ -1079,6 +1118,27 @@ async fn rate_limit(Ax(s): Ax<Arc<Shared>>, ConnectInfo(peer): Caller, headers: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_outcome_fills_what_the_events_did_not_say_and_never_what_they_did() {
+        use celeriac_core::{ExceptionInfo, ResultMeta, TaskState};
+        let exc = ExceptionInfo::new("RuntimeError", "boom <b>", "builtins");
+        let failed = ResultMeta::exception("t1", TaskState::Failure, &exc, Some("Traceback …\nRuntimeError".into()));
+        // Seen started, its task-failed not received.
+        let mut t = json!({"id": "t1", "state": "FAILURE", "name": "celeriac.fail"});
+        fill_from_stored(&mut t, &failed);
+        assert_eq!(t["exception"], json!("RuntimeError('boom <b>')"));
+        assert_eq!(t["traceback"], json!("Traceback …\nRuntimeError"));
+        // What an event said stays.
+        let mut t = json!({"exception": "RuntimeError('from the event')", "traceback": "tb"});
+        fill_from_stored(&mut t, &failed);
+        assert_eq!((&t["exception"], &t["traceback"]), (&json!("RuntimeError('from the event')"), &json!("tb")));
+        // A success's result, as the repr an event carries.
+        let mut t = json!({});
+        fill_from_stored(&mut t, &ResultMeta::success("t2", json!({"a": [1, null]})));
+        assert_eq!(t["result"], json!("{'a': [1, None]}"));
+        assert!(t.get("exception").is_none(), "{t}");
+    }
 
     #[test]
     fn python_literal_reprs_read_as_json() {
