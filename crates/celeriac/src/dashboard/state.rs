@@ -19,6 +19,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
+use celeriac_core::TaskState;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
@@ -160,46 +161,39 @@ pub const MAX_REPR: usize = 4096;
 /// The longest traceback kept, in bytes.
 pub const MAX_TRACEBACK: usize = 16384;
 
-/// A task's state as its events put it (Celery's `TASK_EVENT_TO_STATE`): the result backend's
-/// states (`celeriac_core::TaskState`) and `REJECTED`, which only an event tells.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// A task's state as its events put it (Celery's `TASK_EVENT_TO_STATE`): one of the result
+/// backend's states, or `REJECTED`, which only an event tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum EventState {
-    #[default]
-    Pending,
-    Received,
-    Started,
-    Success,
-    Failure,
-    Retry,
-    Revoked,
+    Stored(TaskState),
     Rejected,
+}
+
+impl Default for EventState {
+    fn default() -> Self {
+        Self::Stored(TaskState::Pending)
+    }
 }
 
 impl EventState {
     /// The state a task event's type puts the task in.
     fn of_event(kind: &str) -> Option<Self> {
-        Some(match kind {
-            "task-sent" => Self::Pending,
-            "task-received" => Self::Received,
-            "task-started" => Self::Started,
-            "task-succeeded" => Self::Success,
-            "task-failed" => Self::Failure,
-            "task-retried" => Self::Retry,
-            "task-revoked" => Self::Revoked,
-            "task-rejected" => Self::Rejected,
+        Some(Self::Stored(match kind {
+            "task-sent" => TaskState::Pending,
+            "task-received" => TaskState::Received,
+            "task-started" => TaskState::Started,
+            "task-succeeded" => TaskState::Success,
+            "task-failed" => TaskState::Failure,
+            "task-retried" => TaskState::Retry,
+            "task-revoked" => TaskState::Revoked,
+            "task-rejected" => return Some(Self::Rejected),
             _ => return None,
-        })
+        }))
     }
 
     fn as_str(self) -> &'static str {
         match self {
-            Self::Pending => "PENDING",
-            Self::Received => "RECEIVED",
-            Self::Started => "STARTED",
-            Self::Success => "SUCCESS",
-            Self::Failure => "FAILURE",
-            Self::Retry => "RETRY",
-            Self::Revoked => "REVOKED",
+            Self::Stored(s) => s.as_str(),
             Self::Rejected => "REJECTED",
         }
     }
@@ -208,10 +202,10 @@ impl EventState {
     /// a `task-succeeded` from a batch); a retry starts the task over.
     fn rank(self) -> u8 {
         match self {
-            Self::Pending => 0,
-            Self::Received | Self::Retry => 1,
-            Self::Started => 2,
-            _ => 3,
+            Self::Stored(TaskState::Pending) => 0,
+            Self::Stored(TaskState::Received | TaskState::Retry) => 1,
+            Self::Stored(TaskState::Started) => 2,
+            Self::Stored(TaskState::Success | TaskState::Failure | TaskState::Revoked) | Self::Rejected => 3,
         }
     }
 }
@@ -224,29 +218,8 @@ pub struct RawEvent<'a> {
 }
 
 /// A JSON string, borrowed where it has no escapes.
-struct Text<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for Text<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = Text<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
-                Ok(Text(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
-                Ok(Text(Cow::Owned(v.to_string())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
-                Ok(Text(Cow::Owned(v)))
-            }
-        }
-        d.deserialize_str(Visit)
-    }
-}
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for RawEvent<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -386,7 +359,7 @@ impl TaskView {
     fn new(id: Arc<str>) -> Self {
         TaskView {
             id,
-            state: EventState::Pending,
+            state: EventState::default(),
             name: None,
             worker: None,
             times: [None; 5],
@@ -1345,6 +1318,19 @@ mod tests {
         assert_eq!((&t["runtime"], &t["chord"]["id"], &t["received"]), (&json!(0.25), &json!("b"), &json!(60.0)));
         assert_eq!(parse_body(b" 3").err().as_deref(), Some("not a JSON object or list"));
         assert!(parse_body(b"{\"type\": ").unwrap_err().starts_with("not JSON"));
+    }
+
+    #[test]
+    fn a_string_without_escapes_is_borrowed_from_the_message_and_one_with_escapes_is_owned() {
+        let body = br#"{"type": "task-sent", "hostname": "w", "uuid": "a", "name\u0021": "t.x", "args": "(\"q\",)"}"#;
+        let items = parse_body(body).unwrap();
+        let (ev, _) = items[0].as_ref().unwrap();
+        let key = |k: &str| ev.pairs.iter().find(|(key, _)| key == k).map(|(key, _)| key).unwrap();
+        assert!(matches!(key("uuid"), Cow::Borrowed(_)));
+        assert!(matches!(key("name!"), Cow::Owned(_)));
+        assert!(matches!(ev.text("type"), Some(Cow::Borrowed("task-sent"))));
+        assert!(matches!(ev.text("args"), Some(Cow::Owned(a)) if a == "(\"q\",)"));
+        assert_eq!(ev.text("name!"), Some(Cow::Borrowed("t.x")));
     }
 
     #[test]
