@@ -20,7 +20,8 @@
 //! On an SQLite file (no events, no remote control): a plain revoke is recorded and a worker
 //! started later discards the task as REVOKED, terminate and a bad rate limit are 400, and purge
 //! keeps a countdown task; a finished, a failed and a running (held) task are read from the file,
-//! with the consumer holding the running one. In Chromium on that file: Enter on an id prefix
+//! with the consumer holding the running one; the dashboard never writes the file (an older
+//! file's missing table included) until an action asks it to. In Chromium on that file: Enter on an id prefix
 //! one task has opens it, an unknown state shows the 400's message, and a refused action's
 //! answer is replaced by the next action's, the rate-limit action shows its answer; an id no
 //! task or group has says so; the queue-depth chart spans the other charts' hour; the header
@@ -1186,6 +1187,77 @@ fn on_sqlite_a_revoke_is_recorded_terminate_refused_a_bad_rate_limit_is_400_and_
     assert_eq!(code, 0, "{err}");
     let q: Value = serde_json::from_str(&out).unwrap();
     assert_eq!((q[0]["ready"].as_u64(), q[0]["scheduled"].as_u64()), (Some(0), Some(1)), "{out}");
+}
+
+/// The SQLite file at `path` as it is: (what, bytes, modified) of the database and of its
+/// write-ahead log's frames. A reader of a WAL database creates the log, empty, when there is
+/// none (and writes the `-shm` index, left out): an absent log and an empty one are the same.
+type FileState = Vec<(String, Vec<u8>, Option<std::time::SystemTime>)>;
+
+fn file_state(path: &std::path::Path) -> FileState {
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let wal = std::fs::read(path.with_extension("db-wal")).unwrap_or_default();
+    vec![
+        ("the database".into(), std::fs::read(path).expect("the database file"), modified),
+        ("the write-ahead log".into(), wal, None),
+    ]
+}
+
+#[test]
+fn on_sqlite_the_dashboard_never_writes_the_file_until_an_action_asks_it_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ro.db");
+    let url = format!("sqlite://{}", path.display());
+    // A finished task (its worker gone), a ready one and a countdown one.
+    let done = send_sqlite(&url, "celeriac.add", "[2, 3]", &[]);
+    {
+        let mut w = WorkerProc::start(&url, &["-c", "1"]);
+        wait_until(&format!("{done} to succeed"), Duration::from_secs(30), || {
+            run_cli(&["result", &done, "--json", "--broker", &url], &[]).1.contains("SUCCESS")
+        });
+        w.signal("TERM");
+        assert!(w.wait_exit(Duration::from_secs(30)).success(), "{}", w.dump());
+    }
+    send_sqlite(&url, "celeriac.noop", "[]", &[]);
+    send_sqlite(&url, "celeriac.noop", "[]", &["--countdown", "3600"]);
+    // As a file an older celeriac made: a table today's schema has is missing (opening the file
+    // for writing would add it).
+    let dropped = std::process::Command::new("python3")
+        .args(["-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('DROP TABLE beat_runs'); c.commit(); c.close()"])
+        .arg(&path)
+        .status()
+        .expect("python3");
+    assert!(dropped.success());
+    let before = file_state(&path);
+
+    let (dash, port) = sqlite_dashboard(&url, Some(TOKEN));
+    // Every read it makes: the file's rows, queue depths (three polls), a stored result, the dead
+    // letters.
+    let t = wait_task(port, &done, "read from the file", |t| t["state"] == json!("SUCCESS") && t["result"].is_string());
+    assert_eq!(t["stored"]["status"], json!("SUCCESS"), "{t}");
+    wait_until("three polls of the queue's depth", Duration::from_secs(60), || {
+        get_json(port, "/api/charts").1["depths"]["celery"].as_array().is_some_and(|d| d.len() >= 3)
+    });
+    let (status, dead) = get_json(port, "/api/dead_letters");
+    assert_eq!(status, 200, "{dead}");
+    let after = file_state(&path);
+    for (was, now) in before.iter().zip(&after) {
+        assert!(
+            was == now,
+            "the dashboard wrote {} while only reading it: {} bytes modified {:?}, now {} bytes modified {:?}\n{}",
+            was.0,
+            was.1.len(),
+            was.2,
+            now.1.len(),
+            now.2,
+            dash.dump()
+        );
+    }
+
+    // An action asked for writes it.
+    let (status, answer) = http(port, "POST", "/api/queues/celery/purge", &[("X-Celeriac-Token", TOKEN)], "");
+    assert_eq!((status, answer.as_str()), (200, r#"{"purged":1}"#));
+    assert!(file_state(&path) != before, "a purge changes the file");
 }
 
 #[test]

@@ -48,6 +48,17 @@ impl SqliteBackend {
         Ok(SqliteBackend { db, config, last_cleanup_ms: Default::default() })
     }
 
+    /// Open the backend of an existing file for a monitor: results and revoked ids are read on
+    /// a read-only connection, and the file is opened for writing only when something is
+    /// stored (a revoke recorded). `Unreachable` if the file does not exist.
+    pub fn open_read_only(url: &str) -> Result<Self, BackendError> {
+        let config =
+            SqliteConfig::from_url(url).map_err(|reason| BackendError::BadUrl { url: url.to_string(), reason })?;
+        let db = Db::open_read_only(&config.path)
+            .map_err(|reason| BackendError::Unreachable { url: url.to_string(), reason })?;
+        Ok(SqliteBackend { db, config, last_cleanup_ms: Default::default() })
+    }
+
     /// Results stored before this instant (ms) have expired.
     fn expired_before(&self, now: i64) -> i64 {
         match self.config.result_expires {

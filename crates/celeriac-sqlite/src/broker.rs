@@ -27,6 +27,17 @@ impl SqliteBroker {
         Ok(SqliteBroker { db, config })
     }
 
+    /// Open the broker of an existing file for a monitor: what only reads (queue depths, dead
+    /// letters) runs on a read-only connection, and the file is opened for writing only when
+    /// something is written (a purge, a publish). `Unreachable` if the file does not exist.
+    pub fn open_read_only(url: &str) -> Result<Self, BrokerError> {
+        let config =
+            SqliteConfig::from_url(url).map_err(|reason| BrokerError::BadUrl { url: url.to_string(), reason })?;
+        let db = Db::open_read_only(&config.path)
+            .map_err(|reason| BrokerError::Unreachable { url: url.to_string(), reason })?;
+        Ok(SqliteBroker { db, config })
+    }
+
     fn io(&self, reason: String) -> BrokerError {
         BrokerError::Io { url: self.config.url.clone(), reason }
     }

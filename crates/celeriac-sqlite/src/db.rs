@@ -5,6 +5,11 @@
 //! all in one `BEGIN IMMEDIATE` transaction and commits once. Under load this turns thousands of
 //! small writes (publishes, acks, results) into a few commits per millisecond; idle, it costs
 //! nothing. Opening the same path twice in a process shares the thread (see [`Db::open`]).
+//!
+//! A handle opened for reading ([`Db::open_read_only`], a monitor's) runs the operations that
+//! only read on a read-only connection of its own thread, in deferred transactions: the file is
+//! neither created, nor given missing tables, nor locked for writing. Its first operation that
+//! writes (an action a user asked for: purge, revoke) opens the writer as [`Db::open`] does.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,7 +17,7 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use celeriac_core::QueueInfo;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::{oneshot, Notify};
 
 /// Most operations run in one transaction.
@@ -110,9 +115,27 @@ pub enum JoinState {
     Done,
 }
 
+impl Op {
+    /// Whether the operation only reads (a read-only handle runs it on its reader).
+    fn only_reads(&self) -> bool {
+        matches!(
+            self,
+            Op::Depths { .. }
+                | Op::DeadLetters { .. }
+                | Op::GetResult { .. }
+                | Op::RevokedSince { .. }
+                | Op::LastRuns { .. }
+        )
+    }
+}
+
 /// A shared handle on one database file.
 pub struct Db {
-    tx: Mutex<mpsc::Sender<Op>>,
+    /// The writer thread's queue: started at [`Db::open`], or at the first operation that writes
+    /// through a handle from [`Db::open_read_only`].
+    writer: Mutex<Option<mpsc::Sender<Op>>>,
+    /// A read-only handle's reader thread, for the operations that only read.
+    reader: Option<Mutex<mpsc::Sender<Op>>>,
     path: PathBuf,
     /// Woken when this process publishes, so local consumers need not wait for their next poll.
     pub published: Notify,
@@ -133,24 +156,45 @@ impl Db {
                 return Err(format!("directory {} does not exist", parent.display()));
             }
         }
-        let key = match std::fs::canonicalize(path) {
-            Ok(p) => p,
-            Err(_) => std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf()),
-        };
+        let key = registry_key(path);
         let mut open = registry().lock().unwrap_or_else(|e| e.into_inner());
         if let Some(db) = open.get(&key).and_then(Weak::upgrade) {
             return Ok(db);
         }
-        let conn = Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        init_schema(&conn).map_err(|e| format!("cannot initialise {}: {e}", path.display()))?;
-        let (tx, rx) = mpsc::channel();
-        let name = format!("celeriac-sqlite:{}", path.display());
-        std::thread::Builder::new()
-            .name(name.chars().take(15).collect())
-            .spawn(move || writer_loop(conn, rx))
-            .map_err(|e| format!("cannot start the SQLite thread: {e}"))?;
+        let writer = start_writer(path)?;
         let db = Arc::new(Db {
-            tx: Mutex::new(tx),
+            writer: Mutex::new(Some(writer)),
+            reader: None,
+            path: path.to_path_buf(),
+            published: Notify::new(),
+            stored: Notify::new(),
+        });
+        open.insert(key, Arc::downgrade(&db));
+        Ok(db)
+    }
+
+    /// Open the existing database at `path` for reading (or share the handle already open in
+    /// this process): nothing is written to the file until an operation that writes is sent.
+    ///
+    /// # Errors
+    /// The file does not exist (it is not created) or SQLite cannot open it.
+    pub fn open_read_only(path: &Path) -> Result<Arc<Db>, String> {
+        if !path.is_file() {
+            return Err(format!("no SQLite database at {}", path.display()));
+        }
+        let key = registry_key(path);
+        let mut open = registry().lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(db) = open.get(&key).and_then(Weak::upgrade) {
+            return Ok(db);
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn =
+            Connection::open_with_flags(path, flags).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let reader = spawn_loop(path, conn, TransactionBehavior::Deferred)?;
+        let db = Arc::new(Db {
+            writer: Mutex::new(None),
+            reader: Some(Mutex::new(reader)),
             path: path.to_path_buf(),
             published: Notify::new(),
             stored: Notify::new(),
@@ -164,11 +208,24 @@ impl Db {
         &self.path
     }
 
-    /// Queue an operation without waiting for it.
+    /// Queue an operation without waiting for it. On a read-only handle, the first operation
+    /// that writes opens the writer; if that fails, the operation fails with the reason.
     pub fn send(&self, op: Op) {
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        // The thread only stops when every sender is gone, and we hold one.
-        let _ = tx.send(op);
+        if let Some(reader) = self.reader.as_ref().filter(|_| op.only_reads()) {
+            // The thread only stops when every sender is gone, and we hold one.
+            let _ = reader.lock().unwrap_or_else(|e| e.into_inner()).send(op);
+            return;
+        }
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if writer.is_none() {
+            match start_writer(&self.path) {
+                Ok(tx) => *writer = Some(tx),
+                Err(e) => return fail(op, &e),
+            }
+        }
+        if let Some(tx) = writer.as_ref() {
+            let _ = tx.send(op);
+        }
     }
 
     /// Run an operation and wait for its reply.
@@ -177,6 +234,33 @@ impl Db {
         self.send(make(reply));
         rx.await.map_err(|_| "the SQLite thread stopped".to_string())?
     }
+}
+
+/// The registry's key for `path`: the file's canonical path, or the path made absolute.
+fn registry_key(path: &Path) -> PathBuf {
+    match std::fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(_) => std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf()),
+    }
+}
+
+/// Open `path` for writing (creating it and its schema) and start its writer thread.
+fn start_writer(path: &Path) -> Result<mpsc::Sender<Op>, String> {
+    let conn = Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    init_schema(&conn).map_err(|e| format!("cannot initialise {}: {e}", path.display()))?;
+    spawn_loop(path, conn, TransactionBehavior::Immediate)
+}
+
+/// Start the thread that owns `conn` and runs the operations sent to it, each batch in one
+/// transaction of `behavior`.
+fn spawn_loop(path: &Path, conn: Connection, behavior: TransactionBehavior) -> Result<mpsc::Sender<Op>, String> {
+    let (tx, rx) = mpsc::channel();
+    let name = format!("celeriac-sqlite:{}", path.display());
+    std::thread::Builder::new()
+        .name(name.chars().take(15).collect())
+        .spawn(move || writer_loop(conn, rx, behavior))
+        .map_err(|e| format!("cannot start the SQLite thread: {e}"))?;
+    Ok(tx)
 }
 
 fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
@@ -237,7 +321,7 @@ fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
 /// A reply to send once the batch's transaction has committed.
 type Pending = Box<dyn FnOnce(Option<&str>) + Send>;
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>) {
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, behavior: TransactionBehavior) {
     let mut fetch_rotation = 0usize;
     while let Ok(first) = rx.recv() {
         let mut ops = vec![first];
@@ -247,7 +331,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        let tx = match conn.transaction_with_behavior(behavior) {
             Ok(tx) => tx,
             Err(e) => {
                 let msg = format!("cannot lock the database: {e}");

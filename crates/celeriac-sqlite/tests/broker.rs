@@ -292,3 +292,23 @@ async fn one_holder_at_a_time_holds_a_lease() {
     let b = SqliteBroker::open(&url(&dir, "")).unwrap();
     celeriac_core::broker::check_lease_contract(&b, Duration::from_millis(300)).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_read_only_handle_creates_no_file_reads_the_queues_and_writes_only_for_a_purge() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = url(&dir, "");
+    let missing = SqliteBroker::open_read_only(&u).err().expect("no file to read");
+    assert!(matches!(missing, celeriac_core::BrokerError::Unreachable { .. }), "{missing}");
+    assert!(!dir.path().join("b.db").exists(), "a read-only open created the file");
+    {
+        let b = SqliteBroker::open(&u).unwrap();
+        b.publish("q", &msg("m1", None)).await.unwrap();
+        b.publish("q", &msg("m2", None)).await.unwrap();
+    }
+    let ro = SqliteBroker::open_read_only(&u).unwrap();
+    assert_eq!(ro.queues(&["q".into()]).await.unwrap()[0].ready, 2);
+    assert_eq!(ro.purge("q").await.unwrap(), 2, "a write opens the writer");
+    assert_eq!(ro.queues(&["q".into()]).await.unwrap()[0].ready, 0, "and the reader sees it");
+    let backend = SqliteBackend::open_read_only(&u).unwrap();
+    assert_eq!(backend.get("no-such-task").await.unwrap(), None);
+}

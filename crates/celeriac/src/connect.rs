@@ -68,6 +68,26 @@ pub fn broker(url: &str) -> Result<Arc<dyn Broker>, ConnectError> {
     }
 }
 
+/// Open the broker at `url` for a monitor (the dashboard): an SQLite file is opened read-only,
+/// and for writing only when something is written (an action asked for); other brokers as
+/// [`broker`].
+pub fn broker_for_reading(url: &str) -> Result<Arc<dyn Broker>, ConnectError> {
+    match scheme(url) {
+        "sqlite" => Ok(Arc::new(SqliteBroker::open_read_only(url)?)),
+        _ => broker(url),
+    }
+}
+
+/// Open the result backend as [`backend`] does, for a monitor: an SQLite file read-only until
+/// something is stored (see [`broker_for_reading`]).
+pub fn backend_for_reading(url: Option<&str>, broker_url: &str) -> Result<Arc<dyn ResultBackend>, ConnectError> {
+    // With no URL, an SQLite broker's results are in its own file.
+    match url.or((scheme(broker_url) == "sqlite").then_some(broker_url)) {
+        Some(file) if scheme(file) == "sqlite" => Ok(Arc::new(SqliteBackend::open_read_only(file)?)),
+        _ => backend(url, broker_url),
+    }
+}
+
 /// The database file of an `sqlite://` URL (`None` for other schemes or a bad URL).
 pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
     (scheme(url) == "sqlite").then(|| celeriac_sqlite::SqliteConfig::from_url(url).ok()).flatten().map(|c| c.path)

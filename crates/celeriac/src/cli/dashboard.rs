@@ -55,8 +55,9 @@ pub(crate) async fn run(broker_url: &str, backend_url: Option<&str>, args: Dashb
     // The dashboard logs the broker's loss and return (one line each); lapin's own lines about
     // its connection (an ERROR for each failed try) would say the same again and again.
     super::logging::quiet_lapin();
-    let broker = connect::broker(broker_url)?;
-    let backend = connect::backend(backend_url, broker_url)?;
+    // Read-only on an SQLite file: the dashboard writes it only for an action asked for.
+    let broker = connect::broker_for_reading(broker_url)?;
+    let backend = connect::backend_for_reading(backend_url, broker_url)?;
     let listen = parse_listen("--listen", &args.listen, "127.0.0.1:5555")?;
     let token = args.auth_token.filter(|t| !t.is_empty());
     let dashboard = Dashboard::start(DashboardConfig { listen, token, queues: args.queues }, broker, backend)
