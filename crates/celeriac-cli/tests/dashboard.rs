@@ -224,8 +224,11 @@ fn the_json_endpoints_show_both_workers_and_tasks_escape_script_and_refuse_actio
 
     // A task appears with its result; filters select it.
     let id = send(&broker, "celeriac.add", "[2, 3]", queue);
-    // Its state may come from the stored result first; the event brings the repr of the result.
-    let t = wait_task(port, &id, "succeeded", |t| t["state"] == json!("SUCCESS") && t["result"].is_string());
+    // Its state and result may come from the stored result first; the worker's events bring its
+    // name, worker and run time.
+    let t = wait_task(port, &id, "succeeded, and its events seen", |t| {
+        t["state"] == json!("SUCCESS") && t["result"].is_string() && t["runtime"].is_number() && t["name"].is_string()
+    });
     assert_eq!(
         (t["name"].as_str(), t["result"].as_str(), t["worker"].as_str()),
         (Some("celeriac.add"), Some("5"), Some(name.as_str())),
@@ -255,7 +258,9 @@ fn the_json_endpoints_show_both_workers_and_tasks_escape_script_and_refuse_actio
     // Script in the arguments is text: escaped on the server-rendered page, a plain string in JSON.
     let script = "<script>alert(1)</script>";
     let id = send(&broker, "celeriac.echo", &json!([script]).to_string(), queue);
-    let t = wait_task(port, &id, "succeeded", |t| t["state"] == json!("SUCCESS") && t["result"].is_string());
+    let t = wait_task(port, &id, "succeeded, its arguments seen", |t| {
+        t["state"] == json!("SUCCESS") && t["result"].is_string() && t["args"].is_string()
+    });
     assert!(t["args"].as_str().is_some_and(|a| a.contains(script)), "{t}");
     let (status, page) = http(port, "GET", &format!("/task/{id}"), &[], "");
     assert_eq!(status, 200, "{page}");
@@ -1021,7 +1026,10 @@ fn with_the_token_retry_resends_a_failed_task_and_pool_rate_limit_and_purge_act(
 
     // A failure shows its exception and traceback; retry sends it again with the same arguments.
     let id = send(&broker, "celeriac.fail", r#"["boom <b>"]"#, queue);
-    let t = wait_task(port, &id, "failed", |t| t["state"] == json!("FAILURE") && t["exception"].is_string());
+    // (Retry needs its name and arguments, which only its events give.)
+    let t = wait_task(port, &id, "failed, its name and arguments seen", |t| {
+        t["state"] == json!("FAILURE") && t["exception"].is_string() && t["name"].is_string() && t["args"].is_string()
+    });
     assert!(t["exception"].as_str().is_some_and(|e| e.contains("boom <b>")), "{t}");
     assert!(t["traceback"].as_str().is_some_and(|tb| tb.contains("RuntimeError")), "{t}");
     // Its queue is the one its worker consumes (task events do not name it).
@@ -1271,8 +1279,8 @@ fn on_sqlite_the_file_shows_a_finished_and_a_running_task_and_the_consumer_holdi
     let (dash, port) = sqlite_dashboard(&url, None);
 
     // Read from the file: the results table and the messages table (held by the worker).
-    // (A task not read yet is answered from the result backend, as `stored` only: wait for the
-    // file's `result`/`exception`.)
+    // (A task not read yet is answered from the result backend: its state, result, exception
+    // and traceback; the file's rows give the rest.)
     let t = wait_task(port, &done, "read from the file", |t| t["state"] == json!("SUCCESS") && t["result"].is_string());
     assert_eq!(t["result"], json!("5"), "{t}");
     let t = wait_task(port, &failed, "failed", |t| t["state"] == json!("FAILURE") && t["exception"].is_string());

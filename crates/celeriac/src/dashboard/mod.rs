@@ -628,9 +628,9 @@ async fn tasks(Ax(s): Ax<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
 }
 
 /// A task from its events, with what the result backend stored for it; `None` if neither knows
-/// it. A ready stored state is the task's state, and the stored outcome fills what its events
-/// did not say (a `task-failed` or `task-succeeded` the dashboard did not get): `exception` as
-/// Python's repr of the stored exception, `traceback`, `result` as the repr of the stored value.
+/// it. A ready stored state is the task's state, and a stored exception fills what its events
+/// did not say (a `task-failed` the dashboard did not get): `exception` as Python's repr of the
+/// stored exception, and `traceback`. (A stored value is `stored.result`.)
 async fn task_value(s: &Shared, id: &str) -> Option<Value> {
     let mut task = s.with(|st| st.task_json(id));
     let stored = match s.backend.get(id).await {
@@ -652,16 +652,13 @@ async fn task_value(s: &Shared, id: &str) -> Option<Value> {
     task
 }
 
-/// The outcome fields of a ready task its events did not give, from its stored result.
+/// A ready task's exception and traceback its events did not give, from its stored result.
 fn fill_from_stored(t: &mut Value, meta: &celeriac_core::ResultMeta) {
     let unknown = |t: &Value, key: &str| !t[key].is_string();
-    if meta.status == celeriac_core::TaskState::Success {
-        if unknown(t, "result") {
-            t["result"] = json!(celeriac_core::pyrepr::repr(&meta.result));
-        }
+    if meta.exception_info().is_none() {
         return;
     }
-    if meta.exception_info().is_some() && unknown(t, "exception") {
+    if unknown(t, "exception") {
         t["exception"] = json!(celeriac_core::canvas::join::exception_repr(&meta.result));
     }
     if let Some(tb) = meta.traceback.as_deref().filter(|_| unknown(t, "traceback")) {
@@ -1133,11 +1130,10 @@ mod tests {
         let mut t = json!({"exception": "RuntimeError('from the event')", "traceback": "tb"});
         fill_from_stored(&mut t, &failed);
         assert_eq!((&t["exception"], &t["traceback"]), (&json!("RuntimeError('from the event')"), &json!("tb")));
-        // A success's result, as the repr an event carries.
+        // A success's value is `stored.result` only.
         let mut t = json!({});
         fill_from_stored(&mut t, &ResultMeta::success("t2", json!({"a": [1, null]})));
-        assert_eq!(t["result"], json!("{'a': [1, None]}"));
-        assert!(t.get("exception").is_none(), "{t}");
+        assert_eq!(t, json!({}));
     }
 
     #[test]
