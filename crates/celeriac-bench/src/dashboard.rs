@@ -10,10 +10,14 @@
 //! 3. `dashboard`: the same with `celeriac dashboard` watching (started first, so it sees every
 //!    event);
 //! 4. `dashboard+client`: the same with a client holding the dashboard's `/api/stream` open and
-//!    refetching as the page's tasks view does on each `update` (`assets/app.js`: `refresh()`
-//!    fetches the first page of the task list, `/api/tasks?state=&name=&worker=&id=&offset=0&limit=200`,
-//!    then `/api/overview`; updates that come during a refresh make one more; and one every 5 s
-//!    regardless).
+//!    refetching as the page's tasks view does (`assets/app.js`: on each `update`, at most one a
+//!    second, `refresh()` fetches the first page of the task list,
+//!    `/api/tasks?state=&name=&worker=&id=&offset=0&limit=200`, then `/api/overview`, on one
+//!    kept-alive connection as a browser's; an update that comes during a refresh makes one more;
+//!    and a refresh 5 s after the last one when no update came). The client runs on a thread of
+//!    its own in this process, and its CPU is measured apart (`/proc/self/task/<tid>/schedstat`): on
+//!    this machine it takes from the cores the worker uses; a browser on another machine would
+//!    not.
 //!
 //! Measured: the worker's rate over the steady part of the drain (the queue's depth from 90% to
 //! 10% of the fill, as every drain of the benchmark); the dashboard's CPU over the same window
@@ -21,7 +25,8 @@
 //! the worker starts, at its peak, at the end of the window, and after every event was applied
 //! (it then holds its 10,000 most recent tasks), with its CPU while it holds them; whether every
 //! `task-succeeded` reached it (the sum of `/api/overview`'s per-minute successes) and how long
-//! after the queue emptied. Each wait has a deadline.
+//! after the queue emptied; the page-like client's CPU over the same window. Each wait has a
+//! deadline.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -35,15 +40,15 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use crate::measure::{Bench, STOP_LIMIT};
-use crate::procs::{cpu_secs, rss_kib, Proc};
+use crate::procs::{cpu_secs, rss_kib, thread_cpu_secs, Proc};
 use crate::rabbit::{self, Drain, Sample};
 
 /// What the page fetches on each update of its tasks view (the largest answer it asks for).
 const TASKS_VIEW: &str = "/api/tasks?state=&name=&worker=&id=&offset=0&limit=200";
 /// What the page fetches after every view (the header).
 const OVERVIEW: &str = "/api/overview";
-/// The page refreshes this often even without an update.
-const PAGE_INTERVAL: Duration = Duration::from_secs(5);
+/// The page refreshes this long after its last refresh when no update came.
+const PAGE_QUIET: Duration = Duration::from_secs(5);
 /// How long the dashboard's memory and CPU are watched once it holds its tasks.
 const HOLD: Duration = Duration::from_secs(6);
 /// The most tasks the dashboard keeps (`celeriac::dashboard::state::MAX_TASKS`).
@@ -128,6 +133,11 @@ pub struct ClientStats {
     pub slowest_ms: f64,
     /// The mean refresh, milliseconds.
     pub mean_ms: f64,
+    /// The client's own CPU over the drain's steady window, % of one core (its thread in this
+    /// process: the stream, the fetches, reading the answers).
+    pub cpu_pct: f64,
+    /// Its CPU from its start to its stop, seconds.
+    pub cpu_secs: f64,
 }
 
 /// One case on one broker.
@@ -176,12 +186,15 @@ impl CaseRun {
         }
         if let Some(c) = &self.client {
             line.push_str(&format!(
-                "; client: {} updates, {} refreshes ({:.1} MiB fetched, mean {:.1} ms, slowest {:.0} ms)",
+                "; client: {} updates, {} refreshes ({:.1} MiB fetched, mean {:.1} ms, slowest {:.0} ms), \
+                 its own CPU {:.2}% of one core over the window ({:.1} ms in all)",
                 c.updates,
                 c.refreshes,
                 c.bytes as f64 / 1024.0 / 1024.0,
                 c.mean_ms,
-                c.slowest_ms
+                c.slowest_ms,
+                c.cpu_pct,
+                c.cpu_secs * 1e3
             ));
         }
         line
@@ -289,12 +302,17 @@ impl Bench {
         let mut samples: Vec<Sample> = Vec::with_capacity(8192);
         // The dashboard's (CPU seconds, RSS KiB) at each sample.
         let mut dash_samples: Vec<(f64, u64)> = Vec::with_capacity(8192);
+        // The page-like client's CPU seconds at each sample.
+        let mut client_samples: Vec<f64> = Vec::with_capacity(8192);
         loop {
             let ready = self.ready(on, &mut conn, &queue).await?;
             let at = Instant::now();
             samples.push(Sample { at, ready, consumer_cpu: worker.tree_cpu(), broker_cpu: broker_cpu() });
             if let Some(pid) = dash_pid {
                 dash_samples.push((cpu_secs(pid), rss_kib(pid).unwrap_or(0)));
+            }
+            if let Some(c) = &client {
+                client_samples.push(c.cpu_secs());
             }
             if ready == 0 {
                 break;
@@ -323,13 +341,13 @@ impl Bench {
             }
         }
 
+        // The steady window is the drain's: from the first reading at 90% of the fill to the
+        // first at 10%.
+        let hi = samples.iter().position(|s| s.ready * 10 <= n * 9).context("no reading at 90%")?;
+        let lo = samples.iter().position(|s| s.ready * 10 <= n).context("no reading at 10%")?;
+        let span = samples[lo].at.duration_since(samples[hi].at).as_secs_f64();
         let mut cost = None;
         if let (Some((proc, addr)), Some(pid)) = (&dash, dash_pid) {
-            // The steady window is the drain's: from the first reading at 90% of the fill to the
-            // first at 10%.
-            let hi = samples.iter().position(|s| s.ready * 10 <= n * 9).context("no reading at 90%")?;
-            let lo = samples.iter().position(|s| s.ready * 10 <= n).context("no reading at 10%")?;
-            let span = samples[lo].at.duration_since(samples[hi].at).as_secs_f64();
             let cpu_pct = (dash_samples[lo].0 - dash_samples[hi].0) / span * 100.0;
             let mut peak = dash_samples.iter().map(|s| s.1).max().unwrap_or(0);
             // Every success counted, or a deadline.
@@ -374,7 +392,11 @@ impl Bench {
             });
         }
         let client = match client {
-            Some(c) => Some(c.stop().await?),
+            Some(c) => {
+                let mut stats = c.stop().await?;
+                stats.cpu_pct = (client_samples[lo] - client_samples[hi]) / span * 100.0;
+                Some(stats)
+            }
             None => None,
         };
         let worker_dropped = dropped(&worker.tail(usize::MAX));
@@ -474,26 +496,123 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>)> {
     Ok((status, raw[split + 4..].to_vec()))
 }
 
-/// A client that behaves as the dashboard's page on its tasks view: it holds `/api/stream`
-/// open and, on each `update` (coalesced while a refresh runs) and every [`PAGE_INTERVAL`],
-/// fetches [`TASKS_VIEW`] then [`OVERVIEW`].
+/// One kept-alive HTTP/1.1 connection to the dashboard, as a browser's: a `GET` at a time, each
+/// answer read by its `Content-Length` (the dashboard's JSON answers carry one, never chunks);
+/// made again when the server closed it.
+struct KeptAlive {
+    addr: SocketAddr,
+    conn: Option<BufReader<TcpStream>>,
+}
+
+impl KeptAlive {
+    /// `GET path`: the status and the body.
+    async fn get(&mut self, path: &str) -> Result<(u16, Vec<u8>)> {
+        let addr = self.addr;
+        let conn = match self.conn.take() {
+            Some(c) => c,
+            None => BufReader::new(TcpStream::connect(addr).await.context("connecting to the dashboard")?),
+        };
+        let exchange = async move {
+            let mut conn = conn;
+            conn.get_mut().write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+            let mut line = String::new();
+            conn.read_line(&mut line).await?;
+            let status: u16 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .with_context(|| format!("an HTTP answer without a status: {line:?}"))?;
+            let (mut length, mut close) = (None, false);
+            loop {
+                line.clear();
+                ensure!(conn.read_line(&mut line).await? > 0, "the dashboard closed the connection in a header");
+                let header = line.trim_end();
+                if header.is_empty() {
+                    break;
+                }
+                let (name, value) = header.split_once(':').unwrap_or((header, ""));
+                match name.to_ascii_lowercase().as_str() {
+                    "content-length" => length = value.trim().parse::<usize>().ok(),
+                    "connection" => close = value.trim().eq_ignore_ascii_case("close"),
+                    _ => {}
+                }
+            }
+            let length = length.context("an answer without a Content-Length")?;
+            let mut body = vec![0; length];
+            conn.read_exact(&mut body).await?;
+            anyhow::Ok((status, body, (!close).then_some(conn)))
+        };
+        let (status, body, conn) = tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .with_context(|| format!("GET {path} on the dashboard took over 10 s"))??;
+        self.conn = conn;
+        Ok((status, body))
+    }
+}
+
+/// A client that behaves as the dashboard's page on its tasks view (`assets/app.js`): it holds
+/// `/api/stream` open and, on each `update` (one more after a refresh if any came during it) and
+/// [`PAGE_QUIET`] after its last refresh when none came, fetches [`TASKS_VIEW`] then
+/// [`OVERVIEW`] on one kept-alive connection. It runs on a thread of its own, with a runtime of
+/// its own, so its CPU is read apart from the rest of this process ([`PageClient::cpu_secs`]).
 struct PageClient {
-    reader: tokio::task::JoinHandle<Result<()>>,
-    fetcher: tokio::task::JoinHandle<Result<ClientStats>>,
+    thread: std::thread::JoinHandle<Result<ClientStats>>,
+    tid: i32,
+    cpu_at_start: f64,
     updates: Arc<AtomicU64>,
     stop: Arc<tokio::sync::Notify>,
 }
 
 impl PageClient {
     async fn start(addr: SocketAddr) -> Result<Self> {
-        let mut stream = TcpStream::connect(addr).await.context("connecting to the dashboard's stream")?;
-        stream
-            .write_all(
-                format!("GET /api/stream HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n").as_bytes(),
-            )
-            .await?;
-        let update = Arc::new(tokio::sync::Notify::new());
         let updates = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let (up, is_up) = tokio::sync::oneshot::channel::<Result<i32>>();
+        let thread = {
+            let (updates, stop) = (updates.clone(), stop.clone());
+            std::thread::Builder::new().name("page-client".into()).spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                runtime.block_on(Self::run(addr, updates, stop, up))
+            })?
+        };
+        let tid = match is_up.await {
+            Ok(r) => r?,
+            Err(_) => bail!("the page client stopped before it connected: {:?}", thread.join().map(|r| r.err())),
+        };
+        let cpu_at_start = thread_cpu_secs(tid)
+            .with_context(|| format!("cannot read the page client's CPU time (/proc/self/task/{tid}/schedstat)"))?;
+        Ok(PageClient { thread, tid, cpu_at_start, updates, stop })
+    }
+
+    /// The client's thread: connect the stream, say so on `up` (with the thread's id), then
+    /// refresh as the page does until `stop`.
+    async fn run(
+        addr: SocketAddr,
+        updates: Arc<AtomicU64>,
+        stop: Arc<tokio::sync::Notify>,
+        up: tokio::sync::oneshot::Sender<Result<i32>>,
+    ) -> Result<ClientStats> {
+        let connected = async {
+            let mut stream = TcpStream::connect(addr).await.context("connecting to the dashboard's stream")?;
+            stream
+                .write_all(
+                    format!("GET /api/stream HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n").as_bytes(),
+                )
+                .await?;
+            anyhow::Ok(stream)
+        }
+        .await;
+        let stream = match connected {
+            Ok(s) => {
+                let _ = up.send(Ok(nix::unistd::gettid().as_raw()));
+                s
+            }
+            Err(e) => {
+                let _ = up.send(Err(anyhow::anyhow!("{e:#}")));
+                return Err(e);
+            }
+        };
+        let update = Arc::new(tokio::sync::Notify::new());
         let reader = {
             let (update, updates) = (update.clone(), updates.clone());
             tokio::spawn(async move {
@@ -503,56 +622,65 @@ impl PageClient {
                 while let Some(line) = lines.next_line().await? {
                     if line.trim() == "event: update" {
                         updates.fetch_add(1, Ordering::Relaxed);
+                        // One stored permit: updates during a refresh make one more, never more.
                         update.notify_one();
                     }
                 }
                 bail!("the dashboard closed its stream")
             })
         };
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let fetcher = {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut stats = ClientStats::default();
-                let mut total_ms = 0.0;
-                let mut tick = tokio::time::interval(PAGE_INTERVAL);
-                loop {
-                    tokio::select! {
-                        _ = update.notified() => {}
-                        _ = tick.tick() => {}
-                        _ = stop.notified() => break,
-                    }
-                    let started = Instant::now();
-                    for path in [TASKS_VIEW, OVERVIEW] {
-                        let (status, body) = http_get(addr, path).await?;
-                        ensure!(status == 200, "the dashboard answered {status} to {path}");
-                        stats.bytes += body.len() as u64;
-                    }
-                    let ms = started.elapsed().as_secs_f64() * 1e3;
-                    total_ms += ms;
-                    stats.slowest_ms = stats.slowest_ms.max(ms);
-                    stats.refreshes += 1;
-                }
-                stats.mean_ms = if stats.refreshes > 0 { total_ms / stats.refreshes as f64 } else { 0.0 };
-                Ok(stats)
-            })
-        };
-        Ok(PageClient { reader, fetcher, updates, stop })
+        let mut conn = KeptAlive { addr, conn: None };
+        let mut stats = ClientStats::default();
+        let mut total_ms = 0.0;
+        loop {
+            tokio::select! {
+                _ = update.notified() => {}
+                _ = tokio::time::sleep(PAGE_QUIET) => {}
+                _ = stop.notified() => break,
+            }
+            if reader.is_finished() {
+                break;
+            }
+            let started = Instant::now();
+            for path in [TASKS_VIEW, OVERVIEW] {
+                let (status, body) = conn.get(path).await?;
+                ensure!(status == 200, "the dashboard answered {status} to {path}");
+                stats.bytes += body.len() as u64;
+            }
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            total_ms += ms;
+            stats.slowest_ms = stats.slowest_ms.max(ms);
+            stats.refreshes += 1;
+        }
+        if reader.is_finished() {
+            reader.await.context("the stream reader")??;
+            bail!("the stream reader stopped");
+        }
+        reader.abort();
+        stats.mean_ms = if stats.refreshes > 0 { total_ms / stats.refreshes as f64 } else { 0.0 };
+        Ok(stats)
+    }
+
+    /// CPU seconds the client's thread has used so far (`NaN` if it cannot be read).
+    fn cpu_secs(&self) -> f64 {
+        thread_cpu_secs(self.tid).unwrap_or(f64::NAN)
     }
 
     /// Stop refreshing; what it did. An error if the stream or a fetch failed meanwhile.
     async fn stop(self) -> Result<ClientStats> {
-        if self.reader.is_finished() {
-            self.reader.await.context("the stream reader")??;
-            bail!("the stream reader stopped");
-        }
-        self.reader.abort();
+        let cpu_secs = self.cpu_secs() - self.cpu_at_start;
         self.stop.notify_one();
-        let mut stats = tokio::time::timeout(Duration::from_secs(30), self.fetcher)
+        let thread = self.thread;
+        let joined = tokio::time::timeout(Duration::from_secs(30), tokio::task::spawn_blocking(move || thread.join()))
             .await
             .context("the page client did not stop within 30 s")?
-            .context("the page client")??;
+            .context("waiting for the page client")?;
+        let mut stats = match joined {
+            Ok(r) => r.context("the page client")?,
+            Err(_) => bail!("the page client panicked"),
+        };
         stats.updates = self.updates.load(Ordering::Relaxed);
+        stats.cpu_secs = cpu_secs;
         Ok(stats)
     }
 }
@@ -670,6 +798,19 @@ pub fn report(runs: &[Vec<CaseRun>]) -> Vec<String> {
                 verdict(cpu < CPU_TARGET_PCT),
                 verdict(peak_mb < RSS_TARGET_MB),
             ));
+            let clients: Vec<&ClientStats> = of(case).into_iter().filter_map(|r| r.client.as_ref()).collect();
+            if !clients.is_empty() {
+                out.push(format!(
+                    "  the page's client itself (a thread of the benchmark, on the worker's machine; a browser elsewhere \
+                     would cost it nothing): {:.2}% of one core over the window, {:.0} refreshes of {:.0} updates \
+                     (medians of {} run{})",
+                    median(clients.iter().map(|c| c.cpu_pct).collect()),
+                    median(clients.iter().map(|c| c.refreshes as f64).collect()),
+                    median(clients.iter().map(|c| c.updates as f64).collect()),
+                    clients.len(),
+                    if clients.len() == 1 { "" } else { "s" }
+                ));
+            }
         }
     }
     out

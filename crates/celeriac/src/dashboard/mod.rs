@@ -14,7 +14,14 @@
 //! prefix), `/api/charts` (per-minute outcomes and run-time percentiles, per-name percentiles,
 //! queue depths over the last hour), `/api/dead_letters`, `/api/tasks/{id}` (404 with `"state": "unknown"` for an id never seen), `/task/{id}` (the
 //! task as a server-rendered page, every value HTML-escaped), `/api/stream` (server-sent events:
-//! `update` with the state's version whenever it changes, at most 4 a second).
+//! `update` with the state's version when it changes, at most one per [`STREAM_INTERVAL`]: the
+//! first change after a quiet second at once, then the changes of each second as one).
+//!
+//! An open page costs one build of what it shows per update, whatever the number of pages: the
+//! overview, workers, queues, charts and task-list answers are kept as the JSON text they were
+//! built into, with the state's version they were built at (`Views`), and a request for the
+//! same view at the same version is answered with that text while it is under [`VIEW_MAX_AGE`]
+//! old (ages, heartbeats and the last minute's window are computed when an answer is built).
 //! Actions (`POST`): `/api/tasks/{id}/revoke` (`{"terminate": bool}`), `/api/tasks/{id}/retry`,
 //! `/api/queues/{name}/purge`, `/api/workers/{node}/pool` (`{"grow": n}` or `{"shrink": n}`),
 //! `/api/rate_limit` (`{"task_name", "rate_limit", "worker"?}`).
@@ -36,7 +43,7 @@ pub mod state;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, RawQuery, State as Ax};
@@ -46,6 +53,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use celeriac_core::{Broker, ResultBackend};
+use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 
@@ -54,6 +62,15 @@ use state::{State, TaskFilter};
 
 /// How often workers are asked for `stats` and `active`, and queue depths read.
 pub const POLL: Duration = Duration::from_secs(2);
+/// The live stream sends at most one `update` per this (a busy worker's events change the state
+/// thousands of times a second; a page refetches what it shows on each update).
+pub const STREAM_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a kept answer (`Views`) may be reused at the same state version: it holds ages
+/// (a heartbeat's, a running task's) that were true when it was built.
+pub const VIEW_MAX_AGE: Duration = Duration::from_secs(1);
+/// How many answers of one version `Views` keeps (one per path and query: a page asks for a
+/// few; filters typed in make more).
+const VIEWS_KEPT: usize = 64;
 /// How long a poll waits for replies.
 const REPLY_WINDOW: Duration = Duration::from_millis(800);
 /// The most tasks one `/api/tasks` answer holds (`limit` above it is capped, and the answer's
@@ -123,6 +140,48 @@ struct Shared {
     /// broker): "dashboard ready" waits for it, so a task sent once the dashboard says it is
     /// ready has its events seen.
     events_tried: watch::Sender<bool>,
+    /// The JSON answers last built, per path and query.
+    views: Mutex<Views>,
+}
+
+/// The JSON answers last built, per path and query, each with the state version it was built at
+/// and when: N pages refetching the same view at the same version cost one build. Only the
+/// newest version's are kept, so it holds at most what one refresh of each open view fetched.
+#[derive(Default)]
+struct Views {
+    kept: std::collections::HashMap<String, View>,
+}
+
+struct View {
+    version: u64,
+    at: Instant,
+    body: Bytes,
+}
+
+impl Views {
+    /// The answer kept for `key` if it was built at `version` less than [`VIEW_MAX_AGE`] before
+    /// `now`.
+    fn fresh(&self, key: &str, version: u64, now: Instant) -> Option<Bytes> {
+        self.kept
+            .get(key)
+            .filter(|v| v.version == version && now.saturating_duration_since(v.at) < VIEW_MAX_AGE)
+            .map(|v| v.body.clone())
+    }
+
+    /// Keep `body` as the answer to `key` at `version`, built at `at`. Only answers of the
+    /// newest version are kept (the version only grows, so older ones are never served again):
+    /// an answer older than one kept is not, and keeping a newer one drops the rest. At most
+    /// [`VIEWS_KEPT`] of them (a burst of distinct filters starts afresh).
+    fn keep(&mut self, key: &str, version: u64, at: Instant, body: Bytes) {
+        if self.kept.values().any(|v| v.version > version) {
+            return;
+        }
+        self.kept.retain(|_, v| v.version == version);
+        if self.kept.len() >= VIEWS_KEPT && !self.kept.contains_key(key) {
+            self.kept.clear();
+        }
+        self.kept.insert(key.to_string(), View { version, at, body });
+    }
 }
 
 /// What each of the dashboard's two readers last found: `None` before its first try, then
@@ -163,6 +222,26 @@ impl Shared {
         link.said_up = Some(error.is_none());
         drop(link);
         self.with(|s| s.set_connected(error));
+    }
+
+    /// The answer to `key` (a path and its query) built by `build`, or the one kept for `key`
+    /// when it was built at the state's current version less than [`VIEW_MAX_AGE`] ago. The
+    /// state is locked while the version is read and the answer built, so an answer is always
+    /// the state at its version.
+    fn view(&self, key: &str, build: impl FnOnce(&State) -> Value) -> Response {
+        let (version, value) = {
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let version = st.version;
+            let kept = self.views.lock().unwrap_or_else(|e| e.into_inner()).fresh(key, version, Instant::now());
+            if let Some(body) = kept {
+                return json_response(StatusCode::OK, body);
+            }
+            (version, build(&st))
+        };
+        // Written out of the state's lock: events are applied meanwhile.
+        let body = Bytes::from(celeriac_core::pyjson::to_compact_string(&value));
+        self.views.lock().unwrap_or_else(|e| e.into_inner()).keep(key, version, Instant::now(), body.clone());
+        json_response(StatusCode::OK, body)
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
@@ -217,6 +296,7 @@ impl Dashboard {
             polled: watch::channel(None).0,
             file: Mutex::new(None),
             events_tried: watch::channel(false).0,
+            views: Mutex::new(Views::default()),
         });
         let app = router(shared.clone());
         let server = tokio::spawn(async move {
@@ -245,8 +325,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
         .route("/api/overview", get(overview))
         .route("/api/file", get(file_summary))
-        .route("/api/workers", get(|Ax(s): Ax<Arc<Shared>>| async move { ok(s.with(|st| st.workers_json())) }))
-        .route("/api/queues", get(|Ax(s): Ax<Arc<Shared>>| async move { ok(s.with(|st| st.queues_json())) }))
+        .route("/api/workers", get(|Ax(s): Ax<Arc<Shared>>| async move { s.view("/api/workers", State::workers_json) }))
+        .route("/api/queues", get(|Ax(s): Ax<Arc<Shared>>| async move { s.view("/api/queues", State::queues_json) }))
         .route("/api/dead_letters", get(dead_letters))
         .route("/api/charts", get(charts))
         .route("/api/tasks", get(tasks))
@@ -295,7 +375,11 @@ fn asset(kind: &'static str, body: &'static str) -> Response {
 }
 
 fn reply(status: StatusCode, v: Value) -> Response {
-    (status, [(header::CONTENT_TYPE, "application/json")], celeriac_core::pyjson::to_compact_string(&v)).into_response()
+    json_response(status, Bytes::from(celeriac_core::pyjson::to_compact_string(&v)))
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 fn ok(v: Value) -> Response {
@@ -507,7 +591,7 @@ async fn file_summary(Ax(s): Ax<Arc<Shared>>) -> Response {
 }
 
 async fn overview(Ax(s): Ax<Arc<Shared>>) -> Response {
-    let v = s.with(|st| {
+    s.view("/api/overview", |st| {
         json!({
             "connected": st.connected,
             "error": st.last_error,
@@ -516,8 +600,7 @@ async fn overview(Ax(s): Ax<Arc<Shared>>) -> Response {
             "read_only": s.config.token.is_none(),
             "throughput": st.throughput_json(),
         })
-    });
-    ok(v)
+    })
 }
 
 /// What the charts draw: `{minutes: [{minute, succeeded, failed, runtime: {count, p50, p95,
@@ -525,15 +608,14 @@ async fn overview(Ax(s): Ax<Arc<Shared>>) -> Response {
 /// scheduled]]}, poll_seconds}`; times in Unix seconds, run times in seconds (see
 /// [`State::throughput_json`], [`State::runtimes_json`], [`State::depths_json`]).
 async fn charts(Ax(s): Ax<Arc<Shared>>) -> Response {
-    let v = s.with(|st| {
+    s.view("/api/charts", |st| {
         json!({
             "minutes": st.throughput_json(),
             "runtimes": st.runtimes_json(),
             "depths": st.depths_json(),
             "poll_seconds": POLL.as_secs_f64(),
         })
-    });
-    ok(v)
+    })
 }
 
 /// The 100 most recent dead letters with their reasons (`celeriac dead-letters`), read from the
@@ -622,9 +704,13 @@ async fn tasks(Ax(s): Ax<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
         }
     }
     let limit = limit.min(MAX_PAGE);
-    let mut answer = s.with(|st| st.tasks_json(&filter, offset, limit));
-    answer["limit"] = json!(limit);
-    ok(answer)
+    // Kept per filter, offset and limit as decoded (two spellings of one query share an answer).
+    let key = format!("/api/tasks?{filter:?}&offset={offset}&limit={limit}");
+    s.view(&key, |st| {
+        let mut answer = st.tasks_json(&filter, offset, limit);
+        answer["limit"] = json!(limit);
+        answer
+    })
 }
 
 /// A task from its events, with what the result backend stored for it; `None` if neither knows
@@ -723,21 +809,26 @@ async fn task_page(Ax(s): Ax<Arc<Shared>>, Path(id): Path<String>) -> Response {
     (status, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], page).into_response()
 }
 
+/// `update` with the state's version ([`versions`]).
 async fn stream(Ax(s): Ax<Arc<Shared>>) -> Response {
-    let rx = s.version.subscribe();
-    let updates = futures::stream::unfold((rx, true), |(mut rx, first)| async move {
-        if !first {
+    let updates = versions(s.version.subscribe())
+        .map(|v| Ok::<_, std::convert::Infallible>(Event::default().event("update").data(v.to_string())));
+    Sse::new(updates).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// The version at once, then whenever it changes, at most one per [`STREAM_INTERVAL`]: a change
+/// less than an interval after the last one sent waits for the interval's end, and every change
+/// meanwhile goes out as that one (the `watch` keeps only the latest version). Ends when the
+/// state is dropped.
+fn versions(rx: watch::Receiver<u64>) -> impl futures::Stream<Item = u64> {
+    futures::stream::unfold((rx, None), |(mut rx, last): (_, Option<tokio::time::Instant>)| async move {
+        if let Some(last) = last {
             rx.changed().await.ok()?;
-            // At most 4 updates a second: a busy worker's events are coalesced.
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep_until(last + STREAM_INTERVAL).await;
         }
         let version = *rx.borrow_and_update();
-        Some((
-            Ok::<_, std::convert::Infallible>(Event::default().event("update").data(version.to_string())),
-            (rx, false),
-        ))
-    });
-    Sse::new(updates).keep_alive(KeepAlive::default()).into_response()
+        Some((version, (rx, Some(tokio::time::Instant::now()))))
+    })
 }
 
 /// Let an action through only with the token, from this server's own page; log who asked.
@@ -1158,5 +1249,66 @@ mod tests {
             vec![("state".into(), "FAILURE".into()), ("name".into(), "a.b c".into())]
         );
         assert_eq!(escape_html("<script>'&\"</script>"), "&lt;script&gt;&#39;&amp;&quot;&lt;/script&gt;");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stream_sends_one_update_a_second_while_busy_and_at_once_after_quiet() {
+        use tokio::time::Instant;
+        let (tx, rx) = watch::channel(0u64);
+        let mut updates = Box::pin(versions(rx));
+        let t0 = Instant::now();
+        assert_eq!(updates.next().await, Some(0));
+        assert_eq!(t0.elapsed(), Duration::ZERO, "the first update goes at once");
+        // A busy second: a change every millisecond, sent as one update at the interval's end.
+        let busy = tokio::spawn(async move {
+            for v in 1..=2500 {
+                tx.send_replace(v);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tx
+        });
+        let mut sent = Vec::new();
+        while let Some(v) = updates.next().await {
+            sent.push((t0.elapsed(), v));
+            if v == 2500 {
+                break;
+            }
+        }
+        // (The paused clock fires a timer at the millisecond tick after its deadline.)
+        let on_time = |at: Duration, s: u64| at >= Duration::from_secs(s) && at < Duration::from_millis(s * 1000 + 5);
+        assert_eq!(sent.len(), 3, "one update per second over 2.5 s: {sent:?}");
+        assert!(sent.iter().zip(1..).all(|(s, n)| on_time(s.0, n)), "at 1, 2 and 3 s: {sent:?}");
+        assert!(sent.windows(2).all(|w| w[0].1 < w[1].1), "each the latest version: {sent:?}");
+        // After a quiet time, a change goes out at once.
+        let tx = busy.await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let quiet = Instant::now();
+        tx.send_replace(9000);
+        assert_eq!(updates.next().await, Some(9000));
+        assert!(quiet.elapsed() < Duration::from_millis(5), "at once: {:?}", quiet.elapsed());
+        drop(tx);
+        assert_eq!(updates.next().await, None, "the stream ends with the state");
+    }
+
+    #[test]
+    fn an_answer_is_reused_at_its_version_for_under_a_second() {
+        let t0 = Instant::now();
+        let mut views = Views::default();
+        views.keep("/api/workers", 7, t0, Bytes::from_static(b"[1]"));
+        assert_eq!(views.fresh("/api/workers", 7, t0 + Duration::from_millis(900)).as_deref(), Some(&b"[1]"[..]));
+        assert_eq!(views.fresh("/api/workers", 8, t0), None, "another version is built again");
+        assert_eq!(views.fresh("/api/workers", 7, t0 + VIEW_MAX_AGE), None, "ages go stale");
+        assert_eq!(views.fresh("/api/queues", 7, t0), None);
+        // A newer version drops the older answers; an older one is not kept over a newer.
+        views.keep("/api/queues", 8, t0, Bytes::from_static(b"[2]"));
+        assert_eq!(views.fresh("/api/workers", 7, t0), None);
+        views.keep("/api/workers", 7, t0, Bytes::from_static(b"[1]"));
+        assert_eq!(views.kept.len(), 1);
+        assert!(views.fresh("/api/queues", 8, t0).is_some());
+        // Bounded: distinct filters at one version.
+        for i in 0..3 * VIEWS_KEPT {
+            views.keep(&format!("/api/tasks?id={i}"), 8, t0, Bytes::from_static(b"{}"));
+            assert!(views.kept.len() <= VIEWS_KEPT);
+        }
     }
 }

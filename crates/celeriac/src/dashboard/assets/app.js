@@ -1,5 +1,8 @@
 // The celeriac dashboard: views built from the JSON API with text nodes only (no markup is ever
-// parsed from data), refreshed when the server-sent stream says the state changed.
+// parsed from data), refreshed when the server-sent stream says the state changed (at most once a
+// second: the server coalesces a busy worker's changes), or after 5 s without an update (ages).
+// A refresh fetches the view shown and the header, nothing else; an update that comes during a
+// refresh makes one more refresh, never more.
 "use strict";
 
 const view = document.getElementById("view");
@@ -471,10 +474,14 @@ async function header() {
   document.getElementById("mode").textContent = o.read_only ? "read-only" : "actions need the token";
 }
 
-let busy = false, again = false, shownKey = "";
+// QUIET: a view is refreshed this long after its last refresh even without an update (a
+// worker's heartbeat age, a worker gone quiet).
+const QUIET = 5000;
+let busy = false, again = false, shownKey = "", quietTimer = null;
 async function refresh() {
   if (busy) { again = true; return; }
   busy = true;
+  clearTimeout(quietTimer);
   try {
     const route = location.hash.replace(/^#\//, "") || "workers";
     for (const n of ["workers", "tasks", "queues", "charts"]) document.getElementById("nav-" + n).className = route.startsWith(n) ? "current" : "";
@@ -507,6 +514,7 @@ async function refresh() {
   } finally {
     busy = false;
     if (again) { again = false; refresh(); }
+    else quietTimer = setTimeout(refresh, QUIET);
   }
 }
 
@@ -515,5 +523,4 @@ window.addEventListener("hashchange", () => { view.replaceChildren(); shownKey =
 const stream = new EventSource("/api/stream");
 stream.addEventListener("update", refresh);
 stream.onerror = () => { const s = document.getElementById("status"); s.textContent = "disconnected"; s.className = "status down"; };
-setInterval(refresh, 5000);
 refresh();
