@@ -810,12 +810,28 @@ impl Browser {
     }
 
     fn click(&self, css: &str) {
-        self.session_call("POST", &format!("/element/{}/click", self.element(css)), json!({}));
+        self.on_element(css, "click", json!({}));
     }
 
     /// Type `text` into the element `css` as a user would (key by key, the focus staying there).
     fn type_into(&self, css: &str, text: &str) {
-        self.session_call("POST", &format!("/element/{}/value", self.element(css)), json!({"text": text}));
+        self.on_element(css, "value", json!({"text": text}));
+    }
+
+    /// Do `what` (`click`, `value`) to the element `css`. The page rebuilds its view when what
+    /// it shows changes (a hung task's time, each 5 s): an element found just before is then
+    /// stale and nothing reached the page, so the new one is found and the input given again,
+    /// as a user whose click fell between two renders clicks again. Any other error fails.
+    fn on_element(&self, css: &str, what: &str, body: Value) {
+        for _ in 0..10 {
+            let answer = self.session_call("POST", &format!("/element/{}/{what}", self.element(css)), body.clone());
+            match answer.get("error").and_then(Value::as_str) {
+                None => return,
+                Some("stale element reference") => continue,
+                Some(_) => panic!("{what} on {css}: {answer}"),
+            }
+        }
+        panic!("{what} on {css}: the element was replaced under every try");
     }
 
     /// A picture of the page once its header says it reads the broker.

@@ -398,18 +398,34 @@ pub fn redis_cli(port: u16, db: u32, args: &[&str]) -> String {
 
 /// One database of the machine's Redis (127.0.0.1:6379) for one test binary: flushed once,
 /// before its first user in the binary, so tests sharing it (with distinct queue names) never
-/// flush each other's data.
+/// flush each other's data; and only when no other test binary on the machine is using it (a
+/// run of another checkout, another file on the same database): each binary holds a shared
+/// lock on `<tmp>/celeriac-test-redis-db-<db>.lock` for its life, and flushes only under an
+/// exclusive one it got without waiting.
 pub struct SharedRedisDb {
     pub db: u32,
 }
 
 impl SharedRedisDb {
     pub fn get(db: u32) -> Self {
-        static FLUSHED: Mutex<Vec<u32>> = Mutex::new(Vec::new());
-        let mut flushed = FLUSHED.lock().unwrap_or_else(|p| p.into_inner());
-        if !flushed.contains(&db) {
-            assert_eq!(redis_cli(6379, db, &["FLUSHDB"]), "OK");
-            flushed.push(db);
+        // The lock files, held until the process ends.
+        static HELD: Mutex<Vec<(u32, std::fs::File)>> = Mutex::new(Vec::new());
+        let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        if !held.iter().any(|(d, _)| *d == db) {
+            let path = std::env::temp_dir().join(format!("celeriac-test-redis-db-{db}.lock"));
+            let file = std::fs::File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if file.try_lock().is_ok() {
+                assert_eq!(redis_cli(6379, db, &["FLUSHDB"]), "OK");
+                file.unlock().expect("unlock");
+            }
+            // Waits only while another binary flushes it.
+            file.lock_shared().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            held.push((db, file));
         }
         SharedRedisDb { db }
     }
