@@ -10,6 +10,8 @@
 //! only read on a read-only connection of its own thread, in deferred transactions: the file is
 //! neither created, nor given missing tables, nor locked for writing. Its first operation that
 //! writes (an action a user asked for: purge, revoke) opens the writer as [`Db::open`] does.
+//! A writer opening the same file is never handed a read-only handle (its reads would not follow
+//! its own writes); a reader opening it after a writer shares the writer's.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -158,7 +160,10 @@ impl Db {
         }
         let key = registry_key(path);
         let mut open = registry().lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(db) = open.get(&key).and_then(Weak::upgrade) {
+        // A read-only handle (a monitor's) is not shared with a writer: its reads run on a
+        // connection of their own, so a write sent without waiting and a read after it would
+        // not be ordered. The writer's handle takes its place for later opens.
+        if let Some(db) = open.get(&key).and_then(Weak::upgrade).filter(|db| db.reader.is_none()) {
             return Ok(db);
         }
         let writer = start_writer(path)?;
@@ -779,4 +784,25 @@ fn depths(tx: &rusqlite::Transaction<'_>, queues: &[String]) -> rusqlite::Result
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_writer_is_never_handed_a_read_only_handle_and_a_reader_shares_the_writer() {
+        // As `celeriac worker --dashboard` on SQLite: the dashboard's read-only handle may be open
+        // when the worker opens the same file; the worker must get a handle whose reads follow its
+        // own writes (one connection), not the reader's.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.db");
+        drop(Db::open(&path).unwrap());
+        let ro = Db::open_read_only(&path).unwrap();
+        assert!(ro.reader.is_some());
+        let rw = Db::open(&path).unwrap();
+        assert!(!Arc::ptr_eq(&ro, &rw) && rw.reader.is_none(), "the writer got the read-only handle");
+        assert!(Arc::ptr_eq(&rw, &Db::open(&path).unwrap()), "writers share one handle");
+        assert!(Arc::ptr_eq(&rw, &Db::open_read_only(&path).unwrap()), "a later reader shares the writer's");
+    }
 }

@@ -453,14 +453,6 @@ impl Worker {
             tasks = registry.len(),
             "worker ready"
         );
-        if pool.is_some() {
-            // A supervisor only routes messages from here on: give back the pages of code and
-            // constants that start-up touched (see ARCHITECTURE.md, "Memory of the supervisor").
-            match prefork::proc_info::release_code_pages() {
-                Ok(kib) => tracing::debug!(released_kib = kib, "start-up code pages released"),
-                Err(e) => tracing::debug!(error = %e, "start-up code pages not released"),
-            }
-        }
         if self.backend.url() == "disabled://" {
             tracing::warn!(
                 "no result backend: results are not stored, so a client waiting on a result (a \

@@ -8,9 +8,6 @@
 //! - [`ThreadWait`]: what one thread is blocked on (state, wait channel, syscall by name), from
 //!   `/proc/<pid>/task/<tid>/`; [`thread_id`]: `gettid`, the thread a child reports its task
 //!   runs on.
-//! - [`release_code_pages`]: drop from this process's page tables the pages of its executable's
-//!   and libraries' read-only mappings (code, constants) that start-up touched, so a supervisor's
-//!   resident set holds the code its loop runs rather than all the code it ever ran.
 
 use std::fs::File;
 
@@ -219,151 +216,9 @@ pub fn describe_exit(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// One mapping of `/proc/self/smaps` that [`release_code_pages`] may drop: read-only, private,
-/// backed by a regular file, with no anonymous (copied-on-write) page.
-#[derive(Debug, Clone, PartialEq)]
-struct CleanMapping {
-    start: usize,
-    end: usize,
-    rss_kib: u64,
-}
-
-/// The mappings of an smaps text whose every page is a clean page of a file: permissions
-/// `r--p` or `r-xp`, a path under `/` that is not a device, a memfd or a deleted file, and
-/// `Anonymous: 0 kB` (a relocated RELRO page, written once by the loader, is anonymous and is
-/// kept). Only those with resident pages are listed.
-fn clean_file_mappings(smaps: &str) -> Vec<CleanMapping> {
-    let mut out = Vec::new();
-    // The mapping being read, while it still qualifies: (start, end, rss, anonymous seen).
-    let mut current: Option<(usize, usize, u64, bool)> = None;
-    let mut finish = |current: &mut Option<(usize, usize, u64, bool)>| {
-        if let Some((start, end, rss_kib, false)) = current.take() {
-            if rss_kib > 0 {
-                out.push(CleanMapping { start, end, rss_kib });
-            }
-        }
-    };
-    for line in smaps.lines() {
-        let mut fields = line.split_whitespace();
-        let first = fields.next().unwrap_or("");
-        if let Some((start, end)) = first.split_once('-').filter(|(a, b)| {
-            !a.is_empty() && !b.is_empty() && (a.chars().chain(b.chars())).all(|c| c.is_ascii_hexdigit())
-        }) {
-            finish(&mut current);
-            let perms = fields.next().unwrap_or("");
-            // offset, device, inode, then the path (which may hold spaces).
-            let path = line.splitn(6, char::is_whitespace).filter(|f| !f.is_empty()).nth(5).unwrap_or("").trim();
-            let file_backed = path.starts_with('/')
-                && !path.starts_with("/dev/")
-                && !path.starts_with("/memfd:")
-                && !path.ends_with("(deleted)");
-            if file_backed && (perms == "r--p" || perms == "r-xp") {
-                if let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16)) {
-                    current = Some((start, end, 0, false));
-                }
-            }
-            continue;
-        }
-        let Some((_, _, rss, anonymous)) = current.as_mut() else { continue };
-        let mut kib = || fields.next().and_then(|v| v.parse::<u64>().ok());
-        match first {
-            "Rss:" => *rss = kib().unwrap_or(0),
-            // Unparsable counts as anonymous: the mapping is kept.
-            "Anonymous:" => *anonymous |= kib() != Some(0),
-            _ => {}
-        }
-    }
-    finish(&mut current);
-    out
-}
-
-/// Drop the resident pages of this process's clean file mappings (its executable's code and
-/// constants and its shared libraries', see `clean_file_mappings`) with
-/// `madvise(MADV_DONTNEED)`; the pages stay in the page cache, and the next access to one maps
-/// it back (one minor fault per 64 KiB or so, the kernel's fault-around), as after the kernel
-/// itself reclaimed them. Returns the KiB that were resident in those mappings.
-///
-/// A prefork supervisor calls it once started: start-up (argument parsing, configuration, the
-/// children's start, the loader's relocation tables) touches several MiB of code and constants
-/// that its message loop never runs again, which otherwise stay counted in its resident set.
-///
-/// # Errors
-/// The reason, if `/proc/self/smaps` cannot be read or a `madvise` fails (the mappings before
-/// it were released).
-pub fn release_code_pages() -> Result<u64, String> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").map_err(|e| format!("/proc/self/smaps: {e}"))?;
-    let mut released = 0;
-    for m in clean_file_mappings(&smaps) {
-        let Some(addr) = std::ptr::NonNull::new(m.start as *mut std::ffi::c_void) else { continue };
-        // SAFETY: the range is one whole mapping of this process, read-only, private, backed by
-        // a regular file and holding no anonymous page, as /proc/self/smaps said just now;
-        // nothing can write to it (it is not writable, and nothing here remaps or mprotects it
-        // meanwhile), so every page is the file's own clean page. MADV_DONTNEED only unmaps
-        // those pages from this process: no data is lost, and a later access (code running,
-        // a constant read) faults the same bytes back in from the page cache.
-        unsafe { nix::sys::mman::madvise(addr, m.end - m.start, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }
-            .map_err(|e| format!("madvise({:#x}, {} bytes, MADV_DONTNEED): {e}", m.start, m.end - m.start))?;
-        released += m.rss_kib;
-    }
-    Ok(released)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_clean_read_only_file_mappings_are_released() {
-        // (range, permissions, device and inode, path, Rss KiB, Anonymous KiB), as smaps lists them.
-        let mappings = [
-            ("55d0a0000000-55d0a0100000", "r--p", "fe:01 123", "/usr/bin/celeriac", 512, 0),
-            ("55d0a0100000-55d0a0900000", "r-xp", "fe:01 123", "/usr/bin/celeriac", 6000, 0),
-            ("55d0a0900000-55d0a0a00000", "r--p", "fe:01 123", "/usr/bin/celeriac", 1024, 1020),
-            ("55d0a0a00000-55d0a0a08000", "rw-p", "fe:01 123", "/usr/bin/celeriac", 32, 0),
-            ("7f0000000000-7f0000100000", "rw-p", "00:00 0", "", 1024, 1024),
-            ("7f0000100000-7f0000200000", "r-xp", "fe:01 77", "/usr/lib/my lib.so", 100, 0),
-            ("7f0000200000-7f0000201000", "r--p", "00:05 9", "/dev/dri/card0", 4, 0),
-            ("7f0000300000-7f0000301000", "r-xp", "fe:01 78", "/tmp/gone.so (deleted)", 4, 0),
-            ("7f0000400000-7f0000401000", "r-xp", "fe:01 79", "/usr/lib/cold.so", 0, 0),
-            ("7ffd00000000-7ffd00002000", "r-xp", "00:00 0", "[vdso]", 8, 0),
-        ];
-        let smaps: String = mappings
-            .iter()
-            .map(|(range, perms, inode, path, rss, anon)| {
-                format!(
-                    "{range} {perms} 00000000 {inode}                    {path}\nSize: 4 kB\nRss: {rss:>12} kB\nAnonymous: {anon:>6} kB\n"
-                )
-            })
-            .collect();
-        let found = clean_file_mappings(&smaps);
-        assert_eq!(
-            found,
-            vec![
-                CleanMapping { start: 0x55d0a0000000, end: 0x55d0a0100000, rss_kib: 512 },
-                CleanMapping { start: 0x55d0a0100000, end: 0x55d0a0900000, rss_kib: 6000 },
-                CleanMapping { start: 0x7f0000100000, end: 0x7f0000200000, rss_kib: 100 },
-            ],
-            "the relocated RELRO, the writable data, anonymous memory, a device, a deleted file, \
-             a mapping with nothing resident and the vDSO are kept"
-        );
-    }
-
-    #[test]
-    fn released_code_pages_leave_the_resident_set_and_come_back_when_run() {
-        // Touch this test binary's code and constants, then release them: the file-backed part
-        // of the resident set falls, and the program goes on running (the code faults back in).
-        let file_kib = || {
-            let status = std::fs::read_to_string("/proc/self/status").unwrap();
-            let line = status.lines().find(|l| l.starts_with("RssFile:")).unwrap().to_string();
-            line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
-        };
-        let before = file_kib();
-        let released = release_code_pages().unwrap();
-        let after = file_kib();
-        assert!(released > 0, "something was resident");
-        assert!(after < before, "RssFile {before} KiB before, {after} KiB after releasing {released} KiB");
-        assert!(rss_kib(std::process::id()).unwrap() > 0, "and the code still runs");
-    }
 
     #[test]
     fn reads_our_own_rss_and_state() {
