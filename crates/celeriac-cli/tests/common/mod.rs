@@ -467,11 +467,20 @@ impl PrivateRedis {
     fn start_with(durable: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut server = PrivateRedis { port: free_port(), dir, durable, child: None };
-        server.launch();
-        server
+        // The port was free when chosen; another process may take it before our server binds
+        // it: then try another.
+        for _ in 0..5 {
+            if server.launch() {
+                return server;
+            }
+            server.port = free_port();
+        }
+        panic!("redis-server could not bind a free port in 5 tries");
     }
 
-    fn launch(&mut self) {
+    /// Start the server on `self.port`; whether it is ours that answers there (false: it
+    /// could not bind the port, which another process took).
+    fn launch(&mut self) -> bool {
         let appendonly: &[&str] =
             if self.durable { &["--appendonly", "yes", "--appendfsync", "always"] } else { &["--appendonly", "no"] };
         let child = Command::new("redis-server")
@@ -482,14 +491,25 @@ impl PrivateRedis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server (is Redis installed?)");
+        let pid = child.id();
         self.child = Some(child);
         let port = self.port;
+        let mut exited = false;
         wait_until(&format!("redis-server to answer on {port}"), Duration::from_secs(20), || {
-            Command::new("redis-cli")
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "PING"])
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
+            exited = self.child.as_mut().is_some_and(|c| !matches!(c.try_wait(), Ok(None)));
+            exited
+                || Command::new("redis-cli")
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "PING"])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
         });
+        // Whoever answers must be the server just started, not another process's on that port.
+        let ours =
+            !exited && redis_cli(port, 0, &["INFO", "server"]).lines().any(|l| l.trim() == format!("process_id:{pid}"));
+        if !ours {
+            self.kill();
+        }
+        ours
     }
 
     /// SIGKILL the server and wait for it to be gone.
@@ -503,7 +523,7 @@ impl PrivateRedis {
     /// Start it again on the same port and directory (it reloads its append-only file).
     pub fn restart(&mut self) {
         self.kill();
-        self.launch();
+        assert!(self.launch(), "redis-server could not start again on port {}: another process took it", self.port);
     }
 
     /// `redis://127.0.0.1:<port>/<db>`.
