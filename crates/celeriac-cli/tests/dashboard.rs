@@ -553,6 +553,22 @@ fn the_dashboard_on_an_sqlite_file_that_does_not_exist_is_refused_without_creati
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "a file was created in the current directory");
 }
 
+#[test]
+fn a_results_file_no_worker_has_created_yet_does_not_stop_the_dashboard() {
+    // A Redis broker with an SQLite results file that does not exist yet (no worker has run):
+    // the dashboard starts (reading results once they are there), as before it read files
+    // read-only.
+    let dir = tempfile::tempdir().unwrap();
+    let results_url = format!("sqlite://{}", dir.path().join("results.db").display());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let broker = results();
+    let d = WorkerProc::spawn_cli(
+        std::path::Path::new(common::bin()),
+        &["dashboard", "--broker", &broker, "--result-backend", &results_url, "--listen", &listen],
+    );
+    d.wait_for_line("dashboard ready", Duration::from_secs(30));
+}
+
 /// The row of `queue` in `/api/queues`, once `cond` holds for it.
 fn wait_queue(port: u16, queue: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
     wait_listed(port, "/api/queues", "name", queue, what, cond)

@@ -81,9 +81,13 @@ pub fn broker_for_reading(url: &str) -> Result<Arc<dyn Broker>, ConnectError> {
 /// Open the result backend as [`backend`] does, for a monitor: an SQLite file read-only until
 /// something is stored (see [`broker_for_reading`]).
 pub fn backend_for_reading(url: Option<&str>, broker_url: &str) -> Result<Arc<dyn ResultBackend>, ConnectError> {
-    // With no URL, an SQLite broker's results are in its own file.
+    // With no URL, an SQLite broker's results are in its own file. A results file no worker
+    // has created yet is opened as a worker opens it (created), as before: the dashboard must
+    // not refuse to start before the first worker.
     match url.or((scheme(broker_url) == "sqlite").then_some(broker_url)) {
-        Some(file) if scheme(file) == "sqlite" => Ok(Arc::new(SqliteBackend::open_read_only(file)?)),
+        Some(file) if sqlite_path(file).is_some_and(|p| p.is_file()) => {
+            Ok(Arc::new(SqliteBackend::open_read_only(file)?))
+        }
         _ => backend(url, broker_url),
     }
 }
