@@ -17,11 +17,13 @@
 //! `update` with the state's version when it changes, at most one per [`STREAM_INTERVAL`]: the
 //! first change after a quiet second at once, then the changes of each second as one).
 //!
-//! An open page costs one build of what it shows per update, whatever the number of pages: the
+//! An open page costs at most one build of what it shows per update: the
 //! overview, workers, queues, charts and task-list answers are kept as the JSON text they were
 //! built into, with the state's version they were built at (`Views`), and a request for the
 //! same view at the same version is answered with that text while it is under [`VIEW_MAX_AGE`]
 //! old (ages, heartbeats and the last minute's window are computed when an answer is built).
+//! Pages asking at the same version share one build; each stream keeps its own one-second
+//! timer, so under steady traffic pages out of step ask at different versions and each builds.
 //! Actions (`POST`): `/api/tasks/{id}/revoke` (`{"terminate": bool}`), `/api/tasks/{id}/retry`,
 //! `/api/queues/{name}/purge`, `/api/workers/{node}/pool` (`{"grow": n}` or `{"shrink": n}`),
 //! `/api/rate_limit` (`{"task_name", "rate_limit", "worker"?}`).
