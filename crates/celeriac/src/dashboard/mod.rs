@@ -1005,29 +1005,25 @@ async fn retry(
             "the task's queue is not known (its worker consumes several, or none was seen): say which, {\"queue\": \"name\"}",
         );
     };
-    let options_queue = queue.clone();
-    let queue = Some(queue);
     let client = crate::Client::new(s.broker.clone(), s.backend.clone());
-    let options = crate::client::SendOptions { queue, ..Default::default() };
+    let options = crate::client::SendOptions { queue: Some(queue.clone()), ..Default::default() };
     match client.send_task(&name, args, kwargs, options).await {
         Ok(sent) => {
             tracing::info!(%peer, task_id = %id, new_id = %sent.id(), task_name = %name, "retried from the dashboard");
             // What was sent is known here: the new task is listed at once, with its name and
             // arguments, whether or not a worker's events about it arrive.
-            let mut ev = Map::new();
-            for (k, v) in [
-                ("type", json!("task-sent")),
-                ("hostname", json!("")),
-                ("uuid", json!(sent.id())),
-                ("name", json!(name)),
-                ("args", task["args"].clone()),
-                ("kwargs", task["kwargs"].clone()),
-                ("queue", json!(options_queue)),
-                ("timestamp", json!(state::now())),
-            ] {
-                ev.insert(k.into(), v);
-            }
-            if let Err(e) = s.with(|st| st.apply_event(&ev)) {
+            let ev = json!({
+                "type": "task-sent",
+                "hostname": "",
+                "uuid": sent.id(),
+                "name": name,
+                "args": task["args"],
+                "kwargs": task["kwargs"],
+                "queue": queue,
+                "timestamp": state::now(),
+            });
+            let listed = ev.as_object().map(|ev| s.with(|st| st.apply_event(ev)));
+            if let Some(Err(e)) = listed {
                 tracing::warn!(task_id = %sent.id(), error = %e, "the retried task could not be listed");
             }
             ok(json!({"task_id": sent.id()}))
