@@ -5,7 +5,7 @@
 //! Every result is read back by Python.
 //!
 //! On the Redis broker (async pool) and on RabbitMQ (prefork pool), both with the Redis result
-//! backend (database 4, flushed once before the first test here; each test has its own queues).
+//! backend (database 4 of the binary's own `redis-server`; each test has its own queues).
 
 mod common;
 

@@ -13,7 +13,7 @@
 //! - Canvas JSON both ways: a workflow built in Rust applied by Python, one built in Python sent
 //!   from Rust (`tests/interop/canvas_json.py`), both run by a celeriac worker.
 //!
-//! Redis is database 4 (flushed once before the first test here); every test has its own `cvt-`
+//! Redis is database 4 of the binary's own `redis-server`; every test has its own `cvt-`
 //! queues.
 
 mod common;

@@ -747,3 +747,40 @@ fn inspect_on_sqlite_is_refused_without_creating_the_database() {
     assert!(err.contains("remote control needs an amqp:// or redis:// broker"), "{err}");
     assert!(!db.exists(), "inspect created {}", db.display());
 }
+
+/// A request can stay valid longer than its caller waits (a revoke a busy worker reads late is
+/// still carried out), and a caller awaiting one node stops at its reply, not at the timeout.
+#[tokio::test]
+async fn a_broadcast_valid_longer_than_its_wait_says_so_and_stops_at_the_awaited_reply() {
+    let vhost = TestVhost::new();
+    let url = vhost.url("");
+    let name = node("awaited");
+    let worker = WorkerProc::start(&url, &["--result-backend", &results(), "-n", &name, "-Q", "awaitedq"]);
+    worker.wait_for_line("remote control ready", Duration::from_secs(30));
+    let broker = celeriac::connect::broker(&url).unwrap();
+    // A listener of our own on the fanout exchange sees the request as every worker does.
+    let x = broker.exchanges().unwrap();
+    let mut seen =
+        x.subscribe(&pidbox_exchange(), &mailbox_binding(format!("{name}.listener"), String::new())).await.unwrap();
+
+    let awaited = [name.clone()];
+    let wait = celeriac::control::Wait {
+        timeout: Duration::from_secs(60),
+        valid_for: Duration::from_secs(600),
+        awaited: &awaited,
+    };
+    let asked = std::time::Instant::now();
+    let replies = celeriac::control::broadcast_with(broker.as_ref(), "ping", Map::new(), &[], wait).await.unwrap();
+    let took = asked.elapsed();
+    assert!(replies.iter().any(|(n, r)| n == &name && r["ok"] == json!("pong")), "{replies:?}");
+    // The bound is the feature: without it the call would last the whole 60 s.
+    assert!(took < Duration::from_secs(30), "stopped at the awaited node's reply, not the timeout: {took:?}");
+
+    let request = tokio::time::timeout(Duration::from_secs(10), seen.next()).await.unwrap().unwrap();
+    let body: Value = serde_json::from_slice(&request.body).unwrap();
+    assert_eq!(body["method"], json!("ping"), "{body}");
+    let expires = request.headers.get("expires").and_then(Value::as_f64).unwrap();
+    let now = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+    assert!((now + 500.0..now + 601.0).contains(&expires), "valid for 600 s, not for the wait: {expires} at {now}");
+    seen.close().await;
+}

@@ -386,6 +386,10 @@ fn revoke_with_the_token_terminates_a_hung_prefork_task_which_then_shows_revoked
     );
     assert_eq!(status, 200, "{answer}");
     assert!(answer.contains(&name), "the worker replied: {answer}");
+    // Valid for a minute for a worker that reads it late; the worker running it was awaited and
+    // replied, so nothing is pending.
+    let a: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!((&a["valid_for"], a.get("pending")), (&json!(60), None), "{a}");
     // The event and the stored result may come in either order.
     wait_task(port, &id, "revoked, and stored so", |t| {
         t["state"] == json!("REVOKED") && t["stored"]["status"] == json!("REVOKED")

@@ -1,5 +1,5 @@
-//! The Redis broker end to end: `celeriac worker` processes and clients against the machine's
-//! real Redis (databases 6–9 only, each flushed once before its first test here) and real Python
+//! The Redis broker end to end: `celeriac worker` processes and clients against the test
+//! binary's own real `redis-server` (`SharedRedisDb`, databases 6–9) and real Python
 //! Celery 5.7 from `target/pyenv`, plus a private `redis-server` the restart test kills.
 //!
 //! - Python `send_task` → celeriac worker → Python `AsyncResult.get()`, and celeriac client →

@@ -39,7 +39,9 @@ pub enum ControlError {
 }
 
 /// Broadcast `method` with `arguments` to the workers named in `destination` (every worker when
-/// empty), and return each node's reply, in the order they came, within `timeout`.
+/// empty), and return each node's reply, in the order they came, within `timeout`. The request
+/// expires for the workers when the timeout passes, as kombu's pidbox sets it
+/// (`kombu/pidbox.py`, `Mailbox._publish`: `expires` = now + timeout).
 pub async fn broadcast(
     broker: &dyn Broker,
     method: &str,
@@ -47,6 +49,33 @@ pub async fn broadcast(
     destination: &[String],
     timeout: Duration,
 ) -> Result<Vec<(String, Value)>, ControlError> {
+    let wait = Wait { timeout, valid_for: timeout, awaited: &[] };
+    broadcast_with(broker, method, arguments, destination, wait).await
+}
+
+/// How long [`broadcast_with`] waits for replies, and how long its request stays valid.
+#[derive(Debug, Clone, Copy)]
+pub struct Wait<'a> {
+    /// The longest it gathers replies.
+    pub timeout: Duration,
+    /// The request's `expires` header, from now: a worker that reads it later drops it unread.
+    /// Longer than `timeout` for a request that must not be lost to a worker busy for a few
+    /// seconds (a revoke): the caller stops waiting, the workers still carry it out.
+    pub valid_for: Duration,
+    /// Stop gathering as soon as every node named here has replied (with a `destination`, when
+    /// every named node has; with neither, at the timeout).
+    pub awaited: &'a [String],
+}
+
+/// [`broadcast`] with the wait and the validity apart: each node's reply, in the order they came.
+pub async fn broadcast_with(
+    broker: &dyn Broker,
+    method: &str,
+    arguments: Map<String, Value>,
+    destination: &[String],
+    wait: Wait<'_>,
+) -> Result<Vec<(String, Value)>, ControlError> {
+    let Wait { timeout, valid_for, awaited } = wait;
     let exchanges = broker.exchanges().ok_or_else(|| ControlError::Unsupported(broker.url().to_string()))?;
     let oid = uuid::Uuid::new_v4().to_string();
     let ticket = uuid::Uuid::new_v4().to_string();
@@ -65,7 +94,7 @@ pub async fn broadcast(
     });
     let mut headers = Map::new();
     headers.insert("clock".into(), json!(1));
-    headers.insert("expires".into(), json!(now + timeout.as_secs_f64()));
+    headers.insert("expires".into(), json!(now + valid_for.as_secs_f64()));
     let sent = exchanges.publish_to(&pidbox_exchange(), "", &json_message(&body, headers)).await;
     if let Err(e) = sent {
         replies.close().await;
@@ -73,7 +102,8 @@ pub async fn broadcast(
     }
     let deadline = Instant::now() + timeout;
     let mut out: Vec<(String, Value)> = Vec::new();
-    while destination.is_empty() || out.len() < destination.len() {
+    let awaited = if awaited.is_empty() { destination } else { awaited };
+    while awaited.is_empty() || !awaited.iter().all(|node| out.iter().any(|(n, _)| n == node)) {
         let left = deadline.saturating_duration_since(Instant::now());
         let message = match tokio::time::timeout(left, replies.next()).await {
             Ok(Ok(m)) => m,

@@ -396,49 +396,66 @@ pub fn redis_cli(port: u16, db: u32, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// One database of the machine's Redis (127.0.0.1:6379) for one test binary: flushed once,
-/// before its first user in the binary, so tests sharing it (with distinct queue names) never
-/// flush each other's data; and only when no other test binary on the machine is using it (a
-/// run of another checkout, another file on the same database): each binary holds a shared
-/// lock on `<tmp>/celeriac-test-redis-db-<db>.lock` for its life, and flushes only under an
-/// exclusive one it got without waiting.
+/// The pid of the binary's shared `redis-server` (0: none started).
+static SHARED_REDIS_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// At the binary's exit: kill the shared server and reap it (the parent-death signal alone
+/// leaves a zombie where the machine's init does not reap).
+extern "C" fn stop_shared_redis() {
+    let pid = SHARED_REDIS_PID.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
+    }
+}
+
+/// One database of the test binary's own Redis server, shared by the binary's tests (each with
+/// queue names of its own). The server is a `redis-server` this binary started on a free port at
+/// the first `get`, in memory only, and killed when the binary ends (a parent-death signal from
+/// a thread that lives as long as the process): so no run of another checkout on the machine,
+/// and no other test binary, ever sees, consumes or flushes its keys (on the machine's Redis a
+/// concurrent run's worker on the same queue name could take a task a test waits for).
 pub struct SharedRedisDb {
     pub db: u32,
+    port: u16,
 }
 
 impl SharedRedisDb {
     pub fn get(db: u32) -> Self {
-        // The lock files, held until the process ends.
-        static HELD: Mutex<Vec<(u32, std::fs::File)>> = Mutex::new(Vec::new());
-        let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
-        if !held.iter().any(|(d, _)| *d == db) {
-            let path = std::env::temp_dir().join(format!("celeriac-test-redis-db-{db}.lock"));
-            let file = std::fs::File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            if file.try_lock().is_ok() {
-                assert_eq!(redis_cli(6379, db, &["FLUSHDB"]), "OK");
-                file.unlock().expect("unlock");
-            }
-            // Waits only while another binary flushes it.
-            file.lock_shared().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            held.push((db, file));
-        }
-        SharedRedisDb { db }
+        static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+        let port = *PORT.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            // A parent-death signal fires when the thread that spawned the child ends, not the
+            // process: the server is spawned by a thread that never ends.
+            std::thread::Builder::new()
+                .name("shared-redis".into())
+                .spawn(move || {
+                    let server = PrivateRedis::start_with(false, true);
+                    let pid = server.child.as_ref().map_or(0, |c| c.id() as i32);
+                    SHARED_REDIS_PID.store(pid, std::sync::atomic::Ordering::SeqCst);
+                    // SAFETY: registers a plain function with no captured state.
+                    unsafe { nix::libc::atexit(stop_shared_redis) };
+                    tx.send(server.port).expect("send the port");
+                    loop {
+                        std::thread::park();
+                    }
+                })
+                .expect("spawn the shared Redis thread");
+            rx.recv().expect("the shared Redis server started")
+        });
+        SharedRedisDb { db, port }
     }
 
-    /// `redis://127.0.0.1:6379/<db>` plus `params` as the query, if any.
+    /// `redis://127.0.0.1:<port>/<db>` plus `params` as the query, if any.
     pub fn url(&self, params: &str) -> String {
         let q = if params.is_empty() { String::new() } else { format!("?{params}") };
-        format!("redis://127.0.0.1:6379/{}{q}", self.db)
+        format!("redis://127.0.0.1:{}/{}{q}", self.port, self.db)
     }
 
     /// A command on this database.
     pub fn cli(&self, args: &[&str]) -> String {
-        redis_cli(6379, self.db, args)
+        redis_cli(self.port, self.db, args)
     }
 }
 
@@ -450,23 +467,25 @@ pub struct PrivateRedis {
     pub port: u16,
     dir: tempfile::TempDir,
     durable: bool,
+    /// Whether the server gets SIGKILL when the thread that started it ends.
+    die_with_parent: bool,
     child: Option<Child>,
 }
 
 impl PrivateRedis {
     /// A server that keeps every write on disk (see [`PrivateRedis::restart`]).
     pub fn start() -> Self {
-        Self::start_with(true)
+        Self::start_with(true, false)
     }
 
     /// A server that keeps nothing on disk: for isolation alone.
     pub fn start_volatile() -> Self {
-        Self::start_with(false)
+        Self::start_with(false, false)
     }
 
-    fn start_with(durable: bool) -> Self {
+    fn start_with(durable: bool, die_with_parent: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut server = PrivateRedis { port: free_port(), dir, durable, child: None };
+        let mut server = PrivateRedis { port: free_port(), dir, durable, die_with_parent, child: None };
         // The port was free when chosen; another process may take it before our server binds
         // it: then try another.
         for _ in 0..5 {
@@ -483,14 +502,23 @@ impl PrivateRedis {
     fn launch(&mut self) -> bool {
         let appendonly: &[&str] =
             if self.durable { &["--appendonly", "yes", "--appendfsync", "always"] } else { &["--appendonly", "no"] };
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
             .args(appendonly)
             .arg("--dir")
             .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (is Redis installed?)");
+            .stdout(Stdio::null());
+        if self.die_with_parent {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec the closure only makes one system call (prctl).
+            unsafe {
+                command.pre_exec(|| {
+                    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = command.spawn().expect("redis-server (is Redis installed?)");
         let pid = child.id();
         self.child = Some(child);
         let port = self.port;

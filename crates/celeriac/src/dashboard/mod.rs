@@ -26,7 +26,12 @@
 //! timer, so under steady traffic pages out of step ask at different versions and each builds.
 //! Actions (`POST`): `/api/tasks/{id}/revoke` (`{"terminate": bool}`), `/api/tasks/{id}/retry`,
 //! `/api/queues/{name}/purge`, `/api/workers/{node}/pool` (`{"grow": n}` or `{"shrink": n}`),
-//! `/api/rate_limit` (`{"task_name", "rate_limit", "worker"?}`).
+//! `/api/rate_limit` (`{"task_name", "rate_limit", "worker"?}`). A remote-control action is
+//! broadcast valid for [`ACTION_VALID_FOR`] (60 s: a worker busy for a few seconds still carries
+//! it out) and answered with the replies that came within [`ACTION_REPLY_WINDOW`]
+//! (`{"replies": {node: reply}, "valid_for": 60}`); a terminate waits up to
+//! [`TERMINATE_REPLY_WINDOW`] for the worker running the task, named in `pending` if it has not
+//! replied by then.
 //!
 //! Safety: an action needs the configured token in the `X-Celeriac-Token` header; with no token
 //! configured every action is refused with 403 (read-only). A header cannot be set by a form or
@@ -59,8 +64,18 @@ use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 
-use crate::control::{broadcast, ControlError};
+use crate::control::{broadcast, broadcast_with, ControlError, Wait};
 use state::{State, TaskFilter};
+
+/// How long an action's request stays valid for the workers (its `expires` header): a worker
+/// busy for a few seconds still carries out a revoke, a terminate or a pool change it reads late,
+/// where kombu's pidbox lets it expire with the reply window (Celery's default: 1 s).
+pub const ACTION_VALID_FOR: Duration = Duration::from_secs(60);
+/// How long an action waits for the workers' replies.
+pub const ACTION_REPLY_WINDOW: Duration = Duration::from_secs(2);
+/// How long a terminate waits for the worker running the task to reply (it answers as soon as it
+/// has signalled the child).
+pub const TERMINATE_REPLY_WINDOW: Duration = Duration::from_secs(10);
 
 /// How often workers are asked for `stats` and `active`, and queue depths read.
 pub const POLL: Duration = Duration::from_secs(2);
@@ -887,8 +902,10 @@ fn authorized_body(
     body_object(body)
 }
 
-/// Broadcast an action; the workers' replies, or 502 naming why not.
-async fn act(s: &Shared, method: &str, args: Value, destination: &[String]) -> Response {
+/// Broadcast an action, valid for [`ACTION_VALID_FOR`]; the replies that came within
+/// [`ACTION_REPLY_WINDOW`] (or `awaited`'s window, ended early once that node replied), or 502
+/// naming why not. A node awaited that did not reply is named in the answer as `pending`.
+async fn act(s: &Shared, method: &str, args: Value, destination: &[String], awaited: Option<&str>) -> Response {
     let args = match args {
         Value::Object(m) => m,
         _ => Map::new(),
@@ -896,14 +913,32 @@ async fn act(s: &Shared, method: &str, args: Value, destination: &[String]) -> R
     // The target as the log line names it: the task ids, task name and limit, or pool size asked.
     let target = Value::Object(args.clone());
     let to = if destination.is_empty() { "every worker".to_string() } else { destination.join(", ") };
-    match broadcast(s.broker.as_ref(), method, args, destination, Duration::from_secs(2)).await {
+    let awaited: Vec<String> = awaited.map(str::to_string).into_iter().collect();
+    let timeout = if awaited.is_empty() { ACTION_REPLY_WINDOW } else { TERMINATE_REPLY_WINDOW };
+    let wait = Wait { timeout, valid_for: ACTION_VALID_FOR, awaited: &awaited };
+    match broadcast_with(s.broker.as_ref(), method, args, destination, wait).await {
         Ok(replies) => {
             let answered: Vec<String> = replies
                 .iter()
                 .map(|(node, r)| format!("{node}: {}", r.get("ok").or_else(|| r.get("error")).unwrap_or(r)))
                 .collect();
-            tracing::info!(action = method, %target, to, replies = %answered.join("; "), "dashboard action carried out");
-            ok(json!({"replies": replies.into_iter().collect::<Map<String, Value>>()}))
+            let pending: Vec<&String> = awaited.iter().filter(|a| !replies.iter().any(|(n, _)| n == *a)).collect();
+            tracing::info!(
+                action = method,
+                %target,
+                to,
+                replies = %answered.join("; "),
+                pending = ?pending,
+                "dashboard action carried out"
+            );
+            let mut answer = json!({
+                "replies": replies.iter().cloned().collect::<Map<String, Value>>(),
+                "valid_for": ACTION_VALID_FOR.as_secs(),
+            });
+            if !pending.is_empty() {
+                answer["pending"] = json!(pending);
+            }
+            ok(answer)
         }
         Err(e) => {
             tracing::warn!(action = method, %target, to, status = 502, error = %e, "dashboard action refused");
@@ -955,7 +990,11 @@ async fn revoke(
             }));
         }
     }
-    act(&s, "revoke", json!({"task_id": [id], "terminate": terminate, "signal": "SIGTERM"}), &[]).await
+    // Every worker records the revoke (a redelivered copy is discarded wherever it lands); a
+    // terminate waits longer for the worker running the task, and no longer than its reply.
+    let holder = if terminate { s.with(|st| st.holder(&id)) } else { None };
+    let args = json!({"task_id": [id], "terminate": terminate, "signal": "SIGTERM"});
+    act(&s, "revoke", args, &[], holder.as_deref()).await
 }
 
 /// Send a task again with the same name and arguments, as a new task; to the queue in the body
@@ -1165,7 +1204,7 @@ async fn pool(
         return refused;
     }
     tracing::info!(%peer, worker = %node[0], method, n, "pool change asked from the dashboard");
-    act(&s, method, json!({"n": n}), &node).await
+    act(&s, method, json!({"n": n}), &node, None).await
 }
 
 async fn rate_limit(Ax(s): Ax<Arc<Shared>>, ConnectInfo(peer): Caller, headers: HeaderMap, body: Bytes) -> Response {
@@ -1198,7 +1237,7 @@ async fn rate_limit(Ax(s): Ax<Arc<Shared>>, ConnectInfo(peer): Caller, headers: 
         return refused;
     }
     tracing::info!(%peer, task_name, rate_limit = %limit, "rate limit set from the dashboard");
-    act(&s, "rate_limit", json!({"task_name": task_name, "rate_limit": limit}), &destination).await
+    act(&s, "rate_limit", json!({"task_name": task_name, "rate_limit": limit}), &destination, None).await
 }
 
 #[cfg(test)]

@@ -880,6 +880,13 @@ impl State {
             .collect()
     }
 
+    /// The worker holding a task its events say was received or started and not finished.
+    pub fn holder(&self, id: &str) -> Option<String> {
+        let t = self.tasks.get(id)?;
+        let held = matches!(t.state, EventState::Stored(TaskState::Received | TaskState::Started));
+        held.then(|| t.worker.as_deref().map(str::to_string)).flatten()
+    }
+
     /// One task as its events tell it, with the ids of tasks whose events name it as parent
     /// (`child_ids`, never itself) and its workflow as a `graph` (see [`State::graph`]).
     pub fn task_json(&self, id: &str) -> Option<Value> {

@@ -49,7 +49,12 @@ function human(v) {
 
 // What an action's answer says: each worker's reply, a new task's id, a purge's count.
 function answerText(a) {
-  if (a.replies) return Object.entries(a.replies).map(([node, r]) => node + ": " + (r.ok || r.error || text(r))).join("; ") || "no worker replied";
+  if (a.replies) {
+    const said = Object.entries(a.replies).map(([node, r]) => node + ": " + (r.ok || r.error || text(r)));
+    if (a.pending) said.push(a.pending.join(", ") + " (running the task) has not replied yet");
+    const late = " (the request stays valid for " + a.valid_for + " s for a busy worker)";
+    return said.length ? said.join("; ") + (a.pending ? late : "") : "no worker replied yet" + late;
+  }
   if (a.task_id) return "sent as task " + a.task_id;
   if (a.purged !== undefined) return "purged " + a.purged + " messages";
   if (a.recorded) return a.recorded;
