@@ -190,6 +190,36 @@ async fn malformed_embeds_on_redis_and_sqlite() {
     malformed_embeds_cost_nothing_but_the_bad_part(&sqlite.url, None, &w, "canvas-bad").await;
 }
 
+/// A continuation that reads well but cannot be applied (an option of the wrong type, alone and
+/// inside a group): a FAILURE is stored on every id it names, its own and its members', with one
+/// log line each; the task itself still runs and stores its result.
+#[tokio::test]
+async fn a_continuation_that_cannot_be_applied_is_failed_on_every_id_it_names() {
+    let db = SharedRedisDb::get(DB);
+    let url = db.url("");
+    let queue = "canvas-unappliable";
+    let w = WorkerProc::start(&url, &["--result-backend", &url, "-Q", queue, "-c", "1"]);
+    let client = celeriac::Client::connect(&url, Some(&url)).await.unwrap();
+    let lone = r#"{"task": "celeriac.echo", "options": {"task_id": "cv-unapp-1", "countdown": "soon"}}"#;
+    let member = r#"{"task": "celeriac.echo", "options": {"task_id": "cv-unapp-3", "countdown": "later"}}"#;
+    let group = format!(
+        r#"{{"task": "celery.group", "subtask_type": "group", "kwargs": {{"tasks": [{member}]}}, "options": {{"task_id": "cv-unapp-2"}}}}"#
+    );
+    let embed = format!(r#"{{"callbacks": [{group}, {lone}]}}"#);
+    let message = with_embed(&client, queue, "cv-unapp", "cv-unapp", &embed);
+    client.broker().publish(queue, &message).await.unwrap();
+    let value = client.result("cv-unapp").get(Some(std::time::Duration::from_secs(30))).await.unwrap();
+    assert_eq!(value, Value::from("cv-unapp"), "the task itself ran");
+    for id in ["cv-unapp-1", "cv-unapp-2", "cv-unapp-3"] {
+        let meta = client.result(id).get(Some(std::time::Duration::from_secs(30))).await;
+        let err = meta.expect_err("a FAILURE, not a value").to_string();
+        assert!(err.contains("cannot be applied") && err.contains("countdown"), "{id}: {err}");
+    }
+    let lines = w.matching("continuation cannot be applied");
+    assert_eq!(lines.len(), 2, "one line per refused continuation: {lines:?}");
+    assert!(lines.iter().all(|l| l.contains("cv-unapp")), "each names the task: {lines:?}");
+}
+
 /// A chord whose header tasks run on a worker without a result backend: the body cannot run, and
 /// it is failed once (its errback sent once, one error line), not once per header task.
 #[tokio::test]

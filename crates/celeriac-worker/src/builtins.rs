@@ -204,7 +204,7 @@ async fn chunks(
         apply(&Signature::group(slices), Call::new().ids(&ctx.id, &root), &sender)
             .map_err(|e| TaskError::new("ValueError", format!("celery.chunks: {e}")))?
     };
-    crate::canvas::publish(shared, std::slice::from_ref(&plans))
+    crate::canvas::publish_applied(shared, std::slice::from_ref(&plans))
         .await
         .map_err(|e| TaskError::new("OperationalError", e.to_string()))?;
     Ok(plans.result.as_tuple())

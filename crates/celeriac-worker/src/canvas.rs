@@ -9,7 +9,9 @@
 //! way runs the task again rather than lose a continuation; continuations carry the ids frozen in
 //! the workflow, so a second run sends the same ids. A malformed part of an embed is logged once
 //! with the task's id and the reason and, when it has an id, stored as that id's FAILURE; the
-//! task itself and the rest of its embed go on.
+//! task itself and the rest of its embed go on. A continuation that reads well but cannot be
+//! applied (an option of the wrong type, a nested part malformed) is logged once and stored as a
+//! FAILURE on every id its signature names, its own and its members'.
 
 use std::time::Duration;
 
@@ -122,27 +124,80 @@ pub(crate) async fn report_problems(shared: &Shared, req: Origin<'_>, problems: 
     }
 }
 
-/// Apply each signature (a plan each), logging the ones that cannot be applied.
-fn plan(shared: &Shared, sigs: impl IntoIterator<Item = (Signature, Call)>) -> Vec<Applied> {
-    let mut out = Vec::new();
+/// What a finished task sends: the applied continuations, and the ones that could not be applied
+/// (each stored as a FAILURE by [`publish`] on every id it names, never dropped in silence).
+#[derive(Default)]
+pub(crate) struct Plans {
+    pub applied: Vec<Applied>,
+    refused: Vec<Refused>,
+}
+
+/// A continuation whose signature cannot be applied (a nested part malformed, a message that
+/// cannot be built).
+struct Refused {
+    task: String,
+    /// Its own id and those of the signatures nested in it, found in its JSON form.
+    ids: Vec<String>,
+    reason: String,
+}
+
+/// Every `options.task_id` in a signature's JSON form, its own first: a part of a workflow that
+/// will not run because the whole cannot be applied.
+fn ids_in(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(m) => {
+            if m.contains_key("task") {
+                if let Some(id) = m.get("options").and_then(|o| o.get("task_id")).and_then(Value::as_str) {
+                    if !out.iter().any(|seen| seen == id) {
+                        out.push(id.to_string());
+                    }
+                }
+            }
+            m.values().for_each(|v| ids_in(v, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| ids_in(v, out)),
+        _ => {}
+    }
+}
+
+/// Apply each signature (a plan each); the ones that cannot be applied are kept as refused, with
+/// the ids they name.
+fn plan(shared: &Shared, sigs: impl IntoIterator<Item = (Signature, Call)>) -> Plans {
+    let mut out = Plans::default();
     for (sig, call) in sigs {
         match with_sender(shared, |sender| apply(&sig, call, sender)) {
             Ok(applied) => {
                 for name in &applied.ignored_options {
                     tracing::warn!(continuation = %sig.task, option = %name, "option not supported by celeriac: ignored");
                 }
-                out.push(applied)
+                out.applied.push(applied)
             }
             Err(e) => {
-                tracing::error!(continuation = %sig.task, reason = %e, "continuation cannot be applied: not carried out")
+                let mut ids = Vec::new();
+                ids_in(&sig.to_value(), &mut ids);
+                out.refused.push(Refused { task: sig.task.clone(), ids, reason: e.to_string() });
             }
         }
     }
     out
 }
 
+/// Publish the applied continuations (see [`publish_applied`]), then store a FAILURE on every id
+/// a refused one names, logging each once.
+pub(crate) async fn publish(shared: &Shared, plans: &Plans) -> Result<(), ContinueError> {
+    publish_applied(shared, &plans.applied).await?;
+    for r in &plans.refused {
+        tracing::error!(continuation = %r.task, continuation_ids = ?r.ids, reason = %r.reason, "continuation cannot be applied: not carried out, stored as FAILURE");
+        let exc = ExceptionInfo::new("ValueError", format!("continuation cannot be applied: {}", r.reason), "builtins");
+        for id in &r.ids {
+            shared.backend.store(&ResultMeta::exception(id, TaskState::Failure, &exc, None)).await?;
+        }
+    }
+    Ok(())
+}
+
 /// Record the chord sizes, then publish every message of the plans, in order.
-pub(crate) async fn publish(shared: &Shared, plans: &[Applied]) -> Result<(), ContinueError> {
+pub(crate) async fn publish_applied(shared: &Shared, plans: &[Applied]) -> Result<(), ContinueError> {
     for applied in plans {
         if !applied.chord_sizes.is_empty() && !shared.backend.supports_chords() {
             let id = applied.result.id().to_string();
@@ -190,17 +245,17 @@ fn warn_default_queue_not_consumed(shared: &Shared, queue: &str) {
 
 /// After a SUCCESS: the callbacks and the next step of the chain (see
 /// [`Continuations::after_success`]). Returns the plans; their results are the task's children.
-pub(crate) fn after_success(shared: &Shared, req: Origin<'_>, cont: &Continuations, value: &Value) -> Vec<Applied> {
+pub(crate) fn after_success(shared: &Shared, req: Origin<'_>, cont: &Continuations, value: &Value) -> Plans {
     plan(shared, cont.after_success(value, &req.headers.id, &root_of(req)))
 }
 
 /// The `children` of a result: the tuples of what the task sent.
-pub(crate) fn children(plans: &[Applied]) -> Value {
-    Value::Array(plans.iter().map(|p| p.result.as_tuple()).collect())
+pub(crate) fn children(plans: &Plans) -> Value {
+    Value::Array(plans.applied.iter().map(|p| p.result.as_tuple()).collect())
 }
 
 /// The errbacks of a failed task, sent as one group (see [`errbacks_call`]).
-fn errbacks(shared: &Shared, errbacks: &[Signature], failed_id: &str, root_id: &str) -> Vec<Applied> {
+fn errbacks(shared: &Shared, errbacks: &[Signature], failed_id: &str, root_id: &str) -> Plans {
     plan(shared, errbacks_call(errbacks, failed_id, root_id))
 }
 

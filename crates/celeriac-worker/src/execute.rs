@@ -373,7 +373,7 @@ async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Durati
             // Callbacks and the chain's next step go out before the result is stored, as
             // Celery's worker sends them, so the result's `children` lists them.
             let plans = if cont.callbacks.is_empty() && cont.chain.is_none() {
-                Vec::new()
+                crate::canvas::Plans::default()
             } else {
                 crate::canvas::after_success(shared, (&req).into(), &cont, &value)
             };
