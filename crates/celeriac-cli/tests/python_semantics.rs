@@ -150,6 +150,15 @@ fn ignore_reject_update_state_and_ignore_result_are_celerys() {
     assert_eq!((&m["result"]["exc_type"], &m["result"]["exc_module"]), (&json!("Reject"), &json!("celery.exceptions")));
     let ignored = send(&broker, queue, "pyapp.ignored", json!([]));
     let quiet = send(&broker, queue, "pyapp.quiet", json!([kq]));
+    // The message's say overrides the task's (Celery 5.7's get_actual_ignore_result).
+    let kept_by_message = key("quiet-kept-by-message");
+    let args = json!([kept_by_message]).to_string();
+    let send_kept =
+        ["send", "--broker", &broker, "-Q", queue, "pyapp.quiet", "--args", &args, "--ignore-result", "false"];
+    let (code, out, err) = run_cli(&send_kept, &[]);
+    assert_eq!(code, 0, "{err}");
+    let stored = wait_state(&db, &w, out.trim(), "SUCCESS");
+    assert_eq!(stored["result"], json!("not stored"), "stored as the message asked: {stored}");
     // ignore_result tasks that fail: nothing stored (Celery's store_errors), unless
     // store_errors_even_if_ignored.
     let (kf, kk) = (key("quiet-fail"), key("quiet-fail-kept"));

@@ -119,8 +119,10 @@ pub struct TaskHeaders {
     pub kwargsrepr: Option<String>,
     /// Node name of the sender.
     pub origin: Option<String>,
-    /// Do not store a result.
-    pub ignore_result: bool,
+    /// Whether not to store a result, when the sender said (`Some`: it overrides the task's own
+    /// `ignore_result`, as Celery 5.7's `get_actual_ignore_result`, `celery/app/task.py`); `None`
+    /// (`null`, what Celery's `send_task` writes) leaves it to the task.
+    pub ignore_result: Option<bool>,
     /// How many times the task was replaced (`Task.replace`).
     pub replaced_task_nesting: u32,
     /// Names of stamped headers.
@@ -148,7 +150,7 @@ impl TaskHeaders {
             argsrepr: None,
             kwargsrepr: None,
             origin: None,
-            ignore_result: false,
+            ignore_result: None,
             replaced_task_nesting: 0,
             stamped_headers: None,
             stamps: Map::new(),
@@ -176,7 +178,7 @@ impl TaskHeaders {
         m.insert("argsrepr".into(), s(&self.argsrepr));
         m.insert("kwargsrepr".into(), s(&self.kwargsrepr));
         m.insert("origin".into(), s(&self.origin));
-        m.insert("ignore_result".into(), Value::Bool(self.ignore_result));
+        m.insert("ignore_result".into(), self.ignore_result.map_or(Value::Null, Value::Bool));
         m.insert("replaced_task_nesting".into(), Value::from(self.replaced_task_nesting));
         m.insert("stamped_headers".into(), self.stamped_headers.clone().unwrap_or(Value::Null));
         m.insert("stamps".into(), Value::Object(self.stamps.clone()));
@@ -245,7 +247,7 @@ impl TaskHeaders {
                 })
             }
         };
-        h.ignore_result = map.get("ignore_result").and_then(Value::as_bool).unwrap_or(false);
+        h.ignore_result = map.get("ignore_result").and_then(Value::as_bool);
         h.replaced_task_nesting = map.get("replaced_task_nesting").and_then(Value::as_u64).unwrap_or(0) as u32;
         h.stamped_headers = map.get("stamped_headers").cloned().filter(|v| !v.is_null());
         h.stamps = map.get("stamps").and_then(Value::as_object).cloned().unwrap_or_default();

@@ -329,7 +329,8 @@ async fn aborted(abort: &mut watch::Receiver<bool>) {
 async fn settle(shared: &Shared, req: Request, outcome: Outcome, runtime: Duration) {
     let id = req.headers.id.clone();
     let opts = req.task.options();
-    let ignore_result = req.headers.ignore_result || opts.ignore_result;
+    // The message's own say overrides the task's (Celery 5.7's `get_actual_ignore_result`).
+    let ignore_result = req.headers.ignore_result.unwrap_or(opts.ignore_result);
     // Celery's `store_errors` (`celery/app/trace.py`, `celery/worker/request.py`): a task that
     // ignores its result stores no FAILURE, RETRY or REVOKED either, unless it keeps its errors
     // (`store_errors_even_if_ignored`); its errbacks are still sent.

@@ -167,7 +167,10 @@ pub(crate) async fn prepare(shared: &Shared, delivery: Delivery) -> Option<Reque
     }
     if let Some(expires) = headers.expires_time().filter(|t| *t <= Utc::now()) {
         tracing::warn!(task_id = %id, task_name = %name, expires = %expires, "task expired before it ran; revoking");
-        if !headers.ignore_result {
+        // Celery's `store_errors`: stored unless the result is ignored (the message's say over
+        // the task's) and the task does not keep its errors.
+        let opts = task.options();
+        if !headers.ignore_result.unwrap_or(opts.ignore_result) || opts.store_errors_even_if_ignored {
             let exc = ExceptionInfo::new("TaskRevokedError", "expired", "celery.exceptions");
             store_meta(
                 shared,

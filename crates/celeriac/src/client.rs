@@ -452,7 +452,7 @@ impl Client {
         h.argsrepr = Some(pyrepr::args_repr(&args, args_tuple));
         h.kwargsrepr = Some(pyrepr::kwargs_repr(&kwargs));
         h.origin = Some(self.origin.clone());
-        h.ignore_result = options.ignore_result.unwrap_or(false);
+        h.ignore_result = options.ignore_result;
         let list = |v: &Vec<Value>| (!v.is_empty()).then(|| Value::Array(v.clone()));
         let embed = celeriac_core::Embed {
             callbacks: list(&options.link),
@@ -461,10 +461,6 @@ impl Client {
         };
         let body = TaskBody { args, kwargs, embed };
         let mut message = Message::new_task(&h, &body, options.priority, None)?;
-        if options.ignore_result.is_none() {
-            // Same place in the header order; the typed header is a bool.
-            message.headers.insert("ignore_result".into(), Value::Null);
-        }
         message.properties.expiration = options.expires.map(|at| expiration_property(at, now));
         if let Some(codec) = options.compression {
             // After every other header, where kombu's producer adds it.

@@ -307,7 +307,9 @@ pub fn build_message(
     h.argsrepr = Some(pyrepr::args_repr(&args, true));
     h.kwargsrepr = Some(pyrepr::kwargs_repr(&kwargs));
     h.origin = Some(sender.origin.to_string());
-    h.ignore_result = o.ignore_result.unwrap_or(false);
+    // `null` when unset, as Celery's `send_task` writes it for a task the sender does not know
+    // (the worker's task option decides).
+    h.ignore_result = o.ignore_result;
     h.replaced_task_nesting = o.replaced_task_nesting;
     h.stamped_headers = o.stamped_headers.clone();
     h.stamps = o.stamps.clone();
@@ -321,11 +323,6 @@ pub fn build_message(
     let body = TaskBody { args, kwargs, embed };
     let mut message = Message::new_task(&h, &body, o.priority, o.reply_to.clone())
         .map_err(|e| CanvasError::Encode { task: task.to_string(), reason: e.to_string() })?;
-    if o.ignore_result.is_none() {
-        // A task the sender does not know: `null`, as Celery's `send_task` writes it (the
-        // worker's task option decides).
-        message.headers.insert("ignore_result".into(), Value::Null);
-    }
     // Celery merges the `headers` option over its own.
     for (k, v) in std::mem::take(&mut o.headers) {
         message.headers.insert(k, v);

@@ -259,6 +259,10 @@ struct SendArgs {
     /// Priority 0-255 (higher first; on a redis:// broker, as in Celery, 0-9 with 0 first).
     #[arg(long)]
     priority: Option<u8>,
+    /// Whether the worker stores no result (`true`) or stores it (`false`), over the task's own
+    /// `ignore_result` (Celery's `apply_async(ignore_result=...)`); unset, the task decides.
+    #[arg(long = "ignore-result", value_name = "true|false")]
+    ignore_result: Option<bool>,
     /// Use this task id.
     #[arg(long = "task-id")]
     task_id: Option<String>,
@@ -683,6 +687,7 @@ async fn send(broker_url: &str, backend_url: Option<&str>, args: SendArgs) -> Cl
         compression: args.compression,
         queue: args.queue,
         priority: args.priority,
+        ignore_result: args.ignore_result,
         ..SendOptions::default()
     };
     let publish_timeout = positive_secs("--publish-timeout", args.publish_timeout)?;
