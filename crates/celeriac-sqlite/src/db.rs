@@ -223,13 +223,20 @@ impl Db {
         }
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         if writer.is_none() {
-            match start_writer(&self.path) {
+            // Opened on the writer's own thread: the file's write lock can be held by another
+            // process for up to the busy timeout, and this runs on an async caller's thread.
+            match start_writer_lazily(&self.path) {
                 Ok(tx) => *writer = Some(tx),
                 Err(e) => return fail(op, &e),
             }
         }
         if let Some(tx) = writer.as_ref() {
-            let _ = tx.send(op);
+            if let Err(mpsc::SendError(op)) = tx.send(op) {
+                // The lazily opened writer could not open the file and has stopped: the next
+                // write tries again.
+                *writer = None;
+                fail(op, &format!("cannot open {} for writing (see the log); will try again", self.path.display()));
+            }
         }
     }
 
@@ -254,6 +261,32 @@ fn start_writer(path: &Path) -> Result<mpsc::Sender<Op>, String> {
     let conn = Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     init_schema(&conn).map_err(|e| format!("cannot initialise {}: {e}", path.display()))?;
     spawn_loop(path, conn, TransactionBehavior::Immediate)
+}
+
+/// Start the writer's thread, which opens `path` for writing (creating its schema) itself; if
+/// that fails, every operation sent to it by then fails with the reason, and the thread stops.
+fn start_writer_lazily(path: &Path) -> Result<mpsc::Sender<Op>, String> {
+    let (tx, rx) = mpsc::channel::<Op>();
+    let path = path.to_path_buf();
+    let name = format!("celeriac-sqlite:{}", path.display());
+    std::thread::Builder::new()
+        .name(name.chars().take(15).collect())
+        .spawn(move || {
+            let opened =
+                Connection::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display())).and_then(|conn| {
+                    init_schema(&conn).map_err(|e| format!("cannot initialise {}: {e}", path.display()))?;
+                    Ok(conn)
+                });
+            match opened {
+                Ok(conn) => writer_loop(conn, rx, TransactionBehavior::Immediate),
+                Err(e) => {
+                    tracing::warn!(error = %e, "SQLite: could not open the file for writing");
+                    rx.try_iter().for_each(|op| fail(op, &e));
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the SQLite thread: {e}"))?;
+    Ok(tx)
 }
 
 /// Start the thread that owns `conn` and runs the operations sent to it, each batch in one
@@ -804,5 +837,27 @@ mod tests {
         assert!(!Arc::ptr_eq(&ro, &rw) && rw.reader.is_none(), "the writer got the read-only handle");
         assert!(Arc::ptr_eq(&rw, &Db::open(&path).unwrap()), "writers share one handle");
         assert!(Arc::ptr_eq(&rw, &Db::open_read_only(&path).unwrap()), "a later reader shares the writer's");
+    }
+
+    #[test]
+    fn the_first_write_on_a_read_only_handle_does_not_wait_for_the_file_s_write_lock() {
+        // As a dashboard's first action on a file a worker is writing: the writer opens (and
+        // waits out another process's write lock) on its own thread, not the async caller's.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.db");
+        drop(Db::open(&path).unwrap());
+        let ro = Db::open_read_only(&path).unwrap();
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let (reply, mut rx) = oneshot::channel();
+        let asked = std::time::Instant::now();
+        ro.send(Op::Purge { queue: "q".into(), reply });
+        // The bound is the feature: with the writer opened on the caller's thread this waits
+        // for the lock (30 s busy timeout).
+        assert!(asked.elapsed() < Duration::from_secs(5), "send waited {:?}", asked.elapsed());
+        assert!(rx.try_recv().is_err(), "nothing can be written while the lock is held");
+        holder.execute_batch("COMMIT").unwrap();
+        let purged = rx.blocking_recv().expect("a reply").expect("the purge ran once the lock was free");
+        assert_eq!(purged, 0);
     }
 }

@@ -109,7 +109,14 @@ pub(crate) async fn report_problems(shared: &Shared, req: Origin<'_>, problems: 
         Err(e) => tracing::warn!(error = %e, "could not record the malformed continuation among the dead letters"),
     }
     for p in problems {
-        tracing::error!(field = p.field, continuation_id = p.task_id.as_deref().unwrap_or(""), reason = %p.error, "malformed continuation in the embed: not carried out");
+        match &p.task_id {
+            Some(id) => {
+                tracing::error!(field = p.field, continuation_id = %id, reason = %p.error, "malformed continuation in the embed: not carried out")
+            }
+            None => {
+                tracing::error!(field = p.field, reason = %p.error, "malformed continuation in the embed (it names no id): not carried out")
+            }
+        }
         if let Some(id) = &p.task_id {
             let exc = ExceptionInfo::new(
                 "ValueError",
