@@ -27,6 +27,20 @@
 //! `task-succeeded` reached it (the sum of `/api/overview`'s per-minute successes) and how long
 //! after the queue emptied; the page-like client's CPU over the same window. Each wait has a
 //! deadline.
+//!
+//! **The paced mode** (`--dashboard-rate R`): the drain runs the worker flat out, so on a 2-core
+//! machine any CPU the dashboard takes comes out of the worker's rate, whatever the dashboard
+//! does to the worker itself. The issue's condition is a worker that *runs* 10,000 tasks/s, so
+//! the paced mode holds it there: each queue starts empty, a [`Producer`] (its own thread)
+//! publishes R `celeriac.noop` a second, and the same four cases are read every
+//! [`PACED_SAMPLE`] over a window of `--dashboard-seconds` after a [`WARMUP`]: the producer's
+//! confirmed sends and the worker's completed tasks (its `--metrics-addr` endpoint, on in every
+//! case), whether it kept up ([`Paced::kept_up`]) and the backlog (published, not completed),
+//! the mean time a task spends between its publish and its completion (Little's law: mean
+//! backlog / rate), the worker's CPU per task (`/proc/<pid>/stat`), the broker's and the
+//! producer's CPU per task, the machine's idle CPU, and the dashboard's CPU and RSS as in the
+//! drain. The worker "slowed" is then its CPU per task (and the time a task waits) with the
+//! dashboard against with `-E` alone, and whether it still holds R.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -40,6 +54,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use crate::measure::{Bench, STOP_LIMIT};
+use crate::paced::Producer;
 use crate::procs::{cpu_secs, rss_kib, thread_cpu_secs, Proc};
 use crate::rabbit::{self, Drain, Sample};
 
@@ -140,6 +155,99 @@ pub struct ClientStats {
     pub cpu_secs: f64,
 }
 
+/// How a case drives the worker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// A queue pre-filled with this many tasks, drained flat out.
+    Drain(u64),
+    /// A paced producer publishing `rate` tasks a second while the worker consumes; measured
+    /// over `window` after [`WARMUP`].
+    Paced {
+        /// Tasks a second.
+        rate: u64,
+        /// The measured window.
+        window: Duration,
+    },
+}
+
+/// The paced mode's warm-up: the worker and the producer run this long before the window opens.
+const WARMUP: Duration = Duration::from_secs(2);
+/// How often the paced mode reads the worker, the broker, the queue and the dashboard.
+const PACED_SAMPLE: Duration = Duration::from_millis(100);
+
+/// The worker held at a paced producer's rate, over the steady window.
+#[derive(Debug, Clone, Default)]
+pub struct Paced {
+    /// The rate asked of the producer, tasks a second.
+    pub rate: u64,
+    /// The window's length, seconds.
+    pub window_secs: f64,
+    /// Sends the producer had confirmed per second over the window.
+    pub offered: f64,
+    /// Tasks the worker completed per second over the window (its `celeriac_tasks_total`
+    /// SUCCESS count, read from its metrics endpoint).
+    pub completed: f64,
+    /// Tasks completed in the window.
+    pub tasks: u64,
+    /// Tasks published and not yet completed (in the queue, prefetched or running) at the
+    /// window's start and end, and the most seen in it.
+    pub backlog_start: u64,
+    /// See `backlog_start`.
+    pub backlog_end: u64,
+    /// See `backlog_start`.
+    pub backlog_max: u64,
+    /// The most ready messages the broker's queue held in the window.
+    pub ready_max: u64,
+    /// The mean time from publish (confirmed) to completion, milliseconds, by Little's law:
+    /// the mean backlog over the window divided by the completed rate.
+    pub latency_ms: f64,
+    /// The worker's CPU (process tree, utime + stime) per task completed in the window, µs.
+    pub worker_us: f64,
+    /// The worker's CPU over the window, % of one core.
+    pub worker_pct: f64,
+    /// The broker's CPU per task completed in the window (its publish and its delivery), µs.
+    pub broker_us: f64,
+    /// The producer's CPU (its thread) per task confirmed in the window, µs.
+    pub producer_us: f64,
+    /// The machine's idle CPU over the window, % of one core (out of 100 × cores).
+    pub idle_pct: f64,
+}
+
+impl Paced {
+    /// Whether the worker kept up: it completed at least 99% of what was offered and 98% of the
+    /// rate asked, and its backlog at the window's end is under 100 ms of tasks.
+    pub fn kept_up(&self) -> bool {
+        self.completed >= 0.99 * self.offered
+            && self.completed >= 0.98 * self.rate as f64
+            && (self.backlog_end as f64) < self.rate as f64 / 10.0
+    }
+
+    /// One line for the log.
+    pub fn describe(&self) -> String {
+        format!(
+            "paced at {}/s for {:.1} s: producer {:.0}/s, worker {:.0}/s ({} tasks; {}), backlog at start {}, at end {}, \
+             max {}, queue ready max {}, latency {:.1} ms (Little), CPU per task: worker {:.1} µs ({:.1}% of a core), \
+             broker {:.1} µs, producer {:.1} µs; machine idle {:.0}% of a core",
+            self.rate,
+            self.window_secs,
+            self.offered,
+            self.completed,
+            self.tasks,
+            if self.kept_up() { "kept up" } else { "did NOT keep up" },
+            self.backlog_start,
+            self.backlog_end,
+            self.backlog_max,
+            self.ready_max,
+            self.latency_ms,
+            self.worker_us,
+            self.worker_pct,
+            self.broker_us,
+            self.producer_us,
+            self.idle_pct
+        )
+    }
+}
+
 /// One case on one broker.
 #[derive(Debug, Clone)]
 pub struct CaseRun {
@@ -147,8 +255,10 @@ pub struct CaseRun {
     pub broker: String,
     /// Which configuration.
     pub case: Case,
-    /// The worker's drain.
-    pub drain: Drain,
+    /// The worker's drain (the drain mode).
+    pub drain: Option<Drain>,
+    /// The worker held at a paced producer's rate (the paced mode, `--dashboard-rate`).
+    pub paced: Option<Paced>,
     /// The dashboard's cost (cases with a dashboard).
     pub dash: Option<DashCost>,
     /// The client's work (the last case).
@@ -161,11 +271,15 @@ pub struct CaseRun {
 impl CaseRun {
     /// One line of figures.
     pub fn describe(&self) -> String {
+        let worker = match (&self.drain, &self.paced) {
+            (Some(d), _) => d.describe(),
+            (None, Some(p)) => p.describe(),
+            (None, None) => "not measured".into(),
+        };
         let mut line = format!(
-            "dashboard part, {} broker, {}: worker {}, at least {} events dropped by the worker",
+            "dashboard part, {} broker, {}: worker {worker}, at least {} events dropped by the worker",
             self.broker,
             self.case.name(),
-            self.drain.describe(),
             self.worker_dropped
         );
         if let Some(d) = &self.dash {
@@ -211,8 +325,16 @@ enum On {
 impl Bench {
     /// The dashboard part on each of `brokers` (`rabbitmq`, `redis`), each of `cases` (by
     /// [`Case::name`]; empty: every [`Case`]) in turn, draining `n` tasks each.
-    pub async fn dashboard(&self, n: u64, brokers: &[String], cases: &[String]) -> Result<Vec<CaseRun>> {
-        ensure!(n >= 10 * KEPT, "--dashboard-tasks must be at least {} (the dashboard keeps {KEPT})", 10 * KEPT);
+    pub async fn dashboard(&self, mode: Mode, brokers: &[String], cases: &[String]) -> Result<Vec<CaseRun>> {
+        match mode {
+            Mode::Drain(n) => {
+                ensure!(n >= 10 * KEPT, "--dashboard-tasks must be at least {} (the dashboard keeps {KEPT})", 10 * KEPT)
+            }
+            Mode::Paced { rate, window } => ensure!(
+                rate > 0 && window >= Duration::from_secs(1),
+                "--dashboard-rate must be above 0 and --dashboard-seconds at least 1"
+            ),
+        }
         for c in cases {
             ensure!(
                 Case::ALL.iter().any(|k| k.name() == c),
@@ -229,7 +351,10 @@ impl Bench {
                 other => bail!("unknown dashboard broker {other:?} (known: rabbitmq, redis)"),
             };
             for &case in &chosen {
-                let run = self.dashboard_case(on, broker, case, n).await?;
+                let run = match mode {
+                    Mode::Drain(n) => self.dashboard_case(on, broker, case, n).await?,
+                    Mode::Paced { rate, window } => self.paced_case(on, broker, case, rate, window).await?,
+                };
                 eprintln!("  {}", run.describe());
                 out.push(run);
             }
@@ -274,17 +399,7 @@ impl Bench {
         ensure!(ready == n, "queue {queue} holds {ready} messages after publishing {n}");
         eprintln!("  filled {queue} ({broker}) with {n} messages in {:.2}s", started.elapsed().as_secs_f64());
 
-        // The dashboard first, so that it sees every event; then the client.
-        let dash = if case.dashboard() { Some(self.start_dashboard(&url, &queue).await?) } else { None };
-        let (dash_pid, dash_addr) = match &dash {
-            Some((p, addr)) => (Some(p.pid()), Some(*addr)),
-            None => (None, None),
-        };
-        let rss_start = dash_pid.and_then(rss_kib).unwrap_or(0);
-        let client = match (case, dash_addr) {
-            (Case::DashboardClient, Some(addr)) => Some(PageClient::start(addr).await?),
-            _ => None,
-        };
+        let Watchers { dash, dash_pid, rss_start, client } = self.watchers(case, &url, &queue).await?;
 
         // The worker, and the drain.
         let extra: Vec<String> = if case == Case::Plain { Vec::new() } else { vec!["-E".into()] };
@@ -326,8 +441,221 @@ impl Bench {
         }
         let emptied = Instant::now();
         let drain = Drain::from_samples(n, &samples)?;
+        self.wait_settled(on, &mut conn, &queue).await?;
+
+        // The steady window is the drain's: from the first reading at 90% of the fill to the
+        // first at 10%.
+        let hi = samples.iter().position(|s| s.ready * 10 <= n * 9).context("no reading at 90%")?;
+        let lo = samples.iter().position(|s| s.ready * 10 <= n).context("no reading at 10%")?;
+        let span = samples[lo].at.duration_since(samples[hi].at).as_secs_f64();
+        let cost = match (&dash, dash_pid) {
+            (Some((proc, addr)), Some(pid)) => {
+                let cpu_pct = (dash_samples[lo].0 - dash_samples[hi].0) / span * 100.0;
+                let peak = dash_samples.iter().map(|s| s.1).max().unwrap_or(0);
+                let window = Window { cpu_pct, rss_start, rss_steady: dash_samples[lo].1, peak };
+                Some(dash_after(proc, *addr, pid, emptied, n, window).await?)
+            }
+            _ => None,
+        };
+        let client = match client {
+            Some(c) => {
+                let mut stats = c.stop().await?;
+                stats.cpu_pct = (client_samples[lo] - client_samples[hi]) / span * 100.0;
+                Some(stats)
+            }
+            None => None,
+        };
+        let worker_dropped = self.finish(on, &mut conn, &queue, worker, dash).await?;
+        Ok(CaseRun {
+            broker: broker.to_string(),
+            case,
+            drain: Some(drain),
+            paced: None,
+            dash: cost,
+            client,
+            worker_dropped,
+        })
+    }
+
+    /// One case of the paced mode: the queue starts empty, a [`Producer`] publishes `rate`
+    /// `celeriac.noop` a second while the worker consumes them, and the worker, the broker, the
+    /// producer and the dashboard are read every [`PACED_SAMPLE`] for [`WARMUP`] then `window`.
+    /// The worker runs with `--metrics-addr` in every case (its completed count is read there).
+    async fn paced_case(&self, on: On, broker: &str, case: Case, rate: u64, window: Duration) -> Result<CaseRun> {
+        let queue = format!("bench.dash.paced.{}", case.name().replace('+', "-"));
+        let url = self.broker_url(on);
+        let mut conn = match on {
+            On::Rabbit => None,
+            On::Redis => Some(self.redis.connection()?),
+        };
         match on {
-            On::Rabbit => self.wait_all_acked(&queue).await?,
+            On::Rabbit => self.admin.declare(&queue).await?,
+            On::Redis => {
+                let conn = conn.as_mut().context("no Redis connection")?;
+                redis::cmd("DEL").arg(&queue).query::<()>(conn)?;
+            }
+        }
+
+        let Watchers { dash, dash_pid, rss_start, client } = self.watchers(case, &url, &queue).await?;
+
+        // The worker, with its metrics endpoint on a free port; consuming before the producer
+        // starts.
+        let metrics = free_port()?;
+        let mut extra: Vec<String> = vec!["--metrics-addr".into(), metrics.to_string()];
+        if case != Case::Plain {
+            extra.push("-E".into());
+        }
+        let worker = Proc::spawn(
+            &format!("celeriac worker on {queue} ({broker})"),
+            &mut self.celeriac_command(&url, &queue, &extra),
+        )?;
+        let deadline = Instant::now() + crate::measure::START_LIMIT;
+        while completed(metrics).await.is_err() {
+            worker.check_alive()?;
+            ensure!(Instant::now() < deadline, "the worker's metrics endpoint {metrics} did not answer within 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if on == On::Rabbit {
+            self.admin.wait_for_consumer(&queue, crate::measure::START_LIMIT, || worker.check_alive()).await?;
+        }
+        let broker_pid = match on {
+            On::Rabbit => self.broker_pid,
+            On::Redis => self.redis.pid(),
+        };
+        let broker_cpu = || broker_pid.map(cpu_secs).unwrap_or(0.0);
+
+        let producer = Producer::start(&url, &queue, rate, self.settings.in_flight).await?;
+        let started = producer.started();
+        let end = started + WARMUP + window;
+        let mut samples: Vec<PacedSample> = Vec::with_capacity(512);
+        loop {
+            let done = completed(metrics).await?;
+            let confirmed = producer.confirmed();
+            let ready = self.ready(on, &mut conn, &queue).await?;
+            let at = Instant::now();
+            samples.push(PacedSample {
+                at,
+                confirmed,
+                completed: done,
+                ready,
+                worker_cpu: worker.tree_cpu(),
+                broker_cpu: broker_cpu(),
+                producer_cpu: producer.cpu_secs(),
+                idle: machine_idle_secs(),
+                dash: dash_pid.map(|pid| (cpu_secs(pid), rss_kib(pid).unwrap_or(0))),
+                client_cpu: client.as_ref().map(PageClient::cpu_secs),
+            });
+            if at >= end {
+                break;
+            }
+            worker.check_alive()?;
+            producer.check_alive()?;
+            if let Some((p, _)) = &dash {
+                p.check_alive()?;
+            }
+            tokio::time::sleep(PACED_SAMPLE.min(end.saturating_duration_since(Instant::now()))).await;
+        }
+        let published = producer.stop().await?;
+        // The rest: every task published completed, within a deadline.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let done = completed(metrics).await?;
+            if done >= published {
+                break;
+            }
+            worker.check_alive()?;
+            ensure!(
+                Instant::now() < deadline,
+                "the worker completed {done} of {published} tasks 60 s after the producer stopped"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let emptied = Instant::now();
+
+        // The window: from the first reading after the warm-up to the last.
+        let first = samples.iter().position(|s| s.at >= started + WARMUP).context("no reading after the warm-up")?;
+        let (a, b) = (&samples[first], samples.last().context("no readings")?);
+        let span = b.at.duration_since(a.at).as_secs_f64();
+        ensure!(span > 0.0 && b.completed > a.completed, "no task completed in the paced window");
+        let tasks = b.completed - a.completed;
+        let in_window = &samples[first..];
+        let backlog = |s: &PacedSample| s.confirmed.saturating_sub(s.completed);
+        let mean_backlog = in_window.iter().map(|s| backlog(s) as f64).sum::<f64>() / in_window.len() as f64;
+        let completed_rate = tasks as f64 / span;
+        let paced = Paced {
+            rate,
+            window_secs: span,
+            offered: (b.confirmed - a.confirmed) as f64 / span,
+            completed: completed_rate,
+            tasks,
+            backlog_start: backlog(a),
+            backlog_end: backlog(b),
+            backlog_max: in_window.iter().map(backlog).max().unwrap_or(0),
+            ready_max: in_window.iter().map(|s| s.ready).max().unwrap_or(0),
+            latency_ms: mean_backlog / completed_rate * 1e3,
+            worker_us: (b.worker_cpu - a.worker_cpu) / tasks as f64 * 1e6,
+            worker_pct: (b.worker_cpu - a.worker_cpu) / span * 100.0,
+            broker_us: (b.broker_cpu - a.broker_cpu) / tasks as f64 * 1e6,
+            producer_us: (b.producer_cpu - a.producer_cpu) / (b.confirmed - a.confirmed).max(1) as f64 * 1e6,
+            idle_pct: (b.idle - a.idle) / span * 100.0,
+        };
+
+        self.wait_settled(on, &mut conn, &queue).await?;
+        let cost = match (&dash, dash_pid, a.dash, b.dash) {
+            (Some((proc, addr)), Some(pid), Some(da), Some(db)) => {
+                let window = Window {
+                    cpu_pct: (db.0 - da.0) / span * 100.0,
+                    rss_start,
+                    rss_steady: db.1,
+                    peak: samples.iter().filter_map(|s| s.dash.map(|d| d.1)).max().unwrap_or(0),
+                };
+                Some(dash_after(proc, *addr, pid, emptied, published, window).await?)
+            }
+            _ => None,
+        };
+        let client = match client {
+            Some(c) => {
+                let mut stats = c.stop().await?;
+                stats.cpu_pct = match (a.client_cpu, b.client_cpu) {
+                    (Some(x), Some(y)) => (y - x) / span * 100.0,
+                    _ => f64::NAN,
+                };
+                Some(stats)
+            }
+            None => None,
+        };
+        let worker_dropped = self.finish(on, &mut conn, &queue, worker, dash).await?;
+        Ok(CaseRun {
+            broker: broker.to_string(),
+            case,
+            drain: None,
+            paced: Some(paced),
+            dash: cost,
+            client,
+            worker_dropped,
+        })
+    }
+
+    /// What watches a case's worker: for the cases with a dashboard, `celeriac dashboard` (started
+    /// first, so that it sees every event), and for the last case the page-like client.
+    async fn watchers(&self, case: Case, url: &str, queue: &str) -> Result<Watchers> {
+        let dash = if case.dashboard() { Some(self.start_dashboard(url, queue).await?) } else { None };
+        let (dash_pid, dash_addr) = match &dash {
+            Some((p, addr)) => (Some(p.pid()), Some(*addr)),
+            None => (None, None),
+        };
+        let rss_start = dash_pid.and_then(rss_kib).unwrap_or(0);
+        let client = match (case, dash_addr) {
+            (Case::DashboardClient, Some(addr)) => Some(PageClient::start(addr).await?),
+            _ => None,
+        };
+        Ok(Watchers { dash, dash_pid, rss_start, client })
+    }
+
+    /// Once the queue is empty: wait (up to 60 s) until nothing is unacknowledged either.
+    async fn wait_settled(&self, on: On, conn: &mut Option<redis::Connection>, queue: &str) -> Result<()> {
+        match on {
+            On::Rabbit => self.wait_all_acked(queue).await,
             On::Redis => {
                 let conn = conn.as_mut().context("no Redis connection")?;
                 let deadline = Instant::now() + Duration::from_secs(60);
@@ -338,80 +666,34 @@ impl Bench {
                     );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
+                Ok(())
             }
         }
+    }
 
-        // The steady window is the drain's: from the first reading at 90% of the fill to the
-        // first at 10%.
-        let hi = samples.iter().position(|s| s.ready * 10 <= n * 9).context("no reading at 90%")?;
-        let lo = samples.iter().position(|s| s.ready * 10 <= n).context("no reading at 10%")?;
-        let span = samples[lo].at.duration_since(samples[hi].at).as_secs_f64();
-        let mut cost = None;
-        if let (Some((proc, addr)), Some(pid)) = (&dash, dash_pid) {
-            let cpu_pct = (dash_samples[lo].0 - dash_samples[hi].0) / span * 100.0;
-            let mut peak = dash_samples.iter().map(|s| s.1).max().unwrap_or(0);
-            // Every success counted, or a deadline.
-            let deadline = emptied + Duration::from_secs(60);
-            let (caught_up, succeeded) = loop {
-                proc.check_alive()?;
-                peak = peak.max(rss_kib(pid).unwrap_or(0));
-                let (status, body) = http_get(*addr, OVERVIEW).await?;
-                ensure!(status == 200, "the dashboard answered {status} to {OVERVIEW}");
-                let succeeded = successes(&body)?;
-                if succeeded >= n {
-                    break (Some(emptied.elapsed().as_secs_f64()), succeeded);
-                }
-                if Instant::now() >= deadline {
-                    break (None, succeeded);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            };
-            // Holding its tasks: memory and CPU for a while (the poller runs, the client fetches).
-            let (hold_cpu0, hold_started) = (cpu_secs(pid), Instant::now());
-            let mut held_rss = 0;
-            while hold_started.elapsed() < HOLD {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                held_rss = rss_kib(pid).unwrap_or(0);
-                peak = peak.max(held_rss);
-            }
-            let cpu_held_pct = (cpu_secs(pid) - hold_cpu0) / hold_started.elapsed().as_secs_f64() * 100.0;
-            let (status, body) = http_get(*addr, "/api/tasks?limit=1").await?;
-            ensure!(status == 200, "the dashboard answered {status} to /api/tasks");
-            let held = serde_json::from_slice::<Value>(&body)?["total"].as_u64().unwrap_or(0);
-            let mib = |k: u64| k as f64 / 1024.0;
-            cost = Some(DashCost {
-                cpu_pct,
-                rss_start_mib: mib(rss_start),
-                rss_peak_mib: mib(peak),
-                rss_steady_mib: mib(dash_samples[lo].1),
-                rss_held_mib: mib(held_rss),
-                cpu_held_pct,
-                held,
-                succeeded,
-                caught_up_secs: caught_up,
-            });
-        }
-        let client = match client {
-            Some(c) => {
-                let mut stats = c.stop().await?;
-                stats.cpu_pct = (client_samples[lo] - client_samples[hi]) / span * 100.0;
-                Some(stats)
-            }
-            None => None,
-        };
+    /// The end of a case: stop the worker and the dashboard, delete the queue; the events the
+    /// worker said it dropped.
+    async fn finish(
+        &self,
+        on: On,
+        conn: &mut Option<redis::Connection>,
+        queue: &str,
+        worker: Proc,
+        dash: Option<(Proc, SocketAddr)>,
+    ) -> Result<u64> {
         let worker_dropped = dropped(&worker.tail(usize::MAX));
         worker.stop(STOP_LIMIT)?;
         if let Some((proc, _)) = dash {
             proc.stop(STOP_LIMIT)?;
         }
         match on {
-            On::Rabbit => self.admin.delete(&queue).await?,
+            On::Rabbit => self.admin.delete(queue).await?,
             On::Redis => {
                 let conn = conn.as_mut().context("no Redis connection")?;
-                redis::cmd("DEL").arg(&queue).query::<()>(conn)?;
+                redis::cmd("DEL").arg(queue).query::<()>(conn)?;
             }
         }
-        Ok(CaseRun { broker: broker.to_string(), case, drain, dash: cost, client, worker_dropped })
+        Ok(worker_dropped)
     }
 
     /// Start `celeriac dashboard` on a free loopback port, watching `queue` of `url`; wait until
@@ -452,6 +734,123 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok((proc, addr))
+    }
+}
+
+/// What was read of the dashboard during a case's window, KiB and % of one core.
+struct Window {
+    cpu_pct: f64,
+    rss_start: u64,
+    rss_steady: u64,
+    peak: u64,
+}
+
+/// After the window: wait (up to 60 s after `emptied`) until the dashboard at `addr` (process
+/// `proc`, `pid`) has counted `n` successes, then watch it hold its tasks for [`HOLD`]; its cost
+/// in all.
+async fn dash_after(proc: &Proc, addr: SocketAddr, pid: u32, emptied: Instant, n: u64, w: Window) -> Result<DashCost> {
+    let mut peak = w.peak;
+    // Every success counted, or a deadline.
+    let deadline = emptied + Duration::from_secs(60);
+    let (caught_up, succeeded) = loop {
+        proc.check_alive()?;
+        peak = peak.max(rss_kib(pid).unwrap_or(0));
+        let (status, body) = http_get(addr, OVERVIEW).await?;
+        ensure!(status == 200, "the dashboard answered {status} to {OVERVIEW}");
+        let succeeded = successes(&body)?;
+        if succeeded >= n {
+            break (Some(emptied.elapsed().as_secs_f64()), succeeded);
+        }
+        if Instant::now() >= deadline {
+            break (None, succeeded);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Holding its tasks: memory and CPU for a while (the poller runs, the client fetches).
+    let (hold_cpu0, hold_started) = (cpu_secs(pid), Instant::now());
+    let mut held_rss = 0;
+    while hold_started.elapsed() < HOLD {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        held_rss = rss_kib(pid).unwrap_or(0);
+        peak = peak.max(held_rss);
+    }
+    let cpu_held_pct = (cpu_secs(pid) - hold_cpu0) / hold_started.elapsed().as_secs_f64() * 100.0;
+    let (status, body) = http_get(addr, "/api/tasks?limit=1").await?;
+    ensure!(status == 200, "the dashboard answered {status} to /api/tasks");
+    let held = serde_json::from_slice::<Value>(&body)?["total"].as_u64().unwrap_or(0);
+    let mib = |k: u64| k as f64 / 1024.0;
+    Ok(DashCost {
+        cpu_pct: w.cpu_pct,
+        rss_start_mib: mib(w.rss_start),
+        rss_peak_mib: mib(peak),
+        rss_steady_mib: mib(w.rss_steady),
+        rss_held_mib: mib(held_rss),
+        cpu_held_pct,
+        held,
+        succeeded,
+        caught_up_secs: caught_up,
+    })
+}
+
+/// The dashboard (its process, address and pid), its RSS once ready (KiB), and the page-like
+/// client, of a case.
+struct Watchers {
+    dash: Option<(Proc, SocketAddr)>,
+    dash_pid: Option<u32>,
+    rss_start: u64,
+    client: Option<PageClient>,
+}
+
+/// One reading of the paced mode.
+struct PacedSample {
+    at: Instant,
+    /// Sends the producer had confirmed.
+    confirmed: u64,
+    /// Tasks the worker had completed.
+    completed: u64,
+    /// Ready messages in the queue.
+    ready: u64,
+    /// CPU seconds so far: the worker (tree), the broker, the producer's thread.
+    worker_cpu: f64,
+    broker_cpu: f64,
+    producer_cpu: f64,
+    /// The machine's idle CPU seconds so far (all cores).
+    idle: f64,
+    /// The dashboard's CPU seconds and RSS KiB.
+    dash: Option<(f64, u64)>,
+    /// The page-like client's CPU seconds.
+    client_cpu: Option<f64>,
+}
+
+/// A loopback address with a free port (bound, read, released), for a worker's metrics.
+fn free_port() -> Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    Ok(listener.local_addr()?)
+}
+
+/// The tasks a worker has completed (`celeriac_tasks_total{task="celeriac.noop",state="SUCCESS"}`
+/// of its metrics endpoint at `addr`; 0 before its first task, when the series is not there yet).
+async fn completed(addr: SocketAddr) -> Result<u64> {
+    let (status, body) = http_get(addr, "/metrics").await?;
+    ensure!(status == 200, "the worker's metrics endpoint answered {status}");
+    let text = std::str::from_utf8(&body).context("the worker's metrics are not UTF-8")?;
+    let series = "celeriac_tasks_total{task=\"celeriac.noop\",state=\"SUCCESS\"}";
+    match text.lines().find_map(|l| l.strip_prefix(series)) {
+        Some(v) => v.trim().parse::<f64>().map(|v| v as u64).with_context(|| format!("{series} is {v:?}")),
+        None => Ok(0),
+    }
+}
+
+/// Idle CPU seconds of the whole machine so far (`/proc/stat`'s `cpu` line: idle + iowait);
+/// `NaN` if it cannot be read.
+fn machine_idle_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return f64::NAN };
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else { return f64::NAN };
+    let f: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    match (f.get(3), f.get(4)) {
+        // USER_HZ is 100 on every Linux the benchmark runs on.
+        (Some(idle), Some(iowait)) => (idle + iowait) as f64 / 100.0,
+        _ => f64::NAN,
     }
 }
 
@@ -702,6 +1101,9 @@ const SLOWDOWN_TARGET: f64 = 0.05;
 
 /// The part's table (medians over the runs) and the verdicts, as Markdown lines.
 pub fn report(runs: &[Vec<CaseRun>]) -> Vec<String> {
+    if runs.iter().flatten().any(|r| r.paced.is_some()) {
+        return paced_report(runs);
+    }
     let mut out = Vec::new();
     let mut brokers: Vec<&str> = runs.iter().flatten().map(|r| r.broker.as_str()).collect();
     brokers.dedup();
@@ -711,7 +1113,7 @@ pub fn report(runs: &[Vec<CaseRun>]) -> Vec<String> {
         let of = |case: Case| -> Vec<&CaseRun> {
             runs.iter().flatten().filter(|r| r.broker == broker && r.case == case).collect()
         };
-        let rate = |case: Case| median(of(case).iter().map(|r| r.drain.rate).collect());
+        let rate = |case: Case| median(of(case).iter().filter_map(|r| r.drain.as_ref()).map(|d| d.rate).collect());
         let dash = |case: Case, f: fn(&DashCost) -> f64| {
             median(of(case).iter().filter_map(|r| r.dash.as_ref()).map(f).collect())
         };
@@ -737,7 +1139,7 @@ pub fn report(runs: &[Vec<CaseRun>]) -> Vec<String> {
             let r = rate(case);
             let against =
                 if case == Case::Events { "—".to_string() } else { format!("{:+.1}%", (r / events - 1.0) * 100.0) };
-            let us = median(runs_of.iter().map(|r| r.drain.consumer_us).collect());
+            let us = median(runs_of.iter().filter_map(|r| r.drain.as_ref()).map(|d| d.consumer_us).collect());
             let (cpu, rss, held_cpu, caught) = if case.dashboard() {
                 let caught: Vec<String> = runs_of
                     .iter()
@@ -811,6 +1213,129 @@ pub fn report(runs: &[Vec<CaseRun>]) -> Vec<String> {
                     if clients.len() == 1 { "" } else { "s" }
                 ));
             }
+        }
+    }
+    out
+}
+
+/// The paced mode's table (medians over the runs, with each run's worker CPU per task) and the
+/// verdicts, as Markdown lines. "Slowed" is the worker's CPU per task with the dashboard against
+/// with `-E` alone (the worker holds the rate in both, so its rate cannot show a slowdown; its
+/// CPU per task, and the time a task waits, can), and whether it still holds the rate.
+fn paced_report(runs: &[Vec<CaseRun>]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut brokers: Vec<&str> = runs.iter().flatten().map(|r| r.broker.as_str()).collect();
+    brokers.sort_unstable();
+    brokers.dedup();
+    let dash_of = |r: &CaseRun, f: fn(&DashCost) -> f64| r.dash.as_ref().map(f);
+    for broker in brokers {
+        // Each run's case, in run order (None where a run did not have it).
+        let per_run = |case: Case| -> Vec<Option<&CaseRun>> {
+            runs.iter().map(|run| run.iter().find(|r| r.broker == broker && r.case == case)).collect()
+        };
+        let paced = |case: Case| -> Vec<&Paced> {
+            per_run(case).into_iter().flatten().filter_map(|r| r.paced.as_ref()).collect()
+        };
+        let med = |case: Case, f: fn(&Paced) -> f64| median(paced(case).into_iter().map(f).collect());
+        let rate = paced(Case::Events).first().or(paced(Case::Plain).first()).map_or(0, |p| p.rate);
+        out.push(String::new());
+        out.push(format!(
+            "Dashboard part, paced, {broker} broker, the producer asked for {}/s ({} run{}, medians):",
+            crate::report::thousands(rate as f64),
+            runs.len(),
+            if runs.len() == 1 { "" } else { "s" }
+        ));
+        out.push(String::new());
+        out.push(
+            "| case | producer | worker | kept up | backlog end / max | latency (Little) | worker CPU per task (each run) | \
+             against -E alone | worker CPU | broker CPU per task | machine idle | dashboard CPU | dashboard RSS peak | \
+             events the worker dropped |"
+                .into(),
+        );
+        out.push("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|".into());
+        let events_us = med(Case::Events, |p| p.worker_us);
+        for case in Case::ALL {
+            let ps = paced(case);
+            if ps.is_empty() {
+                continue;
+            }
+            let us = med(case, |p| p.worker_us);
+            let each: Vec<String> = ps.iter().map(|p| format!("{:.1}", p.worker_us)).collect();
+            let against = if case == Case::Events {
+                "—".to_string()
+            } else {
+                format!("{:+.1}%", (us / events_us - 1.0) * 100.0)
+            };
+            let kept = ps.iter().filter(|p| p.kept_up()).count();
+            let runs_of: Vec<&CaseRun> = per_run(case).into_iter().flatten().collect();
+            let (cpu, rss) = if case.dashboard() {
+                (
+                    format!("{:.1}%", median(runs_of.iter().filter_map(|r| dash_of(r, |d| d.cpu_pct)).collect())),
+                    format!(
+                        "{:.1} MiB",
+                        median(runs_of.iter().filter_map(|r| dash_of(r, |d| d.rss_peak_mib)).collect())
+                    ),
+                )
+            } else {
+                ("—".into(), "—".into())
+            };
+            let dropped: Vec<String> = runs_of
+                .iter()
+                .map(|r| if r.worker_dropped == 0 { "0".into() } else { format!("≥ {}", r.worker_dropped) })
+                .collect();
+            out.push(format!(
+                "| {} | {}/s | {}/s | {kept} of {} | {:.0} / {:.0} | {:.1} ms | {us:.1} µs ({}) | {against} | {:.1}% | {:.1} µs | {:.0}% | {cpu} | {rss} | {} |",
+                case.describe(),
+                crate::report::thousands(med(case, |p| p.offered)),
+                crate::report::thousands(med(case, |p| p.completed)),
+                ps.len(),
+                med(case, |p| p.backlog_end as f64),
+                med(case, |p| p.backlog_max as f64),
+                med(case, |p| p.latency_ms),
+                each.join(", "),
+                med(case, |p| p.worker_pct),
+                med(case, |p| p.broker_us),
+                med(case, |p| p.idle_pct),
+                dropped.join(", ")
+            ));
+        }
+        out.push(String::new());
+        let events = per_run(Case::Events);
+        for case in [Case::Dashboard, Case::DashboardClient] {
+            let ps = paced(case);
+            if ps.is_empty() {
+                continue;
+            }
+            if events_us.is_nan() {
+                out.push(format!("{} ({broker}): no -E case run, the slowdown is not measured", case.describe()));
+                continue;
+            }
+            // Within each run, the case against that run's -E alone.
+            let paired: Vec<String> = per_run(case)
+                .iter()
+                .zip(&events)
+                .filter_map(|(c, e)| Some((c.and_then(|c| c.paced.as_ref())?, e.and_then(|e| e.paced.as_ref())?)))
+                .map(|(c, e)| format!("{:+.1}%", (c.worker_us / e.worker_us - 1.0) * 100.0))
+                .collect();
+            let us = med(case, |p| p.worker_us);
+            let slowed = us / events_us - 1.0;
+            let kept = ps.iter().filter(|p| p.kept_up()).count();
+            out.push(format!(
+                "{} ({broker}, asked {}/s): worker CPU per task {us:.1} µs against {events_us:.1} µs with -E alone, {:+.1}% \
+                 (each run against its own -E alone: {}; target under {:.0}%: {}); latency {:.1} ms against {:.1} ms; \
+                 held the rate in {kept} of {} runs (-E alone: {} of {})",
+                case.describe(),
+                crate::report::thousands(rate as f64),
+                slowed * 100.0,
+                paired.join(", "),
+                SLOWDOWN_TARGET * 100.0,
+                if slowed < SLOWDOWN_TARGET { "met" } else { "missed" },
+                med(case, |p| p.latency_ms),
+                med(Case::Events, |p| p.latency_ms),
+                ps.len(),
+                paced(Case::Events).iter().filter(|p| p.kept_up()).count(),
+                paced(Case::Events).len(),
+            ));
         }
     }
     out

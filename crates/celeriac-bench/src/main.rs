@@ -20,7 +20,8 @@
 //! 8. the dashboard: a worker with `-E` draining no-op tasks at full speed, alone, with
 //!    `celeriac dashboard` watching, and with a client refetching as the page does; the
 //!    worker's rate in each case, the dashboard's CPU and memory (`--parts dashboard`, not in
-//!    the default parts).
+//!    the default parts); with `--dashboard-rate R` the worker is instead held at R tasks a
+//!    second by a paced producer, and its CPU per task is compared.
 //!
 //! The run owns a fresh RabbitMQ vhost (deleted at the end, on error and on Ctrl-C too) and Redis
 //! database 10 (emptied at the start and the end). Modules:
@@ -32,6 +33,7 @@
 //! - [`beat`]: the beat part (runs sent against runs due, the beat's CPU and memory);
 //! - [`python`]: the Python part (a Celery app's tasks under celeriac's supervisor and Celery's);
 //! - [`dashboard`]: the dashboard part (what watching a busy worker costs, and costs the worker);
+//! - [`paced`]: a producer publishing at a set rate (the dashboard part's paced mode);
 //! - [`report`]: the table and the targets.
 
 mod beat;
@@ -39,6 +41,7 @@ mod canvas;
 mod dashboard;
 mod env;
 mod measure;
+mod paced;
 mod procs;
 mod python;
 mod rabbit;
@@ -161,6 +164,13 @@ struct CompareArgs {
     /// dashboard+client.
     #[arg(long, value_delimiter = ',')]
     dashboard_cases: Vec<String>,
+    /// The dashboard part's paced mode: instead of draining a pre-filled queue, a producer
+    /// publishes this many tasks a second while the worker consumes them (0: the drain).
+    #[arg(long, default_value_t = 0)]
+    dashboard_rate: u64,
+    /// Seconds of the paced mode's measured window (after a 2 s warm-up).
+    #[arg(long, default_value_t = 15)]
+    dashboard_seconds: u64,
     /// Skip Celery's solo pool drain.
     #[arg(long)]
     skip_solo: bool,
@@ -312,11 +322,21 @@ async fn compare(args: CompareArgs) -> Result<()> {
             run.python = bench.python(with_celery).await?;
         }
         if part("dashboard") {
-            let n = args.dashboard_tasks;
-            eprintln!(
-                "\n7. dashboard: {n} no-op tasks drained by a worker, with and without -E and a dashboard watching"
-            );
-            run.dashboard = bench.dashboard(n, &args.dashboard_brokers, &args.dashboard_cases).await?;
+            let mode = if args.dashboard_rate > 0 {
+                let (rate, secs) = (args.dashboard_rate, args.dashboard_seconds);
+                eprintln!(
+                    "\n7. dashboard: a worker held at {rate} no-op tasks/s by a paced producer for {secs} s, with and \
+                     without -E and a dashboard watching"
+                );
+                dashboard::Mode::Paced { rate, window: Duration::from_secs(secs) }
+            } else {
+                let n = args.dashboard_tasks;
+                eprintln!(
+                    "\n7. dashboard: {n} no-op tasks drained by a worker, with and without -E and a dashboard watching"
+                );
+                dashboard::Mode::Drain(n)
+            };
+            run.dashboard = bench.dashboard(mode, &args.dashboard_brokers, &args.dashboard_cases).await?;
         }
         runs.push(run);
     }
