@@ -277,6 +277,13 @@ pub fn to_vec<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, serde_json::E
     Ok(out)
 }
 
+/// [`to_vec`], appending to `out`: for a buffer written again and again (a worker's events),
+/// which keeps its capacity from one use to the next.
+pub fn write_to<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Result<(), serde_json::Error> {
+    let mut ser = serde_json::Serializer::with_formatter(out, PythonFormatter { compact: false });
+    value.serialize(&mut ser)
+}
+
 /// [`to_vec`] as text.
 pub fn to_string<T: Serialize + ?Sized>(value: &T) -> Result<String, serde_json::Error> {
     // The formatter writes ASCII only.

@@ -4,6 +4,7 @@
 //! started, an outcome settled) and knows nothing of what they feed; [`crate::metrics`] and
 //! [`crate::events`] know nothing of the worker's flow.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use celeriac_core::{ExceptionInfo, TaskState};
 use chrono::Utc;
 use serde_json::Value;
 
-use crate::events::{exception_repr, Dispatcher};
+use crate::events::{exception_repr, Dispatcher, Received, TaskEvent};
 use crate::metrics::{InFlight, Metrics};
 use crate::request::Request;
 
@@ -74,9 +75,9 @@ pub(crate) struct Observer {
 }
 
 impl Observer {
-    fn task_event(&self, kind: &str, uuid: &str, fields: Vec<(&str, Value)>) {
+    fn task_event(&self, uuid: &str, event: TaskEvent<'_>) {
         if let Some(d) = &self.events {
-            d.task(kind, uuid, fields);
+            d.task(uuid, event);
         }
     }
 
@@ -87,35 +88,25 @@ impl Observer {
             return;
         }
         let h = &req.headers;
-        let time = |t: Option<chrono::DateTime<Utc>>| t.map(|t| Value::from(t.to_rfc3339())).unwrap_or(Value::Null);
-        let mut fields = vec![
-            ("name", Value::from(h.task.as_str())),
-            (
-                "args",
-                Value::from(
-                    h.argsrepr.clone().unwrap_or_else(|| celeriac_core::pyrepr::args_repr(&req.body.args, true)),
-                ),
-            ),
-            (
-                "kwargs",
-                Value::from(
-                    h.kwargsrepr.clone().unwrap_or_else(|| celeriac_core::pyrepr::kwargs_repr(&req.body.kwargs)),
-                ),
-            ),
-            ("root_id", h.root_id.clone().map(Value::from).unwrap_or(Value::Null)),
-            ("parent_id", h.parent_id.clone().map(Value::from).unwrap_or(Value::Null)),
-            ("retries", Value::from(h.retries)),
-            ("eta", time(h.eta_time())),
-            ("expires", time(h.expires_time())),
-            // Keys of celeriac's (Celery's worker sends neither; Flower shows
-            // `routing_key` when present): the queue the message came from, which is also
-            // its routing key as `inspect`'s `delivery_info` reports it. The dashboard
-            // counts each queue's rate out with them.
-            ("queue", Value::from(req.delivery.queue.as_str())),
-            ("routing_key", Value::from(req.delivery.queue.as_str())),
-        ];
-        fields.extend(workflow_fields(req));
-        self.task_event("task-received", &h.id, fields);
+        let event = Received {
+            name: &h.task,
+            args: h
+                .argsrepr
+                .as_deref()
+                .map_or_else(|| Cow::Owned(celeriac_core::pyrepr::args_repr(&req.body.args, true)), Cow::Borrowed),
+            kwargs: h
+                .kwargsrepr
+                .as_deref()
+                .map_or_else(|| Cow::Owned(celeriac_core::pyrepr::kwargs_repr(&req.body.kwargs)), Cow::Borrowed),
+            root_id: h.root_id.as_deref(),
+            parent_id: h.parent_id.as_deref(),
+            retries: h.retries,
+            eta: h.eta_time().map(|t| t.to_rfc3339()),
+            expires: h.expires_time().map(|t| t.to_rfc3339()),
+            queue: &req.delivery.queue,
+            workflow: workflow_fields(req),
+        };
+        self.task_event(&h.id, TaskEvent::Received(event));
     }
 
     /// The task starts running (Celery: `task-started`); the guard counts it as in flight.
@@ -126,7 +117,7 @@ impl Observer {
         let since_eta = req.headers.eta_time().and_then(|eta| (Utc::now() - eta).to_std().ok());
         let wait = since_eta.map_or(delivered, |e| e.min(delivered));
         self.metrics.observe_queue_wait(&req.headers.task, wait);
-        self.task_event("task-started", &req.headers.id, vec![]);
+        self.task_event(&req.headers.id, TaskEvent::Started);
         self.metrics.start()
     }
 
@@ -134,14 +125,10 @@ impl Observer {
     pub fn succeeded(&self, req: &Request, value: &Value, runtime: Duration) {
         self.metrics.task_done(&req.headers.task, TaskState::Success.as_str());
         self.metrics.observe_runtime(&req.headers.task, runtime);
-        self.task_event(
-            "task-succeeded",
-            &req.headers.id,
-            vec![
-                ("result", Value::from(celeriac_core::pyrepr::repr(value))),
-                ("runtime", Value::from(runtime.as_secs_f64())),
-            ],
-        );
+        if self.events.as_ref().is_some_and(|d| d.task_events()) {
+            let result = celeriac_core::pyrepr::repr(value);
+            self.task_event(&req.headers.id, TaskEvent::Succeeded { result: &result, runtime: runtime.as_secs_f64() });
+        }
     }
 
     /// The task ended in FAILURE (Celery: `task-failed`). `runtime` is `None` when it never ran
@@ -158,29 +145,21 @@ impl Observer {
         if let Some(r) = runtime {
             self.metrics.observe_runtime(name, r);
         }
-        let mut fields = vec![
-            ("exception", Value::from(exception_repr(exc))),
-            ("traceback", traceback.map(Value::from).unwrap_or(Value::Null)),
-        ];
-        // An extra key (Celery's `task-failed` has none): the dashboard's run-time percentiles.
-        if let Some(r) = runtime {
-            fields.push(("runtime", Value::from(r.as_secs_f64())));
+        if self.events.as_ref().is_some_and(|d| d.task_events()) {
+            let exception = exception_repr(exc);
+            let runtime = runtime.map(|r| r.as_secs_f64());
+            self.task_event(id, TaskEvent::Failed { exception: &exception, traceback, runtime });
         }
-        self.task_event("task-failed", id, fields);
     }
 
     /// A retry was scheduled (Celery: `task-retried`).
     pub fn retried(&self, req: &Request, exc: &ExceptionInfo, traceback: Option<&str>, runtime: Duration) {
         self.metrics.task_done(&req.headers.task, TaskState::Retry.as_str());
         self.metrics.observe_runtime(&req.headers.task, runtime);
-        self.task_event(
-            "task-retried",
-            &req.headers.id,
-            vec![
-                ("exception", Value::from(exception_repr(exc))),
-                ("traceback", traceback.map(Value::from).unwrap_or(Value::Null)),
-            ],
-        );
+        if self.events.as_ref().is_some_and(|d| d.task_events()) {
+            let exception = exception_repr(exc);
+            self.task_event(&req.headers.id, TaskEvent::Retried { exception: &exception, traceback });
+        }
     }
 
     /// The task raised Celery's `Ignore` (no event, as Celery sends none; counted as IGNORED).
@@ -192,32 +171,20 @@ impl Observer {
     /// The task was revoked before running: expired (Celery: `task-revoked`).
     pub fn revoked(&self, id: &str, name: &str, expired: bool) {
         self.metrics.task_done(name, TaskState::Revoked.as_str());
-        self.task_event(
-            "task-revoked",
-            id,
-            vec![("terminated", Value::from(false)), ("signum", Value::Null), ("expired", Value::from(expired))],
-        );
+        self.task_event(id, TaskEvent::Revoked { terminated: false, signum: None, expired });
     }
 
     /// The task was revoked by remote control: not run, or `terminated` while it ran with
     /// `signum` (Celery: `task-revoked`).
     pub fn revoked_by_control(&self, id: &str, name: &str, terminated: bool, signum: Option<i32>) {
         self.metrics.task_done(name, TaskState::Revoked.as_str());
-        self.task_event(
-            "task-revoked",
-            id,
-            vec![
-                ("terminated", Value::from(terminated)),
-                ("signum", signum.map(Value::from).unwrap_or(Value::Null)),
-                ("expired", Value::from(false)),
-            ],
-        );
+        self.task_event(id, TaskEvent::Revoked { terminated, signum, expired: false });
     }
 
     /// The message was refused without running (dead-lettered), or rejected by the task itself
     /// (Celery's `Reject`), back to its queue when `requeue` (Celery: `task-rejected`).
     pub fn rejected(&self, id: &str, name: &str, requeue: bool) {
         self.metrics.task_done(name, "REJECTED");
-        self.task_event("task-rejected", id, vec![("requeue", Value::from(requeue))]);
+        self.task_event(id, TaskEvent::Rejected { requeue });
     }
 }
