@@ -1138,8 +1138,9 @@ impl State {
     /// The broker's queue rows with what the dashboard adds: on RabbitMQ (`from_workers`, whose
     /// passive declare gives only ready and consumers), `unacked` and `scheduled` counted from
     /// the workers' `active`/`reserved`/`scheduled` replies (`null` when no worker answered
-    /// them); on every broker `rate_out` and `rate_in` in messages a second over the last
-    /// minute (see [`Self::rates`]).
+    /// them), and `dead` `null` (RabbitMQ keeps no dead-letter store to count; the broker's 0
+    /// would read as "none"); on every broker `rate_out` and `rate_in` in messages a second
+    /// over the last minute (see [`Self::rates`]).
     pub fn fill_queue_rows(&self, mut rows: Vec<Value>, from_workers: bool) -> Vec<Value> {
         let at = now();
         let answered = self.workers.values().any(|w| w.held[0].is_some() && w.replied.is_some_and(|r| at - r < 10.0));
@@ -1150,6 +1151,7 @@ impl State {
                 let (unacked, scheduled) = held.get(&name).copied().unwrap_or_default();
                 row["unacked"] = if answered { json!(unacked) } else { Value::Null };
                 row["scheduled"] = if answered { json!(scheduled) } else { Value::Null };
+                row["dead"] = Value::Null;
             }
             let (rate_out, rate_in) = self.rates(&name, row["consumers"].as_u64(), row["ready"].as_u64(), at);
             row["rate_out"] = json!(rate_out);
@@ -1251,13 +1253,14 @@ mod tests {
     fn queue_rows_count_held_tasks_by_routing_key_and_rates_from_received_events() {
         let mut s = State::default();
         let req = |id: &str, q: &str, acked: bool| json!({"id": id, "acknowledged": acked, "delivery_info": {"routing_key": q}});
-        let row = json!({"name": "q", "ready": 4, "unacked": 0, "scheduled": 0, "consumers": 1});
-        // No worker answered yet: unknown, not 0.
+        let row = json!({"name": "q", "ready": 4, "unacked": 0, "scheduled": 0, "consumers": 1, "dead": 0});
+        // No worker answered yet: unknown, not 0; dead letters are never known on RabbitMQ.
         let rows = s.fill_queue_rows(vec![row.clone()], true);
         assert_eq!(
-            (&rows[0]["unacked"], &rows[0]["scheduled"], &rows[0]["rate_out"]),
-            (&Value::Null, &Value::Null, &Value::Null)
+            (&rows[0]["unacked"], &rows[0]["scheduled"], &rows[0]["rate_out"], &rows[0]["dead"]),
+            (&Value::Null, &Value::Null, &Value::Null, &Value::Null)
         );
+        assert_eq!(s.fill_queue_rows(vec![row.clone()], false)[0]["dead"], json!(0), "where the broker counts them");
 
         s.apply_replies("active_queues", vec![("w".into(), json!([{"name": "q"}]))]);
         s.apply_replies("active", vec![("w".into(), json!([req("a", "q", false), req("b", "q", true)]))]);

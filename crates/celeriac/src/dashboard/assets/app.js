@@ -451,7 +451,7 @@ async function queuesView() {
   const { body: queues } = await getJson("/api/queues");
   const rows = queues.map((q) => q.error ? el("tr", { class: "queue" }, el("td", {}, q.name), el("td", { colspan: "8", class: "error" }, q.error)) : el("tr", { class: "queue" },
     el("td", {}, q.name), el("td", {}, text(q.ready)), el("td", {}, known(q.scheduled)), el("td", {}, known(q.unacked)),
-    el("td", {}, text(q.consumers)), el("td", {}, text(q.dead)), el("td", {}, known(q.rate_in)), el("td", {}, known(q.rate_out)),
+    el("td", {}, known(q.consumers)), el("td", {}, known(q.dead)), el("td", {}, known(q.rate_in)), el("td", {}, known(q.rate_out)),
     el("td", {}, el("button", { onclick: () => action("/api/queues/" + encodeURIComponent(q.name) + "/purge", {}, "Delete every ready message in " + q.name + "?") }, "Purge"))));
   const name = el("input", { placeholder: "task name", id: "rate-task" });
   const rate = el("input", { placeholder: "rate, e.g. 10/m", id: "rate-value" });
