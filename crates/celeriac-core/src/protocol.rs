@@ -906,6 +906,55 @@ impl Message {
         message.set_body(body.to_json()?)?;
         Ok(message)
     }
+
+    /// This message in one allocation, for a worker to keep while it waits for a slot:
+    /// `[u32 LE n][n bytes: the headers as JSON][u32 LE m][m bytes: the properties as JSON][body]`.
+    /// About a quarter of the memory of the message itself (a header map allocates per entry,
+    /// key and value). [`Message::unpack`] gives back an equal message: the headers' order, every
+    /// number's text (`NaN` and `Infinity` included) and the body's bytes are kept.
+    ///
+    /// Errors only if a header cannot be written as JSON, which a map of JSON values always can
+    /// ([`ProtocolError::MalformedEnvelope`]).
+    pub fn pack(&self) -> Result<Vec<u8>, ProtocolError> {
+        fn section(
+            out: &mut Vec<u8>,
+            write: impl FnOnce(&mut Vec<u8>) -> Result<(), serde_json::Error>,
+        ) -> Result<(), ProtocolError> {
+            let at = out.len();
+            out.extend_from_slice(&[0; 4]);
+            write(out).map_err(|e| ProtocolError::MalformedEnvelope(format!("cannot pack: {e}")))?;
+            let len = u32::try_from(out.len() - at - 4)
+                .map_err(|_| ProtocolError::MalformedEnvelope("cannot pack: headers over 4 GiB".into()))?;
+            out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            Ok(())
+        }
+        let mut out = Vec::with_capacity(self.body.len() + 64 * self.headers.len() + 160);
+        section(&mut out, |o| serde_json::to_writer(o, &self.headers))?;
+        section(&mut out, |o| serde_json::to_writer(o, &self.properties))?;
+        out.extend_from_slice(&self.body);
+        Ok(out)
+    }
+
+    /// The message [`Message::pack`] wrote. Errors ([`ProtocolError::MalformedEnvelope`]) only
+    /// for bytes that did not come from `pack`.
+    pub fn unpack(bytes: &[u8]) -> Result<Message, ProtocolError> {
+        fn section(bytes: &[u8]) -> Result<(&[u8], &[u8]), ProtocolError> {
+            let bad = || ProtocolError::MalformedEnvelope("packed message cut short".into());
+            let len = bytes.get(..4).ok_or_else(bad)?;
+            let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let rest = &bytes[4..];
+            Ok((rest.get(..len).ok_or_else(bad)?, &rest[len..]))
+        }
+        let bad = |what: &str, e: serde_json::Error| ProtocolError::MalformedEnvelope(format!("packed {what}: {e}"));
+        let (headers, rest) = section(bytes)?;
+        let (properties, body) = section(rest)?;
+        let headers = match crate::pyjson::from_slice(headers).map_err(|e| bad("headers", e))? {
+            Value::Object(map) => map,
+            _ => return Err(ProtocolError::MalformedEnvelope("packed headers are not an object".into())),
+        };
+        let properties = serde_json::from_slice(properties).map_err(|e| bad("properties", e))?;
+        Ok(Message { headers, properties, body: body.to_vec() })
+    }
 }
 
 /// Serialize a JSON value exactly as Python's `json.dumps(value)` does (see [`crate::pyjson`]).
@@ -917,6 +966,50 @@ pub fn to_python_json(value: &Value) -> Result<Vec<u8>, ProtocolError> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_packed_message_unpacks_equal() {
+        // A user header first, numbers whose text a re-encoding would change, non-finite floats
+        // (Python writes them), non-ASCII text, nesting; a body that is not UTF-8.
+        let headers = crate::pyjson::from_str(
+            r#"{"zz-user": {"b": [1, 2.50, 1E400, NaN, -Infinity]}, "lang": "py", "task": "t\u00e9",
+               "id": "9", "big": 123456789012345678901234567890, "timelimit": [null, 3.0], "empty": {}}"#,
+        )
+        .unwrap();
+        let message = Message {
+            headers: headers.as_object().unwrap().clone(),
+            properties: Properties {
+                correlation_id: Some("9".into()),
+                content_type: "application/x-python-serialize".into(),
+                content_encoding: "binary".into(),
+                delivery_mode: 1,
+                priority: Some(7),
+                reply_to: Some("reply.q".into()),
+                expiration: Some("60000".into()),
+            },
+            body: vec![0x80, 0x04, 0xff, 0x00, b'"'],
+        };
+        let packed = message.pack().unwrap();
+        let back = Message::unpack(&packed).unwrap();
+        assert_eq!(back, message);
+        let keys: Vec<&String> = back.headers.keys().collect();
+        assert_eq!(keys, ["zz-user", "lang", "task", "id", "big", "timelimit", "empty"]);
+        // Each number's text as it was read (serde_json spells an exponent its own way on reading).
+        let text = |m: &Message| serde_json::to_string(&m.headers["zz-user"]["b"]).unwrap();
+        assert_eq!(text(&back), text(&message));
+        assert_eq!(text(&back), "[1,2.50,1e+400,NaN,-Infinity]");
+        // An empty message too.
+        let empty = Message { headers: Map::new(), properties: Properties::default(), body: Vec::new() };
+        assert_eq!(Message::unpack(&empty.pack().unwrap()).unwrap(), empty);
+    }
+
+    #[test]
+    fn bytes_that_were_not_packed_are_an_error() {
+        for bytes in [&b""[..], &[5, 0, 0, 0, b'{'][..], &[2, 0, 0, 0, b'[', b']', 0, 0, 0, 0][..]] {
+            let err = Message::unpack(bytes).unwrap_err();
+            assert!(matches!(err, ProtocolError::MalformedEnvelope(_)), "{bytes:?}: {err}");
+        }
+    }
 
     #[test]
     fn python_json_spacing_and_ascii_escapes() {

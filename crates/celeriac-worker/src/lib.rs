@@ -36,6 +36,7 @@ pub mod nodename;
 mod observe;
 pub mod prefetch;
 pub mod prefork;
+mod ready;
 pub mod request;
 pub mod revokes;
 pub mod shutdown;
@@ -293,7 +294,7 @@ fn hold_if_due_later(
 }
 
 /// Give every ready request back to the broker, unstarted, for a worker with a free slot.
-async fn give_back(shared: &Shared, ready: &mut std::collections::VecDeque<request::Request>) {
+async fn give_back(shared: &Shared, ready: &mut ready::ReadyQueue) {
     let n = ready.len();
     if n == 0 {
         return;
@@ -303,7 +304,7 @@ async fn give_back(shared: &Shared, ready: &mut std::collections::VecDeque<reque
         "every slot busy: giving back the tasks waiting for one, for workers with a free slot"
     );
     shared.stats.released.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-    futures::future::join_all(ready.drain(..).map(request::Request::release)).await;
+    ready.release_all(false).await;
 }
 
 /// Aborts a task when dropped.
@@ -523,8 +524,9 @@ impl Worker {
         let mut adapt = consumers.set_prefetch(prefetch);
         // The window last given to the transport.
         let mut applied = prefetch;
-        // Validated requests waiting for a slot, oldest first (the ready reserve).
-        let mut ready: std::collections::VecDeque<request::Request> = std::collections::VecDeque::new();
+        // Validated requests waiting for a slot, oldest first (the ready reserve); a prefork
+        // supervisor keeps them packed (see `ready`).
+        let mut ready = ready::ReadyQueue::new(cfg.prefork.is_some());
         let mut reserve = prefetch::Reserve::default();
         let mut give_back_check = tokio::time::interval(prefetch::GIVE_BACK_CHECK);
         give_back_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -577,7 +579,7 @@ impl Worker {
                 Some(command) = queue_rx.recv() => consumers.apply(command).await,
                 permit = slots.clone().acquire_owned(), if !ready.is_empty() => {
                     let Ok(permit) = permit else { break 'consume };
-                    if let Some(req) = ready.pop_front() {
+                    if let Some(req) = ready.pop_front().await {
                         reserve.started(std::time::Instant::now(), !ready.is_empty());
                         // Boxed: the task's state is large, and tokio moves a spawned future's
                         // state several times (into the task, out as its output); a box is moved
@@ -635,10 +637,8 @@ impl Worker {
         }
 
         // Requests that never started go back first, for other workers.
-        for req in ready.drain(..) {
-            Stats::bump(&shared.stats.requeued);
-            req.release().await;
-        }
+        let released = ready.release_all(true).await;
+        shared.stats.requeued.fetch_add(released as u64, std::sync::atomic::Ordering::Relaxed);
         // Stop consuming: prefetched deliveries go back to the queue.
         consumers.close().await;
         let in_flight = running.len();
