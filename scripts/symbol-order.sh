@@ -5,9 +5,14 @@
 # script that puts this code together in .text.hot, before .text (ARCHITECTURE.md, "Memory of
 # the supervisor"). Regenerate after a dependency update: symbol hashes follow crate metadata.
 #
-#   cargo build --release -p celeriac-cli -p celeriac-bench
+#   CELERIAC_SYMBOL_ORDER=0 cargo build --release -p celeriac-cli -p celeriac-bench
 #   scripts/symbol-order.sh [path/to/celeriac]      # default target/release/celeriac
 #   cargo build --release -p celeriac-cli           # relinks with the new order
+#   scripts/hot-pages.sh && cargo build --release -p celeriac-cli   # what callgrind missed
+#
+# Profile a binary built without the order (CELERIAC_SYMBOL_ORDER=0): valgrind names no
+# function of one linked with it (its symbols are outside the `.text` it reads them from), and
+# the list comes out empty.
 #
 # Needs valgrind (callgrind), RabbitMQ and Redis as for `celeriac-bench compare`, and the test
 # virtualenv (scripts/python-env.sh). The supervisor runs under callgrind (about 50x slower), so

@@ -1,4 +1,4 @@
-//! Link options of the stock `celeriac` binary: its hot code laid out together, and optionally a
+//! Link options of the stock `celeriac` binary: its hot code laid out together, and a
 //! position-dependent executable (Linux, glibc).
 //!
 //! **Hot code first.** The code a prefork supervisor runs (start-up, the drain of a Python pool,
@@ -14,18 +14,18 @@
 //! names a linker (`RUSTC_LINKER`) or the flags choose one, and not with
 //! `CELERIAC_SYMBOL_ORDER=0`. See ARCHITECTURE.md, "Memory of the supervisor".
 //!
-//! **Optionally, no PIE.** Off by default: a position-independent executable (PIE) keeps the
-//! executable's own code at a random address, a hardening default of every distribution, and
-//! celeriac keeps it. Building with `CELERIAC_LINK_NO_PIE=1` links `-no-pie` instead: the loader
-//! then no longer fixes up the executable's pointers to itself (1.3 MB of `.data.rel.ro`:
-//! vtables, panic locations, string tables) from 1 MB of relocation records at every start, which
-//! saves about 1.2 MiB of private memory and 1 MiB of file pages in every process
-//! (docs/benchmarks.md, "Supervisor RSS").
+//! **No PIE.** Linked `-no-pie` (as Go links its executables on Linux): the loader no longer
+//! fixes up the executable's pointers to itself (1.3 MB of `.data.rel.ro`: vtables, panic
+//! locations, string tables) from 1 MB of relocation records at every start, which saves about
+//! 1.2 MiB of private memory and 1 MiB of file pages in every process, a fifth of a prefork
+//! supervisor's (docs/benchmarks.md, "Supervisor RSS"). The price is the executable's own code
+//! at a fixed address (libraries, heap and stacks stay random); `CELERIAC_LINK_PIE=1` at build
+//! time links a position-independent executable as rustc does by default.
 use std::path::Path;
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-env-changed=CELERIAC_LINK_NO_PIE");
+    println!("cargo:rerun-if-env-changed=CELERIAC_LINK_PIE");
     println!("cargo:rerun-if-env-changed=CELERIAC_SYMBOL_ORDER");
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let env = std::env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
@@ -49,14 +49,10 @@ fn main() {
         }
     }
 
-    let no_pie = std::env::var("CELERIAC_LINK_NO_PIE").is_ok_and(|v| v == "1");
-    if no_pie {
-        if os == "linux" && env == "gnu" {
-            // The linker driver (cc) takes the last of `-pie` (rustc's) and `-no-pie`.
-            println!("cargo:rustc-link-arg-bin=celeriac=-no-pie");
-        } else {
-            println!("cargo:warning=CELERIAC_LINK_NO_PIE=1 is for Linux with glibc only: linked as usual");
-        }
+    let pie = std::env::var("CELERIAC_LINK_PIE").is_ok_and(|v| v == "1");
+    if !pie && os == "linux" && env == "gnu" {
+        // The linker driver (cc) takes the last of `-pie` (rustc's) and `-no-pie`.
+        println!("cargo:rustc-link-arg-bin=celeriac=-no-pie");
     }
 }
 
@@ -89,13 +85,12 @@ fn links_with_rust_lld() -> bool {
 ///
 /// A Rust symbol's trailing hash (`17h<16 hex digits>E`) changes with the crate's metadata (a
 /// dependency's version, the features Cargo unifies for the packages built together), not with
-/// the code. So every function is listed twice: first by its exact name in `.text.hot`, which
-/// places exactly the functions profiled when the names are current; then by its name with any
-/// hash in `.text.warm`, right after it, which still gathers them (with their same-named generic
-/// siblings) when the hashes moved. The siblings are 1.3 MB a current list does not run: in a
-/// section of their own they stay out of the hot pages, which the kernel maps 64 KiB at a time.
-/// A name the build no longer has matches nothing, and the code is laid out as without the
-/// list. Names with characters a linker script would not read as one pattern are left out.
+/// the code. So every function is listed twice: first by its exact name, which places exactly
+/// the functions profiled when the names are current; then by its name with any hash, which
+/// still gathers them (with their same-named generic siblings, at the end of the section) when
+/// the hashes moved. A name the build no longer has matches nothing, and the code is laid out
+/// as without the list. Names with characters a linker script would not read as one pattern
+/// are left out.
 fn hot_text_script(names: &str) -> String {
     let usable = |n: &&str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.$".contains(&b));
     let names: Vec<&str> = names.lines().map(str::trim).filter(usable).collect();
@@ -106,7 +101,6 @@ fn hot_text_script(names: &str) -> String {
     for name in &names {
         script.push_str(&format!("    *(.text.{name} .text.unlikely.{name})\n"));
     }
-    script.push_str("  }\n  .text.warm : {\n");
     let mut seen = std::collections::HashSet::new();
     for name in &names {
         if let Some(stem) = without_hash(name) {

@@ -112,6 +112,13 @@ impl Default for WorkerConfig {
 /// The default upper bound of the adaptive prefetch window.
 pub const DEFAULT_MAX_PREFETCH: usize = 1024;
 
+/// The default upper bound of the adaptive prefetch window with a prefork pool, whose
+/// supervisor holds the requests: with its reserve packed (`ready`), 256 drained no-op Python
+/// tasks as fast as 512 and 1,024 in the benchmark (10,600-12,500 a second), and with 21 ms of
+/// work at 12,000 a second it covers a broker several milliseconds away (docs/benchmarks.md,
+/// "Supervisor RSS").
+pub const DEFAULT_MAX_PREFETCH_PREFORK: usize = 256;
+
 /// `celeriac@<host name>` (the expansion of [`nodename::DEFAULT_NODENAME`]).
 pub fn default_hostname() -> String {
     format!("celeriac@{}", nodename::host_name())
@@ -307,6 +314,17 @@ async fn give_back(shared: &Shared, ready: &mut ready::ReadyQueue) {
     ready.release_all(false).await;
 }
 
+/// Every [`prefork::proc_info::HEAP_RELEASE_EVERY`], the malloc arenas' free pages back to the
+/// kernel (a prefork supervisor; see `proc_info::release_free_heap`).
+async fn release_free_heap() {
+    let mut every = tokio::time::interval(prefork::proc_info::HEAP_RELEASE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        prefork::proc_info::release_free_heap();
+    }
+}
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::AbortHandle);
 
@@ -402,6 +420,8 @@ impl Worker {
         if let Some(p) = &pool {
             self.metrics.attach_pool(p.clone());
         }
+        // A supervisor's memory is the pool's overhead: freed pages go back to the kernel.
+        let _heap_release = pool.as_ref().map(|_| AbortOnDrop(tokio::spawn(release_free_heap()).abort_handle()));
         // Children that announced their own tasks (Python children) run those, and only those.
         let registry = match &pool {
             Some(p) if !p.child_tasks().is_empty() => {

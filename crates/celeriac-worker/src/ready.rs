@@ -1,8 +1,9 @@
 //! The ready reserve: validated requests waiting for a slot, oldest first, and how a prefork
 //! supervisor keeps them small.
 //!
-//! Under a backlog the reserve holds most of the prefetch window (up to
-//! [`crate::DEFAULT_MAX_PREFETCH`] requests). A validated [`Request`] is large: its message's
+//! Under a backlog the reserve holds most of the prefetch window (by default up to
+//! [`crate::DEFAULT_MAX_PREFETCH_PREFORK`] requests with a prefork pool, and as many as
+//! `--max-prefetch` allows). A validated [`Request`] is large: its message's
 //! header map allocates per entry, key and value, and the typed headers and decoded body copy
 //! much of it again: about 5.5 KB a request, most of a prefork supervisor's memory at a drain's
 //! peak (docs/benchmarks.md, "Supervisor RSS"). So a reserve made with `pack` set keeps the
@@ -200,7 +201,7 @@ fn unpack(p: Packed) -> Result<Request, Unreadable> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use celeriac_core::{Acker, BrokerError, TaskBody, TaskContext, TaskHeaders, TaskOptions};
     use serde_json::{json, Map, Value};
@@ -237,7 +238,8 @@ mod tests {
         }
     }
 
-    fn request(i: u32, log: &Arc<Mutex<Vec<String>>>) -> Request {
+    /// A request for task `t.noop`, id `id-<i>`, whose delivery logs what is done with it.
+    pub(crate) fn request(i: u32, log: &Arc<Mutex<Vec<String>>>) -> Request {
         let mut headers = TaskHeaders::new("t.noop", format!("id-{i}"));
         headers.retries = i;
         let body = TaskBody {

@@ -98,13 +98,16 @@ impl RequestInfo {
 
 struct Entry {
     info: RequestInfo,
-    /// Set to a signal number to terminate the task (async pool).
-    terminate: watch::Sender<Option<i32>>,
+    /// Set to a signal number to terminate the task (async pool). Made when the task starts or
+    /// is told to terminate, whichever is first: a channel is ~300 bytes, and most requests in
+    /// a full window never start while they are tracked as reserved.
+    terminate: Option<watch::Sender<Option<i32>>>,
 }
 
 #[derive(Default)]
 struct Inner {
-    requests: HashMap<String, Entry>,
+    /// Boxed: a table of a full window (1,024) holds 2,048 slots, and an entry is ~300 bytes.
+    requests: HashMap<String, Box<Entry>>,
     revoked: HashMap<String, Instant>,
     revoked_order: VecDeque<(String, Instant)>,
     totals: BTreeMap<String, u64>,
@@ -204,8 +207,7 @@ impl WorkerState {
             acknowledged: false,
             phase: eta.map_or(Phase::Reserved, Phase::Scheduled),
         };
-        let (terminate, _) = watch::channel(None);
-        self.lock().requests.insert(info.id.clone(), Entry { info, terminate });
+        self.lock().requests.insert(info.id.clone(), Box::new(Entry { info, terminate: None }));
         Tracked { state: self.clone(), id: req.headers.id.clone() }
     }
 
@@ -224,7 +226,7 @@ impl WorkerState {
             return watch::channel(None).1;
         };
         entry.info.phase = Phase::Active(Utc::now());
-        let rx = entry.terminate.subscribe();
+        let rx = entry.terminate.get_or_insert_with(|| watch::channel(None).0).subscribe();
         let name = entry.info.name.clone();
         *inner.totals.entry(name).or_default() += 1;
         rx
@@ -303,8 +305,14 @@ impl WorkerState {
 
     /// Ask a running task to stop (pools that terminate cooperatively watch this).
     pub fn terminate(&self, id: &str, signal: i32) {
-        if let Some(e) = self.lock().requests.get(id) {
-            e.terminate.send_replace(Some(signal));
+        if let Some(e) = self.lock().requests.get_mut(id) {
+            match &e.terminate {
+                Some(tx) => {
+                    tx.send_replace(Some(signal));
+                }
+                // Seen by the task when it starts, as a value sent before it subscribed would be.
+                None => e.terminate = Some(watch::channel(Some(signal)).0),
+            }
         }
     }
 
@@ -448,6 +456,23 @@ mod tests {
         assert_eq!(s.rate_wait("other"), None);
         s.set_rate_limit("t", "0", None);
         assert_eq!(s.rate_wait("t"), None);
+    }
+
+    #[test]
+    fn a_terminate_sent_before_the_task_starts_is_seen_when_it_starts() {
+        let state: Arc<WorkerState> = Default::default();
+        let log = Default::default();
+        let early = crate::ready::tests::request(1, &log);
+        let _early = state.track(&early, None);
+        state.terminate("id-1", 9);
+        assert_eq!(*state.start("id-1").borrow(), Some(9));
+        // One that starts first is told when it is terminated.
+        let later = crate::ready::tests::request(2, &log);
+        let _later = state.track(&later, None);
+        let rx = state.start("id-2");
+        assert_eq!(*rx.borrow(), None);
+        state.terminate("id-2", 15);
+        assert_eq!(*rx.borrow(), Some(15));
     }
 
     #[test]

@@ -8,8 +8,11 @@
 //! - [`ThreadWait`]: what one thread is blocked on (state, wait channel, syscall by name), from
 //!   `/proc/<pid>/task/<tid>/`; [`thread_id`]: `gettid`, the thread a child reports its task
 //!   runs on.
+//! - [`release_free_heap`]: glibc's `malloc_trim(0)`, the free pages of every malloc arena
+//!   back to the kernel (a supervisor does it every [`HEAP_RELEASE_EVERY`]).
 
 use std::fs::File;
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -216,9 +219,70 @@ pub fn describe_exit(status: std::process::ExitStatus) -> String {
     }
 }
 
+/// How often a prefork supervisor gives its malloc arenas' free pages back to the kernel.
+pub const HEAP_RELEASE_EVERY: Duration = Duration::from_millis(250);
+
+/// Give the free pages inside glibc's malloc arenas back to the kernel (`malloc_trim(0)`);
+/// whether any was. glibc returns only the top of an arena by itself, so memory freed in the
+/// middle stays resident: a supervisor's deliveries are allocated on lapin's threads and freed
+/// on the runtime's, across several arenas, and a drain's window left 2-3 MiB resident in them
+/// after it was freed (docs/benchmarks.md, "Supervisor RSS"). `false`, doing nothing, where the
+/// C library is not glibc.
+pub fn release_free_heap() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim takes the arenas' own locks and only releases free pages; any
+        // thread may call it at any time.
+        unsafe { nix::libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tests that read this process's resident memory run one at a time: one of them frees
+    /// 48 MiB, which another's reading would see.
+    static RSS_READERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn one_reader() -> std::sync::MutexGuard<'static, ()> {
+        RSS_READERS.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resident anonymous memory of this process, KiB.
+    fn rss_anon_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn memory_freed_in_the_middle_of_an_arena_goes_back_to_the_kernel() {
+        let _one = one_reader();
+        // A thread of its own (an arena of its own) allocates 48 MiB in 2 KiB blocks and frees
+        // all but every 32nd: glibc keeps the freed pages between the survivors resident.
+        let (done, wait) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let blocks: Vec<Box<[u8; 2048]>> = (0..24_576).map(|i| Box::new([i as u8; 2048])).collect();
+            let kept: Vec<Box<[u8; 2048]>> = blocks.into_iter().step_by(32).collect();
+            done.send(()).unwrap();
+            released.recv().unwrap();
+            drop(kept);
+        });
+        wait.recv().unwrap();
+        let before = rss_anon_kib();
+        assert!(release_free_heap(), "malloc_trim released nothing");
+        let after = rss_anon_kib();
+        release.send(()).unwrap();
+        holder.join().unwrap();
+        assert!(before.saturating_sub(after) > 24 * 1024, "resident anonymous memory {before} -> {after} KiB");
+    }
 
     #[test]
     fn reads_our_own_rss_and_state() {
@@ -286,6 +350,7 @@ mod tests {
 
     #[test]
     fn rss_from_statm_is_the_vmrss_of_status() {
+        let _one = one_reader();
         let me = std::process::id();
         let status = std::fs::read_to_string(format!("/proc/{me}/status")).unwrap();
         let vmrss: u64 = status
@@ -300,6 +365,7 @@ mod tests {
 
     #[test]
     fn own_rss_kept_open_follows_growth() {
+        let _one = one_reader();
         let rss = OwnRss::open();
         let before = rss.kib().unwrap();
         let block = vec![1u8; 64 << 20];

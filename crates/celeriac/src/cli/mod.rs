@@ -173,9 +173,10 @@ struct WorkerArgs {
     #[arg(long = "prefetch-multiplier")]
     prefetch_multiplier: Option<usize>,
     /// How wide the prefetch window may grow while tasks are short (it holds about 100 ms of
-    /// work at the current rate); 0 keeps it at concurrency x multiplier, as Celery does.
-    #[arg(long = "max-prefetch", default_value_t = celeriac_worker::DEFAULT_MAX_PREFETCH)]
-    max_prefetch: usize,
+    /// work at the current rate); 0 keeps it at concurrency x multiplier, as Celery does
+    /// [default: 1024, or 256 with -P prefork].
+    #[arg(long = "max-prefetch")]
+    max_prefetch: Option<usize>,
     /// Seconds a warm shutdown waits for running tasks before requeueing them.
     #[arg(long = "shutdown-timeout", default_value_t = 30.0)]
     shutdown_timeout: f64,
@@ -547,7 +548,11 @@ async fn worker(
             None => from_app.count("worker_prefetch_multiplier")?.map_or(4, |n| n as usize),
         }
         .max(1),
-        max_prefetch: args.max_prefetch,
+        max_prefetch: args.max_prefetch.unwrap_or(if prefork.is_some() {
+            celeriac_worker::DEFAULT_MAX_PREFETCH_PREFORK
+        } else {
+            celeriac_worker::DEFAULT_MAX_PREFETCH
+        }),
         shutdown_timeout: positive_secs("--shutdown-timeout", args.shutdown_timeout)?,
         hostname,
         time_limit: args.time_limit.map_or_else(|| from_app.seconds("task_time_limit"), |v| Ok(Some(v)))?,
