@@ -420,7 +420,11 @@ class Child:
         soft = req.get("soft_time_limit")
 
         def soft_limit(signum, frame):
-            raise SoftTimeLimitExceeded(soft)
+            # As Celery: its worker logs this line (celery/worker/request.py, on_timeout), and
+            # billiard raises the exception with no argument.
+            logging.getLogger("celery.worker.request").warning(
+                "Soft time limit (%ss) exceeded for %s[%s]", float(soft), name, req["id"])
+            raise SoftTimeLimitExceeded()
 
         task_id = req["id"]
         state, retval, outcome = "FAILURE", None, None

@@ -32,6 +32,9 @@ app.conf.update(
     result_expires=600,
     worker_hijack_root_logger=False,
 )
+if os.environ.get("CONFAPP_MAX_MEMORY_KIB"):
+    # Celery's worker_max_memory_per_child, in KiB: a test sets one below a fresh child.
+    app.conf.worker_max_memory_per_child = int(os.environ["CONFAPP_MAX_MEMORY_KIB"])
 
 
 @app.task(name="confapp.add")

@@ -307,6 +307,9 @@ fn python_tasks_meet_their_time_limits_and_the_app_s_tasks_are_registered() {
     // The soft limit is raised inside the task, as Celery raises it.
     assert_eq!(got["sleep3"]["status"], "FAILURE", "{got:?}");
     assert_eq!(got["sleep3"]["result"]["exc_type"], "SoftTimeLimitExceeded", "{got:?}");
+    // With no argument, as billiard raises it, and the worker's warning in Celery's words.
+    assert_eq!(got["sleep3"]["result"]["exc_args"], serde_json::json!([]), "{got:?}");
+    assert!(w.count("Soft time limit (1.0s) exceeded for pyapp.sleep[") >= 1, "{}", w.dump());
     // A task stuck on a lock that ignores its soft limit is killed at the hard one; the next
     // task runs in a fresh child.
     assert_eq!(got["stuck"]["status"], "FAILURE", "{got:?}");

@@ -179,3 +179,20 @@ fn an_unusable_app_broker_is_refused_and_a_queue_declaration_celeriac_does_not_r
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("names several brokers"), "{err}");
 }
+
+/// A `worker_max_memory_per_child` below a fresh child, from the app with no flag: refused with
+/// both figures, naming the setting where it was set (not a flag nobody passed).
+#[test]
+fn a_memory_limit_from_the_app_below_a_fresh_child_is_refused_naming_the_setting() {
+    let db = SharedRedisDb::get(DB);
+    let vhost = TestVhost::new();
+    let python = venv_python();
+    let env = app_env(&vhost.url(""), &db.url(""), "pyconf.mem");
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    env.push(("CONFAPP_MAX_MEMORY_KIB", "5000"));
+    let (code, _out, err) =
+        run_cli(&["worker", "--python-app", "confapp:app", "--python", python.to_str().unwrap(), "-c", "1"], &env);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("the app's worker_max_memory_per_child 5.1 MB is below a fresh child's"), "{err}");
+    assert!(!err.contains("--max-memory-per-child"), "{err}");
+}

@@ -602,6 +602,7 @@ async fn worker(
         ),
         None => None,
     };
+    let memory_limit_from_app = args.max_memory_per_child.is_none();
     let worker = crate::Worker::new(config, app.shared_registry(), broker, backend);
     if let Some(beat) = &beat {
         let m = beat.metrics.clone();
@@ -610,9 +611,18 @@ async fn worker(
     worker.run(shutdown).await.map_err(|e| match e {
         celeriac_worker::WorkerError::Config(m) => CliError::usage(m),
         celeriac_worker::WorkerError::Pool(
-            p @ (celeriac_worker::prefork::PoolError::MemoryLimitBelowFreshChild { .. }
-            | celeriac_worker::prefork::PoolError::ChildFailed { .. }),
-        ) => CliError::usage(p.to_string()),
+            p @ celeriac_worker::prefork::PoolError::MemoryLimitBelowFreshChild { .. },
+        ) => {
+            // Name the limit where the user set it: the flag, or the app's configuration.
+            let text = p.to_string();
+            CliError::usage(match memory_limit_from_app {
+                true => text.replacen("--max-memory-per-child", "the app's worker_max_memory_per_child", 1),
+                false => text,
+            })
+        }
+        celeriac_worker::WorkerError::Pool(p @ celeriac_worker::prefork::PoolError::ChildFailed { .. }) => {
+            CliError::usage(p.to_string())
+        }
         celeriac_worker::WorkerError::Pool(p) => CliError::failed(p.to_string()),
         celeriac_worker::WorkerError::Broker(b) => CliError::from(b),
         celeriac_worker::WorkerError::Metrics(m) => CliError::usage(format!("--metrics-addr: {m}")),
