@@ -112,12 +112,13 @@ impl Default for WorkerConfig {
 /// The default upper bound of the adaptive prefetch window.
 pub const DEFAULT_MAX_PREFETCH: usize = 1024;
 
-/// The default upper bound of the adaptive prefetch window with a prefork pool, whose
-/// supervisor holds the requests: with its reserve packed (`ready`), 256 drained no-op Python
-/// tasks as fast as 512 and 1,024 in the benchmark (10,600-12,500 a second), and with 21 ms of
-/// work at 12,000 a second it covers a broker several milliseconds away (docs/benchmarks.md,
-/// "Supervisor RSS").
-pub const DEFAULT_MAX_PREFETCH_PREFORK: usize = 256;
+/// The default upper bound of the adaptive prefetch window for a pool of Python children
+/// (`--python-app`), whose supervisor holds the requests: with its reserve packed (`ready`), 256
+/// drained no-op Python tasks as fast as 512 and 1,024 in the benchmark (10,600-12,500 a
+/// second), and with 21 ms of work at 12,000 a second it covers a broker several milliseconds
+/// away (docs/benchmarks.md, "Supervisor RSS"). Not for Rust prefork children: at 20,000 tasks a
+/// second, 256 drained 15% slower than 1,024.
+pub const DEFAULT_MAX_PREFETCH_PYTHON: usize = 256;
 
 /// `celeriac@<host name>` (the expansion of [`nodename::DEFAULT_NODENAME`]).
 pub fn default_hostname() -> String {

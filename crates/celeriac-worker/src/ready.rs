@@ -2,7 +2,7 @@
 //! supervisor keeps them small.
 //!
 //! Under a backlog the reserve holds most of the prefetch window (by default up to
-//! [`crate::DEFAULT_MAX_PREFETCH_PREFORK`] requests with a prefork pool, and as many as
+//! [`crate::DEFAULT_MAX_PREFETCH_PYTHON`] with Python children, 1,024 with Rust ones, and as many as
 //! `--max-prefetch` allows). A validated [`Request`] is large: its message's
 //! header map allocates per entry, key and value, and the typed headers and decoded body copy
 //! much of it again: about 5.5 KB a request, most of a prefork supervisor's memory at a drain's

@@ -174,7 +174,7 @@ struct WorkerArgs {
     prefetch_multiplier: Option<usize>,
     /// How wide the prefetch window may grow while tasks are short (it holds about 100 ms of
     /// work at the current rate); 0 keeps it at concurrency x multiplier, as Celery does
-    /// [default: 1024, or 256 with -P prefork].
+    /// [default: 1024, or 256 with --python-app].
     #[arg(long = "max-prefetch")]
     max_prefetch: Option<usize>,
     /// Seconds a warm shutdown waits for running tasks before requeueing them.
@@ -548,8 +548,8 @@ async fn worker(
             None => from_app.count("worker_prefetch_multiplier")?.map_or(4, |n| n as usize),
         }
         .max(1),
-        max_prefetch: args.max_prefetch.unwrap_or(if prefork.is_some() {
-            celeriac_worker::DEFAULT_MAX_PREFETCH_PREFORK
+        max_prefetch: args.max_prefetch.unwrap_or(if python_app.is_some() {
+            celeriac_worker::DEFAULT_MAX_PREFETCH_PYTHON
         } else {
             celeriac_worker::DEFAULT_MAX_PREFETCH
         }),
