@@ -95,16 +95,20 @@ impl ReadyQueue {
         while let Some(item) = self.items.pop_front() {
             match item {
                 Waiting::Prepared(req) => return Some(*req),
-                Waiting::Packed(p) => match unpack(*p) {
-                    Ok(req) => return Some(req),
-                    Err(failed) => {
-                        let (delivery, id, reason) = *failed;
-                        tracing::error!(task_id = %id, error = %reason, "cannot read back a request kept packed while it waited; requeueing it");
-                        if let Err(e) = delivery.reject(true).await {
-                            tracing::warn!(task_id = %id, error = %e, "could not requeue; the broker will redeliver it after its lease");
+                Waiting::Packed(p) => {
+                    let task = p.task.clone();
+                    match unpack(*p) {
+                        Ok(req) => return Some(req),
+                        Err(failed) => {
+                            let (delivery, id, reason) = *failed;
+                            let name = task.name();
+                            tracing::error!(task_id = %id, task_name = %name, error = %reason, "cannot read back a request kept packed while it waited; requeueing it");
+                            if let Err(e) = delivery.reject(true).await {
+                                tracing::warn!(task_id = %id, task_name = %name, error = %e, "could not requeue; the broker will redeliver it after its lease");
+                            }
                         }
                     }
-                },
+                }
             }
         }
         None
