@@ -457,24 +457,18 @@ impl Bench {
         let hi = samples.iter().position(|s| s.ready * 10 <= n * 9).context("no reading at 90%")?;
         let lo = samples.iter().position(|s| s.ready * 10 <= n).context("no reading at 10%")?;
         let span = samples[lo].at.duration_since(samples[hi].at).as_secs_f64();
-        let cost = match (&dash, dash_pid) {
-            (Some((proc, addr)), Some(pid)) => {
-                let cpu_pct = (dash_samples[lo].0 - dash_samples[hi].0) / span * 100.0;
-                let peak = dash_samples.iter().map(|s| s.1).max().unwrap_or(0);
-                let window = Window { cpu_pct, rss_start, rss_steady: dash_samples[lo].1, peak };
-                Some(dash_after(proc, *addr, pid, emptied, n, window).await?)
-            }
-            _ => None,
+        let window = dash_pid.map(|_| Window {
+            cpu_pct: (dash_samples[lo].0 - dash_samples[hi].0) / span * 100.0,
+            rss_start,
+            rss_steady: dash_samples[lo].1,
+            peak: dash_samples.iter().map(|s| s.1).max().unwrap_or(0),
+        });
+        let client_cpu_pct = match client {
+            Some(_) => (client_samples[lo] - client_samples[hi]) / span * 100.0,
+            None => f64::NAN,
         };
-        let client = match client {
-            Some(c) => {
-                let mut stats = c.stop().await?;
-                stats.cpu_pct = (client_samples[lo] - client_samples[hi]) / span * 100.0;
-                Some(stats)
-            }
-            None => None,
-        };
-        let worker_dropped = self.finish(on, &mut conn, &queue, worker, dash).await?;
+        let ends = Ends { window, emptied, tasks: n, client, client_cpu_pct };
+        let (cost, client, worker_dropped) = self.finish(on, &mut conn, &queue, worker, dash, ends).await?;
         Ok(CaseRun {
             broker: broker.to_string(),
             case,
@@ -610,30 +604,21 @@ impl Bench {
         };
 
         self.wait_settled(on, &mut conn, &queue).await?;
-        let cost = match (&dash, dash_pid, a.dash, b.dash) {
-            (Some((proc, addr)), Some(pid), Some(da), Some(db)) => {
-                let window = Window {
-                    cpu_pct: (db.0 - da.0) / span * 100.0,
-                    rss_start,
-                    rss_steady: db.1,
-                    peak: samples.iter().filter_map(|s| s.dash.map(|d| d.1)).max().unwrap_or(0),
-                };
-                Some(dash_after(proc, *addr, pid, emptied, published, window).await?)
-            }
+        let window = match (dash_pid, a.dash, b.dash) {
+            (Some(_), Some(da), Some(db)) => Some(Window {
+                cpu_pct: (db.0 - da.0) / span * 100.0,
+                rss_start,
+                rss_steady: db.1,
+                peak: samples.iter().filter_map(|s| s.dash.map(|d| d.1)).max().unwrap_or(0),
+            }),
             _ => None,
         };
-        let client = match client {
-            Some(c) => {
-                let mut stats = c.stop().await?;
-                stats.cpu_pct = match (a.client_cpu, b.client_cpu) {
-                    (Some(x), Some(y)) => (y - x) / span * 100.0,
-                    _ => f64::NAN,
-                };
-                Some(stats)
-            }
-            None => None,
+        let client_cpu_pct = match (a.client_cpu, b.client_cpu) {
+            (Some(x), Some(y)) => (y - x) / span * 100.0,
+            _ => f64::NAN,
         };
-        let worker_dropped = self.finish(on, &mut conn, &queue, worker, dash).await?;
+        let ends = Ends { window, emptied, tasks: published, client, client_cpu_pct };
+        let (cost, client, worker_dropped) = self.finish(on, &mut conn, &queue, worker, dash, ends).await?;
         Ok(CaseRun {
             broker: broker.to_string(),
             case,
@@ -680,8 +665,9 @@ impl Bench {
         }
     }
 
-    /// The end of a case: stop the worker and the dashboard, delete the queue; the events the
-    /// worker said it dropped.
+    /// The end of a case, the same in both modes: what the dashboard cost (its window, then
+    /// until it caught up), the page client stopped with its CPU, the worker and the dashboard
+    /// stopped and the queue deleted; with the events the worker said it dropped.
     async fn finish(
         &self,
         on: On,
@@ -689,7 +675,22 @@ impl Bench {
         queue: &str,
         worker: Proc,
         dash: Option<(Proc, SocketAddr)>,
-    ) -> Result<u64> {
+        ends: Ends,
+    ) -> Result<(Option<DashCost>, Option<ClientStats>, u64)> {
+        let cost = match (&dash, ends.window) {
+            (Some((proc, addr)), Some(window)) => {
+                Some(dash_after(proc, *addr, proc.pid(), ends.emptied, ends.tasks, window).await?)
+            }
+            _ => None,
+        };
+        let client = match ends.client {
+            Some(c) => {
+                let mut stats = c.stop().await?;
+                stats.cpu_pct = ends.client_cpu_pct;
+                Some(stats)
+            }
+            None => None,
+        };
         let worker_dropped = dropped(&worker.tail(usize::MAX));
         worker.stop(STOP_LIMIT)?;
         if let Some((proc, _)) = dash {
@@ -702,7 +703,7 @@ impl Bench {
                 redis::cmd("DEL").arg(queue).query::<()>(conn)?;
             }
         }
-        Ok(worker_dropped)
+        Ok((cost, client, worker_dropped))
     }
 
     /// Start `celeriac dashboard` on a free loopback port, watching `queue` of `url`; wait until
@@ -747,6 +748,17 @@ impl Bench {
 }
 
 /// What was read of the dashboard during a case's window, KiB and % of one core.
+/// What a case measured, for [`Bench::finish`]: the dashboard's window (when it ran), when the
+/// worker was seen done, how many tasks it ran, and the page client with its CPU (% of a core)
+/// over the window.
+struct Ends {
+    window: Option<Window>,
+    emptied: Instant,
+    tasks: u64,
+    client: Option<PageClient>,
+    client_cpu_pct: f64,
+}
+
 struct Window {
     cpu_pct: f64,
     rss_start: u64,
